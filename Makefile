@@ -1,0 +1,25 @@
+# Make is only the front door: the logic lives in tools/ (bash bootstrap + Python tooling).
+.PHONY: up down status test gen lint help
+
+help: ## list targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+up: ## install what is missing, start the whole local stack, wait until healthy
+	@bash tools/bootstrap.sh
+	@uv run --frozen cake-stack up
+
+down: ## stop the local stack (data stays in .run/dev)
+	@uv run --frozen cake-stack down
+
+status: ## show what the local stack runs
+	@uv run --frozen cake-stack status
+
+test: ## install what is missing and run every check and test (starts its own test stack)
+	@bash tools/run-tests.sh
+
+gen: ## regenerate Python code, type stubs and the Envoy descriptor set from protos/
+	@bash tools/bootstrap.sh
+	@uv run --frozen cake-codegen
+
+lint: ## ruff, mypy, buf lint and generated-code freshness only
+	@bash tools/run-tests.sh --lint-only

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# `make test`: install what is missing, then run every check and every test.
+# The pytest session starts its own stack of real servers (profile "test", its own ports),
+# so this works whether or not a `make up` stack is running.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+lint_only=false
+[[ "${1:-}" == "--lint-only" ]] && lint_only=true
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "bootstrap (apt packages, uv, Python environment)"
+bash tools/bootstrap.sh
+
+step "generated code is fresh (cake-codegen --check)"
+uv run --frozen cake-codegen --check
+
+step "buf lint (STANDARD)"
+uv run --frozen cake-codegen lint
+
+step "buf breaking against the previous commit"
+uv run --frozen cake-codegen breaking
+
+step "ruff lint + format check"
+uv run --frozen ruff check .
+uv run --frozen ruff format --check .
+
+step "mypy (strict)"
+uv run --frozen mypy
+
+if $lint_only; then exit 0; fi
+
+step "pytest: unit, integration, end-to-end, race and fault tests"
+uv run --frozen pytest "${@}"
