@@ -1,4 +1,7 @@
 # Make is only the front door: the logic lives in tools/ (bash bootstrap + Python tooling).
+# tools/bootstrap.sh may install uv with `pip install --user`, into ~/.local/bin.
+export PATH := $(HOME)/.local/bin:$(PATH)
+
 .PHONY: up down status test gen lint help
 
 help: ## list targets

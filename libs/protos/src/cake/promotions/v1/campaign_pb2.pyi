@@ -62,7 +62,7 @@ class Campaign(_message.Message):
     min_topup_amount: _builtins.float
     """Smallest top-up amount a voucher of this campaign applies to."""
     max_discount_amount: _builtins.float
-    """Largest discount a voucher of this campaign grants on one top-up."""
+    """Largest discount a voucher of this campaign grants on one top-up; 0 when uncapped."""
     voucher_validity_days: _builtins.int
     """How many days an issued voucher stays valid."""
     remaining_slots: _builtins.int

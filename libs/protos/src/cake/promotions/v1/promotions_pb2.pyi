@@ -48,13 +48,15 @@ class CreateCampaignRequest(_message.Message):
     max_participants: _builtins.int
     """Number of participants that get a voucher, 1 to 1,000,000; the service uses 100 when unset."""
     discount_percentage: _builtins.float
-    """Discount in percent of the top-up amount, more than 0 and at most 100."""
+    """Discount in percent of the top-up amount, more than 0 and at most 100; 0 or unset means
+    Cake's default, 30.
+    """
     min_topup_amount: _builtins.float
-    """Smallest top-up amount a voucher applies to, 0 or more."""
+    """Smallest top-up amount a voucher applies to, 0 or more; 0 or unset means no minimum."""
     max_discount_amount: _builtins.float
-    """Largest discount a voucher grants on one top-up, 0 or more."""
+    """Largest discount a voucher grants on one top-up, 0 or more; 0 or unset means no cap."""
     voucher_validity_days: _builtins.int
-    """Days an issued voucher stays valid, 1 to 365."""
+    """Days an issued voucher stays valid, 1 to 365; 0 or unset means Cake's default, 30."""
     @_builtins.property
     def start_date(self) -> _timestamp_pb2.Timestamp:
         """When the campaign starts accepting participants."""

@@ -53,7 +53,7 @@ class Voucher(_message.Message):
     min_topup_amount: _builtins.float
     """Smallest top-up amount the voucher applies to."""
     max_discount_amount: _builtins.float
-    """Largest discount the voucher grants."""
+    """Largest discount the voucher grants; 0 when uncapped."""
     used_amount: _builtins.float
     """Top-up amount the voucher was spent on; absent while unused."""
     discount_amount: _builtins.float

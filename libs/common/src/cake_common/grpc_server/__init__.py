@@ -1,0 +1,75 @@
+"""gRPC server bootstrap: health, reflection, interceptors, graceful shutdown.
+
+Typical use (in a service's composition root)::
+
+    running = await (
+        GrpcServerBuilder.from_settings(settings, service_names=[AUTH_SERVICE])
+        .add_servicer(lambda server: add_AuthServiceServicer_to_server(servicer, server))
+        .with_auth(verifier, public_methods=PUBLIC_METHODS, is_revoked=denylist.contains)
+        .with_validation()
+        .add_dependency_check(DependencyCheck("postgres", database_probe(engine)))
+        .add_shutdown_hook(engine.dispose)
+        .start()
+    )
+    await running.serve_until_signal()
+"""
+
+from cake_common.auth_context import current_principal, principal_var, require_admin
+from cake_common.grpc_server.auth import ALWAYS_PUBLIC_SERVICES, AuthInterceptor, RevocationCheck
+from cake_common.grpc_server.call_scope import CallScope, ScopedServerInterceptor
+from cake_common.grpc_server.health import (
+    LIVENESS_HEALTH,
+    OVERALL_HEALTH,
+    ComponentStatus,
+    DependencyCheck,
+    DependencyProbe,
+    DependencyWatcher,
+    ServiceHealth,
+)
+from cake_common.grpc_server.interceptors import (
+    DEFAULT_UNAVAILABLE_ERRORS,
+    REQUEST_ID_METADATA_KEY,
+    ErrorMappingInterceptor,
+    RequestIdInterceptor,
+    ValidationInterceptor,
+    add_response_header,
+)
+from cake_common.grpc_server.rich_status import abort_with_error, rich_status_for
+from cake_common.grpc_server.server import (
+    GrpcServerBuilder,
+    RunningGrpcServer,
+    ServicerRegistration,
+    ShutdownHook,
+    run_grpc_server,
+)
+
+__all__ = [
+    "ALWAYS_PUBLIC_SERVICES",
+    "DEFAULT_UNAVAILABLE_ERRORS",
+    "LIVENESS_HEALTH",
+    "OVERALL_HEALTH",
+    "REQUEST_ID_METADATA_KEY",
+    "AuthInterceptor",
+    "CallScope",
+    "ComponentStatus",
+    "DependencyCheck",
+    "DependencyProbe",
+    "DependencyWatcher",
+    "ErrorMappingInterceptor",
+    "GrpcServerBuilder",
+    "RequestIdInterceptor",
+    "RevocationCheck",
+    "RunningGrpcServer",
+    "ScopedServerInterceptor",
+    "ServiceHealth",
+    "ServicerRegistration",
+    "ShutdownHook",
+    "ValidationInterceptor",
+    "abort_with_error",
+    "add_response_header",
+    "current_principal",
+    "principal_var",
+    "require_admin",
+    "rich_status_for",
+    "run_grpc_server",
+]

@@ -1,0 +1,108 @@
+"""Bearer-token authentication of gRPC calls.
+
+Envoy checks tokens at the edge, but internal callers reach the services directly, so
+every service verifies again here and binds the caller to
+:data:`~cake_common.auth_context.principal_var`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from cake_common.auth_context import principal_var
+from cake_common.errors import CakeError, Unauthenticated
+from cake_common.grpc_server.call_scope import (
+    CallScope,
+    ScopedServerInterceptor,
+    ServicerContext,
+    metadata_value,
+)
+from cake_common.grpc_server.rich_status import abort_with_error
+from cake_common.jwt import JwtVerifier, Principal
+from cake_common.logging import get_logger
+
+AUTHORIZATION_METADATA_KEY = "authorization"
+
+# Probes and tooling must work without a token; these never carry user data.
+ALWAYS_PUBLIC_SERVICES = frozenset(
+    {
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "grpc.reflection.v1.ServerReflection",
+    }
+)
+
+RevocationCheck = Callable[[str], Awaitable[bool]]
+"""``is_revoked(jti)``: True if the token was revoked (logged out) before it expired."""
+
+_log = get_logger(__name__)
+
+
+def _service_of(method: str) -> str:
+    # "/cake.auth.v1.AuthService/Login" -> "cake.auth.v1.AuthService"
+    return method.lstrip("/").partition("/")[0]
+
+
+class AuthInterceptor(ScopedServerInterceptor):
+    """Requires a valid ``authorization: Bearer <jwt>`` on every non-public method.
+
+    Public methods are given by full name (``/cake.auth.v1.AuthService/Login``); health and
+    reflection are always public. Failures abort with UNAUTHENTICATED and a short message.
+
+    ``is_revoked`` consults the logout denylist. It lives in Redis, which Cake treats as
+    optional: if the check itself fails, the token is accepted (and a warning logged), so a
+    Redis outage degrades logout instead of locking every user out.
+    """
+
+    def __init__(
+        self,
+        verifier: JwtVerifier,
+        *,
+        public_methods: Iterable[str] = (),
+        is_revoked: RevocationCheck | None = None,
+    ) -> None:
+        super().__init__()
+        self._verifier = verifier
+        self._public_methods = frozenset(public_methods)
+        self._is_revoked = is_revoked
+
+    def scope_for(self, method: str) -> CallScope | None:
+        if method in self._public_methods or _service_of(method) in ALWAYS_PUBLIC_SERVICES:
+            return None
+        return self._scope
+
+    @asynccontextmanager
+    async def _scope(self, _request: Any, context: ServicerContext) -> AsyncIterator[None]:
+        try:
+            principal = await self.authenticate(metadata_value(context, AUTHORIZATION_METADATA_KEY))
+        except CakeError as error:
+            await abort_with_error(context, error)
+        token = principal_var.set(principal)
+        try:
+            yield
+        finally:
+            principal_var.reset(token)
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        """The principal for an ``authorization`` header value; raises ``Unauthenticated``."""
+        if authorization is None:
+            raise Unauthenticated("Missing bearer token", reason="TOKEN_MISSING")
+        scheme, _, token = authorization.strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthenticated("Malformed authorization header", reason="TOKEN_MALFORMED")
+        principal = await self._verifier.verify(token)
+        if await self._revoked(principal.jti):
+            raise Unauthenticated("Token has been revoked", reason="TOKEN_REVOKED")
+        return principal
+
+    async def _revoked(self, jti: str) -> bool:
+        if self._is_revoked is None:
+            return False
+        try:
+            return await self._is_revoked(jti)
+        except Exception as error:
+            _log.warning("token revocation check failed; accepting token", error=repr(error))
+            return False

@@ -1,0 +1,158 @@
+"""Server interceptors every Cake service runs: request id, error mapping, validation.
+
+Order matters and :class:`~cake_common.grpc_server.server.GrpcServerBuilder` fixes it:
+request id (outermost, so every log line and error carries the id) → error mapping →
+auth → validation → service-specific ones.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
+from typing import Any
+
+import grpc
+import psycopg
+import sqlalchemy.exc
+
+from cake_common.errors import CakeError, InvalidArgument, Unavailable
+from cake_common.grpc_server.call_scope import (
+    CallScope,
+    ScopedServerInterceptor,
+    ServicerContext,
+    metadata_value,
+)
+from cake_common.grpc_server.rich_status import abort_with_error
+from cake_common.logging import get_logger, request_id_var
+from cake_common.validation import RequestValidator
+
+REQUEST_ID_METADATA_KEY = "x-request-id"
+INTERNAL_ERROR_MESSAGE = "Internal error"
+DEPENDENCY_UNAVAILABLE_MESSAGE = "Service temporarily unavailable"
+
+# Client-supplied ids end up in every log line: accept only short, inert ones.
+_ACCEPTABLE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=\-]{1,128}")
+
+DEFAULT_UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    # Connection refused/reset, pool exhausted, server shutting down, serialization
+    # failures: all transient, so the client should retry (503), not report a bug (500).
+    sqlalchemy.exc.OperationalError,
+    sqlalchemy.exc.TimeoutError,
+    psycopg.OperationalError,
+    ConnectionError,
+    TimeoutError,
+)
+
+_log = get_logger(__name__)
+
+
+_response_headers_var: ContextVar[list[tuple[str, str]] | None] = ContextVar(
+    "cake_response_headers", default=None
+)
+
+
+def add_response_header(key: str, value: str) -> None:
+    """Add a header to the current call's response initial metadata (an HTTP response header
+    through Envoy). Handlers must use this instead of ``context.send_initial_metadata``:
+    initial metadata can be sent only once, and :class:`RequestIdInterceptor` sends it."""
+    headers = _response_headers_var.get()
+    if headers is None:
+        raise RuntimeError("add_response_header() called outside a gRPC call")
+    headers.append((key.lower(), value))
+
+
+class RequestIdInterceptor(ScopedServerInterceptor):
+    """Binds ``x-request-id`` (the caller's, e.g. Envoy's, or a new UUID4) to the call.
+
+    The id is set in :data:`~cake_common.logging.request_id_var` for the handler and echoed
+    in the response's initial metadata (an HTTP response header through Envoy), together
+    with any header the handler added with :func:`add_response_header`. That metadata is
+    sent when the handler returns, just before the response message.
+    """
+
+    def scope_for(self, method: str) -> CallScope | None:
+        return self._scope
+
+    @asynccontextmanager
+    async def _scope(self, _request: Any, context: ServicerContext) -> AsyncIterator[None]:
+        incoming = metadata_value(context, REQUEST_ID_METADATA_KEY)
+        if incoming is not None and _ACCEPTABLE_REQUEST_ID.fullmatch(incoming):
+            request_id = incoming
+        else:
+            request_id = str(uuid.uuid4())
+        token = request_id_var.set(request_id)
+        headers: list[tuple[str, str]] = [(REQUEST_ID_METADATA_KEY, request_id)]
+        headers_token = _response_headers_var.set(headers)
+        try:
+            yield
+            try:
+                await context.send_initial_metadata(tuple(headers))
+            except grpc.aio.UsageError:
+                # A streaming response already sent its metadata with the first message.
+                _log.debug("response metadata already sent", headers=headers)
+        finally:
+            _response_headers_var.reset(headers_token)
+            request_id_var.reset(token)
+
+
+class ErrorMappingInterceptor(ScopedServerInterceptor):
+    """Turns exceptions escaping a handler into statuses clients can act on.
+
+    ``CakeError`` → its code with a rich ``google.rpc.Status``; a dependency outage
+    (``unavailable_errors``) → UNAVAILABLE; anything else is logged with its stack trace
+    and answered INTERNAL "Internal error", without details that could leak internals.
+    """
+
+    def __init__(
+        self, *, unavailable_errors: tuple[type[BaseException], ...] = DEFAULT_UNAVAILABLE_ERRORS
+    ) -> None:
+        super().__init__()
+        self._unavailable_errors = unavailable_errors
+
+    def scope_for(self, method: str) -> CallScope | None:
+        @asynccontextmanager
+        async def scope(_request: Any, context: ServicerContext) -> AsyncIterator[None]:
+            try:
+                yield
+            except grpc.aio.AbortError:
+                # The handler (or an inner interceptor) already chose the status.
+                raise
+            except CakeError as error:
+                await abort_with_error(context, error)
+            except self._unavailable_errors as error:
+                _log.warning("dependency unavailable", method=method, error=repr(error))
+                await abort_with_error(
+                    context,
+                    Unavailable(DEPENDENCY_UNAVAILABLE_MESSAGE, reason="DEPENDENCY_UNAVAILABLE"),
+                )
+            except Exception:
+                _log.exception("unhandled error in handler", method=method)
+                await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_ERROR_MESSAGE)
+
+        return scope
+
+
+class ValidationInterceptor(ScopedServerInterceptor):
+    """Rejects requests that break their proto's ``buf.validate`` rules (INVALID_ARGUMENT).
+
+    Only single request messages are checked; client-streamed messages pass through.
+    """
+
+    def __init__(self, validator: RequestValidator) -> None:
+        super().__init__()
+        self._validator = validator
+
+    def scope_for(self, method: str) -> CallScope | None:
+        return self._scope
+
+    @asynccontextmanager
+    async def _scope(self, request: Any, context: ServicerContext) -> AsyncIterator[None]:
+        if request is not None:
+            try:
+                self._validator.validate(request)
+            except InvalidArgument as error:
+                await abort_with_error(context, error)
+        yield

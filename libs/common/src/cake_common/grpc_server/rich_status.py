@@ -1,0 +1,53 @@
+"""``CakeError`` → ``google.rpc.Status`` (AIP-193) and aborting a call with it."""
+
+from __future__ import annotations
+
+from typing import Any, NoReturn
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
+from grpc_status import rpc_status
+
+from cake_common.errors import ERROR_DOMAIN, CakeError, InvalidArgument
+from cake_common.logging import request_id_var
+
+
+def rich_status_for(error: CakeError) -> status_pb2.Status:
+    """The status clients receive: ErrorInfo, BadRequest for invalid arguments, RequestInfo."""
+    status = status_pb2.Status(code=error.code.value[0], message=error.message)
+    status.details.add().Pack(
+        error_details_pb2.ErrorInfo(
+            reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata
+        )
+    )
+    if isinstance(error, InvalidArgument) and error.violations:
+        status.details.add().Pack(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=violation.field, description=violation.description
+                    )
+                    for violation in error.violations
+                ]
+            )
+        )
+    request_id = request_id_var.get()
+    if request_id is not None:
+        # Lets a client quote the id that appears in our logs when reporting a failure.
+        status.details.add().Pack(error_details_pb2.RequestInfo(request_id=request_id))
+    return status
+
+
+async def abort_with_status(
+    context: grpc.aio.ServicerContext[Any, Any], status: status_pb2.Status
+) -> NoReturn:
+    """End the call with ``status``, carried in ``grpc-status-details-bin``."""
+    grpc_status = rpc_status.to_status(status)
+    await context.abort(grpc_status.code, grpc_status.details, grpc_status.trailing_metadata)
+
+
+async def abort_with_error(
+    context: grpc.aio.ServicerContext[Any, Any], error: CakeError
+) -> NoReturn:
+    """End the call with the rich status that represents ``error``."""
+    await abort_with_status(context, rich_status_for(error))

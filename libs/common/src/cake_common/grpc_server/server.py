@@ -1,0 +1,263 @@
+"""Build, run and gracefully stop a ``grpc.aio`` server with health, reflection and interceptors."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, Self
+
+import grpc
+from grpc_health.v1 import health, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cake_common.grpc_server.auth import AuthInterceptor, RevocationCheck
+from cake_common.grpc_server.health import DependencyCheck, DependencyWatcher, ServiceHealth
+from cake_common.grpc_server.interceptors import (
+    ErrorMappingInterceptor,
+    RequestIdInterceptor,
+    ValidationInterceptor,
+)
+from cake_common.jwt import JwtVerifier
+from cake_common.logging import get_logger
+from cake_common.settings import ServiceSettings
+from cake_common.validation import RequestValidator
+
+ServicerRegistration = Callable[[grpc.aio.Server], None]
+"""Adds one servicer, e.g. ``lambda s: add_AuthServiceServicer_to_server(servicer, s)``."""
+
+ShutdownHook = Callable[[], Awaitable[None]]
+
+_log = get_logger(__name__)
+
+_SERVER_OPTIONS = (
+    # gRPC enables SO_REUSEPORT by default, which lets a second process bind the same port
+    # silently and steal half the traffic; a clash must fail loudly instead.
+    ("grpc.so_reuseport", 0),
+)
+
+
+class RunningGrpcServer:
+    """A started server; stop it with :meth:`stop` or let :meth:`serve_until_signal` do it."""
+
+    def __init__(
+        self,
+        server: grpc.aio.Server,
+        *,
+        port: int,
+        health: ServiceHealth,
+        watcher: DependencyWatcher | None,
+        grace_seconds: float,
+        shutdown_hooks: Sequence[ShutdownHook],
+    ) -> None:
+        self.server = server
+        self.port = port
+        self.health = health
+        self._watcher = watcher
+        self._grace_seconds = grace_seconds
+        self._shutdown_hooks = tuple(shutdown_hooks)
+        self._stopped: asyncio.Future[None] | None = None
+        self._stop_requested = asyncio.Event()
+
+    async def stop(self) -> None:
+        """Graceful shutdown; safe to call more than once or concurrently.
+
+        Health goes NOT_SERVING first so balancers stop routing here, in-flight calls get
+        ``grace_seconds`` to finish, then shutdown hooks run in reverse order of
+        registration (close what was opened last first).
+        """
+        self._stop_requested.set()
+        if self._stopped is None:
+            self._stopped = asyncio.ensure_future(self._stop_once())
+        await asyncio.shield(self._stopped)
+
+    async def _stop_once(self) -> None:
+        _log.info("grpc server stopping", grace_seconds=self._grace_seconds)
+        if self._watcher is not None:
+            await self._watcher.stop()
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self._grace_seconds)
+        for hook in reversed(self._shutdown_hooks):
+            try:
+                await hook()
+            except Exception:
+                _log.exception(
+                    "shutdown hook failed", hook=getattr(hook, "__qualname__", repr(hook))
+                )
+        _log.info("grpc server stopped")
+
+    def request_stop(self) -> None:
+        """Ask :meth:`serve_until_signal` to stop the server (e.g. after a fatal error)."""
+        self._stop_requested.set()
+
+    async def serve_until_signal(
+        self, signals: Iterable[signal.Signals] = (signal.SIGTERM, signal.SIGINT)
+    ) -> None:
+        """Serve until one of ``signals`` arrives or a stop is requested, then :meth:`stop`."""
+        loop = asyncio.get_running_loop()
+        installed = []
+        try:
+            for sig in signals:
+                loop.add_signal_handler(sig, self.request_stop)
+                installed.append(sig)
+            await self._stop_requested.wait()
+            await self.stop()
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+
+
+class GrpcServerBuilder:
+    """Collects servicers, interceptors, checks and hooks, then starts the server.
+
+    Interceptors always run in this order: request id → error mapping → auth (if
+    :meth:`with_auth`) → validation (if :meth:`with_validation`) → :meth:`add_interceptor`
+    ones in the order added.
+    """
+
+    def __init__(
+        self,
+        *,
+        service_names: Sequence[str],
+        host: str = "127.0.0.1",
+        port: int = 0,
+        grace_seconds: float = 10.0,
+    ) -> None:
+        self._service_names = tuple(service_names)
+        self._host = host
+        self._port = port
+        self._grace_seconds = grace_seconds
+        self._registrations: list[ServicerRegistration] = []
+        self._auth: AuthInterceptor | None = None
+        self._validation: ValidationInterceptor | None = None
+        self._extra_interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = []
+        self._checks: list[DependencyCheck] = []
+        self._check_interval = 5.0
+        self._shutdown_hooks: list[ShutdownHook] = []
+
+    @classmethod
+    def from_settings(cls, settings: ServiceSettings, *, service_names: Sequence[str]) -> Self:
+        return cls(
+            service_names=service_names,
+            host=settings.grpc_host,
+            port=settings.grpc_port,
+            grace_seconds=settings.shutdown_grace_seconds,
+        )
+
+    def add_servicer(self, register: ServicerRegistration) -> Self:
+        self._registrations.append(register)
+        return self
+
+    def with_auth(
+        self,
+        verifier: JwtVerifier,
+        *,
+        public_methods: Iterable[str] = (),
+        is_revoked: RevocationCheck | None = None,
+    ) -> Self:
+        self._auth = AuthInterceptor(verifier, public_methods=public_methods, is_revoked=is_revoked)
+        return self
+
+    def with_validation(self, validator: RequestValidator | None = None) -> Self:
+        self._validation = ValidationInterceptor(validator or RequestValidator())
+        return self
+
+    def add_interceptor(self, interceptor: grpc.aio.ServerInterceptor[Any, Any]) -> Self:
+        self._extra_interceptors.append(interceptor)
+        return self
+
+    def add_dependency_check(self, check: DependencyCheck) -> Self:
+        self._checks.append(check)
+        return self
+
+    def with_check_interval(self, seconds: float) -> Self:
+        self._check_interval = seconds
+        return self
+
+    def add_shutdown_hook(self, hook: ShutdownHook) -> Self:
+        self._shutdown_hooks.append(hook)
+        return self
+
+    def _interceptors(self) -> list[grpc.aio.ServerInterceptor[Any, Any]]:
+        chain: list[grpc.aio.ServerInterceptor[Any, Any]] = [
+            RequestIdInterceptor(),
+            ErrorMappingInterceptor(),
+        ]
+        if self._auth is not None:
+            chain.append(self._auth)
+        if self._validation is not None:
+            chain.append(self._validation)
+        return chain + self._extra_interceptors
+
+    async def start(self) -> RunningGrpcServer:
+        """Bind, register everything and start serving; returns once listening.
+
+        Overall health is SERVING only after the first round of dependency checks passes.
+        """
+        server = grpc.aio.server(interceptors=self._interceptors(), options=_SERVER_OPTIONS)
+        for register in self._registrations:
+            register(server)
+
+        service_health = ServiceHealth(self._service_names)
+        await service_health.initialize()
+        health_pb2_grpc.add_HealthServicer_to_server(service_health.servicer, server)
+        reflection.enable_server_reflection(
+            (*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+
+        address = f"{self._host}:{self._port}"
+        port = server.add_insecure_port(address)
+        if port == 0:
+            raise RuntimeError(f"could not bind gRPC server to {address}")
+        await server.start()
+
+        watcher = None
+        if self._checks:
+            watcher = DependencyWatcher(
+                service_health, self._checks, interval_seconds=self._check_interval
+            )
+            await watcher.check_all()
+            watcher.start()
+        await service_health.set_ready(True)
+        _log.info(
+            "grpc server started", address=f"{self._host}:{port}", services=self._service_names
+        )
+        return RunningGrpcServer(
+            server,
+            port=port,
+            health=service_health,
+            watcher=watcher,
+            grace_seconds=self._grace_seconds,
+            shutdown_hooks=self._shutdown_hooks,
+        )
+
+
+async def run_grpc_server(
+    settings: ServiceSettings,
+    *,
+    service_names: Sequence[str],
+    registrations: Iterable[ServicerRegistration],
+    verifier: JwtVerifier | None = None,
+    public_methods: Iterable[str] = (),
+    is_revoked: RevocationCheck | None = None,
+    validate_requests: bool = True,
+    interceptors: Iterable[grpc.aio.ServerInterceptor[Any, Any]] = (),
+    dependency_checks: Iterable[DependencyCheck] = (),
+    shutdown_hooks: Iterable[ShutdownHook] = (),
+) -> None:
+    """Start a server from ``settings`` and serve until SIGTERM/SIGINT, then stop gracefully."""
+    builder = GrpcServerBuilder.from_settings(settings, service_names=service_names)
+    for register in registrations:
+        builder.add_servicer(register)
+    if verifier is not None:
+        builder.with_auth(verifier, public_methods=public_methods, is_revoked=is_revoked)
+    if validate_requests:
+        builder.with_validation()
+    for interceptor in interceptors:
+        builder.add_interceptor(interceptor)
+    for check in dependency_checks:
+        builder.add_dependency_check(check)
+    for hook in shutdown_hooks:
+        builder.add_shutdown_hook(hook)
+    running = await builder.start()
+    await running.serve_until_signal()

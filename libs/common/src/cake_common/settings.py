@@ -1,0 +1,89 @@
+"""Settings shared by every Cake service, read from the environment by pydantic-settings.
+
+Each service subclasses :class:`ServiceSettings` once and sets its own prefix::
+
+    class AuthSettings(ServiceSettings):
+        model_config = SettingsConfigDict(env_prefix="CAKE_AUTH_")
+        service_name: str = "auth"
+        grpc_port: int = 50051
+
+URLs that may embed credentials (``database_url``, ``redis_url``) are ``SecretStr``: their
+``repr``/``str`` is masked, so logging a settings object never leaks a password. Call
+``.get_secret_value()`` only where the URL is handed to a client, or use
+:meth:`ServiceSettings.database_url_for_display` to log where the service connects.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+_LOG_LEVELS = frozenset(logging.getLevelNamesMapping())
+
+
+class ServiceSettings(BaseSettings):
+    """Fields every service needs; subclasses add their own and set ``env_prefix``."""
+
+    # hide_input_in_errors: a rejected URL must not be echoed (with its password) at start-up.
+    model_config = SettingsConfigDict(env_prefix="CAKE_", extra="ignore", hide_input_in_errors=True)
+
+    service_name: str
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = Field(description="0 lets the OS pick a free port")
+    database_url: SecretStr = Field(
+        description="SQLAlchemy URL, postgresql+psycopg://user:password@host:port/db"
+    )
+    database_pool_size: int = Field(default=10, ge=1)
+    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    kafka_bootstrap_servers: str = "127.0.0.1:9092"
+    log_level: str = "INFO"
+    log_json: bool = True
+    shutdown_grace_seconds: float = Field(default=10, ge=0)
+    jwt_issuer: str = "cake-system"
+    jwt_audience: str = "cake-users"
+    jwks_file: Path | None = None
+    metrics_port: int | None = None
+    startup_retry_seconds: float = Field(
+        default=60, ge=0, description="How long to keep retrying dependencies at start"
+    )
+
+    # Validators (unlike Field constraints) survive a subclass redeclaring the field with
+    # its own default, e.g. `grpc_port: int = 50051`.
+    @field_validator("grpc_port", "metrics_port")
+    @classmethod
+    def _valid_port(cls, value: int | None) -> int | None:
+        if value is not None and not 0 <= value <= 65535:
+            raise ValueError("port must be between 0 and 65535")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_log_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in _LOG_LEVELS:
+            raise ValueError(f"unknown log level {value!r}")
+        return level
+
+    @field_validator("database_url")
+    @classmethod
+    def _psycopg_url(cls, value: SecretStr) -> SecretStr:
+        # Checked here so a wrong driver fails at start-up, not on the first query. The
+        # parser's own message quotes the URL (and so the password): replace it.
+        try:
+            drivername = make_url(value.get_secret_value()).drivername
+        except ArgumentError:
+            raise ValueError("database_url is not a valid SQLAlchemy URL") from None
+        if drivername != "postgresql+psycopg":
+            raise ValueError(
+                f"database_url must use the postgresql+psycopg driver, not {drivername!r}"
+            )
+        return value
+
+    def database_url_for_display(self) -> str:
+        """The database URL with its password masked, safe to log."""
+        return make_url(self.database_url.get_secret_value()).render_as_string(hide_password=True)

@@ -1,0 +1,65 @@
+"""Request validation against the ``buf.validate`` rules declared in the protos."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from google.protobuf.message import Message
+
+from cake_common.errors import FieldViolation, InvalidArgument
+
+if TYPE_CHECKING:
+    from protovalidate import Validator
+
+VALIDATION_FAILED_MESSAGE = "Validation failed"
+
+
+def _field_path(elements: Iterable[Any]) -> str:
+    """``buf.validate.FieldPath`` elements as ``a.b[0].c`` / ``labels["k"]``."""
+    path = ""
+    for element in elements:
+        path += f".{element.field_name}" if path else element.field_name
+        subscript = element.WhichOneof("subscript")
+        if subscript == "index":
+            path += f"[{element.index}]"
+        elif subscript is not None:
+            key = getattr(element, subscript)
+            path += f'["{key}"]' if isinstance(key, str) else f"[{key}]"
+    return path
+
+
+class RequestValidator:
+    """Checks messages with protovalidate; one instance per process, reused for every call.
+
+    The protovalidate ``Validator`` compiles and caches CEL programs per message type, so it
+    is built on first use (not at import) and then shared.
+    """
+
+    def __init__(self) -> None:
+        self._validator: Validator | None = None
+
+    def _get_validator(self) -> Validator:
+        if self._validator is None:
+            # Imported here: importing protovalidate builds a module-level default validator.
+            import protovalidate
+
+            self._validator = protovalidate.Validator()  # type: ignore[no-untyped-call]
+        return self._validator
+
+    def violations(self, message: Message) -> list[FieldViolation]:
+        """Every rule the message breaks, one :class:`FieldViolation` per broken rule."""
+        found = self._get_validator().collect_violations(message)
+        return [
+            FieldViolation(
+                field=_field_path(violation.proto.field.elements),
+                description=violation.proto.message or violation.proto.rule_id,
+            )
+            for violation in found
+        ]
+
+    def validate(self, message: Message) -> None:
+        """Raise ``InvalidArgument("Validation failed", violations)`` if the message is invalid."""
+        violations = self.violations(message)
+        if violations:
+            raise InvalidArgument(VALIDATION_FAILED_MESSAGE, violations)

@@ -1,0 +1,123 @@
+"""UnitOfWork and engine helpers against a real PostgreSQL (``postgres_url`` fixture)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import sqlalchemy as sa
+from cake_common.db import (
+    UnitOfWork,
+    create_async_engine_for,
+    create_session_factory,
+    database_probe,
+    libpq_url,
+    wait_for_database,
+)
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+
+pytestmark = pytest.mark.integration
+
+metadata = sa.MetaData()
+notes = sa.Table(
+    "uow_notes",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("text", sa.Text, nullable=False),
+)
+
+
+class NotesUnitOfWork(UnitOfWork):
+    async def add(self, text: str) -> None:
+        await self.session.execute(sa.insert(notes).values(text=text))
+
+    def bind_repositories(self, session: AsyncSession) -> None:
+        self.bound_session = session
+
+
+@pytest.fixture(scope="module")
+async def engine(postgres_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = create_async_engine_for(postgres_url, pool_size=2, application_name="cake-common-test")
+    async with engine.begin() as connection:
+        await connection.run_sync(metadata.create_all)
+    yield engine
+    await engine.dispose()
+
+
+async def _texts(engine: AsyncEngine) -> list[str]:
+    async with engine.connect() as connection:
+        return list(
+            (await connection.execute(sa.select(notes.c.text).order_by(notes.c.id))).scalars()
+        )
+
+
+async def test_commit_persists(engine: AsyncEngine) -> None:
+    uow = NotesUnitOfWork(create_session_factory(engine))
+    async with uow:
+        assert uow.bound_session is uow.session
+        await uow.add("committed")
+        await uow.commit()
+    assert "committed" in await _texts(engine)
+
+
+async def test_exit_without_commit_rolls_back(engine: AsyncEngine) -> None:
+    uow = NotesUnitOfWork(create_session_factory(engine))
+    async with uow:
+        await uow.add("forgotten")
+    assert "forgotten" not in await _texts(engine)
+
+
+async def test_exception_rolls_back(engine: AsyncEngine) -> None:
+    uow = NotesUnitOfWork(create_session_factory(engine))
+    with pytest.raises(RuntimeError):
+        async with uow:
+            await uow.add("failed")
+            raise RuntimeError("use case failed")
+    assert "failed" not in await _texts(engine)
+
+
+async def test_reusable_but_not_reentrant(engine: AsyncEngine) -> None:
+    uow = NotesUnitOfWork(create_session_factory(engine))
+    async with uow:
+        with pytest.raises(RuntimeError, match="already in use"):
+            await uow.__aenter__()
+    async with uow:
+        await uow.add("second use")
+        await uow.commit()
+    with pytest.raises(RuntimeError, match="outside"):
+        _ = uow.session
+    assert "second use" in await _texts(engine)
+
+
+async def test_explicit_rollback_then_commit(engine: AsyncEngine) -> None:
+    uow = NotesUnitOfWork(create_session_factory(engine))
+    async with uow:
+        await uow.add("rolled back")
+        await uow.rollback()
+        await uow.add("kept")
+        await uow.commit()
+    texts = await _texts(engine)
+    assert "kept" in texts and "rolled back" not in texts
+
+
+async def test_wait_and_probe_succeed(engine: AsyncEngine) -> None:
+    await wait_for_database(engine, timeout_seconds=5)
+    await database_probe(engine)()
+
+
+async def test_wait_gives_up_on_dead_server() -> None:
+    dead = create_async_engine_for(
+        "postgresql+psycopg://nobody:pw@127.0.0.1:1/none", connect_timeout_seconds=1
+    )
+    started = time.monotonic()
+    with pytest.raises(sa.exc.OperationalError):
+        await wait_for_database(dead, timeout_seconds=1)
+    assert time.monotonic() - started < 10
+    with pytest.raises(sa.exc.OperationalError):
+        await database_probe(dead)()
+    await dead.dispose()
+
+
+def test_libpq_url_strips_driver() -> None:
+    assert libpq_url("postgresql+psycopg://u:p%40ss@h:5/db") == "postgresql://u:p%40ss@h:5/db"

@@ -1,0 +1,519 @@
+"""A real grpc.aio server on port 0 with the full interceptor chain, driven by a real client."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+import sqlalchemy.exc
+from cake_common.auth_context import current_principal, principal_var, require_admin
+from cake_common.errors import FieldViolation, InvalidArgument, NotFound
+from cake_common.grpc_server import (
+    DependencyCheck,
+    GrpcServerBuilder,
+    RunningGrpcServer,
+)
+from cake_common.grpc_server import interceptors as interceptors_module
+from cake_common.jwt import JwtVerifier
+from cake_common.logging import request_id_var
+from google.protobuf import wrappers_pb2
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_status import rpc_status
+
+SERVICE = "cake.test.v1.TestService"
+ECHO = f"/{SERVICE}/Echo"
+PUBLIC = f"/{SERVICE}/Public"
+ADMIN_ONLY = f"/{SERVICE}/AdminOnly"
+FAIL = f"/{SERVICE}/Fail"
+STREAM = f"/{SERVICE}/Stream"
+SLOW = f"/{SERVICE}/Slow"
+
+StringValue = wrappers_pb2.StringValue
+
+
+def _describe_caller() -> str:
+    principal = principal_var.get()
+    who = f"{principal.user_id}:{principal.role}" if principal else "anonymous"
+    return f"{request_id_var.get()}|{who}"
+
+
+async def _echo(request: StringValue, context: Any) -> StringValue:
+    current_principal()
+    return StringValue(value=_describe_caller())
+
+
+async def _public(request: StringValue, context: Any) -> StringValue:
+    return StringValue(value=_describe_caller())
+
+
+async def _admin_only(request: StringValue, context: Any) -> StringValue:
+    return StringValue(value=str(require_admin().user_id))
+
+
+async def _fail(request: StringValue, context: Any) -> StringValue:
+    kind = request.value
+    if kind == "not_found":
+        raise NotFound("Campaign not found", reason="CAMPAIGN_NOT_FOUND", metadata={"id": "9"})
+    if kind == "invalid":
+        raise InvalidArgument("Validation failed", [FieldViolation("email", "must be an email")])
+    if kind == "database_down":
+        raise sqlalchemy.exc.OperationalError("SELECT 1", {}, ConnectionRefusedError("refused"))
+    if kind == "abort":
+        await context.abort(grpc.StatusCode.DATA_LOSS, "handler chose this")
+    raise RuntimeError("secret internal detail: password=hunter2")
+
+
+async def _stream(request: StringValue, context: Any) -> AsyncIterator[StringValue]:
+    for index in range(2):
+        yield StringValue(value=f"{index}|{_describe_caller()}")
+
+
+async def _slow(request: StringValue, context: Any) -> StringValue:
+    await asyncio.sleep(float(request.value))
+    return StringValue(value="done")
+
+
+def _unary(behaviour: Any) -> grpc.RpcMethodHandler[Any, Any]:
+    return grpc.unary_unary_rpc_method_handler(
+        behaviour,
+        request_deserializer=StringValue.FromString,
+        response_serializer=StringValue.SerializeToString,
+    )
+
+
+def _register(server: grpc.aio.Server) -> None:
+    handler = grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Echo": _unary(_echo),
+            "Public": _unary(_public),
+            "AdminOnly": _unary(_admin_only),
+            "Fail": _unary(_fail),
+            "Slow": _unary(_slow),
+            "Stream": grpc.unary_stream_rpc_method_handler(
+                _stream,
+                request_deserializer=StringValue.FromString,
+                response_serializer=StringValue.SerializeToString,
+            ),
+        },
+    )
+    server.add_generic_rpc_handlers((handler,))
+
+
+class Client:
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.channel = channel
+
+    def unary(self, method: str) -> Any:
+        return self.channel.unary_unary(
+            method,
+            request_serializer=StringValue.SerializeToString,
+            response_deserializer=StringValue.FromString,
+        )
+
+    async def call(
+        self, method: str, value: str = "", metadata: tuple[tuple[str, str], ...] = ()
+    ) -> tuple[str, dict[str, Any]]:
+        call = self.unary(method)(StringValue(value=value), metadata=metadata)
+        response = await call
+        initial = {key: value for key, value in await call.initial_metadata()}
+        return response.value, initial
+
+    async def error(
+        self, method: str, value: str = "", metadata: tuple[tuple[str, str], ...] = ()
+    ) -> grpc.aio.AioRpcError:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await self.unary(method)(StringValue(value=value), metadata=metadata)
+        return caught.value
+
+
+class Revocations:
+    def __init__(self) -> None:
+        self.revoked: set[str] = set()
+        self.broken = False
+
+    async def is_revoked(self, jti: str) -> bool:
+        if self.broken:
+            raise ConnectionError("redis down")
+        return jti in self.revoked
+
+
+@pytest.fixture
+def revocations() -> Revocations:
+    return Revocations()
+
+
+@pytest.fixture
+async def running(
+    verifier: JwtVerifier, revocations: Revocations
+) -> AsyncIterator[RunningGrpcServer]:
+    running = await (
+        GrpcServerBuilder(service_names=[SERVICE], grace_seconds=1)
+        .add_servicer(_register)
+        .with_auth(verifier, public_methods=[PUBLIC], is_revoked=revocations.is_revoked)
+        .start()
+    )
+    yield running
+    await running.stop()
+
+
+@pytest.fixture
+async def client(running: RunningGrpcServer) -> AsyncIterator[Client]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        yield Client(channel)
+
+
+def _bearer(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+# --- request id -------------------------------------------------------------------------
+
+
+async def test_request_id_echoed_and_bound(client: Client) -> None:
+    value, initial = await client.call(PUBLIC, metadata=(("x-request-id", "abc-123"),))
+    assert initial["x-request-id"] == "abc-123"
+    assert value == "abc-123|anonymous"
+
+
+async def test_request_id_generated_when_missing_or_unsafe(client: Client) -> None:
+    value, initial = await client.call(PUBLIC)
+    generated = initial["x-request-id"]
+    assert len(generated) == 36
+    assert value.startswith(generated)
+    for unsafe in ("bad id with spaces", "x" * 200, 'quote"injection'):
+        _, initial = await client.call(PUBLIC, metadata=(("x-request-id", unsafe),))
+        assert initial["x-request-id"] != unsafe
+
+
+# --- authentication ---------------------------------------------------------------------
+
+
+async def test_public_method_needs_no_token(client: Client) -> None:
+    value, _ = await client.call(PUBLIC)
+    assert value.endswith("|anonymous")
+
+
+async def test_valid_token_binds_principal(client: Client, make_token: Any) -> None:
+    value, _ = await client.call(ECHO, metadata=_bearer(make_token(sub="42", role="user")))
+    assert value.endswith("|42:user")
+
+
+async def test_missing_token(client: Client) -> None:
+    error = await client.error(ECHO)
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert error.details() == "Missing bearer token"
+
+
+async def test_malformed_header(client: Client, make_token: Any) -> None:
+    error = await client.error(ECHO, metadata=(("authorization", f"Token {make_token()}"),))
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert error.details() == "Malformed authorization header"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "details"),
+    [
+        ({"ttl": -5}, "Token has expired"),
+        ({"aud": "other-audience"}, "Invalid token audience"),
+        ({"headers": {"kid": "nope"}}, "Unknown token signing key"),
+    ],
+)
+async def test_bad_tokens(
+    client: Client, make_token: Any, overrides: dict[str, Any], details: str
+) -> None:
+    error = await client.error(ECHO, metadata=_bearer(make_token(**overrides)))
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert error.details() == details
+
+
+async def test_alg_none_and_hs256_and_tampered(
+    client: Client, make_token: Any, signing_key: Any
+) -> None:
+    import base64
+    import hashlib
+    import hmac
+    import json
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    header, payload, signature = make_token().split(".")
+    none_header = b64(json.dumps({"alg": "none", "kid": signing_key.kid}).encode())
+    hs_header = b64(json.dumps({"alg": "HS256", "kid": signing_key.kid}).encode())
+    hs_signature = b64(
+        hmac.new(signing_key.public_pem, f"{hs_header}.{payload}".encode(), hashlib.sha256).digest()
+    )
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=="))
+    claims["sub"] = "1"
+    tampered = f"{header}.{b64(json.dumps(claims).encode())}.{signature}"
+    for token in (f"{none_header}.{payload}.", f"{hs_header}.{payload}.{hs_signature}", tampered):
+        error = await client.error(ECHO, metadata=_bearer(token))
+        assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_unauthenticated_is_rich(client: Client) -> None:
+    error = await client.error(ECHO, metadata=(("x-request-id", "r-1"),))
+    status = rpc_status.from_call(error)  # also checks code/message match the rich status
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info)
+    assert info.reason == "TOKEN_MISSING"
+
+
+async def test_revoked_token(client: Client, make_token: Any, revocations: Revocations) -> None:
+    token = make_token(jti="revoked-jti")
+    revocations.revoked.add("revoked-jti")
+    error = await client.error(ECHO, metadata=_bearer(token))
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert error.details() == "Token has been revoked"
+
+
+async def test_revocation_check_failure_fails_open(
+    client: Client, make_token: Any, revocations: Revocations
+) -> None:
+    revocations.broken = True
+    value, _ = await client.call(ECHO, metadata=_bearer(make_token(sub="5")))
+    assert value.endswith("|5:user")
+
+
+async def test_require_admin(client: Client, make_token: Any) -> None:
+    error = await client.error(ADMIN_ONLY, metadata=_bearer(make_token(role="user")))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    value, _ = await client.call(ADMIN_ONLY, metadata=_bearer(make_token(sub="3", role="admin")))
+    assert value == "3"
+
+
+async def test_principal_does_not_leak_between_calls(client: Client, make_token: Any) -> None:
+    await client.call(ECHO, metadata=_bearer(make_token(sub="77")))
+    value, _ = await client.call(PUBLIC)
+    assert value.endswith("|anonymous")
+
+
+# --- error mapping ----------------------------------------------------------------------
+
+
+def _rich(error: grpc.aio.AioRpcError) -> Any:
+    from google.rpc import status_pb2
+
+    for key, value in error.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            return status_pb2.Status.FromString(value)
+    raise AssertionError("no grpc-status-details-bin trailer")
+
+
+async def test_not_found_maps_with_error_info(client: Client, make_token: Any) -> None:
+    error = await client.error(FAIL, "not_found", _bearer(make_token()))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert error.details() == "Campaign not found"
+    status = _rich(error)
+    assert status.code == grpc.StatusCode.NOT_FOUND.value[0]
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info)
+    assert (info.reason, info.domain, dict(info.metadata)) == (
+        "CAMPAIGN_NOT_FOUND",
+        "cake",
+        {"id": "9"},
+    )
+
+
+async def test_invalid_argument_maps_with_bad_request(client: Client, make_token: Any) -> None:
+    error = await client.error(FAIL, "invalid", _bearer(make_token()))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    bad_request = error_details_pb2.BadRequest()
+    assert any(detail.Unpack(bad_request) for detail in _rich(error).details)
+    assert [(v.field, v.description) for v in bad_request.field_violations] == [
+        ("email", "must be an email")
+    ]
+
+
+class RecordingLogger:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, dict[str, Any], BaseException | None]] = []
+
+    def __getattr__(self, level: str) -> Any:
+        def log(event: str, **fields: Any) -> None:
+            self.calls.append((level, event, fields, sys.exc_info()[1]))
+
+        return log
+
+
+async def test_unexpected_error_is_internal_without_details(
+    client: Client, make_token: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorder = RecordingLogger()
+    monkeypatch.setattr(interceptors_module, "_log", recorder)
+    error = await client.error(FAIL, "boom", _bearer(make_token()))
+    assert error.code() == grpc.StatusCode.INTERNAL
+    assert error.details() == "Internal error"
+    assert "hunter2" not in str(error.trailing_metadata())
+    ((level, event, fields, exception),) = recorder.calls
+    assert level == "exception", "logged with stack trace"
+    assert fields["method"] == FAIL
+    assert isinstance(exception, RuntimeError)
+
+
+async def test_database_outage_is_unavailable(client: Client, make_token: Any) -> None:
+    error = await client.error(FAIL, "database_down", _bearer(make_token()))
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert error.details() == "Service temporarily unavailable"
+
+
+async def test_handler_abort_passes_through(client: Client, make_token: Any) -> None:
+    error = await client.error(FAIL, "abort", _bearer(make_token()))
+    assert error.code() == grpc.StatusCode.DATA_LOSS
+    assert error.details() == "handler chose this"
+
+
+async def test_unknown_method_is_unimplemented(client: Client) -> None:
+    error = await client.error(f"/{SERVICE}/Nope")
+    assert error.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+# --- streaming passes through the same chain --------------------------------------------
+
+
+async def test_server_streaming_is_intercepted(client: Client, make_token: Any) -> None:
+    method = client.channel.unary_stream(
+        STREAM,
+        request_serializer=StringValue.SerializeToString,
+        response_deserializer=StringValue.FromString,
+    )
+    call = method(StringValue(), metadata=(("x-request-id", "s-1"), *_bearer(make_token(sub="8"))))
+    values = [response.value async for response in call]
+    assert values == ["0|s-1|8:user", "1|s-1|8:user"]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        _ = [response async for response in method(StringValue())]
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+# --- health and reflection --------------------------------------------------------------
+
+
+async def _health(channel: grpc.aio.Channel, service: str) -> int:
+    stub = health_pb2_grpc.HealthStub(channel)
+    response = await stub.Check(health_pb2.HealthCheckRequest(service=service))
+    return int(response.status)
+
+
+async def test_health_serving_without_token(client: Client) -> None:
+    for name in ("", SERVICE, "liveness"):
+        assert await _health(client.channel, name) == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_reflection_lists_services(client: Client) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(client.channel)
+
+    async def requests() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+    names = set()
+    async for response in stub.ServerReflectionInfo(requests()):
+        names |= {service.name for service in response.list_services_response.service}
+    assert {SERVICE, "grpc.health.v1.Health"} <= names
+
+
+async def test_graceful_shutdown(verifier: JwtVerifier) -> None:
+    hook_calls: list[str] = []
+
+    async def first_hook() -> None:
+        hook_calls.append("first")
+
+    async def failing_hook() -> None:
+        raise RuntimeError("hook broke")
+
+    async def last_hook() -> None:
+        hook_calls.append("last")
+
+    running = await (
+        GrpcServerBuilder(service_names=[SERVICE], grace_seconds=5)
+        .add_servicer(_register)
+        .add_shutdown_hook(first_hook)
+        .add_shutdown_hook(failing_hook)
+        .add_shutdown_hook(last_hook)
+        .start()
+    )
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        slow = Client(channel).unary(SLOW)(StringValue(value="0.5"))
+        await asyncio.sleep(0.1)
+        stopping = asyncio.create_task(running.stop())
+        await asyncio.sleep(0.1)
+        assert running.health.is_serving is False
+        assert (await slow).value == "done", "in-flight call finishes within the grace period"
+        await stopping
+        await running.stop()  # idempotent
+    assert hook_calls == ["last", "first"], "hooks run in reverse order despite a failure"
+
+
+async def test_health_not_serving_during_shutdown_seen_by_client(verifier: JwtVerifier) -> None:
+    running = await (
+        GrpcServerBuilder(service_names=[SERVICE], grace_seconds=2).add_servicer(_register).start()
+    )
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        slow = Client(channel).unary(SLOW)(StringValue(value="0.6"))
+        await asyncio.sleep(0.1)
+        await running.health.enter_graceful_shutdown()
+        assert await _health(channel, "") == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert await _health(channel, SERVICE) == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert await _health(channel, "liveness") == health_pb2.HealthCheckResponse.NOT_SERVING
+        await slow
+    await running.stop()
+
+
+async def test_serve_until_signal_stops_on_sigterm() -> None:
+    running = await (
+        GrpcServerBuilder(service_names=[SERVICE], grace_seconds=1).add_servicer(_register).start()
+    )
+    serving = asyncio.create_task(running.serve_until_signal(signals=(signal.SIGUSR1,)))
+    await asyncio.sleep(0.1)
+    signal.raise_signal(signal.SIGUSR1)
+    await asyncio.wait_for(serving, timeout=5)
+    assert running.health.is_serving is False
+
+
+async def test_critical_dependency_gates_overall_health() -> None:
+    database_up = False
+
+    async def database() -> None:
+        if not database_up:
+            raise ConnectionRefusedError("db down")
+
+    async def cache() -> bool:
+        return False
+
+    running = await (
+        GrpcServerBuilder(service_names=[SERVICE])
+        .add_servicer(_register)
+        .add_dependency_check(DependencyCheck("postgres", database))
+        .add_dependency_check(DependencyCheck("redis", cache, critical=False))
+        .with_check_interval(0.05)
+        .start()
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+            assert await _health(channel, "") == not_serving
+            assert await _health(channel, "postgres") == not_serving
+            assert await _health(channel, "redis") == not_serving
+            assert await _health(channel, "liveness") == health_pb2.HealthCheckResponse.SERVING
+            database_up = True
+            for _ in range(100):
+                if await _health(channel, "") == health_pb2.HealthCheckResponse.SERVING:
+                    break
+                await asyncio.sleep(0.02)
+            assert await _health(channel, SERVICE) == health_pb2.HealthCheckResponse.SERVING
+            assert await _health(channel, "redis") == not_serving, "non-critical stays down"
+    finally:
+        await running.stop()
+
+
+async def test_port_clash_fails_loudly(running: RunningGrpcServer) -> None:
+    builder = GrpcServerBuilder(service_names=[SERVICE], port=running.port)
+    with pytest.raises(RuntimeError):
+        await builder.start()

@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import pytest
+from cake_common.errors import FieldViolation, InvalidArgument
+from cake_common.validation import RequestValidator
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+validate_pb2 = pytest.importorskip("buf.validate.validate_pb2")
+
+_F = descriptor_pb2.FieldDescriptorProto
+
+
+def _registration_message_class() -> Any:
+    """A throwaway message with buf.validate rules, built at run time (no cake.* protos)."""
+    pool = descriptor_pool.Default()
+    name = "cake_common_test.v1.Registration"
+    try:
+        return message_factory.GetMessageClass(pool.FindMessageTypeByName(name))
+    except KeyError:
+        pass
+    file = descriptor_pb2.FileDescriptorProto(
+        name="cake_common_test/v1/registration.proto",
+        package="cake_common_test.v1",
+        syntax="proto3",
+        dependency=["buf/validate/validate.proto"],
+    )
+    item = file.message_type.add(name="Item")
+    sku = item.field.add(name="sku", number=1, type=_F.TYPE_STRING, label=_F.LABEL_OPTIONAL)
+    sku.options.Extensions[validate_pb2.field].string.min_len = 3
+
+    message = file.message_type.add(name="Registration")
+    email = message.field.add(name="email", number=1, type=_F.TYPE_STRING, label=_F.LABEL_OPTIONAL)
+    email.options.Extensions[validate_pb2.field].string.email = True
+    username = message.field.add(
+        name="username", number=2, type=_F.TYPE_STRING, label=_F.LABEL_OPTIONAL
+    )
+    username.options.Extensions[validate_pb2.field].string.pattern = "^[A-Za-z0-9_]{3,50}$"
+    birthday = message.field.add(
+        name="birthday", number=3, type=_F.TYPE_STRING, label=_F.LABEL_OPTIONAL
+    )
+    birthday.options.Extensions[validate_pb2.field].required = True
+    items = message.field.add(
+        name="items",
+        number=4,
+        type=_F.TYPE_MESSAGE,
+        type_name=".cake_common_test.v1.Item",
+        label=_F.LABEL_REPEATED,
+    )
+    del items  # rules live on Item.sku
+    pool.Add(file)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName(name))
+
+
+def test_valid_message_passes() -> None:
+    registration = _registration_message_class()
+    RequestValidator().validate(
+        registration(email="a@example.com", username="alice_1", birthday="1990-01-01")
+    )
+
+
+def test_one_violation_per_bad_field() -> None:
+    registration = _registration_message_class()
+    message = registration(email="not-an-email", username="a!", birthday="")
+    message.items.add(sku="ok-sku")
+    message.items.add(sku="x")
+    with pytest.raises(InvalidArgument) as caught:
+        RequestValidator().validate(message)
+    error = caught.value
+    assert error.message == "Validation failed"
+    fields = [violation.field for violation in error.violations]
+    assert sorted(fields) == ["birthday", "email", "items[1].sku", "username"]
+    assert all(isinstance(v, FieldViolation) and v.description for v in error.violations)
+
+
+def test_validator_is_built_lazily_and_reused() -> None:
+    validator = RequestValidator()
+    assert validator._validator is None
+    validator.violations(_registration_message_class()(email="a@example.com"))
+    built = validator._validator
+    assert built is not None
+    validator.violations(_registration_message_class()())
+    assert validator._validator is built
+
+
+def test_import_does_not_load_protovalidate() -> None:
+    import subprocess
+
+    code = (
+        "import sys, cake_common.validation, cake_common.grpc_server;"
+        "sys.exit('protovalidate' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

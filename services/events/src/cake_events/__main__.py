@@ -1,0 +1,3 @@
+from cake_events.cli import main
+
+main()

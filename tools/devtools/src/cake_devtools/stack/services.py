@@ -1,0 +1,159 @@
+"""The three Cake services, started with ``uv run --frozen cake-<name> serve``.
+
+Their configuration is environment variables only (pydantic-settings, prefix ``CAKE_<NAME>_``);
+:func:`build_service_environment` is the one place that derives them from the stack, so the
+stack and the test session start services identically.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+from cake_devtools.stack.component import ProcessComponent, StackContext
+from cake_devtools.stack.errors import StackError
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    name: str
+
+    @property
+    def package(self) -> str:
+        return f"cake_{self.name}"
+
+    @property
+    def script(self) -> str:
+        return f"cake-{self.name}"
+
+    @property
+    def env_prefix(self) -> str:
+        return f"CAKE_{self.name.upper()}_"
+
+    @property
+    def port_field(self) -> str:
+        return f"{self.name}_grpc_port"
+
+
+SERVICES = (ServiceSpec("auth"), ServiceSpec("promotions"), ServiceSpec("events"))
+#: Databases whose outbox the relay (in the events service) reads, by source service.
+OUTBOX_SOURCES = ("auth", "promotions")
+RELAY_ROLE = "cake_relay"
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """Where the infrastructure of a profile is reachable."""
+
+    postgres_host: str
+    postgres_port: int
+    redis_url: str
+    kafka_bootstrap: str
+    grpc_ports: Mapping[str, int]
+
+
+def database_url(*, user: str, password: str, host: str, port: int, database: str) -> str:
+    return (
+        f"postgresql+psycopg://{quote(user, safe='')}:{quote(password, safe='')}"
+        f"@{host}:{port}/{quote(database, safe='')}"
+    )
+
+
+def build_service_environment(
+    endpoints: Endpoints, passwords: Mapping[str, str]
+) -> dict[str, dict[str, str]]:
+    """Environment variables per service name (``auth``, ``promotions``, ``events``)."""
+
+    def db_url(role: str, database: str) -> str:
+        return database_url(
+            user=role,
+            password=passwords[role],
+            host=endpoints.postgres_host,
+            port=endpoints.postgres_port,
+            database=database,
+        )
+
+    environments: dict[str, dict[str, str]] = {}
+    for spec in SERVICES:
+        prefix = spec.env_prefix
+        env = {
+            f"{prefix}GRPC_HOST": "127.0.0.1",
+            f"{prefix}GRPC_PORT": str(endpoints.grpc_ports[spec.name]),
+            f"{prefix}DATABASE_URL": db_url(spec.package, spec.package),
+            f"{prefix}REDIS_URL": endpoints.redis_url,
+            f"{prefix}KAFKA_BOOTSTRAP_SERVERS": endpoints.kafka_bootstrap,
+            f"{prefix}LOG_JSON": "true",
+        }
+        if spec.name == "events":
+            for source in OUTBOX_SOURCES:
+                source_prefix = f"{prefix}{source.upper()}_"
+                env[f"{source_prefix}OUTBOX_URL"] = db_url(RELAY_ROLE, f"cake_{source}")
+                env[f"{source_prefix}GRPC_TARGET"] = f"127.0.0.1:{endpoints.grpc_ports[source]}"
+        environments[spec.name] = env
+    return environments
+
+
+def grpc_serving(address: str, timeout: float = 1.0) -> bool:
+    """The standard gRPC health check (overall server, service "") answers SERVING."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            response = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+        except grpc.RpcError:
+            return False
+    return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def service_module_missing(spec: ServiceSpec) -> str | None:
+    """Why ``cake-<name> serve`` cannot run yet (its cli module is not written), or None.
+
+    Looks for the file without importing anything from the service.
+    """
+    package = importlib.util.find_spec(spec.package)
+    if package is None or not package.submodule_search_locations:
+        return f"package {spec.package} is not installed"
+    for location in package.submodule_search_locations:
+        if (Path(location) / "cli.py").is_file() or (Path(location) / "cli").is_dir():
+            return None
+    return f"{spec.package}.cli does not exist yet (service not written)"
+
+
+class ServiceComponent(ProcessComponent):
+    def __init__(self, ctx: StackContext, spec: ServiceSpec, endpoints: Endpoints) -> None:
+        super().__init__(ctx)
+        self.name = spec.name
+        self.port_field = spec.port_field
+        self.spec = spec
+        self.endpoints = endpoints
+
+    def unavailable_reason(self) -> str | None:
+        return service_module_missing(self.spec)
+
+    def command(self) -> Sequence[str]:
+        uv = shutil.which("uv")
+        if uv is None:
+            raise StackError("uv not found on PATH; run tools/bootstrap.sh")
+        # --directory: the workspace root, wherever cake-stack was started from. uv forwards
+        # SIGTERM to the service, so stopping the uv process shuts the service down cleanly.
+        repo = str(self.ctx.layout.repo)
+        return [uv, "run", "--frozen", "--directory", repo, self.spec.script, "serve"]
+
+    def environment(self) -> Mapping[str, str]:
+        env = dict(os.environ)
+        env.update(build_service_environment(self.endpoints, self.ctx.passwords)[self.spec.name])
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def probe(self) -> bool:
+        return grpc_serving(self.address)
+
+    def wait_ready(self, deadline: float) -> None:
+        self.wait_until(self.probe, what="gRPC health SERVING", deadline=deadline, alive=self.alive)

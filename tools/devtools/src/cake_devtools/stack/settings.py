@@ -1,0 +1,84 @@
+"""Ports, external servers and timeouts of a stack profile, read from the environment.
+
+Two profiles run side by side: ``dev`` (``make up``, variables ``CAKE_*``) and ``test`` (the
+pytest session, variables ``CAKE_TEST_*``). The test profile has its own prefix so a developer's
+``CAKE_*`` overrides (or external servers) never point the test session at dev data.
+Every default port is off the well-known ones so the stack never collides with servers already
+on the machine.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Profile = Literal["dev", "test"]
+PROFILES: tuple[Profile, ...] = get_args(Profile)
+
+
+class StackSettings(BaseSettings):
+    """The ``dev`` profile."""
+
+    model_config = SettingsConfigDict(env_prefix="CAKE_", extra="ignore")
+
+    gateway_port: int = Field(default=8080, ge=1, le=65535)
+    envoy_admin_port: int = Field(default=59901, ge=1, le=65535)
+    pg_port: int = Field(default=55432, ge=1, le=65535)
+    redis_port: int = Field(default=56379, ge=1, le=65535)
+    kafka_port: int = Field(default=59092, ge=1, le=65535)
+    kafka_controller_port: int = Field(default=59093, ge=1, le=65535)
+    auth_grpc_port: int = Field(default=57051, ge=1, le=65535)
+    promotions_grpc_port: int = Field(default=57052, ge=1, le=65535)
+    events_grpc_port: int = Field(default=57053, ge=1, le=65535)
+
+    # Set these to use servers that already run (CI service containers, a shared dev box);
+    # the stack then only creates the databases, roles and topics there.
+    external_postgres_admin_url: str | None = Field(
+        default=None, description="superuser libpq URL, postgresql://user:pw@host:port/postgres"
+    )
+    external_redis_url: str | None = None
+    external_kafka_bootstrap: str | None = None
+
+    startup_timeout_seconds: float = Field(
+        default=120, gt=0, description="how long `up` waits for one component to be healthy"
+    )
+    stop_grace_seconds: float = Field(
+        default=15, ge=0, description="SIGTERM to SIGKILL delay when stopping a process"
+    )
+    kafka_heap: str = "512m"
+    #: fsync off trades crash safety for speed; only sensible for throw-away test data.
+    postgres_fsync: bool = True
+
+
+class StackSettingsForTests(StackSettings):
+    """The ``test`` profile: the dev ports shifted (+10000 for the gateway, +10 elsewhere)."""
+
+    model_config = SettingsConfigDict(env_prefix="CAKE_TEST_", extra="ignore")
+
+    gateway_port: int = Field(default=18080, ge=1, le=65535)
+    envoy_admin_port: int = Field(default=59911, ge=1, le=65535)
+    pg_port: int = Field(default=55442, ge=1, le=65535)
+    redis_port: int = Field(default=56389, ge=1, le=65535)
+    kafka_port: int = Field(default=59102, ge=1, le=65535)
+    kafka_controller_port: int = Field(default=59103, ge=1, le=65535)
+    auth_grpc_port: int = Field(default=57151, ge=1, le=65535)
+    promotions_grpc_port: int = Field(default=57152, ge=1, le=65535)
+    events_grpc_port: int = Field(default=57153, ge=1, le=65535)
+    postgres_fsync: bool = False
+
+
+def load_settings(profile: str) -> StackSettings:
+    """Settings of ``profile`` from the environment (no caching: tests change the env)."""
+    if profile == "dev":
+        return StackSettings()
+    if profile == "test":
+        return StackSettingsForTests()
+    raise ValueError(f"unknown stack profile {profile!r}; expected one of {', '.join(PROFILES)}")
+
+
+def port_env_var(profile: str, field_name: str) -> str:
+    """The variable that overrides ``field_name`` in ``profile`` (for error messages)."""
+    prefix = "CAKE_TEST_" if profile == "test" else "CAKE_"
+    return f"{prefix}{field_name.upper()}"

@@ -1,0 +1,322 @@
+"""Local stack configuration: profiles and ports, service environment, generated server
+configs and SQL. Nothing here starts a server."""
+
+from __future__ import annotations
+
+import base64
+import stat
+from pathlib import Path
+
+import pytest
+from cake_devtools.stack import COMPONENTS, Stack, StackError, credentials, kafka, postgres
+from cake_devtools.stack.layout import RunLayout, repo_root
+from cake_devtools.stack.redis import redis_command
+from cake_devtools.stack.services import Endpoints, build_service_environment
+from cake_devtools.stack.settings import StackSettings, StackSettingsForTests, load_settings
+
+PORT_FIELDS = [name for name in StackSettings.model_fields if name.endswith("_port")]
+DEV_PORTS = {
+    "gateway_port": 8080,
+    "envoy_admin_port": 59901,
+    "pg_port": 55432,
+    "redis_port": 56379,
+    "kafka_port": 59092,
+    "kafka_controller_port": 59093,
+    "auth_grpc_port": 57051,
+    "promotions_grpc_port": 57052,
+    "events_grpc_port": 57053,
+}
+TEST_PORTS = {
+    "gateway_port": 18080,
+    "envoy_admin_port": 59911,
+    "pg_port": 55442,
+    "redis_port": 56389,
+    "kafka_port": 59102,
+    "kafka_controller_port": 59103,
+    "auth_grpc_port": 57151,
+    "promotions_grpc_port": 57152,
+    "events_grpc_port": 57153,
+}
+DEFAULT_SERVER_PORTS = {80, 443, 5432, 6379, 9092, 9093, 9901, 50051}
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The developer's own overrides must not leak into the expected defaults.
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("CAKE_"):
+            monkeypatch.delenv(name)
+
+
+def _ports(settings: StackSettings) -> dict[str, int]:
+    return {name: getattr(settings, name) for name in PORT_FIELDS}
+
+
+def test_profiles_have_the_agreed_ports() -> None:
+    assert _ports(load_settings("dev")) == DEV_PORTS
+    assert _ports(load_settings("test")) == TEST_PORTS
+
+
+def test_profiles_never_share_a_port_nor_use_default_server_ports() -> None:
+    dev, test = set(DEV_PORTS.values()), set(TEST_PORTS.values())
+    assert len(dev) == len(DEV_PORTS) and len(test) == len(TEST_PORTS)
+    assert not dev & test
+    assert not (dev | test) & DEFAULT_SERVER_PORTS
+
+
+def test_each_profile_reads_only_its_own_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CAKE_PG_PORT", "15432")
+    monkeypatch.setenv("CAKE_TEST_REDIS_PORT", "16389")
+    monkeypatch.setenv("CAKE_EXTERNAL_KAFKA_BOOTSTRAP", "kafka.example:9092")
+
+    dev, test = load_settings("dev"), load_settings("test")
+
+    assert (dev.pg_port, dev.redis_port) == (15432, DEV_PORTS["redis_port"])
+    assert (test.pg_port, test.redis_port) == (TEST_PORTS["pg_port"], 16389)
+    assert dev.external_kafka_bootstrap == "kafka.example:9092"
+    assert test.external_kafka_bootstrap is None  # tests never write into dev's servers
+    assert isinstance(test, StackSettingsForTests)
+    assert dev.postgres_fsync and not test.postgres_fsync
+
+
+def test_unknown_profile_is_rejected() -> None:
+    with pytest.raises(ValueError, match="unknown stack profile"):
+        load_settings("prod")
+
+
+def test_run_layout_keeps_profiles_apart_under_dot_run() -> None:
+    root = repo_root()
+    dev, test = RunLayout(root, "dev"), RunLayout(root, "test")
+    assert dev.root == root / ".run" / "dev" and test.root == root / ".run" / "test"
+    assert dev.log("kafka") == root / ".run" / "dev" / "logs" / "kafka.log"
+    assert dev.kafka_libs("4.1.1") == test.kafka_libs("4.1.1")  # jars are shared
+    assert ".run/" in (root / ".gitignore").read_text().splitlines()
+
+
+def test_unknown_component_names_are_rejected() -> None:
+    stack = Stack("test", echo=None)
+    with pytest.raises(StackError, match="unknown component"):
+        stack.up(["postgres", "mysql"])
+    assert COMPONENTS == ("postgres", "redis", "kafka", "auth", "promotions", "events", "envoy")
+
+
+# -- service environment ---------------------------------------------------------------------
+
+PASSWORDS = {
+    "cake_auth": "pw-auth",
+    "cake_promotions": "pw-promotions",
+    "cake_events": "pw-events",
+    "cake_relay": "pw/relay@x",  # needs URL quoting
+}
+ENDPOINTS = Endpoints(
+    postgres_host="127.0.0.1",
+    postgres_port=55442,
+    redis_url="redis://127.0.0.1:56389/0",
+    kafka_bootstrap="127.0.0.1:59102",
+    grpc_ports={"auth": 57151, "promotions": 57152, "events": 57153},
+)
+
+
+def test_service_environment_points_each_service_at_its_own_database() -> None:
+    env = build_service_environment(ENDPOINTS, PASSWORDS)
+
+    assert set(env) == {"auth", "promotions", "events"}
+    assert env["auth"] == {
+        "CAKE_AUTH_GRPC_HOST": "127.0.0.1",
+        "CAKE_AUTH_GRPC_PORT": "57151",
+        "CAKE_AUTH_DATABASE_URL": "postgresql+psycopg://cake_auth:pw-auth@127.0.0.1:55442/cake_auth",
+        "CAKE_AUTH_REDIS_URL": "redis://127.0.0.1:56389/0",
+        "CAKE_AUTH_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:59102",
+        "CAKE_AUTH_LOG_JSON": "true",
+    }
+    assert env["promotions"]["CAKE_PROMOTIONS_DATABASE_URL"].endswith(
+        "cake_promotions:pw-promotions@127.0.0.1:55442/cake_promotions"
+    )
+    assert env["promotions"]["CAKE_PROMOTIONS_GRPC_PORT"] == "57152"
+
+
+def test_events_reads_the_outboxes_as_the_relay_role() -> None:
+    events = build_service_environment(ENDPOINTS, PASSWORDS)["events"]
+
+    relay = "postgresql+psycopg://cake_relay:pw%2Frelay%40x@127.0.0.1:55442"
+    assert events["CAKE_EVENTS_AUTH_OUTBOX_URL"] == f"{relay}/cake_auth"
+    assert events["CAKE_EVENTS_PROMOTIONS_OUTBOX_URL"] == f"{relay}/cake_promotions"
+    assert events["CAKE_EVENTS_AUTH_GRPC_TARGET"] == "127.0.0.1:57151"
+    assert events["CAKE_EVENTS_PROMOTIONS_GRPC_TARGET"] == "127.0.0.1:57152"
+    assert events["CAKE_EVENTS_DATABASE_URL"].endswith("@127.0.0.1:55442/cake_events")
+
+
+def test_external_servers_replace_the_local_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(
+        "CAKE_TEST_EXTERNAL_POSTGRES_ADMIN_URL", "postgresql://su:x@db.ci:6543/postgres"
+    )
+    monkeypatch.setenv("CAKE_TEST_EXTERNAL_REDIS_URL", "redis://cache.ci:6379/3")
+    monkeypatch.setenv("CAKE_TEST_EXTERNAL_KAFKA_BOOTSTRAP", "k1.ci:9092,k2.ci:9092")
+    stack = Stack("test", echo=None)
+    monkeypatch.setattr(type(stack._ctx), "passwords", PASSWORDS | {"postgres": "unused"})
+
+    env = stack.service_environment()["auth"]
+
+    assert env["CAKE_AUTH_DATABASE_URL"].endswith("@db.ci:6543/cake_auth")
+    assert env["CAKE_AUTH_REDIS_URL"] == "redis://cache.ci:6379/3"
+    assert env["CAKE_AUTH_KAFKA_BOOTSTRAP_SERVERS"] == "k1.ci:9092,k2.ci:9092"
+    assert stack.postgres_admin_url == "postgresql://su:x@db.ci:6543/postgres"
+    assert stack.kafka_bootstrap == "k1.ci:9092,k2.ci:9092"
+
+
+# -- generated passwords ---------------------------------------------------------------------
+
+
+def test_passwords_are_generated_once_and_kept_private(tmp_path: Path) -> None:
+    path = tmp_path / "run" / "secrets.json"
+
+    first = credentials.load_or_create(path, ["a", "b"])
+    again = credentials.load_or_create(path, ["a", "b", "c"])
+
+    assert first["a"] != first["b"] and len(first["a"]) >= 32
+    assert {k: again[k] for k in ("a", "b")} == first  # stored ones are reused
+    assert "c" in again
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert credentials.redact(f"url://u:{first['a']}@h", first.values()) == "url://u:***@h"
+
+
+# -- PostgreSQL ------------------------------------------------------------------------------
+
+
+def _sql(statement: object) -> str:
+    return statement.as_string(None)  # type: ignore[attr-defined,no-any-return]
+
+
+def test_pg_hba_allows_only_password_logins() -> None:
+    rules = [
+        line.split()
+        for line in postgres.pg_hba_conf().splitlines()
+        if line and not line.startswith("#")
+    ]
+    assert rules == [
+        ["local", "all", "all", "scram-sha-256"],
+        ["host", "all", "all", "127.0.0.1/32", "scram-sha-256"],
+    ]
+
+
+def test_server_conf_listens_on_loopback_and_skips_fsync_only_when_asked(tmp_path: Path) -> None:
+    durable = postgres.server_conf(port=55442, socket_dir=tmp_path, fsync=True)
+    fast = postgres.server_conf(port=55442, socket_dir=None, fsync=False)
+
+    assert "listen_addresses = '127.0.0.1'" in durable
+    assert "port = 55442" in durable
+    assert f"unix_socket_directories = '{tmp_path}'" in durable
+    assert "fsync" not in durable
+    assert "fsync = off" in fast and "unix_socket_directories = ''" in fast
+
+
+def test_roles_are_created_idempotently_without_privileges() -> None:
+    create, alter = (_sql(s) for s in postgres.role_statements("cake_relay", "p'w"))
+
+    assert "IF NOT EXISTS" in create and 'CREATE ROLE "cake_relay"' in create
+    assert alter.startswith('ALTER ROLE "cake_relay" WITH LOGIN NOSUPERUSER NOCREATEDB')
+    assert "NOCREATEROLE" in alter and "NOBYPASSRLS" in alter
+    assert alter.endswith("PASSWORD 'p''w'")  # quoted as a literal
+
+
+def test_each_service_owns_its_database_and_the_relay_only_connects() -> None:
+    by_name = {db.name: db for db in postgres.DATABASES}
+    assert {name: db.owner for name, db in by_name.items()} == {
+        "cake_auth": "cake_auth",
+        "cake_promotions": "cake_promotions",
+        "cake_events": "cake_events",
+    }
+
+    auth = [_sql(s) for s in postgres.database_privilege_statements(by_name["cake_auth"])]
+    events = [_sql(s) for s in postgres.database_privilege_statements(by_name["cake_events"])]
+
+    assert _sql(postgres.create_database_statement(by_name["cake_auth"])) == (
+        'CREATE DATABASE "cake_auth" OWNER "cake_auth" ENCODING \'UTF8\' TEMPLATE template0'
+    )
+    assert auth == [
+        'ALTER DATABASE "cake_auth" OWNER TO "cake_auth"',
+        'REVOKE CONNECT, TEMPORARY ON DATABASE "cake_auth" FROM PUBLIC',
+        'GRANT CONNECT ON DATABASE "cake_auth" TO "cake_relay"',
+    ]
+    assert not any("cake_relay" in statement for statement in events)
+    assert postgres.ROLES == ("cake_auth", "cake_promotions", "cake_events", "cake_relay")
+
+
+def test_admin_url_is_a_superuser_libpq_url() -> None:
+    assert postgres.admin_url(password="a/b", port=55442) == (
+        "postgresql://postgres:a%2Fb@127.0.0.1:55442/postgres"
+    )
+
+
+# -- Redis and Kafka -------------------------------------------------------------------------
+
+
+def test_redis_runs_in_the_foreground_on_loopback_without_persistence() -> None:
+    argv = redis_command("/usr/bin/redis-server", port=56389, data_dir="/run/redis")
+
+    options = dict(zip(argv[1::2], argv[2::2], strict=True))
+    assert options == {
+        "--port": "56389",
+        "--bind": "127.0.0.1",
+        "--dir": "/run/redis",
+        "--save": "",
+        "--appendonly": "no",
+        "--daemonize": "no",
+        "--logfile": "",
+    }
+
+
+def test_kafka_server_properties_single_kraft_node(tmp_path: Path) -> None:
+    text = kafka.server_properties(port=59102, controller_port=59103, data_dir=tmp_path)
+    props = dict(
+        line.split("=", 1) for line in text.splitlines() if line and not line.startswith("#")
+    )
+
+    assert props["process.roles"] == "broker,controller"
+    assert props["controller.quorum.voters"] == "1@127.0.0.1:59103"
+    assert props["listeners"] == "PLAINTEXT://127.0.0.1:59102,CONTROLLER://127.0.0.1:59103"
+    assert props["advertised.listeners"] == "PLAINTEXT://127.0.0.1:59102"
+    assert props["log.dirs"] == str(tmp_path)
+    assert props["num.partitions"] == "6"
+    assert props["auto.create.topics.enable"] == "false"
+    for key in (
+        "offsets.topic.replication.factor",
+        "transaction.state.log.replication.factor",
+        "min.insync.replicas",
+    ):
+        assert props[key] == "1"
+
+
+def test_kafka_topics_and_their_dead_letter_topics() -> None:
+    assert kafka.topic_names() == [
+        "cake.auth.user.v1",
+        "cake.auth.user.v1.dlq",
+        "cake.promotions.voucher.v1",
+        "cake.promotions.voucher.v1.dlq",
+        "cake.promotions.payment.v1",
+        "cake.promotions.payment.v1.dlq",
+    ]
+    assert kafka.PARTITIONS == 6
+
+
+def test_kafka_version_comes_from_the_pom() -> None:
+    version = kafka.kafka_version(RunLayout(repo_root(), "test").kafka_pom)
+    major, *_ = version.split(".")
+    assert major == "4"
+
+
+def test_cluster_id_is_kafka_uuid_format() -> None:
+    cluster_id = kafka.new_cluster_id()
+    assert len(cluster_id) == 22
+    assert len(base64.urlsafe_b64decode(cluster_id + "==")) == 16
+    assert kafka.new_cluster_id() != cluster_id
+
+
+def test_cli_accepts_options_between_command_and_components() -> None:
+    from cake_devtools.stack import cli
+
+    args = cli._parser().parse_intermixed_args(["up", "--profile", "test", "postgres", "redis"])
+    assert (args.command, args.profile, args.components) == ("up", "test", ["postgres", "redis"])
+    assert cli._parser().parse_intermixed_args(["status"]).profile == "dev"
