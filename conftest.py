@@ -32,9 +32,7 @@ def stack() -> Iterator[Stack]:
     from cake_devtools.stack import Stack
 
     test_stack = Stack(profile="test")
-    already_running = {
-        name for name, status in test_stack.status().items() if status.running
-    }
+    already_running = {name for name, status in test_stack.status().items() if status.running}
     test_stack.up(INFRA)
     yield test_stack
     if os.environ.get("CAKE_TEST_KEEP_STACK") == "1":

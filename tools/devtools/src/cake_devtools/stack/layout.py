@@ -71,6 +71,19 @@ class RunLayout:
         return self.root / "envoy"
 
     @property
+    def keys(self) -> Path:
+        """Development JWT keys (``cake-auth gen-keys``): signing key and published JWKS."""
+        return self.root / "keys"
+
+    @property
+    def jwt_signing_key(self) -> Path:
+        return self.keys / "jwt-signing-key.pem"
+
+    @property
+    def jwks_file(self) -> Path:
+        return self.keys / "jwks.json"
+
+    @property
     def kafka_pom(self) -> Path:
         return self.repo / "tools" / "kafka" / "pom.xml"
 

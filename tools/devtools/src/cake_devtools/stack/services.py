@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,8 @@ class Endpoints:
     redis_url: str
     kafka_bootstrap: str
     grpc_ports: Mapping[str, int]
+    jwt_signing_key: Path
+    jwks_file: Path
 
 
 def database_url(*, user: str, password: str, host: str, port: int, database: str) -> str:
@@ -88,7 +91,11 @@ def build_service_environment(
             f"{prefix}REDIS_URL": endpoints.redis_url,
             f"{prefix}KAFKA_BOOTSTRAP_SERVERS": endpoints.kafka_bootstrap,
             f"{prefix}LOG_JSON": "true",
+            # Every service verifies tokens itself against the published keys.
+            f"{prefix}JWKS_FILE": str(endpoints.jwks_file),
         }
+        if spec.name == "auth":
+            env[f"{prefix}JWT_PRIVATE_KEY_FILE"] = str(endpoints.jwt_signing_key)
         if spec.name == "events":
             for source in OUTBOX_SOURCES:
                 source_prefix = f"{prefix}{source.upper()}_"
@@ -96,6 +103,24 @@ def build_service_environment(
                 env[f"{source_prefix}GRPC_TARGET"] = f"127.0.0.1:{endpoints.grpc_ports[source]}"
         environments[spec.name] = env
     return environments
+
+
+def ensure_dev_keys(repo: Path, endpoints: Endpoints) -> None:
+    """Create the development JWT key pair with ``cake-auth gen-keys`` unless it exists.
+
+    The auth service signs with the private key; every service and Envoy verify with the
+    JWKS next to it. Real deployments mount their own keys (k8s Secret) instead.
+    """
+    if endpoints.jwt_signing_key.is_file() and endpoints.jwks_file.is_file():
+        return
+    uv = shutil.which("uv")
+    if uv is None:
+        raise StackError("uv not found on PATH; run tools/bootstrap.sh")
+    command = [uv, "run", "--frozen", "--directory", str(repo), "cake-auth", "gen-keys"]
+    command += ["--dir", str(endpoints.jwt_signing_key.parent)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise StackError(f"cake-auth gen-keys failed:\n{result.stderr.strip()}")
 
 
 def grpc_serving(address: str, timeout: float = 1.0) -> bool:
@@ -145,6 +170,9 @@ class ServiceComponent(ProcessComponent):
         # SIGTERM to the service, so stopping the uv process shuts the service down cleanly.
         repo = str(self.ctx.layout.repo)
         return [uv, "run", "--frozen", "--directory", repo, self.spec.script, "serve"]
+
+    def prepare(self) -> None:
+        ensure_dev_keys(self.ctx.layout.repo, self.endpoints)
 
     def environment(self) -> Mapping[str, str]:
         env = dict(os.environ)

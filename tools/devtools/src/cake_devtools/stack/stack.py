@@ -96,6 +96,8 @@ class Stack:
                 "promotions": settings.promotions_grpc_port,
                 "events": settings.events_grpc_port,
             },
+            jwt_signing_key=self._ctx.layout.jwt_signing_key,
+            jwks_file=self._ctx.layout.jwks_file,
         )
 
     def _select(self, components: Iterable[str] | None) -> list[Component]:

@@ -1,0 +1,120 @@
+"""The Kubernetes gateway config (k8s/base/gateway/envoy.yaml) is fresh, Envoy accepts it, and
+it agrees with the gateway's image and manifests."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+from cake_auth.adapters.signing_keys import generate_key_pair
+from cake_devtools import k8s_gateway
+from cake_devtools.gateway_config import default_descriptor_path, render_gateway_config
+from cake_devtools.k8s_manifests import RenderedOverlay, generator_name, pod_spec, venv_tool
+
+
+def committed(repo: Path) -> str:
+    return (repo / k8s_gateway.OUTPUT_PATH).read_text(encoding="utf-8")
+
+
+def test_committed_config_is_fresh(repo: Path) -> None:
+    assert committed(repo) == k8s_gateway.render_k8s_gateway_config(repo), (
+        "stale: run `uv run python -m cake_devtools.k8s_gateway`"
+    )
+    assert k8s_gateway.main(["--check"]) == 0
+
+
+def test_envoy_validates_the_config_with_local_file_paths(repo: Path, tmp_path: Path) -> None:
+    """The pod's file paths exist only in the container; a copy rendered with local paths
+    (the real descriptor set, a real JWKS, an OpenAPI stand-in) is otherwise the same text."""
+    keys = tmp_path / "keys"
+    generate_key_pair(keys)
+    openapi = tmp_path / "openapi.json"
+    openapi.write_text('{"openapi": "3.0.3", "info": {"title": "stand-in", "version": "0"}}')
+    local = {
+        k8s_gateway.DESCRIPTOR_PATH: default_descriptor_path(),
+        k8s_gateway.OPENAPI_PATH: openapi,
+        k8s_gateway.JWKS_PATH: keys / "jwks.json",
+    }
+    context = k8s_gateway.k8s_gateway_context(
+        descriptor_path=local[k8s_gateway.DESCRIPTOR_PATH],
+        openapi_path=local[k8s_gateway.OPENAPI_PATH],
+        jwks_path=local[k8s_gateway.JWKS_PATH],
+    )
+    text = render_gateway_config(context)
+    restored = text
+    for pod_path, local_path in local.items():
+        assert json.dumps(str(local_path)) in text
+        restored = restored.replace(json.dumps(str(local_path)), json.dumps(str(pod_path)))
+    assert restored == committed(repo)
+
+    config = tmp_path / "envoy.yaml"
+    config.write_text(text)
+    result = subprocess.run(
+        [venv_tool("envoy"), "--mode", "validate", "-c", str(config), "--log-level", "warn"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+
+
+def socket_addresses(config: dict[str, Any]) -> dict[str, tuple[str, int]]:
+    found = {}
+    for cluster in config["static_resources"]["clusters"]:
+        for endpoints in cluster["load_assignment"].get("endpoints", []):
+            for lb_endpoint in endpoints["lb_endpoints"]:
+                address = lb_endpoint["endpoint"]["address"]["socket_address"]
+                found[cluster["name"]] = (address["address"], address["port_value"])
+    return found
+
+
+def test_config_agrees_with_the_gateway_image_and_manifests(
+    repo: Path, overlays: dict[str, RenderedOverlay]
+) -> None:
+    text = committed(repo)
+    config = yaml.safe_load(text)
+    dockerfile = (repo / "gateway/Dockerfile").read_text()
+    for overlay in overlays.values():
+        deployment = overlay.get("Deployment", "gateway")
+        spec = pod_spec(deployment)
+        (envoy,) = spec["containers"]
+        ports = {p["name"]: p["containerPort"] for p in envoy["ports"]}
+        (listener,) = config["static_resources"]["listeners"]
+        assert listener["address"]["socket_address"]["port_value"] == ports["http"]
+        assert config["admin"]["address"]["socket_address"]["port_value"] == ports["admin"]
+        service = overlay.get("Service", "gateway")
+        assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]
+
+        # The ConfigMap carries exactly the committed file, mounted where Envoy reads it.
+        mounts = {m["name"]: m["mountPath"] for m in envoy["volumeMounts"]}
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        config_map = overlay.get("ConfigMap", volumes["config"]["configMap"]["name"])
+        assert generator_name(config_map) == "gateway-config"
+        assert config_map["data"]["envoy.yaml"] == text
+        assert envoy["args"][envoy["args"].index("--config-path") + 1] == (
+            f"{mounts['config']}/envoy.yaml"
+        )
+        # The JWKS comes from the jwks ConfigMap mount.
+        assert volumes["jwks"]["configMap"]["name"] == "jwks"
+        assert str(k8s_gateway.JWKS_PATH) == f"{mounts['jwks']}/jwks.json"
+        # Generated files are resolved against the working directory, which mirrors the
+        # repository in the image (WORKDIR + COPY gateway/generated/).
+        assert envoy["workingDir"] == "/srv/cake"
+        assert "WORKDIR /srv/cake" in dockerfile
+        assert "COPY gateway/generated/ gateway/generated/" in dockerfile
+        for generated in (k8s_gateway.DESCRIPTOR_PATH, k8s_gateway.OPENAPI_PATH):
+            assert not generated.is_absolute()
+            assert generated.parent == Path("gateway/generated")
+            assert json.dumps(str(generated)) in text
+
+        # Every upstream is a Service of the overlay on its grpc port (headless, so Envoy's
+        # STRICT_DNS cluster sees every pod).
+        for cluster, (host, port) in socket_addresses(config).items():
+            upstream = overlay.get("Service", host)
+            (grpc,) = [p for p in upstream["spec"]["ports"] if p["name"] == "grpc"]
+            assert grpc["port"] == port, cluster
+            assert upstream["spec"]["clusterIP"] == "None", cluster
