@@ -12,7 +12,6 @@ from cake_common.db import (
     create_async_engine_for,
     create_session_factory,
     database_probe,
-    libpq_url,
     wait_for_database,
 )
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
@@ -119,5 +118,18 @@ async def test_wait_gives_up_on_dead_server() -> None:
     await dead.dispose()
 
 
-def test_libpq_url_strips_driver() -> None:
-    assert libpq_url("postgresql+psycopg://u:p%40ss@h:5/db") == "postgresql://u:p%40ss@h:5/db"
+async def test_original_error_survives_a_broken_connection(
+    engine: AsyncEngine, postgres_url: str
+) -> None:
+    import psycopg
+    from cake_common.db import libpq_url
+
+    uow = NotesUnitOfWork(create_session_factory(engine))
+    with pytest.raises(RuntimeError, match="use case failed"):
+        async with uow:
+            pid = await uow.session.scalar(sa.text("SELECT pg_backend_pid()"))
+            with psycopg.connect(libpq_url(postgres_url), autocommit=True) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            raise RuntimeError("use case failed")
+    # The pool recovers: the dead connection was discarded.
+    assert isinstance(await _texts(engine), list)

@@ -17,6 +17,7 @@ from cake_common.grpc_server import (
     DependencyCheck,
     GrpcServerBuilder,
     RunningGrpcServer,
+    add_response_header,
 )
 from cake_common.grpc_server import interceptors as interceptors_module
 from cake_common.jwt import JwtVerifier
@@ -34,6 +35,7 @@ ADMIN_ONLY = f"/{SERVICE}/AdminOnly"
 FAIL = f"/{SERVICE}/Fail"
 STREAM = f"/{SERVICE}/Stream"
 SLOW = f"/{SERVICE}/Slow"
+WITH_HEADER = f"/{SERVICE}/WithHeader"
 
 StringValue = wrappers_pb2.StringValue
 
@@ -75,6 +77,11 @@ async def _stream(request: StringValue, context: Any) -> AsyncIterator[StringVal
         yield StringValue(value=f"{index}|{_describe_caller()}")
 
 
+async def _with_header(request: StringValue, context: Any) -> StringValue:
+    add_response_header("Idempotent-Replayed", "true")
+    return StringValue(value="ok")
+
+
 async def _slow(request: StringValue, context: Any) -> StringValue:
     await asyncio.sleep(float(request.value))
     return StringValue(value="done")
@@ -97,6 +104,7 @@ def _register(server: grpc.aio.Server) -> None:
             "AdminOnly": _unary(_admin_only),
             "Fail": _unary(_fail),
             "Slow": _unary(_slow),
+            "WithHeader": _unary(_with_header),
             "Stream": grpc.unary_stream_rpc_method_handler(
                 _stream,
                 request_deserializer=StringValue.FromString,
@@ -157,7 +165,9 @@ async def running(
     running = await (
         GrpcServerBuilder(service_names=[SERVICE], grace_seconds=1)
         .add_servicer(_register)
-        .with_auth(verifier, public_methods=[PUBLIC], is_revoked=revocations.is_revoked)
+        .with_auth(
+            verifier, public_methods=[PUBLIC, WITH_HEADER], is_revoked=revocations.is_revoked
+        )
         .start()
     )
     yield running
@@ -353,7 +363,7 @@ async def test_unexpected_error_is_internal_without_details(
     assert error.code() == grpc.StatusCode.INTERNAL
     assert error.details() == "Internal error"
     assert "hunter2" not in str(error.trailing_metadata())
-    ((level, event, fields, exception),) = recorder.calls
+    ((level, _event, fields, exception),) = recorder.calls
     assert level == "exception", "logged with stack trace"
     assert fields["method"] == FAIL
     assert isinstance(exception, RuntimeError)
@@ -517,3 +527,155 @@ async def test_port_clash_fails_loudly(running: RunningGrpcServer) -> None:
     builder = GrpcServerBuilder(service_names=[SERVICE], port=running.port)
     with pytest.raises(RuntimeError):
         await builder.start()
+
+
+# --- metrics ----------------------------------------------------------------------------
+
+
+async def test_metrics_count_codes_and_serve_http(verifier: JwtVerifier, make_token: Any) -> None:
+    import urllib.request
+
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
+    running = await (
+        GrpcServerBuilder(service_names=[SERVICE])
+        .add_servicer(_register)
+        .with_auth(verifier, public_methods=[PUBLIC])
+        .with_metrics(registry, port=0)
+        .start()
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            client = Client(channel)
+            await client.call(PUBLIC)
+            await client.call(PUBLIC)
+            await client.error(ECHO)
+            await client.error(FAIL, "not_found", _bearer(make_token()))
+            await client.error(FAIL, "boom", _bearer(make_token()))
+
+        def handled(method: str, code: str) -> float | None:
+            return registry.get_sample_value(
+                "cake_grpc_server_handled_total",
+                {"grpc_service": SERVICE, "grpc_method": method, "grpc_code": code},
+            )
+
+        assert handled("Public", "OK") == 2
+        assert handled("Echo", "UNAUTHENTICATED") == 1
+        assert handled("Fail", "NOT_FOUND") == 1
+        assert handled("Fail", "INTERNAL") == 1
+        assert (
+            registry.get_sample_value(
+                "cake_grpc_server_handling_seconds_count",
+                {"grpc_service": SERVICE, "grpc_method": "Public"},
+            )
+            == 2
+        )
+        assert running.metrics_port
+        url = f"http://127.0.0.1:{running.metrics_port}/metrics"
+        body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read())
+        assert b"cake_grpc_server_handled_total" in body
+    finally:
+        await running.stop()
+    import socket
+
+    with socket.socket() as probe:
+        # REUSEADDR tolerates TIME_WAIT leftovers but not a socket still listening.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(("127.0.0.1", running.metrics_port))
+
+
+async def test_metrics_collectors_shared_per_registry() -> None:
+    from cake_common.grpc_server import MetricsInterceptor, grpc_server_metrics
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
+    MetricsInterceptor(registry)
+    MetricsInterceptor(registry)  # a second server in the same process must not clash
+    assert grpc_server_metrics(registry) is grpc_server_metrics(registry)
+
+
+async def test_from_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cake_common.settings import ServiceSettings
+    from prometheus_client import CollectorRegistry
+
+    monkeypatch.setenv("CAKE_DATABASE_URL", "postgresql+psycopg://u:p@h/db")
+    monkeypatch.setenv("CAKE_SERVICE_NAME", "example")
+    monkeypatch.setenv("CAKE_GRPC_PORT", "0")
+    monkeypatch.setenv("CAKE_METRICS_PORT", "0")
+    monkeypatch.setenv("CAKE_SHUTDOWN_GRACE_SECONDS", "0.5")
+    settings = ServiceSettings()
+    running = await (
+        GrpcServerBuilder.from_settings(
+            settings, service_names=[SERVICE], metrics_registry=CollectorRegistry()
+        )
+        .add_servicer(_register)
+        .start()
+    )
+    try:
+        assert running.port > 0
+        assert running.metrics_port is not None and running.metrics_port > 0
+    finally:
+        await running.stop()
+
+
+async def test_failed_start_releases_the_port(running: RunningGrpcServer) -> None:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        grpc_port = probe.getsockname()[1]
+    builder = (
+        GrpcServerBuilder(service_names=[SERVICE], port=grpc_port)
+        .add_servicer(_register)
+        .with_metrics(port=running.port)  # metrics port already taken: start fails
+    )
+    with pytest.raises(OSError):
+        await builder.start()
+    # The gRPC port was released, so a server can bind it again.
+    again = await GrpcServerBuilder(service_names=[SERVICE], port=grpc_port).start()
+    assert again.port == grpc_port
+    await again.stop()
+
+
+async def test_request_id_echo_in_trailers() -> None:
+    running = await (
+        GrpcServerBuilder(service_names=[SERVICE], request_id_echo="trailing_metadata")
+        .add_servicer(_register)
+        .start()
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            call = Client(channel).unary(PUBLIC)(StringValue(), metadata=(("x-request-id", "t-1"),))
+            assert (await call).value == "t-1|anonymous"
+            trailing = dict(await call.trailing_metadata())
+            assert trailing["x-request-id"] == "t-1"
+            assert "x-request-id" not in dict(await call.initial_metadata())
+    finally:
+        await running.stop()
+
+
+async def test_handler_added_headers_join_initial_metadata(client: Client) -> None:
+    _, initial = await client.call(WITH_HEADER, metadata=(("x-request-id", "h-1"),))
+    assert initial["x-request-id"] == "h-1"
+    assert initial["idempotent-replayed"] == "true"
+
+
+async def test_handler_added_headers_in_trailing_mode_still_sent_as_headers() -> None:
+    running = await (
+        GrpcServerBuilder(service_names=[SERVICE], request_id_echo="trailing_metadata")
+        .add_servicer(_register)
+        .start()
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            _, initial = await Client(channel).call(WITH_HEADER)
+            assert initial["idempotent-replayed"] == "true"
+            assert "x-request-id" in initial
+    finally:
+        await running.stop()
+
+
+def test_add_response_header_outside_a_call() -> None:
+    with pytest.raises(RuntimeError, match="outside"):
+        add_response_header("x-a", "b")

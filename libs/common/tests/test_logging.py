@@ -24,7 +24,13 @@ class JsonLines:
         configure_logging("INFO", json=True, service_name="example")
 
     def __call__(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self._capsys.readouterr().out.splitlines() if line]
+        """Records of this test's loggers only: background tasks left by earlier tests
+        (e.g. Kafka clients closing) may log meanwhile through the same root handler."""
+        lines = self._capsys.readouterr().out.splitlines()
+        records = [json.loads(line) for line in lines if line.startswith("{")]
+        return [
+            r for r in records if r.get("logger", "").startswith(("cake.test.", "some.library"))
+        ]
 
 
 @pytest.fixture

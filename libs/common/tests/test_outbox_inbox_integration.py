@@ -41,9 +41,9 @@ async def listener(postgres_url: str) -> AsyncIterator[psycopg.AsyncConnection[t
 
 
 async def _next_notification(
-    connection: psycopg.AsyncConnection[tuple[object, ...]], timeout: float
+    connection: psycopg.AsyncConnection[tuple[object, ...]], wait_seconds: float
 ) -> psycopg.Notify | None:
-    async for notify in connection.notifies(timeout=timeout, stop_after=1):
+    async for notify in connection.notifies(timeout=wait_seconds, stop_after=1):
         return notify
     return None
 
@@ -65,10 +65,10 @@ async def test_outbox_row_and_notify_on_commit(
             trace_parent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
         )
         # Nothing is delivered before commit.
-        assert await _next_notification(listener, timeout=0.3) is None
+        assert await _next_notification(listener, wait_seconds=0.3) is None
         await uow.commit()
 
-    notify = await _next_notification(listener, timeout=5)
+    notify = await _next_notification(listener, wait_seconds=5)
     assert notify is not None
     assert notify.channel == OUTBOX_NOTIFY_CHANNEL
     database = sa.engine.make_url(str(engine.url)).database
@@ -102,7 +102,7 @@ async def test_rollback_writes_nothing_and_notifies_nothing(
             payload=wrappers_pb2.StringValue(value="x"),
             occurred_at=datetime.now(UTC),
         )
-    assert await _next_notification(listener, timeout=0.5) is None
+    assert await _next_notification(listener, wait_seconds=0.5) is None
     async with engine.connect() as connection:
         count = await connection.scalar(
             sa.select(sa.func.count()).where(outbox.c.event_id == event_id)

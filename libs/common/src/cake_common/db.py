@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from cake_common.logging import get_logger
 from cake_common.startup_retry import startup_retrying
 
 _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
@@ -24,6 +25,9 @@ _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     sqlalchemy.exc.InterfaceError,
     OSError,
 )
+
+
+_log = get_logger(__name__)
 
 
 def _plain(url: str | SecretStr) -> str:
@@ -136,10 +140,14 @@ class UnitOfWork:
     ) -> None:
         session, self._session = self.session, None
         try:
-            # A no-op after commit(); otherwise discards everything: commit is explicit.
-            await session.rollback()
-        finally:
+            # Rolls back whatever was not committed: commit is always explicit.
             await session.close()
+        except Exception:
+            if exc is None:
+                raise
+            # The connection broke too (e.g. Postgres went away): the use case's own
+            # error explains the failure better than the failed rollback does.
+            _log.debug("rollback after a failed unit of work also failed", exc_info=True)
 
     async def commit(self) -> None:
         await self.session.commit()

@@ -28,6 +28,7 @@ ALLOWED_ALGORITHM = "ES256"
 ADMIN_ROLE = "admin"
 _INVALID = "TOKEN_INVALID"
 _REQUIRED_CLAIMS = ("sub", "role", "iss", "aud", "iat", "exp", "jti")
+_MAX_USER_ID = 2**63 - 1
 
 _log = get_logger(__name__)
 
@@ -122,16 +123,27 @@ class FileJwksProvider:
         # lookup is cheaper than any timer and picks up k8s Secret updates at once.
         try:
             stat = self._path.stat()
-            stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
-            if stamp == self._stamp:
-                return
+            stamp: tuple[int, int, int] | None = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        except OSError:
+            stamp = None
+        if stamp != self._stamp:
+            # Recorded even if loading fails, so a broken file is reported once, not per call.
+            self._stamp = stamp
+            self._load()
+        if self._keys is None:
+            raise Unavailable("Signing keys are unavailable")
+
+    def _load(self) -> None:
+        try:
             keys = parse_jwks(self._path.read_bytes())
         except (OSError, ValueError) as error:
-            if self._keys is None:
-                raise Unavailable("Signing keys are unavailable") from error
-            _log.warning("jwks file unreadable, keeping previous keys", path=str(self._path))
+            _log.warning(
+                "jwks file unusable, keeping previous keys",
+                path=str(self._path),
+                error=repr(error),
+                have_keys=self._keys is not None,
+            )
             return
-        self._stamp = stamp
         self._keys = keys
         _log.info("jwks loaded", path=str(self._path), kids=sorted(keys))
 
@@ -269,8 +281,15 @@ class JwtVerifier:
 
 def _principal_from_claims(claims: Mapping[str, Any]) -> Principal:
     subject, role, jti = claims["sub"], claims["role"], claims["jti"]
-    # The auth service writes numeric user ids as decimal strings (JWT `sub` is a string).
-    if not isinstance(subject, str) or not subject.isascii() or not subject.isdigit():
+    # The auth service writes numeric user ids as decimal strings (JWT `sub` is a string);
+    # ids are BIGINT everywhere, so a larger number can name no user (and would make the
+    # database, not the token check, fail).
+    if (
+        not isinstance(subject, str)
+        or not subject.isascii()
+        or not subject.isdigit()
+        or int(subject) > _MAX_USER_ID
+    ):
         raise Unauthenticated("Invalid token subject", reason=_INVALID)
     if not isinstance(role, str) or not role:
         raise Unauthenticated("Invalid token role", reason=_INVALID)

@@ -58,7 +58,7 @@ def run_alembic_upgrade(
     try:
         with engine.begin() as connection:
             connection.execute(
-                text("SELECT :key"), {"key": MIGRATION_LOCK_KEY}
+                text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY}
             )
             config = Config()
             config.set_main_option("script_location", script_location)

@@ -30,9 +30,15 @@ from cake_common.grpc_server.interceptors import (
     DEFAULT_UNAVAILABLE_ERRORS,
     REQUEST_ID_METADATA_KEY,
     ErrorMappingInterceptor,
+    RequestIdEcho,
     RequestIdInterceptor,
     ValidationInterceptor,
     add_response_header,
+)
+from cake_common.grpc_server.metrics import (
+    GrpcServerMetrics,
+    MetricsInterceptor,
+    grpc_server_metrics,
 )
 from cake_common.grpc_server.rich_status import abort_with_error, rich_status_for
 from cake_common.grpc_server.server import (
@@ -57,6 +63,9 @@ __all__ = [
     "DependencyWatcher",
     "ErrorMappingInterceptor",
     "GrpcServerBuilder",
+    "GrpcServerMetrics",
+    "MetricsInterceptor",
+    "RequestIdEcho",
     "RequestIdInterceptor",
     "RevocationCheck",
     "RunningGrpcServer",
@@ -68,6 +77,7 @@ __all__ = [
     "abort_with_error",
     "add_response_header",
     "current_principal",
+    "grpc_server_metrics",
     "principal_var",
     "require_admin",
     "rich_status_for",

@@ -1,8 +1,8 @@
 """Server interceptors every Cake service runs: request id, error mapping, validation.
 
 Order matters and :class:`~cake_common.grpc_server.server.GrpcServerBuilder` fixes it:
-request id (outermost, so every log line and error carries the id) → error mapping →
-auth → validation → service-specific ones.
+request id (outermost, so every log line and error carries the id) → metrics (sees the
+final status) → error mapping → auth → validation → service-specific ones.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 import psycopg
@@ -64,14 +64,27 @@ def add_response_header(key: str, value: str) -> None:
     headers.append((key.lower(), value))
 
 
+RequestIdEcho = Literal["initial_metadata", "trailing_metadata"]
+
+
 class RequestIdInterceptor(ScopedServerInterceptor):
     """Binds ``x-request-id`` (the caller's, e.g. Envoy's, or a new UUID4) to the call.
 
     The id is set in :data:`~cake_common.logging.request_id_var` for the handler and echoed
-    in the response's initial metadata (an HTTP response header through Envoy), together
-    with any header the handler added with :func:`add_response_header`. That metadata is
-    sent when the handler returns, just before the response message.
+    to the caller when the handler returns, just before the response message:
+
+    - ``echo="initial_metadata"`` (default): in the response's initial metadata (an HTTP
+      response header through Envoy), together with any header the handler added with
+      :func:`add_response_header`. Sending initial metadata on its own costs an extra
+      batch per call (measured: ~25 % fewer trivial RPCs/s on 2 cores).
+    - ``echo="trailing_metadata"``: in the trailers, which ride on the status for free;
+      initial metadata is then sent only for calls whose handler added headers. Behind
+      Envoy (``always_set_request_id_in_response``) HTTP clients get the header anyway.
     """
+
+    def __init__(self, *, echo: RequestIdEcho = "initial_metadata") -> None:
+        super().__init__()
+        self._echo = echo
 
     def scope_for(self, method: str) -> CallScope | None:
         return self._scope
@@ -88,11 +101,15 @@ class RequestIdInterceptor(ScopedServerInterceptor):
         headers_token = _response_headers_var.set(headers)
         try:
             yield
-            try:
-                await context.send_initial_metadata(tuple(headers))
-            except grpc.aio.UsageError:
-                # A streaming response already sent its metadata with the first message.
-                _log.debug("response metadata already sent", headers=headers)
+            if self._echo == "trailing_metadata" and len(headers) == 1:
+                existing = tuple(context.trailing_metadata() or ())
+                context.set_trailing_metadata((*existing, *headers))
+            else:
+                try:
+                    await context.send_initial_metadata(tuple(headers))
+                except grpc.aio.UsageError:
+                    # A streaming response already sent its metadata with the first message.
+                    _log.debug("response metadata already sent", headers=headers)
         finally:
             _response_headers_var.reset(headers_token)
             request_id_var.reset(token)

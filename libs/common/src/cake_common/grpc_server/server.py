@@ -10,16 +10,20 @@ from typing import Any, Self
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import REGISTRY, CollectorRegistry
 
 from cake_common.grpc_server.auth import AuthInterceptor, RevocationCheck
 from cake_common.grpc_server.health import DependencyCheck, DependencyWatcher, ServiceHealth
 from cake_common.grpc_server.interceptors import (
     ErrorMappingInterceptor,
+    RequestIdEcho,
     RequestIdInterceptor,
     ValidationInterceptor,
 )
+from cake_common.grpc_server.metrics import MetricsInterceptor
 from cake_common.jwt import JwtVerifier
 from cake_common.logging import get_logger
+from cake_common.metrics import MetricsServer, start_metrics_server
 from cake_common.settings import ServiceSettings
 from cake_common.validation import RequestValidator
 
@@ -49,10 +53,13 @@ class RunningGrpcServer:
         watcher: DependencyWatcher | None,
         grace_seconds: float,
         shutdown_hooks: Sequence[ShutdownHook],
+        metrics_server: MetricsServer | None = None,
     ) -> None:
         self.server = server
         self.port = port
         self.health = health
+        self.metrics_port = metrics_server.port if metrics_server is not None else None
+        self._metrics_server = metrics_server
         self._watcher = watcher
         self._grace_seconds = grace_seconds
         self._shutdown_hooks = tuple(shutdown_hooks)
@@ -84,6 +91,9 @@ class RunningGrpcServer:
                 _log.exception(
                     "shutdown hook failed", hook=getattr(hook, "__qualname__", repr(hook))
                 )
+        if self._metrics_server is not None:
+            # Last, so the final counts can still be scraped while draining.
+            await self._metrics_server.stop()
         _log.info("grpc server stopped")
 
     def request_stop(self) -> None:
@@ -110,9 +120,9 @@ class RunningGrpcServer:
 class GrpcServerBuilder:
     """Collects servicers, interceptors, checks and hooks, then starts the server.
 
-    Interceptors always run in this order: request id → error mapping → auth (if
-    :meth:`with_auth`) → validation (if :meth:`with_validation`) → :meth:`add_interceptor`
-    ones in the order added.
+    Interceptors always run in this order: request id → metrics (if :meth:`with_metrics`)
+    → error mapping → auth (if :meth:`with_auth`) → validation (if :meth:`with_validation`)
+    → :meth:`add_interceptor` ones in the order added.
     """
 
     def __init__(
@@ -122,8 +132,10 @@ class GrpcServerBuilder:
         host: str = "127.0.0.1",
         port: int = 0,
         grace_seconds: float = 10.0,
+        request_id_echo: RequestIdEcho = "initial_metadata",
     ) -> None:
         self._service_names = tuple(service_names)
+        self._request_id_echo: RequestIdEcho = request_id_echo
         self._host = host
         self._port = port
         self._grace_seconds = grace_seconds
@@ -131,18 +143,32 @@ class GrpcServerBuilder:
         self._auth: AuthInterceptor | None = None
         self._validation: ValidationInterceptor | None = None
         self._extra_interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = []
+        self._metrics_registry: CollectorRegistry | None = None
+        self._metrics_port: int | None = None
         self._checks: list[DependencyCheck] = []
         self._check_interval = 5.0
         self._shutdown_hooks: list[ShutdownHook] = []
 
     @classmethod
-    def from_settings(cls, settings: ServiceSettings, *, service_names: Sequence[str]) -> Self:
-        return cls(
+    def from_settings(
+        cls,
+        settings: ServiceSettings,
+        *,
+        service_names: Sequence[str],
+        metrics_registry: CollectorRegistry = REGISTRY,
+        request_id_echo: RequestIdEcho = "initial_metadata",
+    ) -> Self:
+        """Host, port and grace from settings; metrics on ``metrics_port`` if it is set."""
+        builder = cls(
             service_names=service_names,
             host=settings.grpc_host,
             port=settings.grpc_port,
             grace_seconds=settings.shutdown_grace_seconds,
+            request_id_echo=request_id_echo,
         )
+        if settings.metrics_port is not None:
+            builder.with_metrics(metrics_registry, port=settings.metrics_port)
+        return builder
 
     def add_servicer(self, register: ServicerRegistration) -> Self:
         self._registrations.append(register)
@@ -156,6 +182,15 @@ class GrpcServerBuilder:
         is_revoked: RevocationCheck | None = None,
     ) -> Self:
         self._auth = AuthInterceptor(verifier, public_methods=public_methods, is_revoked=is_revoked)
+        return self
+
+    def with_metrics(
+        self, registry: CollectorRegistry = REGISTRY, *, port: int | None = None
+    ) -> Self:
+        """Record per-method call counts and latency on ``registry``; if ``port`` is given,
+        also serve the registry at ``http://<host>:<port>/metrics``."""
+        self._metrics_registry = registry
+        self._metrics_port = port
         return self
 
     def with_validation(self, validator: RequestValidator | None = None) -> Self:
@@ -180,9 +215,11 @@ class GrpcServerBuilder:
 
     def _interceptors(self) -> list[grpc.aio.ServerInterceptor[Any, Any]]:
         chain: list[grpc.aio.ServerInterceptor[Any, Any]] = [
-            RequestIdInterceptor(),
-            ErrorMappingInterceptor(),
+            RequestIdInterceptor(echo=self._request_id_echo)
         ]
+        if self._metrics_registry is not None:
+            chain.append(MetricsInterceptor(self._metrics_registry))
+        chain.append(ErrorMappingInterceptor())
         if self._auth is not None:
             chain.append(self._auth)
         if self._validation is not None:
@@ -210,14 +247,25 @@ class GrpcServerBuilder:
         if port == 0:
             raise RuntimeError(f"could not bind gRPC server to {address}")
         await server.start()
-
+        metrics_server = None
         watcher = None
-        if self._checks:
-            watcher = DependencyWatcher(
-                service_health, self._checks, interval_seconds=self._check_interval
-            )
-            await watcher.check_all()
-            watcher.start()
+        try:
+            if self._metrics_registry is not None and self._metrics_port is not None:
+                metrics_server = start_metrics_server(
+                    self._metrics_port, self._host, self._metrics_registry
+                )
+            if self._checks:
+                watcher = DependencyWatcher(
+                    service_health, self._checks, interval_seconds=self._check_interval
+                )
+                await watcher.check_all()
+                watcher.start()
+        except BaseException:
+            # Half-started: release the port (and the metrics port) before failing.
+            await server.stop(None)
+            if metrics_server is not None:
+                await metrics_server.stop()
+            raise
         await service_health.set_ready(True)
         _log.info(
             "grpc server started", address=f"{self._host}:{port}", services=self._service_names
@@ -229,6 +277,7 @@ class GrpcServerBuilder:
             watcher=watcher,
             grace_seconds=self._grace_seconds,
             shutdown_hooks=self._shutdown_hooks,
+            metrics_server=metrics_server,
         )
 
 
