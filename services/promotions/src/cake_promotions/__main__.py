@@ -1,0 +1,3 @@
+from cake_promotions.cli import main
+
+main()

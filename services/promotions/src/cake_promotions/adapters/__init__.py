@@ -1,0 +1,1 @@
+"""Adapters: PostgreSQL repositories, the outbox event writer, payments, receipts."""

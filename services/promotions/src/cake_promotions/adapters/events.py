@@ -1,0 +1,124 @@
+"""The promotions events, written to the outbox in the caller's transaction.
+
+Every event's aggregate is the user (``aggregate_type`` "user", id = user id), so the relay
+keys them by user and one user's promotion events stay ordered on their topic.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+
+from cake.events.v1 import payloads_pb2
+from cake_common.outbox import OutboxWriter
+from google.protobuf.timestamp_pb2 import Timestamp
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from cake_promotions.domain.enrolment import Participation
+from cake_promotions.domain.topups import TopupRecord, TopupStatus
+from cake_promotions.domain.vouchers import Voucher
+
+PROMOTION_ENROLLMENT = "PROMOTION_ENROLLMENT"
+VOUCHER_ISSUED = "VOUCHER_ISSUED"
+VOUCHER_USED = "VOUCHER_USED"
+PAYMENT_PROCESSED = "PAYMENT_PROCESSED"
+USER_AGGREGATE = "user"
+
+
+def _timestamp(instant: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(instant)
+    return stamp
+
+
+def _money(amount: Decimal) -> str:
+    # The payloads carry money as exact decimal strings ("50000.00"), never as doubles.
+    return f"{amount:.2f}"
+
+
+class PromotionEvents:
+    def __init__(self, session: AsyncSession, writer: OutboxWriter) -> None:
+        self._session = session
+        self._writer = writer
+
+    async def promotion_enrolled(
+        self, participation: Participation, *, enrolled_at: datetime, voucher_issued: bool
+    ) -> None:
+        await self._writer.add(
+            self._session,
+            event_type=PROMOTION_ENROLLMENT,
+            aggregate_type=USER_AGGREGATE,
+            aggregate_id=participation.user_id,
+            payload=payloads_pb2.PromotionEnrollment(
+                user_id=participation.user_id,
+                campaign_id=participation.campaign_id,
+                participation_order=participation.participation_order,
+                enrolled_at=_timestamp(enrolled_at),
+                voucher_issued=voucher_issued,
+            ),
+            occurred_at=enrolled_at,
+        )
+
+    async def voucher_issued(self, voucher: Voucher, *, campaign_id: int) -> None:
+        await self._writer.add(
+            self._session,
+            event_type=VOUCHER_ISSUED,
+            aggregate_type=USER_AGGREGATE,
+            aggregate_id=voucher.user_id,
+            payload=payloads_pb2.VoucherIssued(
+                voucher_id=voucher.id,
+                code=voucher.code,
+                user_id=voucher.user_id,
+                campaign_id=campaign_id,
+                discount_percentage=_money(voucher.discount_percentage),
+                expires_at=_timestamp(voucher.expires_at),
+                issued_at=_timestamp(voucher.issued_at),
+            ),
+            occurred_at=voucher.issued_at,
+        )
+
+    async def voucher_used(
+        self,
+        voucher: Voucher,
+        *,
+        transaction_id: str,
+        used_amount: Decimal,
+        discount_amount: Decimal,
+        used_at: datetime,
+    ) -> None:
+        await self._writer.add(
+            self._session,
+            event_type=VOUCHER_USED,
+            aggregate_type=USER_AGGREGATE,
+            aggregate_id=voucher.user_id,
+            payload=payloads_pb2.VoucherUsed(
+                voucher_id=voucher.id,
+                code=voucher.code,
+                user_id=voucher.user_id,
+                transaction_id=transaction_id,
+                used_amount=_money(used_amount),
+                discount_amount=_money(discount_amount),
+                used_at=_timestamp(used_at),
+            ),
+            occurred_at=used_at,
+        )
+
+    async def payment_processed(self, record: TopupRecord, *, voucher_code: str | None) -> None:
+        await self._writer.add(
+            self._session,
+            event_type=PAYMENT_PROCESSED,
+            aggregate_type=USER_AGGREGATE,
+            aggregate_id=record.user_id,
+            payload=payloads_pb2.PaymentProcessed(
+                transaction_id=record.transaction_id,
+                user_id=record.user_id,
+                phone_number=record.phone_number,
+                original_amount=_money(record.original_amount),
+                discount_amount=_money(record.discount_amount),
+                final_amount=_money(record.final_amount),
+                voucher_code=voucher_code or "",
+                success=record.status is TopupStatus.SUCCEEDED,
+                processed_at=_timestamp(record.created_at),
+            ),
+            occurred_at=record.created_at,
+        )

@@ -1,0 +1,531 @@
+"""PostgreSQL repositories (SQLAlchemy Core on the unit of work's session).
+
+Every statement runs inside the caller's transaction; nothing here commits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import sqlalchemy as sa
+import sqlalchemy.exc
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from cake_promotions.db import campaigns, idempotency_keys, topups, user_promotions, vouchers
+from cake_promotions.domain.campaigns import (
+    EXPIRABLE_STATUSES,
+    Campaign,
+    CampaignStatus,
+    CampaignTerms,
+    NewCampaign,
+)
+from cake_promotions.domain.enrolment import (
+    Participation,
+    ParticipationConflict,
+    ParticipationStatus,
+)
+from cake_promotions.domain.topups import TopupRecord
+from cake_promotions.domain.vouchers import DISCOUNT_VOUCHER, NewVoucher, Voucher, VoucherStatus
+
+
+def _campaign(row: Mapping[Any, Any]) -> Campaign:
+    return Campaign(
+        id=row["id"],
+        name=row["name"],
+        description=row["description"],
+        type=row["type"],
+        status=CampaignStatus(row["status"]),
+        start_date=row["start_date"],
+        end_date=row["end_date"],
+        max_participants=row["max_participants"],
+        current_participants=row["current_participants"],
+        terms=CampaignTerms(
+            discount_percentage=row["discount_percentage"],
+            min_topup_amount=row["min_topup_amount"],
+            max_discount_amount=row["max_discount_amount"],
+            voucher_validity_days=row["voucher_validity_days"],
+        ),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+def _participation(row: Mapping[Any, Any]) -> Participation:
+    return Participation(
+        id=row["id"],
+        user_id=row["user_id"],
+        campaign_id=row["campaign_id"],
+        participation_order=row["participation_order"],
+        status=ParticipationStatus(row["status"]),
+        first_login_at=row["first_login_at"],
+        voucher_issued_at=row["voucher_issued_at"],
+        voucher_used_at=row["voucher_used_at"],
+        created_at=row["created_at"],
+    )
+
+
+def _voucher(row: Mapping[Any, Any]) -> Voucher:
+    return Voucher(
+        id=row["id"],
+        code=row["code"],
+        user_promotion_id=row["user_promotion_id"],
+        user_id=row["user_id"],
+        type=row["type"],
+        status=VoucherStatus(row["status"]),
+        discount_percentage=row["discount_percentage"],
+        min_topup_amount=row["min_topup_amount"],
+        max_discount_amount=row["max_discount_amount"],
+        issued_at=row["issued_at"],
+        expires_at=row["expires_at"],
+        used_at=row["used_at"],
+        used_amount=row["used_amount"],
+        discount_amount=row["discount_amount"],
+        transaction_reference=row["transaction_reference"],
+    )
+
+
+_NEWEST_FIRST = (campaigns.c.created_at.desc(), campaigns.c.id.desc())
+
+
+class CampaignRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+
+    async def add(self, campaign: NewCampaign) -> Campaign:
+        terms = campaign.terms
+        statement = (
+            sa.insert(campaigns)
+            .values(
+                name=campaign.name,
+                description=campaign.description,
+                type=campaign.type,
+                status=CampaignStatus.ACTIVE.value,
+                start_date=campaign.start_date,
+                end_date=campaign.end_date,
+                max_participants=campaign.max_participants,
+                discount_percentage=terms.discount_percentage,
+                min_topup_amount=terms.min_topup_amount,
+                max_discount_amount=terms.max_discount_amount,
+                voucher_validity_days=terms.voucher_validity_days,
+            )
+            .returning(*campaigns.c)
+        )
+        return _campaign((await self._session.execute(statement)).mappings().one())
+
+    async def get(self, campaign_id: int, *, for_update: bool = False) -> Campaign | None:
+        statement = sa.select(campaigns).where(campaigns.c.id == campaign_id)
+        if for_update:
+            statement = statement.with_for_update()
+        row = (await self._session.execute(statement)).mappings().first()
+        return _campaign(row) if row is not None else None
+
+    async def list_with_status(self, status: CampaignStatus) -> list[Campaign]:
+        statement = (
+            sa.select(campaigns).where(campaigns.c.status == status.value).order_by(*_NEWEST_FIRST)
+        )
+        return [_campaign(row) for row in (await self._session.execute(statement)).mappings()]
+
+    async def set_status(self, campaign_id: int, status: CampaignStatus, now: datetime) -> Campaign:
+        statement = (
+            sa.update(campaigns)
+            .where(campaigns.c.id == campaign_id)
+            .values(status=status.value, updated_at=now)
+            .returning(*campaigns.c)
+        )
+        return _campaign((await self._session.execute(statement)).mappings().one())
+
+    async def expire_ended(self, now: datetime, campaign_id: int | None = None) -> None:
+        """Store ``expired`` on campaigns whose end date has passed (all, or just one)."""
+        statement = sa.update(campaigns).where(
+            campaigns.c.status.in_([status.value for status in EXPIRABLE_STATUSES]),
+            campaigns.c.end_date <= now,
+        )
+        if campaign_id is not None:
+            statement = statement.where(campaigns.c.id == campaign_id)
+        await self._session.execute(
+            statement.values(status=CampaignStatus.EXPIRED.value, updated_at=now)
+        )
+
+
+class ParticipationRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+
+    async def list_for_user(self, user_id: int) -> list[tuple[Participation, Campaign]]:
+        """The user's participations with their campaigns, newest first."""
+        statement = (
+            sa.select(
+                user_promotions, *[column.label(f"c_{column.name}") for column in campaigns.c]
+            )
+            .join(campaigns, campaigns.c.id == user_promotions.c.campaign_id)
+            .where(user_promotions.c.user_id == user_id)
+            .order_by(user_promotions.c.created_at.desc(), user_promotions.c.id.desc())
+        )
+        pairs = []
+        for row in (await self._session.execute(statement)).mappings():
+            campaign_row: dict[str, Any] = {
+                column.name: row[f"c_{column.name}"] for column in campaigns.c
+            }
+            pairs.append((_participation(row), _campaign(campaign_row)))
+        return pairs
+
+    async def mark_voucher_used(self, participation_id: int, used_at: datetime) -> None:
+        await self._session.execute(
+            sa.update(user_promotions)
+            .where(user_promotions.c.id == participation_id)
+            .values(
+                status=ParticipationStatus.VOUCHER_USED.value,
+                voucher_used_at=used_at,
+                updated_at=used_at,
+            )
+        )
+
+
+class VoucherRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+
+    async def add(self, voucher: NewVoucher) -> Voucher | None:
+        """Insert the voucher; ``None`` if its code is already taken (caller draws again)."""
+        terms = voucher.terms
+        statement = (
+            pg_insert(vouchers)
+            .values(
+                code=voucher.code,
+                user_promotion_id=voucher.user_promotion_id,
+                user_id=voucher.user_id,
+                type=DISCOUNT_VOUCHER,
+                status=VoucherStatus.ACTIVE.value,
+                discount_percentage=terms.discount_percentage,
+                min_topup_amount=terms.min_topup_amount,
+                max_discount_amount=terms.max_discount_amount,
+                issued_at=voucher.issued_at,
+                expires_at=voucher.expires_at,
+                created_at=voucher.issued_at,
+                updated_at=voucher.issued_at,
+            )
+            .on_conflict_do_nothing(index_elements=[vouchers.c.code])
+            .returning(*vouchers.c)
+        )
+        row = (await self._session.execute(statement)).mappings().first()
+        return _voucher(row) if row is not None else None
+
+    async def get_by_code(self, code: str, *, for_update: bool = False) -> Voucher | None:
+        statement = sa.select(vouchers).where(vouchers.c.code == code)
+        if for_update:
+            # Concurrent top-ups with one voucher queue here; each then sees the committed
+            # status of the one before it.
+            statement = statement.with_for_update()
+        row = (await self._session.execute(statement)).mappings().first()
+        return _voucher(row) if row is not None else None
+
+    async def list_for_user(self, user_id: int) -> list[Voucher]:
+        statement = (
+            sa.select(vouchers)
+            .where(vouchers.c.user_id == user_id)
+            .order_by(vouchers.c.issued_at.desc(), vouchers.c.id.desc())
+        )
+        return [_voucher(row) for row in (await self._session.execute(statement)).mappings()]
+
+    async def list_for_participations(self, participation_ids: Sequence[int]) -> list[Voucher]:
+        if not participation_ids:
+            return []
+        statement = (
+            sa.select(vouchers)
+            .where(vouchers.c.user_promotion_id.in_(participation_ids))
+            .order_by(vouchers.c.issued_at.desc(), vouchers.c.id.desc())
+        )
+        return [_voucher(row) for row in (await self._session.execute(statement)).mappings()]
+
+    async def expire_overdue(
+        self, now: datetime, *, user_id: int | None = None, code: str | None = None
+    ) -> None:
+        """Store ``expired`` on active vouchers past their expiry (of one user or one code),
+        and on the participations they belong to (one statement)."""
+        expire = sa.update(vouchers).where(
+            vouchers.c.status == VoucherStatus.ACTIVE.value, vouchers.c.expires_at <= now
+        )
+        if user_id is not None:
+            expire = expire.where(vouchers.c.user_id == user_id)
+        if code is not None:
+            expire = expire.where(vouchers.c.code == code)
+        expired = (
+            expire.values(status=VoucherStatus.EXPIRED.value, updated_at=now)
+            .returning(vouchers.c.user_promotion_id)
+            .cte("expired")
+        )
+        statement = (
+            sa.update(user_promotions)
+            .where(
+                user_promotions.c.id.in_(sa.select(expired.c.user_promotion_id)),
+                user_promotions.c.status == ParticipationStatus.VOUCHER_ISSUED.value,
+            )
+            .values(status=ParticipationStatus.EXPIRED.value, updated_at=now)
+            .add_cte(expired)
+        )
+        await self._session.execute(statement)
+
+    async def mark_used(
+        self,
+        voucher_id: int,
+        *,
+        used_at: datetime,
+        used_amount: Decimal,
+        discount_amount: Decimal,
+        transaction_reference: str,
+    ) -> None:
+        await self._session.execute(
+            sa.update(vouchers)
+            .where(vouchers.c.id == voucher_id)
+            .values(
+                status=VoucherStatus.USED.value,
+                used_at=used_at,
+                used_amount=used_amount,
+                discount_amount=discount_amount,
+                transaction_reference=transaction_reference,
+                updated_at=used_at,
+            )
+        )
+
+
+_PARTICIPATION_CONSTRAINT = "uq_user_promotions_user_campaign"
+
+# One statement, so the campaign row stays locked for as few round trips as possible:
+# concurrent enrolments queue on that lock, and every round trip inside it is paid by each
+# of them in turn. The slot is taken only if the campaign is active and has one left; the
+# participation and the voucher are written only if it was. clock_timestamp() is read once
+# the lock is held, so issued_at is the moment the slot was won (expires_at mirrors
+# domain.vouchers.voucher_expiry).
+_ENROL = sa.text(
+    """
+WITH slot AS (
+    UPDATE promotion_campaigns
+    SET current_participants = current_participants + 1,
+        status = CASE WHEN current_participants + 1 >= max_participants
+                      THEN 'full' ELSE status END,
+        updated_at = clock_timestamp()
+    WHERE id = :campaign_id
+      AND status = 'active'
+      AND current_participants < max_participants
+    RETURNING id, current_participants, status, updated_at AS won_at
+), participation AS (
+    INSERT INTO user_promotions (user_id, campaign_id, participation_order, status,
+                                 first_login_at, voucher_issued_at, created_at, updated_at)
+    SELECT :user_id, slot.id, slot.current_participants, 'voucher_issued',
+           CAST(:login_at AS timestamptz), slot.won_at, slot.won_at, slot.won_at
+    FROM slot
+    RETURNING id
+), voucher AS (
+    INSERT INTO vouchers (code, user_promotion_id, user_id, type, status, discount_percentage,
+                          min_topup_amount, max_discount_amount, issued_at, expires_at,
+                          created_at, updated_at)
+    SELECT :code, participation.id, :user_id, 'discount', 'active',
+           CAST(:discount_percentage AS numeric), CAST(:min_topup_amount AS numeric),
+           CAST(:max_discount_amount AS numeric), slot.won_at,
+           slot.won_at + make_interval(days => CAST(:validity_days AS integer)),
+           slot.won_at, slot.won_at
+    FROM slot, participation
+    ON CONFLICT (code) DO NOTHING
+    RETURNING id, expires_at
+)
+SELECT slot.current_participants, slot.status, slot.won_at,
+       participation.id AS participation_id, voucher.id AS voucher_id, voucher.expires_at
+FROM slot
+LEFT JOIN participation ON true
+LEFT JOIN voucher ON true
+"""
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Enrolled:
+    campaign: Campaign
+    participation: Participation
+    voucher: Voucher | None
+    """``None`` only if the voucher code was taken (the caller draws another)."""
+
+
+class EnrolmentRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+
+    async def campaign_for_login(
+        self,
+        campaign_type: str,
+        at: datetime,
+        statuses: Sequence[CampaignStatus],
+        *,
+        user_id: int,
+    ) -> tuple[Campaign, Participation | None] | None:
+        """The newest campaign of ``campaign_type`` in one of ``statuses`` (earlier ones
+        preferred) whose window contains ``at``, with ``user_id``'s participation in it if
+        there is one; ``None`` if no campaign qualifies. One round trip."""
+        preference = sa.case(
+            {status.value: rank for rank, status in enumerate(statuses)},
+            value=campaigns.c.status,
+        )
+        participation_columns = [column.label(f"p_{column.name}") for column in user_promotions.c]
+        statement = (
+            sa.select(campaigns, *participation_columns)
+            .outerjoin(
+                user_promotions,
+                sa.and_(
+                    user_promotions.c.campaign_id == campaigns.c.id,
+                    user_promotions.c.user_id == user_id,
+                ),
+            )
+            .where(
+                campaigns.c.type == campaign_type,
+                campaigns.c.status.in_([status.value for status in statuses]),
+                campaigns.c.start_date <= at,
+                campaigns.c.end_date > at,
+            )
+            .order_by(preference, *_NEWEST_FIRST)
+            .limit(1)
+        )
+        row = (await self._session.execute(statement)).mappings().first()
+        if row is None:
+            return None
+        participation = None
+        if row["p_id"] is not None:
+            participation = _participation(
+                {column.name: row[f"p_{column.name}"] for column in user_promotions.c}
+            )
+        return _campaign(row), participation
+
+    async def take_slot_and_enrol(
+        self, campaign: Campaign, *, user_id: int, login_at: datetime, voucher_code: str
+    ) -> Enrolled | None:
+        """Atomically take the campaign's next slot, record the user's participation in that
+        order, and issue their voucher on the campaign's terms.
+
+        ``None`` if the campaign is no longer active or has no slot left. Raises
+        :class:`ParticipationConflict` if the user was enrolled concurrently (the unique
+        constraint decided; the whole transaction must be retried).
+        """
+        terms = campaign.terms
+        try:
+            result = await self._session.execute(
+                _ENROL,
+                {
+                    "campaign_id": campaign.id,
+                    "user_id": user_id,
+                    "login_at": login_at,
+                    "code": voucher_code,
+                    "discount_percentage": terms.discount_percentage,
+                    "min_topup_amount": terms.min_topup_amount,
+                    "max_discount_amount": terms.max_discount_amount,
+                    "validity_days": terms.voucher_validity_days,
+                },
+            )
+        except sa.exc.IntegrityError as error:
+            diagnostics = getattr(error.orig, "diag", None)
+            if getattr(diagnostics, "constraint_name", None) == _PARTICIPATION_CONSTRAINT:
+                raise ParticipationConflict from error
+            raise
+        row = result.mappings().first()
+        if row is None:
+            return None
+        won_at: datetime = row["won_at"]
+        slotted = replace(
+            campaign,
+            current_participants=row["current_participants"],
+            status=CampaignStatus(row["status"]),
+            updated_at=won_at,
+        )
+        participation = Participation(
+            id=row["participation_id"],
+            user_id=user_id,
+            campaign_id=campaign.id,
+            participation_order=row["current_participants"],
+            status=ParticipationStatus.VOUCHER_ISSUED,
+            first_login_at=login_at,
+            voucher_issued_at=won_at,
+            voucher_used_at=None,
+            created_at=won_at,
+        )
+        voucher = None
+        if row["voucher_id"] is not None:
+            voucher = Voucher(
+                id=row["voucher_id"],
+                code=voucher_code,
+                user_promotion_id=participation.id,
+                user_id=user_id,
+                type=DISCOUNT_VOUCHER,
+                status=VoucherStatus.ACTIVE,
+                discount_percentage=terms.discount_percentage,
+                min_topup_amount=terms.min_topup_amount,
+                max_discount_amount=terms.max_discount_amount,
+                issued_at=won_at,
+                expires_at=row["expires_at"],
+                used_at=None,
+                used_amount=None,
+                discount_amount=None,
+                transaction_reference=None,
+            )
+        return Enrolled(slotted, participation, voucher)
+
+
+class TopupRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+
+    async def add(self, record: TopupRecord) -> None:
+        await self._session.execute(
+            sa.insert(topups).values(
+                transaction_id=record.transaction_id,
+                user_id=record.user_id,
+                phone_number=record.phone_number,
+                original_amount=record.original_amount,
+                discount_amount=record.discount_amount,
+                final_amount=record.final_amount,
+                voucher_id=record.voucher_id,
+                payment_method=record.payment_method,
+                status=record.status.value,
+                created_at=record.created_at,
+            )
+        )
+
+
+class IdempotencyKeyRepository:
+    """Top-up idempotency keys, per user: the first request's fingerprint and response."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+
+    async def claim(self, user_id: int, key: str, fingerprint: str) -> bool:
+        """Reserve ``key`` for this request; False if it is already taken.
+
+        A concurrent request with the same key blocks on the primary key until this
+        transaction ends: it then finds the committed response (and replays it), or, if this
+        one rolled back, claims the key itself. So one key never runs two top-ups.
+        """
+        statement = (
+            pg_insert(idempotency_keys)
+            .values(user_id=user_id, key=key, request_fingerprint=fingerprint)
+            .on_conflict_do_nothing(
+                index_elements=[idempotency_keys.c.user_id, idempotency_keys.c.key]
+            )
+            .returning(idempotency_keys.c.key)
+        )
+        return (await self._session.execute(statement)).first() is not None
+
+    async def get(self, user_id: int, key: str) -> tuple[str, bytes | None] | None:
+        """``(fingerprint, stored response)`` of a committed key, or ``None``."""
+        statement = sa.select(
+            idempotency_keys.c.request_fingerprint, idempotency_keys.c.response
+        ).where(idempotency_keys.c.user_id == user_id, idempotency_keys.c.key == key)
+        row = (await self._session.execute(statement)).first()
+        return (row[0], row[1]) if row is not None else None
+
+    async def store_response(self, user_id: int, key: str, response: bytes) -> None:
+        await self._session.execute(
+            sa.update(idempotency_keys)
+            .where(idempotency_keys.c.user_id == user_id, idempotency_keys.c.key == key)
+            .values(response=response)
+        )

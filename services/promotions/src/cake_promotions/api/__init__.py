@@ -1,0 +1,1 @@
+"""gRPC entry points: map messages to use cases and back, nothing else."""

@@ -1,0 +1,194 @@
+"""Composition root of the promotions service: the one place that builds and wires everything."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+from dataclasses import dataclass
+
+from cake.promotions.v1 import promotions_pb2_grpc
+from cake_common.db import create_session_factory, database_probe
+from cake_common.grpc_server import DependencyCheck, GrpcServerBuilder, RunningGrpcServer
+from cake_common.jwt import FileJwksProvider, JwtVerifier
+from cake_common.metrics import start_metrics_server
+from cake_common.outbox import OutboxWriter
+from cake_common.service_runtime import open_migrated_database, start_logging
+from prometheus_client import REGISTRY, CollectorRegistry
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from cake_promotions.adapters.payments import SimulatedBankTransfer
+from cake_promotions.api.servicer import PUBLIC_METHODS, SERVICE_NAME, PromotionsServicer
+from cake_promotions.consumer import FirstLoginConsumer
+from cake_promotions.domain.payments import PaymentGateway
+from cake_promotions.metrics import PromotionsMetrics
+from cake_promotions.service.campaigns import CampaignAdministration
+from cake_promotions.service.enrolment import FirstLoginEnrolment
+from cake_promotions.service.topups import TopupProcessing
+from cake_promotions.service.unit_of_work import PromotionsUnitOfWork, UnitOfWorkFactory
+from cake_promotions.service.vouchers import VoucherQueries
+from cake_promotions.settings import PromotionsSettings
+
+MIGRATIONS = "cake_promotions:migrations"
+
+
+@dataclass(frozen=True, slots=True)
+class UseCases:
+    campaigns: CampaignAdministration
+    enrolment: FirstLoginEnrolment
+    vouchers: VoucherQueries
+    topups: TopupProcessing
+
+
+def unit_of_work_factory(engine: AsyncEngine) -> UnitOfWorkFactory:
+    session_factory = create_session_factory(engine)
+    outbox_writer = OutboxWriter()
+    return lambda: PromotionsUnitOfWork(session_factory, outbox_writer)
+
+
+def payment_gateway(settings: PromotionsSettings) -> PaymentGateway:
+    return SimulatedBankTransfer(
+        decline_all=settings.payment_fail, decline_amount=settings.payment_fail_amount
+    )
+
+
+def build_use_cases(
+    engine: AsyncEngine, metrics: PromotionsMetrics, payments: PaymentGateway
+) -> UseCases:
+    uow_factory = unit_of_work_factory(engine)
+    return UseCases(
+        campaigns=CampaignAdministration(uow_factory),
+        enrolment=FirstLoginEnrolment(uow_factory, metrics),
+        vouchers=VoucherQueries(uow_factory),
+        topups=TopupProcessing(uow_factory, payments, metrics),
+    )
+
+
+def build_servicer(use_cases: UseCases) -> PromotionsServicer:
+    return PromotionsServicer(
+        campaigns=use_cases.campaigns,
+        enrolment=use_cases.enrolment,
+        vouchers=use_cases.vouchers,
+        topups=use_cases.topups,
+    )
+
+
+def build_verifier(settings: PromotionsSettings) -> JwtVerifier:
+    if settings.jwks_file is None:
+        # Every non-public call needs a token checked here: refuse to start without keys.
+        raise SystemExit("CAKE_PROMOTIONS_JWKS_FILE must name the auth service's JWKS file")
+    return JwtVerifier(
+        FileJwksProvider(settings.jwks_file),
+        issuer=settings.jwt_issuer,
+        audience=settings.jwt_audience,
+    )
+
+
+def build_consumer(
+    settings: PromotionsSettings, enrolment: FirstLoginEnrolment, metrics: PromotionsMetrics
+) -> FirstLoginConsumer:
+    return FirstLoginConsumer(
+        enrolment,
+        metrics,
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        topic=settings.user_events_topic,
+        group_id=settings.consumer_group,
+        client_id=f"cake-promotions-{socket.gethostname()}-{os.getpid()}",
+        max_batch=settings.consumer_max_batch,
+        retry_max_seconds=settings.consumer_retry_max_seconds,
+    )
+
+
+async def start_server(
+    settings: PromotionsSettings, *, metrics_registry: CollectorRegistry = REGISTRY
+) -> RunningGrpcServer:
+    """The promotions gRPC server (and, unless disabled, the first-login consumer), listening
+    on ``grpc_host:grpc_port`` (port 0: any free port).
+
+    ``await running.stop()`` stops the consumer, then closes the database.
+    """
+    # Keys first: a misconfiguration fails in milliseconds, not after a migration.
+    verifier = build_verifier(settings)
+    engine = await open_migrated_database(
+        settings, script_location=MIGRATIONS, relay_role=settings.relay_role
+    )
+    try:
+        metrics = PromotionsMetrics(metrics_registry)
+        use_cases = build_use_cases(engine, metrics, payment_gateway(settings))
+        servicer = build_servicer(use_cases)
+        builder = (
+            GrpcServerBuilder.from_settings(
+                settings, service_names=[SERVICE_NAME], metrics_registry=metrics_registry
+            )
+            .add_servicer(
+                lambda server: promotions_pb2_grpc.add_PromotionsServiceServicer_to_server(
+                    servicer, server
+                )
+            )
+            .with_auth(verifier, public_methods=PUBLIC_METHODS)
+            .with_validation()
+            .add_dependency_check(
+                DependencyCheck("postgres", database_probe(engine), critical=True)
+            )
+            .add_shutdown_hook(engine.dispose)
+        )
+        consumer = None
+        if settings.consumer_enabled:
+            consumer = build_consumer(settings, use_cases.enrolment, metrics)
+            # Kafka is not critical: without it gRPC still serves, and enrolments wait.
+            builder.add_dependency_check(
+                DependencyCheck("kafka_consumer", consumer.is_consuming, critical=False)
+            )
+            # Hooks run in reverse: the consumer stops before its engine is disposed.
+            builder.add_shutdown_hook(consumer.stop)
+        running = await builder.start()
+    except BaseException:
+        await engine.dispose()
+        raise
+    if consumer is not None:
+        consumer.start(on_failure=lambda _error: running.request_stop())
+    return running
+
+
+async def serve(settings: PromotionsSettings) -> None:
+    """gRPC and the first-login consumer until SIGTERM/SIGINT."""
+    start_logging(settings)
+    running = await start_server(settings)
+    await running.serve_until_signal()
+
+
+async def consume(settings: PromotionsSettings) -> None:
+    """Only the first-login consumer, until SIGTERM/SIGINT (e.g. extra consumer replicas)."""
+    start_logging(settings)
+    engine = await open_migrated_database(
+        settings, script_location=MIGRATIONS, relay_role=settings.relay_role
+    )
+    metrics = PromotionsMetrics()
+    use_cases = build_use_cases(engine, metrics, payment_gateway(settings))
+    consumer = build_consumer(settings, use_cases.enrolment, metrics)
+    stop = asyncio.Event()
+    failures: list[BaseException] = []
+
+    def fail(error: BaseException) -> None:
+        failures.append(error)
+        stop.set()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    metrics_server = (
+        start_metrics_server(settings.metrics_port, settings.grpc_host)
+        if settings.metrics_port is not None
+        else None
+    )
+    consumer.start(on_failure=fail)
+    try:
+        await stop.wait()
+    finally:
+        await consumer.stop()
+        await engine.dispose()
+        if metrics_server is not None:
+            await metrics_server.stop()
+    if failures:
+        raise SystemExit("first-login consumer failed")

@@ -1,0 +1,115 @@
+"""Tables of the promotions database (SQLAlchemy Core; the schema is made by migrations).
+
+Users live in the auth service's database, so ``user_id`` columns carry no foreign key: the
+ids come from verified tokens or from auth's events.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from cake_common.inbox import inbox_table
+from cake_common.outbox import outbox_table
+
+metadata = sa.MetaData()
+outbox = outbox_table(metadata)
+inbox = inbox_table(metadata)
+
+_Money = sa.Numeric(14, 2, asdecimal=True)
+_Percentage = sa.Numeric(5, 2, asdecimal=True)
+_Instant = sa.DateTime(timezone=True)
+
+
+def _timestamps() -> list[sa.Column[object]]:
+    return [
+        sa.Column("created_at", _Instant, nullable=False, server_default=sa.func.now()),
+        sa.Column("updated_at", _Instant, nullable=False, server_default=sa.func.now()),
+    ]
+
+
+campaigns = sa.Table(
+    "promotion_campaigns",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("name", sa.String(255), nullable=False),
+    sa.Column("description", sa.Text, nullable=False, server_default=""),
+    sa.Column("type", sa.Text, nullable=False, server_default="first_login_discount"),
+    sa.Column("status", sa.Text, nullable=False, server_default="active"),
+    sa.Column("start_date", _Instant, nullable=False),
+    sa.Column("end_date", _Instant, nullable=False),
+    sa.Column("max_participants", sa.Integer, nullable=False, server_default="100"),
+    sa.Column("current_participants", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("discount_percentage", _Percentage, nullable=False, server_default="30"),
+    sa.Column("min_topup_amount", _Money, nullable=False, server_default="0"),
+    sa.Column("max_discount_amount", _Money, nullable=True),
+    sa.Column("voucher_validity_days", sa.Integer, nullable=False, server_default="30"),
+    *_timestamps(),
+)
+
+user_promotions = sa.Table(
+    "user_promotions",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("user_id", sa.BigInteger, nullable=False),
+    sa.Column(
+        "campaign_id", sa.BigInteger, sa.ForeignKey("promotion_campaigns.id"), nullable=False
+    ),
+    sa.Column("participation_order", sa.Integer, nullable=False),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("first_login_at", _Instant, nullable=False),
+    sa.Column("voucher_issued_at", _Instant, nullable=True),
+    sa.Column("voucher_used_at", _Instant, nullable=True),
+    *_timestamps(),
+    sa.UniqueConstraint("user_id", "campaign_id", name="uq_user_promotions_user_campaign"),
+    sa.UniqueConstraint(
+        "campaign_id", "participation_order", name="uq_user_promotions_campaign_order"
+    ),
+)
+
+vouchers = sa.Table(
+    "vouchers",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("code", sa.Text, nullable=False, unique=True),
+    sa.Column(
+        "user_promotion_id", sa.BigInteger, sa.ForeignKey("user_promotions.id"), nullable=False
+    ),
+    sa.Column("user_id", sa.BigInteger, nullable=False),
+    sa.Column("type", sa.Text, nullable=False, server_default="discount"),
+    sa.Column("status", sa.Text, nullable=False, server_default="active"),
+    sa.Column("discount_percentage", _Percentage, nullable=False),
+    sa.Column("min_topup_amount", _Money, nullable=False),
+    sa.Column("max_discount_amount", _Money, nullable=True),
+    sa.Column("issued_at", _Instant, nullable=False),
+    sa.Column("expires_at", _Instant, nullable=False),
+    sa.Column("used_at", _Instant, nullable=True),
+    sa.Column("used_amount", _Money, nullable=True),
+    sa.Column("discount_amount", _Money, nullable=True),
+    sa.Column("transaction_reference", sa.Text, nullable=True),
+    *_timestamps(),
+)
+
+topups = sa.Table(
+    "topups",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("transaction_id", sa.Text, nullable=False, unique=True),
+    sa.Column("user_id", sa.BigInteger, nullable=False),
+    sa.Column("phone_number", sa.Text, nullable=False),
+    sa.Column("original_amount", _Money, nullable=False),
+    sa.Column("discount_amount", _Money, nullable=False),
+    sa.Column("final_amount", _Money, nullable=False),
+    sa.Column("voucher_id", sa.BigInteger, sa.ForeignKey("vouchers.id"), nullable=True),
+    sa.Column("payment_method", sa.Text, nullable=False),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("created_at", _Instant, nullable=False, server_default=sa.func.now()),
+)
+
+idempotency_keys = sa.Table(
+    "idempotency_keys",
+    metadata,
+    sa.Column("user_id", sa.BigInteger, primary_key=True),
+    sa.Column("key", sa.Text, primary_key=True),
+    sa.Column("request_fingerprint", sa.Text, nullable=False),
+    sa.Column("response", sa.LargeBinary, nullable=True),
+    sa.Column("created_at", _Instant, nullable=False, server_default=sa.func.now()),
+)

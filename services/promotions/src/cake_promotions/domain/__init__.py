@@ -1,0 +1,1 @@
+"""Promotion rules with no I/O: campaigns, enrolment, vouchers, money and top-ups."""

@@ -1,0 +1,50 @@
+"""Prometheus metrics of the promotions service.
+
+Built by the composition root (on the process-wide registry that the metrics endpoint
+exposes) or by tests (on a private registry), never at import time.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter
+
+
+class PromotionsMetrics:
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.enrolments = Counter(
+            "cake_promotions_enrolments_total",
+            "First-login enrolment attempts by outcome",
+            ["result"],
+            registry=registry,
+        )
+        self.vouchers_issued = Counter(
+            "cake_promotions_vouchers_issued_total", "Vouchers issued", registry=registry
+        )
+        self.vouchers_used = Counter(
+            "cake_promotions_vouchers_used_total", "Vouchers spent on a top-up", registry=registry
+        )
+        self.topups = Counter(
+            "cake_promotions_topups_total",
+            "Top-up requests by outcome (succeeded, rejected, payment_failed, replayed)",
+            ["result"],
+            registry=registry,
+        )
+        self.consumed_events = Counter(
+            "cake_promotions_consumed_events_total",
+            "Events read by the first-login consumer by outcome",
+            ["result"],
+            registry=registry,
+        )
+        self.consumer_retries = Counter(
+            "cake_promotions_consumer_retries_total",
+            "Attempts at an event that failed and will be retried (transient: a dependency"
+            " is down; unexpected: a bug or bad data, dead-lettered after a few)",
+            ["kind"],
+            registry=registry,
+        )
+        self.dead_letters = Counter(
+            "cake_promotions_dead_letters_total",
+            "Events the first-login consumer could never process, sent to the dead-letter topic",
+            ["reason"],
+            registry=registry,
+        )

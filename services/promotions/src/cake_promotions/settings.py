@@ -1,0 +1,35 @@
+"""Promotions service configuration, read from ``CAKE_PROMOTIONS_*`` environment variables."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from cake_common.settings import ServiceSettings
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+
+class PromotionsSettings(ServiceSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CAKE_PROMOTIONS_", extra="ignore", hide_input_in_errors=True
+    )
+
+    service_name: str = "promotions"
+    grpc_port: int = 57052
+    relay_role: str | None = "cake_relay"
+    """Database role of the events relay; migrations grant it access to ``outbox`` only."""
+
+    user_events_topic: str = "cake.auth.user.v1"
+    """Topic of the auth service's user events (USER_FIRST_LOGIN); ``<topic>.dlq`` takes the
+    events that can never be processed."""
+    consumer_group: str = "promotions"
+    consumer_enabled: bool = True
+    """Whether ``serve`` also runs the first-login consumer (``consume`` runs only it)."""
+    consumer_max_batch: int = Field(default=500, ge=1)
+    consumer_retry_max_seconds: float = Field(default=10.0, gt=0)
+    """Upper bound of the backoff between attempts at an event while a dependency is down."""
+
+    payment_fail: bool = False
+    """Make the simulated bank transfer decline every payment (tests, demos)."""
+    payment_fail_amount: Decimal | None = None
+    """Make the simulated bank transfer decline top-ups of exactly this amount."""

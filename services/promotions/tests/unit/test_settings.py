@@ -1,0 +1,52 @@
+"""Configuration: defaults that match the cross-service agreements, and refusing to run
+without the keys that every non-public call is checked against."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from cake_promotions.bootstrap import build_verifier, payment_gateway
+from cake_promotions.domain.payments import PaymentRequest
+from cake_promotions.settings import PromotionsSettings
+
+URL = "postgresql+psycopg://cake_promotions:secret@127.0.0.1:5432/cake_promotions"
+
+
+def settings(**values: object) -> PromotionsSettings:
+    return PromotionsSettings(database_url=URL, **values)  # type: ignore[arg-type]
+
+
+def test_defaults_follow_the_agreements() -> None:
+    configured = settings()
+    assert configured.user_events_topic == "cake.auth.user.v1"
+    assert configured.consumer_group == "promotions"
+    assert configured.consumer_enabled
+    assert (configured.jwt_issuer, configured.jwt_audience) == ("cake-system", "cake-users")
+    assert not configured.payment_fail
+
+
+def test_environment_configures_the_simulated_bank(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CAKE_PROMOTIONS_PAYMENT_FAIL_AMOUNT", "13.13")
+    configured = settings()
+    assert configured.payment_fail_amount == Decimal("13.13")
+    monkeypatch.setenv("CAKE_PROMOTIONS_PAYMENT_FAIL", "true")
+    assert settings().payment_fail
+
+
+async def test_payment_failure_switch_reaches_the_gateway() -> None:
+    request = PaymentRequest("TXN-1", 1, "+8490", Decimal(1), Decimal(1), "bank_transfer")
+    assert (await payment_gateway(settings()).charge(request)).approved
+    assert not (await payment_gateway(settings(payment_fail=True)).charge(request)).approved
+
+
+def test_serving_without_a_jwks_file_is_refused() -> None:
+    with pytest.raises(SystemExit, match="CAKE_PROMOTIONS_JWKS_FILE"):
+        build_verifier(settings())
+
+
+def test_a_jwks_file_gives_a_verifier(tmp_path: Path) -> None:
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text('{"keys": []}')
+    assert build_verifier(settings(jwks_file=jwks)) is not None
