@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from cake_events.adapters.health_probes import ComponentProbe, ProbeResult
 from cake_events.domain.health import ComponentCheck, HealthStatus, overall_status
 from cake_events.service.system_health import SystemHealthReporter
@@ -21,7 +20,10 @@ def check(name: str, healthy: bool, critical: bool) -> ComponentCheck:
         ([], HealthStatus.HEALTHY),
         ([check("auth", True, True), check("redis", True, False)], HealthStatus.HEALTHY),
         ([check("auth", True, True), check("redis", False, False)], HealthStatus.DEGRADED),
-        ([check("auth_database", False, True), check("redis", True, False)], HealthStatus.UNHEALTHY),
+        (
+            [check("auth_database", False, True), check("redis", True, False)],
+            HealthStatus.UNHEALTHY,
+        ),
         ([check("kafka", False, False), check("auth", False, True)], HealthStatus.UNHEALTHY),
     ],
 )

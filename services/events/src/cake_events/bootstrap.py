@@ -2,19 +2,37 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import grpc
+import prometheus_client
 from cake.events.v1 import admin_pb2, admin_pb2_grpc, health_pb2, health_pb2_grpc
-from cake_common.db import create_async_engine_for, database_probe
-from cake_common.grpc_server import DependencyCheck, run_grpc_server
+from cake_common.db import create_async_engine_for, create_session_factory, database_probe
+from cake_common.grpc_server import DependencyCheck, GrpcServerBuilder, RunningGrpcServer
+from cake_common.jwt import FileJwksProvider, JwtVerifier
+from cake_common.metrics import start_metrics_server
 from cake_common.redis import create_redis
 from cake_common.service_runtime import open_migrated_database, start_logging
+from prometheus_client import CollectorRegistry
+from pydantic import SecretStr
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cake_events.adapters import health_probes
+from cake_events.adapters.event_store import EventsUnitOfWork
 from cake_events.adapters.health_probes import ComponentProbe, KafkaProbe
+from cake_events.adapters.kafka_publisher import KafkaPublisher
+from cake_events.adapters.outbox_source import OutboxAdministration
+from cake_events.adapters.relay_metrics import RelayMetrics
 from cake_events.api.admin import EventAdminServicer
 from cake_events.api.health import SystemHealthServicer
+from cake_events.domain.delivery import AUTH_SOURCE, PROMOTIONS_SOURCE
+from cake_events.domain.envelope import EnvelopeBuilder
+from cake_events.domain.relay import RetryPolicy, TopicRoutes
+from cake_events.service.admin import EventAdministration
+from cake_events.service.relay import OutboxRelay, RelayGroup, RelayTiming
 from cake_events.service.system_health import SystemHealthReporter
 from cake_events.settings import EventsSettings
 
@@ -25,11 +43,86 @@ MIGRATIONS = "cake_events:migrations"
 # GET /health must answer without a token (load balancers, Cake's clients).
 PUBLIC_METHODS = (f"/{HEALTH_SERVICE}/GetSystemHealth",)
 
+ShutdownHook = Callable[[], Awaitable[None]]
 
-async def serve(settings: EventsSettings) -> None:
+
+@dataclass(frozen=True, slots=True)
+class RelayWiring:
+    """The relays of this process and what must be closed after they stopped."""
+
+    group: RelayGroup
+    engines: list[AsyncEngine]
+
+
+def outbox_sources(settings: EventsSettings) -> list[tuple[str, SecretStr]]:
+    """The configured outbox sources: (source name, URL of the relay role)."""
+    urls = (
+        (AUTH_SOURCE, settings.auth_outbox_url),
+        (PROMOTIONS_SOURCE, settings.promotions_outbox_url),
+    )
+    return [(source, url) for source, url in urls if url is not None]
+
+
+def build_relays(
+    settings: EventsSettings, events_engine: AsyncEngine, metrics_registry: CollectorRegistry
+) -> RelayWiring:
+    """One relay per configured source, each with its own leader session and producer."""
+    session_factory = create_session_factory(events_engine)
+    metrics = RelayMetrics(metrics_registry)
+    routes = TopicRoutes(settings.topic_routes, settings.dead_letter_topic_suffix)
+    retry_policy = RetryPolicy(
+        max_attempts=settings.relay_max_attempts,
+        base_delay_seconds=settings.relay_backoff_base_seconds,
+        max_delay_seconds=settings.relay_backoff_max_seconds,
+    )
+    timing = RelayTiming(
+        batch_size=settings.relay_batch_size,
+        poll_interval_seconds=settings.relay_poll_interval_seconds,
+        leader_retry_seconds=settings.relay_leader_retry_seconds,
+        metrics_refresh_seconds=settings.relay_metrics_refresh_seconds,
+        retention_seconds=settings.published_retention_seconds,
+        retention_sweep_seconds=settings.retention_sweep_interval_seconds,
+    )
+    envelopes = EnvelopeBuilder()
+    relays: list[OutboxRelay] = []
+    engines: list[AsyncEngine] = []
+    for source, url in outbox_sources(settings):
+        client_name = f"cake-events-relay-{source}"
+        # One session at a time: it holds the relay lock for as long as it lives.
+        leader_engine = create_async_engine_for(
+            url, pool_size=1, max_overflow=0, application_name=client_name
+        )
+        engines.append(leader_engine)
+        relays.append(
+            OutboxRelay(
+                source,
+                leader_engine=leader_engine,
+                publisher=KafkaPublisher(
+                    settings.kafka_bootstrap_servers,
+                    client_id=client_name,
+                    timeout_seconds=settings.relay_kafka_timeout_seconds,
+                    max_batch_bytes=settings.relay_kafka_max_batch_bytes,
+                ),
+                events_uow=lambda: EventsUnitOfWork(session_factory),
+                routes=routes,
+                retry_policy=retry_policy,
+                timing=timing,
+                metrics=metrics,
+                envelopes=envelopes,
+            )
+        )
+    return RelayWiring(group=RelayGroup(relays), engines=engines)
+
+
+async def start_service(
+    settings: EventsSettings, *, metrics_registry: CollectorRegistry | None = None
+) -> RunningGrpcServer:
+    """Migrate, wire, start the gRPC server and (if enabled) the relays; returns once
+    serving. ``stop()`` on the result stops everything gracefully."""
     start_logging(settings)
+    registry = metrics_registry or prometheus_client.REGISTRY
     engine = await open_migrated_database(settings, script_location=MIGRATIONS)
-    shutdown_hooks: list[Callable[[], Awaitable[None]]] = [engine.dispose]
+    shutdown_hooks: list[ShutdownHook] = [engine.dispose]
 
     probes = [
         ComponentProbe("events", critical=True, probe=_serving_this_call),
@@ -62,14 +155,11 @@ async def serve(settings: EventsSettings) -> None:
         ComponentProbe("redis", critical=False, probe=health_probes.redis_probe(redis_client)),
         ComponentProbe("kafka", critical=False, probe=kafka_probe),
     ]
-    for source, url in (
-        ("auth", settings.auth_outbox_url),
-        ("promotions", settings.promotions_outbox_url),
-    ):
-        if url is None:
-            continue
+    outboxes: dict[str, OutboxAdministration] = {}
+    for source, url in outbox_sources(settings):
         outbox_engine = create_async_engine_for(url, pool_size=1)
         shutdown_hooks.append(outbox_engine.dispose)
+        outboxes[source] = OutboxAdministration(outbox_engine)
         probes.append(
             ComponentProbe(
                 f"relay_backlog_{source}",
@@ -87,22 +177,88 @@ async def serve(settings: EventsSettings) -> None:
         memory_mb=health_probes.process_memory_mb,
     )
     health_servicer = SystemHealthServicer(reporter)
-    admin_servicer = EventAdminServicer()  # type: ignore[abstract]  # RPCs UNIMPLEMENTED until built
-    await run_grpc_server(
-        settings,
-        service_names=[HEALTH_SERVICE, ADMIN_SERVICE],
-        registrations=[
+
+    relays = RelayGroup([])
+    if settings.relay_enabled:
+        wiring = build_relays(settings, engine, registry)
+        relays = wiring.group
+        shutdown_hooks += [leader_engine.dispose for leader_engine in wiring.engines]
+    # Registered last, so it runs first at shutdown: the batch in flight still has its
+    # databases while it finishes.
+    shutdown_hooks.append(relays.stop)
+
+    session_factory = create_session_factory(engine)
+    admin_servicer = EventAdminServicer(
+        EventAdministration(
+            events_uow=lambda: EventsUnitOfWork(session_factory),
+            outboxes=outboxes,
+            in_flight=relays.in_flight,
+        )
+    )
+
+    builder = (
+        GrpcServerBuilder.from_settings(
+            settings, service_names=[HEALTH_SERVICE, ADMIN_SERVICE], metrics_registry=registry
+        )
+        .add_servicer(
             lambda server: health_pb2_grpc.add_SystemHealthServiceServicer_to_server(
                 health_servicer, server
-            ),
+            )
+        )
+        .add_servicer(
             lambda server: admin_pb2_grpc.add_EventAdminServiceServicer_to_server(
                 admin_servicer, server
-            ),
-        ],
-        public_methods=PUBLIC_METHODS,
-        dependency_checks=[DependencyCheck("postgres", database_probe(engine), critical=True)],
-        shutdown_hooks=shutdown_hooks,
+            )
+        )
+        .with_validation()
+        .add_dependency_check(DependencyCheck("postgres", database_probe(engine), critical=True))
     )
+    # Without a JWKS no token can be verified: every admin call is then UNAUTHENTICATED.
+    if settings.jwks_file is not None:
+        verifier = JwtVerifier(
+            FileJwksProvider(settings.jwks_file),
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+        )
+        builder.with_auth(verifier, public_methods=PUBLIC_METHODS)
+    for hook in shutdown_hooks:
+        builder.add_shutdown_hook(hook)
+    running = await builder.start()
+    relays.start()
+    return running
+
+
+async def serve(settings: EventsSettings) -> None:
+    """``cake-events serve``: the gRPC API and the relays until SIGTERM/SIGINT."""
+    running = await start_service(settings)
+    await running.serve_until_signal()
+
+
+async def relay_only(settings: EventsSettings) -> None:
+    """``cake-events relay``: only the relays (no gRPC; metrics on ``metrics_port`` if set),
+    until SIGTERM/SIGINT."""
+    start_logging(settings)
+    engine = await open_migrated_database(settings, script_location=MIGRATIONS)
+    wiring = build_relays(settings, engine, prometheus_client.REGISTRY)
+    metrics_server = (
+        start_metrics_server(settings.metrics_port, host=settings.grpc_host)
+        if settings.metrics_port is not None
+        else None
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    wiring.group.start()
+    try:
+        await stop.wait()
+    finally:
+        await wiring.group.stop()
+        for leader_engine in wiring.engines:
+            await leader_engine.dispose()
+        await engine.dispose()
+        if metrics_server is not None:
+            await metrics_server.stop()
 
 
 async def _serving_this_call() -> tuple[bool, str]:

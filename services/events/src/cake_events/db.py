@@ -20,3 +20,32 @@ published_events = sa.Table(
     sa.Column("published_at", sa.DateTime(timezone=True), nullable=False),
 )
 """Audit log: what the relay published, where, and when."""
+
+dead_letters = sa.Table(
+    "dead_letters",
+    metadata,
+    sa.Column("event_id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("source", sa.Text, nullable=False),
+    sa.Column("event_type", sa.Text, nullable=False),
+    sa.Column("aggregate_type", sa.Text, nullable=False),
+    sa.Column("aggregate_id", sa.Text, nullable=False),
+    sa.Column("topic", sa.Text, nullable=True),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("last_error", sa.Text, nullable=False),
+    sa.Column("payload", sa.LargeBinary, nullable=False),
+    sa.Column("payload_type", sa.Text, nullable=False),
+    sa.Column("occurred_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("failed_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("retried_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Index(
+        "ix_dead_letters_parked",
+        sa.text("failed_at DESC"),
+        sa.text("event_id DESC"),
+        postgresql_where=sa.text("retried_at IS NULL"),
+    ),
+)
+"""Events the relay gave up on, with everything needed to inspect or replay them.
+
+``topic`` is NULL when the event type has no route. ``retried_at`` is set when an admin
+puts the event back for publication; the row is kept as history (and reset if the event
+is dead-lettered again)."""

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from cake_common.settings import ServiceSettings
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
+
+from cake_events.domain.relay import DEFAULT_TOPIC_ROUTES, EVENT_PAYLOAD_TYPES
 
 
 class EventsSettings(ServiceSettings):
@@ -31,3 +33,66 @@ class EventsSettings(ServiceSettings):
     relay_lag_degraded_seconds: float = Field(
         default=60, gt=0, description="Oldest unpublished outbox row older than this: degraded"
     )
+
+    # -- outbox relay ------------------------------------------------------------------------
+    relay_enabled: bool = Field(
+        default=True, description="Run the outbox relay inside `serve` (next to the gRPC API)"
+    )
+    topic_routes: dict[str, str] = Field(
+        default_factory=lambda: dict(DEFAULT_TOPIC_ROUTES),
+        description="Kafka topic per event type, JSON object (CAKE_EVENTS_TOPIC_ROUTES)",
+    )
+    dead_letter_topic_suffix: str = Field(
+        default=".dlq", min_length=1, description="Dead letters of topic T go to T + suffix"
+    )
+    relay_batch_size: int = Field(
+        default=1000, ge=1, le=10_000, description="Outbox rows claimed per batch"
+    )
+    relay_poll_interval_seconds: float = Field(
+        default=0.5,
+        gt=0,
+        description="Fallback poll of the outbox (LISTEN/NOTIFY wakes the relay at once)",
+    )
+    relay_max_attempts: int = Field(
+        default=5, ge=1, description="Failed publications of a row before it is dead-lettered"
+    )
+    relay_backoff_base_seconds: float = Field(
+        default=1.0, gt=0, description="Delay before the first retry; doubles per failure"
+    )
+    relay_backoff_max_seconds: float = Field(
+        default=300, gt=0, description="Upper bound of the retry delay"
+    )
+    relay_leader_retry_seconds: float = Field(
+        default=3.0,
+        gt=0,
+        description="How often a standby replica tries to become the active relay of a source",
+    )
+    relay_kafka_timeout_seconds: float = Field(
+        default=30,
+        gt=0,
+        description="How long a message may wait for Kafka before the broker counts as down",
+    )
+    relay_kafka_max_batch_bytes: int = Field(
+        default=262_144, ge=16_384, description="Producer batch size per partition (bytes)"
+    )
+    relay_metrics_refresh_seconds: float = Field(
+        default=5, gt=0, description="How often the backlog and lag gauges are recomputed"
+    )
+    published_retention_seconds: float = Field(
+        default=7 * 24 * 3600,
+        ge=0,
+        description="Published outbox rows are deleted once older than this",
+    )
+    retention_sweep_interval_seconds: float = Field(
+        default=60, gt=0, description="How often published rows past retention are deleted"
+    )
+
+    @field_validator("topic_routes")
+    @classmethod
+    def _known_event_types(cls, routes: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(routes) - set(EVENT_PAYLOAD_TYPES))
+        if unknown:
+            raise ValueError(f"topic_routes names unknown event types: {', '.join(unknown)}")
+        if any(not topic.strip() for topic in routes.values()):
+            raise ValueError("topic_routes has an empty topic name")
+        return routes

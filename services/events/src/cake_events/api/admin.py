@@ -1,12 +1,91 @@
-"""``cake.events.v1.EventAdminService`` (admin only).
-
-Until the relay lands, every RPC answers UNIMPLEMENTED (the generated base class).
-"""
+"""``cake.events.v1.EventAdminService`` (admin only): maps the protos to the admin use cases."""
 
 from __future__ import annotations
 
-from cake.events.v1 import admin_pb2_grpc
+from uuid import UUID
+
+import grpc
+from cake.events.v1 import admin_pb2, admin_pb2_grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from cake_events.domain.delivery import AUTH_SOURCE, PROMOTIONS_SOURCE, DeadLetter, QueueStats
+from cake_events.service.admin import EventAdministration
+
+_Context = grpc.aio.ServicerContext
 
 
 class EventAdminServicer(admin_pb2_grpc.EventAdminServiceServicer):
     """Queue statistics, dead letters and replay of the outbox relay."""
+
+    def __init__(self, administration: EventAdministration) -> None:
+        self._administration = administration
+
+    async def GetQueueStats(
+        self,
+        request: admin_pb2.GetQueueStatsRequest,
+        context: _Context[admin_pb2.GetQueueStatsRequest, admin_pb2.GetQueueStatsResponse],
+    ) -> admin_pb2.GetQueueStatsResponse:
+        stats = await self._administration.queue_stats()
+        return admin_pb2.GetQueueStatsResponse(
+            # Cake's two queues: user events come from auth, promotion events from promotions.
+            user_events=_queue_stats(stats[AUTH_SOURCE]),
+            promotion_events=_queue_stats(stats[PROMOTIONS_SOURCE]),
+        )
+
+    async def RetryFailed(
+        self,
+        request: admin_pb2.RetryFailedRequest,
+        context: _Context[admin_pb2.RetryFailedRequest, admin_pb2.RetryFailedResponse],
+    ) -> admin_pb2.RetryFailedResponse:
+        retried = await self._administration.retry_failed()
+        return admin_pb2.RetryFailedResponse(retried_count=retried)
+
+    async def ListDeadLetters(
+        self,
+        request: admin_pb2.ListDeadLettersRequest,
+        context: _Context[admin_pb2.ListDeadLettersRequest, admin_pb2.ListDeadLettersResponse],
+    ) -> admin_pb2.ListDeadLettersResponse:
+        page = await self._administration.list_dead_letters(request.page_size, request.page_token)
+        return admin_pb2.ListDeadLettersResponse(
+            dead_letters=[_dead_letter(letter) for letter in page.dead_letters],
+            next_page_token=page.next_page_token,
+        )
+
+    async def ReplayEvent(
+        self,
+        request: admin_pb2.ReplayEventRequest,
+        context: _Context[admin_pb2.ReplayEventRequest, admin_pb2.ReplayEventResponse],
+    ) -> admin_pb2.ReplayEventResponse:
+        # The validation interceptor already checked that event_id is a UUID.
+        event_id = UUID(request.event_id)
+        status = await self._administration.replay_event(event_id)
+        return admin_pb2.ReplayEventResponse(event_id=str(event_id), status=status.value)
+
+
+_INT32_MAX = 2**31 - 1
+
+
+def _queue_stats(stats: QueueStats) -> admin_pb2.QueueStats:
+    # The contract's counts are int32; saturate rather than fail on a huge audit log.
+    return admin_pb2.QueueStats(
+        waiting=min(stats.waiting, _INT32_MAX),
+        active=min(stats.active, _INT32_MAX),
+        completed=min(stats.completed, _INT32_MAX),
+        failed=min(stats.failed, _INT32_MAX),
+    )
+
+
+def _dead_letter(letter: DeadLetter) -> admin_pb2.DeadLetter:
+    failed_at = Timestamp()
+    if letter.failed_at is not None:
+        failed_at.FromDatetime(letter.failed_at)
+    return admin_pb2.DeadLetter(
+        event_id=str(letter.event_id),
+        type=letter.event_type,
+        aggregate_id=letter.aggregate_id,
+        topic=letter.topic or "",
+        source=letter.source,
+        attempts=letter.attempts,
+        last_error=letter.last_error,
+        failed_at=failed_at,
+    )

@@ -11,6 +11,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from cake_events.domain.health import HealthStatus
 from cake_events.service.system_health import SystemHealthReporter
 
+
 class SystemHealthServicer(health_pb2_grpc.SystemHealthServiceServicer):
     """Always answers OK with the verdict in ``status``; the gateway turns an ``unhealthy``
     verdict into HTTP 503 for REST clients (a transcoded gRPC OK is HTTP 200 otherwise)."""

@@ -77,13 +77,15 @@ class QueueStats(_message.Message):
     COMPLETED_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
     waiting: _builtins.int
-    """Events written to an outbox and not yet claimed by the relay."""
+    """Events written to an outbox and not yet published, including those waiting for a
+    retry after a failed attempt (active ones excluded).
+    """
     active: _builtins.int
-    """Events claimed by the relay and being published."""
+    """Events of the batch the answering replica is publishing right now."""
     completed: _builtins.int
-    """Events published to Kafka."""
+    """Events published to Kafka (the audit log)."""
     failed: _builtins.int
-    """Events whose publication failed (awaiting a retry or dead-lettered)."""
+    """Events parked as dead letters and not yet retried."""
     def __init__(
         self,
         *,
@@ -119,13 +121,13 @@ Global___RetryFailedRequest: _TypeAlias = RetryFailedRequest  # noqa: Y015
 
 @_typing.final
 class RetryFailedResponse(_message.Message):
-    """RetryFailedResponse reports how many events were scheduled again."""
+    """RetryFailedResponse reports how many events were put back for publication."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     RETRIED_COUNT_FIELD_NUMBER: _builtins.int
     retried_count: _builtins.int
-    """Number of failed events scheduled for another attempt."""
+    """Number of dead-lettered events put back for publication."""
     def __init__(
         self,
         *,
@@ -247,13 +249,13 @@ Global___DeadLetter: _TypeAlias = DeadLetter  # noqa: Y015
 
 @_typing.final
 class ReplayEventRequest(_message.Message):
-    """ReplayEventRequest names the dead letter to replay."""
+    """ReplayEventRequest names the event to replay."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     EVENT_ID_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
-    """Id of the dead-lettered event (UUID)."""
+    """Id of the published or dead-lettered event (UUID)."""
     def __init__(
         self,
         *,
@@ -278,7 +280,7 @@ class ReplayEventResponse(_message.Message):
     event_id: _builtins.str
     """Id of the replayed event."""
     status: _builtins.str
-    """New delivery state of the event, e.g. `pending`."""
+    """New delivery state of the event: `pending` (back in its outbox)."""
     def __init__(
         self,
         *,

@@ -71,22 +71,23 @@ class EventAdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RetryFailed(self, request, context):
-        """RetryFailed schedules every failed (not yet dead-lettered) event for another attempt.
+        """RetryFailed puts every dead-lettered event back for publication (attempts start over).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListDeadLetters(self, request, context):
-        """ListDeadLetters pages through the parked events, newest first.
+        """ListDeadLetters pages through the parked (not yet retried) events, newest first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ReplayEvent(self, request, context):
-        """ReplayEvent puts one dead-lettered event back for publication.
-        Fails with NOT_FOUND when no dead letter has that event id.
+        """ReplayEvent puts one published or dead-lettered event back into its outbox, so the
+        relay publishes it again. Published events can be replayed while their outbox rows are
+        kept (the published-row retention). Fails with NOT_FOUND when no outbox has the event.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -38,12 +38,13 @@ class EventAdminServiceStub:
     GetQueueStats: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetQueueStatsRequest, _admin_pb2.GetQueueStatsResponse]
     """GetQueueStats counts events per delivery state for user and promotion events."""
     RetryFailed: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RetryFailedRequest, _admin_pb2.RetryFailedResponse]
-    """RetryFailed schedules every failed (not yet dead-lettered) event for another attempt."""
+    """RetryFailed puts every dead-lettered event back for publication (attempts start over)."""
     ListDeadLetters: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListDeadLettersRequest, _admin_pb2.ListDeadLettersResponse]
-    """ListDeadLetters pages through the parked events, newest first."""
+    """ListDeadLetters pages through the parked (not yet retried) events, newest first."""
     ReplayEvent: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ReplayEventRequest, _admin_pb2.ReplayEventResponse]
-    """ReplayEvent puts one dead-lettered event back for publication.
-    Fails with NOT_FOUND when no dead letter has that event id.
+    """ReplayEvent puts one published or dead-lettered event back into its outbox, so the
+    relay publishes it again. Published events can be replayed while their outbox rows are
+    kept (the published-row retention). Fails with NOT_FOUND when no outbox has the event.
     """
 
 @_typing.type_check_only
@@ -56,12 +57,13 @@ class EventAdminServiceAsyncStub(EventAdminServiceStub):
     GetQueueStats: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetQueueStatsRequest, _admin_pb2.GetQueueStatsResponse]  # type: ignore[assignment]
     """GetQueueStats counts events per delivery state for user and promotion events."""
     RetryFailed: _aio.UnaryUnaryMultiCallable[_admin_pb2.RetryFailedRequest, _admin_pb2.RetryFailedResponse]  # type: ignore[assignment]
-    """RetryFailed schedules every failed (not yet dead-lettered) event for another attempt."""
+    """RetryFailed puts every dead-lettered event back for publication (attempts start over)."""
     ListDeadLetters: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListDeadLettersRequest, _admin_pb2.ListDeadLettersResponse]  # type: ignore[assignment]
-    """ListDeadLetters pages through the parked events, newest first."""
+    """ListDeadLetters pages through the parked (not yet retried) events, newest first."""
     ReplayEvent: _aio.UnaryUnaryMultiCallable[_admin_pb2.ReplayEventRequest, _admin_pb2.ReplayEventResponse]  # type: ignore[assignment]
-    """ReplayEvent puts one dead-lettered event back for publication.
-    Fails with NOT_FOUND when no dead letter has that event id.
+    """ReplayEvent puts one published or dead-lettered event back into its outbox, so the
+    relay publishes it again. Published events can be replayed while their outbox rows are
+    kept (the published-row retention). Fails with NOT_FOUND when no outbox has the event.
     """
 
 class EventAdminServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -83,7 +85,7 @@ class EventAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.RetryFailedRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.RetryFailedResponse, _abc.Awaitable[_admin_pb2.RetryFailedResponse]]:
-        """RetryFailed schedules every failed (not yet dead-lettered) event for another attempt."""
+        """RetryFailed puts every dead-lettered event back for publication (attempts start over)."""
 
     @_abc_1.abstractmethod
     def ListDeadLetters(
@@ -91,7 +93,7 @@ class EventAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.ListDeadLettersRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListDeadLettersResponse, _abc.Awaitable[_admin_pb2.ListDeadLettersResponse]]:
-        """ListDeadLetters pages through the parked events, newest first."""
+        """ListDeadLetters pages through the parked (not yet retried) events, newest first."""
 
     @_abc_1.abstractmethod
     def ReplayEvent(
@@ -99,8 +101,9 @@ class EventAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.ReplayEventRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ReplayEventResponse, _abc.Awaitable[_admin_pb2.ReplayEventResponse]]:
-        """ReplayEvent puts one dead-lettered event back for publication.
-        Fails with NOT_FOUND when no dead letter has that event id.
+        """ReplayEvent puts one published or dead-lettered event back into its outbox, so the
+        relay publishes it again. Published events can be replayed while their outbox rows are
+        kept (the published-row retention). Fails with NOT_FOUND when no outbox has the event.
         """
 
 def add_EventAdminServiceServicer_to_server(servicer: EventAdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,347 @@
+"""Outbox relay benchmark: throughput against a raw producer, and commit-to-Kafka lag.
+
+Runs against real PostgreSQL and Kafka of a local stack profile (started if needed) in
+scratch databases and throw-away topics, and prints numbers (it asserts nothing)::
+
+    uv run python bench/relay_throughput.py                      # 100k rows, 200 events/s
+    uv run python bench/relay_throughput.py --rows 20000 --lag-seconds 10
+
+1. Raw ceiling: one aiokafka producer (same settings as the relay's) sends the exact
+   messages the relay would send (same envelopes, keys, headers) as fast as it can.
+2. Relay: the same rows committed to an outbox in one transaction; the relay claims,
+   publishes, writes the audit log and marks them published. Throughput = rows / time from
+   the commit until no row is left unpublished. Ratio = relay / raw (goal >= 0.5).
+3. Lag: single-row outbox transactions (``OutboxWriter``, NOTIFY included) at a steady rate;
+   lag = broker append time (topics use ``LogAppendTime``) - client-side commit time.
+   Goal: P99 < 100 ms at 200 events/s.
+
+Both throughput runs happen in this one process, one after the other, so the ratio is
+measured under the same machine load (printed too: the box is shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import os
+import re
+import secrets
+import statistics
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+
+import psycopg
+import sqlalchemy as sa
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from cake.events.v1 import envelope_pb2, payloads_pb2
+from cake_common.db import create_async_engine_for
+from cake_common.kafka import create_producer
+from cake_common.migrations import run_alembic_upgrade
+from cake_common.outbox import OutboxWriter, grant_outbox_to_relay_sql, outbox_table
+from cake_devtools.stack import Stack
+from cake_events.bootstrap import MIGRATIONS, build_relays
+from cake_events.domain.envelope import EnvelopeBuilder, KafkaMessage
+from cake_events.domain.relay import OutboxEvent
+from cake_events.settings import EventsSettings
+from google.protobuf.timestamp_pb2 import Timestamp
+from prometheus_client import CollectorRegistry
+from psycopg import sql
+from sqlalchemy.engine import make_url
+
+PARTITIONS = 6
+USERS = 1000
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="test", help="local stack profile (default: test)")
+    parser.add_argument("--rows", type=int, default=100_000, help="rows for the throughput run")
+    parser.add_argument("--batch-size", type=int, default=None, help="relay batch size")
+    parser.add_argument("--rate", type=float, default=200.0, help="events/s for the lag run")
+    parser.add_argument("--lag-seconds", type=float, default=15.0, help="length of the lag run")
+    return parser.parse_args()
+
+
+@contextmanager
+def scratch_database(admin_url: str, label: str) -> Iterator[str]:
+    """An empty database for the run; yields its async SQLAlchemy URL (superuser)."""
+    name = f"bench_{re.sub(r'[^a-z0-9]+', '_', label)}_{secrets.token_hex(3)}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield (
+            make_url(admin_url)
+            .set(drivername="postgresql+psycopg", database=name)
+            .render_as_string(hide_password=False)
+        )
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+def create_outbox(owner_url: str) -> None:
+    engine = sa.create_engine(owner_url, poolclass=sa.pool.NullPool)
+    try:
+        metadata = sa.MetaData()
+        outbox_table(metadata)
+        with engine.begin() as connection:
+            metadata.create_all(connection)
+            connection.execute(sa.text(grant_outbox_to_relay_sql("cake_relay")))
+    finally:
+        engine.dispose()
+
+
+def outbox_events(count: int) -> list[OutboxEvent]:
+    now = datetime.now(UTC)
+    login_at = Timestamp()
+    login_at.FromDatetime(now)
+    events = []
+    for index in range(count):
+        user_id = 1 + index % USERS
+        payload = payloads_pb2.UserFirstLogin(
+            user_id=user_id, login_at=login_at, user_agent="k6/0.49", client_ip="10.0.0.1"
+        )
+        events.append(
+            OutboxEvent(
+                id=index + 1,
+                event_id=uuid.uuid4(),
+                event_type="USER_FIRST_LOGIN",
+                aggregate_type="user",
+                aggregate_id=str(user_id),
+                payload=payload.SerializeToString(),
+                payload_type=payload.DESCRIPTOR.full_name,
+                occurred_at=now,
+                trace_parent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                attempts=0,
+            )
+        )
+    return events
+
+
+async def create_topics(bootstrap: str, names: list[str]) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="cake-bench")
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [
+                NewTopic(
+                    name,
+                    num_partitions=PARTITIONS,
+                    replication_factor=1,
+                    topic_configs={"message.timestamp.type": "LogAppendTime"},
+                )
+                for name in names
+            ]
+        )
+    finally:
+        await admin.close()
+
+
+async def delete_topics(bootstrap: str, names: list[str]) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="cake-bench")
+    await admin.start()
+    try:
+        await admin.delete_topics(names)
+    finally:
+        await admin.close()
+
+
+async def raw_producer_rate(settings: EventsSettings, messages: list[KafkaMessage]) -> float:
+    producer = create_producer(
+        settings.kafka_bootstrap_servers,
+        "cake-bench-raw",
+        request_timeout_ms=int(settings.relay_kafka_timeout_seconds * 1000),
+        max_batch_size=settings.relay_kafka_max_batch_bytes,
+    )
+    await producer.start()
+    try:
+        started = time.perf_counter()
+        futures = [
+            await producer.send(m.topic, m.value, key=m.key, headers=m.headers) for m in messages
+        ]
+        await asyncio.gather(*futures)
+        return len(messages) / (time.perf_counter() - started)
+    finally:
+        await producer.stop()
+
+
+async def copy_rows(libpq_url: str, events: list[OutboxEvent]) -> None:
+    async with await psycopg.AsyncConnection.connect(libpq_url) as conn:
+        async with conn.cursor() as cursor:
+            async with cursor.copy(
+                "COPY outbox (event_id, event_type, aggregate_type, aggregate_id, payload,"
+                " payload_type, occurred_at, trace_parent) FROM STDIN"
+            ) as copy:
+                for e in events:
+                    await copy.write_row(
+                        (
+                            e.event_id,
+                            e.event_type,
+                            e.aggregate_type,
+                            e.aggregate_id,
+                            e.payload,
+                            e.payload_type,
+                            e.occurred_at,
+                            e.trace_parent,
+                        )
+                    )
+            await cursor.execute("SELECT pg_notify('cake_outbox', current_database())")
+        await conn.commit()
+
+
+async def relay_rate(libpq_url: str, events: list[OutboxEvent]) -> float:
+    """Events/s from the commit of ``events`` until the relay has marked them all."""
+    async with await psycopg.AsyncConnection.connect(libpq_url, autocommit=True) as conn:
+        # The rows become visible to the relay at this commit (one transaction).
+        await copy_rows(libpq_url, events)
+        started = time.perf_counter()
+        while True:
+            cursor = await conn.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+            row = await cursor.fetchone()
+            if row is not None and row[0] == 0:
+                return len(events) / (time.perf_counter() - started)
+            await asyncio.sleep(0.05)
+
+
+async def commit_to_kafka_lag(
+    owner_url: str, bootstrap: str, topic: str, rate: float, seconds: float
+) -> list[float]:
+    """Milliseconds from each outbox commit to the broker's append of its message."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=5
+    )
+    await consumer.start()
+    partitions = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+    consumer.assign(partitions)
+    await consumer.seek_to_end(*partitions)
+    for partition in partitions:
+        await consumer.position(partition)
+    committed_ms: dict[str, float] = {}
+    lags: list[float] = []
+    count = int(rate * seconds)
+
+    async def read() -> None:
+        while len(lags) < count:
+            batches = await consumer.getmany(timeout_ms=500)
+            for records in batches.values():
+                for record in records:
+                    event_id = envelope_pb2.EventEnvelope.FromString(record.value).event_id
+                    if event_id in committed_ms:
+                        lags.append(record.timestamp - committed_ms[event_id])
+
+    reader = asyncio.create_task(read())
+    engine = create_async_engine_for(owner_url, pool_size=1)
+    writer = OutboxWriter()
+    login_at = Timestamp()
+    login_at.FromDatetime(datetime.now(UTC))
+    try:
+        started = time.perf_counter()
+        for index in range(count):
+            delay = started + index / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            user_id = 1 + index % USERS
+            async with engine.connect() as connection:
+                event_id = await writer.add(
+                    connection,
+                    event_type="USER_FIRST_LOGIN",
+                    aggregate_type="user",
+                    aggregate_id=user_id,
+                    payload=payloads_pb2.UserFirstLogin(user_id=user_id, login_at=login_at),
+                    occurred_at=datetime.now(UTC),
+                )
+                await connection.commit()
+                committed_ms[str(event_id)] = time.time() * 1000
+        await asyncio.wait_for(reader, 60)
+    finally:
+        reader.cancel()
+        await engine.dispose()
+        await consumer.stop()
+    return lags
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+async def main() -> None:
+    args = parse_args()
+    stack = Stack(profile=args.profile, echo=None)
+    stack.up(("postgres", "kafka"))
+    bootstrap = stack.kafka_bootstrap
+    relay_template = stack.service_environment()["events"]["CAKE_EVENTS_AUTH_OUTBOX_URL"]
+    prefix = f"bench.{uuid.uuid4().hex[:8]}"
+    user_topic, raw_topic = f"{prefix}.user", f"{prefix}.raw"
+    topics = [user_topic, user_topic + ".dlq", raw_topic]
+    await create_topics(bootstrap, topics)
+    try:
+        with (
+            scratch_database(stack.postgres_admin_url, "events") as events_url,
+            scratch_database(stack.postgres_admin_url, "outbox") as owner_url,
+        ):
+            await asyncio.to_thread(run_alembic_upgrade, events_url, MIGRATIONS)
+            create_outbox(owner_url)
+            owner_libpq = (
+                make_url(owner_url)
+                .set(drivername="postgresql")
+                .render_as_string(hide_password=False)
+            )
+            overrides = {"relay_batch_size": args.batch_size} if args.batch_size else {}
+            settings = EventsSettings(
+                database_url=events_url,
+                auth_outbox_url=make_url(relay_template)
+                .set(database=make_url(owner_url).database)
+                .render_as_string(hide_password=False),
+                kafka_bootstrap_servers=bootstrap,
+                topic_routes={"USER_FIRST_LOGIN": user_topic},
+                log_level="WARNING",
+                **overrides,
+            )
+            events = outbox_events(args.rows)
+            builder = EnvelopeBuilder()
+            messages = [builder.message_for(e, raw_topic) for e in events]
+            # The harness's own 2 x rows objects would otherwise be scanned by every garbage
+            # collection during both measurements.
+            gc.freeze()
+            raw = await raw_producer_rate(settings, messages)
+
+            events_engine = create_async_engine_for(events_url, pool_size=2)
+            wiring = build_relays(settings, events_engine, CollectorRegistry())
+            wiring.group.start()
+            try:
+                while not all(relay.is_active for relay in wiring.group.relays):  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+                relay = await relay_rate(owner_libpq, events)
+                lags = await commit_to_kafka_lag(
+                    owner_url, bootstrap, user_topic, args.rate, args.lag_seconds
+                )
+            finally:
+                await wiring.group.stop()
+                for engine in wiring.engines:
+                    await engine.dispose()
+                await events_engine.dispose()
+    finally:
+        await delete_topics(bootstrap, topics)
+
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
+    print(f"rows: {args.rows}, relay batch size: {settings.relay_batch_size}, load avg: {load}")
+    print(f"raw aiokafka producer : {raw:10,.0f} events/s")
+    print(f"outbox relay          : {relay:10,.0f} events/s")
+    print(f"relay / raw           : {relay / raw:10.2f}   (goal >= 0.5)")
+    print(
+        f"commit-to-Kafka lag at {args.rate:g} events/s over {len(lags)} events: "
+        f"P50 {statistics.median(lags):.1f} ms, P99 {percentile(lags, 0.99):.1f} ms, "
+        f"max {max(lags):.1f} ms   (goal P99 < 100 ms)"
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,100 @@
+"""What the events service records about delivery: publications, dead letters, statistics."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from uuid import UUID
+
+AUTH_SOURCE = "auth"
+PROMOTIONS_SOURCE = "promotions"
+SOURCES = (AUTH_SOURCE, PROMOTIONS_SOURCE)
+"""Outbox sources, by the service whose database holds the outbox."""
+
+
+@dataclass(slots=True)
+class PublishedEvent:
+    """One line of the audit log: an event Kafka acknowledged (read-only; not frozen only
+    because one is built per event on the relay's hot path)."""
+
+    event_id: UUID
+    source: str
+    event_type: str
+    aggregate_id: str
+    topic: str
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """An event the relay gave up on after its last allowed attempt."""
+
+    event_id: UUID
+    source: str
+    event_type: str
+    aggregate_type: str
+    aggregate_id: str
+    topic: str | None
+    attempts: int
+    last_error: str
+    payload: bytes
+    payload_type: str
+    occurred_at: datetime
+    failed_at: datetime | None = None
+    """Set by the database when the dead letter is recorded."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """Cake's queue statistics for one source.
+
+    ``waiting``: unpublished, not dead-lettered rows (including those waiting for a retry)
+    that are not being published right now; ``active``: rows this replica is publishing at
+    this moment; ``completed``: events in the audit log; ``failed``: parked dead letters.
+    """
+
+    waiting: int = 0
+    active: int = 0
+    completed: int = 0
+    failed: int = 0
+
+
+class ReplayStatus(StrEnum):
+    """Delivery state of an event after an admin asked to replay it."""
+
+    PENDING = "pending"
+    """Back in its outbox, to be published by the relay."""
+
+
+class InvalidPageTokenError(ValueError):
+    """A page token this service did not issue (or that was altered)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterCursor:
+    """Keyset position in the newest-first list of dead letters: the last one returned."""
+
+    failed_at: datetime
+    event_id: UUID
+
+    def token(self) -> str:
+        document = {"f": self.failed_at.isoformat(), "e": str(self.event_id)}
+        return base64.urlsafe_b64encode(json.dumps(document).encode()).decode().rstrip("=")
+
+    @classmethod
+    def from_token(cls, token: str) -> DeadLetterCursor:
+        try:
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+            document = json.loads(raw)
+            failed_at = datetime.fromisoformat(document["f"])
+            event_id = UUID(document["e"])
+        except (binascii.Error, ValueError, KeyError, TypeError, UnicodeDecodeError):
+            raise InvalidPageTokenError("page_token is not a token from a previous page") from None
+        if failed_at.tzinfo is None:
+            raise InvalidPageTokenError("page_token is not a token from a previous page")
+        return cls(failed_at=failed_at, event_id=event_id)

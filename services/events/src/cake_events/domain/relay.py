@@ -1,0 +1,169 @@
+"""Rules of the outbox relay (pure: no I/O, no clock, no randomness of its own).
+
+Which topic an event goes to, what a failed publication costs (backoff, dead letter), and
+how one aggregate's events keep their order when some of them fail.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import MappingProxyType
+from uuid import UUID
+
+EVENT_PAYLOAD_TYPES: Mapping[str, str] = MappingProxyType(
+    {
+        "USER_FIRST_LOGIN": "cake.events.v1.UserFirstLogin",
+        "PROMOTION_ENROLLMENT": "cake.events.v1.PromotionEnrollment",
+        "VOUCHER_ISSUED": "cake.events.v1.VoucherIssued",
+        "VOUCHER_USED": "cake.events.v1.VoucherUsed",
+        "PAYMENT_PROCESSED": "cake.events.v1.PaymentProcessed",
+    }
+)
+"""The event types of the envelope contract and the payload message each one carries."""
+
+DEFAULT_TOPIC_ROUTES: Mapping[str, str] = MappingProxyType(
+    {
+        "USER_FIRST_LOGIN": "cake.auth.user.v1",
+        "PROMOTION_ENROLLMENT": "cake.promotions.voucher.v1",
+        "VOUCHER_ISSUED": "cake.promotions.voucher.v1",
+        "VOUCHER_USED": "cake.promotions.voucher.v1",
+        "PAYMENT_PROCESSED": "cake.promotions.payment.v1",
+    }
+)
+
+MAX_ERROR_LENGTH = 2000
+"""Longest error text kept with a failed row (Kafka errors can quote whole requests)."""
+
+
+class PoisonEvent(Exception):  # noqa: N818 (a kind of event, not an error in the relay)
+    """An outbox row that cannot be published as it is (no route, unreadable payload):
+    retrying it cannot help until someone fixes the row or the configuration."""
+
+
+@dataclass(slots=True)
+class OutboxEvent:
+    """One claimed outbox row (layout: ``cake_common.outbox``).
+
+    Not frozen: one is built per event on the relay's hot path, and a frozen dataclass
+    takes about twice as long to construct. Treat it as read-only.
+    """
+
+    id: int
+    event_id: UUID
+    event_type: str
+    aggregate_type: str
+    aggregate_id: str
+    payload: bytes
+    payload_type: str
+    occurred_at: datetime
+    trace_parent: str | None
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class TopicRoutes:
+    """Kafka topic per event type, and where the dead letters of a topic go."""
+
+    routes: Mapping[str, str]
+    dead_letter_suffix: str = ".dlq"
+
+    def topic_for(self, event_type: str) -> str:
+        """The topic of ``event_type``; ``PoisonEvent`` for an event type with no route."""
+        topic = self.routes.get(event_type)
+        if topic is None:
+            raise PoisonEvent(f"no topic route for event type {event_type!r}")
+        return topic
+
+    def dead_letter_topic(self, topic: str) -> str:
+        return topic + self.dead_letter_suffix
+
+
+@dataclass(frozen=True, slots=True)
+class FailureVerdict:
+    """What becomes of a row after one more failed publication."""
+
+    attempts: int
+    dead_letter: bool
+    retry_in_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Exponential backoff with jitter, then a dead letter after ``max_attempts`` failures.
+
+    The n-th retry waits ``min(max, base * 2**(n-1))`` scaled by a random factor in
+    [0.5, 1): rows that failed together (a Kafka hiccup) spread out instead of retrying in
+    lockstep, and no retry comes sooner than half the nominal delay.
+    """
+
+    max_attempts: int
+    base_delay_seconds: float
+    max_delay_seconds: float
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        if not 0 < self.base_delay_seconds <= self.max_delay_seconds:
+            raise ValueError("need 0 < base_delay_seconds <= max_delay_seconds")
+
+    def after_failure(self, attempts_before: int, random: Callable[[], float]) -> FailureVerdict:
+        """The verdict for a row that had failed ``attempts_before`` times and failed again;
+        ``random()`` returns a float in [0, 1)."""
+        attempts = attempts_before + 1
+        if attempts >= self.max_attempts:
+            return FailureVerdict(attempts=attempts, dead_letter=True, retry_in_seconds=0.0)
+        # 2**exponent would overflow float for absurd attempt counts; the cap applies anyway.
+        nominal = min(
+            self.max_delay_seconds, self.base_delay_seconds * 2.0 ** min(attempts - 1, 60)
+        )
+        return FailureVerdict(
+            attempts=attempts, dead_letter=False, retry_in_seconds=nominal * (0.5 + random() / 2)
+        )
+
+
+@dataclass(slots=True)
+class AggregateOrder:
+    """Keeps one aggregate's events in order inside one batch.
+
+    Rows are offered in ``id`` (commit) order. Once a row of an aggregate could not be
+    published, every later row of that aggregate in the batch is held back untouched (no
+    attempt counted): publishing it would let it overtake the failed one. ``held_back``
+    starts with the aggregates that failed in the previous batch, whose retries are not
+    recorded yet; once they are, the claim query skips such rows instead.
+    """
+
+    held_back: set[str] = field(default_factory=set)
+
+    def may_publish(self, event: OutboxEvent) -> bool:
+        return event.aggregate_id not in self.held_back
+
+    def stop_after(self, event: OutboxEvent) -> None:
+        """``event`` failed: hold back the rest of its aggregate."""
+        self.held_back.add(event.aggregate_id)
+
+
+def overtaken_aggregates(
+    failed: Iterable[OutboxEvent], published: Iterable[OutboxEvent]
+) -> set[str]:
+    """Aggregates with a row that failed *after* being handed to Kafka while a later row of
+    the same aggregate was acknowledged: their order on Kafka is broken (the failed row
+    will come later). Only possible when Kafka fails one produce request and accepts the
+    next; reported so operators see it."""
+    first_failure: dict[str, int] = {}
+    for event in failed:
+        first_failure[event.aggregate_id] = min(
+            event.id, first_failure.get(event.aggregate_id, event.id)
+        )
+    return {
+        event.aggregate_id
+        for event in published
+        if event.id > first_failure.get(event.aggregate_id, event.id)
+    }
+
+
+def error_text(error: BaseException) -> str:
+    """A bounded one-line description of ``error`` for ``last_error`` columns."""
+    text = f"{type(error).__name__}: {error}".replace("\n", " ")
+    return text[:MAX_ERROR_LENGTH]

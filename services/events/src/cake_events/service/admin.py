@@ -1,0 +1,136 @@
+"""Admin use cases around the relay: queue statistics, dead letters, retry and replay.
+
+Every use case requires the caller's ``admin`` role first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from uuid import UUID
+
+from cake_common.auth_context import require_admin
+from cake_common.errors import FieldViolation, InvalidArgument, NotFound
+from cake_common.logging import get_logger
+
+from cake_events.adapters.event_store import EventsUnitOfWork
+from cake_events.adapters.outbox_source import OutboxAdministration
+from cake_events.domain.delivery import (
+    SOURCES,
+    DeadLetter,
+    DeadLetterCursor,
+    InvalidPageTokenError,
+    QueueStats,
+    ReplayStatus,
+)
+
+DEFAULT_PAGE_SIZE = 50
+
+_log = get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterPage:
+    dead_letters: list[DeadLetter]
+    next_page_token: str
+
+
+class EventAdministration:
+    """``outboxes`` maps each configured source to its outbox; ``in_flight(source)`` tells
+    how many of its rows this replica is publishing right now."""
+
+    def __init__(
+        self,
+        *,
+        events_uow: Callable[[], EventsUnitOfWork],
+        outboxes: Mapping[str, OutboxAdministration],
+        in_flight: Callable[[str], int],
+    ) -> None:
+        self._events_uow = events_uow
+        self._outboxes = dict(outboxes)
+        self._in_flight = in_flight
+
+    async def queue_stats(self) -> dict[str, QueueStats]:
+        """Statistics per source (every known source, zeros where none is configured)."""
+        require_admin()
+        sources = [source for source in SOURCES if source in self._outboxes]
+        waiting = await asyncio.gather(*(self._outboxes[s].waiting() for s in sources))
+        async with self._events_uow() as uow:
+            completed = await uow.published.count_by_source()
+            failed = await uow.dead_letters.count_parked_by_source()
+        unpublished = dict(zip(sources, waiting, strict=True))
+        stats: dict[str, QueueStats] = {}
+        for source in SOURCES:
+            active = self._in_flight(source)
+            stats[source] = QueueStats(
+                waiting=max(0, unpublished.get(source, 0) - active),
+                active=active,
+                completed=completed.get(source, 0),
+                failed=failed.get(source, 0),
+            )
+        return stats
+
+    async def retry_failed(self) -> int:
+        """Put every dead-lettered event of every source back for publication."""
+        principal = require_admin()
+        retried = 0
+        for source, outbox in self._outboxes.items():
+            event_ids = await outbox.requeue_dead_letters()
+            if not event_ids:
+                continue
+            async with self._events_uow() as uow:
+                await uow.dead_letters.mark_retried(event_ids)
+                await uow.commit()
+            retried += len(event_ids)
+            _log.info(
+                "dead letters put back for publication",
+                source=source,
+                count=len(event_ids),
+                admin_id=principal.user_id,
+            )
+        return retried
+
+    async def list_dead_letters(self, page_size: int, page_token: str) -> DeadLetterPage:
+        """Parked dead letters, newest first; ``page_size`` 0 means the default."""
+        require_admin()
+        try:
+            after = DeadLetterCursor.from_token(page_token) if page_token else None
+        except InvalidPageTokenError as error:
+            raise InvalidArgument(
+                "Invalid page token", [FieldViolation("page_token", str(error))]
+            ) from None
+        limit = page_size or DEFAULT_PAGE_SIZE
+        async with self._events_uow() as uow:
+            rows = await uow.dead_letters.page(limit + 1, after)
+        page, more = rows[:limit], len(rows) > limit
+        next_token = ""
+        if more:
+            last = page[-1]
+            assert last.failed_at is not None  # read back from the database
+            next_token = DeadLetterCursor(last.failed_at, last.event_id).token()
+        return DeadLetterPage(dead_letters=page, next_page_token=next_token)
+
+    async def replay_event(self, event_id: UUID) -> ReplayStatus:
+        """Publish one event again, whether it was published or dead-lettered.
+
+        The event goes back through its outbox (published_at/dead_lettered_at cleared), so
+        the relay republishes it with the usual guarantees and audit. Published rows are
+        only kept for the retention period: older events are NOT_FOUND.
+        """
+        principal = require_admin()
+        for source, outbox in self._outboxes.items():
+            status = await outbox.replay(event_id)
+            if status is None:
+                continue
+            async with self._events_uow() as uow:
+                await uow.dead_letters.mark_retried([event_id])
+                await uow.commit()
+            _log.info(
+                "event replay requested",
+                source=source,
+                event_id=str(event_id),
+                admin_id=principal.user_id,
+            )
+            return status
+        raise NotFound("Event not found", reason="EVENT_NOT_FOUND")

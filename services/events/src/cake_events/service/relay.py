@@ -1,0 +1,564 @@
+"""The transactional-outbox relay: moves one producing service's outbox rows to Kafka.
+
+Ordering across replicas — one active relay per source
+------------------------------------------------------
+Every replica of the events service runs a relay for each source, but only the one that
+holds a session-level ``pg_try_advisory_lock`` on that source's database publishes; the
+others stand by and retry the lock every few seconds. When the active replica dies, its
+database session ends, Postgres releases the lock and a standby takes over, resuming from
+the rows still unpublished (at-least-once: a batch that Kafka acknowledged but that was not
+yet marked published is sent again; consumers deduplicate on the event id).
+
+Why not sharding by aggregate id: per-aggregate order needs a single writer per aggregate
+at any moment, and with shards that means a shard-assignment protocol (and its rebalancing
+races) on top of Postgres. The lock gives the same single-writer guarantee with nothing to
+coordinate, the claim, the lock and LISTEN share one database session (the lock cannot be
+lost while a claim is still running elsewhere), and one relay is far from the bottleneck:
+it moves thousands of events per second, far above Cake's write rate, and the standby
+replicas keep it highly available.
+
+Within the active relay, rows are claimed in ``id`` order and one aggregate's
+events are never allowed to overtake each other: when a row fails, later rows of its
+aggregate are held back for the rest of the batch, and later batches skip them while the
+failed row waits for its retry. Only a dead letter releases the aggregate (a poison row
+must not block a user's events forever); a retried or replayed event therefore arrives
+after newer events of its aggregate. (``id`` order is commit order for the events that
+matter: an event caused by another is written by a transaction that started after the
+first one committed, so it draws a larger id.) The one overtaking it cannot prevent: Kafka
+failing a message after accepting a later one of the same aggregate from the same batch (a
+non-retriable broker error on one produce request); it is logged and counted
+(``cake_events_relay_order_broken_total``).
+
+Pipeline
+--------
+Each transaction of the active relay claims batch *k* (``FOR UPDATE SKIP LOCKED``) and,
+while Kafka takes batch *k*, records the outcome of batch *k-1* (marks it published,
+schedules retries, parks dead letters, writes the audit log, which commits first). Kafka
+and the databases thus work at the same time instead of in turns. Batch *k* is sent only
+once batch *k-1* is fully acknowledged, the claim skips batch *k-1*'s rows, and the
+aggregates that failed in batch *k-1* (not yet recorded) are held back in batch *k*: the
+order guarantees above are unchanged. A crash loses nothing: unrecorded rows are simply
+published again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random as _random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+import sqlalchemy.exc
+from aiokafka.errors import KafkaError, ProducerClosed
+from cake_common.logging import get_logger
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from cake_events.adapters.event_store import EventsUnitOfWork
+from cake_events.adapters.kafka_publisher import KafkaPublisher, broker_unavailable
+from cake_events.adapters.outbox_source import (
+    LeaderConnection,
+    ParkedRow,
+    ScheduledRetry,
+    acquire_leadership,
+)
+from cake_events.adapters.relay_metrics import RelayMetrics
+from cake_events.domain.delivery import DeadLetter, PublishedEvent
+from cake_events.domain.envelope import EnvelopeBuilder
+from cake_events.domain.relay import (
+    AggregateOrder,
+    OutboxEvent,
+    PoisonEvent,
+    RetryPolicy,
+    TopicRoutes,
+    error_text,
+    overtaken_aggregates,
+)
+
+_CONNECTION_ERRORS: tuple[type[Exception], ...] = (
+    sqlalchemy.exc.OperationalError,
+    sqlalchemy.exc.InterfaceError,
+    psycopg.OperationalError,  # from LISTEN, which talks to the driver directly
+    OSError,
+)
+_MAX_ERROR_BACKOFF_SECONDS = 5.0
+
+_log = get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RelayTiming:
+    batch_size: int
+    poll_interval_seconds: float
+    leader_retry_seconds: float
+    metrics_refresh_seconds: float
+    retention_seconds: float
+    retention_sweep_seconds: float
+
+
+@dataclass(slots=True)  # per event: not frozen, which costs twice as much to build
+class _Acknowledged:
+    event: OutboxEvent
+    topic: str
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    event: OutboxEvent
+    topic: str | None
+    error: str
+
+
+@dataclass(slots=True)
+class _BatchResult:
+    acknowledged: list[_Acknowledged] = field(default_factory=list)
+    failed: list[_Failed] = field(default_factory=list)
+    kafka_unavailable: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _PublishedBatch:
+    """A batch Kafka is done with; the next transaction records its outcome."""
+
+    events: list[OutboxEvent]
+    result: _BatchResult
+    retries: list[ScheduledRetry]
+    parked: list[ParkedRow]
+    letters: list[DeadLetter]
+
+    @property
+    def ids(self) -> list[int]:
+        return [event.id for event in self.events]
+
+    @property
+    def failed_aggregates(self) -> frozenset[str]:
+        """Aggregates whose rows after the failed one must wait (held back in the next
+        batch until this outcome is recorded, then skipped by the claim's retry guard)."""
+        return frozenset(failure.event.aggregate_id for failure in self.result.failed)
+
+
+class OutboxRelay:
+    """Relays one source's outbox while this replica is its active relay (see module doc)."""
+
+    def __init__(
+        self,
+        source: str,
+        *,
+        leader_engine: AsyncEngine,
+        publisher: KafkaPublisher,
+        events_uow: Callable[[], EventsUnitOfWork],
+        routes: TopicRoutes,
+        retry_policy: RetryPolicy,
+        timing: RelayTiming,
+        metrics: RelayMetrics,
+        envelopes: EnvelopeBuilder | None = None,
+        random: Callable[[], float] = _random.random,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.source = source
+        self._leader_engine = leader_engine
+        self._publisher = publisher
+        self._events_uow = events_uow
+        self._routes = routes
+        self._retry_policy = retry_policy
+        self._timing = timing
+        self._metrics = metrics
+        self._envelopes = envelopes or EnvelopeBuilder()
+        self._random = random
+        self._clock = clock
+        self.in_flight = 0
+        """Rows of the batch being published right now (Cake's ``active``)."""
+        self.is_active = False
+        """True while this replica holds the source's relay lock."""
+        self._rows_in_retry: int | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Stand by or relay until ``stop`` is set; then finish the batch in flight, give up
+        the lock and close the producer. Errors (database or Kafka gone) never end it."""
+        failures = 0
+        self._metrics.active.labels(self.source).set(0)
+        try:
+            while not stop.is_set():
+                try:
+                    leader = await acquire_leadership(
+                        self._leader_engine,
+                        retry_seconds=self._timing.leader_retry_seconds,
+                        stop=stop,
+                    )
+                    if leader is None:
+                        return
+                    try:
+                        self._set_active(True)
+                        await self._lead(leader, stop)
+                    finally:
+                        self._set_active(False)
+                        await leader.close()
+                    failures = 0
+                except Exception as error:
+                    failures += 1
+                    delay = min(_MAX_ERROR_BACKOFF_SECONDS, 0.2 * 2 ** min(failures, 10))
+                    if _is_connection_error(error):
+                        _log.warning(
+                            "outbox relay lost its database, retrying",
+                            source=self.source,
+                            retry_in_seconds=delay,
+                            error=repr(error),
+                        )
+                    else:
+                        _log.exception(
+                            "outbox relay failed, retrying",
+                            source=self.source,
+                            retry_in_seconds=delay,
+                        )
+                    await _sleep(stop, delay)
+        finally:
+            await self._publisher.close()
+
+    def _set_active(self, active: bool) -> None:
+        if active != self.is_active:
+            _log.info(
+                "outbox relay active" if active else "outbox relay standing down",
+                source=self.source,
+            )
+        self.is_active = active
+        self._metrics.active.labels(self.source).set(1 if active else 0)
+
+    async def _lead(self, leader: LeaderConnection, stop: asyncio.Event) -> None:
+        await leader.listen()
+        timing = self._timing
+        # Unknown until the first backlog query: claim conservatively meanwhile.
+        self._rows_in_retry = None
+        previous: _PublishedBatch | None = None
+        next_refresh = next_sweep = self._clock()
+        while True:
+            stopping = stop.is_set()
+            if stopping and previous is None:
+                return
+            now = self._clock()
+            if now >= next_refresh:
+                next_refresh = now + timing.metrics_refresh_seconds
+                backlog = await leader.backlog()
+                # The database is exact when no batch is pending; a pending batch's retries
+                # are counted in memory but not written yet, so then keep the larger count.
+                self._rows_in_retry = (
+                    backlog.in_retry
+                    if previous is None
+                    else max(backlog.in_retry, self._rows_in_retry or 0)
+                )
+                self._metrics.backlog.labels(self.source).set(backlog.waiting)
+                self._metrics.lag_seconds.labels(self.source).set(backlog.oldest_age_seconds)
+            if now >= next_sweep:
+                next_sweep = now + timing.retention_sweep_seconds
+                deleted = await leader.delete_published_older_than(timing.retention_seconds)
+                if deleted:
+                    _log.info("published outbox rows deleted", source=self.source, rows=deleted)
+            # After an outage the pipeline drains: record what is pending, claim nothing.
+            may_claim = not stopping and not (previous and previous.result.kafka_unavailable)
+            if may_claim and not await self._publisher.start():
+                # Kafka is down: rows wait in the outbox, no attempt is counted.
+                may_claim = False
+                if previous is None:
+                    await _sleep(stop, timing.poll_interval_seconds)
+                    continue
+            previous = await self._step(leader, previous, may_claim=may_claim)
+            if previous is None and not stopping:
+                # Nothing claimed, nothing pending: wait for new rows.
+                await leader.wait_for_notification(timing.poll_interval_seconds)
+
+    async def _step(
+        self, leader: LeaderConnection, previous: _PublishedBatch | None, *, may_claim: bool
+    ) -> _PublishedBatch | None:
+        """One transaction: claim the next batch and publish it while recording the
+        previous one. Returns the batch just published (None if nothing was claimed)."""
+        current: _PublishedBatch | None = None
+        async with leader.transaction():
+            events: list[OutboxEvent] = []
+            if may_claim:
+                events = await leader.claim(
+                    self._timing.batch_size,
+                    exclude_ids=previous.ids if previous else (),
+                    guard_retries=self._rows_in_retry is None or self._rows_in_retry > 0,
+                )
+            self.in_flight = len(events)
+            try:
+                async with asyncio.TaskGroup() as tasks:
+                    publishing = (
+                        tasks.create_task(self._publish_batch(events, previous)) if events else None
+                    )
+                    if previous is not None:
+                        tasks.create_task(self._record(leader, previous))
+                current = publishing.result() if publishing is not None else None
+            finally:
+                self.in_flight = 0
+        if previous is not None:
+            await self._recorded(previous)
+        return current
+
+    async def _publish_batch(
+        self, events: list[OutboxEvent], previous: _PublishedBatch | None
+    ) -> _PublishedBatch:
+        held_back = previous.failed_aggregates if previous is not None else frozenset()
+        result = await self._publish(events, held_back)
+        retries, parked, letters = self._settle_failures(result.failed)
+        if letters:
+            await self._copy_to_dead_letter_topics(letters, result)
+        self._track_rows_in_retry(result, retries)
+        return _PublishedBatch(events, result, retries, parked, letters)
+
+    async def _record(self, leader: LeaderConnection, batch: _PublishedBatch) -> None:
+        """Write a published batch's outcome: audit log and dead letters (events database,
+        committed here, first) and the outbox rows (committed with the caller's
+        transaction), both at once."""
+        result = batch.result
+        async with self._events_uow() as uow:
+            async with asyncio.TaskGroup() as both:
+                both.create_task(self._write_events_database(uow, batch))
+                both.create_task(
+                    leader.record_outcome(
+                        published_ids=[ack.event.id for ack in result.acknowledged],
+                        retries=batch.retries,
+                        parked=batch.parked,
+                    )
+                )
+            await uow.commit()
+
+    async def _write_events_database(self, uow: EventsUnitOfWork, batch: _PublishedBatch) -> None:
+        await uow.published.record(
+            [
+                PublishedEvent(
+                    event_id=ack.event.event_id,
+                    source=self.source,
+                    event_type=ack.event.event_type,
+                    aggregate_id=ack.event.aggregate_id,
+                    topic=ack.topic,
+                    partition=ack.partition,
+                    offset=ack.offset,
+                )
+                for ack in batch.result.acknowledged
+            ]
+        )
+        await uow.dead_letters.park(batch.letters)
+
+    async def _recorded(self, batch: _PublishedBatch) -> None:
+        """After the outcome of ``batch`` committed: count it, react to an outage."""
+        self._count(batch.result, batch.letters)
+        if batch.result.kafka_unavailable:
+            self._metrics.kafka_unavailable.labels(self.source).inc()
+            _log.warning(
+                "kafka unavailable, unpublished rows wait",
+                source=self.source,
+                acknowledged=len(batch.result.acknowledged),
+                claimed=len(batch.events),
+            )
+            # Dropped only now that the pipeline is drained: nothing is left in the producer.
+            await self._publisher.reset()
+
+    def _track_rows_in_retry(self, result: _BatchResult, retries: Sequence[ScheduledRetry]) -> None:
+        """Keep the count of rows waiting for a retry current between backlog queries: a
+        claimed row is in retry exactly when it has failed before (``attempts > 0``)."""
+        if self._rows_in_retry is None:
+            return
+        was_in_retry = {
+            failure.event.id for failure in result.failed if failure.event.attempts > 0
+        } | {ack.event.id for ack in result.acknowledged if ack.event.attempts > 0}
+        now_in_retry = {retry.row_id for retry in retries}
+        self._rows_in_retry = max(
+            0,
+            self._rows_in_retry
+            + len(now_in_retry - was_in_retry)
+            - len(was_in_retry - now_in_retry),
+        )
+
+    async def _publish(
+        self, events: Sequence[OutboxEvent], held_back: frozenset[str]
+    ) -> _BatchResult:
+        """Send the batch in id order and wait for Kafka's acknowledgements; rows of the
+        ``held_back`` aggregates are left untouched."""
+        result = _BatchResult()
+        order = AggregateOrder(held_back=set(held_back))
+        sent: list[tuple[OutboxEvent, str, asyncio.Future[Any]]] = []
+        for event in events:
+            if result.kafka_unavailable or not order.may_publish(event):
+                continue
+            topic: str | None = None
+            try:
+                topic = self._routes.topic_for(event.event_type)
+                message = self._envelopes.message_for(event, topic)
+                future = await self._publisher.send(message)
+            except PoisonEvent as error:
+                result.failed.append(_Failed(event, topic, str(error)))
+                order.stop_after(event)
+                continue
+            except (KafkaError, OSError) as error:
+                if broker_unavailable(error):
+                    result.kafka_unavailable = True
+                else:  # rejected before sending, e.g. too large
+                    result.failed.append(_Failed(event, topic, error_text(error)))
+                    order.stop_after(event)
+                continue
+            sent.append((event, topic, future))
+
+        await self._publisher.flush()
+        failed_in_kafka: list[OutboxEvent] = []
+        for event, topic, future in sent:
+            if not future.done():  # not expected after flush(); never guess an outcome
+                await asyncio.wait([future])
+            outcome: Any = (
+                ProducerClosed() if future.cancelled() else future.exception() or future.result()
+            )
+            if not isinstance(outcome, BaseException):
+                result.acknowledged.append(
+                    _Acknowledged(event, topic, outcome.partition, outcome.offset)
+                )
+                continue
+            failed_in_kafka.append(event)
+            if broker_unavailable(outcome):
+                result.kafka_unavailable = True
+            else:
+                result.failed.append(_Failed(event, topic, error_text(outcome)))
+        overtaken = overtaken_aggregates(
+            failed_in_kafka, (ack.event for ack in result.acknowledged)
+        )
+        if overtaken:
+            self._metrics.order_broken.labels(self.source).inc(len(overtaken))
+            _log.error(
+                "kafka failed an event after accepting a later one of its aggregate",
+                source=self.source,
+                aggregates=sorted(overtaken)[:20],
+            )
+        return result
+
+    def _settle_failures(
+        self, failures: Sequence[_Failed]
+    ) -> tuple[list[ScheduledRetry], list[ParkedRow], list[DeadLetter]]:
+        retries: list[ScheduledRetry] = []
+        parked: list[ParkedRow] = []
+        letters: list[DeadLetter] = []
+        for failure in failures:
+            event = failure.event
+            verdict = self._retry_policy.after_failure(event.attempts, self._random)
+            if not verdict.dead_letter:
+                retries.append(
+                    ScheduledRetry(
+                        event.id, verdict.attempts, failure.error, verdict.retry_in_seconds
+                    )
+                )
+                _log.warning(
+                    "event publication failed, will retry",
+                    source=self.source,
+                    event_id=str(event.event_id),
+                    attempts=verdict.attempts,
+                    retry_in_seconds=round(verdict.retry_in_seconds, 3),
+                    error=failure.error,
+                )
+                continue
+            parked.append(ParkedRow(event.id, verdict.attempts, failure.error))
+            letters.append(
+                DeadLetter(
+                    event_id=event.event_id,
+                    source=self.source,
+                    event_type=event.event_type,
+                    aggregate_type=event.aggregate_type,
+                    aggregate_id=event.aggregate_id,
+                    topic=failure.topic,
+                    attempts=verdict.attempts,
+                    last_error=failure.error,
+                    payload=event.payload,
+                    payload_type=event.payload_type,
+                    occurred_at=event.occurred_at,
+                )
+            )
+            _log.error(
+                "event dead-lettered",
+                source=self.source,
+                event_id=str(event.event_id),
+                event_type=event.event_type,
+                attempts=verdict.attempts,
+                error=failure.error,
+            )
+        return retries, parked, letters
+
+    async def _copy_to_dead_letter_topics(
+        self, letters: Sequence[DeadLetter], result: _BatchResult
+    ) -> None:
+        """Best effort: the dead letter is safe in the events database either way; a copy
+        that cannot be made (no route, Kafka down, message too large) is counted."""
+        events = {failure.event.event_id: failure.event for failure in result.failed}
+        futures: list[asyncio.Future[Any]] = []
+        not_copied = 0
+        for letter in letters:
+            if letter.topic is None or result.kafka_unavailable:
+                not_copied += 1
+                continue
+            message = self._envelopes.dead_letter_message_for(
+                events[letter.event_id],
+                self._routes.dead_letter_topic(letter.topic),
+                letter.last_error,
+            )
+            try:
+                futures.append(await self._publisher.send(message))
+            except (KafkaError, OSError) as error:
+                not_copied += 1
+                _log.warning(
+                    "dead letter not copied to kafka",
+                    source=self.source,
+                    event_id=str(letter.event_id),
+                    error=repr(error),
+                )
+        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        not_copied += sum(1 for outcome in outcomes if isinstance(outcome, BaseException))
+        if not_copied:
+            self._metrics.dead_letter_publish_failures.labels(self.source).inc(not_copied)
+
+    def _count(self, result: _BatchResult, letters: Sequence[DeadLetter]) -> None:
+        metrics = self._metrics
+        per_topic: dict[str, int] = {}
+        for ack in result.acknowledged:
+            per_topic[ack.topic] = per_topic.get(ack.topic, 0) + 1
+        for topic, count in per_topic.items():
+            metrics.published.labels(self.source, topic).inc(count)
+        for failure in result.failed:
+            metrics.failed_attempts.labels(self.source, failure.topic or "").inc()
+        for letter in letters:
+            metrics.dead_lettered.labels(self.source, letter.topic or "").inc()
+
+
+class RelayGroup:
+    """The relays of one process (one per source), run as background tasks."""
+
+    def __init__(self, relays: Sequence[OutboxRelay]) -> None:
+        self.relays = tuple(relays)
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(relay.run(self._stop), name=f"outbox-relay-{relay.source}")
+            for relay in self.relays
+        ]
+
+    async def stop(self) -> None:
+        """Graceful: each relay finishes its batch in flight, then lets go of its source."""
+        self._stop.set()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def in_flight(self, source: str) -> int:
+        return sum(relay.in_flight for relay in self.relays if relay.source == source)
+
+
+def _is_connection_error(error: Exception) -> bool:
+    """A lost database, possibly reported by a task group (several tasks at once)."""
+    if isinstance(error, ExceptionGroup):
+        return error.subgroup(_CONNECTION_ERRORS) is not None
+    return isinstance(error, _CONNECTION_ERRORS)
+
+
+async def _sleep(stop: asyncio.Event, seconds: float) -> None:
+    """Sleep ``seconds``, or less if ``stop`` is set meanwhile."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
