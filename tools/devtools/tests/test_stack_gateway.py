@@ -1,84 +1,53 @@
-"""The Envoy gateway config: rendering, ``envoy --mode validate``, and the /health contract
-checked against a real Envoy with a fake events service (about a second; no stack needed).
+"""The Envoy gateway config: what the template renders from the contracts and the settings,
+and ``envoy --mode validate`` on the configs the local stack writes (no Envoy left running).
 
-The fake service answers with raw protobuf bytes through a generic handler, so no generated
-module for the test proto enters the default descriptor pool (the real contracts live there).
+The behaviour of a running gateway is tested in ``test_gateway_edge.py`` (fake services) and
+``tests/e2e/test_gateway_*.py`` (the real stack).
 """
 
 from __future__ import annotations
 
 import json
 import socket
-import subprocess
-import time
-from collections.abc import Iterator
-from concurrent import futures
 from pathlib import Path
+from typing import Any
 
-import grpc
-import httpx
+import jwt
 import pytest
 import yaml
 from cake_devtools.gateway_config import (
+    AUTH_THROTTLED_METHODS,
+    CREATED_METHODS,
     HEALTH_SERVICE,
+    OPENAPI_REST_PATH,
+    PUBLIC_METHODS,
+    TRANSCODED_SERVICES,
     GatewayConfigError,
     GatewayContext,
     Upstream,
+    check_files,
     default_descriptor_path,
+    default_openapi_path,
     local_upstreams,
     render_gateway_config,
+    rest_api,
     write_gateway_config,
 )
-from cake_devtools.stack.envoy import envoy_binary, local_gateway_context, validate_config
-from cake_devtools.stack.settings import StackSettingsForTests
+from cake_devtools.stack.component import StackContext
+from cake_devtools.stack.envoy import (
+    EnvoyComponent,
+    GatewaySettings,
+    load_gateway_settings,
+    local_gateway_context,
+    validate_config,
+)
+from cake_devtools.stack.layout import RunLayout
+from cake_devtools.stack.settings import StackSettings, StackSettingsForTests
+from cryptography.hazmat.primitives.asymmetric import ec
 
-HEALTH_PROTO = """
-syntax = "proto3";
-package cake.events.v1;
-import "google/api/annotations.proto";
-message GetSystemHealthRequest {}
-message GetSystemHealthResponse {
-  string status = 1;
-  int64 uptime_ms = 2;
-  bool degraded = 3;
-}
-service SystemHealthService {
-  rpc GetSystemHealth(GetSystemHealthRequest) returns (GetSystemHealthResponse) {
-    option (google.api.http) = {get: "/health"};
-  }
-}
-"""
-# GetSystemHealthResponse{status: "healthy", uptime_ms: 2**40}, encoded by hand.
-HEALTHY_RESPONSE = b"\x0a\x07healthy" + b"\x10\x80\x80\x80\x80\x80\x20"
-# GetSystemHealthResponse{status: "unhealthy"}.
-UNHEALTHY_RESPONSE = b"\x0a\x09unhealthy"
-
-
-@pytest.fixture(scope="module")
-def descriptor_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A descriptor set with just the health RPC, built with protoc from grpcio-tools."""
-    import google.api.annotations_pb2
-    import grpc_tools  # type: ignore[import-untyped]
-    from grpc_tools import protoc
-
-    workdir = tmp_path_factory.mktemp("proto")
-    (workdir / "health.proto").write_text(HEALTH_PROTO)
-    googleapis = Path(google.api.annotations_pb2.__file__).parents[2]
-    well_known = Path(grpc_tools.__file__).parent / "_proto"
-    output = workdir / "cake.pb"
-    status = protoc.main(
-        [
-            "protoc",
-            f"-I{workdir}",
-            f"-I{googleapis}",
-            f"-I{well_known}",
-            "--include_imports",
-            f"--descriptor_set_out={output}",
-            "health.proto",
-        ]
-    )
-    assert status == 0
-    return output
+pytestmark = pytest.mark.skipif(
+    not default_descriptor_path().is_file(), reason="gateway/generated not generated yet"
+)
 
 
 def _free_port() -> int:
@@ -87,201 +56,304 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _context(
-    descriptor: Path, *, events_port: int = 57153, listen_port: int = 18080
-) -> GatewayContext:
-    return GatewayContext(
-        listen_address="127.0.0.1",
-        listen_port=listen_port,
-        admin_address="127.0.0.1",
-        admin_port=_free_port(),
-        descriptor_path=descriptor,
-        upstreams=local_upstreams(auth_port=57151, promotions_port=57152, events_port=events_port),
-    )
+@pytest.fixture
+def jwks(tmp_path: Path) -> Path:
+    # Envoy refuses a key set without a usable key, so this one has a real public key.
+    public = ec.generate_private_key(ec.SECP256R1()).public_key()
+    jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(public))
+    path = tmp_path / "jwks.json"
+    path.write_text(json.dumps({"keys": [{**jwk, "kid": "k", "use": "sig", "alg": "ES256"}]}))
+    return path
 
 
-def _http_filters(config: dict[str, object]) -> list[dict[str, object]]:
-    listener = config["static_resources"]["listeners"][0]  # type: ignore[index]
-    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
-    return manager["http_filters"]  # type: ignore[no-any-return]
+def _context(jwks: Path, **overrides: Any) -> GatewayContext:
+    settings: dict[str, Any] = {
+        "listen_address": "127.0.0.1",
+        "listen_port": 18080,
+        "admin_address": "127.0.0.1",
+        "admin_port": _free_port(),
+        "descriptor_path": default_descriptor_path(),
+        "openapi_path": default_openapi_path(),
+        "jwks_path": jwks,
+        "upstreams": local_upstreams(auth_port=57151, promotions_port=57152, events_port=57153),
+    }
+    settings.update(overrides)
+    return GatewayContext(**settings)
 
 
-def test_rendered_config_binds_loopback_and_routes_grpc_paths(descriptor_set: Path) -> None:
-    config = yaml.safe_load(render_gateway_config(_context(descriptor_set)))
-
-    assert config["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+def _manager(config: dict[str, Any]) -> dict[str, Any]:
     listener = config["static_resources"]["listeners"][0]
-    assert listener["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 18080}
-    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
-    assert set(clusters) == {"auth", "promotions", "events"}
-    events = clusters["events"]
-    assert events["type"] == "STATIC"
-    assert "http2_protocol_options" in str(events["typed_extension_protocol_options"])
-    endpoint = events["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
-    assert endpoint["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 57153}
-
-    routes = listener["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]
-    matches = [route["match"] for route in routes["virtual_hosts"][0]["routes"]]
-    assert matches[0] == {"path": f"/{HEALTH_SERVICE}/GetSystemHealth"}
-    assert {"prefix": "/cake.auth."} in matches
+    return listener["filter_chains"][0]["filters"][0]["typed_config"]  # type: ignore[no-any-return]
 
 
-def test_transcoder_prints_defaults_and_converts_grpc_status(descriptor_set: Path) -> None:
-    filters = _http_filters(yaml.safe_load(render_gateway_config(_context(descriptor_set))))
+def _filters(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {f["name"]: f["typed_config"] for f in _manager(config)["http_filters"]}
 
-    names = [f["name"] for f in filters]
+
+def _routes(config: dict[str, Any]) -> list[dict[str, Any]]:
+    return _manager(config)["route_config"]["virtual_hosts"][0]["routes"]  # type: ignore[no-any-return]
+
+
+def _render(jwks: Path, **overrides: Any) -> dict[str, Any]:
+    return yaml.safe_load(render_gateway_config(_context(jwks, **overrides)))  # type: ignore[no-any-return]
+
+
+# -- structure ---------------------------------------------------------------------------------
+
+
+def test_filters_run_in_the_documented_order(jwks: Path) -> None:
+    names = [f["name"] for f in _manager(_render(jwks))["http_filters"]]
+
     assert names == [
+        "envoy.filters.http.header_mutation",
+        "envoy.filters.http.cors",
+        "envoy.filters.http.local_ratelimit",
+        "envoy.filters.http.buffer",
         "envoy.filters.http.lua",
         "envoy.filters.http.grpc_json_transcoder",
+        "envoy.filters.http.jwt_authn",
         "envoy.filters.http.router",
     ]
-    transcoder = filters[1]["typed_config"]
-    assert transcoder["proto_descriptor"] == str(descriptor_set)  # type: ignore[index]
-    assert transcoder["services"] == [HEALTH_SERVICE]  # type: ignore[index]
-    assert transcoder["convert_grpc_status"] is True  # type: ignore[index]
-    assert transcoder["print_options"] == {  # type: ignore[index]
+
+
+def test_transcoder_serves_every_contract_service_strictly(jwks: Path) -> None:
+    transcoder = _filters(_render(jwks))["envoy.filters.http.grpc_json_transcoder"]
+
+    assert transcoder["proto_descriptor"] == str(default_descriptor_path())
+    assert transcoder["services"] == list(TRANSCODED_SERVICES)
+    assert transcoder["convert_grpc_status"] is True
+    assert transcoder["print_options"] == {
         "always_print_primitive_fields": True,
         "preserve_proto_field_names": False,
     }
+    assert transcoder["request_validation_options"] == {
+        "reject_unknown_method": True,
+        "reject_unknown_query_parameters": True,
+        "reject_binding_body_field_collisions": True,
+    }
 
 
-def test_dns_upstreams_use_strict_dns(descriptor_set: Path) -> None:
-    context = _context(descriptor_set)
-    k8s = GatewayContext(
-        **{
-            **context.__dict__,
-            "upstreams": (Upstream("events", "events.cake.svc", 50051, "/cake.events."),),
-        }
+def test_every_rest_method_has_a_route_on_its_grpc_path(jwks: Path) -> None:
+    routes = {route["name"]: route for route in _routes(_render(jwks))}
+
+    for method in rest_api():
+        route = routes[method.full_name]
+        assert route["match"] == {"path": method.grpc_path}
+        lua = route["metadata"]["filter_metadata"]["envoy.filters.http.lua"]
+        assert lua["rest_status"] == method.success_status
+        assert lua.get("unwrap") == (method.response_body or None)
+        retry = route["route"].get("retry_policy")
+        # Reads only (a write may have reached the service before the failure); /health
+        # answers for what it sees at once.
+        expect_retry = method.http_method == "GET" and not method.is_health
+        assert (retry is not None) == expect_retry, method.full_name
+    assert {m.full_name for m in rest_api() if m.success_status == 201} == CREATED_METHODS
+
+
+def test_health_uses_a_cluster_without_health_checks(jwks: Path) -> None:
+    config = _render(jwks)
+    health = next(r for r in _routes(config) if r["name"] == f"{HEALTH_SERVICE}/GetSystemHealth")
+    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+
+    assert health["route"]["cluster"] == "events_unchecked"
+    assert "health_checks" not in clusters["events_unchecked"]
+    for name in ("auth", "promotions", "events"):
+        cluster = clusters[name]
+        assert cluster["common_lb_config"]["healthy_panic_threshold"] == {"value": 0}
+        assert "grpc_health_check" in cluster["health_checks"][0]
+        assert cluster["health_checks"][0]["no_traffic_interval"] == "2s"
+        assert cluster["outlier_detection"]["enforcing_consecutive_5xx"] == 0
+        address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+        assert address["address"]["socket_address"]["address"] == "127.0.0.1"
+        assert cluster["type"] == "STATIC"
+
+
+def test_dns_upstreams_use_strict_dns(jwks: Path) -> None:
+    config = _render(
+        jwks,
+        upstreams=(
+            Upstream("auth", "auth", 50051, "/cake.auth."),
+            Upstream("promotions", "promotions", 50051, "/cake.promotions."),
+            Upstream("events", "events", 50051, "/cake.events."),
+        ),
     )
-    config = yaml.safe_load(render_gateway_config(k8s))
-    assert config["static_resources"]["clusters"][0]["type"] == "STRICT_DNS"
+    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+
+    assert clusters["auth"]["type"] == "STRICT_DNS"
+    assert clusters["events_unchecked"]["type"] == "STRICT_DNS"
 
 
-def test_missing_descriptor_set_fails_clearly(tmp_path: Path) -> None:
+def test_jwt_rules_leave_exactly_the_public_methods_open(jwks: Path) -> None:
+    jwt_filter = _filters(_render(jwks))["envoy.filters.http.jwt_authn"]
+    rules = jwt_filter["rules"]
+    provider = jwt_filter["providers"]["cake"]
+
+    open_paths = {rule["match"]["path"] for rule in rules if "requires" not in rule}
+    assert open_paths == {OPENAPI_REST_PATH} | {f"/{name}" for name in PUBLIC_METHODS}
+    assert rules[-1] == {"match": {"prefix": "/"}, "requires": {"provider_name": "cake"}}
+    assert provider["local_jwks"] == {"filename": str(jwks)}
+    assert provider["issuer"] == "cake-system"
+    assert provider["audiences"] == ["cake-users"]
+    assert provider["forward"] is True
+
+
+def test_rate_limits_come_from_the_context(jwks: Path) -> None:
+    limiter = _filters(_render(jwks, rate_limit_per_minute=7, auth_rate_limit_per_minute=3))[
+        "envoy.filters.http.local_ratelimit"
+    ]
+    buckets = {
+        tuple(entry.get("value", "*") for entry in d["entries"]): d["token_bucket"]
+        for d in limiter["descriptors"]
+    }
+
+    assert buckets[("*",)]["max_tokens"] == 7
+    assert buckets[("auth", "*")]["max_tokens"] == 3
+    assert buckets[("auth", "*")]["fill_interval"] == "60s"
+    assert limiter["rate_limited_as_resource_exhausted"] is True
+    assert limiter["enable_x_ratelimit_headers"] == "DRAFT_VERSION_03"
+    auth_regex = limiter["rate_limits"][1]["actions"][0]["header_value_match"]["headers"][0]
+    pattern = auth_regex["string_match"]["safe_regex"]["regex"]
+    for name in AUTH_THROTTLED_METHODS:
+        assert name.replace(".", r"\.") in pattern
+
+
+def test_body_limit_cors_origins_and_connection_limit_come_from_the_context(jwks: Path) -> None:
+    config = _render(
+        jwks,
+        max_request_bytes=4096,
+        cors_allowed_origins=("https://a.example", "*"),
+        max_downstream_connections=77,
+    )
+    policy = _manager(config)["route_config"]["virtual_hosts"][0]["typed_per_filter_config"][
+        "envoy.filters.http.cors"
+    ]
+    monitor = config["overload_manager"]["resource_monitors"][0]
+
+    assert _filters(config)["envoy.filters.http.buffer"]["max_request_bytes"] == 4096
+    assert policy["allow_origin_string_match"] == [
+        {"exact": "https://a.example"},
+        {"safe_regex": {"regex": ".*"}},
+    ]
+    assert monitor["typed_config"]["max_active_downstream_connections"] == 77
+
+
+def test_lua_knows_the_accepted_body_fields_of_every_body_method(jwks: Path) -> None:
+    scripts = _filters(_render(jwks))["envoy.filters.http.lua"]["source_codes"]
+    lua = scripts["rest_request.lua"]["inline_string"]
+
+    for method in rest_api():
+        if method.body == "*":
+            assert method.lua_path_pattern in lua.replace("\\\\", "\\")
+    assert '["phoneNumber"] = true' in lua
+    assert '["phone_number"] = true' in lua
+
+
+def test_missing_generated_files_fail_clearly(jwks: Path, tmp_path: Path) -> None:
     with pytest.raises(GatewayConfigError, match="does not exist; generate it"):
-        render_gateway_config(_context(tmp_path / "absent.pb"))
+        render_gateway_config(_context(jwks, descriptor_path=tmp_path / "absent.pb"))
+    with pytest.raises(GatewayConfigError, match="cake-auth gen-keys"):
+        check_files(_context(tmp_path / "absent.json"))
+    with pytest.raises(GatewayConfigError, match="cake-codegen"):
+        check_files(_context(jwks, openapi_path=tmp_path / "absent.json"))
 
 
-def test_descriptor_without_the_health_service_is_rejected(tmp_path: Path) -> None:
+def test_descriptor_without_a_routed_service_is_rejected(jwks: Path, tmp_path: Path) -> None:
     from google.protobuf import descriptor_pb2
 
     empty = tmp_path / "empty.pb"
     empty.write_bytes(descriptor_pb2.FileDescriptorSet().SerializeToString())
-    with pytest.raises(GatewayConfigError, match=f"no service {HEALTH_SERVICE}"):
-        render_gateway_config(_context(empty))
+    with pytest.raises(GatewayConfigError, match=r"has no service cake\.auth\.v1\.AuthService"):
+        render_gateway_config(_context(jwks, descriptor_path=empty))
 
 
-def test_envoy_accepts_the_rendered_config(descriptor_set: Path, tmp_path: Path) -> None:
-    config = write_gateway_config(_context(descriptor_set), tmp_path / "envoy.yaml")
-    validate_config(config)
+# -- settings ----------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(
-    not default_descriptor_path().is_file(), reason="gateway/generated/cake.pb not generated yet"
-)
-def test_envoy_accepts_the_local_stack_config_with_the_real_contracts(tmp_path: Path) -> None:
-    context = local_gateway_context(StackSettingsForTests())
+def test_default_profile_has_cakes_limits_and_bench_raises_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("PROFILE", "RATE_LIMIT_PER_MINUTE", "AUTH_RATE_LIMIT_PER_MINUTE"):
+        monkeypatch.delenv(f"CAKE_GATEWAY_{name}", raising=False)
+    assert GatewaySettings().rate_limits == (100, 20)
+
+    monkeypatch.setenv("CAKE_GATEWAY_PROFILE", "bench")
+    bench_all, bench_auth = GatewaySettings().rate_limits
+    assert bench_all >= 1_000_000
+    assert bench_auth >= 1_000_000
+
+    monkeypatch.setenv("CAKE_GATEWAY_AUTH_RATE_LIMIT_PER_MINUTE", "50")
+    assert GatewaySettings().rate_limits == (bench_all, 50)
+
+
+def test_the_test_stack_gateway_does_not_throttle_other_tests(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("CAKE_TEST_GATEWAY_PROFILE", raising=False)
+    monkeypatch.delenv("CAKE_TEST_GATEWAY_RATE_LIMIT_PER_MINUTE", raising=False)
+    monkeypatch.setenv("CAKE_GATEWAY_RATE_LIMIT_PER_MINUTE", "5")  # the dev profile's
+
+    assert load_gateway_settings("test").rate_limits[0] >= 1_000_000
+    assert load_gateway_settings("dev").rate_limits[0] == 5
+
+
+def test_stack_settings_reach_the_context(monkeypatch: pytest.MonkeyPatch, jwks: Path) -> None:
+    monkeypatch.setenv("CAKE_GATEWAY_CORS_ALLOWED_ORIGINS", "https://a.example, https://b.example")
+    monkeypatch.setenv("CAKE_GATEWAY_RATE_LIMIT_PER_MINUTE", "250")
+    monkeypatch.setenv("CAKE_GATEWAY_MAX_REQUEST_BYTES", "2048")
+
+    context = local_gateway_context(StackSettings(), jwks_path=jwks, gateway=GatewaySettings())
+
+    assert context.cors_allowed_origins == ("https://a.example", "https://b.example")
+    assert context.rate_limit_per_minute == 250
+    assert context.max_request_bytes == 2048
+    assert context.jwks_path == jwks
+    assert context.listen_address == "127.0.0.1"
+
+
+# -- envoy --mode validate ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("profile", ["dev", "test"])
+def test_envoy_accepts_the_local_stack_config(profile: str, jwks: Path, tmp_path: Path) -> None:
+    settings = StackSettingsForTests() if profile == "test" else StackSettings()
+    context = local_gateway_context(
+        settings, jwks_path=jwks, gateway=load_gateway_settings(profile)
+    )
     validate_config(write_gateway_config(context, tmp_path / "envoy.yaml"))
 
 
-# -- a real Envoy in front of a fake events service ------------------------------------------
-
-
-class FakeEvents:
-    """gRPC server answering GetSystemHealth with fixed bytes."""
-
-    def __init__(self) -> None:
-        self.response = HEALTHY_RESPONSE
-        self.port = _free_port()
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-
-        def get_system_health(_request: bytes, _context: grpc.ServicerContext) -> bytes:
-            return self.response
-
-        handler = grpc.unary_unary_rpc_method_handler(
-            get_system_health,
-            request_deserializer=lambda data: data,
-            response_serializer=lambda data: data,
-        )
-        self.server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(HEALTH_SERVICE, {"GetSystemHealth": handler}),)
-        )
-        self.server.add_insecure_port(f"127.0.0.1:{self.port}")
-
-
-@pytest.fixture(scope="module")
-def fake_events() -> FakeEvents:
-    return FakeEvents()
-
-
-@pytest.fixture(scope="module")
-def gateway(
-    descriptor_set: Path, fake_events: FakeEvents, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
-    context = _context(descriptor_set, events_port=fake_events.port, listen_port=_free_port())
-    config = write_gateway_config(context, tmp_path_factory.mktemp("envoy") / "envoy.yaml")
-    envoy = subprocess.Popen(
-        [envoy_binary(), "-c", str(config), "--disable-hot-restart", "--log-level", "error"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+def test_envoy_accepts_a_config_with_dns_upstreams(jwks: Path, tmp_path: Path) -> None:
+    context = _context(
+        jwks,
+        listen_address="0.0.0.0",
+        upstreams=(
+            Upstream("auth", "auth.cake.svc", 50051, "/cake.auth."),
+            Upstream("promotions", "promotions.cake.svc", 50051, "/cake.promotions."),
+            Upstream("events", "events.cake.svc", 50051, "/cake.events."),
+        ),
+        xff_num_trusted_hops=1,
     )
-    admin = f"http://127.0.0.1:{context.admin_port}/ready"
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(admin, timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert envoy.poll() is None, envoy.stderr.read() if envoy.stderr else ""
-            assert time.monotonic() < deadline, "envoy did not become ready"
-            time.sleep(0.1)
-        yield f"http://127.0.0.1:{context.listen_port}"
-    finally:
-        envoy.terminate()
-        envoy.wait(timeout=10)
-        if envoy.stderr:
-            envoy.stderr.close()
+    validate_config(write_gateway_config(context, tmp_path / "envoy.yaml"))
 
 
-def test_health_is_503_json_when_the_events_service_is_down(gateway: str) -> None:
-    response = httpx.get(f"{gateway}/health")
-
-    assert response.status_code == 503
-    assert response.headers["content-type"] == "application/json"
-    body = response.json()
-    assert body["status"] == "unhealthy"
-    assert body["checks"]["events"] == "unhealthy"
-    assert body["error"]
-    assert body["timestamp"].endswith("Z")
+# -- the stack component -----------------------------------------------------------------------
 
 
-def test_health_is_transcoded_from_the_events_service(
-    gateway: str, fake_events: FakeEvents
-) -> None:
-    fake_events.server.start()
-    try:
-        fake_events.response = HEALTHY_RESPONSE
-        healthy = httpx.get(f"{gateway}/health")
-        fake_events.response = UNHEALTHY_RESPONSE
-        unhealthy = httpx.get(f"{gateway}/health")
-    finally:
-        fake_events.server.stop(grace=None)
+def test_stack_restarts_envoy_when_the_keys_rotate(jwks: Path, tmp_path: Path) -> None:
+    layout = RunLayout(tmp_path, "test")
+    layout.keys.mkdir(parents=True)
+    layout.jwks_file.write_bytes(jwks.read_bytes())
+    context = StackContext(
+        profile="test", settings=StackSettingsForTests(), layout=layout, echo=lambda _: None
+    )
+    envoy = EnvoyComponent(context, events_running=lambda: False)
 
-    assert healthy.status_code == 200
-    # int64 as a string, lowerCamelCase, and defaults printed (degraded: false).
-    assert healthy.json() == {"status": "healthy", "uptimeMs": str(2**40), "degraded": False}
-    assert unhealthy.status_code == 503  # the service's own "unhealthy" verdict
-    assert unhealthy.json() == {"status": "unhealthy", "uptimeMs": "0", "degraded": False}
+    assert envoy.unavailable_reason() is None
+    before = envoy.fingerprint()
+    layout.jwks_file.write_text(jwks.read_text().replace('"kid": "k"', '"kid": "k2"'))
 
-
-def test_envoy_local_replies_are_status_json(gateway: str) -> None:
-    response = httpx.get(f"{gateway}/no/such/path")
-
-    assert response.status_code == 404
-    assert json.loads(response.text) == {
-        "code": 5,
-        "message": "Cannot GET /no/such/path",
-        "details": [],
-    }
+    assert envoy.fingerprint() != before
+    layout.jwks_file.unlink()
+    reason = envoy.unavailable_reason()
+    assert reason is not None
+    assert "cake-auth gen-keys" in reason

@@ -105,7 +105,7 @@ async def test_window_must_end_after_it_starts(
             metadata=signer.metadata(1, "admin"),
         )
     assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-    assert violated_fields(caught.value) == ["end_date"]
+    assert violated_fields(caught.value) == ["endDate"]
 
 
 async def test_more_than_two_decimals_is_invalid(
@@ -116,7 +116,7 @@ async def test_more_than_two_decimals_is_invalid(
             create_request(min_topup_amount=10.005), metadata=signer.metadata(1, "admin")
         )
     assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-    assert violated_fields(caught.value) == ["min_topup_amount"]
+    assert violated_fields(caught.value) == ["minTopupAmount"]
 
 
 async def test_list_is_public_active_only_newest_first(server: Any, signer: Any) -> None:

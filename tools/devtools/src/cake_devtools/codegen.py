@@ -1,9 +1,10 @@
 """``cake-codegen``: one command for Cake's protobuf contracts.
 
 - ``cake-codegen`` regenerates, from ``protos/``, the Python package ``libs/protos/src/``
-  (messages, gRPC stubs and their type stubs, plus ``buf/validate`` for protovalidate) and the
+  (messages, gRPC stubs and their type stubs, plus ``buf/validate`` for protovalidate), the
   descriptor set ``gateway/generated/cake.pb`` that Envoy's gRPC-JSON transcoder loads (see
-  :func:`envoy_descriptor_set` for the one way it differs from the contracts);
+  :func:`envoy_descriptor_set` for the one way it differs from the contracts) and the OpenAPI
+  document ``gateway/generated/openapi.json`` the gateway serves (:mod:`cake_devtools.openapi`);
 - ``cake-codegen --check`` generates into a temporary directory and fails, listing the stale
   files, when the committed output differs (CI runs it);
 - ``cake-codegen lint`` runs ``buf lint`` and ``buf format`` on ``protos/``;
@@ -29,7 +30,7 @@ from pathlib import Path
 from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2
 
-from cake_devtools import protodeps
+from cake_devtools import openapi, protodeps
 
 # Not imported by any contract, but Envoy needs them in the descriptor set to render
 # google.rpc.Status details (BadRequest, ErrorInfo, ...) as JSON.
@@ -72,6 +73,10 @@ class Layout:
     @property
     def descriptor_out(self) -> Path:
         return self.root / "gateway" / "generated" / "cake.pb"
+
+    @property
+    def openapi_out(self) -> Path:
+        return self.root / "gateway" / "generated" / "openapi.json"
 
     def contract_files(self) -> list[str]:
         """The contracts' .proto paths relative to ``protos/``, sorted."""
@@ -247,6 +252,9 @@ def generate(layout: Layout, deps: protodeps.ProtoDeps) -> dict[str, bytes]:
 
         files = _read_tree(python_dir, python_prefix)
         files[descriptor_key] = envoy_descriptor_set(file_set)
+        files[layout.openapi_out.relative_to(layout.root).as_posix()] = openapi.render_openapi(
+            file_set
+        )
         return files
 
 
@@ -261,8 +269,9 @@ def committed_files(layout: Layout) -> dict[str, Path]:
         for path in sorted(layout.python_out.rglob("*")):
             if path.is_file() and not _is_cache(path.relative_to(layout.python_out)):
                 found[path.relative_to(layout.root).as_posix()] = path
-    if layout.descriptor_out.is_file():
-        found[layout.descriptor_out.relative_to(layout.root).as_posix()] = layout.descriptor_out
+    for single in (layout.descriptor_out, layout.openapi_out):
+        if single.is_file():
+            found[single.relative_to(layout.root).as_posix()] = single
     return found
 
 
@@ -338,8 +347,9 @@ def run_generate(layout: Layout, *, check: bool, refresh_deps: bool) -> int:
     staleness = write(layout, generated)
     touched = len(staleness.changed) + len(staleness.missing) + len(staleness.unexpected)
     _log(
-        f"wrote {layout.python_out.relative_to(layout.root)}/ and "
-        f"{layout.descriptor_out.relative_to(layout.root)} "
+        f"wrote {layout.python_out.relative_to(layout.root)}/, "
+        f"{layout.descriptor_out.relative_to(layout.root)} and "
+        f"{layout.openapi_out.relative_to(layout.root)} "
         f"({len(generated)} files, {touched} changed)"
     )
     return 0
@@ -439,7 +449,7 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "generate",
         parents=[shared, check],
-        help="regenerate libs/protos/src and gateway/generated/cake.pb (the default)",
+        help="regenerate libs/protos/src and gateway/generated/ (the default)",
     )
     commands.add_parser("lint", parents=[shared], help="buf lint and buf format check of protos/")
     breaking = commands.add_parser(

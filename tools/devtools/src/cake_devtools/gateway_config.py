@@ -1,29 +1,78 @@
 """Renders the Envoy gateway config from ``gateway/envoy.yaml.j2``.
 
-This module is the single source of truth for the gateway config: the local stack renders it
-with loopback upstreams, and the Kubernetes variant renders the same template with service DNS
-names. Everything that differs between the two lives in :class:`GatewayContext`.
+This module and the template are the single source of truth for the gateway config: the local
+stack renders it with loopback upstreams, and the Kubernetes variant renders the same template
+with service DNS names and mounted files. Everything that differs between the two lives in
+:class:`GatewayContext`; everything that follows from the contracts (routes, public methods,
+wrapped responses, accepted JSON fields) is derived from the generated descriptors by
+:func:`rest_methods`, so a new RPC with a ``google.api.http`` rule is routed without editing
+the template.
 """
 
 from __future__ import annotations
 
+import importlib
 import ipaddress
 import json
-from collections.abc import Sequence
+import pkgutil
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import jinja2
 import yaml
-from google.protobuf import descriptor_pb2
+from google.api import annotations_pb2, http_pb2
+from google.protobuf import descriptor_pb2, descriptor_pool
 
 TEMPLATE_NAME = "envoy.yaml.j2"
 
-#: The RPC that serves ``GET /health`` (mapped by its ``google.api.http`` option).
+AUTH_SERVICE = "cake.auth.v1.AuthService"
+PROMOTIONS_SERVICE = "cake.promotions.v1.PromotionsService"
 HEALTH_SERVICE = "cake.events.v1.SystemHealthService"
+EVENT_ADMIN_SERVICE = "cake.events.v1.EventAdminService"
+#: The services whose ``google.api.http`` rules the gateway serves as REST.
+TRANSCODED_SERVICES: tuple[str, ...] = (
+    AUTH_SERVICE,
+    PROMOTIONS_SERVICE,
+    HEALTH_SERVICE,
+    EVENT_ADMIN_SERVICE,
+)
+
+#: The RPC that serves ``GET /health`` (mapped by its ``google.api.http`` option).
 HEALTH_METHOD = "GetSystemHealth"
 HEALTH_REST_PATH = "/health"
+OPENAPI_REST_PATH = "/openapi.json"
+
+#: Methods callable without a token (``service/method``). Everything else needs a valid bearer
+#: token at the edge; roles (admin) are checked by the services.
+PUBLIC_METHODS: frozenset[str] = frozenset(
+    {
+        f"{AUTH_SERVICE}/Register",
+        f"{AUTH_SERVICE}/Login",
+        f"{AUTH_SERVICE}/GetJwks",
+        f"{PROMOTIONS_SERVICE}/ListCampaigns",
+        f"{PROMOTIONS_SERVICE}/GetCampaign",
+        f"{PROMOTIONS_SERVICE}/ValidateVoucher",
+        f"{HEALTH_SERVICE}/{HEALTH_METHOD}",
+    }
+)
+#: Methods that answer 201 Created over REST on success, as the Cake System does.
+CREATED_METHODS: frozenset[str] = frozenset(
+    {f"{AUTH_SERVICE}/Register", f"{PROMOTIONS_SERVICE}/CreateCampaign"}
+)
+#: Methods that also draw from the stricter per-IP bucket (credential guessing, sign-up spam).
+AUTH_THROTTLED_METHODS: tuple[str, ...] = (f"{AUTH_SERVICE}/Register", f"{AUTH_SERVICE}/Login")
+
+#: Request headers the gateway sets for the services. Any incoming header with this prefix is
+#: dropped before the first filter runs, so a client can never supply (forge) one.
+GATEWAY_HEADER_PREFIX = "x-cake-"
+CLIENT_IP_HEADER = "x-cake-client-ip"
+#: base64url of the verified token's JSON claims (set only when the edge verified a token).
+JWT_PAYLOAD_HEADER = "x-cake-jwt-payload"
+USER_ID_HEADER = "x-cake-user-id"
+USER_ROLE_HEADER = "x-cake-user-role"
 
 #: Envoy's own replies carry a google.rpc.Status-shaped body like the services' errors, so the
 #: code is the gRPC code that matches the HTTP status (the inverse of grpc-gateway's mapping).
@@ -33,8 +82,11 @@ LOCAL_REPLY_GRPC_CODES: tuple[tuple[int, int], ...] = (
     (401, 16),  # UNAUTHENTICATED
     (403, 7),  # PERMISSION_DENIED
     (404, 5),  # NOT_FOUND
+    (405, 12),  # UNIMPLEMENTED (method not allowed)
+    (408, 4),  # DEADLINE_EXCEEDED (request timeout)
     (413, 8),  # RESOURCE_EXHAUSTED (body too large)
     (429, 8),  # RESOURCE_EXHAUSTED (rate limited)
+    (431, 8),  # RESOURCE_EXHAUSTED (headers too large)
     (500, 13),  # INTERNAL
     (501, 12),  # UNIMPLEMENTED
     (502, 14),  # UNAVAILABLE
@@ -42,9 +94,184 @@ LOCAL_REPLY_GRPC_CODES: tuple[tuple[int, int], ...] = (
     (504, 4),  # DEADLINE_EXCEEDED
 )
 
+#: Messages of Envoy's own replies to REST clients where its text says too little.
+LOCAL_REPLY_MESSAGES: dict[int, str] = {
+    # Envoy's "no route" reply has no text; say what was not found, like Cake does.
+    404: "Cannot %REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+    429: "Too Many Requests",
+}
+
+MEBIBYTE = 1024 * 1024
+
 
 class GatewayConfigError(RuntimeError):
     """The gateway config cannot be rendered (missing descriptor set, unknown RPC, ...)."""
+
+
+# -- the REST surface, derived from the contracts --------------------------------------------
+
+
+@dataclass(frozen=True)
+class RestMethod:
+    """One RPC with its ``google.api.http`` binding, as the gateway serves it."""
+
+    service: str
+    method: str
+    http_method: str
+    path: str
+    #: ``*`` (the whole request message is the JSON body), a field name, or empty (no body).
+    body: str
+    #: The response field the contract returns as the bare HTTP body (empty: whole message).
+    response_body: str
+    request_type: str
+    response_type: str
+    path_params: tuple[str, ...]
+    #: Top-level JSON keys a body may carry: the JSON and proto names of the body fields.
+    body_keys: tuple[str, ...]
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.service}/{self.method}"
+
+    @property
+    def grpc_path(self) -> str:
+        return f"/{self.full_name}"
+
+    @property
+    def public(self) -> bool:
+        return self.full_name in PUBLIC_METHODS
+
+    @property
+    def success_status(self) -> int:
+        return 201 if self.full_name in CREATED_METHODS else 200
+
+    @property
+    def idempotent(self) -> bool:
+        """Safe to retry on a connection failure: the reads."""
+        return self.http_method == "GET"
+
+    @property
+    def is_health(self) -> bool:
+        return self.service == HEALTH_SERVICE and self.method == HEALTH_METHOD
+
+    @property
+    def lua_path_pattern(self) -> str:
+        """The REST path as an anchored Lua pattern (``{var}`` matches one segment)."""
+        pieces = re.split(r"(\{[^}]+\})", self.path)
+        out = []
+        for piece in pieces:
+            if piece.startswith("{"):
+                out.append("[^/]+")
+            else:
+                out.append(re.sub(r"([\^$()%.\[\]*+\-?])", r"%\1", piece))
+        return "^" + "".join(out) + "$"
+
+
+def json_name(proto_name: str) -> str:
+    """protoc's default JSON name: ``latest_login`` -> ``latestLogin``."""
+    head, *rest = proto_name.split("_")
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+def _binding_pattern(rule: http_pb2.HttpRule) -> tuple[str, str] | None:
+    kind = rule.WhichOneof("pattern")
+    if kind is None:
+        return None
+    if kind == "custom":
+        return rule.custom.kind.upper(), rule.custom.path
+    return kind.upper(), str(getattr(rule, kind))
+
+
+def rest_methods(
+    file_set: descriptor_pb2.FileDescriptorSet, services: Sequence[str]
+) -> tuple[RestMethod, ...]:
+    """Every HTTP binding of ``services`` in ``file_set``, in declaration order."""
+    messages: dict[str, descriptor_pb2.DescriptorProto] = {}
+    found: dict[str, descriptor_pb2.ServiceDescriptorProto] = {}
+    for file in file_set.file:
+        prefix = f"{file.package}." if file.package else ""
+        for message in file.message_type:
+            messages[prefix + message.name] = message
+        for service in file.service:
+            found[prefix + service.name] = service
+    methods: list[RestMethod] = []
+    for service_name in services:
+        if service_name not in found:
+            raise GatewayConfigError(f"the contracts have no service {service_name}")
+        for method in found[service_name].method:
+            if not method.options.HasExtension(annotations_pb2.http):
+                continue
+            rule = method.options.Extensions[annotations_pb2.http]
+            request_type = method.input_type.lstrip(".")
+            request = messages[request_type]
+            for binding in (rule, *rule.additional_bindings):
+                pattern = _binding_pattern(binding)
+                if pattern is None:
+                    continue
+                http_method, path = pattern
+                path_params = tuple(name.split("=")[0] for name in re.findall(r"\{([^}]+)\}", path))
+                body_keys: tuple[str, ...] = ()
+                if binding.body == "*":
+                    body_fields = [f for f in request.field if f.name not in path_params]
+                    body_keys = tuple(
+                        sorted(
+                            {f.name for f in body_fields}
+                            | {f.json_name or json_name(f.name) for f in body_fields}
+                        )
+                    )
+                methods.append(
+                    RestMethod(
+                        service=service_name,
+                        method=method.name,
+                        http_method=http_method,
+                        path=path,
+                        body=binding.body,
+                        response_body=binding.response_body,
+                        request_type=request_type,
+                        response_type=method.output_type.lstrip("."),
+                        path_params=path_params,
+                        body_keys=body_keys,
+                    )
+                )
+    return tuple(methods)
+
+
+def contract_file_set(
+    services: Iterable[str] = TRANSCODED_SERVICES,
+) -> descriptor_pb2.FileDescriptorSet:
+    """The contracts as the generated Python modules describe them.
+
+    The Envoy descriptor set has its ``response_body`` options removed (see
+    ``cake_devtools.codegen.envoy_descriptor_set``); the Python descriptors keep them, so the
+    gateway knows which responses to unwrap. Both come from the same ``cake-codegen`` run.
+    """
+    import cake
+
+    for module in pkgutil.walk_packages(cake.__path__, "cake."):
+        if module.name.endswith("_pb2"):
+            importlib.import_module(module.name)
+    pool = descriptor_pool.Default()
+    file_set = descriptor_pb2.FileDescriptorSet()
+    seen: set[str] = set()
+    pending = []
+    for name in services:
+        try:
+            pending.append(pool.FindServiceByName(name).file)
+        except KeyError:
+            raise GatewayConfigError(
+                f"the generated Python code has no service {name}; run `uv run cake-codegen`"
+            ) from None
+    while pending:
+        file = pending.pop()
+        if file.name in seen:
+            continue
+        seen.add(file.name)
+        file.CopyToProto(file_set.file.add())
+        pending.extend(file.dependencies)
+    return file_set
+
+
+# -- the render context -----------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -66,6 +293,9 @@ class Upstream:
             return "STRICT_DNS"
         return "STATIC"
 
+    def serves(self, method: RestMethod) -> bool:
+        return method.grpc_path.startswith(self.grpc_path_prefix)
+
 
 @dataclass(frozen=True)
 class GatewayContext:
@@ -77,22 +307,69 @@ class GatewayContext:
     admin_port: int
     descriptor_path: Path
     upstreams: Sequence[Upstream]
+    #: The auth service's published key set (``cake-auth gen-keys``; a ConfigMap in k8s).
+    jwks_path: Path
+    #: ``gateway/generated/openapi.json`` (``cake-codegen``), served at ``GET /openapi.json``.
+    openapi_path: Path
+    jwt_issuer: str = "cake-system"
+    jwt_audiences: Sequence[str] = ("cake-users",)
+    #: Requests per minute per client IP over every route (Cake's documented limit).
+    rate_limit_per_minute: int = 100
+    #: Requests per minute per client IP to register and login together (on top of the above).
+    auth_rate_limit_per_minute: int = 20
+    #: Client IPs tracked at once per bucket; the least recently seen one is forgotten first.
+    rate_limit_tracked_clients: int = 10_000
+    cors_allowed_origins: Sequence[str] = ("*",)
+    max_request_bytes: int = MEBIBYTE
+    #: Downstream connections open at once over all listeners (overload manager).
+    max_downstream_connections: int = 10_000
+    #: Proxies in front of the gateway whose X-Forwarded-For entry is trusted (0: the
+    #: connection's peer is the client).
+    xff_num_trusted_hops: int = 0
     health_cluster: str = "events"
     health_timeout: str = "5s"
     upstream_timeout: str = "15s"
-    transcoded_services: Sequence[str] = field(default=(HEALTH_SERVICE,))
+    request_timeout: str = "30s"
+    request_headers_timeout: str = "10s"
+    stream_idle_timeout: str = "30s"
+    connection_idle_timeout: str = "300s"
+    transcoded_services: Sequence[str] = field(default=TRANSCODED_SERVICES)
     local_reply_grpc_codes: Sequence[tuple[int, int]] = LOCAL_REPLY_GRPC_CODES
 
-    @property
-    def health_grpc_path(self) -> str:
-        return f"/{HEALTH_SERVICE}/{HEALTH_METHOD}"
+    def upstream_for(self, method: RestMethod) -> Upstream:
+        for upstream in self.upstreams:
+            if upstream.serves(method):
+                return upstream
+        raise GatewayConfigError(f"no upstream serves {method.grpc_path}")
 
     @property
-    def health_path_regex(self) -> str:
-        # Local replies see the request after transcoding, so match the gRPC path of the
-        # health RPC as well as the REST path (no route / rejected before transcoding).
-        grpc_path = self.health_grpc_path.replace(".", r"\.")
-        return rf"^({grpc_path}|{HEALTH_REST_PATH})(\?.*)?$"
+    def auth_throttled_path_regex(self) -> str:
+        """The login/register paths, REST and gRPC (the limit runs before transcoding)."""
+        return _paths_regex(AUTH_THROTTLED_METHODS, self.rest_paths_of(AUTH_THROTTLED_METHODS))
+
+    def rest_paths_of(self, full_names: Iterable[str]) -> list[str]:
+        wanted = set(full_names)
+        return [m.path for m in self.methods() if m.full_name in wanted]
+
+    def methods(self) -> tuple[RestMethod, ...]:
+        return rest_api(tuple(self.transcoded_services))
+
+
+_rest_api_cache: dict[tuple[str, ...], tuple[RestMethod, ...]] = {}
+
+
+def rest_api(services: Sequence[str] = TRANSCODED_SERVICES) -> tuple[RestMethod, ...]:
+    """The REST methods the gateway serves for ``services``, from the generated code."""
+    key = tuple(services)
+    if key not in _rest_api_cache:
+        _rest_api_cache[key] = rest_methods(contract_file_set(key), key)
+    return _rest_api_cache[key]
+
+
+def _paths_regex(full_names: Iterable[str], rest_paths: Iterable[str]) -> str:
+    alternatives = [re.escape(f"/{name}") for name in full_names]
+    alternatives += [re.escape(path) for path in rest_paths]
+    return rf"^({'|'.join(alternatives)})(\?.*)?$"
 
 
 def local_upstreams(
@@ -119,6 +396,10 @@ def default_descriptor_path() -> Path:
     return gateway_dir() / "generated" / "cake.pb"
 
 
+def default_openapi_path() -> Path:
+    return gateway_dir() / "generated" / "openapi.json"
+
+
 def check_descriptor(path: Path, services: Sequence[str]) -> None:
     """Fail with a clear message unless the descriptor set serves what the config routes.
 
@@ -143,12 +424,31 @@ def check_descriptor(path: Path, services: Sequence[str]) -> None:
     for service in services:
         if service not in methods:
             raise GatewayConfigError(f"{path} has no service {service}; regenerate it")
-    if HEALTH_SERVICE in services and HEALTH_METHOD not in methods[HEALTH_SERVICE]:
-        raise GatewayConfigError(f"{path}: {HEALTH_SERVICE} has no {HEALTH_METHOD}")
+    for method in rest_api(services):
+        if method.method not in methods[method.service]:
+            raise GatewayConfigError(
+                f"{path} lacks {method.full_name} that the generated code has; run cake-codegen"
+            )
+
+
+def check_files(ctx: GatewayContext) -> None:
+    """The files Envoy loads at start-up exist (its own error would be a startup crash)."""
+    check_descriptor(ctx.descriptor_path, ctx.transcoded_services)
+    if not ctx.openapi_path.is_file():
+        raise GatewayConfigError(f"{ctx.openapi_path} does not exist; run `uv run cake-codegen`")
+    if not ctx.jwks_path.is_file():
+        raise GatewayConfigError(
+            f"JWKS {ctx.jwks_path} does not exist; create the keys with `cake-auth gen-keys`"
+        )
 
 
 def _yaml_quote(value: object) -> str:
     # A JSON string is a valid YAML double-quoted scalar; jinja's tojson would HTML-escape.
+    return json.dumps(str(value))
+
+
+def _lua_quote(value: object) -> str:
+    # Lua accepts the same escapes as JSON for what we emit (ASCII names and patterns).
     return json.dumps(str(value))
 
 
@@ -162,7 +462,22 @@ def render_gateway_config(ctx: GatewayContext, *, template_dir: Path | None = No
         autoescape=False,  # noqa: S701 - YAML output, strings go through `quote`
     )
     environment.filters["quote"] = _yaml_quote
-    text = environment.get_template(TEMPLATE_NAME).render(ctx=ctx)
+    environment.filters["lua_quote"] = _lua_quote
+    methods = ctx.methods()
+    text = environment.get_template(TEMPLATE_NAME).render(
+        ctx=ctx,
+        methods=methods,
+        body_methods=[m for m in methods if m.body == "*"],
+        public_methods=[m for m in methods if m.public],
+        health_method=next(m for m in methods if m.is_health),
+        openapi_rest_path=OPENAPI_REST_PATH,
+        local_reply_messages=LOCAL_REPLY_MESSAGES,
+        gateway_header_prefix=GATEWAY_HEADER_PREFIX,
+        client_ip_header=CLIENT_IP_HEADER,
+        jwt_payload_header=JWT_PAYLOAD_HEADER,
+        user_id_header=USER_ID_HEADER,
+        user_role_header=USER_ROLE_HEADER,
+    )
     # Parse once so a template mistake fails here, not as an Envoy startup error.
     yaml.safe_load(text)
     return text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, NoReturn
 
 import grpc
@@ -10,6 +11,18 @@ from grpc_status import rpc_status
 
 from cake_common.errors import ERROR_DOMAIN, CakeError, InvalidArgument
 from cake_common.logging import request_id_var
+
+_SNAKE_SEGMENT = re.compile(r"_([a-z0-9])")
+
+
+def json_field_path(path: str) -> str:
+    """``end_date`` → ``endDate``, ``items[0].sku_id`` → ``items[0].skuId``.
+
+    Violations name fields the way the proto3 JSON mapping does (lowerCamelCase), which is
+    what REST clients send and read; Cake's contracts use no custom ``json_name`` on request
+    fields, so the default mapping is exact.
+    """
+    return _SNAKE_SEGMENT.sub(lambda match: match.group(1).upper(), path)
 
 
 def rich_status_for(error: CakeError) -> status_pb2.Status:
@@ -25,7 +38,8 @@ def rich_status_for(error: CakeError) -> status_pb2.Status:
             error_details_pb2.BadRequest(
                 field_violations=[
                     error_details_pb2.BadRequest.FieldViolation(
-                        field=violation.field, description=violation.description
+                        field=json_field_path(violation.field),
+                        description=violation.description,
                     )
                     for violation in error.violations
                 ]

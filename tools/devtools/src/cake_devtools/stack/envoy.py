@@ -42,6 +42,7 @@ from cake_devtools.stack.component import (
     State,
 )
 from cake_devtools.stack.errors import StackError
+from cake_devtools.stack.services import ensure_dev_keys
 from cake_devtools.stack.settings import StackSettings
 
 
@@ -279,6 +280,9 @@ class EnvoyComponent(ProcessComponent):
 
     def prepare(self) -> None:
         self.ensure_port_free(self.ctx.settings.envoy_admin_port, "envoy_admin_port")
+        # jwt_authn reads the JWKS at start-up: make the dev keys even if auth is not started.
+        layout = self.ctx.layout
+        ensure_dev_keys(layout.repo, layout.jwt_signing_key, layout.jwks_file)
         try:
             context = self.gateway_context()
             check_files(context)

@@ -75,6 +75,10 @@ class RunLayout:
         """Development JWT keys (``cake-auth gen-keys``): signing key and published JWKS."""
         return self.root / "keys"
 
+    def env_file(self, service: str) -> Path:
+        """Dotenv file with a service's variables, for operator commands (``<svc>.env``)."""
+        return self.root / f"{service}.env"
+
     @property
     def jwt_signing_key(self) -> Path:
         return self.keys / "jwt-signing-key.pem"

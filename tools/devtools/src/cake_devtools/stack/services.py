@@ -105,22 +105,33 @@ def build_service_environment(
     return environments
 
 
-def ensure_dev_keys(repo: Path, endpoints: Endpoints) -> None:
+def ensure_dev_keys(repo: Path, signing_key: Path, jwks_file: Path) -> None:
     """Create the development JWT key pair with ``cake-auth gen-keys`` unless it exists.
 
     The auth service signs with the private key; every service and Envoy verify with the
     JWKS next to it. Real deployments mount their own keys (k8s Secret) instead.
     """
-    if endpoints.jwt_signing_key.is_file() and endpoints.jwks_file.is_file():
+    if signing_key.is_file() and jwks_file.is_file():
         return
     uv = shutil.which("uv")
     if uv is None:
         raise StackError("uv not found on PATH; run tools/bootstrap.sh")
     command = [uv, "run", "--frozen", "--directory", str(repo), "cake-auth", "gen-keys"]
-    command += ["--dir", str(endpoints.jwt_signing_key.parent)]
+    command += ["--dir", str(signing_key.parent)]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise StackError(f"cake-auth gen-keys failed:\n{result.stderr.strip()}")
+
+
+def write_env_file(path: Path, environment: Mapping[str, str]) -> None:
+    """The service's variables as a dotenv file (mode 0600: it holds database passwords),
+    so operator commands reach the same servers: ``cake-auth create-admin`` reads
+    ``.run/dev/auth.env`` when run from the repository root."""
+    lines = [f"{key}={value}\n" for key, value in sorted(environment.items())]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as env_file:
+        env_file.writelines(lines)
 
 
 def grpc_serving(address: str, timeout: float = 1.0) -> bool:
@@ -172,7 +183,13 @@ class ServiceComponent(ProcessComponent):
         return [uv, "run", "--frozen", "--directory", repo, self.spec.script, "serve"]
 
     def prepare(self) -> None:
-        ensure_dev_keys(self.ctx.layout.repo, self.endpoints)
+        ensure_dev_keys(
+            self.ctx.layout.repo, self.endpoints.jwt_signing_key, self.endpoints.jwks_file
+        )
+        write_env_file(
+            self.ctx.layout.env_file(self.spec.name),
+            build_service_environment(self.endpoints, self.ctx.passwords)[self.spec.name],
+        )
 
     def environment(self) -> Mapping[str, str]:
         env = dict(os.environ)

@@ -1,0 +1,188 @@
+"""Profile reads per second through the gateway next to the same reads over direct gRPC to the
+auth service, measured in one run on one machine. Prints numbers; asserts nothing.
+
+Three workloads of ``GetProfile`` with the same bearer token and concurrency, alternated in
+short slices (so that other load on the machine hits them alike) after a warm-up:
+
+1. REST through Envoy (``GET /auth/profile``: transcoding, edge JWT check, Lua, rate limit);
+2. native gRPC through Envoy (same listener, same JWT check, no transcoding);
+3. native gRPC straight to the auth service.
+
+Ratio goal (issue 6): REST through the gateway ÷ direct gRPC ≥ 0.7. The REST client is a
+minimal keep-alive HTTP/1.1 client on asyncio streams, so the Python client costs about as
+much per call as the gRPC one; client, Envoy and services share the machine's cores, and the
+load average at the start is printed because other work on the box skews everything.
+
+Run against a running stack whose gateway does not throttle (the test profile does not; for
+the dev profile start it with ``CAKE_GATEWAY_PROFILE=bench``)::
+
+    uv run python bench/profile_reads.py                  # test stack
+    uv run python bench/profile_reads.py --profile dev --seconds 15 --concurrency 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import grpc
+import httpx
+from cake.auth.v1 import auth_pb2, auth_pb2_grpc
+from cake_devtools.stack.settings import load_settings
+
+WARM_UP_SECONDS = 2.0
+
+
+Call = Callable[[], Awaitable[None]]
+
+
+class Workload:
+    """``concurrency`` loops of one kind of call, each loop with its own ``make_call()``."""
+
+    def __init__(self, name: str, make_call: Callable[[], Call], concurrency: int) -> None:
+        self.name = name
+        self.calls = [make_call() for _ in range(concurrency)]
+        self.done = 0
+        self.elapsed = 0.0
+
+    async def run_for(self, seconds: float, *, count: bool = True) -> None:
+        began = time.monotonic()
+        until = began + seconds
+        finished = 0
+
+        async def loop(call: Call) -> None:
+            nonlocal finished
+            while time.monotonic() < until:
+                await call()
+                finished += 1
+
+        await asyncio.gather(*(loop(call) for call in self.calls))
+        if count:
+            self.done += finished
+            self.elapsed += time.monotonic() - began
+
+    @property
+    def rate(self) -> float:
+        return self.done / self.elapsed
+
+
+async def compare(workloads: list[Workload], *, seconds: float, slice_seconds: float) -> None:
+    """Alternate the workloads in short slices so that load from elsewhere on the machine
+    hits all of them alike, then print each one's calls per second."""
+    for workload in workloads:
+        await workload.run_for(WARM_UP_SECONDS, count=False)
+    for _ in range(max(1, round(seconds / slice_seconds))):
+        for workload in workloads:
+            await workload.run_for(slice_seconds)
+    for workload in workloads:
+        print(
+            f"  {workload.name:<24} {workload.rate:8.0f} reads/s "
+            f"({workload.done} in {workload.elapsed:.1f}s)",
+            flush=True,
+        )
+
+
+class Http11Connection:
+    """One keep-alive HTTP/1.1 connection sending the same GET again and again."""
+
+    def __init__(self, host: str, port: int, request: bytes) -> None:
+        self._host, self._port, self._request = host, port, request
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def get(self) -> None:
+        if self._reader is None or self._writer is None:
+            self._reader, self._writer = await asyncio.open_connection(self._host, self._port)
+        self._writer.write(self._request)
+        head = await self._reader.readuntil(b"\r\n\r\n")
+        status = head[9:12]
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":", 1)[1])
+        await self._reader.readexactly(length)
+        if status != b"200":
+            raise RuntimeError(f"GET /auth/profile answered {status.decode()}")
+
+
+async def run(args: argparse.Namespace) -> None:
+    settings = load_settings(args.profile)
+    gateway = args.gateway or f"127.0.0.1:{settings.gateway_port}"
+    auth = args.auth or f"127.0.0.1:{settings.auth_grpc_port}"
+    username = f"bench_{uuid.uuid4().hex[:10]}"
+    registered = await asyncio.to_thread(
+        httpx.post,
+        f"http://{gateway}/auth/register",
+        json={
+            "fullname": "Bench Reader",
+            "email": f"{username}@example.com",
+            "username": username,
+            "phone": "+849" + str(uuid.uuid4().int)[:9],
+            "password": "bench-pass-1",
+            "birthday": "1990-01-01",
+        },
+        timeout=30,
+    )
+    registered.raise_for_status()
+    token = registered.json()["access_token"]
+    metadata = (("authorization", f"Bearer {token}"),)
+    request = (
+        f"GET /auth/profile HTTP/1.1\r\nHost: {gateway}\r\nAuthorization: Bearer {token}\r\n\r\n"
+    ).encode()
+
+    print(
+        f"profile reads, concurrency {args.concurrency}, {args.seconds:.0f}s each in "
+        f"{args.slice:g}s slices "
+        f"(load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores)"
+    )
+    host, port = gateway.split(":")
+    async with (
+        grpc.aio.insecure_channel(gateway) as via_gateway,
+        grpc.aio.insecure_channel(auth) as direct,
+    ):
+
+        def profile_call(channel: grpc.aio.Channel) -> Call:
+            stub = auth_pb2_grpc.AuthServiceStub(channel)
+
+            async def call() -> None:
+                await stub.GetProfile(auth_pb2.GetProfileRequest(), metadata=metadata)
+
+            return call
+
+        rest = Workload(
+            "REST via gateway",
+            lambda: Http11Connection(host, int(port), request).get,
+            args.concurrency,
+        )
+        grpc_gateway = Workload(
+            "gRPC via gateway", lambda: profile_call(via_gateway), args.concurrency
+        )
+        grpc_direct = Workload(
+            "gRPC direct to auth", lambda: profile_call(direct), args.concurrency
+        )
+        await compare(
+            [rest, grpc_gateway, grpc_direct], seconds=args.seconds, slice_seconds=args.slice
+        )
+    print(
+        f"  ratio REST via gateway / direct gRPC: {rest.rate / grpc_direct.rate:.2f} (goal >= 0.70)"
+    )
+    print(f"  ratio gRPC via gateway / direct gRPC: {grpc_gateway.rate / grpc_direct.rate:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="test", choices=["dev", "test"])
+    parser.add_argument("--seconds", type=float, default=10, help="measured time per kind")
+    parser.add_argument("--slice", type=float, default=1, help="seconds per alternation")
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--gateway", help="host:port of the gateway (default: the profile's)")
+    parser.add_argument("--auth", help="host:port of the auth service (default: the profile's)")
+    asyncio.run(run(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
