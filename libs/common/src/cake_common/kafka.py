@@ -4,24 +4,42 @@ Producers are idempotent with ``acks=all`` (no loss, no duplicates from producer
 consumers commit manually, after the database transaction that applied the message, and
 read only committed transactional data. Factories must be called inside a running event
 loop (aiokafka binds to it).
+
+Trace context rides in the W3C ``traceparent``/``tracestate`` headers:
+:func:`with_current_trace` puts the current span's there (the relay, inside its span per
+row), :func:`start_span_from_headers` continues it on the consumer side.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any, Protocol, TypeVar
 from uuid import UUID
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
+from opentelemetry.context import Context
+from opentelemetry.trace import Span, SpanKind
+from opentelemetry.util.types import Attributes
 
 from cake_common.logging import get_logger
 from cake_common.startup_retry import startup_retrying
+from cake_common.tracing import (
+    TRACE_CONTEXT_KEYS,
+    TRACEPARENT,
+    context_from_trace_headers,
+    current_trace_headers,
+    start_span_in_context,
+)
 
 EVENT_ID_HEADER = "ce_id"
 EVENT_TYPE_HEADER = "ce_type"
-TRACE_PARENT_HEADER = "traceparent"
+TRACE_PARENT_HEADER = TRACEPARENT
+
+KafkaHeaders = Sequence[tuple[str, bytes | None]]
+"""Message headers as aiokafka gives them: (key, value) pairs, keys may repeat."""
 
 _RETRYABLE_AT_START: tuple[type[BaseException], ...] = (KafkaError, OSError, TimeoutError)
 
@@ -147,3 +165,51 @@ def kafka_headers(
     if trace_parent:
         headers.append((TRACE_PARENT_HEADER, trace_parent.encode()))
     return headers
+
+
+def header_value(headers: KafkaHeaders | None, key: str) -> str | None:
+    """The value of header ``key`` decoded as UTF-8, ``None`` if absent; when a key repeats
+    the last one wins (a later producer stage overrides an earlier one)."""
+    found: bytes | None = None
+    for item_key, value in headers or ():
+        if item_key == key and value is not None:
+            found = value
+    return found.decode("utf-8", errors="replace") if found is not None else None
+
+
+def with_current_trace(headers: Sequence[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    """A copy of ``headers`` carrying the CURRENT span's trace context (replacing any
+    ``traceparent``/``tracestate`` already there); unchanged when there is no current span.
+
+    The relay calls it inside its span for an outbox row, so the consumer continues from
+    the publication, not straight from the request that wrote the row.
+    """
+    trace_headers = current_trace_headers()
+    if not trace_headers:
+        return list(headers)
+    kept = [(key, value) for key, value in headers if key not in TRACE_CONTEXT_KEYS]
+    return kept + [(key, value.encode()) for key, value in trace_headers.items()]
+
+
+def trace_context_from_headers(headers: KafkaHeaders | None) -> Context:
+    """The trace context a message carries (empty when it has none, e.g. old messages)."""
+    carrier = {}
+    for key in TRACE_CONTEXT_KEYS:
+        value = header_value(headers, key)
+        if value is not None:
+            carrier[key] = value
+    return context_from_trace_headers(carrier)
+
+
+def start_span_from_headers(
+    name: str,
+    headers: KafkaHeaders | None,
+    *,
+    kind: SpanKind = SpanKind.CONSUMER,
+    attributes: Attributes = None,
+) -> AbstractContextManager[Span]:
+    """A span continuing the trace of a consumed message, current for the ``with`` block:
+    wrap the handling of one message in it (outbox rows written inside carry it on)."""
+    return start_span_in_context(
+        name, trace_context_from_headers(headers), kind=kind, attributes=attributes
+    )

@@ -41,6 +41,8 @@ from alembic.operations import Operations
 from google.protobuf.message import Message
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+from cake_common.tracing import current_traceparent
+
 OUTBOX_TABLE_NAME = "outbox"
 OUTBOX_NOTIFY_CHANNEL = "cake_outbox"
 OUTBOX_UNPUBLISHED_INDEX = "ix_outbox_unpublished"
@@ -152,7 +154,11 @@ class OutboxWriter:
         trace_parent: str | None = None,
         event_id: UUID | None = None,
     ) -> UUID:
-        """Insert one event; returns its ``event_id``. The caller commits."""
+        """Insert one event; returns its ``event_id``. The caller commits.
+
+        ``trace_parent`` defaults to the current span's W3C traceparent (``None`` while
+        tracing is off), so the relay and the consumers continue the request's trace.
+        """
         if occurred_at.tzinfo is None:
             raise ValueError("occurred_at must be timezone-aware")
         event_id = event_id or uuid4()
@@ -166,7 +172,7 @@ class OutboxWriter:
                 payload=payload.SerializeToString(deterministic=True),
                 payload_type=payload.DESCRIPTOR.full_name,
                 occurred_at=occurred_at,
-                trace_parent=trace_parent,
+                trace_parent=trace_parent if trace_parent is not None else current_traceparent(),
             )
             # One round trip for insert + notify.
             .returning(

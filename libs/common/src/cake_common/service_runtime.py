@@ -1,7 +1,8 @@
 """The start-up steps every service runs before it serves, in one place.
 
-A service's composition root (``bootstrap.py``) calls :func:`start_logging` and
-:func:`open_migrated_database`, then builds its use cases and its gRPC server.
+A service's composition root (``bootstrap.py``) calls :func:`start_logging`,
+:func:`start_tracing` and :func:`open_migrated_database`, then builds its use cases and its
+gRPC server.
 """
 
 from __future__ import annotations
@@ -14,12 +15,23 @@ from cake_common.db import create_async_engine_for, wait_for_database
 from cake_common.logging import configure_logging, get_logger
 from cake_common.migrations import run_alembic_upgrade
 from cake_common.settings import ServiceSettings
+from cake_common.tracing import TracingHandle, configure_tracing, instrument_engine
 
 _log = get_logger(__name__)
 
 
 def start_logging(settings: ServiceSettings) -> None:
     configure_logging(settings.log_level, settings.log_json, service_name=settings.service_name)
+
+
+def start_tracing(settings: ServiceSettings) -> TracingHandle:
+    """Tracing as configured (off unless ``otlp_endpoint`` is set). Call it before opening
+    the database and building the gRPC server, so both are instrumented; register the
+    handle's ``aclose`` as the server's FIRST shutdown hook (hooks run in reverse, so it
+    runs last and flushes the spans of the shutdown itself)."""
+    return configure_tracing(
+        settings.service_name, settings.otlp_endpoint, sample_ratio=settings.trace_sample_ratio
+    )
 
 
 async def open_migrated_database(
@@ -31,6 +43,7 @@ async def open_migrated_database(
     database is not up yet, so services can start in any order.
     """
     engine = create_async_engine_for(settings.database_url, pool_size=settings.database_pool_size)
+    instrument_engine(engine)  # no-op unless start_tracing turned tracing on
     _log.info("connecting to database", url=settings.database_url_for_display())
     await wait_for_database(engine, settings.startup_retry_seconds)
     # Alembic is synchronous: run it in a worker thread so the event loop stays free.

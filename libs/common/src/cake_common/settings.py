@@ -48,6 +48,14 @@ class ServiceSettings(BaseSettings):
     jwt_audience: str = "cake-users"
     jwks_file: Path | None = None
     metrics_port: int | None = None
+    otlp_endpoint: str | None = Field(
+        default=None,
+        description="OTLP/gRPC collector for traces, e.g. http://otel-collector:4317; "
+        "unset: tracing off",
+    )
+    trace_sample_ratio: float = Field(
+        default=1.0, ge=0, le=1, description="Share of new traces recorded (0..1)"
+    )
     startup_retry_seconds: float = Field(
         default=60, ge=0, description="How long to keep retrying dependencies at start"
     )
@@ -60,6 +68,14 @@ class ServiceSettings(BaseSettings):
         if value is not None and not 0 <= value <= 65535:
             raise ValueError("port must be between 0 and 65535")
         return value
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _blank_is_unset(cls, value: str | None) -> str | None:
+        # Manifests often template the variable to "" to switch tracing off.
+        if value is None or not value.strip():
+            return None
+        return value.strip()
 
     @field_validator("log_level")
     @classmethod

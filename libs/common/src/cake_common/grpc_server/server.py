@@ -25,6 +25,7 @@ from cake_common.jwt import JwtVerifier
 from cake_common.logging import get_logger
 from cake_common.metrics import MetricsServer, start_metrics_server
 from cake_common.settings import ServiceSettings
+from cake_common.tracing import grpc_server_interceptor
 from cake_common.validation import RequestValidator
 
 ServicerRegistration = Callable[[grpc.aio.Server], None]
@@ -120,9 +121,11 @@ class RunningGrpcServer:
 class GrpcServerBuilder:
     """Collects servicers, interceptors, checks and hooks, then starts the server.
 
-    Interceptors always run in this order: request id → metrics (if :meth:`with_metrics`)
-    → error mapping → auth (if :meth:`with_auth`) → validation (if :meth:`with_validation`)
-    → :meth:`add_interceptor` ones in the order added.
+    Interceptors always run in this order: tracing (if
+    :func:`~cake_common.tracing.configure_tracing` turned it on before :meth:`start`) →
+    request id → metrics (if :meth:`with_metrics`) → error mapping → auth (if
+    :meth:`with_auth`) → validation (if :meth:`with_validation`) → :meth:`add_interceptor`
+    ones in the order added.
     """
 
     def __init__(
@@ -214,9 +217,12 @@ class GrpcServerBuilder:
         return self
 
     def _interceptors(self) -> list[grpc.aio.ServerInterceptor[Any, Any]]:
-        chain: list[grpc.aio.ServerInterceptor[Any, Any]] = [
-            RequestIdInterceptor(echo=self._request_id_echo)
-        ]
+        chain: list[grpc.aio.ServerInterceptor[Any, Any]] = []
+        tracing = grpc_server_interceptor()
+        if tracing is not None:
+            # Outermost: the SERVER span covers the whole call, errors and auth included.
+            chain.append(tracing)
+        chain.append(RequestIdInterceptor(echo=self._request_id_echo))
         if self._metrics_registry is not None:
             chain.append(MetricsInterceptor(self._metrics_registry))
         chain.append(ErrorMappingInterceptor())
