@@ -15,7 +15,7 @@ from cake_common.grpc_server import DependencyCheck, GrpcServerBuilder, RunningG
 from cake_common.jwt import FileJwksProvider, JwtVerifier
 from cake_common.metrics import start_metrics_server
 from cake_common.redis import create_redis
-from cake_common.service_runtime import open_migrated_database, start_logging
+from cake_common.service_runtime import open_migrated_database, start_logging, start_tracing
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -230,14 +230,20 @@ async def start_service(
 
 async def serve(settings: EventsSettings) -> None:
     """``cake-events serve``: the gRPC API and the relays until SIGTERM/SIGINT."""
-    running = await start_service(settings)
-    await running.serve_until_signal()
+    start_logging(settings)
+    tracing = start_tracing(settings)
+    try:
+        running = await start_service(settings)
+        await running.serve_until_signal()
+    finally:
+        await tracing.aclose()
 
 
 async def relay_only(settings: EventsSettings) -> None:
     """``cake-events relay``: only the relays (no gRPC; metrics on ``metrics_port`` if set),
     until SIGTERM/SIGINT."""
     start_logging(settings)
+    tracing = start_tracing(settings)
     engine = await open_migrated_database(settings, script_location=MIGRATIONS)
     wiring = build_relays(settings, engine, prometheus_client.REGISTRY)
     metrics_server = (
@@ -259,6 +265,7 @@ async def relay_only(settings: EventsSettings) -> None:
         await engine.dispose()
         if metrics_server is not None:
             await metrics_server.stop()
+        await tracing.aclose()
 
 
 async def _serving_this_call() -> tuple[bool, str]:

@@ -14,7 +14,7 @@ from cake_common.grpc_server import DependencyCheck, GrpcServerBuilder, RunningG
 from cake_common.jwt import FileJwksProvider, JwtVerifier
 from cake_common.metrics import start_metrics_server
 from cake_common.outbox import OutboxWriter
-from cake_common.service_runtime import open_migrated_database, start_logging
+from cake_common.service_runtime import open_migrated_database, start_logging, start_tracing
 from prometheus_client import REGISTRY, CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -154,13 +154,18 @@ async def start_server(
 async def serve(settings: PromotionsSettings) -> None:
     """gRPC and the first-login consumer until SIGTERM/SIGINT."""
     start_logging(settings)
-    running = await start_server(settings)
-    await running.serve_until_signal()
+    tracing = start_tracing(settings)
+    try:
+        running = await start_server(settings)
+        await running.serve_until_signal()
+    finally:
+        await tracing.aclose()
 
 
 async def consume(settings: PromotionsSettings) -> None:
     """Only the first-login consumer, until SIGTERM/SIGINT (e.g. extra consumer replicas)."""
     start_logging(settings)
+    tracing = start_tracing(settings)
     engine = await open_migrated_database(
         settings, script_location=MIGRATIONS, relay_role=settings.relay_role
     )
@@ -190,5 +195,6 @@ async def consume(settings: PromotionsSettings) -> None:
         await engine.dispose()
         if metrics_server is not None:
             await metrics_server.stop()
+        await tracing.aclose()
     if failures:
         raise SystemExit("first-login consumer failed")

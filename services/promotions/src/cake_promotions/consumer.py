@@ -31,7 +31,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord, TopicPartition
 from cake.events.v1 import envelope_pb2, payloads_pb2
-from cake_common.kafka import create_consumer, create_producer, start_with_retry
+from cake_common.kafka import (
+    create_consumer,
+    create_producer,
+    start_span_from_headers,
+    start_with_retry,
+)
 from cake_common.logging import get_logger
 from google.protobuf.message import DecodeError
 
@@ -250,7 +255,15 @@ class FirstLoginConsumer:
         record handled), or ``None`` if none was (stopping)."""
         next_offset = None
         for record in records:
-            if not await self._handle(record):
+            # Continues the login's trace (relay → Kafka headers) around the enrolment, so
+            # the outbox rows it writes carry it onward too.
+            with start_span_from_headers(
+                "promotions enrol first login",
+                record.headers,
+                attributes={"messaging.destination.name": record.topic},
+            ):
+                handled = await self._handle(record)
+            if not handled:
                 break
             next_offset = record.offset + 1
         return next_offset

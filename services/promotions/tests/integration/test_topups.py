@@ -199,8 +199,8 @@ async def test_invalid_requests_name_their_field(
     for request, field in [
         (topup_request(10.005), "amount"),
         (topup_request(0), "amount"),
-        (promotions_pb2.TopupRequest(phone_number="12", amount=10), "phone_number"),
-        (topup_request(10, "cake-lower"), "voucher_code"),
+        (promotions_pb2.TopupRequest(phone_number="12", amount=10), "phoneNumber"),
+        (topup_request(10, "cake-lower"), "voucherCode"),
     ]:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await server.stub.Topup(request, metadata=metadata)

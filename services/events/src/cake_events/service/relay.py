@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random as _random
 import time
 from collections.abc import Callable, Sequence
@@ -54,7 +55,9 @@ from typing import Any
 import psycopg
 import sqlalchemy.exc
 from aiokafka.errors import KafkaError, ProducerClosed
+from cake_common.kafka import with_current_trace
 from cake_common.logging import get_logger
+from cake_common.tracing import SpanKind, start_span_from_traceparent
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cake_events.adapters.event_store import EventsUnitOfWork
@@ -389,7 +392,21 @@ class OutboxRelay:
             try:
                 topic = self._routes.topic_for(event.event_type)
                 message = self._envelopes.message_for(event, topic)
-                future = await self._publisher.send(message)
+                # One PRODUCER span per event, continuing the trace of the request that wrote
+                # the row; its context travels on in the message's traceparent header.
+                with start_span_from_traceparent(
+                    f"{topic} publish",
+                    event.trace_parent,
+                    SpanKind.PRODUCER,
+                    attributes={
+                        "messaging.destination.name": topic,
+                        "cake.event_id": str(event.event_id),
+                    },
+                ):
+                    message = dataclasses.replace(
+                        message, headers=with_current_trace(message.headers)
+                    )
+                    future = await self._publisher.send(message)
             except PoisonEvent as error:
                 result.failed.append(_Failed(event, topic, str(error)))
                 order.stop_after(event)

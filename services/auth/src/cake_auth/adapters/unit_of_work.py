@@ -1,0 +1,56 @@
+"""The auth database transaction: users and their outbox events commit together or not at all."""
+
+from __future__ import annotations
+
+from cake.events.v1 import payloads_pb2
+from cake_common.db import UnitOfWork
+from cake_common.outbox import OutboxWriter
+from google.protobuf.timestamp_pb2 import Timestamp
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from cake_auth.adapters.users_repository import SqlUserRepository
+from cake_auth.domain.login import FirstLogin
+
+USER_FIRST_LOGIN = "USER_FIRST_LOGIN"
+USER_AGGREGATE = "user"
+
+
+class OutboxEventRecorder:
+    """Writes domain events as outbox rows in the unit of work's transaction."""
+
+    def __init__(self, session: AsyncSession, writer: OutboxWriter) -> None:
+        self._session = session
+        self._writer = writer
+
+    async def first_login(self, event: FirstLogin) -> None:
+        login_at = Timestamp()
+        login_at.FromDatetime(event.login_at)
+        await self._writer.add(
+            self._session,
+            event_type=USER_FIRST_LOGIN,
+            aggregate_type=USER_AGGREGATE,
+            aggregate_id=event.user_id,
+            payload=payloads_pb2.UserFirstLogin(
+                user_id=event.user_id,
+                login_at=login_at,
+                user_agent=event.user_agent,
+                client_ip=event.client_ip,
+            ),
+            occurred_at=event.login_at,
+            # trace_parent left out: the writer stores the current trace's (tracing on).
+        )
+
+
+class SqlAuthUnitOfWork(UnitOfWork):
+    users: SqlUserRepository
+    events: OutboxEventRecorder
+
+    def __init__(
+        self, session_factory: async_sessionmaker[AsyncSession], outbox_writer: OutboxWriter
+    ) -> None:
+        super().__init__(session_factory)
+        self._outbox_writer = outbox_writer
+
+    def bind_repositories(self, session: AsyncSession) -> None:
+        self.users = SqlUserRepository(session)
+        self.events = OutboxEventRecorder(session, self._outbox_writer)

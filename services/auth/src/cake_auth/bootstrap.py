@@ -1,0 +1,223 @@
+"""Composition root of the auth service: the one place that builds and wires everything."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis.asyncio
+from cake.auth.v1 import auth_pb2_grpc
+from cake_common.db import create_session_factory, database_probe
+from cake_common.grpc_server import DependencyCheck, GrpcServerBuilder, RunningGrpcServer
+from cake_common.jwt import FileJwksProvider, JwtVerifier
+from cake_common.outbox import OutboxWriter
+from cake_common.redis import create_redis, redis_probe
+from cake_common.service_runtime import open_migrated_database, start_logging, start_tracing
+from prometheus_client import REGISTRY, CollectorRegistry
+
+from cake_auth.adapters.login_throttle import RedisLoginThrottle
+from cake_auth.adapters.password_hashers import open_password_hasher
+from cake_auth.adapters.profile_cache import RedisProfileCache
+from cake_auth.adapters.redis_guard import RedisGuard
+from cake_auth.adapters.signing_keys import (
+    Es256TokenIssuer,
+    JwksFile,
+    SigningKey,
+    SigningKeyError,
+    ensure_published,
+    load_signing_key,
+)
+from cake_auth.adapters.token_denylist import RedisTokenDenylist
+from cake_auth.adapters.unit_of_work import SqlAuthUnitOfWork
+from cake_auth.api.servicer import AUTH_SERVICE, PUBLIC_METHODS, AuthServicer
+from cake_auth.metrics import AuthMetrics
+from cake_auth.service.accounts import UserAccounts
+from cake_auth.service.ports import PasswordHasher, UnitOfWorkFactory
+from cake_auth.service.use_cases import AuthUseCases
+from cake_auth.settings import AuthSettings
+
+SERVICE_NAME = AUTH_SERVICE
+MIGRATIONS = "cake_auth:migrations"
+
+
+def _required_file(value: Path | None, variable: str) -> Path:
+    if value is None:
+        raise SigningKeyError(
+            f"{variable} is not set; run `cake-auth gen-keys --dir DIR` and point "
+            "CAKE_AUTH_JWT_PRIVATE_KEY_FILE and CAKE_AUTH_JWKS_FILE at the files written in DIR"
+        )
+    return value
+
+
+def _signing_key(settings: AuthSettings) -> tuple[SigningKey, Path]:
+    signing_key = load_signing_key(
+        _required_file(settings.jwt_private_key_file, "CAKE_AUTH_JWT_PRIVATE_KEY_FILE")
+    )
+    jwks_file = _required_file(settings.jwks_file, "CAKE_AUTH_JWKS_FILE")
+    ensure_published(signing_key, jwks_file)
+    return signing_key, jwks_file
+
+
+@dataclass(frozen=True, slots=True)
+class _Infrastructure:
+    """What both the server and the operator commands need; ``exits`` closes it all."""
+
+    metrics: AuthMetrics
+    unit_of_work: UnitOfWorkFactory
+    hasher: PasswordHasher
+    redis: redis.asyncio.Redis
+    guard: RedisGuard
+    profile_cache: RedisProfileCache
+    accounts: UserAccounts
+    checks: list[DependencyCheck]
+    exits: AsyncExitStack
+
+
+async def _open_infrastructure(
+    settings: AuthSettings, metrics_registry: CollectorRegistry
+) -> _Infrastructure:
+    exits = AsyncExitStack()
+    try:
+        metrics = AuthMetrics(metrics_registry)
+        engine = await open_migrated_database(
+            settings, script_location=MIGRATIONS, relay_role=settings.relay_role
+        )
+        exits.push_async_callback(engine.dispose)
+        redis_client = create_redis(settings.redis_url)
+        exits.push_async_callback(redis_client.aclose)
+        hasher = await open_password_hasher(
+            settings.password_hasher,
+            cost=settings.bcrypt_cost,
+            workers=settings.password_hash_workers,
+        )
+        exits.push_async_callback(hasher.close)
+    except BaseException:
+        await exits.aclose()
+        raise
+
+    session_factory = create_session_factory(engine)
+    outbox_writer = OutboxWriter()
+
+    def unit_of_work() -> SqlAuthUnitOfWork:
+        return SqlAuthUnitOfWork(session_factory, outbox_writer)
+
+    guard = RedisGuard(metrics)
+    profile_cache = RedisProfileCache(
+        redis_client,
+        guard,
+        metrics,
+        ttl_seconds=settings.profile_cache_ttl_seconds,
+        key_prefix=settings.redis_key_prefix,
+    )
+    return _Infrastructure(
+        metrics=metrics,
+        unit_of_work=unit_of_work,
+        hasher=hasher,
+        redis=redis_client,
+        guard=guard,
+        profile_cache=profile_cache,
+        accounts=UserAccounts(
+            unit_of_work=unit_of_work, hasher=hasher, profile_cache=profile_cache, metrics=metrics
+        ),
+        checks=[
+            DependencyCheck("postgres", database_probe(engine), critical=True),
+            # Redis is optional: its outage degrades the service, it does not stop it.
+            DependencyCheck("redis", redis_probe(redis_client), critical=False),
+        ],
+        exits=exits,
+    )
+
+
+@asynccontextmanager
+async def open_accounts(settings: AuthSettings) -> AsyncIterator[UserAccounts]:
+    """User administration for operator commands (``create-admin``), on a migrated database."""
+    infrastructure = await _open_infrastructure(settings, CollectorRegistry())
+    try:
+        yield infrastructure.accounts
+    finally:
+        await infrastructure.exits.aclose()
+
+
+async def _use_cases(
+    settings: AuthSettings, infrastructure: _Infrastructure, signing_key: SigningKey, jwks: Path
+) -> AuthUseCases:
+    return AuthUseCases(
+        accounts=infrastructure.accounts,
+        unit_of_work=infrastructure.unit_of_work,
+        hasher=infrastructure.hasher,
+        tokens=Es256TokenIssuer(
+            signing_key,
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+            ttl_seconds=settings.access_token_ttl_seconds,
+        ),
+        profile_cache=infrastructure.profile_cache,
+        login_throttle=RedisLoginThrottle(
+            infrastructure.redis,
+            infrastructure.guard,
+            max_failures=settings.login_max_failures,
+            window_seconds=settings.login_failure_window_seconds,
+            key_prefix=settings.redis_key_prefix,
+        ),
+        denylist=RedisTokenDenylist(
+            infrastructure.redis, infrastructure.guard, key_prefix=settings.redis_key_prefix
+        ),
+        published_keys=JwksFile(jwks, signing_key.kid),
+        # Unknown accounts are checked against this, at the cost of a real hash.
+        dummy_password_hash=await infrastructure.hasher.hash(secrets.token_urlsafe(16)),
+        metrics=infrastructure.metrics,
+    )
+
+
+async def start_server(
+    settings: AuthSettings, *, metrics_registry: CollectorRegistry = REGISTRY
+) -> RunningGrpcServer:
+    """The auth gRPC server, listening on ``grpc_host:grpc_port`` (port 0: any free port).
+
+    Stop it with ``await running.stop()``; that also closes the database, Redis and the
+    hashing workers.
+    """
+    # Keys first: a misconfigured key fails in milliseconds, not after a migration.
+    signing_key, jwks_file = _signing_key(settings)
+    infrastructure = await _open_infrastructure(settings, metrics_registry)
+    try:
+        use_cases = await _use_cases(settings, infrastructure, signing_key, jwks_file)
+        servicer = AuthServicer(use_cases)
+        builder = (
+            GrpcServerBuilder.from_settings(
+                settings, service_names=[SERVICE_NAME], metrics_registry=metrics_registry
+            )
+            .add_servicer(
+                lambda server: auth_pb2_grpc.add_AuthServiceServicer_to_server(servicer, server)
+            )
+            .with_auth(
+                JwtVerifier(
+                    FileJwksProvider(jwks_file),
+                    issuer=settings.jwt_issuer,
+                    audience=settings.jwt_audience,
+                ),
+                public_methods=PUBLIC_METHODS,
+                is_revoked=use_cases.is_revoked,
+            )
+            .with_validation()
+            .add_shutdown_hook(infrastructure.exits.aclose)
+        )
+        for check in infrastructure.checks:
+            builder.add_dependency_check(check)
+        return await builder.start()
+    except BaseException:
+        await infrastructure.exits.aclose()
+        raise
+
+
+async def serve(settings: AuthSettings) -> None:
+    start_logging(settings)
+    tracing = start_tracing(settings)
+    try:
+        running = await start_server(settings)
+        await running.serve_until_signal()
+    finally:
+        await tracing.aclose()

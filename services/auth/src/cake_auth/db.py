@@ -1,0 +1,39 @@
+"""Tables of the auth database (SQLAlchemy Core; the schema itself is made by migrations)."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from cake_common.outbox import outbox_table
+
+# Unique indexes named so a violation maps to the field it concerns (see the repository).
+USERNAME_UNIQUE_INDEX = "uq_users_username_lower"
+EMAIL_UNIQUE_INDEX = "uq_users_email_lower"
+PHONE_UNIQUE_INDEX = "uq_users_phone"
+ROLE_CHECK = "ck_users_role"
+
+metadata = sa.MetaData()
+outbox = outbox_table(metadata)
+
+_timestamp = sa.DateTime(timezone=True)
+
+users = sa.Table(
+    "users",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("fullname", sa.Text, nullable=False),
+    sa.Column("email", sa.Text, nullable=False),
+    sa.Column("username", sa.Text, nullable=False),
+    sa.Column("phone", sa.Text, nullable=False),
+    sa.Column("password_hash", sa.Text, nullable=False),
+    # NULL only for administrators created from the command line without one.
+    sa.Column("birthday", sa.Date, nullable=True),
+    sa.Column("role", sa.Text, nullable=False, server_default="user"),
+    sa.Column("latest_login", _timestamp, nullable=True),
+    sa.Column("created_at", _timestamp, nullable=False, server_default=sa.func.now()),
+    sa.Column("updated_at", _timestamp, nullable=False, server_default=sa.func.now()),
+    sa.Column("version", sa.BigInteger, nullable=False, server_default=sa.text("1")),
+    sa.CheckConstraint("role IN ('user', 'admin')", name=ROLE_CHECK),
+    sa.Index(USERNAME_UNIQUE_INDEX, sa.func.lower(sa.text("username")), unique=True),
+    sa.Index(EMAIL_UNIQUE_INDEX, sa.func.lower(sa.text("email")), unique=True),
+    sa.Index(PHONE_UNIQUE_INDEX, "phone", unique=True),
+)

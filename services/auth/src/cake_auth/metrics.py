@@ -1,0 +1,40 @@
+"""Prometheus metrics of the auth service (exposed on ``metrics_port`` by the common runtime)."""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter
+
+
+class AuthMetrics:
+    """The service's counters, registered on ``registry`` (tests pass a fresh one each)."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.logins = Counter(
+            "cake_auth_logins",
+            "Login attempts by result (success, invalid_credentials, throttled)",
+            ["result"],
+            registry=registry,
+        )
+        self.first_logins = Counter(
+            "cake_auth_first_logins",
+            "First logins, each recorded as a USER_FIRST_LOGIN outbox event",
+            registry=registry,
+        )
+        self.registrations = Counter(
+            "cake_auth_registrations",
+            "Registration attempts that reached the database, by result (created, conflict)",
+            ["result"],
+            registry=registry,
+        )
+        self.profile_cache = Counter(
+            "cake_auth_profile_cache_lookups",
+            "Profile cache lookups by result (hit, miss, bypassed)",
+            ["result"],
+            registry=registry,
+        )
+        self.redis_bypassed = Counter(
+            "cake_auth_redis_bypassed",
+            "Redis operations that failed or were skipped while Redis was failing",
+            ["operation"],
+            registry=registry,
+        )

@@ -1,0 +1,130 @@
+"""What the use cases need from the outside world; adapters implement these."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Protocol, Self
+
+from cake_auth.domain.login import FirstLogin, LoginAccount, ThrottleStatus
+from cake_auth.domain.tokens import AccessToken
+from cake_auth.domain.users import NewUser, ProfileChanges, Role, User
+
+
+class PasswordHasher(Protocol):
+    """bcrypt (``$2b$``) hashing that never blocks the event loop."""
+
+    async def hash(self, password: str) -> str: ...
+
+    async def verify(self, password: str, password_hash: str) -> bool:
+        """True iff ``password`` matches; a malformed hash is simply no match."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class TokenIssuer(Protocol):
+    def issue(self, user_id: int, role: Role | str) -> AccessToken: ...
+
+
+class ProfileCache(Protocol):
+    """Optional cache of profiles: failures degrade to misses, never to errors."""
+
+    async def get(self, user_id: int) -> User | None: ...
+
+    async def put(self, user: User) -> None:
+        """Cache ``user`` unless a newer version of it is already cached; after a change,
+        putting the new version is what invalidates the old copy."""
+        ...
+
+
+class LoginThrottle(Protocol):
+    """Counts failed logins per account; failures of the store let logins through."""
+
+    async def check(self, account_key: str) -> ThrottleStatus:
+        """The account's failures and whether it must wait (nothing known: no failures)."""
+        ...
+
+    async def record_failure(self, account_key: str) -> None: ...
+
+    async def reset(self, account_key: str) -> None: ...
+
+
+class TokenDenylist(Protocol):
+    async def revoke(self, jti: str, expires_at: datetime) -> None:
+        """Deny the token until it expires; raises ``Unavailable`` if that cannot be stored."""
+        ...
+
+    async def is_revoked(self, jti: str) -> bool: ...
+
+
+class UserRepository(Protocol):
+    async def add(self, user: NewUser, password_hash: str) -> User:
+        """Insert; ``AlreadyExists`` (username, e-mail or phone) if a unique index objects."""
+        ...
+
+    async def get(self, user_id: int) -> User | None: ...
+
+    async def get_by_username(self, username: str) -> User | None: ...
+
+    async def find_for_login(self, account: LoginAccount) -> tuple[User, str] | None:
+        """The user an account names and its password hash."""
+        ...
+
+    async def first_taken_field(
+        self, *, username: str | None, email: str | None, phone: str | None, exclude_id: int | None
+    ) -> str | None:
+        """Which of the given fields (checked in that order) another user already has."""
+        ...
+
+    async def record_login(
+        self, user_id: int, at: datetime, *, maybe_first: bool
+    ) -> tuple[User, bool] | None:
+        """Set ``latest_login``; the bool is True iff it was NULL before (the first login).
+
+        ``maybe_first=False`` (it was already set when read) skips the first-login check:
+        ``latest_login`` never goes back to NULL.
+        """
+        ...
+
+    async def update_profile(
+        self, user_id: int, changes: ProfileChanges, at: datetime
+    ) -> User | None: ...
+
+    async def set_role(self, user_id: int, role: Role, at: datetime) -> User | None: ...
+
+
+class EventRecorder(Protocol):
+    async def first_login(self, event: FirstLogin) -> None: ...
+
+
+class AuthUnitOfWork(Protocol):
+    """One transaction: ``users`` and ``events`` see and write the same data."""
+
+    @property
+    def users(self) -> UserRepository: ...
+
+    @property
+    def events(self) -> EventRecorder: ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None: ...
+
+    async def commit(self) -> None: ...
+
+
+class UnitOfWorkFactory(Protocol):
+    def __call__(self) -> AuthUnitOfWork: ...
+
+
+class PublishedKeys(Protocol):
+    def public_keys(self) -> Sequence[dict[str, Any]]:
+        """The published JWKs (signing key first), for clients that verify tokens."""
+        ...

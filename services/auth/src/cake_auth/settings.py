@@ -1,0 +1,52 @@
+"""Auth service configuration, read from ``CAKE_AUTH_*`` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from cake_common.settings import ServiceSettings
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+
+class AuthSettings(ServiceSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CAKE_AUTH_", extra="ignore", hide_input_in_errors=True
+    )
+
+    service_name: str = "auth"
+    grpc_port: int = 57051
+    relay_role: str | None = "cake_relay"
+    """Database role of the events relay; migrations grant it access to ``outbox`` only."""
+
+    # Cost 10 is Cake's (and the floor for production); tests and benchmarks of the plumbing
+    # may lower it, bcrypt itself accepts 4..31.
+    bcrypt_cost: int = Field(default=10, ge=4, le=31, description="bcrypt cost (log2 rounds)")
+    password_hasher: Literal["bcrypt", "libxcrypt"] = Field(
+        default="bcrypt",
+        description="bcrypt: pyca bcrypt in threads; libxcrypt: stdlib crypt in processes",
+    )
+    password_hash_workers: int | None = Field(
+        default=None, ge=1, description="Hashing threads/processes; default: CPU count"
+    )
+
+    access_token_ttl_seconds: int = Field(default=604800, gt=0)
+    jwt_private_key_file: Path | None = Field(
+        default=None, description="EC P-256 private key (PKCS8 PEM) that signs access tokens"
+    )
+
+    login_max_failures: int = Field(
+        default=10, ge=1, description="Failed logins of one account before it is throttled"
+    )
+    login_failure_window_seconds: int = Field(
+        default=900, ge=1, description="Window (from the first failure) the failures count in"
+    )
+    redis_key_prefix: str = Field(
+        default="cake:auth:",
+        pattern=r"^[A-Za-z0-9:_.-]+$",
+        description="Namespace of every Redis key (profiles, login failures, denylist)",
+    )
+    profile_cache_ttl_seconds: int = Field(
+        default=300, ge=0, description="Profile cache lifetime in Redis; 0 disables the cache"
+    )

@@ -1,0 +1,66 @@
+"""The environment variables other parts of Cake rely on (stack, k8s, README)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from cake_auth.settings import AuthSettings
+from pydantic import ValidationError
+
+URL = "postgresql+psycopg://cake_auth:secret@127.0.0.1:5432/cake_auth"
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A developer shell with the stack's auth environment exported must not leak in."""
+    for name in list(os.environ):
+        if name.startswith("CAKE_AUTH_"):
+            monkeypatch.delenv(name)
+
+
+def test_auth_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in {
+        "CAKE_AUTH_DATABASE_URL": URL,
+        "CAKE_AUTH_JWT_PRIVATE_KEY_FILE": "/keys/jwt-signing-key.pem",
+        "CAKE_AUTH_JWKS_FILE": "/keys/jwks.json",
+        "CAKE_AUTH_ACCESS_TOKEN_TTL_SECONDS": "3600",
+        "CAKE_AUTH_BCRYPT_COST": "12",
+        "CAKE_AUTH_PASSWORD_HASHER": "libxcrypt",
+        "CAKE_AUTH_LOGIN_MAX_FAILURES": "5",
+        "CAKE_AUTH_LOGIN_FAILURE_WINDOW_SECONDS": "60",
+        "CAKE_AUTH_PROFILE_CACHE_TTL_SECONDS": "30",
+    }.items():
+        monkeypatch.setenv(name, value)
+    settings = AuthSettings()
+    assert settings.jwt_private_key_file == Path("/keys/jwt-signing-key.pem")
+    assert settings.jwks_file == Path("/keys/jwks.json")
+    assert (settings.access_token_ttl_seconds, settings.bcrypt_cost) == (3600, 12)
+    assert settings.password_hasher == "libxcrypt"
+    assert (settings.login_max_failures, settings.login_failure_window_seconds) == (5, 60)
+    assert settings.profile_cache_ttl_seconds == 30
+
+
+def test_defaults_are_cakes() -> None:
+    settings = AuthSettings(database_url=URL)
+    assert settings.bcrypt_cost == 10
+    assert settings.password_hasher == "bcrypt"
+    assert settings.access_token_ttl_seconds == 604800
+    assert (settings.login_max_failures, settings.login_failure_window_seconds) == (10, 900)
+    assert settings.profile_cache_ttl_seconds == 300
+    assert settings.redis_key_prefix == "cake:auth:"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"bcrypt_cost": 3},
+        {"bcrypt_cost": 32},
+        {"password_hasher": "md5"},
+        {"redis_key_prefix": "a b"},
+    ],
+)
+def test_bad_values_are_refused(overrides: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        AuthSettings(database_url=URL, **overrides)

@@ -1,0 +1,448 @@
+"""Use cases against in-memory fakes of every port (the database rules have their own
+integration tests; these pin down the orchestration: what is checked, hashed, recorded)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from types import TracebackType
+from typing import Any, Self
+
+import pytest
+from cake_auth.domain.login import FirstLogin, LoginAccount, LoginContext, ThrottleStatus
+from cake_auth.domain.tokens import AccessToken
+from cake_auth.domain.users import NewUser, ProfileChanges, Role, User, field_taken
+from cake_auth.metrics import AuthMetrics
+from cake_auth.service.accounts import CreateAdmin, UserAccounts
+from cake_auth.service.use_cases import AuthUseCases, LogIn, RegisterUser, UpdateProfile
+from cake_common.errors import AlreadyExists, ResourceExhausted, Unauthenticated
+from cake_common.jwt import Principal
+from prometheus_client import CollectorRegistry
+
+NOW = datetime(2026, 11, 20, 8, 30, tzinfo=UTC)
+DUMMY_HASH = "hashed:<dummy>"
+PASSWORD = "secret-password"
+
+
+@dataclass
+class Store:
+    users: dict[int, User] = field(default_factory=dict)
+    hashes: dict[int, str] = field(default_factory=dict)
+    events: list[FirstLogin] = field(default_factory=list)
+    commits: int = 0
+
+
+class FakeUsers:
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def _find(self, predicate: Any) -> User | None:
+        return next((u for u in self._store.users.values() if predicate(u)), None)
+
+    async def add(self, user: NewUser, password_hash: str) -> User:
+        taken = await self.first_taken_field(
+            username=user.username, email=user.email, phone=user.phone, exclude_id=None
+        )
+        if taken is not None:
+            raise field_taken(taken)
+        user_id = len(self._store.users) + 1
+        created = User(
+            id=user_id,
+            fullname=user.fullname,
+            email=user.email,
+            username=user.username,
+            phone=user.phone,
+            birthday=user.birthday,
+            role=user.role,
+            latest_login=None,
+            created_at=NOW,
+            updated_at=NOW,
+            version=1,
+        )
+        self._store.users[user_id] = created
+        self._store.hashes[user_id] = password_hash
+        return created
+
+    async def get(self, user_id: int) -> User | None:
+        return self._store.users.get(user_id)
+
+    async def get_by_username(self, username: str) -> User | None:
+        return self._find(lambda u: u.username.lower() == username.lower())
+
+    async def find_for_login(self, account: LoginAccount) -> tuple[User, str] | None:
+        user = (
+            self._find(lambda u: u.username.lower() == account.lowered)
+            or self._find(lambda u: u.email == account.lowered)
+            or self._find(lambda u: u.phone == account.phone)
+        )
+        return None if user is None else (user, self._store.hashes[user.id])
+
+    async def first_taken_field(
+        self, *, username: str | None, email: str | None, phone: str | None, exclude_id: int | None
+    ) -> str | None:
+        others = [u for u in self._store.users.values() if u.id != exclude_id]
+        if username is not None and any(u.username.lower() == username.lower() for u in others):
+            return "username"
+        if email is not None and any(u.email == email for u in others):
+            return "email"
+        if phone is not None and any(u.phone == phone for u in others):
+            return "phone"
+        return None
+
+    def _change(self, user_id: int, **values: Any) -> User | None:
+        user = self._store.users.get(user_id)
+        if user is None:
+            return None
+        changed = replace(user, **values, version=user.version + 1)
+        self._store.users[user_id] = changed
+        return changed
+
+    async def record_login(
+        self, user_id: int, at: datetime, *, maybe_first: bool
+    ) -> tuple[User, bool] | None:
+        user = self._store.users.get(user_id)
+        if user is None:
+            return None
+        first = maybe_first and user.latest_login is None
+        changed = self._change(user_id, latest_login=at, updated_at=at)
+        assert changed is not None
+        return changed, first
+
+    async def update_profile(
+        self, user_id: int, changes: ProfileChanges, at: datetime
+    ) -> User | None:
+        values = {
+            name: getattr(changes, name)
+            for name in ("fullname", "email", "phone", "birthday")
+            if getattr(changes, name) is not None
+        }
+        return self._change(user_id, **values, updated_at=at)
+
+    async def set_role(self, user_id: int, role: Role, at: datetime) -> User | None:
+        return self._change(user_id, role=role, updated_at=at)
+
+
+class FakeEvents:
+    def __init__(self, pending: list[FirstLogin]) -> None:
+        self._pending = pending
+
+    async def first_login(self, event: FirstLogin) -> None:
+        self._pending.append(event)
+
+
+class FakeUnitOfWork:
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._pending: list[FirstLogin] = []
+        self.users = FakeUsers(store)
+        self.events = FakeEvents(self._pending)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._pending.clear()  # uncommitted events are lost, like a rollback
+
+    async def commit(self) -> None:
+        self._store.events.extend(self._pending)
+        self._pending.clear()
+        self._store.commits += 1
+
+
+class FakeHasher:
+    def __init__(self) -> None:
+        self.hashed: list[str] = []
+        self.verified: list[tuple[str, str]] = []
+
+    async def hash(self, password: str) -> str:
+        self.hashed.append(password)
+        return f"hashed:{password}"
+
+    async def verify(self, password: str, password_hash: str) -> bool:
+        self.verified.append((password, password_hash))
+        return password_hash == f"hashed:{password}"
+
+    async def close(self) -> None:
+        pass
+
+
+class FakeTokens:
+    def issue(self, user_id: int, role: Role | str) -> AccessToken:
+        return AccessToken(f"token:{user_id}:{role}", f"jti-{user_id}", NOW + timedelta(hours=1))
+
+
+class FakeCache:
+    def __init__(self) -> None:
+        self.entries: dict[int, User] = {}
+
+    async def get(self, user_id: int) -> User | None:
+        return self.entries.get(user_id)
+
+    async def put(self, user: User) -> None:
+        cached = self.entries.get(user.id)
+        if cached is None or cached.version < user.version:
+            self.entries[user.id] = user
+
+
+class FakeThrottle:
+    def __init__(self, max_failures: int = 3) -> None:
+        self.failures: dict[str, int] = {}
+        self._max = max_failures
+
+    async def check(self, account_key: str) -> ThrottleStatus:
+        failures = self.failures.get(account_key, 0)
+        return ThrottleStatus(failures, 60 if failures >= self._max else None)
+
+    async def record_failure(self, account_key: str) -> None:
+        self.failures[account_key] = self.failures.get(account_key, 0) + 1
+
+    async def reset(self, account_key: str) -> None:
+        self.failures.pop(account_key, None)
+
+
+class FakeDenylist:
+    def __init__(self) -> None:
+        self.revoked: dict[str, datetime] = {}
+
+    async def revoke(self, jti: str, expires_at: datetime) -> None:
+        self.revoked[jti] = expires_at
+
+    async def is_revoked(self, jti: str) -> bool:
+        return jti in self.revoked
+
+
+class FakeKeys:
+    def public_keys(self) -> list[dict[str, Any]]:
+        return [{"kid": "k1"}]
+
+
+@dataclass
+class World:
+    store: Store
+    hasher: FakeHasher
+    cache: FakeCache
+    throttle: FakeThrottle
+    denylist: FakeDenylist
+    use_cases: AuthUseCases
+    accounts: UserAccounts
+
+
+@pytest.fixture
+def world() -> World:
+    store = Store()
+    hasher, cache, throttle, denylist = FakeHasher(), FakeCache(), FakeThrottle(), FakeDenylist()
+    metrics = AuthMetrics(CollectorRegistry())
+
+    def unit_of_work() -> FakeUnitOfWork:
+        return FakeUnitOfWork(store)
+
+    accounts = UserAccounts(
+        unit_of_work=unit_of_work,
+        hasher=hasher,
+        profile_cache=cache,
+        metrics=metrics,
+        clock=lambda: NOW,
+    )
+    use_cases = AuthUseCases(
+        accounts=accounts,
+        unit_of_work=unit_of_work,
+        hasher=hasher,
+        tokens=FakeTokens(),
+        profile_cache=cache,
+        login_throttle=throttle,
+        denylist=denylist,
+        published_keys=FakeKeys(),
+        dummy_password_hash=DUMMY_HASH,
+        metrics=metrics,
+        clock=lambda: NOW,
+    )
+    return World(store, hasher, cache, throttle, denylist, use_cases, accounts)
+
+
+def registration(**overrides: str) -> RegisterUser:
+    values = {
+        "fullname": "Ada Lovelace",
+        "email": "Ada@Example.com",
+        "username": "Ada_L",
+        "phone": "+84 912-345-678",
+        "password": PASSWORD,
+        "birthday": "1990-02-28",
+    }
+    values.update(overrides)
+    return RegisterUser(**values)
+
+
+def principal(user_id: int, jti: str = "jti-1") -> Principal:
+    return Principal(user_id=user_id, role="user", jti=jti, expires_at=NOW + timedelta(hours=1))
+
+
+async def test_register_normalises_hashes_and_issues_a_token(world: World) -> None:
+    result = await world.use_cases.register(registration())
+    assert result.user.email == "ada@example.com"
+    assert result.user.phone == "+84912345678"
+    assert result.token.token == "token:1:user"
+    assert world.store.hashes[1] == f"hashed:{PASSWORD}"
+    assert result.user.latest_login is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {"username": "ADA_l", "email": "x@y.z", "phone": "+1 555 0100"},
+            "Username already exists",
+        ),
+        (
+            {"username": "other", "email": "ADA@example.COM", "phone": "+1 555 0100"},
+            "Email already exists",
+        ),
+        (
+            {"username": "other", "email": "x@y.z", "phone": "+84912-345 678"},
+            "Phone number already exists",
+        ),
+        # Several taken: Cake's order decides which one is reported.
+        ({"username": "ada_l", "email": "ada@example.com"}, "Username already exists"),
+    ],
+)
+async def test_duplicates_are_refused_before_hashing(
+    world: World, overrides: dict[str, str], message: str
+) -> None:
+    await world.use_cases.register(registration())
+    hashes_before = len(world.hasher.hashed)
+    with pytest.raises(AlreadyExists) as caught:
+        await world.use_cases.register(registration(**overrides))
+    assert caught.value.message == message
+    assert len(world.hasher.hashed) == hashes_before
+
+
+async def test_unknown_account_still_pays_one_check(world: World) -> None:
+    with pytest.raises(Unauthenticated) as caught:
+        await world.use_cases.login(LogIn("nobody", PASSWORD))
+    assert caught.value.message == "Invalid credentials"
+    assert [stored for _, stored in world.hasher.verified] == [DUMMY_HASH]
+
+
+async def test_impossible_password_is_checked_against_the_dummy_only(world: World) -> None:
+    await world.use_cases.register(registration())
+    with pytest.raises(Unauthenticated):
+        await world.use_cases.login(LogIn("Ada_L", "x" * 73))
+    with pytest.raises(Unauthenticated):
+        await world.use_cases.login(LogIn("Ada_L", "nul\x00"))
+    assert [stored for _, stored in world.hasher.verified] == [DUMMY_HASH, DUMMY_HASH]
+
+
+async def test_login_by_username_email_or_phone(world: World) -> None:
+    await world.use_cases.register(registration())
+    for account in ("ada_l", "ADA@EXAMPLE.COM", "+84 912 345 678"):
+        result = await world.use_cases.login(LogIn(account, PASSWORD))
+        assert result.user.id == 1
+
+
+async def test_throttle_counts_failures_and_success_resets(world: World) -> None:
+    await world.use_cases.register(registration())
+    for _ in range(2):
+        with pytest.raises(Unauthenticated):
+            await world.use_cases.login(LogIn("Ada_L", "wrong"))
+    assert world.throttle.failures == {"ada_l": 2}
+    await world.use_cases.login(LogIn("ADA_L", PASSWORD))
+    assert world.throttle.failures == {}
+
+
+async def test_throttled_account_is_refused_without_a_password_check(world: World) -> None:
+    await world.use_cases.register(registration())
+    world.throttle.failures["ada_l"] = 3
+    checks_before = len(world.hasher.verified)
+    with pytest.raises(ResourceExhausted) as caught:
+        await world.use_cases.login(LogIn("Ada_L", PASSWORD))
+    assert caught.value.message == "Too many failed login attempts, try again later"
+    assert caught.value.metadata == {"retry_after_seconds": "60"}
+    assert len(world.hasher.verified) == checks_before
+
+
+async def test_first_login_records_one_event_with_its_context(world: World) -> None:
+    await world.use_cases.register(registration())
+    context = LoginContext(user_agent="CakeApp/1.0", client_ip="203.0.113.9")
+    first = await world.use_cases.login(LogIn("Ada_L", PASSWORD, context))
+    await world.use_cases.login(LogIn("Ada_L", PASSWORD, context))
+    assert world.store.events == [
+        FirstLogin(user_id=1, login_at=NOW, user_agent="CakeApp/1.0", client_ip="203.0.113.9")
+    ]
+    assert first.user.latest_login == NOW
+    # The profile cache holds the copy with latest_login set.
+    assert world.cache.entries[1].latest_login == NOW
+
+
+async def test_profile_is_read_through_the_cache(world: World) -> None:
+    await world.use_cases.register(registration())
+    assert 1 not in world.cache.entries
+    user = await world.use_cases.get_profile(principal(1))
+    assert world.cache.entries[1] == user
+
+
+async def test_profile_update_replaces_the_cached_copy(world: World) -> None:
+    await world.use_cases.register(registration())
+    await world.use_cases.get_profile(principal(1))
+    updated = await world.use_cases.update_profile(
+        principal(1), UpdateProfile(fullname="Ada King", birthday="1815-12-10")
+    )
+    assert (updated.fullname, updated.birthday.isoformat() if updated.birthday else None) == (
+        "Ada King",
+        "1815-12-10",
+    )
+    assert (await world.use_cases.get_profile(principal(1))).fullname == "Ada King"
+
+
+async def test_empty_profile_update_writes_nothing(world: World) -> None:
+    await world.use_cases.register(registration())
+    commits = world.store.commits
+    user = await world.use_cases.update_profile(principal(1), UpdateProfile())
+    assert user.version == 1
+    assert world.store.commits == commits
+
+
+async def test_profile_update_refuses_another_users_email(world: World) -> None:
+    await world.use_cases.register(registration())
+    await world.use_cases.register(
+        registration(username="grace", email="grace@example.com", phone="+1 555 0100")
+    )
+    with pytest.raises(AlreadyExists) as caught:
+        await world.use_cases.update_profile(principal(2), UpdateProfile(email="ADA@example.com"))
+    assert caught.value.message == "Email already exists"
+    # Keeping one's own e-mail is not a conflict.
+    await world.use_cases.update_profile(principal(1), UpdateProfile(email="ada@example.com"))
+
+
+async def test_logout_denies_the_callers_token_until_it_expires(world: World) -> None:
+    caller = principal(1, jti="the-jti")
+    await world.use_cases.logout(caller)
+    assert world.denylist.revoked == {"the-jti": caller.expires_at}
+    assert await world.use_cases.is_revoked("the-jti")
+
+
+async def test_create_admin_creates_or_promotes(world: World) -> None:
+    created = await world.accounts.create_admin(
+        CreateAdmin(
+            username="root", email="root@example.com", phone="+1 555 0199", password=PASSWORD
+        )
+    )
+    assert created.created
+    assert (created.user.role, created.user.fullname, created.user.birthday) == (
+        Role.ADMIN,
+        "root",
+        None,
+    )
+    await world.use_cases.register(registration())
+    promoted = await world.accounts.create_admin(
+        CreateAdmin(
+            username="ADA_L", email="new@example.com", phone="+1 555 0142", password="other-pw"
+        )
+    )
+    assert not promoted.created
+    assert promoted.user.role is Role.ADMIN
+    assert promoted.user.email == "ada@example.com"  # left unchanged
+    assert world.store.hashes[promoted.user.id] == f"hashed:{PASSWORD}"
