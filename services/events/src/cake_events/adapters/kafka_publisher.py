@@ -109,11 +109,20 @@ class KafkaPublisher:
         )
         return future
 
-    async def flush(self) -> None:
+    async def flush(self) -> bool:
         """Wait until every message handed over so far is acknowledged or failed (their
-        futures are then all done): cheaper than awaiting each future of a big batch."""
-        if self._producer is not None:
-            await self._producer.flush()
+        futures are then all done): cheaper than awaiting each future of a big batch.
+
+        False if that takes longer than twice the request timeout: aiokafka retries a batch
+        already in flight for as long as the broker stays away, so without a bound an outage
+        would stall the relay instead of being noticed (rows then wait in the outbox)."""
+        if self._producer is None:
+            return True
+        try:
+            await asyncio.wait_for(self._producer.flush(), 2 * self._timeout_seconds)
+        except TimeoutError:
+            return False
+        return True
 
     async def reset(self) -> None:
         """Drop the producer after an outage; the next :meth:`start` makes a new one."""

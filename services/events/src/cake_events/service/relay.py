@@ -420,11 +420,33 @@ class OutboxRelay:
                 continue
             sent.append((event, topic, future))
 
-        await self._publisher.flush()
+        if not await self._publisher.flush():
+            result.kafka_unavailable = True
+        failed_in_kafka = self._collect_outcomes(sent, result)
+        overtaken = overtaken_aggregates(
+            failed_in_kafka, (ack.event for ack in result.acknowledged)
+        )
+        if overtaken:
+            self._metrics.order_broken.labels(self.source).inc(len(overtaken))
+            _log.error(
+                "kafka failed an event after accepting a later one of its aggregate",
+                source=self.source,
+                aggregates=sorted(overtaken)[:20],
+            )
+        return result
+
+    @staticmethod
+    def _collect_outcomes(
+        sent: Sequence[tuple[OutboxEvent, str, asyncio.Future[Any]]], result: _BatchResult
+    ) -> list[OutboxEvent]:
+        """Sort Kafka's answers into ``result``; the events Kafka did not acknowledge."""
         failed_in_kafka: list[OutboxEvent] = []
         for event, topic, future in sent:
-            if not future.done():  # not expected after flush(); never guess an outcome
-                await asyncio.wait([future])
+            if not future.done():
+                # No answer in time (the broker went away with the batch in flight): never
+                # guess an outcome; the row stays unpublished and is sent again later.
+                failed_in_kafka.append(event)
+                continue
             outcome: Any = (
                 ProducerClosed() if future.cancelled() else future.exception() or future.result()
             )
@@ -438,17 +460,7 @@ class OutboxRelay:
                 result.kafka_unavailable = True
             else:
                 result.failed.append(_Failed(event, topic, error_text(outcome)))
-        overtaken = overtaken_aggregates(
-            failed_in_kafka, (ack.event for ack in result.acknowledged)
-        )
-        if overtaken:
-            self._metrics.order_broken.labels(self.source).inc(len(overtaken))
-            _log.error(
-                "kafka failed an event after accepting a later one of its aggregate",
-                source=self.source,
-                aggregates=sorted(overtaken)[:20],
-            )
-        return result
+        return failed_in_kafka
 
     def _settle_failures(
         self, failures: Sequence[_Failed]
