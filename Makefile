@@ -2,7 +2,7 @@
 # tools/bootstrap.sh may install uv with `pip install --user`, into ~/.local/bin.
 export PATH := $(HOME)/.local/bin:$(PATH)
 
-.PHONY: up down status test gen lint help
+.PHONY: up down status test gen lint bench chaos help
 
 help: ## list targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -26,3 +26,9 @@ gen: ## regenerate Python code, type stubs and the Envoy descriptor set from pro
 
 lint: ## ruff, mypy, buf lint and generated-code freshness only
 	@bash tools/run-tests.sh --lint-only
+
+bench: ## ceilings + k6 scenarios against the running stack, JSON + Markdown report (bench/results/)
+	@uv run --frozen python bench/run.py
+
+chaos: ## fault drills during first-login bursts: SIGKILL relay/consumer/Kafka, stop Postgres/Redis
+	@uv run --frozen python bench/chaos.py

@@ -1,0 +1,315 @@
+"""Shared helpers of the benchmark runner, the k6 seeding and the fault drills.
+
+Everything here talks to a running local stack (``cake_devtools.stack.Stack``) through its
+public gateway, except the read-only database counts that check correctness (vouchers per
+user, top-ups per voucher), which need the services' own databases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import sqlalchemy as sa
+from cake_common.db import create_async_engine_for
+from cake_devtools.stack import Stack
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+BENCH_DIR = Path(__file__).resolve().parent
+K6_DIR = BENCH_DIR / "k6"
+RESULTS_DIR = BENCH_DIR / "results"
+PASSWORD = "bench-pass-123"  # noqa: S105 - throwaway benchmark users
+ADMIN_USERNAME = "bench_admin"
+ADMIN_PASSWORD = "bench-admin-pass-1"  # noqa: S105 - local stacks only
+
+
+def say(message: str) -> None:
+    """Progress line (flushed, so it interleaves correctly with k6's own output)."""
+    print(f"[{datetime.now(UTC):%H:%M:%S}] {message}", flush=True)
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile (0.0 for no values)."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    index = max(0, min(len(ordered) - 1, round(fraction * len(ordered)) - 1))
+    return ordered[index]
+
+
+@dataclass(frozen=True)
+class SeededUser:
+    user_id: int
+    username: str
+    email: str
+    phone: str
+    password: str
+    token: str
+
+
+def new_identity(tag: str) -> dict[str, str]:
+    """A registration body that cannot collide with another run's users."""
+    suffix = secrets.token_hex(5)
+    digits = str(int(suffix, 16) % 10_000_000).zfill(7)
+    username = f"b{tag}_{suffix}"
+    return {
+        "fullname": f"Bench {tag}",
+        "email": f"{username}@bench.example.com",
+        "username": username,
+        "phone": f"+8491{digits}",
+        "password": PASSWORD,
+        "birthday": "1995-06-01",
+    }
+
+
+class Gateway:
+    """A small REST client of the gateway (one connection pool, JSON in and out)."""
+
+    def __init__(self, base_url: str, *, concurrency: int = 16, timeout: float = 30.0) -> None:
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        self.client = httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits)
+
+    async def __aenter__(self) -> Gateway:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.client.aclose()
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        token: str | None = None,
+        body: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> httpx.Response:
+        all_headers = dict(headers or {})
+        if token:
+            all_headers["authorization"] = f"Bearer {token}"
+        return await self.client.request(
+            method, path, json=body if body is not None else None, headers=all_headers
+        )
+
+    async def register(self, identity: dict[str, str]) -> SeededUser:
+        response = await self.call("POST", "/auth/register", body=identity)
+        if response.status_code != 201:
+            raise RuntimeError(f"register failed: {response.status_code} {response.text[:200]}")
+        data = response.json()
+        return SeededUser(
+            user_id=int(data["user"]["id"]),
+            username=identity["username"],
+            email=identity["email"],
+            phone=identity["phone"],
+            password=identity["password"],
+            token=data["access_token"],
+        )
+
+    async def login(self, account: str, password: str) -> str:
+        response = await self.call(
+            "POST", "/auth/login", body={"account": account, "password": password}
+        )
+        if response.status_code != 200:
+            raise RuntimeError(f"login failed: {response.status_code} {response.text[:200]}")
+        token: str = response.json()["access_token"]
+        return token
+
+    async def register_many(
+        self, count: int, tag: str, *, login_once: bool, parallel: int = 8
+    ) -> list[SeededUser]:
+        """Register ``count`` users (and log each in once when ``login_once``)."""
+        gate = asyncio.Semaphore(parallel)
+
+        async def one() -> SeededUser:
+            async with gate:
+                user = await self.register(new_identity(tag))
+                if not login_once:
+                    return user
+                token = await self.login(user.username, user.password)
+                return SeededUser(**{**asdict(user), "token": token})
+
+        return list(await asyncio.gather(*(one() for _ in range(count))))
+
+    async def create_campaign(self, admin_token: str, max_participants: int, name: str) -> int:
+        now = datetime.now(UTC)
+        body = {
+            "name": name,
+            "type": "first_login_discount",
+            "startDate": (now - timedelta(minutes=1)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "endDate": (now + timedelta(hours=2)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "maxParticipants": max_participants,
+            "discountPercentage": 30,
+            "minTopupAmount": 50000,
+            "maxDiscountAmount": 20000,
+            "voucherValidityDays": 30,
+        }
+        response = await self.call("POST", "/promotions/campaigns", token=admin_token, body=body)
+        if response.status_code != 201:
+            raise RuntimeError(f"create campaign: {response.status_code} {response.text[:300]}")
+        return int(response.json()["id"])
+
+    async def end_campaign(self, admin_token: str, campaign_id: int) -> None:
+        await self.call(
+            "PATCH",
+            f"/promotions/campaigns/{campaign_id}/status",
+            token=admin_token,
+            body={"status": "inactive"},
+        )
+
+
+def admin_token_via_cli(stack: Stack, gateway_url: str) -> str:
+    """Create (or promote) the benchmark admin with ``cake-auth create-admin``, log it in."""
+    environment = {**os.environ, **stack.service_environment()["auth"]}
+    cli = Path(sys.executable).with_name("cake-auth")
+    command = [
+        str(cli),
+        "create-admin",
+        "--username",
+        ADMIN_USERNAME,
+        "--email",
+        f"{ADMIN_USERNAME}@bench.example.com",
+        "--phone",
+        "+84900000999",
+        "--password",
+        ADMIN_PASSWORD,
+    ]
+    subprocess.run(command, env=environment, check=False, capture_output=True, text=True)
+    response = httpx.post(
+        f"{gateway_url}/auth/login",
+        json={"account": ADMIN_USERNAME, "password": ADMIN_PASSWORD},
+        timeout=30,
+    )
+    if response.status_code != 200:
+        raise RuntimeError(f"admin login failed: {response.status_code} {response.text[:200]}")
+    token: str = response.json()["access_token"]
+    return token
+
+
+def service_database(stack: Stack, service: str) -> AsyncEngine:
+    """Async engine on a service's own database (read-only use: correctness counts)."""
+    url = stack.service_environment()[service][f"CAKE_{service.upper()}_DATABASE_URL"]
+    return create_async_engine_for(url, pool_size=2)
+
+
+async def voucher_counts(promotions: AsyncEngine, campaign_id: int) -> tuple[int, int]:
+    """(vouchers, distinct users holding one) of a campaign."""
+    async with promotions.connect() as connection:
+        row = (
+            await connection.execute(
+                sa.text(
+                    "SELECT count(v.id), count(DISTINCT v.user_id) FROM vouchers v"
+                    " JOIN user_promotions up ON up.id = v.user_promotion_id"
+                    " WHERE up.campaign_id = :campaign"
+                ),
+                {"campaign": campaign_id},
+            )
+        ).one()
+    return int(row[0]), int(row[1])
+
+
+def check_stack(stack: Stack) -> None:
+    """Fail early, with the fix, when the stack or its gateway is not answering."""
+    url = stack.gateway_url
+    try:
+        response = httpx.get(f"{url}/health", timeout=5)
+    except httpx.HTTPError as error:
+        raise SystemExit(
+            f"the {stack.profile} stack's gateway ({url}) does not answer ({error}); start it with"
+            f" `uv run cake-stack up --profile {stack.profile}`"
+            + (
+                " (CAKE_GATEWAY_PROFILE=bench for raised rate limits)"
+                if stack.profile == "dev"
+                else ""
+            )
+        ) from error
+    say(
+        f"stack '{stack.profile}' up: GET {url}/health -> {response.status_code}"
+        f" {response.text[:80]}"
+    )
+
+
+def rate_limits_raised(stack: Stack) -> bool:
+    """Whether the running gateway config carries the ``bench`` rate-limit preset."""
+    config = stack.run_dir / "envoy" / "envoy.yaml"
+    return config.exists() and "max_tokens: 10000000" in config.read_text()
+
+
+def k6_binary() -> str:
+    return str(Path(sys.executable).with_name("k6"))
+
+
+def run_k6(
+    script: str,
+    environment: dict[str, str],
+    summary_path: Path,
+    *,
+    quiet: bool = False,
+    samples_csv: Path | None = None,
+) -> dict[str, Any]:
+    """Run one k6 scenario; its handleSummary writes ``summary_path``; return that JSON.
+
+    With ``samples_csv`` every sample is also written there (k6's CSV output), for
+    ``latency_over_time``.
+    """
+    command = [k6_binary(), "run", "--quiet", "--no-usage-report", str(K6_DIR / script)]
+    if samples_csv is not None:
+        command[2:2] = ["--out", f"csv={samples_csv}"]
+    env = {**os.environ, **environment, "SUMMARY_FILE": str(summary_path)}
+    say(
+        f"k6 {script} "
+        + " ".join(f"{k}={v}" for k, v in sorted(environment.items()) if k != "USERS_FILE")
+    )
+    started = time.monotonic()
+    completed = subprocess.run(command, env=env, check=False, capture_output=quiet, text=True)
+    say(f"k6 {script} finished in {time.monotonic() - started:.1f}s (exit {completed.returncode})")
+    if not summary_path.exists():
+        raise RuntimeError(f"k6 {script} wrote no summary (exit {completed.returncode})")
+    summary: dict[str, Any] = json.loads(summary_path.read_text())
+    summary["k6_exit_code"] = completed.returncode
+    return summary
+
+
+def metric(summary: dict[str, Any], name: str) -> dict[str, float]:
+    """The values of one k6 metric in a handleSummary JSON ({} when absent)."""
+    values: dict[str, float] = summary.get("metrics", {}).get(name, {}).get("values", {})
+    return values
+
+
+def write_users(path: Path, users: Sequence[SeededUser], **extra: Any) -> None:
+    path.write_text(json.dumps({"users": [asdict(user) for user in users], **extra}))
+
+
+def latency_over_time(samples_csv: Path, metric_name: str) -> list[dict[str, float]]:
+    """Per-second count and P50/P95/P99 of one k6 trend, from k6's CSV output."""
+    buckets: dict[int, list[float]] = {}
+    with samples_csv.open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            if row["metric_name"] == metric_name:
+                buckets.setdefault(int(float(row["timestamp"])), []).append(
+                    float(row["metric_value"])
+                )
+    if not buckets:
+        return []
+    first = min(buckets)
+    return [
+        {
+            "second": second - first,
+            "count": len(values),
+            "p50": percentile(values, 0.50),
+            "p95": percentile(values, 0.95),
+            "p99": percentile(values, 0.99),
+        }
+        for second, values in sorted(buckets.items())
+    ]

@@ -1,0 +1,89 @@
+"""Tiny runs of the benchmark scenarios and one fault drill, so they keep working.
+
+They assert correctness only (no timing): the k6 scenarios run without errors, the
+first-login burst issues exactly min(N, maxParticipants) vouchers with none doubled, no
+voucher is spent twice under racing top-ups, and a relay killed mid-burst loses and doubles
+nothing. Each runs the real entry point (``bench/run.py``, ``bench/chaos.py``) against the
+test stack, as ``make bench``/``make chaos`` would against the dev stack.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cake_devtools.stack import Stack
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+pytestmark = pytest.mark.e2e
+
+
+def _run(script: str, *arguments: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(BENCH / script), "--profile", "test", *arguments],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_k6_scenarios_at_tiny_size_are_correct(full_stack: Stack, tmp_path: Path) -> None:
+    completed = _run(
+        "run.py",
+        "--out", str(tmp_path),
+        "--skip", "ceilings,login",
+        "--duration", "2",
+        "--users", "5",
+        "--mix-rate", "4",
+        "--profile-vus", "2",
+        "--burst-users", "6",
+        "--burst-max", "4",
+        "--poll-timeout", "3",
+        "--racers", "3",
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    scenarios = results["scenarios"]
+
+    assert scenarios["profile_gateway"]["error_rate"] == 0
+    assert scenarios["profile_grpc_raw"]["error_rate"] == 0
+    for op in ("login", "register", "profile", "refresh"):
+        assert scenarios["mixed_auth"][op]["error_rate"] == 0, op
+    burst = scenarios["first_login_burst"]
+    assert burst["login_failed_rate"] == 0
+    assert burst["vouchers_in_database"] == 4
+    assert burst["users_with_voucher"] == 4
+    topup = burst["topup"]
+    assert topup["vouchers"] == 4
+    assert topup["max_topups_per_voucher_db"] == 1
+    assert topup["succeeded"] == 4
+    assert topup["errors"] == 0
+    assert (tmp_path / "report.md").exists()
+
+
+def test_relay_killed_mid_burst_loses_and_doubles_nothing(
+    full_stack: Stack, tmp_path: Path
+) -> None:
+    completed = _run(
+        "chaos.py",
+        "--out", str(tmp_path),
+        "--drills", "events",
+        "--users", "10",
+        "--outage", "1",
+        "--settle", "1",
+        "--timeout", "90",
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    (drill,) = json.loads((tmp_path / "chaos.json").read_text())
+    assert drill["events_written"] == 10
+    assert drill["events_consumed"] == 10
+    assert drill["events_lost"] == 0
+    assert drill["vouchers_issued"] == 10
+    assert drill["vouchers_doubled"] == 0
+    assert drill["vouchers_lost"] == 0
+    assert full_stack.status()["events"].healthy
