@@ -4,6 +4,7 @@ configs and SQL. Nothing here starts a server."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import stat
 from pathlib import Path
 
@@ -25,6 +26,9 @@ DEV_PORTS = {
     "auth_grpc_port": 57051,
     "promotions_grpc_port": 57052,
     "events_grpc_port": 57053,
+    "auth_metrics_port": 59111,
+    "promotions_metrics_port": 59112,
+    "events_metrics_port": 59113,
 }
 TEST_PORTS = {
     "gateway_port": 18080,
@@ -36,6 +40,9 @@ TEST_PORTS = {
     "auth_grpc_port": 57151,
     "promotions_grpc_port": 57152,
     "events_grpc_port": 57153,
+    "auth_metrics_port": 59121,
+    "promotions_metrics_port": 59122,
+    "events_metrics_port": 59123,
 }
 DEFAULT_SERVER_PORTS = {80, 443, 5432, 6379, 9092, 9093, 9901, 50051}
 
@@ -118,6 +125,7 @@ ENDPOINTS = Endpoints(
     grpc_ports={"auth": 57151, "promotions": 57152, "events": 57153},
     jwt_signing_key=Path("/run/keys/jwt-signing-key.pem"),
     jwks_file=Path("/run/keys/jwks.json"),
+    metrics_ports={"auth": 59121, "promotions": 59122, "events": 59123},
 )
 
 
@@ -134,6 +142,7 @@ def test_service_environment_points_each_service_at_its_own_database() -> None:
         "CAKE_AUTH_LOG_JSON": "true",
         "CAKE_AUTH_JWKS_FILE": "/run/keys/jwks.json",
         "CAKE_AUTH_JWT_PRIVATE_KEY_FILE": "/run/keys/jwt-signing-key.pem",
+        "CAKE_AUTH_METRICS_PORT": "59121",
     }
     assert env["promotions"]["CAKE_PROMOTIONS_DATABASE_URL"].endswith(
         "cake_promotions:pw-promotions@127.0.0.1:55442/cake_promotions"
@@ -141,6 +150,30 @@ def test_service_environment_points_each_service_at_its_own_database() -> None:
     assert env["promotions"]["CAKE_PROMOTIONS_GRPC_PORT"] == "57152"
     assert env["promotions"]["CAKE_PROMOTIONS_JWKS_FILE"] == "/run/keys/jwks.json"
     assert "CAKE_PROMOTIONS_JWT_PRIVATE_KEY_FILE" not in env["promotions"]
+    assert env["promotions"]["CAKE_PROMOTIONS_METRICS_PORT"] == "59122"
+    assert env["events"]["CAKE_EVENTS_METRICS_PORT"] == "59123"
+
+
+def test_tracing_is_off_unless_the_stack_has_an_otlp_endpoint(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert not any(
+        name.endswith("_OTLP_ENDPOINT")
+        for env in build_service_environment(ENDPOINTS, PASSWORDS).values()
+        for name in env
+    )
+    monkeypatch.setenv("CAKE_TEST_OTLP_ENDPOINT", "http://127.0.0.1:4317")
+    assert load_settings("dev").otlp_endpoint is None
+    endpoint = load_settings("test").otlp_endpoint
+    assert endpoint == "http://127.0.0.1:4317"
+
+    traced = build_service_environment(
+        dataclasses.replace(ENDPOINTS, otlp_endpoint=endpoint), PASSWORDS
+    )
+
+    assert traced["auth"]["CAKE_AUTH_OTLP_ENDPOINT"] == endpoint
+    assert traced["promotions"]["CAKE_PROMOTIONS_OTLP_ENDPOINT"] == endpoint
+    assert traced["events"]["CAKE_EVENTS_OTLP_ENDPOINT"] == endpoint
 
 
 def test_events_reads_the_outboxes_as_the_relay_role() -> None:

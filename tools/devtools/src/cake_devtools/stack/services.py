@@ -58,6 +58,10 @@ class Endpoints:
     grpc_ports: Mapping[str, int]
     jwt_signing_key: Path
     jwks_file: Path
+    #: Prometheus /metrics port per service name.
+    metrics_ports: Mapping[str, int]
+    #: OTLP/gRPC trace collector for every service; ``None`` leaves tracing off.
+    otlp_endpoint: str | None = None
 
 
 def database_url(*, user: str, password: str, host: str, port: int, database: str) -> str:
@@ -93,7 +97,10 @@ def build_service_environment(
             f"{prefix}LOG_JSON": "true",
             # Every service verifies tokens itself against the published keys.
             f"{prefix}JWKS_FILE": str(endpoints.jwks_file),
+            f"{prefix}METRICS_PORT": str(endpoints.metrics_ports[spec.name]),
         }
+        if endpoints.otlp_endpoint is not None:
+            env[f"{prefix}OTLP_ENDPOINT"] = endpoints.otlp_endpoint
         if spec.name == "auth":
             env[f"{prefix}JWT_PRIVATE_KEY_FILE"] = str(endpoints.jwt_signing_key)
         if spec.name == "events":

@@ -32,6 +32,15 @@ class StackSettings(BaseSettings):
     auth_grpc_port: int = Field(default=57051, ge=1, le=65535)
     promotions_grpc_port: int = Field(default=57052, ge=1, le=65535)
     events_grpc_port: int = Field(default=57053, ge=1, le=65535)
+    # Prometheus /metrics of each service (CAKE_<SVC>_METRICS_PORT).
+    auth_metrics_port: int = Field(default=59111, ge=1, le=65535)
+    promotions_metrics_port: int = Field(default=59112, ge=1, le=65535)
+    events_metrics_port: int = Field(default=59113, ge=1, le=65535)
+    otlp_endpoint: str | None = Field(
+        default=None,
+        description="OTLP/gRPC trace collector given to every service "
+        "(CAKE_<SVC>_OTLP_ENDPOINT), e.g. http://127.0.0.1:4317; unset: tracing off",
+    )
 
     # Set these to use servers that already run (CI service containers, a shared dev box);
     # the stack then only creates the databases, roles and topics there.
@@ -66,6 +75,9 @@ class StackSettingsForTests(StackSettings):
     auth_grpc_port: int = Field(default=57151, ge=1, le=65535)
     promotions_grpc_port: int = Field(default=57152, ge=1, le=65535)
     events_grpc_port: int = Field(default=57153, ge=1, le=65535)
+    auth_metrics_port: int = Field(default=59121, ge=1, le=65535)
+    promotions_metrics_port: int = Field(default=59122, ge=1, le=65535)
+    events_metrics_port: int = Field(default=59123, ge=1, le=65535)
     postgres_fsync: bool = False
 
 

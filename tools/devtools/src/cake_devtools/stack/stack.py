@@ -98,6 +98,12 @@ class Stack:
             },
             jwt_signing_key=self._ctx.layout.jwt_signing_key,
             jwks_file=self._ctx.layout.jwks_file,
+            metrics_ports={
+                "auth": settings.auth_metrics_port,
+                "promotions": settings.promotions_metrics_port,
+                "events": settings.events_metrics_port,
+            },
+            otlp_endpoint=settings.otlp_endpoint,
         )
 
     def _select(self, components: Iterable[str] | None) -> list[Component]:
