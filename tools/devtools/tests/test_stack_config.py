@@ -18,31 +18,31 @@ from cake_devtools.stack.settings import StackSettings, StackSettingsForTests, l
 PORT_FIELDS = [name for name in StackSettings.model_fields if name.endswith("_port")]
 DEV_PORTS = {
     "gateway_port": 8080,
-    "envoy_admin_port": 59901,
-    "pg_port": 55432,
-    "redis_port": 56379,
-    "kafka_port": 59092,
-    "kafka_controller_port": 59093,
-    "auth_grpc_port": 57051,
-    "promotions_grpc_port": 57052,
-    "events_grpc_port": 57053,
-    "auth_metrics_port": 59111,
-    "promotions_metrics_port": 59112,
-    "events_metrics_port": 59113,
+    "envoy_admin_port": 19901,
+    "pg_port": 15432,
+    "redis_port": 16379,
+    "kafka_port": 19092,
+    "kafka_controller_port": 19093,
+    "auth_grpc_port": 17051,
+    "promotions_grpc_port": 17052,
+    "events_grpc_port": 17053,
+    "auth_metrics_port": 19111,
+    "promotions_metrics_port": 19112,
+    "events_metrics_port": 19113,
 }
 TEST_PORTS = {
     "gateway_port": 18080,
-    "envoy_admin_port": 59911,
-    "pg_port": 55442,
-    "redis_port": 56389,
-    "kafka_port": 59102,
-    "kafka_controller_port": 59103,
-    "auth_grpc_port": 57151,
-    "promotions_grpc_port": 57152,
-    "events_grpc_port": 57153,
-    "auth_metrics_port": 59121,
-    "promotions_metrics_port": 59122,
-    "events_metrics_port": 59123,
+    "envoy_admin_port": 19911,
+    "pg_port": 15442,
+    "redis_port": 16389,
+    "kafka_port": 19102,
+    "kafka_controller_port": 19103,
+    "auth_grpc_port": 17151,
+    "promotions_grpc_port": 17152,
+    "events_grpc_port": 17153,
+    "auth_metrics_port": 19121,
+    "promotions_metrics_port": 19122,
+    "events_metrics_port": 19123,
 }
 DEFAULT_SERVER_PORTS = {80, 443, 5432, 6379, 9092, 9093, 9901, 50051}
 
@@ -119,13 +119,13 @@ PASSWORDS = {
 }
 ENDPOINTS = Endpoints(
     postgres_host="127.0.0.1",
-    postgres_port=55442,
-    redis_url="redis://127.0.0.1:56389/0",
-    kafka_bootstrap="127.0.0.1:59102",
-    grpc_ports={"auth": 57151, "promotions": 57152, "events": 57153},
+    postgres_port=15442,
+    redis_url="redis://127.0.0.1:16389/0",
+    kafka_bootstrap="127.0.0.1:19102",
+    grpc_ports={"auth": 17151, "promotions": 17152, "events": 17153},
     jwt_signing_key=Path("/run/keys/jwt-signing-key.pem"),
     jwks_file=Path("/run/keys/jwks.json"),
-    metrics_ports={"auth": 59121, "promotions": 59122, "events": 59123},
+    metrics_ports={"auth": 19121, "promotions": 19122, "events": 19123},
 )
 
 
@@ -135,23 +135,23 @@ def test_service_environment_points_each_service_at_its_own_database() -> None:
     assert set(env) == {"auth", "promotions", "events"}
     assert env["auth"] == {
         "CAKE_AUTH_GRPC_HOST": "127.0.0.1",
-        "CAKE_AUTH_GRPC_PORT": "57151",
-        "CAKE_AUTH_DATABASE_URL": "postgresql+psycopg://cake_auth:pw-auth@127.0.0.1:55442/cake_auth",
-        "CAKE_AUTH_REDIS_URL": "redis://127.0.0.1:56389/0",
-        "CAKE_AUTH_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:59102",
+        "CAKE_AUTH_GRPC_PORT": "17151",
+        "CAKE_AUTH_DATABASE_URL": "postgresql+psycopg://cake_auth:pw-auth@127.0.0.1:15442/cake_auth",
+        "CAKE_AUTH_REDIS_URL": "redis://127.0.0.1:16389/0",
+        "CAKE_AUTH_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:19102",
         "CAKE_AUTH_LOG_JSON": "true",
         "CAKE_AUTH_JWKS_FILE": "/run/keys/jwks.json",
         "CAKE_AUTH_JWT_PRIVATE_KEY_FILE": "/run/keys/jwt-signing-key.pem",
-        "CAKE_AUTH_METRICS_PORT": "59121",
+        "CAKE_AUTH_METRICS_PORT": "19121",
     }
     assert env["promotions"]["CAKE_PROMOTIONS_DATABASE_URL"].endswith(
-        "cake_promotions:pw-promotions@127.0.0.1:55442/cake_promotions"
+        "cake_promotions:pw-promotions@127.0.0.1:15442/cake_promotions"
     )
-    assert env["promotions"]["CAKE_PROMOTIONS_GRPC_PORT"] == "57152"
+    assert env["promotions"]["CAKE_PROMOTIONS_GRPC_PORT"] == "17152"
     assert env["promotions"]["CAKE_PROMOTIONS_JWKS_FILE"] == "/run/keys/jwks.json"
     assert "CAKE_PROMOTIONS_JWT_PRIVATE_KEY_FILE" not in env["promotions"]
-    assert env["promotions"]["CAKE_PROMOTIONS_METRICS_PORT"] == "59122"
-    assert env["events"]["CAKE_EVENTS_METRICS_PORT"] == "59123"
+    assert env["promotions"]["CAKE_PROMOTIONS_METRICS_PORT"] == "19122"
+    assert env["events"]["CAKE_EVENTS_METRICS_PORT"] == "19123"
 
 
 def test_tracing_is_off_unless_the_stack_has_an_otlp_endpoint(
@@ -179,12 +179,12 @@ def test_tracing_is_off_unless_the_stack_has_an_otlp_endpoint(
 def test_events_reads_the_outboxes_as_the_relay_role() -> None:
     events = build_service_environment(ENDPOINTS, PASSWORDS)["events"]
 
-    relay = "postgresql+psycopg://cake_relay:pw%2Frelay%40x@127.0.0.1:55442"
+    relay = "postgresql+psycopg://cake_relay:pw%2Frelay%40x@127.0.0.1:15442"
     assert events["CAKE_EVENTS_AUTH_OUTBOX_URL"] == f"{relay}/cake_auth"
     assert events["CAKE_EVENTS_PROMOTIONS_OUTBOX_URL"] == f"{relay}/cake_promotions"
-    assert events["CAKE_EVENTS_AUTH_GRPC_TARGET"] == "127.0.0.1:57151"
-    assert events["CAKE_EVENTS_PROMOTIONS_GRPC_TARGET"] == "127.0.0.1:57152"
-    assert events["CAKE_EVENTS_DATABASE_URL"].endswith("@127.0.0.1:55442/cake_events")
+    assert events["CAKE_EVENTS_AUTH_GRPC_TARGET"] == "127.0.0.1:17151"
+    assert events["CAKE_EVENTS_PROMOTIONS_GRPC_TARGET"] == "127.0.0.1:17152"
+    assert events["CAKE_EVENTS_DATABASE_URL"].endswith("@127.0.0.1:15442/cake_events")
 
 
 def test_external_servers_replace_the_local_ones(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -241,11 +241,11 @@ def test_pg_hba_allows_only_password_logins() -> None:
 
 
 def test_server_conf_listens_on_loopback_and_skips_fsync_only_when_asked(tmp_path: Path) -> None:
-    durable = postgres.server_conf(port=55442, socket_dir=tmp_path, fsync=True)
-    fast = postgres.server_conf(port=55442, socket_dir=None, fsync=False)
+    durable = postgres.server_conf(port=15442, socket_dir=tmp_path, fsync=True)
+    fast = postgres.server_conf(port=15442, socket_dir=None, fsync=False)
 
     assert "listen_addresses = '127.0.0.1'" in durable
-    assert "port = 55442" in durable
+    assert "port = 15442" in durable
     assert f"unix_socket_directories = '{tmp_path}'" in durable
     assert "fsync" not in durable
     assert "fsync = off" in fast and "unix_socket_directories = ''" in fast
@@ -284,8 +284,8 @@ def test_each_service_owns_its_database_and_the_relay_only_connects() -> None:
 
 
 def test_admin_url_is_a_superuser_libpq_url() -> None:
-    assert postgres.admin_url(password="a/b", port=55442) == (
-        "postgresql://postgres:a%2Fb@127.0.0.1:55442/postgres"
+    assert postgres.admin_url(password="a/b", port=15442) == (
+        "postgresql://postgres:a%2Fb@127.0.0.1:15442/postgres"
     )
 
 
@@ -293,11 +293,11 @@ def test_admin_url_is_a_superuser_libpq_url() -> None:
 
 
 def test_redis_runs_in_the_foreground_on_loopback_without_persistence() -> None:
-    argv = redis_command("/usr/bin/redis-server", port=56389, data_dir="/run/redis")
+    argv = redis_command("/usr/bin/redis-server", port=16389, data_dir="/run/redis")
 
     options = dict(zip(argv[1::2], argv[2::2], strict=True))
     assert options == {
-        "--port": "56389",
+        "--port": "16389",
         "--bind": "127.0.0.1",
         "--dir": "/run/redis",
         "--save": "",
@@ -308,15 +308,15 @@ def test_redis_runs_in_the_foreground_on_loopback_without_persistence() -> None:
 
 
 def test_kafka_server_properties_single_kraft_node(tmp_path: Path) -> None:
-    text = kafka.server_properties(port=59102, controller_port=59103, data_dir=tmp_path)
+    text = kafka.server_properties(port=19102, controller_port=19103, data_dir=tmp_path)
     props = dict(
         line.split("=", 1) for line in text.splitlines() if line and not line.startswith("#")
     )
 
     assert props["process.roles"] == "broker,controller"
-    assert props["controller.quorum.voters"] == "1@127.0.0.1:59103"
-    assert props["listeners"] == "PLAINTEXT://127.0.0.1:59102,CONTROLLER://127.0.0.1:59103"
-    assert props["advertised.listeners"] == "PLAINTEXT://127.0.0.1:59102"
+    assert props["controller.quorum.voters"] == "1@127.0.0.1:19103"
+    assert props["listeners"] == "PLAINTEXT://127.0.0.1:19102,CONTROLLER://127.0.0.1:19103"
+    assert props["advertised.listeners"] == "PLAINTEXT://127.0.0.1:19102"
     assert props["log.dirs"] == str(tmp_path)
     assert props["num.partitions"] == "6"
     assert props["auto.create.topics.enable"] == "false"

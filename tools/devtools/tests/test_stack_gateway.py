@@ -75,7 +75,7 @@ def _context(jwks: Path, **overrides: Any) -> GatewayContext:
         "descriptor_path": default_descriptor_path(),
         "openapi_path": default_openapi_path(),
         "jwks_path": jwks,
-        "upstreams": local_upstreams(auth_port=57151, promotions_port=57152, events_port=57153),
+        "upstreams": local_upstreams(auth_port=17151, promotions_port=17152, events_port=17153),
     }
     settings.update(overrides)
     return GatewayContext(**settings)

@@ -16,7 +16,7 @@ class AuthSettings(ServiceSettings):
     )
 
     service_name: str = "auth"
-    grpc_port: int = 57051
+    grpc_port: int = 17051
     relay_role: str | None = "cake_relay"
     """Database role of the events relay; migrations grant it access to ``outbox`` only."""
 

@@ -15,7 +15,7 @@ class EventsSettings(ServiceSettings):
     )
 
     service_name: str = "events"
-    grpc_port: int = 57053
+    grpc_port: int = 17053
 
     auth_outbox_url: SecretStr | None = Field(
         default=None, description="URL of the relay role on the auth database (outbox only)"
@@ -23,8 +23,8 @@ class EventsSettings(ServiceSettings):
     promotions_outbox_url: SecretStr | None = Field(
         default=None, description="URL of the relay role on the promotions database (outbox only)"
     )
-    auth_grpc_target: str = "127.0.0.1:57051"
-    promotions_grpc_target: str = "127.0.0.1:57052"
+    auth_grpc_target: str = "127.0.0.1:17051"
+    promotions_grpc_target: str = "127.0.0.1:17052"
 
     health_probe_timeout_seconds: float = Field(default=1.0, gt=0)
     health_cache_seconds: float = Field(

@@ -15,7 +15,7 @@ class PromotionsSettings(ServiceSettings):
     )
 
     service_name: str = "promotions"
-    grpc_port: int = 57052
+    grpc_port: int = 17052
     relay_role: str | None = "cake_relay"
     """Database role of the events relay; migrations grant it access to ``outbox`` only."""
 

@@ -4,7 +4,8 @@ Two profiles run side by side: ``dev`` (``make up``, variables ``CAKE_*``) and `
 pytest session, variables ``CAKE_TEST_*``). The test profile has its own prefix so a developer's
 ``CAKE_*`` overrides (or external servers) never point the test session at dev data.
 Every default port is off the well-known ones so the stack never collides with servers already
-on the machine.
+on the machine, and below Linux's ephemeral range (32768-60999): fault tests stop and restart
+servers, and a client's outgoing connection must never grab a port while its server is down.
 """
 
 from __future__ import annotations
@@ -24,18 +25,18 @@ class StackSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CAKE_", extra="ignore")
 
     gateway_port: int = Field(default=8080, ge=1, le=65535)
-    envoy_admin_port: int = Field(default=59901, ge=1, le=65535)
-    pg_port: int = Field(default=55432, ge=1, le=65535)
-    redis_port: int = Field(default=56379, ge=1, le=65535)
-    kafka_port: int = Field(default=59092, ge=1, le=65535)
-    kafka_controller_port: int = Field(default=59093, ge=1, le=65535)
-    auth_grpc_port: int = Field(default=57051, ge=1, le=65535)
-    promotions_grpc_port: int = Field(default=57052, ge=1, le=65535)
-    events_grpc_port: int = Field(default=57053, ge=1, le=65535)
+    envoy_admin_port: int = Field(default=19901, ge=1, le=65535)
+    pg_port: int = Field(default=15432, ge=1, le=65535)
+    redis_port: int = Field(default=16379, ge=1, le=65535)
+    kafka_port: int = Field(default=19092, ge=1, le=65535)
+    kafka_controller_port: int = Field(default=19093, ge=1, le=65535)
+    auth_grpc_port: int = Field(default=17051, ge=1, le=65535)
+    promotions_grpc_port: int = Field(default=17052, ge=1, le=65535)
+    events_grpc_port: int = Field(default=17053, ge=1, le=65535)
     # Prometheus /metrics of each service (CAKE_<SVC>_METRICS_PORT).
-    auth_metrics_port: int = Field(default=59111, ge=1, le=65535)
-    promotions_metrics_port: int = Field(default=59112, ge=1, le=65535)
-    events_metrics_port: int = Field(default=59113, ge=1, le=65535)
+    auth_metrics_port: int = Field(default=19111, ge=1, le=65535)
+    promotions_metrics_port: int = Field(default=19112, ge=1, le=65535)
+    events_metrics_port: int = Field(default=19113, ge=1, le=65535)
     otlp_endpoint: str | None = Field(
         default=None,
         description="OTLP/gRPC trace collector given to every service "
@@ -67,17 +68,17 @@ class StackSettingsForTests(StackSettings):
     model_config = SettingsConfigDict(env_prefix="CAKE_TEST_", extra="ignore")
 
     gateway_port: int = Field(default=18080, ge=1, le=65535)
-    envoy_admin_port: int = Field(default=59911, ge=1, le=65535)
-    pg_port: int = Field(default=55442, ge=1, le=65535)
-    redis_port: int = Field(default=56389, ge=1, le=65535)
-    kafka_port: int = Field(default=59102, ge=1, le=65535)
-    kafka_controller_port: int = Field(default=59103, ge=1, le=65535)
-    auth_grpc_port: int = Field(default=57151, ge=1, le=65535)
-    promotions_grpc_port: int = Field(default=57152, ge=1, le=65535)
-    events_grpc_port: int = Field(default=57153, ge=1, le=65535)
-    auth_metrics_port: int = Field(default=59121, ge=1, le=65535)
-    promotions_metrics_port: int = Field(default=59122, ge=1, le=65535)
-    events_metrics_port: int = Field(default=59123, ge=1, le=65535)
+    envoy_admin_port: int = Field(default=19911, ge=1, le=65535)
+    pg_port: int = Field(default=15442, ge=1, le=65535)
+    redis_port: int = Field(default=16389, ge=1, le=65535)
+    kafka_port: int = Field(default=19102, ge=1, le=65535)
+    kafka_controller_port: int = Field(default=19103, ge=1, le=65535)
+    auth_grpc_port: int = Field(default=17151, ge=1, le=65535)
+    promotions_grpc_port: int = Field(default=17152, ge=1, le=65535)
+    events_grpc_port: int = Field(default=17153, ge=1, le=65535)
+    auth_metrics_port: int = Field(default=19121, ge=1, le=65535)
+    promotions_metrics_port: int = Field(default=19122, ge=1, le=65535)
+    events_metrics_port: int = Field(default=19123, ge=1, le=65535)
     postgres_fsync: bool = False
 
 
