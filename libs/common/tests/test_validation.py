@@ -93,3 +93,19 @@ def test_import_does_not_load_protovalidate() -> None:
         "sys.exit('protovalidate' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_a_field_breaking_several_rules_gets_one_violation() -> None:
+    from cake.auth.v1 import auth_pb2
+
+    request = auth_pb2.RegisterRequest(
+        fullname="",  # too short AND blank: two rules, one field
+        email="ann@example.com",
+        username="ann_lee",
+        phone="+84901234567",
+        password="secret-123",
+        birthday="1995-06-01",
+    )
+    violations = RequestValidator().violations(request)
+    assert [v.field for v in violations] == ["fullname"]
+    assert ";" in violations[0].description

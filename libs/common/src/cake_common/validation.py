@@ -48,14 +48,17 @@ class RequestValidator:
         return self._validator
 
     def violations(self, message: Message) -> list[FieldViolation]:
-        """Every rule the message breaks, one :class:`FieldViolation` per broken rule."""
-        found = self._get_validator().collect_violations(message)
+        """One :class:`FieldViolation` per bad field, in message order; a field that breaks
+        several rules (an empty name: too short AND blank) gets them in one description."""
+        by_field: dict[str, list[str]] = {}
+        for violation in self._get_validator().collect_violations(message):
+            descriptions = by_field.setdefault(_field_path(violation.proto.field.elements), [])
+            description = violation.proto.message or violation.proto.rule_id
+            if description not in descriptions:
+                descriptions.append(description)
         return [
-            FieldViolation(
-                field=_field_path(violation.proto.field.elements),
-                description=violation.proto.message or violation.proto.rule_id,
-            )
-            for violation in found
+            FieldViolation(field=field, description="; ".join(descriptions))
+            for field, descriptions in by_field.items()
         ]
 
     def validate(self, message: Message) -> None:
