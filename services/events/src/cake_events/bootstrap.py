@@ -118,8 +118,8 @@ async def start_service(
     settings: EventsSettings, *, metrics_registry: CollectorRegistry | None = None
 ) -> RunningGrpcServer:
     """Migrate, wire, start the gRPC server and (if enabled) the relays; returns once
-    serving. ``stop()`` on the result stops everything gracefully."""
-    start_logging(settings)
+    serving. ``stop()`` on the result stops everything gracefully. Logging and tracing are
+    the caller's (``serve``), like the other services' ``start_server``."""
     registry = metrics_registry or prometheus_client.REGISTRY
     engine = await open_migrated_database(settings, script_location=MIGRATIONS)
     shutdown_hooks: list[ShutdownHook] = [engine.dispose]
