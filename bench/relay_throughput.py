@@ -111,7 +111,7 @@ def outbox_events(count: int) -> list[OutboxEvent]:
         events.append(
             OutboxEvent(
                 id=index + 1,
-                event_id=uuid.uuid4(),
+                event_id=str(uuid.uuid4()),
                 event_type="USER_FIRST_LOGIN",
                 aggregate_type="user",
                 aggregate_id=str(user_id),

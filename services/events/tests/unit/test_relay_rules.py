@@ -5,6 +5,8 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 
+import dataclasses
+
 import pytest
 from cake.events.v1 import envelope_pb2, payloads_pb2
 from cake_events.domain.delivery import DeadLetterCursor, InvalidPageTokenError
@@ -21,6 +23,8 @@ from cake_events.domain.relay import (
 )
 from cake_events.settings import EventsSettings
 from google.protobuf.timestamp_pb2 import Timestamp
+from hypothesis import given
+from hypothesis import strategies as st
 
 OCCURRED = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 
@@ -41,7 +45,7 @@ def outbox_event(
         payload = payloads_pb2.UserFirstLogin(user_id=7, login_at=login_at).SerializeToString()
     return OutboxEvent(
         id=row_id,
-        event_id=uuid.uuid4(),
+        event_id=str(uuid.uuid4()),
         event_type=event_type,
         aggregate_type="user",
         aggregate_id=aggregate_id,
@@ -98,6 +102,24 @@ def test_envelope_carries_the_row_and_the_contract_headers() -> None:
         "ce_type": b"USER_FIRST_LOGIN",
         "traceparent": event.trace_parent.encode(),  # type: ignore[union-attr]
     }
+
+
+@given(
+    st.datetimes(
+        min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31), timezones=st.just(UTC)
+    )
+)
+def test_envelope_time_is_protobufs_own_conversion_to_the_microsecond(
+    occurred_at: datetime,
+) -> None:
+    event = dataclasses.replace(outbox_event(), occurred_at=occurred_at)
+    envelope = envelope_pb2.EventEnvelope.FromString(
+        EnvelopeBuilder().message_for(event, "t").value
+    )
+    expected = Timestamp()
+    expected.FromDatetime(occurred_at)
+    assert envelope.occurred_at == expected
+    assert 0 <= envelope.occurred_at.nanos < 1_000_000_000
 
 
 @pytest.mark.parametrize(

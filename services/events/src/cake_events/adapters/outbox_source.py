@@ -10,13 +10,15 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing, asynccontextmanager, suppress
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, LiteralString, cast
 from uuid import UUID
 
 import psycopg
 import sqlalchemy as sa
 from cake_common.outbox import OUTBOX_NOTIFY_CHANNEL, outbox_table
+from psycopg.rows import args_row
 from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects.postgresql.psycopg import dialect as psycopg_dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncTransaction
 
 from cake_events.domain.delivery import ReplayStatus
@@ -40,7 +42,7 @@ def _seconds(parameter: str) -> sa.ColumnElement[Any]:
 
 _OUTBOX_EVENT_COLUMNS = (
     OUTBOX.c.id,
-    OUTBOX.c.event_id,
+    sa.cast(OUTBOX.c.event_id, sa.Text).label("event_id"),
     OUTBOX.c.event_type,
     OUTBOX.c.aggregate_type,
     OUTBOX.c.aggregate_id,
@@ -103,8 +105,15 @@ def _claim_statement(*, guard_retries: bool) -> sa.Select[Any]:
     )
 
 
-_CLAIM = _claim_statement(guard_retries=False)
-_CLAIM_BEHIND_RETRIES = _claim_statement(guard_retries=True)
+def _driver_sql(statement: sa.Select[Any]) -> LiteralString:
+    """``statement`` as SQL text for psycopg (``%(name)s`` placeholders)."""
+    dialect: Any = psycopg_dialect()  # type: ignore[no-untyped-call]
+    sql: Any = str(statement.compile(dialect=dialect))
+    return cast(LiteralString, sql)
+
+
+_CLAIM_SQL = _driver_sql(_claim_statement(guard_retries=False))
+_CLAIM_BEHIND_RETRIES_SQL = _driver_sql(_claim_statement(guard_retries=True))
 _MARK_PUBLISHED = (
     sa.update(OUTBOX)
     .where(OUTBOX.c.id == sa.any_(sa.bindparam("ids", type_=ARRAY(sa.BigInteger))))
@@ -168,9 +177,17 @@ class LeaderConnection:
         self._connection = connection
 
     async def listen(self) -> None:
+        """Prepare the session for relaying: LISTEN, and keep the claim's plan bounded."""
         async with self._connection.begin():
             # Channel names cannot be bound parameters; this one is a module constant.
             await self._connection.execute(sa.text(f"LISTEN {OUTBOX_NOTIFY_CHANNEL}"))
+            # The claim must walk the unpublished-rows index in id order and stop after one
+            # batch. When a burst lands in a table analysed while nearly empty, the planner
+            # expects a handful of rows and prefers a bitmap scan that reads and sorts the
+            # WHOLE backlog on every claim (measured: 25-40 ms per 1,000-row claim at a
+            # 50k backlog instead of 1 ms). Sorting is what that plan needs and what the
+            # relay's statements never need, so this session makes sorts a last resort.
+            await self._connection.execute(sa.text("SET enable_sort = off"))
 
     async def wait_for_notification(self, timeout_seconds: float) -> bool:
         """Wait until an outbox notification arrives (True) or the timeout passes (False).
@@ -178,8 +195,7 @@ class LeaderConnection:
         Notifications that arrived while a batch ran are buffered by psycopg and end the
         wait at once; all of them are consumed, since one claim serves them all.
         """
-        raw = await self._connection.get_raw_connection()
-        driver = cast(psycopg.AsyncConnection[Any], raw.driver_connection)
+        driver = await self._driver_connection()
         received = False
         async with aclosing(driver.notifies(timeout=timeout_seconds, stop_after=1)) as notes:
             async for _ in notes:
@@ -204,12 +220,22 @@ class LeaderConnection:
     ) -> list[OutboxEvent]:
         """Inside :meth:`transaction`: lock and return the next due rows (see
         :func:`_claim_statement`)."""
-        statement = _CLAIM_BEHIND_RETRIES if guard_retries else _CLAIM
-        result = await self._connection.execute(
-            statement, {"batch_size": batch_size, "exclude_ids": list(exclude_ids)}
-        )
+        # Run on the driver's cursor, inside the transaction SQLAlchemy began: rows come back
+        # in binary (bytea and uuid need no text decoding) and straight into OutboxEvent,
+        # which halves the relay's cost per claimed row compared with SQLAlchemy's
+        # result rows (measured with bench/relay_throughput.py).
+        statement = _CLAIM_BEHIND_RETRIES_SQL if guard_retries else _CLAIM_SQL
+        driver = await self._driver_connection()
         # Positional: the claim selects exactly OutboxEvent's fields, in its field order.
-        return [OutboxEvent(*row) for row in result]
+        async with driver.cursor(binary=True, row_factory=args_row(OutboxEvent)) as cursor:
+            await cursor.execute(
+                statement, {"batch_size": batch_size, "exclude_ids": list(exclude_ids)}
+            )
+            return await cursor.fetchall()
+
+    async def _driver_connection(self) -> psycopg.AsyncConnection[Any]:
+        raw = await self._connection.get_raw_connection()
+        return cast(psycopg.AsyncConnection[Any], raw.driver_connection)
 
     async def record_outcome(
         self,

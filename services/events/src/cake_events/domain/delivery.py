@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from uuid import UUID
@@ -17,17 +17,41 @@ SOURCES = (AUTH_SOURCE, PROMOTIONS_SOURCE)
 
 
 @dataclass(slots=True)
-class PublishedEvent:
-    """One line of the audit log: an event Kafka acknowledged (read-only; not frozen only
-    because one is built per event on the relay's hot path)."""
+class PublishedBatch:
+    """Audit-log lines for the events of one relay batch that Kafka acknowledged.
 
-    event_id: UUID
+    Column by column (one list per field, all the same length, one entry per event):
+    the relay writes hundreds of lines per batch, and a line object per event cost more
+    than the INSERT itself.
+    """
+
     source: str
-    event_type: str
-    aggregate_id: str
-    topic: str
-    partition: int
-    offset: int
+    event_ids: list[str] = field(default_factory=list)
+    event_types: list[str] = field(default_factory=list)
+    aggregate_ids: list[str] = field(default_factory=list)
+    topics: list[str] = field(default_factory=list)
+    partitions: list[int] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+
+    def add(
+        self,
+        event_id: str,
+        event_type: str,
+        aggregate_id: str,
+        *,
+        topic: str,
+        partition: int,
+        offset: int,
+    ) -> None:
+        self.event_ids.append(event_id)
+        self.event_types.append(event_type)
+        self.aggregate_ids.append(aggregate_id)
+        self.topics.append(topic)
+        self.partitions.append(partition)
+        self.offsets.append(offset)
+
+    def __len__(self) -> int:
+        return len(self.event_ids)
 
 
 @dataclass(frozen=True, slots=True)

@@ -51,13 +51,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from uuid import UUID
 
 import psycopg
 import sqlalchemy.exc
 from aiokafka.errors import KafkaError, ProducerClosed
 from cake_common.kafka import with_current_trace
 from cake_common.logging import get_logger
-from cake_common.tracing import SpanKind, start_span_from_traceparent
+from cake_common.tracing import SpanKind, start_span_from_traceparent, tracing_enabled
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cake_events.adapters.event_store import EventsUnitOfWork
@@ -69,8 +70,8 @@ from cake_events.adapters.outbox_source import (
     acquire_leadership,
 )
 from cake_events.adapters.relay_metrics import RelayMetrics
-from cake_events.domain.delivery import DeadLetter, PublishedEvent
-from cake_events.domain.envelope import EnvelopeBuilder
+from cake_events.domain.delivery import DeadLetter, PublishedBatch
+from cake_events.domain.envelope import EnvelopeBuilder, KafkaMessage
 from cake_events.domain.relay import (
     AggregateOrder,
     OutboxEvent,
@@ -331,20 +332,19 @@ class OutboxRelay:
             await uow.commit()
 
     async def _write_events_database(self, uow: EventsUnitOfWork, batch: _PublishedBatch) -> None:
-        await uow.published.record(
-            [
-                PublishedEvent(
-                    event_id=ack.event.event_id,
-                    source=self.source,
-                    event_type=ack.event.event_type,
-                    aggregate_id=ack.event.aggregate_id,
-                    topic=ack.topic,
-                    partition=ack.partition,
-                    offset=ack.offset,
-                )
-                for ack in batch.result.acknowledged
-            ]
-        )
+        audit = PublishedBatch(self.source)
+        add = audit.add
+        for ack in batch.result.acknowledged:
+            event = ack.event
+            add(
+                event.event_id,
+                event.event_type,
+                event.aggregate_id,
+                topic=ack.topic,
+                partition=ack.partition,
+                offset=ack.offset,
+            )
+        await uow.published.record(audit)
         await uow.dead_letters.park(batch.letters)
 
     async def _recorded(self, batch: _PublishedBatch) -> None:
@@ -385,6 +385,9 @@ class OutboxRelay:
         result = _BatchResult()
         order = AggregateOrder(held_back=set(held_back))
         sent: list[tuple[OutboxEvent, str, asyncio.Future[Any]]] = []
+        # With tracing off there is no span to start: the message already carries the
+        # row's own traceparent, which is what the span would have passed on.
+        traced = tracing_enabled()
         for event in events:
             if result.kafka_unavailable or not order.may_publish(event):
                 continue
@@ -392,21 +395,9 @@ class OutboxRelay:
             try:
                 topic = self._routes.topic_for(event.event_type)
                 message = self._envelopes.message_for(event, topic)
-                # One PRODUCER span per event, continuing the trace of the request that wrote
-                # the row; its context travels on in the message's traceparent header.
-                with start_span_from_traceparent(
-                    f"{topic} publish",
-                    event.trace_parent,
-                    SpanKind.PRODUCER,
-                    attributes={
-                        "messaging.destination.name": topic,
-                        "cake.event_id": str(event.event_id),
-                    },
-                ):
-                    message = dataclasses.replace(
-                        message, headers=with_current_trace(message.headers)
-                    )
-                    future = await self._publisher.send(message)
+                future = await (
+                    self._send_traced(event, message) if traced else self._publisher.send(message)
+                )
             except PoisonEvent as error:
                 result.failed.append(_Failed(event, topic, str(error)))
                 order.stop_after(event)
@@ -434,6 +425,22 @@ class OutboxRelay:
                 aggregates=sorted(overtaken)[:20],
             )
         return result
+
+    async def _send_traced(self, event: OutboxEvent, message: KafkaMessage) -> asyncio.Future[Any]:
+        """Send inside one PRODUCER span per event, continuing the trace of the request that
+        wrote the row; the span's context travels on in the message's traceparent header."""
+        with start_span_from_traceparent(
+            f"{message.topic} publish",
+            event.trace_parent,
+            SpanKind.PRODUCER,
+            attributes={
+                "messaging.destination.name": message.topic,
+                "cake.event_id": event.event_id,
+            },
+        ):
+            return await self._publisher.send(
+                dataclasses.replace(message, headers=with_current_trace(message.headers))
+            )
 
     @staticmethod
     def _collect_outcomes(
@@ -480,7 +487,7 @@ class OutboxRelay:
                 _log.warning(
                     "event publication failed, will retry",
                     source=self.source,
-                    event_id=str(event.event_id),
+                    event_id=event.event_id,
                     attempts=verdict.attempts,
                     retry_in_seconds=round(verdict.retry_in_seconds, 3),
                     error=failure.error,
@@ -489,7 +496,7 @@ class OutboxRelay:
             parked.append(ParkedRow(event.id, verdict.attempts, failure.error))
             letters.append(
                 DeadLetter(
-                    event_id=event.event_id,
+                    event_id=UUID(event.event_id),
                     source=self.source,
                     event_type=event.event_type,
                     aggregate_type=event.aggregate_type,
@@ -505,7 +512,7 @@ class OutboxRelay:
             _log.error(
                 "event dead-lettered",
                 source=self.source,
-                event_id=str(event.event_id),
+                event_id=event.event_id,
                 event_type=event.event_type,
                 attempts=verdict.attempts,
                 error=failure.error,
@@ -517,7 +524,7 @@ class OutboxRelay:
     ) -> None:
         """Best effort: the dead letter is safe in the events database either way; a copy
         that cannot be made (no route, Kafka down, message too large) is counted."""
-        events = {failure.event.event_id: failure.event for failure in result.failed}
+        events = {UUID(failure.event.event_id): failure.event for failure in result.failed}
         futures: list[asyncio.Future[Any]] = []
         not_copied = 0
         for letter in letters:
