@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from datetime import UTC, datetime
-
-import dataclasses
 
 import pytest
 from cake.events.v1 import envelope_pb2, payloads_pb2
