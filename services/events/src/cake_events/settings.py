@@ -46,7 +46,7 @@ class EventsSettings(ServiceSettings):
         default=".dlq", min_length=1, description="Dead letters of topic T go to T + suffix"
     )
     relay_batch_size: int = Field(
-        default=1000, ge=1, le=10_000, description="Outbox rows claimed per batch"
+        default=4000, ge=1, le=10_000, description="Outbox rows claimed per batch"
     )
     relay_poll_interval_seconds: float = Field(
         default=0.5,

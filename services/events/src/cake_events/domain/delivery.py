@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from uuid import UUID
@@ -16,7 +16,7 @@ SOURCES = (AUTH_SOURCE, PROMOTIONS_SOURCE)
 """Outbox sources, by the service whose database holds the outbox."""
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class PublishedBatch:
     """Audit-log lines for the events of one relay batch that Kafka acknowledged.
 
@@ -26,29 +26,12 @@ class PublishedBatch:
     """
 
     source: str
-    event_ids: list[str] = field(default_factory=list)
-    event_types: list[str] = field(default_factory=list)
-    aggregate_ids: list[str] = field(default_factory=list)
-    topics: list[str] = field(default_factory=list)
-    partitions: list[int] = field(default_factory=list)
-    offsets: list[int] = field(default_factory=list)
-
-    def add(
-        self,
-        event_id: str,
-        event_type: str,
-        aggregate_id: str,
-        *,
-        topic: str,
-        partition: int,
-        offset: int,
-    ) -> None:
-        self.event_ids.append(event_id)
-        self.event_types.append(event_type)
-        self.aggregate_ids.append(aggregate_id)
-        self.topics.append(topic)
-        self.partitions.append(partition)
-        self.offsets.append(offset)
+    event_ids: list[str]
+    event_types: list[str]
+    aggregate_ids: list[str]
+    topics: list[str]
+    partitions: list[int]
+    offsets: list[int]
 
     def __len__(self) -> int:
         return len(self.event_ids)

@@ -89,6 +89,12 @@ _CONNECTION_ERRORS: tuple[type[Exception], ...] = (
     OSError,
 )
 _MAX_ERROR_BACKOFF_SECONDS = 5.0
+_YIELD_EVERY = 50
+"""Events handed to the producer between two yields to the event loop. aiokafka's send
+does not suspend, so without yields a batch would be handed over in one go: the producer
+could not ship anything, the recording of the previous batch could not send its
+statements, and admin RPCs served by this process would wait, until the whole batch was
+handed over."""
 
 _log = get_logger(__name__)
 
@@ -291,11 +297,15 @@ class OutboxRelay:
             self.in_flight = len(events)
             try:
                 async with asyncio.TaskGroup() as tasks:
+                    # Recording first: it sends its statements and waits, so the databases
+                    # write while this process builds and hands over the next batch (the
+                    # other way round, the databases only start once the batch is handed
+                    # over, and then compete with Kafka while this process idles).
+                    if previous is not None:
+                        tasks.create_task(self._record(leader, previous))
                     publishing = (
                         tasks.create_task(self._publish_batch(events, previous)) if events else None
                     )
-                    if previous is not None:
-                        tasks.create_task(self._record(leader, previous))
                 current = publishing.result() if publishing is not None else None
             finally:
                 self.in_flight = 0
@@ -332,18 +342,16 @@ class OutboxRelay:
             await uow.commit()
 
     async def _write_events_database(self, uow: EventsUnitOfWork, batch: _PublishedBatch) -> None:
-        audit = PublishedBatch(self.source)
-        add = audit.add
-        for ack in batch.result.acknowledged:
-            event = ack.event
-            add(
-                event.event_id,
-                event.event_type,
-                event.aggregate_id,
-                topic=ack.topic,
-                partition=ack.partition,
-                offset=ack.offset,
-            )
+        acknowledged = batch.result.acknowledged
+        audit = PublishedBatch(
+            self.source,
+            event_ids=[ack.event.event_id for ack in acknowledged],
+            event_types=[ack.event.event_type for ack in acknowledged],
+            aggregate_ids=[ack.event.aggregate_id for ack in acknowledged],
+            topics=[ack.topic for ack in acknowledged],
+            partitions=[ack.partition for ack in acknowledged],
+            offsets=[ack.offset for ack in acknowledged],
+        )
         await uow.published.record(audit)
         await uow.dead_letters.park(batch.letters)
 
@@ -410,6 +418,8 @@ class OutboxRelay:
                     order.stop_after(event)
                 continue
             sent.append((event, topic, future))
+            if len(sent) % _YIELD_EVERY == 0:
+                await asyncio.sleep(0)
 
         if not await self._publisher.flush():
             result.kafka_unavailable = True
