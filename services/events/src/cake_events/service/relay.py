@@ -38,7 +38,13 @@ and the databases thus work at the same time instead of in turns. Batch *k* is s
 once batch *k-1* is fully acknowledged, the claim skips batch *k-1*'s rows, and the
 aggregates that failed in batch *k-1* (not yet recorded) are held back in batch *k*: the
 order guarantees above are unchanged. A crash loses nothing: unrecorded rows are simply
-published again.
+published again. The recording is started first and the hand-over to the producer yields
+to the event loop every few dozen events, so the databases write, and the producer ships,
+while the batch is still being handed over.
+
+The claim runs with sorts disabled for the session (see ``LeaderConnection.listen``):
+it must walk the unpublished-rows index and stop after one batch, whatever the
+statistics say.
 """
 
 from __future__ import annotations
