@@ -157,6 +157,8 @@ def overtaken_aggregates(
         first_failure[event.aggregate_id] = min(
             event.id, first_failure.get(event.aggregate_id, event.id)
         )
+    if not first_failure:  # the usual case: nothing failed, nothing to scan
+        return set()
     return {
         event.aggregate_id
         for event in published
