@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from functools import cache
 from types import TracebackType
 from typing import Any, Self
 
-import psycopg
 import sqlalchemy.exc
-from psycopg.adapt import AdaptersMap
-from psycopg.types.array import ListBinaryDumper
 from pydantic import SecretStr
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
@@ -38,22 +34,6 @@ def _plain(url: str | SecretStr) -> str:
     return url.get_secret_value() if isinstance(url, SecretStr) else url
 
 
-@cache
-def binary_array_adapters() -> AdaptersMap:
-    """psycopg's adapters, except that Python lists are sent as BINARY arrays.
-
-    SQLAlchemy writes ``%(name)s`` placeholders, for which psycopg picks the text format,
-    and its text array dumper quotes every element in Python: 11 us per element, more
-    than the whole statement costs the server for the relay's batches of a thousand ids
-    (the binary dumper: 0.5 us). Every array parameter Cake binds carries an explicit
-    cast (SQLAlchemy renders ``::BIGINT[]`` and the like), and empty lists and NULL
-    elements work the same in both formats.
-    """
-    adapters = AdaptersMap(psycopg.adapters)
-    adapters.register_dumper(list, ListBinaryDumper)
-    return adapters
-
-
 def create_async_engine_for(
     url: str | SecretStr,
     *,
@@ -69,13 +49,9 @@ def create_async_engine_for(
     ``pool_pre_ping`` drops connections that died while idle (e.g. a Postgres restart)
     instead of failing the next request; short pool/connect timeouts turn an outage into a
     quick UNAVAILABLE rather than requests piling up; ``hide_parameters`` keeps bound
-    values (emails, hashes) out of error messages and therefore out of logs. Lists are
-    bound as binary arrays (:func:`binary_array_adapters`).
+    values (emails, hashes) out of error messages and therefore out of logs.
     """
-    connect_args: dict[str, Any] = {
-        "connect_timeout": connect_timeout_seconds,
-        "context": binary_array_adapters(),
-    }
+    connect_args: dict[str, Any] = {"connect_timeout": connect_timeout_seconds}
     if application_name is not None:
         connect_args["application_name"] = application_name
     connect_args.update(engine_kwargs.pop("connect_args", {}))
