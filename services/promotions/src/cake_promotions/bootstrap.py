@@ -25,6 +25,7 @@ from cake_promotions.domain.payments import PaymentGateway
 from cake_promotions.metrics import PromotionsMetrics
 from cake_promotions.service.campaigns import CampaignAdministration
 from cake_promotions.service.enrolment import FirstLoginEnrolment
+from cake_promotions.service.housekeeping import IdempotencyKeyExpiry
 from cake_promotions.service.topups import TopupProcessing
 from cake_promotions.service.unit_of_work import PromotionsUnitOfWork, UnitOfWorkFactory
 from cake_promotions.service.vouchers import VoucherQueries
@@ -104,7 +105,7 @@ async def start_server(
     settings: PromotionsSettings, *, metrics_registry: CollectorRegistry = REGISTRY
 ) -> RunningGrpcServer:
     """The promotions gRPC server (and, unless disabled, the first-login consumer), listening
-    on ``grpc_host:grpc_port`` (port 0: any free port).
+    on ``grpc_host:grpc_port`` (port 0: any free port), with the idempotency-key sweep.
 
     ``await running.stop()`` stops the consumer, then closes the database.
     """
@@ -133,6 +134,14 @@ async def start_server(
             )
             .add_shutdown_hook(engine.dispose)
         )
+        expiry = IdempotencyKeyExpiry(
+            unit_of_work_factory(engine),
+            metrics,
+            retention_seconds=settings.idempotency_key_retention_seconds,
+            interval_seconds=settings.idempotency_key_sweep_seconds,
+        )
+        # Hooks run in reverse: the sweep stops before the engine is disposed.
+        builder.add_shutdown_hook(expiry.stop)
         consumer = None
         if settings.consumer_enabled:
             consumer = build_consumer(settings, use_cases.enrolment, metrics)
@@ -146,6 +155,7 @@ async def start_server(
     except BaseException:
         await engine.dispose()
         raise
+    expiry.start()
     if consumer is not None:
         consumer.start(on_failure=lambda _error: running.request_stop())
     return running

@@ -112,4 +112,5 @@ idempotency_keys = sa.Table(
     sa.Column("request_fingerprint", sa.Text, nullable=False),
     sa.Column("response", sa.LargeBinary, nullable=True),
     sa.Column("created_at", _Instant, nullable=False, server_default=sa.func.now()),
+    sa.Index("ix_idempotency_keys_created_at", "created_at"),
 )

@@ -29,6 +29,11 @@ class PromotionsMetrics:
             ["result"],
             registry=registry,
         )
+        self.idempotency_keys_expired = Counter(
+            "cake_promotions_idempotency_keys_expired_total",
+            "Top-up idempotency keys deleted after their retention",
+            registry=registry,
+        )
         self.consumed_events = Counter(
             "cake_promotions_consumed_events_total",
             "Events read by the first-login consumer by outcome",

@@ -29,6 +29,12 @@ class PromotionsSettings(ServiceSettings):
     consumer_retry_max_seconds: float = Field(default=10.0, gt=0)
     """Upper bound of the backoff between attempts at an event while a dependency is down."""
 
+    idempotency_key_retention_seconds: float = Field(default=86_400, gt=0)
+    """How long a top-up ``Idempotency-Key`` is remembered (a retry within it replays the
+    first receipt; after it the key may be used again); older keys are deleted."""
+    idempotency_key_sweep_seconds: float = Field(default=300, gt=0)
+    """How often ``serve`` deletes the idempotency keys past their retention."""
+
     payment_fail: bool = False
     """Make the simulated bank transfer decline every payment (tests, demos)."""
     payment_fail_amount: Decimal | None = None

@@ -9,11 +9,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 import sqlalchemy.exc
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from cake_promotions.db import campaigns, idempotency_keys, topups, user_promotions, vouchers
@@ -522,6 +523,23 @@ class IdempotencyKeyRepository:
         ).where(idempotency_keys.c.user_id == user_id, idempotency_keys.c.key == key)
         row = (await self._session.execute(statement)).first()
         return (row[0], row[1]) if row is not None else None
+
+    async def delete_created_before(self, age_seconds: float, *, limit: int) -> int:
+        """Delete up to ``limit`` keys older than ``age_seconds``; how many went."""
+        expired = (
+            sa.select(idempotency_keys.c.user_id, idempotency_keys.c.key)
+            .where(
+                idempotency_keys.c.created_at
+                < sa.func.now()
+                - sa.func.make_interval(0, 0, 0, 0, 0, 0, sa.bindparam("age", type_=sa.Float))
+            )
+            .limit(limit)
+        )
+        statement = sa.delete(idempotency_keys).where(
+            sa.tuple_(idempotency_keys.c.user_id, idempotency_keys.c.key).in_(expired)
+        )
+        result = await self._session.execute(statement, {"age": age_seconds})
+        return int(cast(CursorResult[Any], result).rowcount)
 
     async def store_response(self, user_id: int, key: str, response: bytes) -> None:
         await self._session.execute(
