@@ -369,6 +369,8 @@ def test_topup_without_a_voucher_and_an_idempotent_retry(
     assert first.json()["finalAmount"] == 25000
     assert retried.status_code == 200
     assert retried.json()["transactionId"] == first.json()["transactionId"]
+    assert "idempotent-replayed" not in first.headers
+    assert retried.headers["idempotent-replayed"] == "true"
 
 
 # -- every route: happy path and documented errors ------------------------------------------------

@@ -285,9 +285,14 @@ async def test_idempotent_retry_returns_the_first_result(
     key = (("idempotency-key", f"retry-{user}"),)
     metadata = signer.metadata(user) + key
 
-    first = await server.stub.Topup(topup_request(60000, code), metadata=metadata)
-    retried = await server.stub.Topup(topup_request(60000, code), metadata=metadata)
+    first_call = server.stub.Topup(topup_request(60000, code), metadata=metadata)
+    first = await first_call
+    retried_call = server.stub.Topup(topup_request(60000, code), metadata=metadata)
+    retried = await retried_call
     assert retried == first
+    # Only the replay says so, in a response header.
+    assert ("idempotent-replayed", "true") not in tuple(await first_call.initial_metadata())
+    assert ("idempotent-replayed", "true") in tuple(await retried_call.initial_metadata())
 
     with pytest.raises(grpc.aio.AioRpcError) as different:
         await server.stub.Topup(topup_request(60001, code), metadata=metadata)

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from cake.promotions.v1 import promotions_pb2, promotions_pb2_grpc
 from cake_common.auth_context import current_principal
+from cake_common.grpc_server import add_response_header
 from cake_common.grpc_server.call_scope import metadata_value
 
 from cake_promotions.adapters.receipts import receipt_to_proto
@@ -23,7 +24,11 @@ from cake_promotions.domain.topups import DEFAULT_PAYMENT_METHOD, TopupCommand
 from cake_promotions.service.campaigns import CampaignAdministration
 from cake_promotions.service.clock import Clock, utc_now
 from cake_promotions.service.enrolment import FirstLoginEnrolment
-from cake_promotions.service.topups import IDEMPOTENCY_KEY_FIELD, TopupProcessing
+from cake_promotions.service.topups import (
+    IDEMPOTENCY_KEY_FIELD,
+    IDEMPOTENT_REPLAYED_HEADER,
+    TopupProcessing,
+)
 from cake_promotions.service.vouchers import VoucherQueries
 
 if TYPE_CHECKING:
@@ -160,4 +165,6 @@ class PromotionsServicer(promotions_pb2_grpc.PromotionsServiceServicer):
         receipt = await self._topups.topup(
             command, idempotency_key=metadata_value(context, IDEMPOTENCY_KEY_FIELD)
         )
+        if receipt.replayed:
+            add_response_header(IDEMPOTENT_REPLAYED_HEADER, "true")
         return receipt_to_proto(receipt)

@@ -57,6 +57,9 @@ class TopupReceipt:
     phone_number: str
     voucher_code: str | None
     message: str
+    replayed: bool = False
+    """This is the stored answer to an earlier request with the same Idempotency-Key (not
+    part of the answer's body; the API says it in the ``Idempotent-Replayed`` header)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,6 +40,8 @@ from cake_promotions.service.clock import Clock, utc_now
 from cake_promotions.service.unit_of_work import PromotionsUnitOfWork, UnitOfWorkFactory
 
 IDEMPOTENCY_KEY_FIELD = "idempotency-key"
+IDEMPOTENT_REPLAYED_HEADER = "idempotent-replayed"
+"""Response header (``true``) on a top-up answered from an earlier request's receipt."""
 PAYMENT_FAILED_REASON = "PAYMENT_FAILED"
 
 _log = get_logger(__name__)
@@ -113,7 +115,7 @@ class TopupProcessing:
             raise RuntimeError("idempotency key without a stored response")
         if stored_fingerprint != fingerprint:
             raise AlreadyExists(IDEMPOTENCY_KEY_REUSED_MESSAGE, reason="IDEMPOTENCY_KEY_REUSED")
-        return decode_receipt(response)
+        return replace(decode_receipt(response), replayed=True)
 
     async def _topup(
         self, uow: PromotionsUnitOfWork, command: TopupCommand, key: str | None
