@@ -270,7 +270,8 @@ class LeaderConnection:
                 {"batch_size": batch_size, "exclude_ids": _id_array(exclude_ids)},
             )
             row = await cursor.fetchone()
-        assert row is not None
+        if row is None:  # pragma: no cover - EXPLAIN always answers one row
+            raise RuntimeError("EXPLAIN returned no plan")
         plan: dict[str, Any] = row[0][0]["Plan"]
         return plan
 
