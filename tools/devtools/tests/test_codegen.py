@@ -29,8 +29,8 @@ CONTRACT_MODULES = (auth_pb2, promotions_pb2, admin_pb2, health_pb2)
 def _violated_fields(msg: message.Message) -> list[str]:
     """Dotted field paths of every protovalidate violation of ``msg``."""
     return [
-        ".".join(element.field_name for element in violation.proto.field.elements)
-        for violation in protovalidate.collect_violations(msg)
+        ".".join(element.field_name for element in field.elements) if field is not None else ""
+        for field in (violation.proto.field for violation in protovalidate.collect_violations(msg))
     ]
 
 

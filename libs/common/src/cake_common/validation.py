@@ -20,12 +20,14 @@ def _field_path(elements: Iterable[Any]) -> str:
     path = ""
     for element in elements:
         path += f".{element.field_name}" if path else element.field_name
-        subscript = element.WhichOneof("subscript")
-        if subscript == "index":
-            path += f"[{element.index}]"
-        elif subscript is not None:
-            key = getattr(element, subscript)
-            path += f'["{key}"]' if isinstance(key, str) else f"[{key}]"
+        subscript = element.subscript  # a protobuf-py Oneof (field, value), or None
+        if subscript is None:
+            continue
+        key = subscript.value
+        if subscript.field == "index" or not isinstance(key, str):
+            path += f"[{key}]"
+        else:
+            path += f'["{key}"]'
     return path
 
 
@@ -44,7 +46,7 @@ class RequestValidator:
             # Imported here: importing protovalidate builds a module-level default validator.
             import protovalidate
 
-            self._validator = protovalidate.Validator()  # type: ignore[no-untyped-call]
+            self._validator = protovalidate.Validator()
         return self._validator
 
     def violations(self, message: Message) -> list[FieldViolation]:
@@ -52,7 +54,9 @@ class RequestValidator:
         several rules (an empty name: too short AND blank) gets them in one description."""
         by_field: dict[str, list[str]] = {}
         for violation in self._get_validator().collect_violations(message):
-            descriptions = by_field.setdefault(_field_path(violation.proto.field.elements), [])
+            field = violation.proto.field
+            path = _field_path(field.elements if field is not None else ())
+            descriptions = by_field.setdefault(path, [])
             description = violation.proto.message or violation.proto.rule_id
             if description not in descriptions:
                 descriptions.append(description)
