@@ -67,3 +67,14 @@ def test_envelope_without_event_id_is_poison() -> None:
     with pytest.raises(PoisonEvent) as caught:
         decode_first_login(message.SerializeToString())
     assert caught.value.kind == "invalid_envelope"
+
+
+def test_the_whole_envelope_contract_is_checked() -> None:
+    message = envelope()
+    message.aggregate_id = ""
+    message.ClearField("occurred_at")
+    with pytest.raises(PoisonEvent) as caught:
+        decode_first_login(message.SerializeToString())
+    assert caught.value.kind == "invalid_envelope"
+    assert "occurred_at: value is required" in caught.value.detail
+    assert "aggregate_id: must be at least 1 characters" in caught.value.detail
