@@ -62,13 +62,23 @@ PARTITIONS = 6
 USERS = 1000
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="test", help="local stack profile (default: test)")
     parser.add_argument("--rows", type=int, default=100_000, help="rows for the throughput run")
     parser.add_argument("--batch-size", type=int, default=None, help="relay batch size")
     parser.add_argument(
-        "--rounds", type=int, default=3, help="raw-then-relay rounds (the median is the result)"
+        "--rounds",
+        type=_positive_int,
+        default=3,
+        help="raw-then-relay rounds (the median is the result)",
     )
     parser.add_argument("--rate", type=float, default=200.0, help="events/s for the lag run")
     parser.add_argument("--lag-seconds", type=float, default=15.0, help="length of the lag run")

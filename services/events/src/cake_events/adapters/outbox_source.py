@@ -32,7 +32,8 @@ database. Advisory locks are per database, so one constant serves every source."
 
 CLAIM_CHUNK_ROWS = 500
 """Claimed rows per chunk of the claim's result stream (libpq's chunked-rows mode)."""
-_LIBPQ_WITH_CHUNKED_ROWS = 170000  # libpq 17; psycopg-binary bundles a newer one
+_CHUNKED_ROWS = psycopg.pq.version() >= 170000
+"""libpq 17 has chunked-rows mode (psycopg-binary bundles a newer one); else one fetch."""
 
 RETENTION_DELETE_CHUNK = 5000
 """Published rows deleted per statement, so a sweep never holds many row locks at once."""
@@ -120,6 +121,16 @@ def _driver_sql(statement: sa.Select[Any]) -> LiteralString:
 
 _CLAIM_SQL = _driver_sql(_claim_statement(guard_retries=False))
 _CLAIM_BEHIND_RETRIES_SQL = _driver_sql(_claim_statement(guard_retries=True))
+
+
+def _claim_query(
+    batch_size: int, exclude_ids: Sequence[int], *, guard_retries: bool
+) -> tuple[LiteralString, dict[str, Any]]:
+    """The claim's SQL (see :func:`_claim_statement`) and its parameters."""
+    statement = _CLAIM_BEHIND_RETRIES_SQL if guard_retries else _CLAIM_SQL
+    return statement, {"batch_size": batch_size, "exclude_ids": _id_array(exclude_ids)}
+
+
 _MARK_PUBLISHED = (
     sa.update(OUTBOX)
     .where(
@@ -245,12 +256,11 @@ class LeaderConnection:
         # SQLAlchemy's result rows; and they stream in chunks, so this process decodes the
         # first rows while PostgreSQL still locks and sends the rest (measured with
         # bench/relay_throughput.py).
-        statement = _CLAIM_BEHIND_RETRIES_SQL if guard_retries else _CLAIM_SQL
-        params = {"batch_size": batch_size, "exclude_ids": _id_array(exclude_ids)}
+        statement, params = _claim_query(batch_size, exclude_ids, guard_retries=guard_retries)
         driver = await self._driver_connection()
         # Positional: the claim selects exactly OutboxEvent's fields, in its field order.
         async with driver.cursor(binary=True, row_factory=args_row(OutboxEvent)) as cursor:
-            if psycopg.pq.version() < _LIBPQ_WITH_CHUNKED_ROWS:
+            if not _CHUNKED_ROWS:
                 await cursor.execute(statement, params)
                 return await cursor.fetchall()
             return [
@@ -262,13 +272,10 @@ class LeaderConnection:
     ) -> dict[str, Any]:
         """The plan this session would run :meth:`claim` with (``EXPLAIN (FORMAT JSON)``'s
         top plan node), without claiming anything."""
-        statement = _CLAIM_BEHIND_RETRIES_SQL if guard_retries else _CLAIM_SQL
+        statement, params = _claim_query(batch_size, exclude_ids, guard_retries=guard_retries)
         driver = await self._driver_connection()
         async with self._connection.begin(), driver.cursor() as cursor:
-            await cursor.execute(
-                "EXPLAIN (FORMAT JSON) " + statement,
-                {"batch_size": batch_size, "exclude_ids": _id_array(exclude_ids)},
-            )
+            await cursor.execute("EXPLAIN (FORMAT JSON) " + statement, params)
             row = await cursor.fetchone()
         if row is None:  # pragma: no cover - EXPLAIN always answers one row
             raise RuntimeError("EXPLAIN returned no plan")
