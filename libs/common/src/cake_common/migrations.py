@@ -17,6 +17,8 @@ and its entry point (CLI ``migrate`` command or start-up) calls::
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from alembic import command, context
 from alembic.config import Config
 from pydantic import SecretStr
@@ -53,6 +55,33 @@ def run_alembic_upgrade(
     """
     # Built first so a bad role name fails before anything is migrated.
     grant_sql = grant_outbox_to_relay_sql(relay_role) if relay_role is not None else None
+
+    def upgrade(connection: Connection, config: Config) -> None:
+        command.upgrade(config, revision)
+        if grant_sql is not None and _table_exists(connection, OUTBOX_TABLE_NAME):
+            connection.execute(text(grant_sql))
+
+    _with_migration_lock(url, script_location, relay_role, upgrade)
+    _log.info("database migrated", script_location=script_location, revision=revision)
+
+
+def run_alembic_downgrade(url: str | SecretStr, script_location: str, revision: str) -> None:
+    """``alembic downgrade <revision>``, in one transaction under the same lock as upgrades
+    (for operators stepping back a release, and for tests of the downgrade steps)."""
+
+    def downgrade(connection: Connection, config: Config) -> None:
+        command.downgrade(config, revision)
+
+    _with_migration_lock(url, script_location, None, downgrade)
+    _log.info("database downgraded", script_location=script_location, revision=revision)
+
+
+def _with_migration_lock(
+    url: str | SecretStr,
+    script_location: str,
+    relay_role: str | None,
+    action: Callable[[Connection, Config], None],
+) -> None:
     plain_url = url.get_secret_value() if isinstance(url, SecretStr) else url
     engine = create_engine(plain_url, poolclass=NullPool, hide_parameters=True)
     try:
@@ -64,12 +93,9 @@ def run_alembic_upgrade(
             config.set_main_option("script_location", script_location)
             config.attributes[_CONNECTION_ATTRIBUTE] = connection
             config.attributes[_RELAY_ROLE_ATTRIBUTE] = relay_role
-            command.upgrade(config, revision)
-            if grant_sql is not None and _table_exists(connection, OUTBOX_TABLE_NAME):
-                connection.execute(text(grant_sql))
+            action(connection, config)
     finally:
         engine.dispose()
-    _log.info("database migrated", script_location=script_location, revision=revision)
 
 
 def _table_exists(connection: Connection, name: str) -> bool:

@@ -7,19 +7,37 @@ from sqlalchemy.dialects.postgresql import UUID
 
 metadata = sa.MetaData()
 
+published_batches = sa.Table(
+    "published_batches",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("source", sa.Text, nullable=False),
+    sa.Column("published_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("event_count", sa.Integer, nullable=False),
+    sa.Column("lines", sa.JSON, nullable=False),
+    sa.CheckConstraint("event_count > 0", name="ck_published_batches_event_count"),
+    sa.Index("ix_published_batches_published_at", "published_at"),
+)
+"""Audit log, as written: one row per batch Kafka acknowledged. ``lines`` holds the batch's
+audit lines column by column (``{"event_id": [...], "event_type": [...], "aggregate_id":
+[...], "topic": [...], "partition": [...], "kafka_offset": [...]}``, one entry per event,
+in publication order)."""
+
 published_events = sa.Table(
     "published_events",
-    metadata,
-    sa.Column("event_id", UUID(as_uuid=True), primary_key=True),
-    sa.Column("source", sa.Text, nullable=False),
-    sa.Column("event_type", sa.Text, nullable=False),
-    sa.Column("aggregate_id", sa.Text, nullable=False),
-    sa.Column("topic", sa.Text, nullable=False),
-    sa.Column("partition", sa.Integer, nullable=False),
-    sa.Column("kafka_offset", sa.BigInteger, nullable=False),
-    sa.Column("published_at", sa.DateTime(timezone=True), nullable=False),
+    sa.MetaData(),  # a view (migration 0003), not a table the migrations compare
+    sa.Column("event_id", UUID(as_uuid=True)),
+    sa.Column("source", sa.Text),
+    sa.Column("event_type", sa.Text),
+    sa.Column("aggregate_id", sa.Text),
+    sa.Column("topic", sa.Text),
+    sa.Column("partition", sa.Integer),
+    sa.Column("kafka_offset", sa.BigInteger),
+    sa.Column("published_at", sa.DateTime(timezone=True)),
 )
-"""Audit log: what the relay published, where, and when."""
+"""Audit log, as read: the view of ``published_batches`` with one line per publication
+(what Kafka acknowledged, where and when). An event published twice (sent again after a
+crash, or replayed) has a line for each publication."""
 
 dead_letters = sa.Table(
     "dead_letters",

@@ -2,41 +2,25 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from uuid import UUID
 
 import sqlalchemy as sa
 from cake_common.db import UnitOfWork
-from psycopg.types.json import Jsonb
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from cake_events.db import dead_letters, published_events
+from cake_events.db import dead_letters, published_batches
 from cake_events.domain.delivery import DeadLetter, DeadLetterCursor, PublishedBatch
 
-# One statement per batch, whose one parameter is a JSON array of the batch's columns
-# (``[[event ids], [event types], [aggregate ids], [topics], [partitions], [offsets]]``):
-# ROWS FROM zips the columns back into lines. The parameter is bound as jsonb, so the
-# server parses the document once, not once per column. Plain SQL because SQLAlchemy Core
-# has no ROWS FROM. Why JSON: json.dumps encodes whole lists in C, while psycopg builds array
-# parameters element by element in Python (six arrays cost the relay more than handing
-# the batch to Kafka; measured with bench/relay_throughput.py).
-_RECORD_PUBLISHED = sa.text("""
-INSERT INTO published_events
-    (event_id, source, event_type, aggregate_id, topic, partition, kafka_offset, published_at)
-SELECT line.event_id::uuid, :source, line.event_type, line.aggregate_id, line.topic,
-       line.partition::integer, line.kafka_offset::bigint, now()
-FROM ROWS FROM (
-    jsonb_array_elements_text(:columns -> 0),
-    jsonb_array_elements_text(:columns -> 1),
-    jsonb_array_elements_text(:columns -> 2),
-    jsonb_array_elements_text(:columns -> 3),
-    jsonb_array_elements_text(:columns -> 4),
-    jsonb_array_elements_text(:columns -> 5)
-) AS line (event_id, event_type, aggregate_id, topic, partition, kafka_offset)
-ON CONFLICT (event_id) DO NOTHING
-""")
+_RECORD_PUBLISHED = sa.insert(published_batches).values(
+    published_at=sa.func.now(),
+    # Serialised with json.dumps, which encodes whole lists in C (psycopg would adapt a
+    # list parameter element by element in Python); a json column stores the text as it is.
+    lines=sa.cast(sa.bindparam("lines", type_=sa.Text), sa.JSON),
+)
 _PARK = insert(dead_letters).values(failed_at=sa.func.now(), retried_at=None)
 _PARK = _PARK.on_conflict_do_update(
     index_elements=[dead_letters.c.event_id],
@@ -59,26 +43,28 @@ class PublishedEventRepository:
         self._session = session
 
     async def record(self, batch: PublishedBatch) -> None:
-        """Add to the audit log; an event published again (after a crash or a replay)
-        keeps its first line."""
+        """Add a batch's lines to the audit log, as one row (see ``published_batches``).
+        An event published again (after a crash or a replay) gets a line each time."""
         if not batch:
             return
-        columns = [
-            batch.event_ids,
-            batch.event_types,
-            batch.aggregate_ids,
-            batch.topics,
-            batch.partitions,
-            batch.offsets,
-        ]
+        lines = {
+            "event_id": batch.event_ids,
+            "event_type": batch.event_types,
+            "aggregate_id": batch.aggregate_ids,
+            "topic": batch.topics,
+            "partition": batch.partitions,
+            "kafka_offset": batch.offsets,
+        }
         await self._session.execute(
-            _RECORD_PUBLISHED, {"source": batch.source, "columns": Jsonb(columns)}
+            _RECORD_PUBLISHED,
+            {"source": batch.source, "event_count": len(batch), "lines": json.dumps(lines)},
         )
 
     async def count_by_source(self) -> dict[str, int]:
-        statement = sa.select(published_events.c.source, sa.func.count()).group_by(
-            published_events.c.source
-        )
+        """Publications per source (one per line of the audit log)."""
+        statement = sa.select(
+            published_batches.c.source, sa.func.sum(published_batches.c.event_count)
+        ).group_by(published_batches.c.source)
         rows = (await self._session.execute(statement)).all()
         return {source: int(count) for source, count in rows}
 

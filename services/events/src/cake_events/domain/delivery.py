@@ -62,7 +62,9 @@ class QueueStats:
 
     ``waiting``: unpublished, not dead-lettered rows (including those waiting for a retry)
     that are not being published right now; ``active``: rows this replica is publishing at
-    this moment; ``completed``: events in the audit log; ``failed``: parked dead letters.
+    this moment; ``completed``: publications in the audit log (an event sent again after a
+    crash or a replay counts again, as a re-run job does in Cake's queues); ``failed``:
+    parked dead letters.
     """
 
     waiting: int = 0
