@@ -52,6 +52,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import operator
 import random as _random
 import time
 from collections.abc import Callable, Sequence
@@ -102,6 +103,10 @@ could not ship anything, the recording of the previous batch could not send its
 statements, and admin RPCs served by this process would wait, until the whole batch was
 handed over."""
 
+_EVENT_ID = operator.attrgetter("event_id")
+_EVENT_TYPE = operator.attrgetter("event_type")
+_AGGREGATE_ID = operator.attrgetter("aggregate_id")
+
 _log = get_logger(__name__)
 
 
@@ -115,12 +120,19 @@ class RelayTiming:
     retention_sweep_seconds: float
 
 
-@dataclass(slots=True)  # per event: not frozen, which costs twice as much to build
+@dataclass(slots=True)
 class _Acknowledged:
-    event: OutboxEvent
-    topic: str
-    partition: int
-    offset: int
+    """What Kafka acknowledged of a batch, column by column (entry *i* of each list is
+    about the same event, in publication order): filled per event on the hot path, where
+    an object per event cost more than appending to four lists."""
+
+    events: list[OutboxEvent] = field(default_factory=list)
+    topics: list[str] = field(default_factory=list)
+    partitions: list[int] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.events)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +144,7 @@ class _Failed:
 
 @dataclass(slots=True)
 class _BatchResult:
-    acknowledged: list[_Acknowledged] = field(default_factory=list)
+    acknowledged: _Acknowledged = field(default_factory=_Acknowledged)
     failed: list[_Failed] = field(default_factory=list)
     kafka_unavailable: bool = False
 
@@ -340,7 +352,7 @@ class OutboxRelay:
                 both.create_task(self._write_events_database(uow, batch))
                 both.create_task(
                     leader.record_outcome(
-                        published_ids=[ack.event.id for ack in result.acknowledged],
+                        published_ids=[event.id for event in result.acknowledged.events],
                         retries=batch.retries,
                         parked=batch.parked,
                     )
@@ -349,14 +361,15 @@ class OutboxRelay:
 
     async def _write_events_database(self, uow: EventsUnitOfWork, batch: _PublishedBatch) -> None:
         acknowledged = batch.result.acknowledged
+        events = acknowledged.events
         audit = PublishedBatch(
             self.source,
-            event_ids=[ack.event.event_id for ack in acknowledged],
-            event_types=[ack.event.event_type for ack in acknowledged],
-            aggregate_ids=[ack.event.aggregate_id for ack in acknowledged],
-            topics=[ack.topic for ack in acknowledged],
-            partitions=[ack.partition for ack in acknowledged],
-            offsets=[ack.offset for ack in acknowledged],
+            event_ids=list(map(_EVENT_ID, events)),
+            event_types=list(map(_EVENT_TYPE, events)),
+            aggregate_ids=list(map(_AGGREGATE_ID, events)),
+            topics=acknowledged.topics,
+            partitions=acknowledged.partitions,
+            offsets=acknowledged.offsets,
         )
         await uow.published.record(audit)
         await uow.dead_letters.park(batch.letters)
@@ -382,7 +395,7 @@ class OutboxRelay:
             return
         was_in_retry = {
             failure.event.id for failure in result.failed if failure.event.attempts > 0
-        } | {ack.event.id for ack in result.acknowledged if ack.event.attempts > 0}
+        } | {event.id for event in result.acknowledged.events if event.attempts > 0}
         now_in_retry = {retry.row_id for retry in retries}
         self._rows_in_retry = max(
             0,
@@ -430,9 +443,7 @@ class OutboxRelay:
         if not await self._publisher.flush():
             result.kafka_unavailable = True
         failed_in_kafka = self._collect_outcomes(sent, result)
-        overtaken = overtaken_aggregates(
-            failed_in_kafka, (ack.event for ack in result.acknowledged)
-        )
+        overtaken = overtaken_aggregates(failed_in_kafka, result.acknowledged.events)
         if overtaken:
             self._metrics.order_broken.labels(self.source).inc(len(overtaken))
             _log.error(
@@ -464,19 +475,24 @@ class OutboxRelay:
     ) -> list[OutboxEvent]:
         """Sort Kafka's answers into ``result``; the events Kafka did not acknowledge."""
         failed_in_kafka: list[OutboxEvent] = []
+        acknowledged = result.acknowledged
         for event, topic, future in sent:
-            if not future.done():
+            try:
+                metadata = future.result()
+            except asyncio.InvalidStateError:
                 # No answer in time (the broker went away with the batch in flight): never
                 # guess an outcome; the row stays unpublished and is sent again later.
                 failed_in_kafka.append(event)
                 continue
-            outcome: Any = (
-                ProducerClosed() if future.cancelled() else future.exception() or future.result()
-            )
-            if not isinstance(outcome, BaseException):
-                result.acknowledged.append(
-                    _Acknowledged(event, topic, outcome.partition, outcome.offset)
-                )
+            except asyncio.CancelledError:
+                outcome: BaseException = ProducerClosed()
+            except BaseException as error:  # the future's exception: Kafka's answer
+                outcome = error
+            else:
+                acknowledged.events.append(event)
+                acknowledged.topics.append(topic)
+                acknowledged.partitions.append(metadata.partition)
+                acknowledged.offsets.append(metadata.offset)
                 continue
             failed_in_kafka.append(event)
             if broker_unavailable(outcome):
@@ -570,8 +586,8 @@ class OutboxRelay:
     def _count(self, result: _BatchResult, letters: Sequence[DeadLetter]) -> None:
         metrics = self._metrics
         per_topic: dict[str, int] = {}
-        for ack in result.acknowledged:
-            per_topic[ack.topic] = per_topic.get(ack.topic, 0) + 1
+        for topic in result.acknowledged.topics:
+            per_topic[topic] = per_topic.get(topic, 0) + 1
         for topic, count in per_topic.items():
             metrics.published.labels(self.source, topic).inc(count)
         for failure in result.failed:
