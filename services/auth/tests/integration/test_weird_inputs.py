@@ -197,3 +197,24 @@ async def test_tokens_for_users_that_do_not_exist(auth: Any, signing_key: Any) -
             outcomes[f"{name} sub={subject}"] = await _outcome(call)
     _assert_no_server_errors(outcomes)
     assert outcomes["get sub=999999999"] == grpc.StatusCode.NOT_FOUND
+
+
+async def test_every_rpc_with_bytes_that_are_not_its_request_message(auth: Any) -> None:
+    """Internal callers speak gRPC directly: a body that does not parse as the method's
+    request message (here a field that announces more bytes than it carries) is a client
+    error naming the expected message, never UNKNOWN."""
+    service = auth_pb2.DESCRIPTOR.services_by_name["AuthService"]
+    outcomes = {}
+    for method in service.methods:
+        call = auth.channel.unary_unary(f"/{service.full_name}/{method.name}")
+        try:
+            await call(b"\x0a\x05ab")
+        except grpc.aio.AioRpcError as error:
+            outcomes[method.name] = (error.code(), error.details())
+    assert outcomes == {
+        method.name: (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"request body is not a valid {method.input_type.full_name} message",
+        )
+        for method in service.methods
+    }

@@ -55,6 +55,12 @@ class ScopedServerInterceptor(_ServerInterceptor, ABC):
     def scope_for(self, method: str) -> CallScope | None:
         """The scope for calls to ``method`` (``/pkg.Service/Method``); ``None`` to pass through."""
 
+    def request_deserializer_for(
+        self, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> Callable[[bytes], Any] | None:
+        """A replacement for the handler's request deserializer (``None``: keep it)."""
+        return None
+
     # grpc-stubs omit the None that grpc.aio passes for unknown methods.
     async def intercept_service(  # type: ignore[override]
         self, continuation: _Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -67,21 +73,31 @@ class ScopedServerInterceptor(_ServerInterceptor, ABC):
         if cached is not None and cached[0] is handler:
             return cached[1]
         scope = self.scope_for(method)
-        wrapped = handler if scope is None else wrap_handler(handler, scope)
+        wrapped = (
+            handler
+            if scope is None
+            else wrap_handler(
+                handler, scope, request_deserializer=self.request_deserializer_for(handler)
+            )
+        )
         self._wrapped[method] = (handler, wrapped)
         return wrapped
 
 
 def wrap_handler(
-    handler: grpc.RpcMethodHandler[Any, Any], scope: CallScope
+    handler: grpc.RpcMethodHandler[Any, Any],
+    scope: CallScope,
+    *,
+    request_deserializer: Callable[[bytes], Any] | None = None,
 ) -> grpc.RpcMethodHandler[Any, Any]:
-    """A copy of ``handler`` whose async behaviour runs inside ``scope``.
+    """A copy of ``handler`` whose async behaviour runs inside ``scope`` (and whose requests
+    are decoded by ``request_deserializer``, if given).
 
     Synchronous behaviours (run by grpc in a thread pool) are returned unchanged: neither
     context variables nor ``await context.abort`` would work across that thread hop.
     """
     serializers = {
-        "request_deserializer": handler.request_deserializer,
+        "request_deserializer": request_deserializer or handler.request_deserializer,
         "response_serializer": handler.response_serializer,
     }
     if handler.unary_unary is not None:

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import grpc
 import psycopg
 import sqlalchemy.exc
+from google.protobuf.message import DecodeError
 
 from cake_common.errors import CakeError, InvalidArgument, Unavailable
 from cake_common.grpc_server.call_scope import (
@@ -115,12 +117,42 @@ class RequestIdInterceptor(ScopedServerInterceptor):
             request_id_var.reset(token)
 
 
+@dataclass(frozen=True, slots=True)
+class UndecodableRequest:
+    """Stands in for a request whose bytes are not a valid message of the method's type."""
+
+    message_type: str
+    error: str
+
+
+def tolerant_deserializer(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """``deserializer``, but bytes it cannot parse become an :class:`UndecodableRequest`.
+
+    grpc.aio answers a request its deserializer rejects with UNKNOWN ("Unexpected
+    DecodeError"), before any interceptor runs; decoding tolerantly lets
+    :class:`ErrorMappingInterceptor` answer INVALID_ARGUMENT instead.
+    """
+    owner = getattr(deserializer, "__self__", None)
+    descriptor = getattr(owner, "DESCRIPTOR", None)
+    message_type = getattr(descriptor, "full_name", "the method's request message")
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError as error:
+            return UndecodableRequest(message_type, str(error))
+
+    return deserialize
+
+
 class ErrorMappingInterceptor(ScopedServerInterceptor):
     """Turns exceptions escaping a handler into statuses clients can act on.
 
     ``CakeError`` → its code with a rich ``google.rpc.Status``; a dependency outage
     (``unavailable_errors``) → UNAVAILABLE; anything else is logged with its stack trace
     and answered INTERNAL "Internal error", without details that could leak internals.
+    A request whose bytes do not parse as the method's message → INVALID_ARGUMENT, before
+    the handler (or authentication and validation) sees it.
     """
 
     def __init__(
@@ -129,9 +161,25 @@ class ErrorMappingInterceptor(ScopedServerInterceptor):
         super().__init__()
         self._unavailable_errors = unavailable_errors
 
+    def request_deserializer_for(
+        self, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> Callable[[bytes], Any] | None:
+        # Single requests only: a streamed one would reach the handler as a stand-in.
+        if handler.request_streaming or handler.request_deserializer is None:
+            return None
+        return tolerant_deserializer(handler.request_deserializer)
+
     def scope_for(self, method: str) -> CallScope | None:
         @asynccontextmanager
-        async def scope(_request: Any, context: ServicerContext) -> AsyncIterator[None]:
+        async def scope(request: Any, context: ServicerContext) -> AsyncIterator[None]:
+            if isinstance(request, UndecodableRequest):
+                await abort_with_error(
+                    context,
+                    InvalidArgument(
+                        f"request body is not a valid {request.message_type} message",
+                        reason="UNDECODABLE_REQUEST",
+                    ),
+                )
             try:
                 yield
             except grpc.aio.AbortError:
