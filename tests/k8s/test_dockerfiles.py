@@ -15,7 +15,9 @@ import pytest
 from cake_devtools.k8s_manifests import RenderedOverlay, pod_spec, venv_tool
 
 SERVICES = ("auth", "promotions", "events")
-DOCKERFILES = (*(f"services/{s}/Dockerfile" for s in SERVICES), "gateway/Dockerfile")
+SERVICE_DOCKERFILE = "services/Dockerfile"
+"""One Dockerfile for the three services, parametrised by the SERVICE build argument."""
+DOCKERFILES = (SERVICE_DOCKERFILE, "gateway/Dockerfile")
 
 
 @dataclass
@@ -94,48 +96,77 @@ def test_hadolint_reports_a_bad_dockerfile(tmp_path: Path) -> None:
     assert "DL3006" in result.stdout  # always tag the image
 
 
-def normalised(text: str, service: str) -> str:
-    text = re.sub(rf"\bcake-{service}\b", "cake-SERVICE", text)
-    text = text.replace(f"services/{service}/src", "services/SERVICE/src")
-    text = text.replace(f"services/{service}/Dockerfile", "services/SERVICE/Dockerfile")
-    return text.replace(f"Cake {service} service", "Cake SERVICE service")
+def for_service(stages: list[Stage], service: str) -> list[Stage]:
+    """The stages as built with ``--build-arg SERVICE=<service>``."""
+    return [
+        Stage(
+            built.base,
+            built.name,
+            [(name, args.replace("${SERVICE}", service)) for name, args in built.instructions],
+        )
+        for built in stages
+    ]
 
 
-def test_service_dockerfiles_differ_only_in_the_service_name(repo: Path) -> None:
-    texts = {s: normalised((repo / f"services/{s}/Dockerfile").read_text(), s) for s in SERVICES}
-    assert texts["promotions"] == texts["auth"]
-    assert texts["events"] == texts["auth"]
+@pytest.mark.parametrize(
+    ("value", "accepted"),
+    [*((service, True) for service in SERVICES), ("", False), ("gateway", False), ("auth2", False)],
+)
+def test_the_service_dockerfile_refuses_a_missing_or_unknown_service(
+    repo: Path, value: str, accepted: bool
+) -> None:
+    builder = stage(parse(repo / SERVICE_DOCKERFILE), "builder")
+    assert "SERVICE" in builder.all("ARG")
+    first_sync = next(run for run in builder.all("RUN") if "uv sync" in run)
+    # The guard runs before anything is installed: run it as the build would, with sh.
+    guard = first_sync[first_sync.index("case ") : first_sync.index("esac") + len("esac")]
+    result = subprocess.run(
+        ["sh", "-c", guard],
+        env={"SERVICE": value},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=10,
+    )
+    assert (result.returncode == 0) == accepted, result.stderr
+    if not accepted:
+        assert "--build-arg SERVICE=auth|promotions|events" in result.stderr
 
 
 @pytest.mark.parametrize("service", SERVICES)
 def test_service_image_runs_the_packages_console_script(repo: Path, service: str) -> None:
-    stages = parse(repo / f"services/{service}/Dockerfile")
+    stages = for_service(parse(repo / SERVICE_DOCKERFILE), service)
     project = tomllib.loads((repo / f"services/{service}/pyproject.toml").read_text())["project"]
     scripts = [name for name, target in project["scripts"].items() if target.endswith("cli:main")]
+    assert scripts == [f"cake-{service}"]
     assert stages[-1].name == "runtime", "the deployed stage is the default (last) one"
     for name in ("runtime", "live-update"):
-        assert json.loads(stage(stages, name).all("ENTRYPOINT")[-1]) == scripts
+        assert json.loads(stage(stages, name).all("ENTRYPOINT")[-1]) == ["cake-service"]
         assert json.loads(stage(stages, name).all("CMD")[-1]) == ["serve"]
     syncs = [run for run in stage(stages, "builder").all("RUN") if "uv sync" in run]
     assert len(syncs) == 2
     for command in syncs:
         assert "--frozen" in command and "--no-dev" in command
-        assert f"--package {project['name']}" in command
+        assert f'--package "{project["name"]}"' in command
     assert "--no-editable" in syncs[-1], "the runtime stage must not need the source tree"
+    # The entrypoint is a link, in the virtualenv's bin, to the service's console script.
+    assert f'ln -s "{scripts[0]}" /app/.venv/bin/cake-service' in syncs[-1]
+    assert f"COPY services/{service}/src services/{service}/src" in [
+        f"COPY {args}" for args in stage(stages, "builder").all("COPY")
+    ]
     env = " ".join(e for s in chain(stages, "runtime") for e in s.all("ENV"))
     for setting in ("PYTHONUNBUFFERED=1", "PYTHONDONTWRITEBYTECODE=1"):
         assert setting in env
+    assert "PATH=/app/.venv/bin:" in env
     assert "UV_COMPILE_BYTECODE=1" in " ".join(stage(stages, "builder").all("ENV"))
 
 
 def test_python_of_the_images_is_the_workspace_python(repo: Path) -> None:
     requires = tomllib.loads((repo / "pyproject.toml").read_text())["project"]["requires-python"]
-    for service in SERVICES:
-        stages = parse(repo / f"services/{service}/Dockerfile")
-        image = stage(stages, "python-base").base
-        version = re.fullmatch(r"python:(\d+)\.(\d+)\.\d+-slim-\w+", image)
-        assert version, image
-        assert f">={version[1]}.{version[2]}" in requires, (image, requires)
+    image = stage(parse(repo / SERVICE_DOCKERFILE), "python-base").base
+    version = re.fullmatch(r"python:(\d+)\.(\d+)\.\d+-slim-\w+", image)
+    assert version, image
+    assert f">={version[1]}.{version[2]}" in requires, (image, requires)
 
 
 def uid_of(stage_: Stage) -> int:
@@ -144,9 +175,9 @@ def uid_of(stage_: Stage) -> int:
 
 
 def test_images_run_as_the_uid_the_manifests_expect(repo: Path, dev: RenderedOverlay) -> None:
-    expectations = {f"services/{s}/Dockerfile": s for s in SERVICES}
-    expectations["gateway/Dockerfile"] = "gateway"
-    for dockerfile, workload in expectations.items():
+    expectations = [(SERVICE_DOCKERFILE, service) for service in SERVICES]
+    expectations.append(("gateway/Dockerfile", "gateway"))
+    for dockerfile, workload in expectations:
         stages = parse(repo / dockerfile)
         expected = pod_spec(dev.get("Deployment", workload))["securityContext"]["runAsUser"]
         for built in stages:
@@ -179,20 +210,27 @@ def ignored(path: str, patterns: list[str]) -> bool:
     return False
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES)
-def test_copied_files_exist_in_the_build_context(repo: Path, dockerfile: str) -> None:
+BUILDS = [(SERVICE_DOCKERFILE, service) for service in SERVICES] + [("gateway/Dockerfile", None)]
+
+
+@pytest.mark.parametrize(("dockerfile", "service"), BUILDS)
+def test_copied_files_exist_in_the_build_context(
+    repo: Path, dockerfile: str, service: str | None
+) -> None:
     patterns = [
         line.strip()
         for line in (repo / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
+    stages = parse(repo / dockerfile)
     copied = 0
-    for built in parse(repo / dockerfile):
+    for built in stages if service is None else for_service(stages, service):
         for args in built.all("COPY"):
             if "--from=" in args:
                 continue
             *sources, _ = args.split()
             for source in sources:
+                assert "$" not in source, f"{dockerfile}: COPY {source} uses an unknown variable"
                 assert (repo / source).exists(), f"{dockerfile}: COPY {source} does not exist"
                 assert not ignored(source, patterns), f"{dockerfile}: {source} is .dockerignored"
                 copied += 1

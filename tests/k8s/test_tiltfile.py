@@ -152,11 +152,14 @@ def test_every_image_build_exists_and_builds_what_its_dockerfile_copies(
         assert context.is_dir() and context.resolve() == repo, build["ref"]
         assert dockerfile_path.is_file(), build["dockerfile"]
         dockerfile = dockerfile_path.read_text()
+        for name, value in build.get("build_args", {}).items():
+            dockerfile = dockerfile.replace("${" + name + "}", value)
         # `only` narrows the context: it must still hold everything the Dockerfile copies.
         only = build["only"]
         for path in only:
             assert (context / path).exists(), f"{build['ref']}: only={path} does not exist"
         for source in copy_sources(dockerfile):
+            assert "$" not in source, f"{build['ref']}: {source} needs a build argument"
             assert any(
                 source.rstrip("/") == p or source.startswith(p.rstrip("/") + "/") for p in only
             ), f"{build['ref']}: {source} is copied but not in only={only}"
