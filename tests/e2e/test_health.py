@@ -26,6 +26,8 @@ COMPONENTS = (
     "redis",
     "kafka",
 )
+SERVICE_CLUSTERS = ("auth", "promotions", "events")
+"""Envoy's health-checked clusters, one per service."""
 
 
 def get_health(stack: Stack) -> httpx.Response:
@@ -54,6 +56,33 @@ def wait_for_health(
 
 def is_healthy(response: httpx.Response, body: dict[str, Any]) -> bool:
     return response.status_code == 200 and body.get("status") == "healthy"
+
+
+def wait_for_gateway_upstreams(stack: Stack, *, timeout: float = 30) -> None:
+    """Wait until Envoy's active health checks admit every service again.
+
+    ``/health`` asks the services themselves, so it turns healthy up to one health-check
+    interval before Envoy routes to a service it marked unhealthy during an outage; tests
+    that cause an outage wait for both, so the next test finds the gateway as it was.
+    """
+    deadline = time.monotonic() + timeout
+    flags: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        try:
+            text = httpx.get(f"{stack.gateway_admin_url}/clusters", timeout=5).text
+        except httpx.HTTPError:
+            time.sleep(0.2)
+            continue
+        # Lines read ``<cluster>::<host>::health_flags::<flags>``.
+        flags = {
+            line.split("::", 1)[0]: line.rsplit("::", 1)[1]
+            for line in text.splitlines()
+            if "::health_flags::" in line
+        }
+        if all(flags.get(cluster) == "healthy" for cluster in SERVICE_CLUSTERS):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the gateway did not route to every service in {timeout}s: {flags}")
 
 
 def test_every_component_is_reported_healthy(full_stack: Stack) -> None:
@@ -85,6 +114,7 @@ def test_redis_down_is_degraded_then_healthy_again(full_stack: Stack) -> None:
     finally:
         full_stack.start("redis")
     wait_for_health(full_stack, is_healthy, timeout=60)
+    wait_for_gateway_upstreams(full_stack)
 
 
 def test_postgres_down_is_unhealthy_503_then_healthy_again(full_stack: Stack) -> None:
@@ -101,3 +131,4 @@ def test_postgres_down_is_unhealthy_503_then_healthy_again(full_stack: Stack) ->
     assert body["status"] == "unhealthy"
     # Recovery happens without restarting any service: pools reconnect, health flips back.
     wait_for_health(full_stack, is_healthy, timeout=90)
+    wait_for_gateway_upstreams(full_stack)

@@ -219,6 +219,11 @@ class Stack:
         return f"http://127.0.0.1:{self._ctx.settings.gateway_port}"
 
     @property
+    def gateway_admin_url(self) -> str:
+        """Envoy's admin interface (loopback only)."""
+        return f"http://127.0.0.1:{self._ctx.settings.envoy_admin_port}"
+
+    @property
     def postgres_admin_url(self) -> str:
         """Superuser libpq URL (contains a password: do not print it)."""
         return self._postgres.admin_url
