@@ -26,8 +26,6 @@ COMPONENTS = (
     "redis",
     "kafka",
 )
-SERVICE_CLUSTERS = ("auth", "promotions", "events")
-"""Envoy's health-checked clusters, one per service."""
 
 
 def get_health(stack: Stack) -> httpx.Response:
@@ -58,31 +56,18 @@ def is_healthy(response: httpx.Response, body: dict[str, Any]) -> bool:
     return response.status_code == 200 and body.get("status") == "healthy"
 
 
-def wait_for_gateway_upstreams(stack: Stack, *, timeout: float = 30) -> None:
-    """Wait until Envoy's active health checks admit every service again.
-
-    ``/health`` asks the services themselves, so it turns healthy up to one health-check
-    interval before Envoy routes to a service it marked unhealthy during an outage; tests
-    that cause an outage wait for both, so the next test finds the gateway as it was.
-    """
-    deadline = time.monotonic() + timeout
-    flags: dict[str, str] = {}
-    while time.monotonic() < deadline:
-        try:
-            text = httpx.get(f"{stack.gateway_admin_url}/clusters", timeout=5).text
-        except httpx.HTTPError:
-            time.sleep(0.2)
-            continue
-        # Lines read ``<cluster>::<host>::health_flags::<flags>``.
-        flags = {
-            line.split("::", 1)[0]: line.rsplit("::", 1)[1]
-            for line in text.splitlines()
-            if "::health_flags::" in line
-        }
-        if all(flags.get(cluster) == "healthy" for cluster in SERVICE_CLUSTERS):
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"the gateway did not route to every service in {timeout}s: {flags}")
+def cluster_flags(stack: Stack) -> dict[str, str]:
+    """Envoy's health flags per cluster (admin ``/clusters``: lines
+    ``<cluster>::<host>::health_flags::<flags>``, one host per cluster here)."""
+    try:
+        text = httpx.get(f"{stack.gateway_admin_url}/clusters", timeout=5).text
+    except httpx.HTTPError:
+        return {}
+    return {
+        line.split("::", 1)[0]: line.rsplit("::", 1)[1]
+        for line in text.splitlines()
+        if "::health_flags::" in line
+    }
 
 
 def test_every_component_is_reported_healthy(full_stack: Stack) -> None:
@@ -114,7 +99,6 @@ def test_redis_down_is_degraded_then_healthy_again(full_stack: Stack) -> None:
     finally:
         full_stack.start("redis")
     wait_for_health(full_stack, is_healthy, timeout=60)
-    wait_for_gateway_upstreams(full_stack)
 
 
 def test_postgres_down_is_unhealthy_503_then_healthy_again(full_stack: Stack) -> None:
@@ -131,4 +115,25 @@ def test_postgres_down_is_unhealthy_503_then_healthy_again(full_stack: Stack) ->
     assert body["status"] == "unhealthy"
     # Recovery happens without restarting any service: pools reconnect, health flips back.
     wait_for_health(full_stack, is_healthy, timeout=90)
-    wait_for_gateway_upstreams(full_stack)
+    # /health asks the services; the gateway routes to them after its next health check.
+    full_stack.wait_gateway_routing()
+
+
+def test_a_restarted_service_is_reachable_through_the_gateway_once_up_returns(
+    full_stack: Stack,
+) -> None:
+    """``up`` waits for Envoy to route to what it started: once Envoy's health checks have
+    marked auth down, the gateway's JWKS route (auth, public) answers 200 right after
+    ``up`` returns, not 503 "no healthy upstream" until the next health check."""
+    full_stack.wait_gateway_routing(["auth"])
+    full_stack.down(["auth"])
+    try:
+        deadline = time.monotonic() + 30
+        while "/failed_active_hc" not in cluster_flags(full_stack).get("auth", ""):
+            assert time.monotonic() < deadline, "Envoy never marked auth unhealthy"
+            time.sleep(0.2)
+    finally:
+        full_stack.up(["auth"])
+    response = httpx.get(f"{full_stack.gateway_url}/.well-known/jwks.json", timeout=5)
+    assert response.status_code == 200, response.text
+    assert response.json()["keys"]

@@ -236,6 +236,63 @@ class EnvoyComponent(ProcessComponent):
     def admin_url(self) -> str:
         return f"http://127.0.0.1:{self.ctx.settings.envoy_admin_port}"
 
+    def health_flags(self) -> dict[str, str] | None:
+        """Health flags per cluster from the admin's ``/clusters`` (``healthy`` when Envoy
+        routes to it; hosts joined by commas), or None if the admin did not answer."""
+        answer = http_get(f"{self.admin_url}/clusters")
+        if answer is None or answer[0] != 200:
+            return None
+        flags: dict[str, list[str]] = {}
+        # Lines read ``<cluster>::<host>::health_flags::<flags>`` (one per host).
+        for line in answer[1].splitlines():
+            fields = line.split("::")
+            if len(fields) == 4 and fields[2] == "health_flags":
+                flags.setdefault(fields[0], []).append(fields[3])
+        return {cluster: ",".join(values) for cluster, values in flags.items()}
+
+    def health_check_successes(self) -> dict[str, int] | None:
+        """Successful active health checks per cluster so far (admin ``/stats``)."""
+        answer = http_get(f"{self.admin_url}/stats?filter=health_check%5C.success%24")
+        if answer is None or answer[0] != 200:
+            return None
+        successes: dict[str, int] = {}
+        # Lines read ``cluster.<cluster>.health_check.success: <count>``.
+        for line in answer[1].splitlines():
+            name, _, count = line.partition(": ")
+            if name.startswith("cluster.") and name.endswith(".health_check.success"):
+                cluster = name.removeprefix("cluster.").removesuffix(".health_check.success")
+                successes[cluster] = int(count)
+        return successes
+
+    def wait_routing(self, clusters: Sequence[str], deadline: float) -> None:
+        """Wait until Envoy has health-checked every host of ``clusters`` successfully since
+        this call and routes to all of them.
+
+        A service that just became ready (restarted, or its database back) still gets "no
+        healthy upstream" until Envoy's next health check; and a check that failed just
+        before it was ready can mark it unhealthy afterwards, so "healthy now" is not enough.
+        """
+        baseline: dict[str, int] | None = None
+        state: object = "no answer"
+        while True:
+            if baseline is None:
+                baseline = self.health_check_successes()
+            else:
+                successes = self.health_check_successes() or {}
+                flags = self.health_flags() or {}
+                waiting = {
+                    cluster: flags.get(cluster, "no such cluster")
+                    for cluster in clusters
+                    if successes.get(cluster, 0) <= baseline.get(cluster, 0)
+                    or flags.get(cluster) != "healthy"
+                }
+                if not waiting:
+                    return
+                state = waiting
+            if time.monotonic() > deadline:
+                raise StackError(f"envoy: does not route to {', '.join(clusters)} yet: {state}")
+            time.sleep(0.1)
+
     @property
     def base_id(self) -> int:
         # Envoy's shared memory and domain sockets are keyed by base id; one per profile

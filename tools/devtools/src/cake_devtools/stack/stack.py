@@ -135,6 +135,7 @@ class Stack:
     def _up(self, selected: list[Component], *, strict: bool) -> None:
         began = time.monotonic()
         skipped: list[str] = []
+        started: list[str] = []
         for component in selected:
             reason = component.unavailable_reason()
             if reason is not None:
@@ -143,7 +144,15 @@ class Stack:
                 self._echo(component.name, f"SKIPPED: {reason}")
                 skipped.append(component.name)
                 continue
-            self._up_one(component)
+            if self._up_one(component):
+                started.append(component.name)
+        # A gateway started by this call health-checked the services once they were ready;
+        # one that was already running learns of (re)started services only at its next check.
+        restarted_services = [
+            name for name in started if isinstance(self._components[name], ServiceComponent)
+        ]
+        if restarted_services and "envoy" not in started:
+            self.wait_gateway_routing(restarted_services)
         summary = f"stack '{self.profile}' up in {time.monotonic() - began:.1f}s"
         if skipped:
             summary += f" (skipped: {', '.join(skipped)})"
@@ -152,17 +161,21 @@ class Stack:
             self._ctx.echo(f"gateway: {self.gateway_url}")
         self._ctx.echo(f"logs:    {self._relative(self._ctx.layout.logs)}/")
 
-    def _up_one(self, component: Component) -> None:
+    def _up_one(self, component: Component) -> bool:
+        """Bring ``component`` up; True if it had to be (re)started."""
         began = time.monotonic()
+        started = True
         current = component.status()
         if current.state is State.EXTERNAL:
             self._echo(component.name, f"external at {current.address}, checking")
+            started = False
         elif current.state is State.RUNNING and (reason := component.restart_reason()):
             self._echo(component.name, f"restarting (pid {current.pid}): {reason}")
             component.stop()
             component.start()
         elif current.state is State.RUNNING:
             self._echo(component.name, f"already running (pid {current.pid}), checking")
+            started = False
         else:
             log = self._relative(component.log_path)
             self._echo(component.name, f"starting (log: {log})")
@@ -170,6 +183,21 @@ class Stack:
         component.wait_ready(began + self._ctx.settings.startup_timeout_seconds)
         address = component.status().address
         self._echo(component.name, f"ready at {address} ({time.monotonic() - began:.1f}s)")
+        return started
+
+    def wait_gateway_routing(self, services: Iterable[str] | None = None) -> None:
+        """If the gateway runs, wait until it health-checked ``services`` (all when None)
+        successfully since this call and routes to them: after a service restart or a
+        dependency outage, a service is ready a little before the gateway sends it requests."""
+        envoy = self._components["envoy"]
+        assert isinstance(envoy, EnvoyComponent)
+        if envoy.status().state is not State.RUNNING:
+            return
+        names = [spec.name for spec in SERVICES] if services is None else list(services)
+        began = time.monotonic()
+        envoy.wait_routing(names, began + self._ctx.settings.startup_timeout_seconds)
+        waited = time.monotonic() - began
+        self._echo("envoy", f"routes to {', '.join(names)} ({waited:.1f}s)")
 
     def down(self, components: Iterable[str] | None = None) -> None:
         """Stop ``components`` (all when None) in reverse dependency order; data is kept."""
