@@ -48,6 +48,8 @@ CROSS JOIN LATERAL ROWS FROM (
 
 
 def _create_published_events_table() -> None:
+    """The table as revision 0001 made it (restated, not imported: a migration is a frozen
+    snapshot and must not change when another one does)."""
     op.create_table(
         "published_events",
         sa.Column("event_id", sa.Uuid, primary_key=True),
