@@ -138,9 +138,13 @@ async def bench(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     }
     if not rate_limits_raised(stack):
         # k6 and the seeding run from one IP: at 100 requests/min the figures would be 429s.
+        gateway_profile_variable = (
+            "CAKE_GATEWAY_PROFILE" if args.profile == "dev" else "CAKE_TEST_GATEWAY_PROFILE"
+        )
         raise SystemExit(
             "the gateway runs the default rate limits (100/min per IP); restart it with raised"
-            f" ones first: CAKE_GATEWAY_PROFILE=bench uv run cake-stack up --profile {args.profile}"
+            f" ones first: {gateway_profile_variable}=bench"
+            f" uv run cake-stack up --profile {args.profile}"
         )
     gateway_url = stack.gateway_url
     duration = f"{args.duration:.0f}s"

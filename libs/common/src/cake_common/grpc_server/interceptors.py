@@ -134,7 +134,7 @@ def tolerant_deserializer(deserializer: Callable[[bytes], Any]) -> Callable[[byt
     """
     owner = getattr(deserializer, "__self__", None)
     descriptor = getattr(owner, "DESCRIPTOR", None)
-    message_type = getattr(descriptor, "full_name", "the method's request message")
+    message_type = getattr(descriptor, "full_name", "request")
 
     def deserialize(data: bytes) -> Any:
         try:

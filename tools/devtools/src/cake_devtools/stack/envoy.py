@@ -245,9 +245,10 @@ class EnvoyComponent(ProcessComponent):
         flags: dict[str, list[str]] = {}
         # Lines read ``<cluster>::<host>::health_flags::<flags>`` (one per host).
         for line in answer[1].splitlines():
-            fields = line.split("::")
-            if len(fields) == 4 and fields[2] == "health_flags":
-                flags.setdefault(fields[0], []).append(fields[3])
+            # From the right: an IPv6 host ([::1]:port) has "::" of its own.
+            where, marker, value = [*line.rsplit("::", 2), "", ""][:3]
+            if marker == "health_flags":
+                flags.setdefault(where.split("::", 1)[0], []).append(value)
         return {cluster: ",".join(values) for cluster, values in flags.items()}
 
     def health_check_successes(self) -> dict[str, int] | None:

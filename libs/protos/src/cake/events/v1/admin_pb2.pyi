@@ -83,7 +83,9 @@ class QueueStats(_message.Message):
     active: _builtins.int
     """Events of the batch the answering replica is publishing right now."""
     completed: _builtins.int
-    """Events published to Kafka (the audit log)."""
+    """Publications to Kafka in the audit log: an event sent again (after a relay crash, or
+    replayed) counts once per publication, as a re-run job does in Cake's queues.
+    """
     failed: _builtins.int
     """Events parked as dead letters and not yet retried."""
     def __init__(
