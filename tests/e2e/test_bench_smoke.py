@@ -2,9 +2,10 @@
 
 They assert correctness only (no timing): the k6 scenarios run without errors, the
 first-login burst issues exactly min(N, maxParticipants) vouchers with none doubled, no
-voucher is spent twice under racing top-ups, and a relay killed mid-burst loses and doubles
-nothing. Each runs the real entry point (``bench/run.py``, ``bench/chaos.py``) against the
-test stack, as ``make bench``/``make chaos`` would against the dev stack.
+voucher is spent twice under racing top-ups, a relay killed mid-burst loses and doubles
+nothing, and the relay benchmark relays every row it times. Each runs the real entry point
+(``bench/run.py``, ``bench/chaos.py``, ``bench/relay_throughput.py``) against the test
+stack, as ``make bench``/``make chaos`` would against the dev stack.
 """
 
 from __future__ import annotations
@@ -87,3 +88,22 @@ def test_relay_killed_mid_burst_loses_and_doubles_nothing(
     assert drill["vouchers_doubled"] == 0
     assert drill["vouchers_lost"] == 0
     assert full_stack.status()["events"].healthy
+
+
+def test_relay_benchmark_at_tiny_size_relays_every_row(stack: Stack) -> None:
+    """The script exits non-zero if the relay counted a row it did not mark published."""
+    completed = _run(
+        "relay_throughput.py",
+        "--rows", "3000",
+        "--rounds", "2",
+        "--rate", "50",
+        "--lag-seconds", "1",
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    lines = completed.stdout.splitlines()
+    rounds = [line for line in lines if line.startswith("round ")]
+    assert len(rounds) == 2, completed.stdout
+    (ratio,) = [line for line in lines if line.startswith("relay / raw")]
+    assert float(ratio.split(":")[1].split()[0]) > 0
+    (lag,) = [line for line in lines if line.startswith("commit-to-Kafka lag")]
+    assert "over 50 events" in lag
