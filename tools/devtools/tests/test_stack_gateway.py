@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ from cake_devtools.stack.envoy import (
     local_gateway_context,
     validate_config,
 )
+from cake_devtools.stack.errors import StackError
 from cake_devtools.stack.layout import RunLayout
 from cake_devtools.stack.settings import StackSettings, StackSettingsForTests
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -357,3 +359,60 @@ def test_stack_restarts_envoy_when_the_keys_rotate(jwks: Path, tmp_path: Path) -
     reason = envoy.unavailable_reason()
     assert reason is not None
     assert "cake-auth gen-keys" in reason
+
+
+CLUSTERS_PAGE = """\
+auth::observability_name::auth
+auth::127.0.0.1:17151::cx_active::1
+auth::127.0.0.1:17151::health_flags::healthy
+promotions::127.0.0.1:17152::health_flags::/failed_active_hc
+promotions::[::1]:17152::health_flags::healthy
+events_unchecked::127.0.0.1:17153::health_flags::healthy
+"""
+STATS_PAGE = """\
+cluster.auth.health_check.success: 12
+cluster.promotions.health_check.success: 3
+"""
+
+
+def test_envoy_admin_pages_are_read_per_cluster(
+    jwks: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What wait_routing decides on: flags per cluster (every host, IPv6 ones too) and the
+    health-check successes, parsed from the admin's text pages."""
+    from cake_devtools.stack import envoy as envoy_module
+
+    pages = {"/clusters": CLUSTERS_PAGE, "/stats": STATS_PAGE}
+
+    def fake_get(url: str) -> tuple[int, str]:
+        path = "/" + url.split("/", 3)[3].split("?", maxsplit=1)[0]
+        return 200, pages[path]
+
+    monkeypatch.setattr(envoy_module, "http_get", fake_get)
+    layout = RunLayout(tmp_path, "test")
+    context = StackContext(
+        profile="test", settings=StackSettingsForTests(), layout=layout, echo=lambda _: None
+    )
+    envoy = EnvoyComponent(context, events_running=lambda: False)
+
+    assert envoy.health_flags() == {
+        "auth": "healthy",
+        "promotions": "/failed_active_hc,healthy",
+        "events_unchecked": "healthy",
+    }
+    assert envoy.health_check_successes() == {"auth": 12, "promotions": 3}
+    # No health check succeeds after the call (the counters stand still) and promotions has
+    # an unhealthy host: the wait gives up at its deadline and says what it saw.
+    with pytest.raises(StackError, match="'promotions': '/failed_active_hc,healthy'"):
+        envoy.wait_routing(["auth", "promotions"], deadline=time.monotonic() + 0.3)
+    # Once each cluster had a success after the call and all its hosts are healthy, it returns.
+    successes = iter([STATS_PAGE, STATS_PAGE.replace("12", "13").replace(": 3", ": 4")])
+    pages["/clusters"] = CLUSTERS_PAGE.replace("/failed_active_hc", "healthy")
+
+    def fake_get_later(url: str) -> tuple[int, str]:
+        if "/stats" in url:
+            return 200, next(successes, pages["/stats"].replace("12", "13").replace(": 3", ": 4"))
+        return fake_get(url)
+
+    monkeypatch.setattr(envoy_module, "http_get", fake_get_later)
+    envoy.wait_routing(["auth", "promotions"], deadline=time.monotonic() + 5)

@@ -176,6 +176,11 @@ def http_get(url: str) -> tuple[int, str] | None:
     return response.status_code, response.text
 
 
+def _all_healthy(flags: str | None) -> bool:
+    """Whether every host of a cluster (``health_flags`` joined by commas) is healthy."""
+    return flags is not None and all(host == "healthy" for host in flags.split(","))
+
+
 @contextlib.contextmanager
 def run_gateway(
     context: GatewayContext, workdir: Path, *, startup_timeout: float = 30
@@ -285,7 +290,7 @@ class EnvoyComponent(ProcessComponent):
                     cluster: flags.get(cluster, "no such cluster")
                     for cluster in clusters
                     if successes.get(cluster, 0) <= baseline.get(cluster, 0)
-                    or flags.get(cluster) != "healthy"
+                    or not _all_healthy(flags.get(cluster))
                 }
                 if not waiting:
                     return
