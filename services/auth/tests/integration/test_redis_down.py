@@ -8,7 +8,6 @@ nothing listens on, another at a private ``redis-server`` this module starts and
 from __future__ import annotations
 
 import asyncio
-import shutil
 import socket
 import subprocess
 import time
@@ -19,6 +18,7 @@ from typing import Any
 import grpc
 import pytest
 from cake.auth.v1 import auth_pb2
+from cake_devtools.stack.component import require_binary
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 pytestmark = pytest.mark.integration
@@ -86,10 +86,10 @@ class PrivateRedis:
     """A throwaway redis-server on its own port that a test may kill and restart."""
 
     def __init__(self, directory: Path) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.skip("redis-server is not installed")
-        self._binary = binary
+        # The test stack runs redis-server too, so it is there; if not, fail and say why.
+        self._binary = require_binary(
+            "redis-server", "run tools/bootstrap.sh (apt package redis-server)"
+        )
         self._directory = directory
         self.port = _free_port()
         self._process: subprocess.Popen[bytes] | None = None
