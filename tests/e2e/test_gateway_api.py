@@ -28,7 +28,7 @@ import jwt
 import pytest
 from cake.auth.v1 import auth_pb2, auth_pb2_grpc
 from cake.promotions.v1 import promotions_pb2, promotions_pb2_grpc
-from cake_auth.adapters.signing_keys import SigningKey, load_signing_key
+from cake_auth.adapters.signing_keys import SigningKey
 from cake_devtools.stack import Stack
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -129,11 +129,6 @@ def admin(full_stack: Stack, client: httpx.Client) -> Account:
     assert created.returncode == 0, created.stderr
     answer = login(client, username)
     return Account(username, email, phone, answer["access_token"], answer["user"])
-
-
-@pytest.fixture(scope="module")
-def signing_key(full_stack: Stack) -> SigningKey:
-    return load_signing_key(full_stack.run_dir / "keys" / "jwt-signing-key.pem")
 
 
 def iso(moment: datetime) -> str:

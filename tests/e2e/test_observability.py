@@ -15,9 +15,6 @@ enrolment could land inside the measured window.
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import json
 import os
 import threading
 import time
@@ -30,12 +27,8 @@ from typing import Any, TypeVar
 
 import grpc
 import httpx
-import jwt
 import pytest
-from cake_common.jwt import jwk_from_public_key
 from cake_devtools.stack import Stack
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.trace.v1 import trace_pb2
 from prometheus_client.parser import text_string_to_metric_families
@@ -52,33 +45,6 @@ T = TypeVar("T")
 
 
 # -- gateway flow --------------------------------------------------------------------------------
-
-
-def _thumbprint(jwk: Mapping[str, str]) -> str:
-    canonical = json.dumps({k: jwk[k] for k in ("crv", "kty", "x", "y")}, separators=(",", ":"))
-    return (
-        base64.urlsafe_b64encode(hashlib.sha256(canonical.encode()).digest()).rstrip(b"=").decode()
-    )
-
-
-def admin_headers(stack: Stack) -> dict[str, str]:
-    """An admin bearer token signed with the stack's development key (kid = thumbprint)."""
-    pem = (stack.run_dir / "keys" / "jwt-signing-key.pem").read_bytes()
-    private_key = serialization.load_pem_private_key(pem, password=None)
-    assert isinstance(private_key, ec.EllipticCurvePrivateKey)
-    kid = _thumbprint(jwk_from_public_key(private_key.public_key(), "unused"))
-    now = int(time.time())
-    claims = {
-        "sub": "1",
-        "role": "admin",
-        "iss": "cake-system",
-        "aud": "cake-users",
-        "iat": now,
-        "exp": now + 600,
-        "jti": str(uuid.uuid4()),
-    }
-    token = jwt.encode(claims, private_key, algorithm="ES256", headers={"kid": kid})
-    return {"authorization": f"Bearer {token}"}
 
 
 def iso(moment: datetime) -> str:
@@ -137,10 +103,10 @@ def client(full_stack: Stack) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture
-def campaign(full_stack: Stack, client: httpx.Client) -> Iterator[dict[str, Any]]:
+def campaign(client: httpx.Client, admin_token: str) -> Iterator[dict[str, Any]]:
     """A running first-login campaign, the newest one, so this test's login enrols into it
     (earlier tests' campaigns may be full). Set inactive afterwards."""
-    admin = admin_headers(full_stack)
+    admin = {"authorization": f"Bearer {admin_token}"}
     now = datetime.now(UTC)
     body = {
         "name": f"observability campaign {uuid.uuid4().hex[:10]}",
@@ -161,7 +127,7 @@ def campaign(full_stack: Stack, client: httpx.Client) -> Iterator[dict[str, Any]
     client.patch(
         f"/promotions/campaigns/{created['id']}/status",
         json={"status": "inactive"},
-        headers=admin_headers(full_stack),
+        headers=admin,
     )
 
 

@@ -11,56 +11,22 @@ may create campaigns in the same stack, so the voucher's own terms give the expe
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import json
 import secrets
 import time
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 
 import grpc
-import jwt
 import pytest
 from cake.auth.v1 import auth_pb2, auth_pb2_grpc
 from cake.promotions.v1 import promotions_pb2, promotions_pb2_grpc, voucher_pb2
-from cake_common.jwt import jwk_from_public_key
 from cake_devtools.stack import Stack
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from google.protobuf.timestamp_pb2 import Timestamp
 
 pytestmark = pytest.mark.e2e
 
 VOUCHER_WAIT_SECONDS = 30
-
-
-def _thumbprint(jwk: dict[str, str]) -> str:
-    canonical = json.dumps({k: jwk[k] for k in ("crv", "kty", "x", "y")}, separators=(",", ":"))
-    return (
-        base64.urlsafe_b64encode(hashlib.sha256(canonical.encode()).digest()).rstrip(b"=").decode()
-    )
-
-
-def admin_token(stack: Stack) -> str:
-    """An admin access token signed with the stack's development key (kid = thumbprint)."""
-    pem = (stack.run_dir / "keys" / "jwt-signing-key.pem").read_bytes()
-    private_key = serialization.load_pem_private_key(pem, password=None)
-    assert isinstance(private_key, ec.EllipticCurvePrivateKey)
-    kid = _thumbprint(jwk_from_public_key(private_key.public_key(), "unused"))
-    now = int(time.time())
-    claims = {
-        "sub": "1",
-        "role": "admin",
-        "iss": "cake-system",
-        "aud": "cake-users",
-        "iat": now,
-        "exp": now + 600,
-        "jti": str(uuid.uuid4()),
-    }
-    return jwt.encode(claims, private_key, algorithm="ES256", headers={"kid": kid})
 
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:
@@ -86,12 +52,12 @@ def channels(full_stack: Stack) -> Iterator[tuple[grpc.Channel, grpc.Channel]]:
 
 
 def test_first_login_voucher_pays_for_a_topup(
-    full_stack: Stack, channels: tuple[grpc.Channel, grpc.Channel]
+    channels: tuple[grpc.Channel, grpc.Channel], admin_token: str
 ) -> None:
     auth = auth_pb2_grpc.AuthServiceStub(channels[0])
     promotions = promotions_pb2_grpc.PromotionsServiceStub(channels[1])
     now = datetime.now(UTC)
-    admin = bearer(admin_token(full_stack))
+    admin = bearer(admin_token)
     campaign = promotions.CreateCampaign(
         promotions_pb2.CreateCampaignRequest(
             name=f"e2e first login {now:%H%M%S}",
