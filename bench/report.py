@@ -36,6 +36,29 @@ class Row:
         return self.rate / self.ceiling if self.ceiling else 0.0
 
 
+def measured(
+    figure: str,
+    scenario: dict[str, Any],
+    ceiling_name: str,
+    ceiling: float,
+    goal: str,
+    *,
+    rate: float | None = None,
+) -> Row:
+    """A row for a scenario's measured latencies and errors (rate: its own unless given)."""
+    return Row(
+        figure,
+        scenario["rate"] if rate is None else rate,
+        ceiling_name,
+        ceiling,
+        scenario["p50"],
+        scenario["p95"],
+        scenario["p99"],
+        scenario["error_rate"],
+        goal,
+    )
+
+
 def rows(results: dict[str, Any]) -> list[Row]:
     ceilings = results["ceilings"]
     scenarios = results["scenarios"]
@@ -46,77 +69,57 @@ def rows(results: dict[str, Any]) -> list[Row]:
     raw = scenarios.get("profile_grpc_raw")
     if raw:
         out.append(
-            Row(
+            measured(
                 "profile reads, raw gRPC",
-                raw["rate"],
+                raw,
                 "grpc echo",
                 echo["rate"] if echo else 0.0,
-                raw["p50"],
-                raw["p95"],
-                raw["p99"],
-                raw["error_rate"],
                 "service cost alone",
             )
         )
     rest = scenarios.get("profile_gateway")
     if rest:
         out.append(
-            Row(
+            measured(
                 "profile reads, gateway REST",
-                rest["rate"],
+                rest,
                 "raw gRPC reads",
                 raw["rate"] if raw else 0.0,
-                rest["p50"],
-                rest["p95"],
-                rest["p99"],
-                rest["error_rate"],
                 ">= 0.7 x raw; >= 1600/s, p95 < 50 ms (2 x NestJS)",
             )
         )
         if envoy:
             out.append(
-                Row(
+                measured(
                     "profile reads, gateway (vs envoy)",
-                    rest["rate"],
+                    rest,
                     "envoy direct_response",
                     envoy["rate"],
-                    rest["p50"],
-                    rest["p95"],
-                    rest["p99"],
-                    rest["error_rate"],
                     "gateway share",
                 )
             )
     login = scenarios.get("login_saturation")
     if login:
-        ok_rate = login["rate"] * (1 - login["error_rate"])
         out.append(
-            Row(
+            measured(
                 "logins alone (offered 1.3 x ceiling)",
-                ok_rate,
+                login,
                 "bcrypt ceiling",
                 bcrypt,
-                login["p50"],
-                login["p95"],
-                login["p99"],
-                login["error_rate"],
                 ">= 0.85 x ceiling, p95 < 1 s; NestJS 34.6/s",
+                rate=login["rate"] * (1 - login["error_rate"]),
             )
         )
-    goal = scenarios.get("login_at_goal")
-    if goal:
-        ok_rate = goal["rate"] * (1 - goal["error_rate"])
+    at_goal = scenarios.get("login_at_goal")
+    if at_goal:
         out.append(
-            Row(
-                f"logins alone at {goal['offered_rate']:.0f}/s (0.85 x ceiling)",
-                ok_rate,
+            measured(
+                f"logins alone at {at_goal['offered_rate']:.0f}/s (0.85 x ceiling)",
+                at_goal,
                 "bcrypt ceiling",
                 bcrypt,
-                goal["p50"],
-                goal["p95"],
-                goal["p99"],
-                goal["error_rate"],
                 "P95 < 1 s, 0 errors",
+                rate=at_goal["rate"] * (1 - at_goal["error_rate"]),
             )
         )
     mix = scenarios.get("mixed_auth")
@@ -141,20 +144,7 @@ def rows(results: dict[str, Any]) -> list[Row]:
             ("profile", ""),
             ("refresh", ""),
         ):
-            values = mix[op]
-            out.append(
-                Row(
-                    f"mix: {op}",
-                    values["rate"],
-                    "-",
-                    0.0,
-                    values["p50"],
-                    values["p95"],
-                    values["p99"],
-                    values["error_rate"],
-                    goal,
-                )
-            )
+            out.append(measured(f"mix: {op}", mix[op], "-", 0.0, goal))
     return out
 
 
