@@ -39,8 +39,9 @@ from uuid import UUID, uuid4
 import sqlalchemy as sa
 from alembic.operations import Operations
 from google.protobuf.message import Message
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
+from cake_common.db import UnitOfWork
 from cake_common.tracing import current_traceparent
 
 OUTBOX_TABLE_NAME = "outbox"
@@ -181,3 +182,14 @@ class OutboxWriter:
         )
         await executor.execute(statement)
         return event_id
+
+
+class OutboxUnitOfWork(UnitOfWork):
+    """A unit of work whose repositories also record events: they pass ``outbox_writer`` to
+    an event recorder in :meth:`bind_repositories`, so the events commit with the change."""
+
+    def __init__(
+        self, session_factory: async_sessionmaker[AsyncSession], outbox_writer: OutboxWriter
+    ) -> None:
+        super().__init__(session_factory)
+        self.outbox_writer = outbox_writer

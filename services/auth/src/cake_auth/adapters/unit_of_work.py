@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from cake.events.v1 import payloads_pb2
-from cake_common.db import UnitOfWork
-from cake_common.outbox import OutboxWriter
+from cake_common.outbox import OutboxUnitOfWork, OutboxWriter
 from google.protobuf.timestamp_pb2 import Timestamp
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from cake_auth.adapters.users_repository import SqlUserRepository
 from cake_auth.domain.login import FirstLogin
@@ -41,16 +40,10 @@ class OutboxEventRecorder:
         )
 
 
-class SqlAuthUnitOfWork(UnitOfWork):
+class SqlAuthUnitOfWork(OutboxUnitOfWork):
     users: SqlUserRepository
     events: OutboxEventRecorder
 
-    def __init__(
-        self, session_factory: async_sessionmaker[AsyncSession], outbox_writer: OutboxWriter
-    ) -> None:
-        super().__init__(session_factory)
-        self._outbox_writer = outbox_writer
-
     def bind_repositories(self, session: AsyncSession) -> None:
         self.users = SqlUserRepository(session)
-        self.events = OutboxEventRecorder(session, self._outbox_writer)
+        self.events = OutboxEventRecorder(session, self.outbox_writer)

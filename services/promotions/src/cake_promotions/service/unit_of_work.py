@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from uuid import UUID
 
-from cake_common.db import UnitOfWork
 from cake_common.inbox import record_once
-from cake_common.outbox import OutboxWriter
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from cake_common.outbox import OutboxUnitOfWork
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from cake_promotions.adapters.events import PromotionEvents
 from cake_promotions.adapters.repository import (
@@ -24,7 +23,7 @@ CONSUMER_NAME = "promotions"
 """This service's name in the inbox table."""
 
 
-class PromotionsUnitOfWork(UnitOfWork):
+class PromotionsUnitOfWork(OutboxUnitOfWork):
     campaigns: CampaignRepository
     enrolments: EnrolmentRepository
     participations: ParticipationRepository
@@ -33,12 +32,6 @@ class PromotionsUnitOfWork(UnitOfWork):
     idempotency_keys: IdempotencyKeyRepository
     events: PromotionEvents
 
-    def __init__(
-        self, session_factory: async_sessionmaker[AsyncSession], outbox_writer: OutboxWriter
-    ) -> None:
-        super().__init__(session_factory)
-        self._outbox_writer = outbox_writer
-
     def bind_repositories(self, session: AsyncSession) -> None:
         self.campaigns = CampaignRepository(session)
         self.enrolments = EnrolmentRepository(session)
@@ -46,7 +39,7 @@ class PromotionsUnitOfWork(UnitOfWork):
         self.vouchers = VoucherRepository(session)
         self.topups = TopupRepository(session)
         self.idempotency_keys = IdempotencyKeyRepository(session)
-        self.events = PromotionEvents(session, self._outbox_writer)
+        self.events = PromotionEvents(session, self.outbox_writer)
 
     async def record_event_once(self, event_id: UUID) -> bool:
         """Put a consumed event's id in the inbox; False if it was applied before."""
