@@ -2,22 +2,27 @@
 
 A service's composition root (``bootstrap.py``) calls :func:`start_logging`,
 :func:`start_tracing` and :func:`open_migrated_database`, then builds its use cases and its
-gRPC server.
+gRPC server; its ``serve`` command is :func:`serve_until_signal` around that.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cake_common.db import create_async_engine_for, wait_for_database
+from cake_common.grpc_server.server import RunningGrpcServer
 from cake_common.logging import configure_logging, get_logger
 from cake_common.migrations import run_alembic_upgrade
 from cake_common.settings import ServiceSettings
 from cake_common.tracing import TracingHandle, configure_tracing, instrument_engine
 
 _log = get_logger(__name__)
+
+SettingsT = TypeVar("SettingsT", bound=ServiceSettings)
 
 
 def start_logging(settings: ServiceSettings) -> None:
@@ -49,3 +54,17 @@ async def open_migrated_database(
     # Alembic is synchronous: run it in a worker thread so the event loop stays free.
     await asyncio.to_thread(run_alembic_upgrade, settings.database_url, script_location, relay_role)
     return engine
+
+
+async def serve_until_signal(
+    settings: SettingsT, start: Callable[[SettingsT], Awaitable[RunningGrpcServer]]
+) -> None:
+    """A service's ``serve`` command: logging and tracing on, the server ``start`` builds
+    serving until SIGTERM/SIGINT, then the remaining spans flushed."""
+    start_logging(settings)
+    tracing = start_tracing(settings)
+    try:
+        running = await start(settings)
+        await running.serve_until_signal()
+    finally:
+        await tracing.aclose()

@@ -15,7 +15,10 @@ from cake_common.grpc_server import DependencyCheck, GrpcServerBuilder, RunningG
 from cake_common.jwt import FileJwksProvider, JwtVerifier
 from cake_common.outbox import OutboxWriter
 from cake_common.redis import create_redis, redis_probe
-from cake_common.service_runtime import open_migrated_database, start_logging, start_tracing
+from cake_common.service_runtime import (
+    open_migrated_database,
+    serve_until_signal,
+)
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from cake_auth.adapters.login_throttle import RedisLoginThrottle
@@ -214,10 +217,4 @@ async def start_server(
 
 
 async def serve(settings: AuthSettings) -> None:
-    start_logging(settings)
-    tracing = start_tracing(settings)
-    try:
-        running = await start_server(settings)
-        await running.serve_until_signal()
-    finally:
-        await tracing.aclose()
+    await serve_until_signal(settings, start_server)

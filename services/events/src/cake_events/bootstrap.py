@@ -15,7 +15,12 @@ from cake_common.grpc_server import DependencyCheck, GrpcServerBuilder, RunningG
 from cake_common.jwt import FileJwksProvider, JwtVerifier
 from cake_common.metrics import start_metrics_server
 from cake_common.redis import create_redis
-from cake_common.service_runtime import open_migrated_database, start_logging, start_tracing
+from cake_common.service_runtime import (
+    open_migrated_database,
+    serve_until_signal,
+    start_logging,
+    start_tracing,
+)
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -230,13 +235,7 @@ async def start_service(
 
 async def serve(settings: EventsSettings) -> None:
     """``cake-events serve``: the gRPC API and the relays until SIGTERM/SIGINT."""
-    start_logging(settings)
-    tracing = start_tracing(settings)
-    try:
-        running = await start_service(settings)
-        await running.serve_until_signal()
-    finally:
-        await tracing.aclose()
+    await serve_until_signal(settings, start_service)
 
 
 async def relay_only(settings: EventsSettings) -> None:

@@ -14,7 +14,12 @@ from cake_common.grpc_server import DependencyCheck, GrpcServerBuilder, RunningG
 from cake_common.jwt import FileJwksProvider, JwtVerifier
 from cake_common.metrics import start_metrics_server
 from cake_common.outbox import OutboxWriter
-from cake_common.service_runtime import open_migrated_database, start_logging, start_tracing
+from cake_common.service_runtime import (
+    open_migrated_database,
+    serve_until_signal,
+    start_logging,
+    start_tracing,
+)
 from prometheus_client import REGISTRY, CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -163,13 +168,7 @@ async def start_server(
 
 async def serve(settings: PromotionsSettings) -> None:
     """gRPC and the first-login consumer until SIGTERM/SIGINT."""
-    start_logging(settings)
-    tracing = start_tracing(settings)
-    try:
-        running = await start_server(settings)
-        await running.serve_until_signal()
-    finally:
-        await tracing.aclose()
+    await serve_until_signal(settings, start_server)
 
 
 async def consume(settings: PromotionsSettings) -> None:
