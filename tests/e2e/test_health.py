@@ -56,20 +56,6 @@ def is_healthy(response: httpx.Response, body: dict[str, Any]) -> bool:
     return response.status_code == 200 and body.get("status") == "healthy"
 
 
-def cluster_flags(stack: Stack) -> dict[str, str]:
-    """Envoy's health flags per cluster (admin ``/clusters``: lines
-    ``<cluster>::<host>::health_flags::<flags>``, one host per cluster here)."""
-    try:
-        text = httpx.get(f"{stack.gateway_admin_url}/clusters", timeout=5).text
-    except httpx.HTTPError:
-        return {}
-    return {
-        line.split("::", 1)[0]: line.rsplit("::", 1)[1]
-        for line in text.splitlines()
-        if "::health_flags::" in line
-    }
-
-
 def test_every_component_is_reported_healthy(full_stack: Stack) -> None:
     response, body = wait_for_health(full_stack, is_healthy)
     assert response.headers["content-type"].startswith("application/json")
@@ -129,7 +115,7 @@ def test_a_restarted_service_is_reachable_through_the_gateway_once_up_returns(
     full_stack.down(["auth"])
     try:
         deadline = time.monotonic() + 30
-        while "/failed_active_hc" not in cluster_flags(full_stack).get("auth", ""):
+        while "/failed_active_hc" not in full_stack.gateway_health_flags().get("auth", ""):
             assert time.monotonic() < deadline, "Envoy never marked auth unhealthy"
             time.sleep(0.2)
     finally:

@@ -185,6 +185,13 @@ class Stack:
         self._echo(component.name, f"ready at {address} ({time.monotonic() - began:.1f}s)")
         return started
 
+    def gateway_health_flags(self) -> dict[str, str]:
+        """Envoy's health flags per cluster (``healthy``, or e.g. ``/failed_active_hc``);
+        empty when the gateway does not answer."""
+        envoy = self._components["envoy"]
+        assert isinstance(envoy, EnvoyComponent)
+        return envoy.health_flags() or {}
+
     def wait_gateway_routing(self, services: Iterable[str] | None = None) -> None:
         """If the gateway runs, wait until it health-checked ``services`` (all when None)
         successfully since this call and routes to them: after a service restart or a
@@ -245,11 +252,6 @@ class Stack:
     @property
     def gateway_url(self) -> str:
         return f"http://127.0.0.1:{self._ctx.settings.gateway_port}"
-
-    @property
-    def gateway_admin_url(self) -> str:
-        """Envoy's admin interface (loopback only)."""
-        return f"http://127.0.0.1:{self._ctx.settings.envoy_admin_port}"
 
     @property
     def postgres_admin_url(self) -> str:
