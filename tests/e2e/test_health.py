@@ -119,7 +119,11 @@ def test_a_restarted_service_is_reachable_through_the_gateway_once_up_returns(
             assert time.monotonic() < deadline, "Envoy never marked auth unhealthy"
             time.sleep(0.2)
     finally:
-        full_stack.up(["auth"])
+        echoed: list[str] = []
+        Stack(profile=full_stack.profile, echo=echoed.append).up(["auth"])
+    # up waited for Envoy itself (not the few hundred ms of this test's own calls):
+    assert any(line.split()[:3] == ["envoy", "routes", "to"] for line in echoed), echoed
+    assert full_stack.gateway_health_flags()["auth"] == "healthy"
     response = httpx.get(f"{full_stack.gateway_url}/.well-known/jwks.json", timeout=5)
     assert response.status_code == 200, response.text
     assert response.json()["keys"]
