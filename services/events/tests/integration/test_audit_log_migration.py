@@ -68,6 +68,9 @@ async def test_lines_survive_the_move_to_batches_and_back(postgres_url: str) -> 
         old_line("promotions", 3, first_batch_at),
         old_line("auth", 4, first_batch_at + timedelta(seconds=1)),
     ]
+    # Event ids in the reverse of publication order: the migration must not sort by them.
+    for position, line in enumerate(before[:3]):
+        line["event_id"] = uuid.UUID(int=3 - position)
     engine = create_async_engine_for(postgres_url, pool_size=1)
     old_table = sa.table("published_events", *(sa.column(name) for name in LINE_COLUMNS))
     async with engine.begin() as connection:
@@ -94,6 +97,20 @@ async def test_lines_survive_the_move_to_batches_and_back(postgres_url: str) -> 
             ("promotions", first_batch_at, 1),
             ("auth", first_batch_at + timedelta(seconds=1), 1),
         ]
+        # A migrated batch keeps its lines in publication order (per partition, by offset),
+        # and its six arrays stay parallel.
+        async with engine.connect() as connection:
+            lines = (
+                await connection.execute(
+                    sa.select(published_batches.c.lines).where(
+                        published_batches.c.source == "auth",
+                        published_batches.c.published_at == first_batch_at,
+                    )
+                )
+            ).scalar_one()
+        assert lines["kafka_offset"] == [0, 1, 2]
+        assert lines["event_id"] == [str(line["event_id"]) for line in before[:3]]
+        assert lines["partition"] == [line["partition"] for line in before[:3]]
 
         # The relay's way in: one row per batch; an event published again gets a new line.
         again = before[0]
