@@ -22,10 +22,6 @@ from cake_devtools.gateway_config import (
 from cake_devtools.openapi import openapi_document
 from schemathesis.core.result import Ok
 
-pytestmark = pytest.mark.skipif(
-    not default_openapi_path().is_file(), reason="gateway/generated/openapi.json not generated"
-)
-
 
 @pytest.fixture(scope="module")
 def document() -> dict[str, Any]:

@@ -47,10 +47,6 @@ from cake_devtools.stack.layout import RunLayout
 from cake_devtools.stack.settings import StackSettings, StackSettingsForTests
 from cryptography.hazmat.primitives.asymmetric import ec
 
-pytestmark = pytest.mark.skipif(
-    not default_descriptor_path().is_file(), reason="gateway/generated not generated yet"
-)
-
 
 def _free_port() -> int:
     with socket.socket() as sock:
