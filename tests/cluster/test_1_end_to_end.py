@@ -1,0 +1,103 @@
+"""End-to-end on the real cluster, through the in-cluster gateway: health, a new user's first
+login earning a voucher through the relay and Kafka, the voucher paying for a top-up, the
+admin's queue statistics, the API document, and a native gRPC call through the same port.
+
+Everything here runs under the gateway's real rate limits (Cake's 100/min per address,
+20/min for credentials); the drills that need more traffic lift them afterwards.
+"""
+
+from __future__ import annotations
+
+import uuid
+from decimal import Decimal
+from typing import Any
+
+import grpc
+import httpx
+from cake.auth.v1 import auth_pb2, auth_pb2_grpc
+from cake_devtools.cluster_client import PASSWORD, Account, CakeClient
+
+VOUCHER_WAIT_SECONDS = 60
+
+
+def test_health_reports_every_service_serving(http: httpx.Client) -> None:
+    response = http.get("/health")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["status"] == "healthy", body
+    for component in (
+        *("auth", "promotions", "events"),
+        *("auth_database", "promotions_database", "events_database", "redis", "kafka"),
+    ):
+        assert body["checks"][component] == "healthy", (component, body)
+
+
+def test_first_login_voucher_pays_for_a_topup(
+    client: CakeClient, admin: Account, record: Any
+) -> None:
+    campaign = client.create_campaign(admin, 100, f"k8s e2e {uuid.uuid4().hex[:6]}")
+    try:
+        user = client.register("k8s_e2e")
+        login = client.login(user.username)
+        assert login["user"]["username"] == user.username
+        user = Account(user.user_id, user.username, user.password, login["access_token"])
+
+        voucher = client.wait_for_voucher(user, VOUCHER_WAIT_SECONDS)
+        assert voucher["status"] == "active", voucher
+        assert Decimal(str(voucher["discountPercentage"])) == 30, voucher
+
+        amount = 100000
+        body = {"phoneNumber": client.new_phone(), "amount": amount, "voucherCode": voucher["code"]}
+        headers = {**user.headers, "idempotency-key": f"k8s-e2e-{uuid.uuid4()}"}
+        topup = client.expect(
+            client.http.post("/promotions/topup", json=body, headers=headers), 200
+        )
+        # 30 % of 100 000 is 30 000, capped by the campaign's maximum discount of 20 000.
+        assert Decimal(str(topup["discountAmount"])) == 20000, topup
+        assert Decimal(str(topup["finalAmount"])) == 80000, topup
+
+        replay = client.http.post("/promotions/topup", json=body, headers=headers)
+        assert replay.status_code == 200, replay.text
+        assert replay.json()["transactionId"] == topup["transactionId"]
+        assert replay.headers.get("idempotent-replayed") == "true"
+
+        after = client.my_vouchers(user)
+        assert [(v["code"], v["status"]) for v in after] == [(voucher["code"], "used")]
+    finally:
+        client.end_campaign(admin, campaign)
+    record("end_to_end", {"first_login_to_topup": "ok"})
+
+
+def test_admin_queue_stats_need_the_admin_role(
+    client: CakeClient, admin: Account, http: httpx.Client
+) -> None:
+    stats = http.get("/admin/events/queue-stats", headers=admin.headers)
+    assert stats.status_code == 200, stats.text
+    assert isinstance(stats.json(), dict) and stats.json(), stats.text
+
+    user = client.register("k8s_user")
+    assert http.get("/admin/events/queue-stats", headers=user.headers).status_code == 403
+    assert http.get("/admin/events/queue-stats").status_code == 401
+
+
+def test_openapi_document_is_served(http: httpx.Client) -> None:
+    response = http.get("/openapi.json")
+    assert response.status_code == 200
+    assert "/auth/login" in response.json()["paths"]
+
+
+def test_native_grpc_through_the_gateway(gateway_url: str, client: CakeClient) -> None:
+    user = client.register("k8s_grpc")
+    with grpc.insecure_channel(gateway_url.removeprefix("http://")) as channel:
+        stub = auth_pb2_grpc.AuthServiceStub(channel)
+        answer = stub.Login(
+            auth_pb2.LoginRequest(account=user.username, password=PASSWORD), timeout=10
+        )
+        assert answer.access_token
+        assert str(answer.user.id) == user.user_id
+        try:
+            stub.Login(auth_pb2.LoginRequest(account=user.username, password="wrong"), timeout=10)
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+        else:
+            raise AssertionError("a wrong password logged in over gRPC")
