@@ -2,10 +2,10 @@
 # tools/bootstrap.sh may install uv with `pip install --user`, into ~/.local/bin.
 export PATH := $(HOME)/.local/bin:$(PATH)
 
-.PHONY: up down status test gen lint bench chaos help
+.PHONY: up down status test gen lint bench chaos help k8s-test
 
 help: ## list targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 up: ## install what is missing, start the whole local stack, wait until healthy
 	@bash tools/bootstrap.sh
@@ -32,3 +32,7 @@ bench: ## ceilings + k6 scenarios against the running stack, JSON + Markdown rep
 
 chaos: ## fault drills during first-login bursts: SIGKILL relay/consumer/Kafka, stop Postgres/Redis
 	@uv run --frozen python bench/chaos.py
+
+k8s-test: ## build and load the images, deploy k8s/overlays/dev to the cluster of cluster-up, test it there
+	@bash tools/bootstrap.sh
+	@uv run --frozen python -m cake_devtools.k8s_test
