@@ -2,7 +2,7 @@
 # tools/bootstrap.sh may install uv with `pip install --user`, into ~/.local/bin.
 export PATH := $(HOME)/.local/bin:$(PATH)
 
-.PHONY: up down status test gen lint bench chaos help k8s-test
+.PHONY: up down status test gen lint bench chaos help k8s-test cluster-up cluster-down
 
 help: ## list targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -32,6 +32,14 @@ bench: ## ceilings + k6 scenarios against the running stack, JSON + Markdown rep
 
 chaos: ## fault drills during first-login bursts: SIGKILL relay/consumer/Kafka, stop Postgres/Redis
 	@uv run --frozen python bench/chaos.py
+
+cluster-up: ## a real single-node Kubernetes on this machine (host processes; builds binaries once)
+	@bash tools/bootstrap.sh
+	@uv run --frozen cake-cluster up
+
+cluster-down: ## tear that cluster down completely (containerd/dockerd and cached binaries stay)
+	@bash tools/bootstrap.sh
+	@uv run --frozen cake-cluster down
 
 k8s-test: ## build and load the images, deploy k8s/overlays/dev to the cluster of cluster-up, test it there
 	@bash tools/bootstrap.sh
