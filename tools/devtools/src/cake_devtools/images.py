@@ -79,6 +79,22 @@ BASE_RECIPE_VERSION = 1
 ROOTFS_PLACEHOLDER = Path("rootfs.tar")
 CONTAINERD_NAMESPACE = "k8s.io"
 
+_WRITE_POLICY_RC_D = (
+    "printf '#!/bin/sh\\nexit 101\\n' > \"$1/usr/sbin/policy-rc.d\""
+    ' && chmod 0755 "$1/usr/sbin/policy-rc.d"'
+)
+_APT_CLEAN = (
+    'DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb'
+    ' /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };',
+    'APT::Update::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb'
+    ' /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };',
+    'Dir::Cache::pkgcache "";',
+    'Dir::Cache::srcpkgcache "";',
+)
+_WRITE_APT_CLEAN = (
+    "cat > \"$1/etc/apt/apt.conf.d/docker-clean\" <<'EOF'\n" + "\n".join(_APT_CLEAN) + "\nEOF"
+)
+
 _NAME = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*")
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
@@ -107,9 +123,11 @@ class ImageSpec:
 # -- the list ----------------------------------------------------------------------------------
 
 
-def _strings(value: object, where: str) -> tuple[str, ...]:
+def _strings(value: object, where: str, *, required: bool = False) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise ImagesError(f"{where}: expected a list of paths")
+    if required and not value:
+        raise ImagesError(f"{where}: name at least one path")
     return tuple(value)
 
 
@@ -153,7 +171,7 @@ def parse_images(data: object, source: str = str(IMAGES_FILE)) -> tuple[ImageSpe
                 context=str(entry["context"]),
                 build_args=dict(args),
                 target=target,
-                only=_strings(entry["only"], f"{where}: only"),
+                only=_strings(entry["only"], f"{where}: only", required=True),
                 sync=_strings(entry.get("sync", []), f"{where}: sync"),
             )
         )
@@ -264,9 +282,10 @@ def _sources_entries(text: str, *, deb822: bool) -> list[tuple[str, list[str]]]:
                 continue
             key, _, value = line.partition(":")
             fields[key.strip().lower()] = value.strip()
-        if fields.get("enabled", "yes").lower() == "no" or "deb" not in fields.get(
-            "types", ""
-        ).split():
+        if (
+            fields.get("enabled", "yes").lower() == "no"
+            or "deb" not in fields.get("types", "").split()
+        ):
             continue
         for uri in fields.get("uris", "").split():
             entries.append((uri, fields.get("suites", "").split()))
@@ -294,21 +313,23 @@ def mmdebstrap_command(
         command.append(f"--hook-dir={merged_usr_hooks}")
     command += [f"--dpkgopt={option}" for option in SLIM_DPKG_OPTIONS]
     command += [f"--aptopt={option}" for option in APT_OPTIONS]
-    # Package scripts must not start services while an image is built (as in Debian's
-    # images): mmdebstrap's own policy-rc.d would be removed at its cleanup, so keep ours.
-    command.append("--skip=chroot/policy-rc.d")
-    command.append(
-        "--essential-hook="
-        "printf '#!/bin/sh\\nexit 101\\n' > \"$1/usr/sbin/policy-rc.d\""
-        ' && chmod 0755 "$1/usr/sbin/policy-rc.d"'
-    )
+    # Package scripts must not start services while an image is built, and apt keeps neither
+    # its package caches nor the downloaded packages in a layer: Debian's own images do the
+    # same. mmdebstrap removes its own policy-rc.d when it is done, so skip that and add ours.
+    command += [
+        "--skip=chroot/policy-rc.d",
+        f"--customize-hook={_WRITE_POLICY_RC_D}",
+        f"--customize-hook={_WRITE_APT_CLEAN}",
+    ]
     if ca_files:
         command.append('--customize-hook=mkdir -p "$1/usr/local/share/ca-certificates"')
         files = " ".join(str(f) for f in ca_files)
         command.append(f"--customize-hook=copy-in {files} /usr/local/share/ca-certificates/")
     command += [
-        '--customize-hook=chroot "$1" update-ca-certificates --fresh',
-        '--customize-hook=rm -f "$1"/var/cache/debconf/*-old "$1"/var/lib/dpkg/*-old',
+        '--customize-hook=chroot "$1" update-ca-certificates',
+        # apt's own cleanup misses its caches once docker-clean has renamed them to "".
+        '--customize-hook=rm -f "$1"/var/cache/apt/*.bin'
+        ' "$1"/var/cache/debconf/*-old "$1"/var/lib/dpkg/*-old',
         SUITE,
         str(output),
         f"deb {debian} {SUITE} main",
@@ -365,9 +386,7 @@ def _require(binary: str, hint: str) -> None:
 
 
 def docker_image_id(ref: str) -> str | None:
-    result = _run(
-        ["docker", "image", "inspect", "--format", "{{.Id}}", ref], capture_output=True
-    )
+    result = _run(["docker", "image", "inspect", "--format", "{{.Id}}", ref], capture_output=True)
     return result.stdout.strip() if result.returncode == 0 else None
 
 
@@ -494,9 +513,7 @@ def _listed_digest(listing: str, qualified: str) -> str | None:
     return None
 
 
-def load_image(
-    image: ImageSpec, tag: str | None, echo: Callable[[str], None] = print
-) -> None:
+def load_image(image: ImageSpec, tag: str | None, echo: Callable[[str], None] = print) -> None:
     ref = image.ref(tag)
     image_id = docker_image_id(ref)
     if image_id is None:

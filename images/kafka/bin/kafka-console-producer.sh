@@ -1,0 +1,3 @@
+#!/bin/sh
+# kafka-console-producer.sh --bootstrap-server HOST:PORT --topic TOPIC
+exec "$(dirname -- "$0")/kafka-run-class.sh" org.apache.kafka.tools.ConsoleProducer "$@"
