@@ -4,7 +4,8 @@
 #   KAFKA_HEAP_OPTS            heap (default -Xmx256M; kafka-server-start.sh: -Xmx1G -Xms1G)
 #   KAFKA_JVM_PERFORMANCE_OPTS GC and JIT flags (default: G1 with a 20 ms pause goal)
 #   KAFKA_OPTS                 anything else for the JVM
-#   KAFKA_LOG4J_OPTS           logging (default: /opt/kafka/config/log4j2.properties, stdout)
+#   KAFKA_LOG4J_OPTS           logging (default: config/tools-log4j2.properties, warnings to
+#                              stderr; kafka-server-start.sh: config/log4j2.properties)
 #   LOG_DIR                    kafka.logs.dir for a log4j config that writes files
 #   JAVA_HOME                  a JRE other than the image's
 # The image's distribution has no Kafka tarball (it is built from Maven Central's jars), so
@@ -22,7 +23,7 @@ fi
 : "${LOG_DIR:=/tmp/kafka-logs}"
 : "${KAFKA_HEAP_OPTS:=-Xmx256M}"
 : "${KAFKA_JVM_PERFORMANCE_OPTS:=-server -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent -XX:MaxInlineLevel=15 -Djava.awt.headless=true}"
-: "${KAFKA_LOG4J_OPTS:=-Dlog4j2.configurationFile=$base_dir/config/log4j2.properties}"
+: "${KAFKA_LOG4J_OPTS:=-Dlog4j2.configurationFile=$base_dir/config/tools-log4j2.properties}"
 # The option variables are lists of words, as in Kafka's script.
 # shellcheck disable=SC2086
 exec "$java" $KAFKA_HEAP_OPTS $KAFKA_JVM_PERFORMANCE_OPTS "-Dkafka.logs.dir=$LOG_DIR" \
