@@ -17,9 +17,21 @@ from cake_devtools.cluster.images import (
     ensure_images,
     pause_dockerfile,
 )
-from cake_devtools.cluster.layout import PAUSE_IMAGE, Layout, Versions, repo_root
+from cake_devtools.cluster.layout import (
+    BUILD_PACKAGES,
+    PAUSE_IMAGE,
+    Layout,
+    Versions,
+    repo_root,
+)
 from cake_devtools.cluster.node import DAEMONS, Node
-from cake_devtools.cluster.system import Progress, pids_named, require_root, rss_mib
+from cake_devtools.cluster.system import (
+    Progress,
+    apt_install,
+    pids_named,
+    require_root,
+    rss_mib,
+)
 from cake_devtools.cluster.teardown import Teardown
 from cake_devtools.stack import process
 
@@ -61,7 +73,9 @@ class Cluster:
             missing = self.builder.missing()
             if missing:
                 names = ", ".join(f"{c.name} {c.version}" for c in missing)
-                print(f"{'':<16}building {names} (Kubernetes takes ~10 min cold)", flush=True)
+                print(f"{'':<24}building {names} (Kubernetes takes ~10 min cold)", flush=True)
+                if any(component.name == "pause" for component in missing):
+                    apt_install(BUILD_PACKAGES)
             binaries, built = self.builder.ensure()
             note(("built " + ", ".join(built)) if built else f"cached in {self.layout.cache}")
         with progress.step("images") as note:
@@ -77,10 +91,10 @@ class Cluster:
                     ]
                 )
             )
-        if self.node.healthy():
-            with progress.step("node") as note:
-                note("already up and healthy")
-        else:
+        with progress.step("node") as note:
+            healthy = self.node.healthy()
+            note("already up and healthy" if healthy else "not up yet: bringing it up")
+        if not healthy:
             self.node.up(progress)
         print(
             f"cluster up in {progress.total():.1f}s: node {self.node_config.node_name} Ready, "
@@ -153,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cluster.down(engine=args.engine)
         else:
             return 0 if cluster.status() else 1
-    except ClusterError as exc:
+    except (ClusterError, OSError) as exc:
         print(f"cake-cluster {args.command} failed: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:

@@ -199,7 +199,7 @@ class Progress:
         except ClusterError as exc:
             raise ClusterError(f"{name}: {exc}") from exc
         elapsed = time.monotonic() - began
-        print(f"{name:<16}{note.text or 'done'} ({elapsed:.1f}s)", flush=True)
+        print(f"{name:<24}{note.text or 'done'} ({elapsed:.1f}s)", flush=True)
 
     def total(self) -> float:
         return time.monotonic() - self.started

@@ -35,7 +35,9 @@ MOUNT_PREFIXES = (
     "/run/netns/cni-",
 )
 CHAIN_PREFIXES = ("KUBE-", "CNI-")
-TABLES = ("filter", "nat", "mangle", "raw")
+#: Seconds between SIGTERM and SIGKILL. The API server stops serving at once on SIGTERM but
+#: then lingers in its shutdown for tens of seconds; its state is all in etcd.
+STOP_GRACE = {"kube-apiserver": 3.0}
 
 
 def mounts_to_unmount(mountinfo: str, prefixes: Iterable[str] = MOUNT_PREFIXES) -> list[str]:
@@ -81,10 +83,6 @@ def iptables_cleanup(save: str) -> list[list[str]]:
     return deletes + flushes + removes
 
 
-def _stop_record(record: process.ProcessRecord, grace: float = 20) -> None:
-    process.terminate(record, grace=grace)
-
-
 def _pids_running_from(folders: Iterable[Path]) -> list[int]:
     roots = [str(folder.resolve()) + "/" for folder in folders if folder.exists()]
     found = []
@@ -100,6 +98,21 @@ def _pids_running_from(folders: Iterable[Path]) -> list[int]:
     return found
 
 
+def _remove_tree(path: Path) -> None:
+    """Remove a folder; one that is a mount point (``/var/lib/kubelet`` may be a bind mount
+    onto a real disk, which ``os.path.ismount`` does not see) is emptied and kept."""
+    mountinfo = Path("/proc/self/mountinfo").read_text()
+    points = {line.split()[4] for line in mountinfo.splitlines() if len(line.split()) > 4}
+    if str(path) not in points and not os.path.ismount(path):
+        shutil.rmtree(path)
+        return
+    for child in path.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
 class Teardown:
     def __init__(self, layout: Layout, node: NodeConfig, binary_dirs: Iterable[Path]) -> None:
         self.layout = layout
@@ -111,7 +124,7 @@ class Teardown:
         for name in reversed(DAEMONS):
             record = process.read_record(self.layout.pid(name))
             if record is not None:
-                _stop_record(record)
+                process.terminate(record, grace=STOP_GRACE.get(name, 10))
                 stopped.append(name)
             self.layout.pid(name).unlink(missing_ok=True)
         # Strays without a pid file (a lost state dir): anything running our binaries.
@@ -206,10 +219,11 @@ class Teardown:
         ]
         cni_results = Path("/var/lib/cni/results")
         if cni_results.is_dir():
-            paths += sorted(cni_results.glob(f"{self.node.cni_network}-*"))
+            for network in (self.node.cni_network, "cni-loopback"):
+                paths += sorted(cni_results.glob(f"{network}-*"))
         for path in paths:
             if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
+                _remove_tree(path)
                 removed.append(str(path))
             elif path.exists() or path.is_symlink():
                 path.unlink()
