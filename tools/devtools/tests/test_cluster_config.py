@@ -192,6 +192,7 @@ def test_kube_proxy_runs_iptables_without_touching_conntrack_or_oom(tmp_path: Pa
     assert proxy["oomScoreAdj"] == 0
     assert proxy["conntrack"]["maxPerCore"] == 0
     assert proxy["clusterCIDR"] == "10.244.0.0/16"
+    assert proxy["nodePortAddresses"] == ["primary"]
     assert proxy["hostnameOverride"] == "cake-node"
     assert proxy["clientConnection"]["kubeconfig"] == str(tmp_path / "kp.conf")
 

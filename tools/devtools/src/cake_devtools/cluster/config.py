@@ -120,6 +120,8 @@ def kube_proxy_config(node: NodeConfig, *, kubeconfig: Path) -> str:
         "bindAddress": node.api_address,
         "healthzBindAddress": "127.0.0.1:10256",
         "metricsBindAddress": "127.0.0.1:10249",
+        # NodePorts on the node address only (10.250.0.1), not on every address of the machine.
+        "nodePortAddresses": ["primary"],
         "oomScoreAdj": 0,
         "conntrack": {"maxPerCore": 0, "min": 0},
     }

@@ -251,10 +251,12 @@ class Node:
             note(self.start("kubelet"))
         with progress.step("kube-proxy") as note:
             self._user_kubeconfig(self.layout.node_dir / "kube-proxy.conf", config.KUBE_PROXY_USER)
-            self.layout.kube_proxy_config.write_text(
+            # kube-proxy exits when its config file is written to, even with the same text.
+            _write_if_changed(
+                self.layout.kube_proxy_config,
                 config.kube_proxy_config(
                     self.node, kubeconfig=self.layout.node_dir / "kube-proxy.conf"
-                )
+                ),
             )
             note(self.start("kube-proxy"))
         with progress.step("provisioner") as note:
