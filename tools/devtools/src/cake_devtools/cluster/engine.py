@@ -161,6 +161,9 @@ class Engine:
                 self._stop_pids(name, pids)
                 stopped.append(name)
             self.layout.engine_pid(name).unlink(missing_ok=True)
+        if "dockerd" in stopped:
+            # dockerd set the FORWARD policy to DROP when it started; give it back.
+            run([which("iptables"), "-w", "-P", "FORWARD", "ACCEPT"], check=False)
         return f"stopped {' and '.join(stopped)}" if stopped else "not running"
 
     def _start(self, name: str, argv: list[str]) -> None:

@@ -29,6 +29,7 @@ ENGINE_PACKAGES = (
     "containernetworking-plugins",
     "iptables",
     "conntrack",
+    "iproute2",
     "mmdebstrap",
 )
 #: What building the static ``pause`` binary needs.
