@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import starlark
 import yaml
+from cake_devtools import k8s_deploy, k8s_test
 from cake_devtools.images import IMAGES_FILE, read_images
 from cake_devtools.k8s_manifests import RenderedOverlay, containers, kustomize_build
 
@@ -315,3 +316,29 @@ def test_contracts_are_regenerated_when_protos_change(tilt: TiltCalls, repo: Pat
     for dependency in codegen["deps"]:
         assert (repo / dependency).exists(), dependency
     assert tilt.loads == [RESTART_EXTENSION]
+
+
+# -- make k8s-test deploys what Tilt deploys (cake_devtools.k8s_deploy) ---------------------
+
+
+def test_k8s_test_applies_in_the_tiltfile_order(tilt: TiltCalls) -> None:
+    """Each stage of k8s_deploy starts after every resource it depends on in the Tiltfile."""
+    stage = {name: index for index, (_, names) in enumerate(k8s_deploy.STAGES) for name in names}
+    assert set(stage) == set(tilt.resources)
+    for resource in tilt.resources:
+        for dependency in closure(tilt, resource):
+            assert stage[dependency] < stage[resource], (dependency, resource)
+
+
+def test_k8s_test_makes_the_tiltfile_key_objects(tilt: TiltCalls) -> None:
+    generated = [yaml.safe_load(blob) for blob in tilt.k8s_yaml[:-1]]
+    pem, jwks = (
+        f"stand-in content of .run/k8s-dev/keys/{name}"
+        for name in (k8s_deploy.SIGNING_KEY_FILE, k8s_deploy.JWKS_FILE)
+    )
+    assert str(k8s_deploy.KEYS_DIR) in next(c for c in tilt.local_commands if "gen-keys" in c)
+    assert k8s_deploy.key_objects(k8s_deploy.NAMESPACE, pem, jwks) == generated
+
+
+def test_k8s_test_forwards_the_gateway_port_tilt_forwards(tilt: TiltCalls) -> None:
+    assert f"8080:{k8s_test.GATEWAY_PORT}" in tilt.resources["gateway"]["port_forwards"]
