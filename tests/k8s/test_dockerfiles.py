@@ -29,8 +29,7 @@ IMAGES = read_images(repository_root())
 BY_NAME = {image.name: image for image in IMAGES}
 DOCKERFILES = tuple(dict.fromkeys(image.dockerfile for image in IMAGES))
 DEV_INFRA = Path("k8s/components/dev-infra")
-#: The dev overlay's workloads each image runs (by workload, so that this holds whichever
-#: image name the manifests use).
+#: The dev overlay's workloads each image runs.
 WORKLOADS = {
     **{f"cake-{s}": [("Deployment", s), ("Job", f"{s}-migrate")] for s in SERVICES},
     "cake-gateway": [("Deployment", "gateway")],
@@ -304,12 +303,7 @@ def test_every_image_the_dev_overlay_runs_is_built_here(dev: RenderedOverlay) ->
     for image_name, workloads in WORKLOADS.items():
         for kind, name in workloads:
             used = {c["image"].split(":")[0] for c in containers(dev.get(kind, name))}
-            # k8s/components/dev-infra may still name the upstream images (issue 13).
-            assert image_name in used or image_name in {
-                "cake-postgres",
-                "cake-redis",
-                "cake-kafka",
-            }, (image_name, kind, name, used)
+            assert used == {image_name}, (kind, name, used)
 
 
 def ignored(path: str, patterns: list[str]) -> bool:
