@@ -17,7 +17,8 @@
 #     `postgres` (default: POSTGRES_USER). POSTGRES_USER, POSTGRES_DB and POSTGRES_PASSWORD
 #     are exported to the scripts, and so is every variable of the container.
 # Then it replaces itself with the server (`exec postgres FLAGS...`), which stops on SIGINT
-# (fast) or SIGTERM (smart). Any other command runs as given.
+# (fast) or SIGTERM (smart). Any other command, and `postgres --version`/`--help`/`-C ...`,
+# runs as given.
 set -Eeuo pipefail
 
 say() { printf 'cake-postgres: %s\n' "$*"; }
@@ -30,6 +31,12 @@ fi
 if [[ $1 != postgres ]]; then
     exec "$@"
 fi
+# Asking the server about itself needs no data directory.
+for argument in "$@"; do
+    case $argument in
+        -'?' | --help | -V | --version | --describe-config | -C | -C*) exec "$@" ;;
+    esac
+done
 
 [[ $(id -u) -ne 0 ]] || die "runs as a non-root user only (the image's postgres user is 999)"
 getent passwd "$(id -u)" >/dev/null \
@@ -90,7 +97,10 @@ initialise() {
     say "initialised; starting the server"
 }
 
-mkdir -p "$PGDATA"
+if ! mkdir -p "$PGDATA" 2>/dev/null || [[ ! -w $PGDATA ]]; then
+    die "uid $(id -u) cannot create or write ${PGDATA}: its volume must be writable by the" \
+        "postgres user (fsGroup 999, or a directory it owns)"
+fi
 chmod 0700 "$PGDATA" 2>/dev/null || true
 if [[ ! -s $PGDATA/PG_VERSION ]]; then
     initialise
