@@ -282,3 +282,16 @@ def test_cli_commands() -> None:
     assert parser.parse_args(["status"]).command == "status"
     with pytest.raises(SystemExit):
         parser.parse_args([])
+
+
+def test_each_component_has_its_own_cache_folder(tmp_path: Path) -> None:
+    from cake_devtools.cluster.binaries import Builder
+
+    layout = Layout(state=tmp_path / "state", cache=tmp_path / "cache")
+    builder = Builder(layout, SOURCES, Versions.from_sources(SOURCES))
+    names = [component.name for component in builder.components()]
+    assert names == ["pause", "etcd", "coredns", "cri-reset", "kubernetes"]
+    binaries = builder.binaries()
+    assert len(set(binaries.dirs)) == 5
+    assert all(folder.parent == tmp_path / "cache" for folder in binaries.dirs)
+    assert builder.missing() and [c.name for c in builder.missing()] == names

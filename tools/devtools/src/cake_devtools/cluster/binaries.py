@@ -98,13 +98,14 @@ class Binaries:
     etcd: Path
     coredns: Path
     pause: Path
+    cri_reset: Path
 
     def k8s(self, command: str) -> Path:
         return self.kubernetes / command
 
     @property
     def dirs(self) -> tuple[Path, ...]:
-        return (self.kubernetes, self.etcd, self.coredns, self.pause)
+        return (self.kubernetes, self.etcd, self.coredns, self.pause, self.cri_reset)
 
 
 class Builder:
@@ -123,6 +124,14 @@ class Builder:
                 v.coredns,
                 ("coredns",),
                 self._go("coredns", ["github.com/coredns/coredns"], "-s -w"),
+            ),
+            # Our CRI client for `down` (crictl cannot be installed here), built from the
+            # Kubernetes module with its k8s.io/cri-client.
+            Component(
+                "cri-reset",
+                v.kubernetes,
+                ("cri-reset",),
+                self._go("kubernetes", ["./cmd/cri-reset"], "-s -w"),
             ),
             Component(
                 "kubernetes",
@@ -143,6 +152,7 @@ class Builder:
             etcd=self.layout.binaries("etcd", v.etcd),
             coredns=self.layout.binaries("coredns", v.coredns),
             pause=self.layout.binaries("pause", v.pause),
+            cri_reset=self.layout.binaries("cri-reset", v.kubernetes),
         )
 
     def missing(self) -> list[Component]:

@@ -105,7 +105,7 @@ class Cluster:
 
     def down(self, *, engine: bool) -> None:
         progress = Progress("down")
-        teardown = Teardown(self.layout, self.node_config, self.builder.binaries().dirs)
+        teardown = Teardown(self.layout, self.node_config, self.builder.binaries())
         for step, action in (
             ("processes", teardown.processes),
             ("containers", teardown.containers),

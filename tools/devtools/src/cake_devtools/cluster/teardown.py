@@ -12,10 +12,11 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from cake_devtools.cluster.binaries import Binaries
 from cake_devtools.cluster.config import NodeConfig
 from cake_devtools.cluster.engine import containerd_ready, run_ctr
 from cake_devtools.cluster.errors import ClusterError
-from cake_devtools.cluster.layout import Layout
+from cake_devtools.cluster.layout import CRI_ENDPOINT, Layout
 from cake_devtools.cluster.node import (
     CNI_CONFLIST,
     CNI_IPAM_DIR,
@@ -114,10 +115,11 @@ def _remove_tree(path: Path) -> None:
 
 
 class Teardown:
-    def __init__(self, layout: Layout, node: NodeConfig, binary_dirs: Iterable[Path]) -> None:
+    def __init__(self, layout: Layout, node: NodeConfig, binaries: Binaries) -> None:
         self.layout = layout
         self.node = node
-        self.binary_dirs = list(binary_dirs)
+        self.binaries = binaries
+        self.binary_dirs = list(binaries.dirs)
 
     def processes(self) -> str:
         stopped = []
@@ -141,8 +143,18 @@ class Teardown:
         return note + (f" (+{len(strays)} without pid file)" if strays else "")
 
     def containers(self) -> str:
+        """Remove the pods through the CRI (the runtime then runs each pod's CNI DEL, unmounts
+        and forgets it), then whatever is left in the k8s.io namespace with ctr."""
         if not containerd_ready():
             return "containerd not running"
+        notes = []
+        cri_reset = self.binaries.cri_reset / "cri-reset"
+        if cri_reset.is_file():
+            result = run([str(cri_reset), f"--endpoint={CRI_ENDPOINT}"], check=False, timeout=180)
+            summary = result.stdout.strip().splitlines()
+            notes.append(summary[-1] if summary else f"cri-reset exited {result.returncode}")
+            if result.returncode != 0 and result.stderr.strip():
+                notes.append(result.stderr.strip().splitlines()[0])
         tasks = run_ctr("-n", "k8s.io", "tasks", "ls", "-q").split()
         for task in tasks:
             with contextlib.suppress(ClusterError):
@@ -161,7 +173,9 @@ class Teardown:
         left = run_ctr("-n", "k8s.io", "containers", "ls", "-q").split()
         if left:
             raise ClusterError(f"containers left in containerd's k8s.io namespace: {left}")
-        return f"removed {len(tasks)} tasks, {len(containers)} containers"
+        if tasks or containers:
+            notes.append(f"ctr removed {len(tasks)} tasks, {len(containers)} containers")
+        return "; ".join(notes) or "no containers"
 
     def mounts(self) -> str:
         points = mounts_to_unmount(Path("/proc/self/mountinfo").read_text())
