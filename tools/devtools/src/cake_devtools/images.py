@@ -403,12 +403,33 @@ def human_size(size: float) -> str:
     raise AssertionError("unreachable")
 
 
+def _ensure_mmdebstrap(echo: Callable[[str], None]) -> None:
+    """mmdebstrap from Debian's packages when it is missing and apt can install it here."""
+    if shutil.which("mmdebstrap") is not None:
+        return
+    hint = (
+        f"apt-get install mmdebstrap (or, where a registry is reachable, docker pull {BASE_IMAGE})"
+    )
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        raise ImagesError(f"mmdebstrap not found: {hint}")
+    echo(f"{BASE_IMAGE:<22} installing mmdebstrap (apt-get)")
+    environment = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command in (
+        ["apt-get", "update", "-qq"],
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "mmdebstrap"],
+    ):
+        result = _run(command, env=environment, capture_output=True)
+        if result.returncode != 0:
+            raise ImagesError(f"{' '.join(command)} failed:\n{result.stderr.strip()}\n{hint}")
+
+
 def ensure_base(*, force: bool = False, echo: Callable[[str], None] = print) -> None:
     """``debian:bookworm-slim`` in the engine: imported from a cached mmdebstrap rootfs."""
     _require("docker", "install Docker (the engine must run)")
     if not force and docker_image_id(BASE_IMAGE) is not None:
         echo(f"{BASE_IMAGE:<22} present")
         return
+    _ensure_mmdebstrap(echo)
     ca_files = local_ca_certificates()
     hooks = MERGED_USR_HOOKS if MERGED_USR_HOOKS.is_dir() else None
     cache = cache_dir()
@@ -419,11 +440,6 @@ def ensure_base(*, force: bool = False, echo: Callable[[str], None] = print) -> 
     rootfs = cache / rootfs_name(recipe, ca_files)
     started = time.monotonic()
     if force or not rootfs.is_file():
-        _require(
-            "mmdebstrap",
-            f"apt-get install mmdebstrap (or, where a registry is reachable, "
-            f"docker pull {BASE_IMAGE})",
-        )
         cache.mkdir(parents=True, exist_ok=True)
         partial = rootfs.with_suffix(".partial.tar")
         command = mmdebstrap_command(
