@@ -34,7 +34,7 @@ from cake_devtools.cluster_client import (
 )
 from cake_devtools.k8s_deploy import Kubectl, deploy, port_forward, render
 from cake_devtools.k8s_gateway import ADMIN_PORT, repository_root
-from cake_devtools.k8s_test import build_and_load, load_references, save_references
+from cake_devtools.k8s_test import load_references, retag, save_references
 
 BURST_USERS = 60
 ROLLOUT_LOGINS_PER_SECOND = 4.0
@@ -170,7 +170,7 @@ def test_auth_rolls_to_a_new_image_under_steady_logins_without_a_failed_request(
 ) -> None:
     users = register_many(client, 30, "k8s_roll")
     references = load_references(state_dir)
-    new = build_and_load(repository_root(), ["cake-auth"], suffix=f"-roll{int(time.time())}")
+    new = retag(references, ["cake-auth"], f"-roll{int(time.time())}")
     assert new["cake-auth"] != references["cake-auth"]
     references.update(new)
     before = set(pods(kubectl, "auth"))

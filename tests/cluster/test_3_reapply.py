@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 from cake_devtools.k8s_deploy import Kubectl, deploy, render
 from cake_devtools.k8s_gateway import repository_root
-from cake_devtools.k8s_test import build_and_load, load_references, save_references
+from cake_devtools.k8s_test import load_references, retag, save_references
 
 SERVICES = ("auth", "promotions", "events")
 
@@ -38,9 +38,7 @@ def test_new_service_images_rerun_the_migrations_and_roll(
     kubectl: Kubectl, state_dir: Path, http: httpx.Client, record: Any
 ) -> None:
     references = load_references(state_dir)
-    new = build_and_load(
-        repository_root(), [f"cake-{s}" for s in SERVICES], suffix=f"-again{int(time.time())}"
-    )
+    new = retag(references, [f"cake-{s}" for s in SERVICES], f"-again{int(time.time())}")
     references.update(new)
     before = generations(kubectl)
     started = time.monotonic()

@@ -72,6 +72,26 @@ def build_and_load(root: Path, names: Sequence[str] = (), *, suffix: str = "") -
     return references
 
 
+def retag(references: Mapping[str, str], names: Sequence[str], suffix: str) -> dict[str, str]:
+    """The same images under new tags (``<tag><suffix>``), in docker and in the node: what a
+    rebuild gives Tilt, without the rebuild. name → new reference."""
+    retagged = {}
+    for name in names:
+        old = references[name]
+        new = old + suffix
+        subprocess.run(["docker", "tag", old, new], check=True)
+        subprocess.run(
+            [
+                *("ctr", "--namespace", image_tools.CONTAINERD_NAMESPACE, "images", "tag"),
+                *(image_tools.containerd_reference(old), image_tools.containerd_reference(new)),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        retagged[name] = new
+    return retagged
+
+
 def save_references(state: Path, references: Mapping[str, str]) -> None:
     (state / "images.json").write_text(json.dumps(dict(references), indent=2))
 
@@ -151,6 +171,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "no:cacheprovider",
                 "-o",
                 "addopts=-ra --strict-markers --import-mode=importlib",
+                # A drill waits for rollouts and Jobs on a 2-core node: minutes, not seconds.
+                "-o",
+                "timeout=900",
                 *args.pytest_args,
             ],
             cwd=root,
