@@ -141,10 +141,18 @@ def test_every_rest_method_has_a_route_on_its_grpc_path(jwks: Path) -> None:
         assert lua["rest_status"] == method.success_status
         assert lua.get("unwrap") == (method.response_body or None)
         retry = route["route"].get("retry_policy")
-        # Reads only (a write may have reached the service before the failure); /health
-        # answers for what it sees at once.
-        expect_retry = method.http_method == "GET" and not method.is_health
-        assert (retry is not None) == expect_retry, method.full_name
+        if method.is_health:
+            # /health answers for what it sees at once.
+            assert retry is None
+            continue
+        # Reads after any transport failure; writes only when they never reached a service
+        # (a write may have happened before a reset). Always on another host.
+        if method.http_method == "GET":
+            assert retry["retry_on"] == "connect-failure,refused-stream,reset,unavailable"
+        else:
+            assert retry["retry_on"] == "connect-failure,refused-stream", method.full_name
+        predicates = [p["name"] for p in retry["retry_host_predicate"]]
+        assert predicates == ["envoy.retry_host_predicates.previous_hosts"]
     assert {m.full_name for m in rest_api() if m.success_status == 201} == CREATED_METHODS
 
 
