@@ -51,5 +51,11 @@ def test_new_service_images_rerun_the_migrations_and_roll(
         job = kubectl.get_json(f"job/{service}-migrate")
         assert job["status"].get("succeeded") == 1, job["status"]
     assert after["deployment/gateway"] == before["deployment/gateway"]
-    assert http.get("/health").status_code == 200
+    # The health report's own channels to the new pods may take a moment to connect.
+    deadline = time.monotonic() + 30
+    health = http.get("/health")
+    while health.status_code != 200 and time.monotonic() < deadline:
+        time.sleep(1)
+        health = http.get("/health")
+    assert health.status_code == 200, health.text
     record("reapply", {"services_rolled_and_migrated_in_s": round(time.monotonic() - started, 1)})

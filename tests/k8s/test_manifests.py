@@ -261,6 +261,27 @@ def test_termination_grace_outlasts_pre_stop_and_drain(overlay: RenderedOverlay)
             assert grace > pre_stop.get("seconds", 0) + drain, name
 
 
+#: How long a caller may still use a DNS answer about the services' pods: cluster DNS caches
+#: for up to 30 s (CoreDNS ttl 30 + cache 30) and the gateway re-resolves every 5 s.
+DNS_STALENESS_SECONDS = 35
+
+
+def test_pods_outlive_cached_dns_answers(overlay: RenderedOverlay) -> None:
+    """The gRPC services are found through headless Services: a new pod must be in callers'
+    answers before an old one stops (minReadySeconds), and a stopping pod must serve until no
+    answer names it (preStop), or a rollout drops calls."""
+    for deployment in overlay.of_kind("Deployment"):
+        if component(deployment) != "grpc-service":
+            continue
+        name = deployment["metadata"]["name"]
+        assert deployment["spec"]["minReadySeconds"] > DNS_STALENESS_SECONDS, name
+        for container in pod_spec(deployment)["containers"]:
+            pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+            assert pre_stop > DNS_STALENESS_SECONDS, name
+        service = overlay.get("Service", name)
+        assert service["spec"]["clusterIP"] == "None", f"{name}: the staleness is DNS's"
+
+
 # -- scaling and disruption --------------------------------------------------------------------
 
 

@@ -108,13 +108,19 @@ class CakeClient:
         response = self.http.post("/promotions/campaigns", json=body, headers=admin.headers)
         return int(self.expect(response, 201)["id"])
 
-    def end_campaign(self, admin: Account, campaign_id: int) -> None:
-        response = self.http.patch(
-            f"/promotions/campaigns/{campaign_id}/status",
-            json={"status": "inactive"},
-            headers=admin.headers,
-        )
-        self.expect(response, 200)
+    def end_campaign(self, admin: Account, campaign_id: int, *, wait: float = 60) -> None:
+        """Set the campaign inactive; 503 (right after a drill replaced pods) is retried."""
+        deadline = time.monotonic() + wait
+        while True:
+            response = self.http.patch(
+                f"/promotions/campaigns/{campaign_id}/status",
+                json={"status": "inactive"},
+                headers=admin.headers,
+            )
+            if response.status_code != 503 or time.monotonic() > deadline:
+                self.expect(response, 200)
+                return
+            time.sleep(1)
 
     def my_vouchers(self, account: Account) -> list[dict[str, Any]]:
         response = self.http.get("/promotions/my-vouchers", headers=account.headers)
