@@ -18,7 +18,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -159,6 +159,33 @@ class BankSimulator:
     def restart(self, **settings: str) -> None:
         self.stop()
         self.start(**settings)
+
+    async def set_faults(self, *rules: Any) -> None:
+        """Replace its run-wide fault rules (``cake.payments.v1.FaultRule``; none: behave)."""
+        from cake.payments.v1 import payments_pb2
+
+        await self._call("SetFaults", payments_pb2.SetFaultsRequest(rules=rules))
+
+    async def stats(self) -> Any:
+        """Ledger entries by status (``GetLedgerStatsResponse``)."""
+        from cake.payments.v1 import payments_pb2
+
+        return await self._call("GetLedgerStats", payments_pb2.GetLedgerStatsRequest())
+
+    async def status(self, transaction_id: str) -> int:
+        """The ledger's ``ChargeStatus`` of ``transaction_id`` (read only, never voids)."""
+        from cake.payments.v1 import payments_pb2
+
+        request = payments_pb2.GetChargeRequest(transaction_id=transaction_id)
+        return int((await self._call("GetCharge", request)).status)
+
+    async def _call(self, method: str, request: Any) -> Any:
+        import grpc
+        from cake.payments.v1 import payments_pb2_grpc
+
+        async with grpc.aio.insecure_channel(self.address) as channel:
+            stub = payments_pb2_grpc.PaymentsServiceStub(channel)
+            return await getattr(stub, method)(request, timeout=10)
 
 
 def _grpc_serving(address: str) -> bool:

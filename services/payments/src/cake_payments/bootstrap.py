@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import signal
-
 from cake.payments.v1 import payments_pb2_grpc
 from cake_common.db import create_session_factory, database_probe
 from cake_common.grpc_server import DependencyCheck, GrpcServerBuilder, RunningGrpcServer
-from cake_common.service_runtime import open_migrated_database, serve_until_signal
+from cake_common.service_runtime import (
+    kill_this_process,
+    open_migrated_database,
+    serve_until_signal,
+)
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from cake_payments.api.servicer import SERVICE_NAME, PaymentsServicer
@@ -17,11 +18,6 @@ from cake_payments.service.unit_of_work import PaymentsUnitOfWork
 from cake_payments.settings import PaymentsSettings
 
 MIGRATIONS = "cake_payments:migrations"
-
-
-def kill_this_process() -> None:
-    """What a crash looks like from outside: no clean-up, no answer to the caller."""
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 async def start_server(
