@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from cake_devtools.stack import Stack
 
 INFRA = ("postgres", "redis", "kafka")
-SERVICES = ("auth", "promotions", "events", "envoy")
+SERVICES = ("auth", "payments", "promotions", "events", "envoy")
 
 
 @pytest.fixture(scope="session")
