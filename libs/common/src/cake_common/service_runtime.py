@@ -49,7 +49,13 @@ async def open_migrated_database(
     Waits (with backoff, up to ``startup_retry_seconds``) instead of crashing when the
     database is not up yet, so services can start in any order.
     """
-    engine = create_async_engine_for(settings.database_url, pool_size=settings.database_pool_size)
+    engine = create_async_engine_for(
+        settings.database_url,
+        pool_size=settings.database_pool_size,
+        max_overflow=settings.database_max_overflow,
+        pool_timeout_seconds=settings.database_pool_timeout_seconds,
+        session_timeouts=settings.database_session_timeouts(),
+    )
     instrument_engine(engine)  # no-op unless start_tracing turned tracing on
     _log.info("connecting to database", url=settings.database_url_for_display())
     await wait_for_database(engine, settings.startup_retry_seconds)

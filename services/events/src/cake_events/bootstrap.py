@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 import prometheus_client
@@ -95,7 +95,15 @@ def build_relays(
         client_name = f"cake-events-relay-{source}"
         # One session at a time: it holds the relay lock for as long as it lives.
         leader_engine = create_async_engine_for(
-            url, pool_size=1, max_overflow=0, application_name=client_name
+            url,
+            pool_size=1,
+            max_overflow=0,
+            application_name=client_name,
+            # The leader's claim transaction stays open while Kafka acknowledges the batch
+            # (a Kafka outage must not cost it the relay lock): no idle-in-transaction limit.
+            session_timeouts=replace(
+                settings.database_session_timeouts(), idle_in_transaction_ms=0
+            ),
         )
         engines.append(leader_engine)
         relays.append(
@@ -162,7 +170,9 @@ async def start_service(
     ]
     outboxes: dict[str, OutboxAdministration] = {}
     for source, url in outbox_sources(settings):
-        outbox_engine = create_async_engine_for(url, pool_size=1)
+        outbox_engine = create_async_engine_for(
+            url, pool_size=1, session_timeouts=settings.database_session_timeouts()
+        )
         shutdown_hooks.append(outbox_engine.dispose)
         outboxes[source] = OutboxAdministration(outbox_engine)
         probes.append(

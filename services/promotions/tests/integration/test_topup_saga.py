@@ -347,3 +347,45 @@ async def test_promotions_sigkilled_between_charge_and_confirm_loses_nothing(
     finally:
         revived.terminate()
         revived.wait(15)
+
+
+async def test_a_held_lock_and_an_exhausted_pool_answer_unavailable_quickly(
+    start_server: Any,
+    server: Any,
+    signer: Any,
+    voucher_for: Any,
+    unique: Callable[[], int],
+    engine: AsyncEngine,
+) -> None:
+    small = await start_server(
+        database_pool_size=1,
+        database_max_overflow=0,
+        database_pool_timeout_seconds=0.5,
+        database_lock_timeout_ms=1000,
+    )
+    user = unique()
+    code = await voucher_for(user)
+    async with engine.connect() as blocker:
+        transaction = await blocker.begin()
+        await blocker.execute(
+            sa.text("SELECT 1 FROM vouchers WHERE code = :c FOR UPDATE"), {"c": code}
+        )
+        began = time.monotonic()
+        # Waits for the voucher's lock on the only pooled connection...
+        waiting = asyncio.ensure_future(
+            small.stub.Topup(topup(100, code), metadata=signer.metadata(user))
+        )
+        await asyncio.sleep(0.2)
+        # ...so anything else finds the pool empty: UNAVAILABLE after the pool timeout.
+        with pytest.raises(grpc.aio.AioRpcError) as no_connection:
+            await small.stub.ListCampaigns(promotions_pb2.ListCampaignsRequest())
+        assert no_connection.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert time.monotonic() - began < 2
+        with pytest.raises(grpc.aio.AioRpcError) as no_lock:
+            await waiting
+        assert no_lock.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert time.monotonic() - began < 3
+        await transaction.rollback()
+    assert await ledger_of(engine, user) == []
+    done = await small.stub.Topup(topup(100, code), metadata=signer.metadata(user))
+    assert done.discount_amount == 30
