@@ -119,15 +119,15 @@ async def start_server(
     async def start(**settings: Any) -> PromotionsServer:
         bank_simulator.start()  # a test before may have crashed it
         settings.setdefault("payments_target", bank_simulator.address)
-        configuration = PromotionsSettings(
-            database_url=database_url,
-            grpc_port=0,
-            jwks_file=signer.jwks_file,
-            consumer_enabled=False,
-            shutdown_grace_seconds=1,
-            relay_role=None,
-            **settings,
-        )
+        defaults: dict[str, Any] = {
+            "database_url": database_url,
+            "grpc_port": 0,
+            "jwks_file": signer.jwks_file,
+            "consumer_enabled": False,
+            "shutdown_grace_seconds": 1,
+            "relay_role": None,
+        }
+        configuration = PromotionsSettings(**(defaults | settings))
         registry = CollectorRegistry()
         running = await bootstrap.start_server(configuration, metrics_registry=registry)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")

@@ -206,6 +206,7 @@ async def start_server(
     if reconciler is not None:
         reconciler.start()
     if consumer is not None:
+        # Restarted by itself when it fails; the API keeps serving (health: degraded).
         consumer.start(on_failure=lambda _error: running.request_stop())
     return running
 

@@ -61,6 +61,11 @@ class PromotionsMetrics:
             ["kind"],
             registry=registry,
         )
+        self.consumer_restarts = Counter(
+            "cake_promotions_consumer_restarts_total",
+            "Times the first-login consumer loop died of an error and was restarted",
+            registry=registry,
+        )
         self.dead_letters = Counter(
             "cake_promotions_dead_letters_total",
             "Events the first-login consumer could never process, sent to the dead-letter topic",
