@@ -44,7 +44,7 @@ class SessionTimeouts:
     else is cancelled, so no row lock or connection is held without bound.
     """
 
-    statement_ms: int = 10_000
+    statement_ms: int = 30_000
     lock_ms: int = 5_000
     idle_in_transaction_ms: int = 30_000
 

@@ -50,7 +50,7 @@ class ServiceSettings(BaseSettings):
         description="How long a request waits for a pooled connection before UNAVAILABLE",
     )
     database_statement_timeout_ms: int = Field(
-        default=10_000, ge=0, description="PostgreSQL statement_timeout of every session (0: off)"
+        default=30_000, ge=0, description="PostgreSQL statement_timeout of every session (0: off)"
     )
     database_lock_timeout_ms: int = Field(
         default=5_000, ge=0, description="PostgreSQL lock_timeout of every session (0: off)"
