@@ -30,7 +30,7 @@ lint: ## ruff, mypy, buf lint and generated-code freshness only
 bench: ## ceilings + k6 scenarios against the running stack, JSON + Markdown report (bench/results/)
 	@uv run --frozen python bench/run.py
 
-chaos: ## fault drills during first-login bursts: SIGKILL relay/consumer/Kafka, stop Postgres/Redis
+chaos: ## fault drills: first-login bursts (SIGKILL relay/consumer/Kafka, stop Postgres/Redis) and top-ups (bank hang/down, promotions SIGKILL, Postgres stop)
 	@uv run --frozen python bench/chaos.py
 
 cluster-up: ## a real single-node Kubernetes on this machine (host processes; builds binaries once)

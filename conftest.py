@@ -14,8 +14,11 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import subprocess
+import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -23,7 +26,7 @@ if TYPE_CHECKING:
     from cake_devtools.stack import Stack
 
 INFRA = ("postgres", "redis", "kafka")
-SERVICES = ("auth", "promotions", "events", "envoy")
+SERVICES = ("auth", "payments", "promotions", "events", "envoy")
 
 
 @pytest.fixture(scope="session")
@@ -79,3 +82,136 @@ def _scratch_database(stack: Stack, label: str) -> Iterator[str]:
 def postgres_url(stack: Stack, request: pytest.FixtureRequest) -> Iterator[str]:
     """A fresh, empty database for one test module (async SQLAlchemy URL, psycopg 3)."""
     yield from _scratch_database(stack, request.module.__name__)
+
+
+class BankSimulator:
+    """The bank simulator (``cake-payments serve``) as a real child process on its own
+    scratch database; tests kill, restart and reconfigure it like an outage would."""
+
+    def __init__(self, database_url: str, log_path: Path) -> None:
+        import socket
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.address = f"127.0.0.1:{self.port}"
+        self._database_url = database_url
+        self._log_path = log_path
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def environment(self, **settings: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            {
+                "CAKE_PAYMENTS_DATABASE_URL": self._database_url,
+                "CAKE_PAYMENTS_GRPC_PORT": str(self.port),
+                "CAKE_PAYMENTS_LOG_JSON": "true",
+                "CAKE_PAYMENTS_SHUTDOWN_GRACE_SECONDS": "1",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        env.update({f"CAKE_PAYMENTS_{name.upper()}": value for name, value in settings.items()})
+        return env
+
+    def start(self, **settings: str) -> None:
+        """Start it (``settings``: extra ``CAKE_PAYMENTS_*`` values) and wait until it serves."""
+        import sys
+
+        if self.running:
+            return
+        log = self._log_path.open("ab")
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "cake_payments", "serve"],
+            env=self.environment(**settings),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        deadline = time.monotonic() + 60
+        while not _grpc_serving(self.address):
+            if self._process.poll() is not None:
+                raise RuntimeError(f"bank simulator exited; see {self._log_path}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"bank simulator did not start; see {self._log_path}")
+            time.sleep(0.1)
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def wait_exit(self, timeout: float = 10) -> int:
+        assert self._process is not None
+        return self._process.wait(timeout)
+
+    def kill(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
+            self._process.wait(10)
+
+    def stop(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def restart(self, **settings: str) -> None:
+        self.stop()
+        self.start(**settings)
+
+    async def set_faults(self, *rules: Any) -> None:
+        """Replace its run-wide fault rules (``cake.payments.v1.FaultRule``; none: behave)."""
+        from cake.payments.v1 import payments_pb2
+
+        await self._call("SetFaults", payments_pb2.SetFaultsRequest(rules=rules))
+
+    async def stats(self) -> Any:
+        """Ledger entries by status (``GetLedgerStatsResponse``)."""
+        from cake.payments.v1 import payments_pb2
+
+        return await self._call("GetLedgerStats", payments_pb2.GetLedgerStatsRequest())
+
+    async def status(self, transaction_id: str) -> int:
+        """The ledger's ``ChargeStatus`` of ``transaction_id`` (read only, never voids)."""
+        from cake.payments.v1 import payments_pb2
+
+        request = payments_pb2.GetChargeRequest(transaction_id=transaction_id)
+        return int((await self._call("GetCharge", request)).status)
+
+    async def _call(self, method: str, request: Any) -> Any:
+        import grpc
+        from cake.payments.v1 import payments_pb2_grpc
+
+        async with grpc.aio.insecure_channel(self.address) as channel:
+            stub = payments_pb2_grpc.PaymentsServiceStub(channel)
+            return await getattr(stub, method)(request, timeout=10)
+
+
+def _grpc_serving(address: str) -> bool:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=1
+            )
+        except grpc.RpcError:
+            return False
+    return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+@pytest.fixture(scope="session")
+def bank_simulator(
+    stack: Stack, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[BankSimulator]:
+    """The bank simulator, a real ``cake-payments serve`` process on a scratch database,
+    started once per session (tests that break it start it again)."""
+    databases = _scratch_database(stack, "bank")
+    database_url = next(databases)
+    simulator = BankSimulator(database_url, tmp_path_factory.mktemp("bank") / "payments.log")
+    simulator.start()
+    yield simulator
+    simulator.stop()
+    next(databases, None)

@@ -14,11 +14,14 @@ the vouchers and count, for the burst's users only:
 - recovery:    seconds from the restart until the last expected voucher was there.
 
 Drills (in order): SIGKILL events (the relay), SIGKILL promotions (the consumer), SIGKILL
-Kafka, stop Postgres, stop Redis. Default profile ``dev``; never point it at the test stack
-while a test run may be using it.
+Kafka, stop Postgres, stop Redis; then the top-up drills of ``topup_drills.py`` (bank hangs,
+promotions SIGKILLed between charge and confirm, bank down 10 s, Postgres stopped during
+top-ups). Default profile ``dev``; never point it at the test stack while a test run may be
+using it. The gateway's rate limits must be raised (``CAKE_GATEWAY_PROFILE=bench``).
 
     uv run python bench/chaos.py                       # all drills, dev stack
     uv run python bench/chaos.py --drills events,redis --users 40 --outage 2
+    uv run python bench/chaos.py --drills bank-hang,promotions-sigkill --topup-users 50
 """
 
 from __future__ import annotations
@@ -43,12 +46,14 @@ from benchlib import (
     SeededUser,
     admin_token_via_cli,
     check_stack,
+    rate_limits_raised,
     say,
     service_database,
     voucher_counts,
 )
 from cake_devtools.stack import Stack
 from sqlalchemy.ext.asyncio import AsyncEngine
+from topup_drills import TOPUP_DRILLS, TopupDrillResult, run_topup_drill, topup_report_lines
 
 USER_EVENTS_TOPIC = "cake.auth.user.v1"
 SERVICES = ("auth", "promotions", "events")
@@ -277,7 +282,9 @@ async def run_drill(
     return result
 
 
-def report(results: list[DrillResult], path: Path) -> None:
+def report(
+    results: list[DrillResult], path: Path, topups: list[TopupDrillResult] | None = None
+) -> None:
     header = (
         "| drill | fault | written | published | kafka records | kafka dups | consumed | lost |"
         " vouchers issued/expected | doubled | lost vouchers | vouchers when restarted |"
@@ -306,27 +313,40 @@ def report(results: list[DrillResult], path: Path) -> None:
             f" {recover} | {r.login_attempts_failed} |"
             f" {'PASS' if r.passed else '**FAIL**'} |"
         )
+    if not results:
+        del lines[5:]  # top-up drills only
+    lines += topup_report_lines(topups or [])
     path.write_text("\n".join(lines) + "\n")
     print()
     print("\n".join(lines[5:]))
 
 
-async def drills(args: argparse.Namespace, out: Path) -> list[DrillResult]:
+async def drills(
+    args: argparse.Namespace, out: Path
+) -> tuple[list[DrillResult], list[TopupDrillResult]]:
     stack = Stack(args.profile, echo=None)
     check_stack(stack)
+    if not rate_limits_raised(stack):
+        say("WARNING: the gateway's rate limits are not raised (CAKE_GATEWAY_PROFILE=bench)")
     admin = await asyncio.to_thread(admin_token_via_cli, stack, stack.gateway_url)
     results: list[DrillResult] = []
+    topups: list[TopupDrillResult] = []
     for name in args.drills.split(","):
-        results.append(await run_drill(name, args, stack, admin, out))
+        if name in TOPUP_DRILLS:
+            topups.append(await run_topup_drill(name, args, stack, admin))
+        else:
+            results.append(await run_drill(name, args, stack, admin, out))
         (out / "chaos.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
-    return results
+        (out / "topup-drills.json").write_text(json.dumps([asdict(r) for r in topups], indent=2))
+    return results, topups
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="dev", choices=["dev", "test"])
+    every = (*DRILLS, *TOPUP_DRILLS)
     parser.add_argument(
-        "--drills", default=",".join(DRILLS), help="comma list of " + ",".join(DRILLS)
+        "--drills", default=",".join(every), help="comma list of " + ",".join(every)
     )
     parser.add_argument("--users", type=int, default=40, help="burst size per drill")
     parser.add_argument("--parallel", type=int, default=8, help="concurrent logins")
@@ -335,16 +355,24 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=120.0, help="per-drill deadline (s)")
     parser.add_argument("--settle", type=float, default=2.0, help="wait before final counts (s)")
     parser.add_argument("--out", type=Path, help="results directory (default: bench/results/…)")
+    parser.add_argument("--topup-users", type=int, default=50, help="users per top-up drill")
+    parser.add_argument("--spread", type=float, default=15.0, help="steady top-ups over (s)")
+    parser.add_argument("--hang", type=float, default=8.0, help="how long the bank hangs (s)")
+    parser.add_argument("--bank-outage", type=float, default=10.0, help="bank down for (s)")
+    parser.add_argument(
+        "--topup-timeout", type=float, default=240.0, help="per top-up drill deadline (s)"
+    )
     args = parser.parse_args()
-    unknown = set(args.drills.split(",")) - set(DRILLS)
+    unknown = set(args.drills.split(",")) - set(every)
     if unknown:
         parser.error(f"unknown drills: {sorted(unknown)}")
     out = args.out or RESULTS_DIR / f"chaos-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
     out.mkdir(parents=True, exist_ok=True)
-    results = asyncio.run(drills(args, out))
-    report(results, out / "chaos.md")
+    results, topups = asyncio.run(drills(args, out))
+    report(results, out / "chaos.md", topups)
     say(f"wrote {out / 'chaos.json'} and {out / 'chaos.md'}")
-    sys.exit(0 if all(r.passed for r in results) else 1)
+    passed = all(r.passed for r in results) and all(r.passed for r in topups)
+    sys.exit(0 if passed else 1)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import httpx
 import jwt
 import pytest
 from cake.auth.v1 import auth_pb2, auth_pb2_grpc
+from cake.payments.v1 import payments_pb2, payments_pb2_grpc
 from cake.promotions.v1 import promotions_pb2, promotions_pb2_grpc
 from cake_auth.adapters.signing_keys import SigningKey
 from cake_devtools.stack import Stack
@@ -366,6 +367,37 @@ def test_topup_without_a_voucher_and_an_idempotent_retry(
     assert retried.json()["transactionId"] == first.json()["transactionId"]
     assert "idempotent-replayed" not in first.headers
     assert retried.headers["idempotent-replayed"] == "true"
+
+
+def set_bank_faults(stack: Stack, *rules: payments_pb2.FaultRule) -> None:
+    port = stack.service_environment()["payments"]["CAKE_PAYMENTS_GRPC_PORT"]
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = payments_pb2_grpc.PaymentsServiceStub(channel)
+        stub.SetFaults(payments_pb2.SetFaultsRequest(rules=rules), timeout=5)
+
+
+def test_a_topup_the_bank_does_not_answer_is_pending_and_a_retry_is_told_so(
+    client: httpx.Client, user: Account, full_stack: Stack
+) -> None:
+    headers = {**user.auth, "idempotency-key": str(uuid.uuid4())}
+    body = {"phoneNumber": user.phone, "amount": 12345}
+    set_bank_faults(full_stack, payments_pb2.FaultRule(fault=payments_pb2.FAULT_HANG))
+    try:
+        pending = client.post("/promotions/topup", json=body, headers=headers)
+        retried = client.post("/promotions/topup", json=body, headers=headers)
+    finally:
+        set_bank_faults(full_stack)
+
+    assert pending.status_code == 503, pending.text
+    assert pending.json()["message"] == (
+        "Payment is still being processed; retry with the same Idempotency-Key for the result"
+    )
+    assert int(pending.headers["retry-after"]) >= 1
+    assert retried.status_code == 409, retried.text
+    assert retried.json()["message"] == (
+        "A top-up with this Idempotency-Key is still being processed; retry later"
+    )
+    assert int(retried.headers["retry-after"]) >= 1
 
 
 # -- every route: happy path and documented errors ------------------------------------------------

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
 import pytest
 import sqlalchemy as sa
 from cake_common.db import (
+    SessionTimeouts,
     UnitOfWork,
     create_async_engine_for,
     create_session_factory,
@@ -133,3 +135,52 @@ async def test_original_error_survives_a_broken_connection(
             raise RuntimeError("use case failed")
     # The pool recovers: the dead connection was discarded.
     assert isinstance(await _texts(engine), list)
+
+
+async def test_session_timeouts_cancel_long_statements_and_abandoned_transactions(
+    postgres_url: str,
+) -> None:
+    engine = create_async_engine_for(
+        postgres_url,
+        pool_size=1,
+        session_timeouts=SessionTimeouts(statement_ms=200, lock_ms=200, idle_in_transaction_ms=300),
+    )
+    try:
+        async with engine.connect() as connection:
+            settings = (
+                await connection.execute(
+                    sa.text(
+                        "SELECT current_setting('statement_timeout'),"
+                        " current_setting('lock_timeout'),"
+                        " current_setting('idle_in_transaction_session_timeout')"
+                    )
+                )
+            ).one()
+            assert tuple(settings) == ("200ms", "200ms", "300ms")
+        began = time.monotonic()
+        with pytest.raises(sa.exc.OperationalError, match="statement timeout"):
+            async with engine.connect() as connection:
+                await connection.execute(sa.text("SELECT pg_sleep(5)"))
+        assert time.monotonic() - began < 2
+        with pytest.raises(sa.exc.DBAPIError, match="idle-in-transaction timeout"):
+            async with engine.connect() as connection, connection.begin():
+                await connection.execute(sa.text("SELECT 1"))
+                await asyncio.sleep(0.8)  # the server ends the idle transaction meanwhile
+                await connection.execute(sa.text("SELECT 1"))
+    finally:
+        await engine.dispose()
+
+
+async def test_an_exhausted_pool_fails_fast(postgres_url: str) -> None:
+    engine = create_async_engine_for(
+        postgres_url, pool_size=1, max_overflow=0, pool_timeout_seconds=0.3
+    )
+    try:
+        async with engine.connect():
+            began = time.monotonic()
+            with pytest.raises(sa.exc.TimeoutError):
+                async with engine.connect():
+                    pass
+            assert time.monotonic() - began < 1.5
+    finally:
+        await engine.dispose()

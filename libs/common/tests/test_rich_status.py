@@ -3,6 +3,7 @@ from __future__ import annotations
 import grpc
 import pytest
 from cake_common.errors import (
+    Aborted,
     AlreadyExists,
     CakeError,
     FailedPrecondition,
@@ -14,7 +15,7 @@ from cake_common.errors import (
     Unauthenticated,
     Unavailable,
 )
-from cake_common.grpc_server import rich_status_for
+from cake_common.grpc_server import abort_with_error, rich_status_for
 from cake_common.logging import request_id_var
 from google.rpc import error_details_pb2, status_pb2
 
@@ -33,6 +34,7 @@ from google.rpc import error_details_pb2, status_pb2
             grpc.StatusCode.FAILED_PRECONDITION,
         ),
         (Unavailable("later"), grpc.StatusCode.UNAVAILABLE),
+        (Aborted("still being processed"), grpc.StatusCode.ABORTED),
     ],
 )
 def test_each_error_has_its_code(error: CakeError, code: grpc.StatusCode) -> None:
@@ -84,3 +86,25 @@ def test_base_error_defaults() -> None:
     assert error.reason == "UNKNOWN"
     assert error.metadata == {}
     assert "boom" in repr(error)
+
+
+class RecordingContext:
+    """Stands in for a servicer context: records what the call was aborted with."""
+
+    def __init__(self) -> None:
+        self.aborted: tuple[object, ...] = ()
+
+    async def abort(self, code: object, details: object, trailing: object) -> None:
+        self.aborted = (code, details, trailing)
+
+
+async def test_retry_after_rides_in_the_trailers_only_when_given() -> None:
+    later = RecordingContext()
+    await abort_with_error(later, Aborted("busy", retry_after_seconds=7))  # type: ignore[arg-type]
+    code, details, trailing = later.aborted
+    assert (code, details) == (grpc.StatusCode.ABORTED, "busy")
+    assert ("retry-after", "7") in tuple(trailing)  # type: ignore[arg-type]
+
+    plain = RecordingContext()
+    await abort_with_error(plain, Unavailable("down"))  # type: ignore[arg-type]
+    assert all(key != "retry-after" for key, _ in plain.aborted[2])  # type: ignore[attr-defined]

@@ -108,21 +108,26 @@ StartServer = Callable[..., Awaitable[PromotionsServer]]
 
 
 @pytest.fixture(scope="module")
-async def start_server(database_url: str, signer: TokenSigner) -> AsyncIterator[StartServer]:
+async def start_server(
+    database_url: str, signer: TokenSigner, bank_simulator: Any
+) -> AsyncIterator[StartServer]:
     """Start promotions servers exactly as ``serve`` does (gRPC only, on port 0) against the
-    module's database; ``settings`` overrides configuration. All stop at the end."""
+    module's database and the real bank simulator process; ``settings`` overrides
+    configuration. All stop at the end."""
     started: list[PromotionsServer] = []
 
     async def start(**settings: Any) -> PromotionsServer:
-        configuration = PromotionsSettings(
-            database_url=database_url,
-            grpc_port=0,
-            jwks_file=signer.jwks_file,
-            consumer_enabled=False,
-            shutdown_grace_seconds=1,
-            relay_role=None,
-            **settings,
-        )
+        bank_simulator.start()  # a test before may have crashed it
+        settings.setdefault("payments_target", bank_simulator.address)
+        defaults: dict[str, Any] = {
+            "database_url": database_url,
+            "grpc_port": 0,
+            "jwks_file": signer.jwks_file,
+            "consumer_enabled": False,
+            "shutdown_grace_seconds": 1,
+            "relay_role": None,
+        }
+        configuration = PromotionsSettings(**(defaults | settings))
         registry = CollectorRegistry()
         running = await bootstrap.start_server(configuration, metrics_registry=registry)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")

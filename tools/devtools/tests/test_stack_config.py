@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import stat
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,8 @@ DEV_PORTS = {
     "auth_metrics_port": 19111,
     "promotions_metrics_port": 19112,
     "events_metrics_port": 19113,
+    "payments_grpc_port": 17054,
+    "payments_metrics_port": 19114,
 }
 TEST_PORTS = {
     "gateway_port": 18080,
@@ -43,6 +46,8 @@ TEST_PORTS = {
     "auth_metrics_port": 19121,
     "promotions_metrics_port": 19122,
     "events_metrics_port": 19123,
+    "payments_grpc_port": 17154,
+    "payments_metrics_port": 19124,
 }
 DEFAULT_SERVER_PORTS = {80, 443, 5432, 6379, 9092, 9093, 9901, 50051}
 
@@ -106,7 +111,16 @@ def test_unknown_component_names_are_rejected() -> None:
     stack = Stack("test", echo=None)
     with pytest.raises(StackError, match="unknown component"):
         stack.up(["postgres", "mysql"])
-    assert COMPONENTS == ("postgres", "redis", "kafka", "auth", "promotions", "events", "envoy")
+    assert COMPONENTS == (
+        "postgres",
+        "redis",
+        "kafka",
+        "auth",
+        "payments",
+        "promotions",
+        "events",
+        "envoy",
+    )
 
 
 # -- service environment ---------------------------------------------------------------------
@@ -116,6 +130,7 @@ PASSWORDS = {
     "cake_promotions": "pw-promotions",
     "cake_events": "pw-events",
     "cake_relay": "pw/relay@x",  # needs URL quoting
+    "cake_payments": "pw-payments",
 }
 ENDPOINTS = Endpoints(
     postgres_host="127.0.0.1",
@@ -152,6 +167,30 @@ def test_service_environment_points_each_service_at_its_own_database() -> None:
     assert "CAKE_PROMOTIONS_JWT_PRIVATE_KEY_FILE" not in env["promotions"]
     assert env["promotions"]["CAKE_PROMOTIONS_METRICS_PORT"] == "19122"
     assert env["events"]["CAKE_EVENTS_METRICS_PORT"] == "19123"
+
+
+def test_the_bank_simulator_gets_its_own_database_and_promotions_its_address() -> None:
+    endpoints = replace(
+        ENDPOINTS,
+        grpc_ports={**ENDPOINTS.grpc_ports, "payments": 17154},
+        metrics_ports={**ENDPOINTS.metrics_ports, "payments": 19124},
+    )
+    env = build_service_environment(endpoints, {**PASSWORDS, "cake_payments": "pw-bank"})
+
+    assert env["payments"] == {
+        "CAKE_PAYMENTS_GRPC_HOST": "127.0.0.1",
+        "CAKE_PAYMENTS_GRPC_PORT": "17154",
+        "CAKE_PAYMENTS_DATABASE_URL": (
+            "postgresql+psycopg://cake_payments:pw-bank@127.0.0.1:15442/cake_payments"
+        ),
+        "CAKE_PAYMENTS_LOG_JSON": "true",
+        "CAKE_PAYMENTS_METRICS_PORT": "19124",
+    }
+    assert env["promotions"]["CAKE_PROMOTIONS_PAYMENTS_TARGET"] == "127.0.0.1:17154"
+    assert (
+        "CAKE_PROMOTIONS_PAYMENTS_TARGET"
+        not in build_service_environment(ENDPOINTS, PASSWORDS)["promotions"]
+    )
 
 
 def test_tracing_is_off_unless_the_stack_has_an_otlp_endpoint(
@@ -266,6 +305,7 @@ def test_each_service_owns_its_database_and_the_relay_only_connects() -> None:
         "cake_auth": "cake_auth",
         "cake_promotions": "cake_promotions",
         "cake_events": "cake_events",
+        "cake_payments": "cake_payments",
     }
 
     auth = [_sql(s) for s in postgres.database_privilege_statements(by_name["cake_auth"])]
@@ -280,7 +320,13 @@ def test_each_service_owns_its_database_and_the_relay_only_connects() -> None:
         'GRANT CONNECT ON DATABASE "cake_auth" TO "cake_relay"',
     ]
     assert not any("cake_relay" in statement for statement in events)
-    assert postgres.ROLES == ("cake_auth", "cake_promotions", "cake_events", "cake_relay")
+    assert postgres.ROLES == (
+        "cake_auth",
+        "cake_promotions",
+        "cake_events",
+        "cake_payments",
+        "cake_relay",
+    )
 
 
 def test_admin_url_is_a_superuser_libpq_url() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 
@@ -34,6 +35,28 @@ def _plain(url: str | SecretStr) -> str:
     return url.get_secret_value() if isinstance(url, SecretStr) else url
 
 
+@dataclass(frozen=True, slots=True)
+class SessionTimeouts:
+    """PostgreSQL's own limits on every session of an engine, in milliseconds (0: none).
+
+    The server enforces them whatever the client does: a statement running too long, a
+    lock waited for too long, or a transaction left open while the client does something
+    else is cancelled, so no row lock or connection is held without bound.
+    """
+
+    statement_ms: int = 30_000
+    lock_ms: int = 5_000
+    idle_in_transaction_ms: int = 30_000
+
+    def options(self) -> str:
+        """The libpq ``options`` that set them at connection start."""
+        return (
+            f"-c statement_timeout={self.statement_ms}"
+            f" -c lock_timeout={self.lock_ms}"
+            f" -c idle_in_transaction_session_timeout={self.idle_in_transaction_ms}"
+        )
+
+
 def create_async_engine_for(
     url: str | SecretStr,
     *,
@@ -42,18 +65,22 @@ def create_async_engine_for(
     pool_timeout_seconds: float = 5.0,
     connect_timeout_seconds: int = 5,
     application_name: str | None = None,
+    session_timeouts: SessionTimeouts | None = None,
     **engine_kwargs: Any,
 ) -> AsyncEngine:
     """An async engine on ``postgresql+psycopg://…`` tuned to fail fast when Postgres is down.
 
     ``pool_pre_ping`` drops connections that died while idle (e.g. a Postgres restart)
-    instead of failing the next request; short pool/connect timeouts turn an outage into a
-    quick UNAVAILABLE rather than requests piling up; ``hide_parameters`` keeps bound
+    instead of failing the next request; short pool/connect timeouts turn an outage (or an
+    exhausted pool) into a quick UNAVAILABLE rather than requests piling up;
+    ``session_timeouts`` bound what one session may hold; ``hide_parameters`` keeps bound
     values (emails, hashes) out of error messages and therefore out of logs.
     """
     connect_args: dict[str, Any] = {"connect_timeout": connect_timeout_seconds}
     if application_name is not None:
         connect_args["application_name"] = application_name
+    if session_timeouts is not None:
+        connect_args["options"] = session_timeouts.options()
     connect_args.update(engine_kwargs.pop("connect_args", {}))
     return create_async_engine(
         _plain(url),

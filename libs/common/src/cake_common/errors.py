@@ -43,11 +43,15 @@ class CakeError(Exception):
         *,
         reason: str | None = None,
         metadata: Mapping[str, str] | None = None,
+        retry_after_seconds: int | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.reason = reason or self.default_reason
         self.metadata: dict[str, str] = dict(metadata or {})
+        self.retry_after_seconds = retry_after_seconds
+        """When set, the answer carries a ``retry-after`` header (seconds) saying when a
+        retry may succeed."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.message!r}, reason={self.reason!r})"
@@ -83,6 +87,13 @@ class AlreadyExists(CakeError):
 
     code = grpc.StatusCode.ALREADY_EXISTS
     default_reason = "ALREADY_EXISTS"
+
+
+class Aborted(CakeError):
+    """The request conflicts with one still in progress; retry later (HTTP 409)."""
+
+    code = grpc.StatusCode.ABORTED
+    default_reason = "ABORTED"
 
 
 class Unauthenticated(CakeError):

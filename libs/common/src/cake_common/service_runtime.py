@@ -8,6 +8,8 @@ gRPC server; its ``serve`` command is :func:`serve_until_signal` around that.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -47,7 +49,13 @@ async def open_migrated_database(
     Waits (with backoff, up to ``startup_retry_seconds``) instead of crashing when the
     database is not up yet, so services can start in any order.
     """
-    engine = create_async_engine_for(settings.database_url, pool_size=settings.database_pool_size)
+    engine = create_async_engine_for(
+        settings.database_url,
+        pool_size=settings.database_pool_size,
+        max_overflow=settings.database_max_overflow,
+        pool_timeout_seconds=settings.database_pool_timeout_seconds,
+        session_timeouts=settings.database_session_timeouts(),
+    )
     instrument_engine(engine)  # no-op unless start_tracing turned tracing on
     _log.info("connecting to database", url=settings.database_url_for_display())
     await wait_for_database(engine, settings.startup_retry_seconds)
@@ -68,3 +76,9 @@ async def serve_until_signal(
         await running.serve_until_signal()
     finally:
         await tracing.aclose()
+
+
+def kill_this_process() -> None:
+    """End this process the way a crash does (SIGKILL: no clean-up, no answer to callers);
+    the deterministic fault hooks of the drills use it."""
+    os.kill(os.getpid(), signal.SIGKILL)

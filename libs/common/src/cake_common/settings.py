@@ -23,6 +23,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from cake_common.db import SessionTimeouts
+
 _LOG_LEVELS = frozenset(logging.getLevelNamesMapping())
 
 
@@ -39,6 +41,25 @@ class ServiceSettings(BaseSettings):
         description="SQLAlchemy URL, postgresql+psycopg://user:password@host:port/db"
     )
     database_pool_size: int = Field(default=10, ge=1)
+    database_max_overflow: int = Field(
+        default=5, ge=0, description="Connections opened beyond the pool when it is busy"
+    )
+    database_pool_timeout_seconds: float = Field(
+        default=2.0,
+        gt=0,
+        description="How long a request waits for a pooled connection before UNAVAILABLE",
+    )
+    database_statement_timeout_ms: int = Field(
+        default=30_000, ge=0, description="PostgreSQL statement_timeout of every session (0: off)"
+    )
+    database_lock_timeout_ms: int = Field(
+        default=5_000, ge=0, description="PostgreSQL lock_timeout of every session (0: off)"
+    )
+    database_idle_in_transaction_timeout_ms: int = Field(
+        default=30_000,
+        ge=0,
+        description="PostgreSQL idle_in_transaction_session_timeout of every session (0: off)",
+    )
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     log_level: str = "INFO"
@@ -99,6 +120,13 @@ class ServiceSettings(BaseSettings):
                 f"database_url must use the postgresql+psycopg driver, not {drivername!r}"
             )
         return value
+
+    def database_session_timeouts(self) -> SessionTimeouts:
+        return SessionTimeouts(
+            statement_ms=self.database_statement_timeout_ms,
+            lock_ms=self.database_lock_timeout_ms,
+            idle_in_transaction_ms=self.database_idle_in_transaction_timeout_ms,
+        )
 
     def database_url_for_display(self) -> str:
         """The database URL with its password masked, safe to log."""

@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 from cake.promotions.v1 import promotions_pb2_grpc
 from cake_common.db import create_session_factory, database_probe
@@ -15,6 +16,7 @@ from cake_common.jwt import FileJwksProvider, JwtVerifier
 from cake_common.metrics import start_metrics_server
 from cake_common.outbox import OutboxWriter
 from cake_common.service_runtime import (
+    kill_this_process,
     open_migrated_database,
     serve_until_signal,
     start_logging,
@@ -23,7 +25,7 @@ from cake_common.service_runtime import (
 from prometheus_client import REGISTRY, CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from cake_promotions.adapters.payments import SimulatedBankTransfer
+from cake_promotions.adapters.payments import GrpcBank, SimulatedBankTransfer
 from cake_promotions.api.servicer import PUBLIC_METHODS, SERVICE_NAME, PromotionsServicer
 from cake_promotions.consumer import FirstLoginConsumer
 from cake_promotions.domain.payments import PaymentGateway
@@ -31,6 +33,7 @@ from cake_promotions.metrics import PromotionsMetrics
 from cake_promotions.service.campaigns import CampaignAdministration
 from cake_promotions.service.enrolment import FirstLoginEnrolment
 from cake_promotions.service.housekeeping import IdempotencyKeyExpiry
+from cake_promotions.service.reconciler import TopupReconciler
 from cake_promotions.service.topups import TopupProcessing
 from cake_promotions.service.unit_of_work import PromotionsUnitOfWork, UnitOfWorkFactory
 from cake_promotions.service.vouchers import VoucherQueries
@@ -54,20 +57,52 @@ def unit_of_work_factory(engine: AsyncEngine) -> UnitOfWorkFactory:
 
 
 def payment_gateway(settings: PromotionsSettings) -> PaymentGateway:
+    if settings.payments_target is not None:
+        return GrpcBank(
+            settings.payments_target, deadline_seconds=settings.payments_deadline_seconds
+        )
     return SimulatedBankTransfer(
         decline_all=settings.payment_fail, decline_amount=settings.payment_fail_amount
     )
 
 
 def build_use_cases(
-    engine: AsyncEngine, metrics: PromotionsMetrics, payments: PaymentGateway
+    engine: AsyncEngine,
+    metrics: PromotionsMetrics,
+    payments: PaymentGateway,
+    settings: PromotionsSettings,
 ) -> UseCases:
     uow_factory = unit_of_work_factory(engine)
     return UseCases(
         campaigns=CampaignAdministration(uow_factory),
         enrolment=FirstLoginEnrolment(uow_factory, metrics),
         vouchers=VoucherQueries(uow_factory),
-        topups=TopupProcessing(uow_factory, payments, metrics),
+        topups=TopupProcessing(
+            uow_factory,
+            payments,
+            metrics,
+            pending_timeout=timedelta(seconds=settings.topup_pending_timeout_seconds),
+            reconcile_interval=timedelta(seconds=settings.reconcile_interval_seconds),
+            charge_deadline=timedelta(seconds=settings.payments_deadline_seconds),
+            after_charge=kill_this_process if settings.fault_kill_after_charge else None,
+        ),
+    )
+
+
+def build_reconciler(
+    settings: PromotionsSettings,
+    engine: AsyncEngine,
+    payments: PaymentGateway,
+    use_cases: UseCases,
+    metrics: PromotionsMetrics,
+) -> TopupReconciler:
+    return TopupReconciler(
+        unit_of_work_factory(engine),
+        payments,
+        use_cases.topups.settlement,
+        metrics,
+        pending_timeout=timedelta(seconds=settings.topup_pending_timeout_seconds),
+        interval=timedelta(seconds=settings.reconcile_interval_seconds),
     )
 
 
@@ -121,7 +156,8 @@ async def start_server(
     )
     try:
         metrics = PromotionsMetrics(metrics_registry)
-        use_cases = build_use_cases(engine, metrics, payment_gateway(settings))
+        payments = payment_gateway(settings)
+        use_cases = build_use_cases(engine, metrics, payments, settings)
         servicer = build_servicer(use_cases)
         builder = (
             GrpcServerBuilder.from_settings(
@@ -138,7 +174,13 @@ async def start_server(
                 DependencyCheck("postgres", database_probe(engine), critical=True)
             )
             .add_shutdown_hook(engine.dispose)
+            .add_shutdown_hook(payments.close)
         )
+        reconciler = None
+        if settings.reconcile_enabled:
+            reconciler = build_reconciler(settings, engine, payments, use_cases, metrics)
+            # Hooks run in reverse: the reconciler stops before the bank's channel closes.
+            builder.add_shutdown_hook(reconciler.stop)
         expiry = IdempotencyKeyExpiry(
             unit_of_work_factory(engine),
             metrics,
@@ -161,7 +203,10 @@ async def start_server(
         await engine.dispose()
         raise
     expiry.start()
+    if reconciler is not None:
+        reconciler.start()
     if consumer is not None:
+        # Restarted by itself when it fails; the API keeps serving (health: degraded).
         consumer.start(on_failure=lambda _error: running.request_stop())
     return running
 
@@ -179,7 +224,8 @@ async def consume(settings: PromotionsSettings) -> None:
         settings, script_location=MIGRATIONS, relay_role=settings.relay_role
     )
     metrics = PromotionsMetrics()
-    use_cases = build_use_cases(engine, metrics, payment_gateway(settings))
+    payments = payment_gateway(settings)
+    use_cases = build_use_cases(engine, metrics, payments, settings)
     consumer = build_consumer(settings, use_cases.enrolment, metrics)
     stop = asyncio.Event()
     failures: list[BaseException] = []
@@ -201,6 +247,7 @@ async def consume(settings: PromotionsSettings) -> None:
         await stop.wait()
     finally:
         await consumer.stop()
+        await payments.close()
         await engine.dispose()
         if metrics_server is not None:
             await metrics_server.stop()

@@ -13,12 +13,18 @@ after that transaction commits, so a crash before the commit means redelivery, n
 
 Partitions of one batch are processed concurrently and each partition's events in order,
 which keeps one user's events (keyed by user id) ordered.
+
+The consumer is isolated from the API it runs next to: if its loop dies of any error (a bug,
+an unexpected library error), it is restarted after a jittered exponential backoff, and its
+health component (``kafka_consumer``, not critical) reads NOT_SERVING until it consumes
+again, so the service reports itself degraded and keeps serving gRPC.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -140,8 +146,12 @@ class FirstLoginConsumer:
         max_batch: int = 500,
         retry_max_seconds: float = 10.0,
         unexpected_error_attempts: int = 3,
+        restart_base_seconds: float = 0.5,
     ) -> None:
         self._enrolment = enrolment
+        self._restart_base_seconds = restart_base_seconds
+        self.restarts = 0
+        """How many times the loop died and was restarted."""
         self._metrics = metrics
         self._bootstrap_servers = bootstrap_servers
         self._topic = topic
@@ -159,10 +169,13 @@ class FirstLoginConsumer:
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self, on_failure: Callable[[BaseException], None] | None = None) -> None:
-        """Consume in a background task; ``on_failure`` is called if it dies of a bug."""
+        """Consume in a background task, restarting it whenever it dies of an error;
+        ``on_failure`` is called only if the supervision itself fails."""
         if self._task is not None:
             return
-        self._task = asyncio.create_task(self._run(), name="cake-promotions-first-login-consumer")
+        self._task = asyncio.create_task(
+            self._supervise(), name="cake-promotions-first-login-consumer"
+        )
 
         def report(task: asyncio.Task[None]) -> None:
             if not task.cancelled() and (error := task.exception()) is not None:
@@ -197,6 +210,32 @@ class FirstLoginConsumer:
             and self._task is not None
             and not self._task.done()
         )
+
+    async def _supervise(self) -> None:
+        """Run the loop until stopped; after a failure, close the clients, wait a jittered
+        backoff (full jitter, capped at ``retry_max_seconds``) and start again."""
+        failures = 0
+        while not self._stopping.is_set():
+            started = asyncio.get_running_loop().time()
+            try:
+                await self._run()
+            except Exception as error:
+                if asyncio.get_running_loop().time() - started > self._retry_max_seconds:
+                    failures = 0  # it had been working: start the backoff over
+                failures += 1
+                self.restarts += 1
+                self._metrics.consumer_restarts.inc()
+                cap = min(self._restart_base_seconds * 2**failures, self._retry_max_seconds)
+                delay = random.uniform(cap / 2, cap)  # noqa: S311 - jitter, not a secret
+                _log.exception(
+                    "first-login consumer failed, restarting",
+                    error=repr(error),
+                    restart_in_seconds=round(delay, 2),
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+            else:
+                return
 
     async def _run(self) -> None:
         try:

@@ -85,6 +85,7 @@ vouchers = sa.Table(
     sa.Column("used_amount", _Money, nullable=True),
     sa.Column("discount_amount", _Money, nullable=True),
     sa.Column("transaction_reference", sa.Text, nullable=True),
+    sa.Column("reserved_until", _Instant, nullable=True),
     *_timestamps(),
 )
 
@@ -102,6 +103,9 @@ topups = sa.Table(
     sa.Column("payment_method", sa.Text, nullable=False),
     sa.Column("status", sa.Text, nullable=False),
     sa.Column("created_at", _Instant, nullable=False, server_default=sa.func.now()),
+    sa.Column("voucher_code", sa.Text, nullable=True),
+    sa.Column("idempotency_key", sa.Text, nullable=True),
+    sa.Column("updated_at", _Instant, nullable=False, server_default=sa.func.now()),
 )
 
 idempotency_keys = sa.Table(
@@ -111,6 +115,7 @@ idempotency_keys = sa.Table(
     sa.Column("key", sa.Text, primary_key=True),
     sa.Column("request_fingerprint", sa.Text, nullable=False),
     sa.Column("response", sa.LargeBinary, nullable=True),
+    sa.Column("transaction_id", sa.Text, nullable=True),
     sa.Column("created_at", _Instant, nullable=False, server_default=sa.func.now()),
     sa.Index("ix_idempotency_keys_created_at", "created_at"),
 )

@@ -25,7 +25,21 @@ class PromotionsMetrics:
         )
         self.topups = Counter(
             "cake_promotions_topups_total",
-            "Top-up requests by outcome (succeeded, rejected, payment_failed, replayed)",
+            "Top-up requests by outcome (succeeded, rejected, payment_failed, replayed,"
+            " pending: bank's answer unknown, in_progress: retried while pending)",
+            ["result"],
+            registry=registry,
+        )
+        self.topups_settled = Counter(
+            "cake_promotions_topups_settled_total",
+            "Pending top-ups settled, by the request or the reconciler (succeeded, failed)",
+            ["result"],
+            registry=registry,
+        )
+        self.topups_reconciled = Counter(
+            "cake_promotions_topups_reconciled_total",
+            "Overdue pending top-ups the reconciler confirmed, compensated or could not"
+            " resolve yet (bank unreachable)",
             ["result"],
             registry=registry,
         )
@@ -45,6 +59,11 @@ class PromotionsMetrics:
             "Attempts at an event that failed and will be retried (transient: a dependency"
             " is down; unexpected: a bug or bad data, dead-lettered after a few)",
             ["kind"],
+            registry=registry,
+        )
+        self.consumer_restarts = Counter(
+            "cake_promotions_consumer_restarts_total",
+            "Times the first-login consumer loop died of an error and was restarted",
             registry=registry,
         )
         self.dead_letters = Counter(

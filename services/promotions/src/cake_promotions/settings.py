@@ -35,7 +35,24 @@ class PromotionsSettings(ServiceSettings):
     idempotency_key_sweep_seconds: float = Field(default=300, gt=0)
     """How often ``serve`` deletes the idempotency keys past their retention."""
 
+    payments_target: str | None = None
+    """``host:port`` of the bank (``cake.payments.v1.PaymentsService``, the simulator in the
+    local stack). Unset: an in-process stand-in that approves every payment."""
+    payments_deadline_seconds: float = Field(default=5.0, gt=0)
+    """How long one call to the bank may take; without an answer by then the top-up stays
+    pending and the reconciler settles it."""
+    topup_pending_timeout_seconds: float = Field(default=30.0, gt=0)
+    """How long a voucher stays reserved for a pending top-up; pending top-ups older than
+    this are settled by the reconciler (keep it well above the bank's deadline)."""
+    reconcile_interval_seconds: float = Field(default=10.0, gt=0)
+    """How often ``serve`` looks for overdue pending top-ups."""
+    reconcile_enabled: bool = True
+    """Whether ``serve`` runs the reconciler (any number of replicas may)."""
+    fault_kill_after_charge: bool = False
+    """Drills only: SIGKILL this process right after the bank answered a charge, before the
+    top-up is confirmed."""
+
     payment_fail: bool = False
-    """Make the simulated bank transfer decline every payment (tests, demos)."""
+    """Make the in-process stand-in decline every payment (tests, demos)."""
     payment_fail_amount: Decimal | None = None
-    """Make the simulated bank transfer decline top-ups of exactly this amount."""
+    """Make the in-process stand-in decline top-ups of exactly this amount."""

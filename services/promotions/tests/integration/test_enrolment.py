@@ -15,7 +15,6 @@ import sqlalchemy as sa
 from cake.events.v1 import payloads_pb2
 from cake.promotions.v1 import promotions_pb2
 from cake_promotions import bootstrap
-from cake_promotions.adapters.payments import SimulatedBankTransfer
 from cake_promotions.metrics import PromotionsMetrics
 from cake_promotions.service.enrolment import FirstLoginEnrolment
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -306,8 +305,8 @@ async def test_a_user_enrolled_concurrently_is_retried_into_already_participated
     the other four hit the unique (user, campaign) constraint; they are retried and answer
     "already participated", handing their slots back."""
     campaign = await campaign_with(max_participants=10)
-    use_cases = bootstrap.build_use_cases(
-        engine, PromotionsMetrics(CollectorRegistry()), SimulatedBankTransfer()
+    enrolment = FirstLoginEnrolment(
+        bootstrap.unit_of_work_factory(engine), PromotionsMetrics(CollectorRegistry())
     )
     user = unique()
     now = datetime.now(UTC)
@@ -317,9 +316,7 @@ async def test_a_user_enrolled_concurrently_is_retried_into_already_participated
             sa.text("SELECT 1 FROM promotion_campaigns WHERE id = :id FOR UPDATE"),
             {"id": campaign.id},
         )
-        attempts = [
-            asyncio.create_task(use_cases.enrolment.enrol_first_login(user, now)) for _ in range(5)
-        ]
+        attempts = [asyncio.create_task(enrolment.enrol_first_login(user, now)) for _ in range(5)]
         async with engine.connect() as observer:
             # Waits (up to ~30 s on a busy machine) until all five queue on the lock.
             for _ in range(1500):

@@ -15,6 +15,7 @@ import grpc
 import pytest
 import sqlalchemy as sa
 from cake.events.v1 import payloads_pb2
+from cake.payments.v1 import payments_pb2
 from cake.promotions.v1 import promotions_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -23,7 +24,10 @@ pytestmark = pytest.mark.integration
 
 PHONE = "+84901234567"
 DECLINED_AMOUNT = Decimal("13131.31")
+DECLINED_CHARGE = Decimal("9191.92")
+"""What the bank is asked for a top-up of DECLINED_AMOUNT with a 30 % voucher."""
 NOT_SPENDABLE = "Voucher is expired or already used"
+TOPUP_IN_PROGRESS = "A top-up with this Idempotency-Key is still being processed; retry later"
 
 
 def ts(instant: datetime) -> Timestamp:
@@ -33,9 +37,14 @@ def ts(instant: datetime) -> Timestamp:
 
 
 @pytest.fixture(scope="module")
-async def server(start_server: Any) -> Any:
-    # The simulated bank declines exactly one amount, so one server serves every test.
-    return await start_server(payment_fail_amount=DECLINED_AMOUNT)
+async def server(start_server: Any, bank_simulator: Any) -> Any:
+    # The bank declines exactly one amount, so one server serves every test.
+    server = await start_server()
+    await bank_simulator.set_faults(
+        payments_pb2.FaultRule(fault=payments_pb2.FAULT_DECLINE, amount=str(DECLINED_CHARGE)),
+    )
+    yield server
+    await bank_simulator.set_faults()
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +99,7 @@ async def test_topup_without_voucher_charges_the_full_amount(
     )
     assert response.phone_number == PHONE
     assert not response.HasField("voucher_code")
-    assert response.message == "Top-up processed successfully"
+    assert response.message == "Top-up successful!"
     async with engine.connect() as connection:
         rows = (
             await connection.execute(
@@ -118,6 +127,7 @@ async def test_voucher_discount_is_spent_once(
         35000.35,
     )
     assert response.voucher_code == code
+    assert response.message == "Top-up successful! You saved 15000.15 with your voucher."
 
     voucher = (
         await server.stub.ValidateVoucher(promotions_pb2.ValidateVoucherRequest(code=code))
@@ -147,11 +157,19 @@ async def test_voucher_discount_is_spent_once(
                 {"u": str(user)},
             )
         ).all()
-    assert [row.event_type for row in events] == ["VOUCHER_USED", "PAYMENT_PROCESSED"]
-    used = payloads_pb2.VoucherUsed.FromString(events[0].payload)
+    # Pending when recorded, then spent and succeeded when the bank's charge is confirmed.
+    assert [row.event_type for row in events] == [
+        "PAYMENT_PROCESSED",
+        "VOUCHER_USED",
+        "PAYMENT_PROCESSED",
+    ]
+    pending = payloads_pb2.PaymentProcessed.FromString(events[0].payload)
+    assert (pending.status, pending.success) == (payloads_pb2.PAYMENT_STATUS_PENDING, False)
+    used = payloads_pb2.VoucherUsed.FromString(events[1].payload)
     assert (used.code, used.used_amount, used.discount_amount) == (code, "50000.50", "15000.15")
-    payment = payloads_pb2.PaymentProcessed.FromString(events[1].payload)
+    payment = payloads_pb2.PaymentProcessed.FromString(events[2].payload)
     assert (payment.final_amount, payment.success) == ("35000.35", True)
+    assert payment.status == payloads_pb2.PAYMENT_STATUS_SUCCEEDED
     assert payment.transaction_id == response.transaction_id
 
 
@@ -162,6 +180,7 @@ async def test_discount_is_capped(
     code = await voucher_for(user)
     response = await server.stub.Topup(topup_request(100000, code), metadata=signer.metadata(user))
     assert (response.discount_amount, response.final_amount) == (20000, 80000)
+    assert response.message == "Top-up successful! You saved 20000 with your voucher."
 
 
 async def test_cake_error_messages(
@@ -190,6 +209,7 @@ async def test_cake_error_messages(
     # None of the rejections spent it.
     response = await server.stub.Topup(topup_request(10000, code), metadata=signer.metadata(owner))
     assert response.discount_amount == 3000
+    assert response.message == "Top-up successful! You saved 3000 with your voucher."
 
 
 async def test_invalid_requests_name_their_field(
@@ -317,11 +337,22 @@ async def test_concurrent_retries_with_one_key_charge_once(
     user = unique()
     metadata = (*signer.metadata(user), ("idempotency-key", "double-tap"))
 
-    responses = await asyncio.gather(
-        *(server.stub.Topup(topup_request(25000), metadata=metadata) for _ in range(10))
+    results = await asyncio.gather(
+        *(server.stub.Topup(topup_request(25000), metadata=metadata) for _ in range(10)),
+        return_exceptions=True,
     )
 
+    # One request runs the top-up; a retry that arrives while it is pending is told so.
+    responses = [result for result in results if isinstance(result, promotions_pb2.TopupResponse)]
+    busy = [result for result in results if isinstance(result, grpc.aio.AioRpcError)]
+    assert len(responses) + len(busy) == 10 and responses
     assert len({response.transaction_id for response in responses}) == 1
+    for error in busy:
+        assert error.code() is grpc.StatusCode.ABORTED
+        assert error.details() == TOPUP_IN_PROGRESS
+        assert ("retry-after", "1") in tuple(error.trailing_metadata() or ())
+    replayed = await server.stub.Topup(topup_request(25000), metadata=metadata)
+    assert replayed.transaction_id == responses[0].transaction_id
     async with engine.connect() as connection:
         charged = await connection.scalar(
             sa.text("SELECT count(*) FROM topups WHERE user_id = :u"), {"u": user}
@@ -376,9 +407,14 @@ async def test_declined_payment_leaves_the_voucher_spendable(
                 {"u": str(user)},
             )
         ).scalars()
-        outcomes = [payloads_pb2.PaymentProcessed.FromString(p).success for p in payments]
+        outcomes = [payloads_pb2.PaymentProcessed.FromString(p).status for p in payments]
     assert statuses == ["failed", "failed", "succeeded"]
-    assert outcomes == [False, False, True]
+    pending, failed, succeeded = (
+        payloads_pb2.PAYMENT_STATUS_PENDING,
+        payloads_pb2.PAYMENT_STATUS_FAILED,
+        payloads_pb2.PAYMENT_STATUS_SUCCEEDED,
+    )
+    assert outcomes == [pending, failed, pending, failed, pending, succeeded]
     failures = server.registry.get_sample_value(
         "cake_promotions_topups_total", {"result": "payment_failed"}
     )

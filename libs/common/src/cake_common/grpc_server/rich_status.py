@@ -52,16 +52,28 @@ def rich_status_for(error: CakeError) -> status_pb2.Status:
     return status
 
 
+RETRY_AFTER_METADATA_KEY = "retry-after"
+
+
 async def abort_with_status(
-    context: grpc.aio.ServicerContext[Any, Any], status: status_pb2.Status
+    context: grpc.aio.ServicerContext[Any, Any],
+    status: status_pb2.Status,
+    *,
+    retry_after_seconds: int | None = None,
 ) -> NoReturn:
-    """End the call with ``status``, carried in ``grpc-status-details-bin``."""
+    """End the call with ``status``, carried in ``grpc-status-details-bin`` (and a
+    ``retry-after`` header when ``retry_after_seconds`` is given)."""
     grpc_status = rpc_status.to_status(status)
-    await context.abort(grpc_status.code, grpc_status.details, grpc_status.trailing_metadata)
+    trailing = tuple(grpc_status.trailing_metadata)
+    if retry_after_seconds is not None:
+        trailing += ((RETRY_AFTER_METADATA_KEY, str(retry_after_seconds)),)
+    await context.abort(grpc_status.code, grpc_status.details, trailing)
 
 
 async def abort_with_error(
     context: grpc.aio.ServicerContext[Any, Any], error: CakeError
 ) -> NoReturn:
     """End the call with the rich status that represents ``error``."""
-    await abort_with_status(context, rich_status_for(error))
+    await abort_with_status(
+        context, rich_status_for(error), retry_after_seconds=error.retry_after_seconds
+    )

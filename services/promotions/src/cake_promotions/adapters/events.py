@@ -25,6 +25,13 @@ PAYMENT_PROCESSED = "PAYMENT_PROCESSED"
 USER_AGGREGATE = "user"
 
 
+_PAYMENT_STATUS = {
+    TopupStatus.PENDING: payloads_pb2.PAYMENT_STATUS_PENDING,
+    TopupStatus.SUCCEEDED: payloads_pb2.PAYMENT_STATUS_SUCCEEDED,
+    TopupStatus.FAILED: payloads_pb2.PAYMENT_STATUS_FAILED,
+}
+
+
 def _timestamp(instant: datetime) -> Timestamp:
     stamp = Timestamp()
     stamp.FromDatetime(instant)
@@ -103,7 +110,8 @@ class PromotionEvents:
             occurred_at=used_at,
         )
 
-    async def payment_processed(self, record: TopupRecord, *, voucher_code: str | None) -> None:
+    async def payment_processed(self, record: TopupRecord, *, processed_at: datetime) -> None:
+        """The payment's state: pending when the top-up is recorded, then how it ended."""
         await self._writer.add(
             self._session,
             event_type=PAYMENT_PROCESSED,
@@ -116,9 +124,10 @@ class PromotionEvents:
                 original_amount=_money(record.original_amount),
                 discount_amount=_money(record.discount_amount),
                 final_amount=_money(record.final_amount),
-                voucher_code=voucher_code or "",
+                voucher_code=record.voucher_code or "",
                 success=record.status is TopupStatus.SUCCEEDED,
-                processed_at=_timestamp(record.created_at),
+                processed_at=_timestamp(processed_at),
+                status=_PAYMENT_STATUS[record.status],
             ),
-            occurred_at=record.created_at,
+            occurred_at=processed_at,
         )

@@ -30,7 +30,7 @@ from cake_promotions.domain.enrolment import (
     ParticipationConflict,
     ParticipationStatus,
 )
-from cake_promotions.domain.topups import TopupRecord
+from cake_promotions.domain.topups import TopupRecord, TopupStatus
 from cake_promotions.domain.vouchers import DISCOUNT_VOUCHER, NewVoucher, Voucher, VoucherStatus
 
 
@@ -87,6 +87,7 @@ def _voucher(row: Mapping[Any, Any]) -> Voucher:
         used_amount=row["used_amount"],
         discount_amount=row["discount_amount"],
         transaction_reference=row["transaction_reference"],
+        reserved_until=row["reserved_until"],
     )
 
 
@@ -271,6 +272,22 @@ class VoucherRepository:
         )
         await self._session.execute(statement)
 
+    async def reserve(self, voucher_id: int, *, until: datetime, now: datetime) -> None:
+        """Hold the (locked, active) voucher for a pending top-up until ``until``."""
+        await self._session.execute(
+            sa.update(vouchers)
+            .where(vouchers.c.id == voucher_id, vouchers.c.status == VoucherStatus.ACTIVE.value)
+            .values(status=VoucherStatus.RESERVED.value, reserved_until=until, updated_at=now)
+        )
+
+    async def release(self, voucher_id: int, now: datetime) -> None:
+        """Make a reserved voucher active again (its top-up was not charged)."""
+        await self._session.execute(
+            sa.update(vouchers)
+            .where(vouchers.c.id == voucher_id, vouchers.c.status == VoucherStatus.RESERVED.value)
+            .values(status=VoucherStatus.ACTIVE.value, reserved_until=None, updated_at=now)
+        )
+
     async def mark_used(
         self,
         voucher_id: int,
@@ -279,19 +296,37 @@ class VoucherRepository:
         used_amount: Decimal,
         discount_amount: Decimal,
         transaction_reference: str,
-    ) -> None:
-        await self._session.execute(
-            sa.update(vouchers)
-            .where(vouchers.c.id == voucher_id)
-            .values(
-                status=VoucherStatus.USED.value,
-                used_at=used_at,
-                used_amount=used_amount,
-                discount_amount=discount_amount,
-                transaction_reference=transaction_reference,
-                updated_at=used_at,
+    ) -> Voucher:
+        """Spend the voucher reserved for the top-up ``transaction_reference``."""
+        row = (
+            (
+                await self._session.execute(
+                    sa.update(vouchers)
+                    .where(vouchers.c.id == voucher_id)
+                    .values(
+                        status=VoucherStatus.USED.value,
+                        reserved_until=None,
+                        used_at=used_at,
+                        used_amount=used_amount,
+                        discount_amount=discount_amount,
+                        transaction_reference=transaction_reference,
+                        updated_at=used_at,
+                    )
+                    .returning(*vouchers.c)
+                )
             )
+            .mappings()
+            .one()
         )
+        return _voucher(row)
+
+    async def count_reserved_past(self, instant: datetime) -> int:
+        """Vouchers still reserved although their reservation ended before ``instant``."""
+        statement = sa.select(sa.func.count()).where(
+            vouchers.c.status == VoucherStatus.RESERVED.value,
+            vouchers.c.reserved_until < instant,
+        )
+        return int((await self._session.execute(statement)).scalar_one())
 
 
 _PARTICIPATION_CONSTRAINT = "uq_user_promotions_user_campaign"
@@ -472,6 +507,23 @@ class EnrolmentRepository:
         return Enrolled(slotted, participation, voucher)
 
 
+def _topup(row: Mapping[Any, Any]) -> TopupRecord:
+    return TopupRecord(
+        transaction_id=row["transaction_id"],
+        user_id=row["user_id"],
+        phone_number=row["phone_number"],
+        original_amount=row["original_amount"],
+        discount_amount=row["discount_amount"],
+        final_amount=row["final_amount"],
+        voucher_id=row["voucher_id"],
+        payment_method=row["payment_method"],
+        status=TopupStatus(row["status"]),
+        created_at=row["created_at"],
+        voucher_code=row["voucher_code"],
+        idempotency_key=row["idempotency_key"],
+    )
+
+
 class TopupRepository:
     def __init__(self, session: AsyncSession) -> None:
         self._session = session
@@ -486,11 +538,47 @@ class TopupRepository:
                 discount_amount=record.discount_amount,
                 final_amount=record.final_amount,
                 voucher_id=record.voucher_id,
+                voucher_code=record.voucher_code,
+                idempotency_key=record.idempotency_key,
                 payment_method=record.payment_method,
                 status=record.status.value,
                 created_at=record.created_at,
+                updated_at=record.created_at,
             )
         )
+
+    async def get(self, transaction_id: str, *, for_update: bool = False) -> TopupRecord | None:
+        statement = sa.select(topups).where(topups.c.transaction_id == transaction_id)
+        if for_update:
+            # Settling queues here: a request and the reconciler never settle one top-up twice.
+            statement = statement.with_for_update()
+        row = (await self._session.execute(statement)).mappings().first()
+        return _topup(row) if row is not None else None
+
+    async def set_status(self, transaction_id: str, status: TopupStatus, now: datetime) -> None:
+        await self._session.execute(
+            sa.update(topups)
+            .where(topups.c.transaction_id == transaction_id)
+            .values(status=status.value, updated_at=now)
+        )
+
+    async def pending_created_before(self, instant: datetime, *, limit: int) -> list[str]:
+        """Transaction ids of pending top-ups created before ``instant``, oldest first."""
+        statement = (
+            sa.select(topups.c.transaction_id)
+            .where(topups.c.status == TopupStatus.PENDING.value, topups.c.created_at <= instant)
+            .order_by(topups.c.created_at)
+            .limit(limit)
+        )
+        return list((await self._session.execute(statement)).scalars())
+
+
+@dataclass(frozen=True, slots=True)
+class StoredKey:
+    fingerprint: str
+    response: bytes | None
+    """The answer to replay; ``None`` while the key's top-up is pending."""
+    transaction_id: str | None
 
 
 class IdempotencyKeyRepository:
@@ -499,16 +587,21 @@ class IdempotencyKeyRepository:
     def __init__(self, session: AsyncSession) -> None:
         self._session = session
 
-    async def claim(self, user_id: int, key: str, fingerprint: str) -> bool:
-        """Reserve ``key`` for this request; False if it is already taken.
+    async def claim(self, user_id: int, key: str, fingerprint: str, transaction_id: str) -> bool:
+        """Reserve ``key`` for the top-up ``transaction_id``; False if it is already taken.
 
         A concurrent request with the same key blocks on the primary key until this
-        transaction ends: it then finds the committed response (and replays it), or, if this
-        one rolled back, claims the key itself. So one key never runs two top-ups.
+        transaction ends, then finds the key (pending or answered). So one key never runs
+        two top-ups.
         """
         statement = (
             pg_insert(idempotency_keys)
-            .values(user_id=user_id, key=key, request_fingerprint=fingerprint)
+            .values(
+                user_id=user_id,
+                key=key,
+                request_fingerprint=fingerprint,
+                transaction_id=transaction_id,
+            )
             .on_conflict_do_nothing(
                 index_elements=[idempotency_keys.c.user_id, idempotency_keys.c.key]
             )
@@ -516,13 +609,15 @@ class IdempotencyKeyRepository:
         )
         return (await self._session.execute(statement)).first() is not None
 
-    async def get(self, user_id: int, key: str) -> tuple[str, bytes | None] | None:
-        """``(fingerprint, stored response)`` of a committed key, or ``None``."""
+    async def get(self, user_id: int, key: str) -> StoredKey | None:
+        """What a committed key holds, or ``None``."""
         statement = sa.select(
-            idempotency_keys.c.request_fingerprint, idempotency_keys.c.response
+            idempotency_keys.c.request_fingerprint,
+            idempotency_keys.c.response,
+            idempotency_keys.c.transaction_id,
         ).where(idempotency_keys.c.user_id == user_id, idempotency_keys.c.key == key)
         row = (await self._session.execute(statement)).first()
-        return (row[0], row[1]) if row is not None else None
+        return StoredKey(row[0], row[1], row[2]) if row is not None else None
 
     async def delete_created_before(self, age_seconds: float, *, limit: int) -> int:
         """Delete up to ``limit`` keys older than ``age_seconds``; how many went."""
@@ -540,6 +635,14 @@ class IdempotencyKeyRepository:
         )
         result = await self._session.execute(statement, {"age": age_seconds})
         return int(cast(CursorResult[Any], result).rowcount)
+
+    async def forget(self, user_id: int, key: str) -> None:
+        """Free the key: its top-up failed, so a retry may try again."""
+        await self._session.execute(
+            sa.delete(idempotency_keys).where(
+                idempotency_keys.c.user_id == user_id, idempotency_keys.c.key == key
+            )
+        )
 
     async def store_response(self, user_id: int, key: str, response: bytes) -> None:
         await self._session.execute(

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Protocol
 
+from cake_promotions.domain.topups import PaymentOutcome
+
 
 @dataclass(frozen=True, slots=True)
 class PaymentRequest:
@@ -20,13 +22,27 @@ class PaymentRequest:
 
 @dataclass(frozen=True, slots=True)
 class PaymentResult:
-    approved: bool
+    outcome: PaymentOutcome
     reason: str | None = None
-    """Why the payment was declined (logged, never shown to the client)."""
+    """Why the payment was declined or its outcome is unknown (logged, never shown to the
+    client)."""
+
+    @property
+    def approved(self) -> bool:
+        return self.outcome is PaymentOutcome.CHARGED
 
 
 class PaymentGateway(Protocol):
-    """Charges a payment; called inside the top-up's transaction, with the voucher locked, so
-    a declined payment leaves the voucher unspent."""
+    """The bank. Called outside any database transaction, with the top-up already recorded
+    pending; ``transaction_id`` is the bank's idempotency key, so a repeated charge never
+    debits twice. Neither method raises for an unreachable bank: that is
+    ``PaymentOutcome.UNKNOWN``."""
 
     async def charge(self, request: PaymentRequest) -> PaymentResult: ...
+
+    async def settle_status(self, transaction_id: str) -> PaymentResult:
+        """Whether ``transaction_id`` was charged, as a final answer: an id never charged is
+        voided at the bank, so a charge still in flight can no longer go through."""
+        ...
+
+    async def close(self) -> None: ...

@@ -1,4 +1,21 @@
-"""Top-ups: the command, its receipt, transaction ids and idempotency fingerprints."""
+"""Top-ups: the command, its receipt, transaction ids, idempotency fingerprints, and the
+states of the top-up saga.
+
+A top-up is a saga of three steps, so no database transaction is ever open while the bank
+is called:
+
+1. **reserve** (one short transaction): the voucher becomes ``reserved`` until an expiry and
+   the top-up is recorded ``pending`` (with its Idempotency-Key). The record exists before
+   any money moves, so there is never a charge without one.
+2. **charge** (no transaction): the bank is asked to debit the final amount, with the
+   top-up's transaction id as the bank's idempotency key, so no retry charges twice.
+3. **confirm** (charged: top-up ``succeeded``, voucher ``used``) or **compensate** (not
+   charged: top-up ``failed``, voucher ``active`` again), one short transaction each.
+
+When the bank's answer is unknown (deadline, crash, outage) the top-up stays ``pending`` and
+the reconciler settles it once it is overdue, by asking the bank (which voids the id if it
+was never charged, so the answer is final).
+"""
 
 from __future__ import annotations
 
@@ -7,13 +24,22 @@ import json
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
 
+from cake_promotions.domain.money import format_amount
+
 DEFAULT_PAYMENT_METHOD = "bank_transfer"
-TOPUP_SUCCEEDED_MESSAGE = "Top-up processed successfully"
+TOPUP_SUCCEEDED_MESSAGE = "Top-up successful!"
+TOPUP_SAVED_MESSAGE = "Top-up successful! You saved {discount} with your voucher."
 PAYMENT_FAILED_MESSAGE = "Payment processing failed"
+PAYMENT_PENDING_MESSAGE = (
+    "Payment is still being processed; retry with the same Idempotency-Key for the result"
+)
+TOPUP_IN_PROGRESS_MESSAGE = (
+    "A top-up with this Idempotency-Key is still being processed; retry later"
+)
 IDEMPOTENCY_KEY_REUSED_MESSAGE = (
     "Idempotency-Key has already been used for a different top-up request"
 )
@@ -23,8 +49,58 @@ _BASE36 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 class TopupStatus(StrEnum):
+    PENDING = "pending"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+
+
+class PaymentOutcome(StrEnum):
+    """What the bank said about a top-up's charge."""
+
+    CHARGED = "charged"
+    NOT_CHARGED = "not_charged"
+    """Declined, or voided before any charge: final, the money did not move."""
+    UNKNOWN = "unknown"
+    """No answer (deadline, crash, outage): it may or may not have been charged."""
+
+
+class SagaStep(StrEnum):
+    CONFIRM = "confirm"
+    COMPENSATE = "compensate"
+    WAIT = "wait"
+    """Stay pending: nothing is known yet."""
+    NOTHING = "nothing"
+    """Already settled the same way (a concurrent request or the reconciler did it)."""
+
+
+class SagaInvariantBroken(Exception):  # noqa: N818 - names the broken rule, like CakeError
+    """The bank charged a top-up that was already settled as failed (or the reverse)."""
+
+
+def next_step(status: TopupStatus, outcome: PaymentOutcome) -> SagaStep:
+    """The saga's transition for a top-up in ``status`` once the bank said ``outcome``."""
+    if outcome is PaymentOutcome.UNKNOWN:
+        return SagaStep.WAIT if status is TopupStatus.PENDING else SagaStep.NOTHING
+    settled = TopupStatus.SUCCEEDED if outcome is PaymentOutcome.CHARGED else TopupStatus.FAILED
+    if status is TopupStatus.PENDING:
+        return SagaStep.CONFIRM if outcome is PaymentOutcome.CHARGED else SagaStep.COMPENSATE
+    if status is settled:
+        return SagaStep.NOTHING
+    raise SagaInvariantBroken(f"top-up {status.value} but the bank says {outcome.value}")
+
+
+def is_overdue(created_at: datetime, now: datetime, pending_timeout: timedelta) -> bool:
+    """A pending top-up this old is settled by the reconciler (its voucher's reservation
+    ends at the same instant)."""
+    return created_at + pending_timeout <= now
+
+
+def success_message(discount: Decimal) -> str:
+    """Cake's success message: with a discount it says how much was saved, the amount
+    printed as Cake prints numbers (``30``, ``15000.15``)."""
+    if discount > 0:
+        return TOPUP_SAVED_MESSAGE.format(discount=format_amount(discount))
+    return TOPUP_SUCCEEDED_MESSAGE
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +140,7 @@ class TopupReceipt:
 
 @dataclass(frozen=True, slots=True)
 class TopupRecord:
-    """A row of the top-up ledger, successful or declined."""
+    """A row of the top-up ledger: pending, succeeded or failed."""
 
     transaction_id: str
     user_id: int
@@ -76,6 +152,23 @@ class TopupRecord:
     payment_method: str
     status: TopupStatus
     created_at: datetime
+    voucher_code: str | None = None
+    idempotency_key: str | None = None
+    """The client's Idempotency-Key of the request that started it (answered when it
+    settles)."""
+
+    def receipt(self) -> TopupReceipt:
+        """The answer to the request once the top-up succeeded."""
+        return TopupReceipt(
+            success=True,
+            transaction_id=self.transaction_id,
+            original_amount=self.original_amount,
+            discount_amount=self.discount_amount,
+            final_amount=self.final_amount,
+            phone_number=self.phone_number,
+            voucher_code=self.voucher_code,
+            message=success_message(self.discount_amount),
+        )
 
 
 def new_transaction_id(now: datetime, choice: Callable[[str], str] = secrets.choice) -> str:

@@ -31,6 +31,9 @@ BELOW_MINIMUM_TOPUP = "Minimum top-up amount for this voucher is {minimum}"
 
 class VoucherStatus(StrEnum):
     ACTIVE = "active"
+    RESERVED = "reserved"
+    """Held by a pending top-up until ``reserved_until``: used if it is charged, active
+    again if not."""
     USED = "used"
     EXPIRED = "expired"
     CANCELLED = "cancelled"
@@ -88,6 +91,7 @@ class Voucher:
     used_amount: Decimal | None
     discount_amount: Decimal | None
     transaction_reference: str | None
+    reserved_until: datetime | None = None
 
     def is_expired(self, now: datetime) -> bool:
         return self.expires_at <= now

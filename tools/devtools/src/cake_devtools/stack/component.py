@@ -30,6 +30,7 @@ PASSWORD_NAMES = (
     "cake_promotions",
     "cake_events",
     "cake_relay",
+    "cake_payments",
 )
 
 

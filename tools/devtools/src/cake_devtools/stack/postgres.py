@@ -47,12 +47,14 @@ class DatabaseSpec:
 
 
 RELAY_ROLE = "cake_relay"
-SERVICE_ROLES = ("cake_auth", "cake_promotions", "cake_events")
+SERVICE_ROLES = ("cake_auth", "cake_promotions", "cake_events", "cake_payments")
 ROLES = (*SERVICE_ROLES, RELAY_ROLE)
 DATABASES = (
     DatabaseSpec("cake_auth", "cake_auth", (RELAY_ROLE,)),
     DatabaseSpec("cake_promotions", "cake_promotions", (RELAY_ROLE,)),
     DatabaseSpec("cake_events", "cake_events"),
+    # The bank simulator's ledger: its own database, as a real bank's would be.
+    DatabaseSpec("cake_payments", "cake_payments"),
 )
 
 

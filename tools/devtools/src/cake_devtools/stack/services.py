@@ -1,4 +1,5 @@
-"""The three Cake services, started with ``uv run --frozen cake-<name> serve``.
+"""The three Cake services and the bank simulator, started with
+``uv run --frozen cake-<name> serve``.
 
 Their configuration is environment variables only (pydantic-settings, prefix ``CAKE_<NAME>_``);
 :func:`build_service_environment` is the one place that derives them from the stack, so the
@@ -42,6 +43,9 @@ class ServiceSpec:
 
 
 SERVICES = (ServiceSpec("auth"), ServiceSpec("promotions"), ServiceSpec("events"))
+"""The services behind the gateway."""
+BANK = ServiceSpec("payments")
+"""The bank simulator: a process of the stack that only promotions calls (no gateway route)."""
 #: Databases whose outbox the relay (in the events service) reads, by source service.
 OUTBOX_SOURCES = ("auth", "promotions")
 RELAY_ROLE = "cake_relay"
@@ -74,7 +78,8 @@ def database_url(*, user: str, password: str, host: str, port: int, database: st
 def build_service_environment(
     endpoints: Endpoints, passwords: Mapping[str, str]
 ) -> dict[str, dict[str, str]]:
-    """Environment variables per service name (``auth``, ``promotions``, ``events``)."""
+    """Environment variables per service name (``auth``, ``promotions``, ``events``, and
+    ``payments`` when ``endpoints`` has a port for the bank simulator)."""
 
     def db_url(role: str, database: str) -> str:
         return database_url(
@@ -108,7 +113,18 @@ def build_service_environment(
                 source_prefix = f"{prefix}{source.upper()}_"
                 env[f"{source_prefix}OUTBOX_URL"] = db_url(RELAY_ROLE, f"cake_{source}")
                 env[f"{source_prefix}GRPC_TARGET"] = f"127.0.0.1:{endpoints.grpc_ports[source]}"
+        if spec.name == "promotions" and BANK.name in endpoints.grpc_ports:
+            env[f"{prefix}PAYMENTS_TARGET"] = f"127.0.0.1:{endpoints.grpc_ports[BANK.name]}"
         environments[spec.name] = env
+    if BANK.name in endpoints.grpc_ports:
+        prefix = BANK.env_prefix
+        environments[BANK.name] = {
+            f"{prefix}GRPC_HOST": "127.0.0.1",
+            f"{prefix}GRPC_PORT": str(endpoints.grpc_ports[BANK.name]),
+            f"{prefix}DATABASE_URL": db_url(BANK.package, BANK.package),
+            f"{prefix}LOG_JSON": "true",
+            f"{prefix}METRICS_PORT": str(endpoints.metrics_ports[BANK.name]),
+        }
     return environments
 
 

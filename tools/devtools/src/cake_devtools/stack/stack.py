@@ -23,6 +23,7 @@ from cake_devtools.stack.layout import RunLayout, repo_root
 from cake_devtools.stack.postgres import PostgresComponent
 from cake_devtools.stack.redis import RedisComponent
 from cake_devtools.stack.services import (
+    BANK,
     SERVICES,
     Endpoints,
     ServiceComponent,
@@ -31,7 +32,16 @@ from cake_devtools.stack.services import (
 from cake_devtools.stack.settings import load_settings
 
 #: Start order; ``down`` goes the other way.
-COMPONENTS = ("postgres", "redis", "kafka", "auth", "promotions", "events", "envoy")
+COMPONENTS = (
+    "postgres",
+    "redis",
+    "kafka",
+    "auth",
+    "payments",
+    "promotions",
+    "events",
+    "envoy",
+)
 
 
 def _silent(_: str) -> None:
@@ -76,7 +86,7 @@ class Stack:
             "kafka": self._kafka,
         }
         endpoints = self._endpoints()
-        for spec in SERVICES:
+        for spec in (BANK, *SERVICES):
             components[spec.name] = ServiceComponent(self._ctx, spec, endpoints)
         events = components["events"]
         assert isinstance(events, ServiceComponent)
@@ -95,6 +105,7 @@ class Stack:
                 "auth": settings.auth_grpc_port,
                 "promotions": settings.promotions_grpc_port,
                 "events": settings.events_grpc_port,
+                BANK.name: settings.payments_grpc_port,
             },
             jwt_signing_key=self._ctx.layout.jwt_signing_key,
             jwks_file=self._ctx.layout.jwks_file,
@@ -102,6 +113,7 @@ class Stack:
                 "auth": settings.auth_metrics_port,
                 "promotions": settings.promotions_metrics_port,
                 "events": settings.events_metrics_port,
+                BANK.name: settings.payments_metrics_port,
             },
             otlp_endpoint=settings.otlp_endpoint,
         )
@@ -148,9 +160,8 @@ class Stack:
                 started.append(component.name)
         # A gateway started by this call health-checked the services once they were ready;
         # one that was already running learns of (re)started services only at its next check.
-        restarted_services = [
-            name for name in started if isinstance(self._components[name], ServiceComponent)
-        ]
+        gateway_upstreams = {spec.name for spec in SERVICES}
+        restarted_services = [name for name in started if name in gateway_upstreams]
         if restarted_services and "envoy" not in started:
             self.wait_gateway_routing(restarted_services)
         summary = f"stack '{self.profile}' up in {time.monotonic() - began:.1f}s"
@@ -267,7 +278,8 @@ class Stack:
         return self._kafka.bootstrap
 
     def service_environment(self) -> dict[str, dict[str, str]]:
-        """Environment variables per service (``auth``, ``promotions``, ``events``)."""
+        """Environment variables per service (``auth``, ``promotions``, ``events``,
+        ``payments``)."""
         return build_service_environment(self._endpoints(), self._ctx.passwords)
 
     # -- output ----------------------------------------------------------------------------

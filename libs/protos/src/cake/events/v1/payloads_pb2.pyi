@@ -6,6 +6,7 @@ isort:skip_file
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -16,6 +17,34 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _PaymentStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PaymentStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PaymentStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PAYMENT_STATUS_UNSPECIFIED: _PaymentStatus.ValueType  # 0
+    """Not said (events written before the status existed: read `success`)."""
+    PAYMENT_STATUS_PENDING: _PaymentStatus.ValueType  # 1
+    """Recorded, charge sent or about to be; not resolved yet."""
+    PAYMENT_STATUS_SUCCEEDED: _PaymentStatus.ValueType  # 2
+    """Charged and confirmed: the voucher (if any) is spent."""
+    PAYMENT_STATUS_FAILED: _PaymentStatus.ValueType  # 3
+    """Not charged: the voucher (if any) is active again."""
+
+class PaymentStatus(_PaymentStatus, metaclass=_PaymentStatusEnumTypeWrapper):
+    """PaymentStatus is the state of a top-up's payment."""
+
+PAYMENT_STATUS_UNSPECIFIED: PaymentStatus.ValueType  # 0
+"""Not said (events written before the status existed: read `success`)."""
+PAYMENT_STATUS_PENDING: PaymentStatus.ValueType  # 1
+"""Recorded, charge sent or about to be; not resolved yet."""
+PAYMENT_STATUS_SUCCEEDED: PaymentStatus.ValueType  # 2
+"""Charged and confirmed: the voucher (if any) is spent."""
+PAYMENT_STATUS_FAILED: PaymentStatus.ValueType  # 3
+"""Not charged: the voucher (if any) is active again."""
+Global___PaymentStatus: _TypeAlias = PaymentStatus  # noqa: Y015
 
 @_typing.final
 class UserFirstLogin(_message.Message):
@@ -210,6 +239,7 @@ class PaymentProcessed(_message.Message):
     VOUCHER_CODE_FIELD_NUMBER: _builtins.int
     SUCCESS_FIELD_NUMBER: _builtins.int
     PROCESSED_AT_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
     transaction_id: _builtins.str
     """The top-up transaction, `TXN-<epoch ms>-<6 base36 characters>`."""
     user_id: _builtins.int
@@ -226,6 +256,10 @@ class PaymentProcessed(_message.Message):
     """Voucher spent; empty without one."""
     success: _builtins.bool
     """True when the payment went through."""
+    status: Global___PaymentStatus.ValueType
+    """Where the top-up stands: PENDING when the charge is about to be sent (success is then
+    false, and a later event says how it ended), SUCCEEDED or FAILED once resolved.
+    """
     @_builtins.property
     def processed_at(self) -> _timestamp_pb2.Timestamp:
         """When the payment was processed."""
@@ -242,10 +276,11 @@ class PaymentProcessed(_message.Message):
         voucher_code: _builtins.str = ...,
         success: _builtins.bool = ...,
         processed_at: _timestamp_pb2.Timestamp | None = ...,
+        status: Global___PaymentStatus.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["processed_at", b"processed_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["discount_amount", b"discount_amount", "final_amount", b"final_amount", "original_amount", b"original_amount", "phone_number", b"phone_number", "processed_at", b"processed_at", "success", b"success", "transaction_id", b"transaction_id", "user_id", b"user_id", "voucher_code", b"voucher_code"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["discount_amount", b"discount_amount", "final_amount", b"final_amount", "original_amount", b"original_amount", "phone_number", b"phone_number", "processed_at", b"processed_at", "status", b"status", "success", b"success", "transaction_id", b"transaction_id", "user_id", b"user_id", "voucher_code", b"voucher_code"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -164,6 +164,9 @@ class PromotionsServiceServicer:
         under concurrent calls). Fails with NOT_FOUND "Invalid voucher code" or FAILED_PRECONDITION
         / INVALID_ARGUMENT with Cake's messages (wrong owner, expired or used, below minimum,
         payment failed). An `Idempotency-Key` request header makes retries return the first result.
+        When the bank's answer is unknown the top-up stays pending (UNAVAILABLE, reason
+        PAYMENT_PENDING, `retry-after`) until it is settled; a retry with the same key meanwhile
+        gets ABORTED (reason TOPUP_IN_PROGRESS, `retry-after`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

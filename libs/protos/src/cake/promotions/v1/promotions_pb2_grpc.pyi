@@ -64,6 +64,9 @@ class PromotionsServiceStub:
     under concurrent calls). Fails with NOT_FOUND "Invalid voucher code" or FAILED_PRECONDITION
     / INVALID_ARGUMENT with Cake's messages (wrong owner, expired or used, below minimum,
     payment failed). An `Idempotency-Key` request header makes retries return the first result.
+    When the bank's answer is unknown the top-up stays pending (UNAVAILABLE, reason
+    PAYMENT_PENDING, `retry-after`) until it is settled; a retry with the same key meanwhile
+    gets ABORTED (reason TOPUP_IN_PROGRESS, `retry-after`).
     """
 
 @_typing.type_check_only
@@ -102,6 +105,9 @@ class PromotionsServiceAsyncStub(PromotionsServiceStub):
     under concurrent calls). Fails with NOT_FOUND "Invalid voucher code" or FAILED_PRECONDITION
     / INVALID_ARGUMENT with Cake's messages (wrong owner, expired or used, below minimum,
     payment failed). An `Idempotency-Key` request header makes retries return the first result.
+    When the bank's answer is unknown the top-up stays pending (UNAVAILABLE, reason
+    PAYMENT_PENDING, `retry-after`) until it is settled; a retry with the same key meanwhile
+    gets ABORTED (reason TOPUP_IN_PROGRESS, `retry-after`).
     """
 
 class PromotionsServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -197,6 +203,9 @@ class PromotionsServiceServicer(metaclass=_abc_1.ABCMeta):
         under concurrent calls). Fails with NOT_FOUND "Invalid voucher code" or FAILED_PRECONDITION
         / INVALID_ARGUMENT with Cake's messages (wrong owner, expired or used, below minimum,
         payment failed). An `Idempotency-Key` request header makes retries return the first result.
+        When the bank's answer is unknown the top-up stays pending (UNAVAILABLE, reason
+        PAYMENT_PENDING, `retry-after`) until it is settled; a retry with the same key meanwhile
+        gets ABORTED (reason TOPUP_IN_PROGRESS, `retry-after`).
         """
 
 def add_PromotionsServiceServicer_to_server(servicer: PromotionsServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

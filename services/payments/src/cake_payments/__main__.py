@@ -1,0 +1,3 @@
+from cake_payments.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Use cases of the bank: charge, look up (and void), faults."""
