@@ -62,6 +62,7 @@ class TokenSigner:
             "iat": now,
             "exp": now + ttl_seconds,
             "jti": str(uuid.uuid4()),
+            "sid": uuid.uuid4().hex,
         }
         return jwt.encode(claims, self.private_key, algorithm="ES256", headers={"kid": self.kid})
 
@@ -108,7 +109,9 @@ StartServer = Callable[..., Awaitable[PromotionsServer]]
 
 
 @pytest.fixture(scope="module")
-async def start_server(database_url: str, signer: TokenSigner) -> AsyncIterator[StartServer]:
+async def start_server(
+    database_url: str, redis_url: str, signer: TokenSigner
+) -> AsyncIterator[StartServer]:
     """Start promotions servers exactly as ``serve`` does (gRPC only, on port 0) against the
     module's database; ``settings`` overrides configuration. All stop at the end."""
     started: list[PromotionsServer] = []
@@ -116,6 +119,7 @@ async def start_server(database_url: str, signer: TokenSigner) -> AsyncIterator[
     async def start(**settings: Any) -> PromotionsServer:
         configuration = PromotionsSettings(
             database_url=database_url,
+            redis_url=redis_url,
             grpc_port=0,
             jwks_file=signer.jwks_file,
             consumer_enabled=False,

@@ -31,7 +31,14 @@ class AuthSettings(ServiceSettings):
         default=None, ge=1, description="Hashing threads/processes; default: CPU count"
     )
 
-    access_token_ttl_seconds: int = Field(default=604800, gt=0)
+    access_token_ttl_seconds: int = Field(
+        default=900, gt=0, description="Access-token lifetime (short: sessions refresh)"
+    )
+    session_lifetime_seconds: int = Field(
+        default=604800,
+        gt=0,
+        description="Absolute session lifetime from login; refreshing never extends it",
+    )
     jwt_private_key_file: Path | None = Field(
         default=None, description="EC P-256 private key (PKCS8 PEM) that signs access tokens"
     )

@@ -182,9 +182,15 @@ class GrpcServerBuilder:
         verifier: JwtVerifier,
         *,
         public_methods: Iterable[str] = (),
+        optional_methods: Iterable[str] = (),
         is_revoked: RevocationCheck | None = None,
     ) -> Self:
-        self._auth = AuthInterceptor(verifier, public_methods=public_methods, is_revoked=is_revoked)
+        self._auth = AuthInterceptor(
+            verifier,
+            public_methods=public_methods,
+            optional_methods=optional_methods,
+            is_revoked=is_revoked,
+        )
         return self
 
     def with_metrics(

@@ -8,6 +8,7 @@ from types import TracebackType
 from typing import Any, Protocol, Self
 
 from cake_auth.domain.login import FirstLogin, LoginAccount, ThrottleStatus
+from cake_auth.domain.sessions import RefreshTokenRecord, Session
 from cake_auth.domain.tokens import AccessToken
 from cake_auth.domain.users import NewUser, ProfileChanges, Role, User
 
@@ -25,7 +26,17 @@ class PasswordHasher(Protocol):
 
 
 class TokenIssuer(Protocol):
-    def issue(self, user_id: int, role: Role | str) -> AccessToken: ...
+    def issue(
+        self,
+        user_id: int,
+        role: Role | str,
+        *,
+        session_id: str,
+        not_after: datetime | None = None,
+    ) -> AccessToken:
+        """A signed token of this session, expiring after the TTL but never after
+        ``not_after`` (the session's absolute end)."""
+        ...
 
 
 class ProfileCache(Protocol):
@@ -51,12 +62,38 @@ class LoginThrottle(Protocol):
     async def reset(self, account_key: str) -> None: ...
 
 
-class TokenDenylist(Protocol):
-    async def revoke(self, jti: str, expires_at: datetime) -> None:
-        """Deny the token until it expires; raises ``Unavailable`` if that cannot be stored."""
+class Revocations(Protocol):
+    """The revocation list every service checks; raises ``Unavailable`` if not stored."""
+
+    async def revoke_sessions(self, session_ids: Sequence[str]) -> None:
+        """Refuse every access token of these sessions from now on."""
         ...
 
-    async def is_revoked(self, jti: str) -> bool: ...
+    async def revoke_token(self, jti: str, expires_at: datetime) -> None:
+        """Refuse one access token until it expires."""
+        ...
+
+
+class SessionRepository(Protocol):
+    async def add(
+        self, new: Session, *, refresh_hash: str, user_agent: str, client_ip: str
+    ) -> None: ...
+
+    async def add_refresh_token(self, session_id: str, token_hash: str, at: datetime) -> None: ...
+
+    async def get_for_update(self, session_id: str) -> Session | None: ...
+
+    async def find_refresh_token(
+        self, token_hash: str
+    ) -> tuple[RefreshTokenRecord, Session] | None:
+        """The token and its (locked) session."""
+        ...
+
+    async def retire_refresh_tokens(self, session_id: str, at: datetime) -> None: ...
+
+    async def end(self, session_id: str, at: datetime, reason: str) -> bool: ...
+
+    async def end_all_of_user(self, user_id: int, at: datetime, reason: str) -> list[str]: ...
 
 
 class UserRepository(Protocol):
@@ -104,6 +141,9 @@ class AuthUnitOfWork(Protocol):
 
     @property
     def users(self) -> UserRepository: ...
+
+    @property
+    def sessions(self) -> SessionRepository: ...
 
     @property
     def events(self) -> EventRecorder: ...
