@@ -42,6 +42,7 @@ from cake_auth.api.servicer import (
     PUBLIC_METHODS,
     AuthServicer,
 )
+from cake_auth.domain.login import DelayPolicy
 from cake_auth.metrics import AuthMetrics
 from cake_auth.service.accounts import UserAccounts
 from cake_auth.service.ports import PasswordHasher, UnitOfWorkFactory
@@ -169,8 +170,18 @@ async def _use_cases(
         login_throttle=RedisLoginThrottle(
             infrastructure.redis,
             infrastructure.guard,
-            max_failures=settings.login_max_failures,
-            window_seconds=settings.login_failure_window_seconds,
+            account_policy=DelayPolicy(
+                free_failures=settings.login_max_failures,
+                base_delay_seconds=settings.login_delay_base_seconds,
+                max_delay_seconds=settings.login_delay_max_seconds,
+                window_seconds=settings.login_failure_window_seconds,
+            ),
+            ip_policy=DelayPolicy(
+                free_failures=settings.login_ip_max_failures,
+                base_delay_seconds=settings.login_delay_base_seconds,
+                max_delay_seconds=settings.login_ip_delay_max_seconds,
+                window_seconds=settings.login_failure_window_seconds,
+            ),
             key_prefix=settings.redis_key_prefix,
         ),
         revocations=SharedRevocations(

@@ -44,10 +44,24 @@ class AuthSettings(ServiceSettings):
     )
 
     login_max_failures: int = Field(
-        default=10, ge=1, description="Failed logins of one account before it is throttled"
+        default=5,
+        ge=1,
+        description="Failed logins of one account before each further attempt must wait",
     )
     login_failure_window_seconds: int = Field(
-        default=900, ge=1, description="Window (from the first failure) the failures count in"
+        default=900, ge=1, description="Failures are forgotten this long after the last one"
+    )
+    login_delay_base_seconds: float = Field(
+        default=1, gt=0, description="First delay; it doubles with every further failure"
+    )
+    login_delay_max_seconds: float = Field(
+        default=300, gt=0, description="Longest delay imposed on one account (no lock-out)"
+    )
+    login_ip_max_failures: int = Field(
+        default=20, ge=1, description="Failed logins from one client IP before delays start"
+    )
+    login_ip_delay_max_seconds: float = Field(
+        default=900, gt=0, description="Longest delay imposed on one client IP"
     )
     redis_key_prefix: str = Field(
         default="cake:auth:",

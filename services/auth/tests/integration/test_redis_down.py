@@ -39,12 +39,17 @@ async def test_every_rpc_works_without_redis(start_auth_server: Any) -> None:
     registered = await server.register()
     user = registered.user
 
-    # The throttle is bypassed: more failures than the limit, then the right password.
-    for _ in range(3):
+    # The throttle falls back to this process's memory: still counted, still limited.
+    for _ in range(2):
         error = await server.failure(
             server.stub.Login(auth_pb2.LoginRequest(account=user.username, password="wrong"))
         )
         assert error.code == grpc.StatusCode.UNAUTHENTICATED
+    error = await server.failure(
+        server.stub.Login(auth_pb2.LoginRequest(account=user.username, password=PASSWORD))
+    )
+    assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    await asyncio.sleep(1.1)  # the first delay (1 s) has passed
     logged_in = await server.stub.Login(
         auth_pb2.LoginRequest(account=user.username, password=PASSWORD)
     )
@@ -97,7 +102,7 @@ async def test_every_rpc_works_without_redis(start_auth_server: Any) -> None:
 
     assert server.counter("cake_auth_redis_bypassed_total", operation="revoke_sessions") > 0
     assert server.counter("cake_auth_redis_bypassed_total", operation="profile_cache_get") > 0
-    assert server.counter("cake_auth_redis_bypassed_total", operation="login_throttle_check") > 0
+    assert server.counter("cake_auth_redis_bypassed_total", operation="login_throttle_reserve") > 0
     assert server.counter("cake_auth_profile_cache_lookups_total", result="bypassed") >= 3
 
     # Degraded, not down: overall SERVING, the redis component NOT_SERVING.

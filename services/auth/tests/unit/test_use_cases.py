@@ -9,7 +9,13 @@ from types import TracebackType
 from typing import Any, Self
 
 import pytest
-from cake_auth.domain.login import FirstLogin, LoginAccount, LoginContext, ThrottleStatus
+from cake_auth.domain.login import (
+    FirstLogin,
+    LoginAccount,
+    LoginContext,
+    ThrottleKeys,
+    ThrottleStatus,
+)
 from cake_auth.domain.sessions import RefreshTokenRecord, Session
 from cake_auth.domain.tokens import AccessToken
 from cake_auth.domain.users import NewUser, ProfileChanges, Role, User, field_taken
@@ -257,19 +263,21 @@ class FakeCache:
 
 
 class FakeThrottle:
-    def __init__(self, max_failures: int = 3) -> None:
+    """Counts per account key like the real one: before the password check."""
+
+    def __init__(self, max_failures: int = 5) -> None:
         self.failures: dict[str, int] = {}
         self._max = max_failures
 
-    async def check(self, account_key: str) -> ThrottleStatus:
-        failures = self.failures.get(account_key, 0)
-        return ThrottleStatus(failures, 60 if failures >= self._max else None)
+    async def reserve(self, keys: ThrottleKeys) -> ThrottleStatus:
+        failures = self.failures.get(keys.account, 0)
+        if failures >= self._max:
+            return ThrottleStatus(failures, 60)
+        self.failures[keys.account] = failures + 1
+        return ThrottleStatus(failures + 1)
 
-    async def record_failure(self, account_key: str) -> None:
-        self.failures[account_key] = self.failures.get(account_key, 0) + 1
-
-    async def reset(self, account_key: str) -> None:
-        self.failures.pop(account_key, None)
+    async def succeeded(self, keys: ThrottleKeys) -> None:
+        self.failures.pop(keys.account, None)
 
 
 class FakeRevocations:
@@ -423,14 +431,21 @@ async def test_throttle_counts_failures_and_success_resets(world: World) -> None
     for _ in range(2):
         with pytest.raises(Unauthenticated):
             await world.use_cases.login(LogIn("Ada_L", "wrong"))
-    assert world.throttle.failures == {"ada_l": 2}
+    # One counter for the account, whichever identifier names it.
+    with pytest.raises(Unauthenticated):
+        await world.use_cases.login(LogIn("ada@example.com", "wrong"))
+    assert world.throttle.failures == {"user:1": 3}
     await world.use_cases.login(LogIn("ADA_L", PASSWORD))
     assert world.throttle.failures == {}
+    # Unknown accounts are counted by name.
+    with pytest.raises(Unauthenticated):
+        await world.use_cases.login(LogIn("Nobody", "wrong"))
+    assert world.throttle.failures == {"name:nobody": 1}
 
 
 async def test_throttled_account_is_refused_without_a_password_check(world: World) -> None:
     await world.use_cases.register(registration())
-    world.throttle.failures["ada_l"] = 3
+    world.throttle.failures["user:1"] = 5
     checks_before = len(world.hasher.verified)
     with pytest.raises(ResourceExhausted) as caught:
         await world.use_cases.login(LogIn("Ada_L", PASSWORD))

@@ -264,9 +264,10 @@ def _sources_entries(text: str, *, deb822: bool) -> list[tuple[str, list[str]]]:
                 continue
             key, _, value = line.partition(":")
             fields[key.strip().lower()] = value.strip()
-        if fields.get("enabled", "yes").lower() == "no" or "deb" not in fields.get(
-            "types", ""
-        ).split():
+        if (
+            fields.get("enabled", "yes").lower() == "no"
+            or "deb" not in fields.get("types", "").split()
+        ):
             continue
         for uri in fields.get("uris", "").split():
             entries.append((uri, fields.get("suites", "").split()))
@@ -365,9 +366,7 @@ def _require(binary: str, hint: str) -> None:
 
 
 def docker_image_id(ref: str) -> str | None:
-    result = _run(
-        ["docker", "image", "inspect", "--format", "{{.Id}}", ref], capture_output=True
-    )
+    result = _run(["docker", "image", "inspect", "--format", "{{.Id}}", ref], capture_output=True)
     return result.stdout.strip() if result.returncode == 0 else None
 
 
@@ -494,9 +493,7 @@ def _listed_digest(listing: str, qualified: str) -> str | None:
     return None
 
 
-def load_image(
-    image: ImageSpec, tag: str | None, echo: Callable[[str], None] = print
-) -> None:
+def load_image(image: ImageSpec, tag: str | None, echo: Callable[[str], None] = print) -> None:
     ref = image.ref(tag)
     image_id = docker_image_id(ref)
     if image_id is None:

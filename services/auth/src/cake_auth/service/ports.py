@@ -7,7 +7,7 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, Protocol, Self
 
-from cake_auth.domain.login import FirstLogin, LoginAccount, ThrottleStatus
+from cake_auth.domain.login import FirstLogin, LoginAccount, ThrottleKeys, ThrottleStatus
 from cake_auth.domain.sessions import RefreshTokenRecord, Session
 from cake_auth.domain.tokens import AccessToken
 from cake_auth.domain.users import NewUser, ProfileChanges, Role, User
@@ -51,15 +51,16 @@ class ProfileCache(Protocol):
 
 
 class LoginThrottle(Protocol):
-    """Counts failed logins per account; failures of the store let logins through."""
+    """Counts login attempts per account and per client IP, atomically and *before* the
+    password is checked; with its store down, a bounded local fallback applies."""
 
-    async def check(self, account_key: str) -> ThrottleStatus:
-        """The account's failures and whether it must wait (nothing known: no failures)."""
+    async def reserve(self, keys: ThrottleKeys) -> ThrottleStatus:
+        """Count this attempt as a failure, or refuse it (``retry_after_seconds``)."""
         ...
 
-    async def record_failure(self, account_key: str) -> None: ...
-
-    async def reset(self, account_key: str) -> None: ...
+    async def succeeded(self, keys: ThrottleKeys) -> None:
+        """The password was right: the account's failures are cleared."""
+        ...
 
 
 class Revocations(Protocol):

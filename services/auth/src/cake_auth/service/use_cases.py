@@ -13,7 +13,13 @@ from cake_common.errors import NotFound, ResourceExhausted, Unauthenticated
 from cake_common.jwt import Principal
 from cake_common.logging import get_logger
 
-from cake_auth.domain.login import FirstLogin, LoginAccount, LoginContext, login_account
+from cake_auth.domain.login import (
+    FirstLogin,
+    LoginAccount,
+    LoginContext,
+    login_account,
+    throttle_keys,
+)
 from cake_auth.domain.sessions import (
     Session,
     SessionEnd,
@@ -146,33 +152,51 @@ class AuthUseCases:
 
     async def login(self, command: LogIn) -> AuthenticatedUser:
         account = login_account(command.account)
-        throttle = await self._throttle.check(account.throttle_key)
+        candidate = await self._find_for_login(account)
+        # Counted before the password is checked, against the account (the same counter
+        # whichever identifier names it) and the client's IP.
+        keys = throttle_keys(account, candidate[0].id if candidate else None, command.context)
+        throttle = await self._throttle.reserve(keys)
         if throttle.retry_after_seconds is not None:
             self._metrics.logins.labels("throttled").inc()
+            _log.warning(
+                "login throttled",
+                user_id=candidate[0].id if candidate else None,
+                client_ip=command.context.client_ip,
+                retry_after_seconds=throttle.retry_after_seconds,
+            )
             raise ResourceExhausted(
                 LOGIN_THROTTLED,
                 reason="LOGIN_THROTTLED",
                 metadata={"retry_after_seconds": str(throttle.retry_after_seconds)},
             )
 
-        found = await self._check_password(account, command.password)
+        found = await self._check_password(candidate, command.password)
         if found is None:
-            await self._throttle.record_failure(account.throttle_key)
             self._metrics.logins.labels("invalid_credentials").inc()
+            _log.info(
+                "login failed",
+                user_id=candidate[0].id if candidate else None,
+                client_ip=command.context.client_ip,
+                failures=throttle.failures,
+            )
             raise Unauthenticated(INVALID_CREDENTIALS, reason="INVALID_CREDENTIALS")
 
-        if throttle.failures:
-            await self._throttle.reset(account.throttle_key)
+        await self._throttle.succeeded(keys)
         user, session, refresh_token = await self._record_login(found, command.context)
         self._metrics.logins.labels("success").inc()
         return AuthenticatedUser(user, self._issue(user, session), refresh_token)
 
-    async def _check_password(self, account: LoginAccount, password: str) -> User | None:
-        """The user the account names if ``password`` is theirs."""
-        candidate = None
-        if account.can_exist:
-            async with self._unit_of_work() as uow:
-                candidate = await uow.users.find_for_login(account)
+    async def _find_for_login(self, account: LoginAccount) -> tuple[User, str] | None:
+        if not account.can_exist:
+            return None
+        async with self._unit_of_work() as uow:
+            return await uow.users.find_for_login(account)
+
+    async def _check_password(
+        self, candidate: tuple[User, str] | None, password: str
+    ) -> User | None:
+        """The candidate user if ``password`` is theirs."""
         if candidate is not None and password_is_acceptable(password):
             user, password_hash = candidate
             return user if await self._hasher.verify(password, password_hash) else None
