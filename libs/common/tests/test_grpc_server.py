@@ -477,6 +477,28 @@ async def test_reflection_lists_services(client: Client) -> None:
     assert {SERVICE, "grpc.health.v1.Health"} <= names
 
 
+async def test_reflection_can_be_switched_off() -> None:
+    running = await (
+        GrpcServerBuilder(service_names=[SERVICE], grace_seconds=0)
+        .add_servicer(_register)
+        .with_reflection(False)
+        .start()
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+
+            async def requests() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
+                yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async for _ in stub.ServerReflectionInfo(requests()):
+                    pass
+            assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        await running.stop()
+
+
 async def test_graceful_shutdown(verifier: JwtVerifier) -> None:
     hook_calls: list[str] = []
 

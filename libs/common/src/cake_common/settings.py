@@ -47,6 +47,10 @@ class ServiceSettings(BaseSettings):
     jwt_issuer: str = "cake-system"
     jwt_audience: str = "cake-users"
     jwks_file: Path | None = None
+    grpc_reflection: bool = Field(
+        default=True,
+        description="Serve gRPC reflection (grpcurl without protos); set false in production",
+    )
     jwt_leeway_seconds: float = Field(
         default=30,
         ge=0,

@@ -133,7 +133,14 @@ async def test_voucher_discount_is_spent_once(
     ).voucher
     assert (voucher.status, voucher.is_valid) == ("used", False)
     assert (voucher.used_amount, voucher.discount_amount) == (50000.5, 15000.15)
-    assert voucher.transaction_reference == response.transaction_id
+    # The anonymous check never shows the payment's reference; the owner's list does.
+    assert not voucher.HasField("transaction_reference")
+    mine = (
+        await server.stub.ListMyVouchers(
+            promotions_pb2.ListMyVouchersRequest(), metadata=signer.metadata(user)
+        )
+    ).vouchers
+    assert mine[0].transaction_reference == response.transaction_id
     promotion = (
         await server.stub.ListMyPromotions(
             promotions_pb2.ListMyPromotionsRequest(), metadata=signer.metadata(user)
