@@ -181,11 +181,16 @@ class FakeUsers:
 
 
 class FakeEvents:
+    audited: list[Any] = []
+
     def __init__(self, pending: list[FirstLogin]) -> None:
         self._pending = pending
 
     async def first_login(self, event: FirstLogin) -> None:
         self._pending.append(event)
+
+    async def security_audit(self, entry: Any) -> None:
+        self.audited.append(entry)
 
 
 class FakeUnitOfWork:

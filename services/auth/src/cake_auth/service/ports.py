@@ -7,6 +7,8 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, Protocol, Self
 
+from cake_common.audit import AuditEntry
+
 from cake_auth.domain.login import FirstLogin, LoginAccount, ThrottleKeys, ThrottleStatus
 from cake_auth.domain.sessions import RefreshTokenRecord, Session
 from cake_auth.domain.tokens import AccessToken
@@ -135,6 +137,10 @@ class UserRepository(Protocol):
 
 class EventRecorder(Protocol):
     async def first_login(self, event: FirstLogin) -> None: ...
+
+    async def security_audit(self, entry: AuditEntry) -> None:
+        """An entry of the security audit log, committed with the unit of work."""
+        ...
 
 
 class AuthUnitOfWork(Protocol):

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from cake_common import audit
+from cake_common.audit import AuditEntry
 from cake_common.errors import NotFound, ResourceExhausted, Unauthenticated
 from cake_common.jwt import Principal
 from cake_common.logging import get_logger
@@ -159,6 +161,15 @@ class AuthUseCases:
         throttle = await self._throttle.reserve(keys)
         if throttle.retry_after_seconds is not None:
             self._metrics.logins.labels("throttled").inc()
+            await self._audit(
+                AuditEntry(
+                    audit.LOGIN_THROTTLED,
+                    self._clock(),
+                    subject_user_id=candidate[0].id if candidate else 0,
+                    client_ip=command.context.client_ip,
+                    details={"retry_after_seconds": str(throttle.retry_after_seconds)},
+                )
+            )
             _log.warning(
                 "login throttled",
                 user_id=candidate[0].id if candidate else None,
@@ -174,6 +185,15 @@ class AuthUseCases:
         found = await self._check_password(candidate, command.password)
         if found is None:
             self._metrics.logins.labels("invalid_credentials").inc()
+            await self._audit(
+                AuditEntry(
+                    audit.LOGIN_FAILED,
+                    self._clock(),
+                    subject_user_id=candidate[0].id if candidate else 0,
+                    client_ip=command.context.client_ip,
+                    details={"failures": str(throttle.failures)},
+                )
+            )
             _log.info(
                 "login failed",
                 user_id=candidate[0].id if candidate else None,
@@ -186,6 +206,12 @@ class AuthUseCases:
         user, session, refresh_token = await self._record_login(found, command.context)
         self._metrics.logins.labels("success").inc()
         return AuthenticatedUser(user, self._issue(user, session), refresh_token)
+
+    async def _audit(self, entry: AuditEntry) -> None:
+        """An audit entry on its own (when no other write happens in the call)."""
+        async with self._unit_of_work() as uow:
+            await uow.events.security_audit(entry)
+            await uow.commit()
 
     async def _find_for_login(self, account: LoginAccount) -> tuple[User, str] | None:
         if not account.can_exist:
@@ -286,6 +312,14 @@ class AuthUseCases:
                 raise Unauthenticated(SESSION_ENDED, reason="SESSION_ENDED")
             if record.used:
                 await uow.sessions.end(session.id, now, SessionEnd.REFRESH_REUSE)
+                await uow.events.security_audit(
+                    AuditEntry(
+                        audit.REFRESH_TOKEN_REUSED,
+                        now,
+                        subject_user_id=session.user_id,
+                        details={"session_id": session.id},
+                    )
+                )
                 await uow.commit()
                 reused = session
             else:
@@ -339,8 +373,18 @@ class AuthUseCases:
     async def logout(self, principal: Principal) -> None:
         """End the caller's session: in the database first (no refresh works any more),
         then in the shared revocation list (no service accepts its tokens)."""
+        now = self._clock()
         async with self._unit_of_work() as uow:
-            await uow.sessions.end(principal.session_id, self._clock(), SessionEnd.LOGOUT)
+            await uow.sessions.end(principal.session_id, now, SessionEnd.LOGOUT)
+            await uow.events.security_audit(
+                AuditEntry(
+                    audit.LOGOUT,
+                    now,
+                    actor_user_id=principal.user_id,
+                    subject_user_id=principal.user_id,
+                    details={"session_id": principal.session_id},
+                )
+            )
             await uow.commit()
         await self._revocations.revoke_sessions([principal.session_id])
         _log.info("session ended", user_id=principal.user_id, reason=SessionEnd.LOGOUT)
@@ -348,7 +392,10 @@ class AuthUseCases:
     async def logout_all(self, principal: Principal) -> int:
         """End every session of the caller; how many were live."""
         return await self._end_user_sessions(
-            principal.user_id, SessionEnd.LOGOUT_ALL, also=principal.session_id
+            principal.user_id,
+            SessionEnd.LOGOUT_ALL,
+            actor_user_id=principal.user_id,
+            also=principal.session_id,
         )
 
     async def end_user_sessions(self, admin: Principal, user_id: int) -> int:
@@ -356,15 +403,29 @@ class AuthUseCases:
         async with self._unit_of_work() as uow:
             if await uow.users.get(user_id) is None:
                 raise NotFound("User not found", reason="USER_NOT_FOUND")
-        ended = await self._end_user_sessions(user_id, SessionEnd.ADMIN)
+        ended = await self._end_user_sessions(
+            user_id, SessionEnd.ADMIN, actor_user_id=admin.user_id
+        )
         _log.info("admin ended sessions", admin_id=admin.user_id, user_id=user_id, ended=ended)
         return ended
 
     async def _end_user_sessions(
-        self, user_id: int, reason: SessionEnd, *, also: str | None = None
+        self, user_id: int, reason: SessionEnd, *, actor_user_id: int, also: str | None = None
     ) -> int:
+        now = self._clock()
         async with self._unit_of_work() as uow:
-            ended = await uow.sessions.end_all_of_user(user_id, self._clock(), reason)
+            ended = await uow.sessions.end_all_of_user(user_id, now, reason)
+            await uow.events.security_audit(
+                AuditEntry(
+                    audit.LOGOUT_ALL
+                    if reason is SessionEnd.LOGOUT_ALL
+                    else audit.SESSIONS_ENDED_BY_ADMIN,
+                    now,
+                    actor_user_id=actor_user_id,
+                    subject_user_id=user_id,
+                    details={"ended_sessions": str(len(ended))},
+                )
+            )
             await uow.commit()
         to_revoke = list(ended)
         if also is not None and also not in to_revoke:
