@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -111,23 +108,11 @@ def user(client: httpx.Client) -> Account:
 
 
 @pytest.fixture(scope="module")
-def admin(full_stack: Stack, client: httpx.Client) -> Account:
+def admin(create_admin: Callable[..., None], client: httpx.Client) -> Account:
     """An admin made with ``cake-auth create-admin``, logged in through the gateway."""
     username = unique("admin")
     email, phone = f"{username}@example.com", unique_phone()
-    env = {**os.environ, **full_stack.service_environment()["auth"]}
-    created = subprocess.run(
-        [
-            *(sys.executable, "-m", "cake_auth", "create-admin", "--username", username),
-            *("--email", email, "--phone", phone, "--password", PASSWORD),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert created.returncode == 0, created.stderr
+    create_admin(username, email, phone, PASSWORD)
     answer = login(client, username)
     return Account(username, email, phone, answer["access_token"], answer["user"])
 
@@ -459,19 +444,24 @@ def test_profile_read_and_update(client: httpx.Client) -> None:
 def test_refresh_then_logout_revokes_the_token(client: httpx.Client) -> None:
     account = register(client)
 
+    # Cake's form: the bearer token is exchanged once, for a new one and a refresh token.
     refreshed = client.post("/auth/refresh", json={}, headers=account.auth)
     assert refreshed.status_code == 200, refreshed.text
-    fresh_token = refreshed.json()["access_token"]
-    assert fresh_token != account.token
+    answer = refreshed.json()
+    assert set(answer) == {"access_token", "refresh_token", "expires_in"}
+    assert answer["expires_in"] == 900
+    fresh = {"authorization": f"Bearer {answer['access_token']}"}
+    assert answer["access_token"] != account.token
+    # The edge only checks the signature; the services know the token was exchanged.
+    assert_error(client.get("/auth/profile", headers=account.auth), 401, "Token has been revoked")
+    assert client.get("/auth/profile", headers=fresh).is_success
 
-    logged_out = client.post("/auth/logout", json={}, headers=account.auth)
+    logged_out = client.post("/auth/logout", json={}, headers=fresh)
     assert logged_out.status_code == 200
-    # The edge only checks the signature; the auth service knows the token was revoked.
-    assert_error(client.get("/auth/profile", headers=account.auth), 401)
-    assert client.get(
-        "/auth/profile", headers={"authorization": f"Bearer {fresh_token}"}
-    ).is_success
+    assert_error(client.get("/auth/profile", headers=fresh), 401)
     assert_error(client.post("/auth/refresh", json={}), 401)
+    ended = client.post("/auth/refresh", json={"refresh_token": answer["refresh_token"]})
+    assert_error(ended, 401, "Session has ended, please log in again")
 
 
 def test_jwks_is_public_and_holds_the_signing_key(
@@ -585,6 +575,7 @@ def claims(user: Account, **overrides: Any) -> dict[str, Any]:
         "iat": now,
         "exp": now + 600,
         "jti": str(uuid.uuid4()),
+        "sid": uuid.uuid4().hex,
     }
     values.update(overrides)
     return values

@@ -80,6 +80,7 @@ def make_token(signing_key: SigningKey) -> TokenFactory:
             "iat": now,
             "exp": now + ttl,
             "jti": str(uuid.uuid4()),
+            "sid": uuid.uuid4().hex,
         }
         payload.update(claims)
         for name in drop:

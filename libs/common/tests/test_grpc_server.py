@@ -20,7 +20,7 @@ from cake_common.grpc_server import (
     add_response_header,
 )
 from cake_common.grpc_server import interceptors as interceptors_module
-from cake_common.jwt import JwtVerifier
+from cake_common.jwt import JwtVerifier, Principal
 from cake_common.logging import request_id_var
 from google.protobuf import wrappers_pb2
 from google.rpc import error_details_pb2
@@ -147,10 +147,10 @@ class Revocations:
         self.revoked: set[str] = set()
         self.broken = False
 
-    async def is_revoked(self, jti: str) -> bool:
+    async def is_revoked(self, principal: Principal) -> bool:
         if self.broken:
             raise ConnectionError("redis down")
-        return jti in self.revoked
+        return principal.jti in self.revoked or principal.session_id in self.revoked
 
 
 @pytest.fixture
@@ -285,12 +285,35 @@ async def test_revoked_token(client: Client, make_token: Any, revocations: Revoc
     assert error.details() == "Token has been revoked"
 
 
-async def test_revocation_check_failure_fails_open(
+async def test_revoked_session(client: Client, make_token: Any, revocations: Revocations) -> None:
+    token = make_token(sid="ended-session")
+    revocations.revoked.add("ended-session")
+    error = await client.error(ECHO, metadata=_bearer(token))
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert error.details() == "Token has been revoked"
+
+
+async def test_a_token_without_a_session_is_refused(client: Client, make_token: Any) -> None:
+    error = await client.error(ECHO, metadata=_bearer(make_token(drop=("sid",))))
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert error.details() == "Token is missing the sid claim"
+
+
+async def test_revocation_check_failure_fails_open_for_users(
     client: Client, make_token: Any, revocations: Revocations
 ) -> None:
     revocations.broken = True
     value, _ = await client.call(ECHO, metadata=_bearer(make_token(sub="5")))
     assert value.endswith("|5:user")
+
+
+async def test_revocation_check_failure_fails_closed_for_admins(
+    client: Client, make_token: Any, revocations: Revocations
+) -> None:
+    revocations.broken = True
+    error = await client.error(ADMIN_ONLY, metadata=_bearer(make_token(sub="3", role="admin")))
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert error.details() == "Cannot check the token right now, please try again"
 
 
 async def test_require_admin(client: Client, make_token: Any) -> None:
@@ -452,6 +475,28 @@ async def test_reflection_lists_services(client: Client) -> None:
     async for response in stub.ServerReflectionInfo(requests()):
         names |= {service.name for service in response.list_services_response.service}
     assert {SERVICE, "grpc.health.v1.Health"} <= names
+
+
+async def test_reflection_can_be_switched_off() -> None:
+    running = await (
+        GrpcServerBuilder(service_names=[SERVICE], grace_seconds=0)
+        .add_servicer(_register)
+        .with_reflection(False)
+        .start()
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+
+            async def requests() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
+                yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async for _ in stub.ServerReflectionInfo(requests()):
+                    pass
+            assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        await running.stop()
 
 
 async def test_graceful_shutdown(verifier: JwtVerifier) -> None:

@@ -28,10 +28,10 @@ def _b64(data: bytes) -> str:
 
 
 async def test_valid_token_gives_principal(verifier: JwtVerifier, make_token: Any) -> None:
-    token = make_token(sub="7", role="admin", ttl=60, jti="abc")
+    token = make_token(sub="7", role="admin", ttl=60, jti="abc", sid="session-1")
     principal = await verifier.verify(token)
     assert principal == Principal(
-        user_id=7, role="admin", jti="abc", expires_at=principal.expires_at
+        user_id=7, role="admin", jti="abc", expires_at=principal.expires_at, session_id="session-1"
     )
     assert principal.is_admin
     assert principal.expires_at.tzinfo is UTC
@@ -122,6 +122,7 @@ async def test_missing_kid_rejected(verifier: JwtVerifier, signing_key: Any) -> 
             "iat": now,
             "exp": now + 60,
             "jti": "x",
+            "sid": "s",
         },
         signing_key.private_key,
         algorithm="ES256",
@@ -273,3 +274,18 @@ async def test_fetching_provider_never_loaded_is_unavailable() -> None:
 def test_principal_expiry_is_aware() -> None:
     principal = Principal(1, "user", "j", datetime.now(UTC))
     assert not principal.is_admin
+
+
+async def test_issued_at_within_the_leeway_is_accepted(make_token: Any, signing_key: Any) -> None:
+    """Envoy allows 30 s of clock skew; a service behind it must not refuse what it let in."""
+    verifier = JwtVerifier(
+        StaticJwksProvider({"keys": [signing_key.jwk]}),
+        issuer="cake-system",
+        audience="cake-users",
+        leeway_seconds=30,
+    )
+    ahead = int(time.time()) + 20
+    principal = await verifier.verify(make_token(iat=ahead, nbf=ahead))
+    assert principal.user_id == 42
+    with pytest.raises(Unauthenticated, match="not yet valid"):
+        await verifier.verify(make_token(iat=int(time.time()) + 120))

@@ -22,8 +22,10 @@ from cake.auth.v1 import auth_pb2, auth_pb2_grpc
 from cake_auth.adapters.signing_keys import (
     JWKS_FILENAME,
     SIGNING_KEY_FILENAME,
+    Es256TokenIssuer,
     SigningKey,
     generate_key_pair,
+    load_signing_key,
 )
 from cake_auth.bootstrap import start_server
 from cake_auth.settings import AuthSettings
@@ -161,6 +163,17 @@ class AuthServer:
 
     def counter(self, name: str, **labels: str) -> float:
         return self.metrics.get_sample_value(name, labels) or 0.0
+
+    def admin_token(self, user_id: int = 1) -> str:
+        """An admin token signed with the server's own key (a session no row has)."""
+        assert self.settings.jwt_private_key_file is not None
+        issuer = Es256TokenIssuer(
+            load_signing_key(self.settings.jwt_private_key_file),
+            issuer=self.settings.jwt_issuer,
+            audience=self.settings.jwt_audience,
+            ttl_seconds=300,
+        )
+        return issuer.issue(user_id, "admin").token
 
     @property
     def address(self) -> str:

@@ -62,6 +62,7 @@ class TokenSigner:
             "iat": now,
             "exp": now + ttl_seconds,
             "jti": str(uuid.uuid4()),
+            "sid": uuid.uuid4().hex,
         }
         return jwt.encode(claims, self.private_key, algorithm="ES256", headers={"kid": self.kid})
 
@@ -109,7 +110,7 @@ StartServer = Callable[..., Awaitable[PromotionsServer]]
 
 @pytest.fixture(scope="module")
 async def start_server(
-    database_url: str, signer: TokenSigner, bank_simulator: Any
+    database_url: str, redis_url: str, signer: TokenSigner, bank_simulator: Any
 ) -> AsyncIterator[StartServer]:
     """Start promotions servers exactly as ``serve`` does (gRPC only, on port 0) against the
     module's database and the real bank simulator process; ``settings`` overrides
@@ -121,6 +122,7 @@ async def start_server(
         settings.setdefault("payments_target", bank_simulator.address)
         defaults: dict[str, Any] = {
             "database_url": database_url,
+            "redis_url": redis_url,
             "grpc_port": 0,
             "jwks_file": signer.jwks_file,
             "consumer_enabled": False,

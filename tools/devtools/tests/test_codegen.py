@@ -128,7 +128,7 @@ def test_every_rpc_has_an_http_rule(descriptor_set: descriptor_pb2.FileDescripto
         for service in file.service
         for method in service.method
     ]
-    assert len(methods) == 22
+    assert len(methods) == 25
     missing = [
         name
         for name, options in methods
@@ -261,9 +261,10 @@ def _default_json_name(field_name: str) -> str:
     return head + "".join(part[:1].upper() + part[1:] for part in rest)
 
 
-def test_only_access_token_keeps_its_snake_case_json_name(
+def test_only_the_oauth_style_token_fields_keep_their_snake_case_json_names(
     descriptor_set: descriptor_pb2.FileDescriptorSet,
 ) -> None:
+    # Cake's access_token, and the OAuth 2.0 names refresh_token and expires_in beside it.
     custom = {
         (file.name, msg.name, field.name, field.json_name)
         for file in _contract_files(descriptor_set)
@@ -271,10 +272,12 @@ def test_only_access_token_keeps_its_snake_case_json_name(
         for field in msg.field
         if field.json_name != _default_json_name(field.name)
     }
+    responses = ("RegisterResponse", "LoginResponse", "RefreshTokenResponse")
     assert custom == {
-        ("cake/auth/v1/auth.proto", name, "access_token", "access_token")
-        for name in ("RegisterResponse", "LoginResponse", "RefreshTokenResponse")
-    }
+        ("cake/auth/v1/auth.proto", name, field, field)
+        for name in responses
+        for field in ("access_token", "refresh_token", "expires_in")
+    } | {("cake/auth/v1/auth.proto", "RefreshTokenRequest", "refresh_token", "refresh_token")}
 
 
 # --- protovalidate enforces DESIGN.md section 3 ----------------------------------------------

@@ -179,6 +179,7 @@ class Tokens:
             "iat": now,
             "exp": now + 3600,
             "jti": str(uuid.uuid4()),
+            "sid": uuid.uuid4().hex,
         }
         claims.update(overrides)
         return claims
@@ -273,7 +274,7 @@ def channel(gateway: str) -> Iterator[grpc.Channel]:
 
 def rest_request(method: RestMethod) -> tuple[str, str]:
     """A concrete path for the method (path variables filled in) and its HTTP verb."""
-    values = {"id": "42", "code": FAKE_CODE, "event_id": FAKE_EVENT_ID}
+    values = {"id": "42", "user_id": "42", "code": FAKE_CODE, "event_id": FAKE_EVENT_ID}
     path = method.path
     for name in method.path_params:
         path = path.replace("{" + name + "}", values[name])

@@ -77,7 +77,12 @@ def test_wrapped_responses_are_documented_bare(document: dict[str, Any]) -> None
     assert campaigns["type"] == "array"
     assert campaigns["items"]["$ref"].endswith("cake.promotions.v1.Campaign")
     assert "fullname" in _resolve(document, profile)["properties"]
-    assert set(_resolve(document, login)["properties"]) == {"access_token", "user"}
+    assert set(_resolve(document, login)["properties"]) == {
+        "access_token",
+        "user",
+        "refresh_token",
+        "expires_in",
+    }
 
 
 def test_json_mapping_and_printed_defaults(document: dict[str, Any]) -> None:

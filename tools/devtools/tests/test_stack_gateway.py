@@ -103,6 +103,7 @@ def test_filters_run_in_the_documented_order(jwks: Path) -> None:
     names = [f["name"] for f in _manager(_render(jwks))["http_filters"]]
 
     assert names == [
+        "cake.path_normaliser",
         "envoy.filters.http.header_mutation",
         "envoy.filters.http.cors",
         "envoy.filters.http.local_ratelimit",

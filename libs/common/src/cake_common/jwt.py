@@ -27,8 +27,9 @@ from cake_common.logging import get_logger
 ALLOWED_ALGORITHM = "ES256"
 ADMIN_ROLE = "admin"
 _INVALID = "TOKEN_INVALID"
-_REQUIRED_CLAIMS = ("sub", "role", "iss", "aud", "iat", "exp", "jti")
+_REQUIRED_CLAIMS = ("sub", "role", "iss", "aud", "iat", "exp", "jti", "sid")
 _MAX_USER_ID = 2**63 - 1
+_MAX_SESSION_ID = 64
 
 _log = get_logger(__name__)
 
@@ -44,6 +45,9 @@ class Principal:
     role: str
     jti: str
     expires_at: datetime
+    session_id: str = ""
+    """The server-side session the token belongs to (claim ``sid``); revoking it refuses
+    every token of the session."""
 
     @property
     def is_admin(self) -> bool:
@@ -295,9 +299,13 @@ def _principal_from_claims(claims: Mapping[str, Any]) -> Principal:
         raise Unauthenticated("Invalid token role", reason=_INVALID)
     if not isinstance(jti, str) or not jti:
         raise Unauthenticated("Invalid token id", reason=_INVALID)
+    session_id = claims["sid"]
+    if not isinstance(session_id, str) or not session_id or len(session_id) > _MAX_SESSION_ID:
+        raise Unauthenticated("Invalid token session", reason=_INVALID)
     return Principal(
         user_id=int(subject),
         role=role,
         jti=jti,
         expires_at=datetime.fromtimestamp(int(claims["exp"]), tz=UTC),
+        session_id=session_id,
     )

@@ -68,6 +68,21 @@ class ServiceSettings(BaseSettings):
     jwt_issuer: str = "cake-system"
     jwt_audience: str = "cake-users"
     jwks_file: Path | None = None
+    grpc_reflection: bool = Field(
+        default=True,
+        description="Serve gRPC reflection (grpcurl without protos); set false in production",
+    )
+    jwt_leeway_seconds: float = Field(
+        default=30,
+        ge=0,
+        le=300,
+        description="Clock skew allowed on exp/iat/nbf (Envoy's clock_skew_seconds is 30)",
+    )
+    revocation_key_prefix: str = Field(
+        default="cake:revoked:",
+        pattern=r"^[A-Za-z0-9:_.-]+$",
+        description="Redis namespace of revoked sessions and tokens (the same in every service)",
+    )
     metrics_port: int | None = None
     otlp_endpoint: str | None = Field(
         default=None,

@@ -12,19 +12,21 @@ import redis.asyncio
 from cake.auth.v1 import auth_pb2_grpc
 from cake_common.db import create_session_factory, database_probe
 from cake_common.grpc_server import DependencyCheck, GrpcServerBuilder, RunningGrpcServer
-from cake_common.jwt import FileJwksProvider, JwtVerifier
 from cake_common.outbox import OutboxWriter
 from cake_common.redis import create_redis, redis_probe
+from cake_common.revocation import RevocationList
 from cake_common.service_runtime import (
     open_migrated_database,
     serve_until_signal,
 )
+from cake_common.token_auth import revocation_list, token_verifier
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from cake_auth.adapters.login_throttle import RedisLoginThrottle
 from cake_auth.adapters.password_hashers import open_password_hasher
 from cake_auth.adapters.profile_cache import RedisProfileCache
 from cake_auth.adapters.redis_guard import RedisGuard
+from cake_auth.adapters.revocations import SharedRevocations
 from cake_auth.adapters.signing_keys import (
     Es256TokenIssuer,
     JwksFile,
@@ -33,9 +35,14 @@ from cake_auth.adapters.signing_keys import (
     ensure_published,
     load_signing_key,
 )
-from cake_auth.adapters.token_denylist import RedisTokenDenylist
 from cake_auth.adapters.unit_of_work import SqlAuthUnitOfWork
-from cake_auth.api.servicer import AUTH_SERVICE, PUBLIC_METHODS, AuthServicer
+from cake_auth.api.servicer import (
+    AUTH_SERVICE,
+    OPTIONAL_TOKEN_METHODS,
+    PUBLIC_METHODS,
+    AuthServicer,
+)
+from cake_auth.domain.login import DelayPolicy
 from cake_auth.metrics import AuthMetrics
 from cake_auth.service.accounts import UserAccounts
 from cake_auth.service.ports import PasswordHasher, UnitOfWorkFactory
@@ -74,6 +81,7 @@ class _Infrastructure:
     redis: redis.asyncio.Redis
     guard: RedisGuard
     profile_cache: RedisProfileCache
+    revocations: RevocationList
     accounts: UserAccounts
     checks: list[DependencyCheck]
     exits: AsyncExitStack
@@ -122,6 +130,7 @@ async def _open_infrastructure(
         redis=redis_client,
         guard=guard,
         profile_cache=profile_cache,
+        revocations=revocation_list(settings, redis_client),
         accounts=UserAccounts(
             unit_of_work=unit_of_work, hasher=hasher, profile_cache=profile_cache, metrics=metrics
         ),
@@ -161,13 +170,27 @@ async def _use_cases(
         login_throttle=RedisLoginThrottle(
             infrastructure.redis,
             infrastructure.guard,
-            max_failures=settings.login_max_failures,
-            window_seconds=settings.login_failure_window_seconds,
+            account_policy=DelayPolicy(
+                free_failures=settings.login_max_failures,
+                base_delay_seconds=settings.login_delay_base_seconds,
+                max_delay_seconds=settings.login_delay_max_seconds,
+                window_seconds=settings.login_failure_window_seconds,
+            ),
+            ip_policy=DelayPolicy(
+                free_failures=settings.login_ip_max_failures,
+                base_delay_seconds=settings.login_delay_base_seconds,
+                max_delay_seconds=settings.login_ip_delay_max_seconds,
+                window_seconds=settings.login_failure_window_seconds,
+            ),
             key_prefix=settings.redis_key_prefix,
         ),
-        denylist=RedisTokenDenylist(
-            infrastructure.redis, infrastructure.guard, key_prefix=settings.redis_key_prefix
+        revocations=SharedRevocations(
+            infrastructure.revocations,
+            infrastructure.metrics,
+            access_ttl_seconds=settings.access_token_ttl_seconds,
+            leeway_seconds=settings.jwt_leeway_seconds,
         ),
+        session_lifetime_seconds=settings.session_lifetime_seconds,
         published_keys=JwksFile(jwks, signing_key.kid),
         # Unknown accounts are checked against this, at the cost of a real hash.
         dummy_password_hash=await infrastructure.hasher.hash(secrets.token_urlsafe(16)),
@@ -197,13 +220,10 @@ async def start_server(
                 lambda server: auth_pb2_grpc.add_AuthServiceServicer_to_server(servicer, server)
             )
             .with_auth(
-                JwtVerifier(
-                    FileJwksProvider(jwks_file),
-                    issuer=settings.jwt_issuer,
-                    audience=settings.jwt_audience,
-                ),
+                token_verifier(settings, jwks_file),
                 public_methods=PUBLIC_METHODS,
-                is_revoked=use_cases.is_revoked,
+                optional_methods=OPTIONAL_TOKEN_METHODS,
+                is_revoked=infrastructure.revocations.is_revoked,
             )
             .with_validation()
             .add_shutdown_hook(infrastructure.exits.aclose)

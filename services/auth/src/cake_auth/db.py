@@ -37,3 +37,30 @@ users = sa.Table(
     sa.Index(EMAIL_UNIQUE_INDEX, sa.func.lower(sa.text("email")), unique=True),
     sa.Index(PHONE_UNIQUE_INDEX, "phone", unique=True),
 )
+
+
+sessions = sa.Table(
+    "sessions",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column(
+        "user_id", sa.BigInteger, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("created_at", _timestamp, nullable=False),
+    sa.Column("expires_at", _timestamp, nullable=False),
+    sa.Column("ended_at", _timestamp, nullable=True),
+    sa.Column("end_reason", sa.Text, nullable=True),
+    sa.Column("user_agent", sa.Text, nullable=False, server_default=""),
+    sa.Column("client_ip", sa.Text, nullable=False, server_default=""),
+)
+
+refresh_tokens = sa.Table(
+    "refresh_tokens",
+    metadata,
+    sa.Column("token_hash", sa.Text, primary_key=True),
+    sa.Column(
+        "session_id", sa.Text, sa.ForeignKey("sessions.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("issued_at", _timestamp, nullable=False),
+    sa.Column("used_at", _timestamp, nullable=True),
+)

@@ -32,6 +32,12 @@ class AuthMetrics:
             ["result"],
             registry=registry,
         )
+        self.refreshes = Counter(
+            "cake_auth_refreshes",
+            "Token refreshes by result (rotated, invalid, session_ended, reused)",
+            ["result"],
+            registry=registry,
+        )
         self.redis_bypassed = Counter(
             "cake_auth_redis_bypassed",
             "Redis operations that failed or were skipped while Redis was failing",

@@ -31,16 +31,37 @@ class AuthSettings(ServiceSettings):
         default=None, ge=1, description="Hashing threads/processes; default: CPU count"
     )
 
-    access_token_ttl_seconds: int = Field(default=604800, gt=0)
+    access_token_ttl_seconds: int = Field(
+        default=900, gt=0, description="Access-token lifetime (short: sessions refresh)"
+    )
+    session_lifetime_seconds: int = Field(
+        default=604800,
+        gt=0,
+        description="Absolute session lifetime from login; refreshing never extends it",
+    )
     jwt_private_key_file: Path | None = Field(
         default=None, description="EC P-256 private key (PKCS8 PEM) that signs access tokens"
     )
 
     login_max_failures: int = Field(
-        default=10, ge=1, description="Failed logins of one account before it is throttled"
+        default=5,
+        ge=1,
+        description="Failed logins of one account before each further attempt must wait",
     )
     login_failure_window_seconds: int = Field(
-        default=900, ge=1, description="Window (from the first failure) the failures count in"
+        default=900, ge=1, description="Failures are forgotten this long after the last one"
+    )
+    login_delay_base_seconds: float = Field(
+        default=1, gt=0, description="First delay; it doubles with every further failure"
+    )
+    login_delay_max_seconds: float = Field(
+        default=300, gt=0, description="Longest delay imposed on one account (no lock-out)"
+    )
+    login_ip_max_failures: int = Field(
+        default=20, ge=1, description="Failed logins from one client IP before delays start"
+    )
+    login_ip_delay_max_seconds: float = Field(
+        default=900, gt=0, description="Longest delay imposed on one client IP"
     )
     redis_key_prefix: str = Field(
         default="cake:auth:",

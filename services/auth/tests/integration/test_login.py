@@ -114,24 +114,39 @@ async def test_twenty_concurrent_first_logins_write_exactly_one_event(
     assert rows[0].occurred_at in login_times
 
 
-async def test_failed_logins_are_throttled_per_account(start_auth_server: Any) -> None:
-    server = await start_auth_server(login_max_failures=3, login_failure_window_seconds=120)
+async def test_failed_logins_grow_delays_per_account(start_auth_server: Any) -> None:
+    server = await start_auth_server(
+        login_max_failures=3, login_delay_base_seconds=30, login_delay_max_seconds=60
+    )
     user = (await server.register()).user
     other = (await server.register()).user
-    for _ in range(3):
-        error = await server.failure(server.stub.Login(login(user.username, "wrong")))
+    # Username, e-mail and phone name one account: one counter.
+    for account in (user.username, user.email, user.phone):
+        error = await server.failure(server.stub.Login(login(account, "wrong")))
         assert error.code == grpc.StatusCode.UNAUTHENTICATED
-    # Now even the right password is refused, however the account is spelled.
-    for account in (user.username, user.username.upper()):
+    # Now even the right password must wait, however the account is spelled.
+    for account in (user.username.upper(), user.email):
         error = await server.failure(server.stub.Login(login(account)))
         assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert error.message == "Too many failed login attempts, try again later"
         assert error.reason == "LOGIN_THROTTLED"
-        assert 0 < int(error.metadata["retry_after_seconds"]) <= 120
+        assert 0 < int(error.metadata["retry_after_seconds"]) <= 30
     # Other accounts are not affected.
     await server.stub.Login(login(other.username))
     assert server.counter("cake_auth_logins_total", result="throttled") == 2
     assert server.counter("cake_auth_logins_total", result="invalid_credentials") == 3
+
+
+async def test_the_owner_gets_in_after_the_delay(start_auth_server: Any) -> None:
+    server = await start_auth_server(
+        login_max_failures=2, login_delay_base_seconds=1, login_delay_max_seconds=1
+    )
+    user = (await server.register()).user
+    for _ in range(5):  # the attacker keeps trying: each costs at most a second's wait
+        await server.failure(server.stub.Login(login(user.username, "wrong")))
+        await asyncio.sleep(1.05)
+    # No lock-out: once the (capped) delay has passed, the owner logs in.
+    await server.stub.Login(login(user.username))
 
 
 async def test_successful_login_resets_the_failure_count(start_auth_server: Any) -> None:
@@ -141,6 +156,39 @@ async def test_successful_login_resets_the_failure_count(start_auth_server: Any)
         for _ in range(2):
             await server.failure(server.stub.Login(login(user.email, "wrong")))
         await server.stub.Login(login(user.email))
+
+
+async def test_concurrent_guesses_are_counted_before_the_hash_is_checked(
+    start_auth_server: Any,
+) -> None:
+    server = await start_auth_server(login_max_failures=10, login_delay_base_seconds=60)
+    user = (await server.register()).user
+    spellings = (user.username, user.email, user.phone, user.username.upper())
+    results = await asyncio.gather(
+        *(
+            server.failure(server.stub.Login(login(spellings[n % 4], f"guess-{n}")))
+            for n in range(40)
+        )
+    )
+    codes = [result.code for result in results]
+    # Exactly the free allowance reached bcrypt; the rest waited, whatever the spelling.
+    assert codes.count(grpc.StatusCode.UNAUTHENTICATED) == 10
+    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 30
+    assert server.counter("cake_auth_logins_total", result="invalid_credentials") == 10
+
+
+async def test_failures_are_also_counted_per_client_ip(start_auth_server: Any) -> None:
+    server = await start_auth_server(login_ip_max_failures=3, login_delay_base_seconds=60)
+    ip = (("x-cake-client-ip", "203.0.113.77"),)
+    for _ in range(3):  # three different accounts from one address
+        user = (await server.register()).user
+        await server.failure(server.stub.Login(login(user.username, "wrong"), metadata=ip))
+    fresh = (await server.register()).user
+    error = await server.failure(server.stub.Login(login(fresh.username), metadata=ip))
+    assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # Another address is not affected.
+    other_ip = (("x-cake-client-ip", "203.0.113.78"),)
+    await server.stub.Login(login(fresh.username), metadata=other_ip)
 
 
 async def test_login_counters_are_served_on_the_metrics_port(start_auth_server: Any) -> None:

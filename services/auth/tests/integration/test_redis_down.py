@@ -39,12 +39,17 @@ async def test_every_rpc_works_without_redis(start_auth_server: Any) -> None:
     registered = await server.register()
     user = registered.user
 
-    # The throttle is bypassed: more failures than the limit, then the right password.
-    for _ in range(3):
+    # The throttle falls back to this process's memory: still counted, still limited.
+    for _ in range(2):
         error = await server.failure(
             server.stub.Login(auth_pb2.LoginRequest(account=user.username, password="wrong"))
         )
         assert error.code == grpc.StatusCode.UNAUTHENTICATED
+    error = await server.failure(
+        server.stub.Login(auth_pb2.LoginRequest(account=user.username, password=PASSWORD))
+    )
+    assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    await asyncio.sleep(1.1)  # the first delay (1 s) has passed
     logged_in = await server.stub.Login(
         auth_pb2.LoginRequest(account=user.username, password=PASSWORD)
     )
@@ -57,17 +62,47 @@ async def test_every_rpc_works_without_redis(start_auth_server: Any) -> None:
     )
     assert updated.user.fullname == "No Cache"
     assert (await server.stub.GetProfile(GET, metadata=caller)).user.fullname == "No Cache"
-    await server.stub.RefreshToken(auth_pb2.RefreshTokenRequest(), metadata=caller)
+    # Rotating by refresh token needs only PostgreSQL (the session's authority).
+    rotated = await server.stub.RefreshToken(
+        auth_pb2.RefreshTokenRequest(refresh_token=logged_in.refresh_token)
+    )
+    assert rotated.refresh_token and rotated.refresh_token != logged_in.refresh_token
     assert len((await server.stub.GetJwks(auth_pb2.GetJwksRequest())).keys) >= 1
 
-    # A revocation cannot be stored: say so (retryable 503) rather than pretend.
+    # Cake's form must refuse the old access token everywhere, which needs Redis: 503.
+    error = await server.failure(
+        server.stub.RefreshToken(auth_pb2.RefreshTokenRequest(), metadata=caller)
+    )
+    assert (error.code, error.reason) == (
+        grpc.StatusCode.UNAVAILABLE,
+        "TOKEN_REVOCATION_UNAVAILABLE",
+    )
+    # A revocation cannot be stored: say so (retryable 503) rather than pretend. The
+    # session is ended in PostgreSQL all the same, so its refresh token is dead.
     error = await server.failure(server.stub.Logout(auth_pb2.LogoutRequest(), metadata=caller))
     assert error.code == grpc.StatusCode.UNAVAILABLE
     assert error.reason == "TOKEN_REVOCATION_UNAVAILABLE"
+    error = await server.failure(
+        server.stub.RefreshToken(auth_pb2.RefreshTokenRequest(refresh_token=rotated.refresh_token))
+    )
+    assert (error.code, error.reason) == (grpc.StatusCode.UNAUTHENTICATED, "SESSION_ENDED")
 
-    assert server.counter("cake_auth_redis_bypassed_total", operation="token_denylist_check") > 0
+    # The revocation check cannot answer: user tokens are accepted (bounded by their 15
+    # minutes), admin tokens refused (fail closed).
+    admin = server.bearer(server.admin_token())
+    error = await server.failure(
+        server.stub.EndUserSessions(
+            auth_pb2.EndUserSessionsRequest(user_id=user.id), metadata=admin
+        )
+    )
+    assert (error.code, error.reason) == (
+        grpc.StatusCode.UNAVAILABLE,
+        "REVOCATION_CHECK_UNAVAILABLE",
+    )
+
+    assert server.counter("cake_auth_redis_bypassed_total", operation="revoke_sessions") > 0
     assert server.counter("cake_auth_redis_bypassed_total", operation="profile_cache_get") > 0
-    assert server.counter("cake_auth_redis_bypassed_total", operation="login_throttle_check") > 0
+    assert server.counter("cake_auth_redis_bypassed_total", operation="login_throttle_reserve") > 0
     assert server.counter("cake_auth_profile_cache_lookups_total", result="bypassed") >= 3
 
     # Degraded, not down: overall SERVING, the redis component NOT_SERVING.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -46,6 +47,7 @@ def _claims(user_id: int, **overrides: Any) -> dict[str, Any]:
         "iat": now,
         "exp": now + 600,
         "jti": str(uuid.uuid4()),
+        "sid": uuid.uuid4().hex,
     }
     claims.update(overrides)
     return claims
@@ -153,18 +155,107 @@ async def test_hand_made_valid_token_is_accepted(auth: Any, signing_key: Signing
     assert profile.user.id == registered.user.id
 
 
-async def test_refresh_issues_a_new_token_for_the_same_user(auth: Any) -> None:
+async def test_cake_form_refresh_exchanges_the_bearer_token_once(auth: Any) -> None:
     registered = await auth.register()
+    assert registered.expires_in == auth.settings.access_token_ttl_seconds
     refreshed = await auth.stub.RefreshToken(
         auth_pb2.RefreshTokenRequest(), metadata=auth.bearer(registered.access_token)
     )
     old = jwt.decode(registered.access_token, options={"verify_signature": False})
     new = jwt.decode(refreshed.access_token, options={"verify_signature": False})
-    assert (new["sub"], new["role"]) == (old["sub"], old["role"])
+    assert (new["sub"], new["role"], new["sid"]) == (old["sub"], old["role"], old["sid"])
     assert new["jti"] != old["jti"]
     assert new["exp"] - new["iat"] == auth.settings.access_token_ttl_seconds
-    for token in (refreshed.access_token, registered.access_token):
-        await auth.stub.GetProfile(GET, metadata=auth.bearer(token))
+    assert refreshed.expires_in == auth.settings.access_token_ttl_seconds
+    await auth.stub.GetProfile(GET, metadata=auth.bearer(refreshed.access_token))
+    # The exchanged token is refused from now on (it cannot be refreshed again either).
+    for call in (
+        auth.stub.GetProfile(GET, metadata=auth.bearer(registered.access_token)),
+        auth.stub.RefreshToken(
+            auth_pb2.RefreshTokenRequest(), metadata=auth.bearer(registered.access_token)
+        ),
+    ):
+        error = await auth.failure(call)
+        assert (error.code, error.reason) == (grpc.StatusCode.UNAUTHENTICATED, "TOKEN_REVOKED")
+
+
+async def test_refresh_token_rotation_and_reuse_detection(auth: Any) -> None:
+    registered = await auth.register()
+    first = registered.refresh_token
+    second = await auth.stub.RefreshToken(auth_pb2.RefreshTokenRequest(refresh_token=first))
+    third = await auth.stub.RefreshToken(
+        auth_pb2.RefreshTokenRequest(refresh_token=second.refresh_token)
+    )
+    await auth.stub.GetProfile(GET, metadata=auth.bearer(third.access_token))
+
+    # A thief replays the first token: the whole session ends, the owner's tokens too.
+    error = await auth.failure(
+        auth.stub.RefreshToken(auth_pb2.RefreshTokenRequest(refresh_token=first))
+    )
+    assert (error.code, error.reason) == (grpc.StatusCode.UNAUTHENTICATED, "REFRESH_TOKEN_REUSED")
+    for call in (
+        auth.stub.GetProfile(GET, metadata=auth.bearer(third.access_token)),
+        auth.stub.GetProfile(GET, metadata=auth.bearer(registered.access_token)),
+    ):
+        error = await auth.failure(call)
+        assert (error.code, error.reason) == (grpc.StatusCode.UNAUTHENTICATED, "TOKEN_REVOKED")
+    error = await auth.failure(
+        auth.stub.RefreshToken(auth_pb2.RefreshTokenRequest(refresh_token=third.refresh_token))
+    )
+    assert (error.code, error.reason) == (grpc.StatusCode.UNAUTHENTICATED, "SESSION_ENDED")
+    error = await auth.failure(
+        auth.stub.RefreshToken(auth_pb2.RefreshTokenRequest(refresh_token="not-a-token"))
+    )
+    assert (error.code, error.reason) == (grpc.StatusCode.UNAUTHENTICATED, "REFRESH_TOKEN_INVALID")
+
+
+async def test_concurrent_refreshes_of_one_token_rotate_at_most_once(auth: Any) -> None:
+    registered = await auth.register()
+    results = await asyncio.gather(
+        *(
+            auth.stub.RefreshToken(
+                auth_pb2.RefreshTokenRequest(refresh_token=registered.refresh_token)
+            )
+            for _ in range(8)
+        ),
+        return_exceptions=True,
+    )
+    successes = [r for r in results if not isinstance(r, BaseException)]
+    assert len(successes) <= 1
+    assert len(successes) + sum(isinstance(r, grpc.aio.AioRpcError) for r in results) == 8
+
+
+async def test_logout_all_and_an_admin_end_every_session(auth: Any) -> None:
+    registered = await auth.register()
+    login = auth_pb2.LoginRequest(
+        account=registered.user.username, password="correct horse battery"
+    )
+    phone, laptop = await auth.stub.Login(login), await auth.stub.Login(login)
+    ended = await auth.stub.LogoutAll(
+        auth_pb2.LogoutAllRequest(), metadata=auth.bearer(phone.access_token)
+    )
+    assert ended.ended_sessions == 3
+    for token in (registered.access_token, phone.access_token, laptop.access_token):
+        error = await auth.failure(auth.stub.GetProfile(GET, metadata=auth.bearer(token)))
+        assert error.reason == "TOKEN_REVOKED"
+
+    tablet = await auth.stub.Login(login)
+    request = auth_pb2.EndUserSessionsRequest(user_id=registered.user.id)
+    error = await auth.failure(
+        auth.stub.EndUserSessions(request, metadata=auth.bearer(tablet.access_token))
+    )
+    assert error.code == grpc.StatusCode.PERMISSION_DENIED
+    ended = await auth.stub.EndUserSessions(request, metadata=auth.bearer(auth.admin_token()))
+    assert ended.ended_sessions == 1
+    error = await auth.failure(auth.stub.GetProfile(GET, metadata=auth.bearer(tablet.access_token)))
+    assert error.reason == "TOKEN_REVOKED"
+    error = await auth.failure(
+        auth.stub.EndUserSessions(
+            auth_pb2.EndUserSessionsRequest(user_id=987654321),
+            metadata=auth.bearer(auth.admin_token()),
+        )
+    )
+    assert error.code == grpc.StatusCode.NOT_FOUND
 
 
 async def test_logout_denylists_the_token_until_it_expires(
@@ -188,11 +279,10 @@ async def test_logout_denylists_the_token_until_it_expires(
         error = await auth.failure(call)
         assert (error.code, error.reason) == (grpc.StatusCode.UNAUTHENTICATED, "TOKEN_REVOKED")
 
-    jti = jwt.decode(token, options={"verify_signature": False})["jti"]
-    ttl = await redis_client.ttl(f"{auth.settings.redis_key_prefix}denylist:{jti}")
-    assert (
-        auth.settings.access_token_ttl_seconds - 60 < ttl <= auth.settings.access_token_ttl_seconds
-    )
+    sid = jwt.decode(token, options={"verify_signature": False})["sid"]
+    ttl = await redis_client.ttl(f"{auth.settings.revocation_key_prefix}sid:{sid}")
+    longest = auth.settings.access_token_ttl_seconds + auth.settings.jwt_leeway_seconds
+    assert longest - 60 < ttl <= longest
     # Only that token: the user's other session goes on.
     await auth.stub.GetProfile(GET, metadata=auth.bearer(other_session.access_token))
 

@@ -177,6 +177,7 @@ async def test_tokens_for_users_that_do_not_exist(auth: Any, signing_key: Any) -
                 "iat": now,
                 "exp": now + 60,
                 "jti": str(uuid.uuid4()),
+                "sid": uuid.uuid4().hex,
             },
             signing_key.private_key,
             algorithm="ES256",

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from cake_auth.domain.login import login_account
+from cake_auth.adapters.login_throttle import LocalFailureCounter
+from cake_auth.domain.login import (
+    DelayPolicy,
+    LoginContext,
+    ThrottleKeys,
+    login_account,
+    throttle_keys,
+)
 
 
 def test_account_forms() -> None:
@@ -39,3 +46,40 @@ def test_phone_forms() -> None:
 
 def test_account_with_nul_cannot_exist() -> None:
     assert not login_account("alice\x00").can_exist
+
+
+def test_delays_grow_after_the_free_failures_and_are_capped() -> None:
+    policy = DelayPolicy(
+        free_failures=3, base_delay_seconds=1, max_delay_seconds=20, window_seconds=900
+    )
+    assert [policy.delay_after(n) for n in range(9)] == [0, 0, 0, 1, 2, 4, 8, 16, 20]
+    assert policy.delay_after(10_000) == 20  # no overflow, still only the cap: no lock-out
+    assert policy.wait(4, last_failure_at=100.0, now=101.5) == 0.5
+    assert policy.wait(4, last_failure_at=100.0, now=103.0) == 0
+
+
+def test_throttle_keys_name_the_user_whatever_identifier_was_used() -> None:
+    context = LoginContext(client_ip="203.0.113.9")
+    by_name = throttle_keys(login_account("Alice_1"), 7, context)
+    by_mail = throttle_keys(login_account("alice@example.com"), 7, context)
+    assert by_name == by_mail == ThrottleKeys(account="user:7", client_ip="203.0.113.9")
+    assert throttle_keys(login_account("Ghost"), None, LoginContext()).account == "name:ghost"
+
+
+def test_local_fallback_counts_and_forgets_within_bounds() -> None:
+    now = [1000.0]
+    counter = LocalFailureCounter(max_entries=2, clock=lambda: now[0])
+    policy = DelayPolicy(
+        free_failures=2, base_delay_seconds=10, max_delay_seconds=60, window_seconds=900
+    )
+    assert counter.reserve([("a", policy)]).failures == 1
+    assert counter.reserve([("a", policy)]).failures == 2
+    refused = counter.reserve([("a", policy)])
+    assert refused.retry_after_seconds == 10
+    now[0] += 10
+    assert counter.reserve([("a", policy)]).failures == 3
+    counter.succeeded("a", None)
+    assert counter.reserve([("a", policy)]).failures == 1
+    counter.reserve([("b", policy)])
+    counter.reserve([("c", policy)])  # bounded: the least recently used key is forgotten
+    assert counter.reserve([("a", policy)]).failures == 1

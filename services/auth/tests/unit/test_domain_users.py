@@ -165,3 +165,28 @@ def test_any_earlier_date_is_a_valid_birthday(birthday: date) -> None:
 def test_no_later_date_is_a_valid_birthday(birthday: date) -> None:
     with pytest.raises(InvalidArgument):
         new_user(**{**VALID, "birthday": birthday.isoformat()}, today=TODAY)
+
+
+@pytest.mark.parametrize(
+    ("fullname", "problem"),
+    [
+        ("\u200b\u200c\u200d", "must contain at least one visible character"),
+        ("\u202e\u202e", "must not contain bidirectional control characters"),
+        ("\u202eelgooG", "must not contain bidirectional control characters"),
+        ("Ann\u2066 Lee", "must not contain bidirectional control characters"),
+        ("\u0301\u0301", "must contain at least one visible character"),
+        ("\u3000\u00a0", "must contain at least one visible character"),
+        ("Ann\x07Lee", "must not contain control characters"),
+    ],
+)
+def test_invisible_or_reordering_names_are_refused(fullname: str, problem: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        new_user(**{**VALID, "fullname": fullname}, today=TODAY)
+    assert _violations(caught.value) == {"fullname": problem}
+    with pytest.raises(InvalidArgument):
+        profile_changes(fullname=fullname, email=None, phone=None, birthday=None, today=TODAY)
+
+
+@pytest.mark.parametrize("fullname", ["Nguyễn Văn An", "محمد علي", "李小龙", "O'Brien-Smith Jr."])
+def test_real_names_in_any_script_are_accepted(fullname: str) -> None:
+    assert new_user(**{**VALID, "fullname": fullname}, today=TODAY).fullname == fullname

@@ -46,8 +46,10 @@ def test_defaults_are_cakes() -> None:
     settings = AuthSettings(database_url=URL)
     assert settings.bcrypt_cost == 10
     assert settings.password_hasher == "bcrypt"
-    assert settings.access_token_ttl_seconds == 604800
-    assert (settings.login_max_failures, settings.login_failure_window_seconds) == (10, 900)
+    assert settings.access_token_ttl_seconds == 900  # 15 min; sessions refresh
+    assert settings.session_lifetime_seconds == 604800  # Cake's 7 days, now per session
+    assert (settings.login_max_failures, settings.login_failure_window_seconds) == (5, 900)
+    assert (settings.login_delay_base_seconds, settings.login_delay_max_seconds) == (1, 300)
     assert settings.profile_cache_ttl_seconds == 300
     assert settings.redis_key_prefix == "cake:auth:"
 

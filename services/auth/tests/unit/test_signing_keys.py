@@ -6,7 +6,7 @@ import base64
 import hashlib
 import json
 import stat
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import jwt
@@ -110,7 +110,7 @@ def test_issued_token_verifies_with_the_published_key(tmp_path: Path) -> None:
     issuer = Es256TokenIssuer(
         key, issuer=ISSUER, audience=AUDIENCE, ttl_seconds=3600, clock=lambda: now
     )
-    issued = issuer.issue(42, Role.ADMIN)
+    issued = issuer.issue(42, Role.ADMIN, session_id="session-9")
     header = jwt.get_unverified_header(issued.token)
     assert header["alg"] == "ES256"
     assert header["kid"] == key.kid
@@ -129,7 +129,12 @@ def test_issued_token_verifies_with_the_published_key(tmp_path: Path) -> None:
         "iat": int(now.timestamp()),
         "exp": int(now.timestamp()) + 3600,
         "jti": issued.jti,
+        "sid": "session-9",
     }
+    assert issued.lifetime_seconds == 3600
+    # Never beyond the session's absolute end.
+    capped = issuer.issue(42, Role.ADMIN, session_id="s", not_after=now + timedelta(seconds=90))
+    assert capped.lifetime_seconds == 90
     assert issued.expires_at.timestamp() == claims["exp"]
 
 

@@ -9,13 +9,20 @@ from types import TracebackType
 from typing import Any, Self
 
 import pytest
-from cake_auth.domain.login import FirstLogin, LoginAccount, LoginContext, ThrottleStatus
+from cake_auth.domain.login import (
+    FirstLogin,
+    LoginAccount,
+    LoginContext,
+    ThrottleKeys,
+    ThrottleStatus,
+)
+from cake_auth.domain.sessions import RefreshTokenRecord, Session
 from cake_auth.domain.tokens import AccessToken
 from cake_auth.domain.users import NewUser, ProfileChanges, Role, User, field_taken
 from cake_auth.metrics import AuthMetrics
 from cake_auth.service.accounts import CreateAdmin, UserAccounts
 from cake_auth.service.use_cases import AuthUseCases, LogIn, RegisterUser, UpdateProfile
-from cake_common.errors import AlreadyExists, ResourceExhausted, Unauthenticated
+from cake_common.errors import AlreadyExists, NotFound, ResourceExhausted, Unauthenticated
 from cake_common.jwt import Principal
 from prometheus_client import CollectorRegistry
 
@@ -29,7 +36,58 @@ class Store:
     users: dict[int, User] = field(default_factory=dict)
     hashes: dict[int, str] = field(default_factory=dict)
     events: list[FirstLogin] = field(default_factory=list)
+    sessions: dict[str, Session] = field(default_factory=dict)
+    refresh_tokens: dict[str, RefreshTokenRecord] = field(default_factory=dict)
     commits: int = 0
+
+
+class FakeSessions:
+    """Writes apply at once (the use cases' ordering, not rollback, is what is tested)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    async def add(
+        self, new: Session, *, refresh_hash: str, user_agent: str, client_ip: str
+    ) -> None:
+        self._store.sessions[new.id] = new
+        await self.add_refresh_token(new.id, refresh_hash, new.created_at)
+
+    async def add_refresh_token(self, session_id: str, token_hash: str, at: datetime) -> None:
+        self._store.refresh_tokens[token_hash] = RefreshTokenRecord(token_hash, session_id, at)
+
+    async def get_for_update(self, session_id: str) -> Session | None:
+        return self._store.sessions.get(session_id)
+
+    async def find_refresh_token(
+        self, token_hash: str
+    ) -> tuple[RefreshTokenRecord, Session] | None:
+        record = self._store.refresh_tokens.get(token_hash)
+        if record is None:
+            return None
+        return record, self._store.sessions[record.session_id]
+
+    async def retire_refresh_tokens(self, session_id: str, at: datetime) -> None:
+        for key, record in list(self._store.refresh_tokens.items()):
+            if record.session_id == session_id and record.used_at is None:
+                self._store.refresh_tokens[key] = replace(record, used_at=at)
+
+    async def end(self, session_id: str, at: datetime, reason: str) -> bool:
+        session = self._store.sessions.get(session_id)
+        if session is None or session.ended_at is not None:
+            return False
+        self._store.sessions[session_id] = replace(session, ended_at=at, end_reason=reason)
+        return True
+
+    async def end_all_of_user(self, user_id: int, at: datetime, reason: str) -> list[str]:
+        live = [
+            s.id
+            for s in self._store.sessions.values()
+            if s.user_id == user_id and s.ended_at is None
+        ]
+        for session_id in live:
+            await self.end(session_id, at, reason)
+        return live
 
 
 class FakeUsers:
@@ -123,11 +181,16 @@ class FakeUsers:
 
 
 class FakeEvents:
+    audited: list[Any] = []
+
     def __init__(self, pending: list[FirstLogin]) -> None:
         self._pending = pending
 
     async def first_login(self, event: FirstLogin) -> None:
         self._pending.append(event)
+
+    async def security_audit(self, entry: Any) -> None:
+        self.audited.append(entry)
 
 
 class FakeUnitOfWork:
@@ -135,6 +198,7 @@ class FakeUnitOfWork:
         self._store = store
         self._pending: list[FirstLogin] = []
         self.users = FakeUsers(store)
+        self.sessions = FakeSessions(store)
         self.events = FakeEvents(self._pending)
 
     async def __aenter__(self) -> Self:
@@ -172,8 +236,22 @@ class FakeHasher:
 
 
 class FakeTokens:
-    def issue(self, user_id: int, role: Role | str) -> AccessToken:
-        return AccessToken(f"token:{user_id}:{role}", f"jti-{user_id}", NOW + timedelta(hours=1))
+    def issue(
+        self,
+        user_id: int,
+        role: Role | str,
+        *,
+        session_id: str,
+        not_after: datetime | None = None,
+    ) -> AccessToken:
+        expires_at = min(NOW + timedelta(minutes=15), not_after or NOW + timedelta(days=1))
+        return AccessToken(
+            f"token:{user_id}:{role}",
+            f"jti-{user_id}",
+            expires_at,
+            session_id=session_id,
+            issued_at=NOW,
+        )
 
 
 class FakeCache:
@@ -190,30 +268,33 @@ class FakeCache:
 
 
 class FakeThrottle:
-    def __init__(self, max_failures: int = 3) -> None:
+    """Counts per account key like the real one: before the password check."""
+
+    def __init__(self, max_failures: int = 5) -> None:
         self.failures: dict[str, int] = {}
         self._max = max_failures
 
-    async def check(self, account_key: str) -> ThrottleStatus:
-        failures = self.failures.get(account_key, 0)
-        return ThrottleStatus(failures, 60 if failures >= self._max else None)
+    async def reserve(self, keys: ThrottleKeys) -> ThrottleStatus:
+        failures = self.failures.get(keys.account, 0)
+        if failures >= self._max:
+            return ThrottleStatus(failures, 60)
+        self.failures[keys.account] = failures + 1
+        return ThrottleStatus(failures + 1)
 
-    async def record_failure(self, account_key: str) -> None:
-        self.failures[account_key] = self.failures.get(account_key, 0) + 1
-
-    async def reset(self, account_key: str) -> None:
-        self.failures.pop(account_key, None)
+    async def succeeded(self, keys: ThrottleKeys) -> None:
+        self.failures.pop(keys.account, None)
 
 
-class FakeDenylist:
+class FakeRevocations:
     def __init__(self) -> None:
-        self.revoked: dict[str, datetime] = {}
+        self.sessions: set[str] = set()
+        self.tokens: dict[str, datetime] = {}
 
-    async def revoke(self, jti: str, expires_at: datetime) -> None:
-        self.revoked[jti] = expires_at
+    async def revoke_sessions(self, session_ids: Any) -> None:
+        self.sessions.update(session_ids)
 
-    async def is_revoked(self, jti: str) -> bool:
-        return jti in self.revoked
+    async def revoke_token(self, jti: str, expires_at: datetime) -> None:
+        self.tokens[jti] = expires_at
 
 
 class FakeKeys:
@@ -227,7 +308,7 @@ class World:
     hasher: FakeHasher
     cache: FakeCache
     throttle: FakeThrottle
-    denylist: FakeDenylist
+    revocations: FakeRevocations
     use_cases: AuthUseCases
     accounts: UserAccounts
 
@@ -235,7 +316,8 @@ class World:
 @pytest.fixture
 def world() -> World:
     store = Store()
-    hasher, cache, throttle, denylist = FakeHasher(), FakeCache(), FakeThrottle(), FakeDenylist()
+    hasher, cache, throttle = FakeHasher(), FakeCache(), FakeThrottle()
+    revocations = FakeRevocations()
     metrics = AuthMetrics(CollectorRegistry())
 
     def unit_of_work() -> FakeUnitOfWork:
@@ -255,13 +337,13 @@ def world() -> World:
         tokens=FakeTokens(),
         profile_cache=cache,
         login_throttle=throttle,
-        denylist=denylist,
+        revocations=revocations,
         published_keys=FakeKeys(),
         dummy_password_hash=DUMMY_HASH,
         metrics=metrics,
         clock=lambda: NOW,
     )
-    return World(store, hasher, cache, throttle, denylist, use_cases, accounts)
+    return World(store, hasher, cache, throttle, revocations, use_cases, accounts)
 
 
 def registration(**overrides: str) -> RegisterUser:
@@ -277,8 +359,14 @@ def registration(**overrides: str) -> RegisterUser:
     return RegisterUser(**values)
 
 
-def principal(user_id: int, jti: str = "jti-1") -> Principal:
-    return Principal(user_id=user_id, role="user", jti=jti, expires_at=NOW + timedelta(hours=1))
+def principal(user_id: int, jti: str = "jti-1", session_id: str = "s-1") -> Principal:
+    return Principal(
+        user_id=user_id,
+        role="user",
+        jti=jti,
+        expires_at=NOW + timedelta(hours=1),
+        session_id=session_id,
+    )
 
 
 async def test_register_normalises_hashes_and_issues_a_token(world: World) -> None:
@@ -348,14 +436,21 @@ async def test_throttle_counts_failures_and_success_resets(world: World) -> None
     for _ in range(2):
         with pytest.raises(Unauthenticated):
             await world.use_cases.login(LogIn("Ada_L", "wrong"))
-    assert world.throttle.failures == {"ada_l": 2}
+    # One counter for the account, whichever identifier names it.
+    with pytest.raises(Unauthenticated):
+        await world.use_cases.login(LogIn("ada@example.com", "wrong"))
+    assert world.throttle.failures == {"user:1": 3}
     await world.use_cases.login(LogIn("ADA_L", PASSWORD))
     assert world.throttle.failures == {}
+    # Unknown accounts are counted by name.
+    with pytest.raises(Unauthenticated):
+        await world.use_cases.login(LogIn("Nobody", "wrong"))
+    assert world.throttle.failures == {"name:nobody": 1}
 
 
 async def test_throttled_account_is_refused_without_a_password_check(world: World) -> None:
     await world.use_cases.register(registration())
-    world.throttle.failures["ada_l"] = 3
+    world.throttle.failures["user:1"] = 5
     checks_before = len(world.hasher.verified)
     with pytest.raises(ResourceExhausted) as caught:
         await world.use_cases.login(LogIn("Ada_L", PASSWORD))
@@ -417,11 +512,107 @@ async def test_profile_update_refuses_another_users_email(world: World) -> None:
     await world.use_cases.update_profile(principal(1), UpdateProfile(email="ada@example.com"))
 
 
-async def test_logout_denies_the_callers_token_until_it_expires(world: World) -> None:
-    caller = principal(1, jti="the-jti")
+async def _logged_in(world: World) -> tuple[Principal, str]:
+    await world.use_cases.register(registration())
+    result = await world.use_cases.login(LogIn("ada_l", PASSWORD))
+    caller = Principal(
+        user_id=result.user.id,
+        role=str(result.user.role),
+        jti=result.token.jti,
+        expires_at=result.token.expires_at,
+        session_id=result.token.session_id,
+    )
+    return caller, result.refresh_token
+
+
+async def test_login_opens_a_session_with_a_short_token(world: World) -> None:
+    caller, refresh_token = await _logged_in(world)
+    session = world.store.sessions[caller.session_id]
+    assert session.user_id == caller.user_id
+    assert session.expires_at == NOW + timedelta(days=7)
+    assert refresh_token and len(refresh_token) >= 40
+
+
+async def test_logout_ends_the_session_everywhere(world: World) -> None:
+    caller, refresh_token = await _logged_in(world)
     await world.use_cases.logout(caller)
-    assert world.denylist.revoked == {"the-jti": caller.expires_at}
-    assert await world.use_cases.is_revoked("the-jti")
+    assert world.store.sessions[caller.session_id].end_reason == "logout"
+    assert caller.session_id in world.revocations.sessions
+    with pytest.raises(Unauthenticated, match="Session has ended"):
+        await world.use_cases.refresh(refresh_token, None)
+
+
+async def test_refresh_rotates_and_reuse_ends_the_session(world: World) -> None:
+    caller, first = await _logged_in(world)
+    second = (await world.use_cases.refresh(first, None)).refresh_token
+    assert second != first
+    third = (await world.use_cases.refresh(second, None)).refresh_token
+
+    # The first token again: someone else has it. The whole session ends.
+    with pytest.raises(Unauthenticated) as caught:
+        await world.use_cases.refresh(first, None)
+    assert caught.value.reason == "REFRESH_TOKEN_REUSED"
+    assert world.store.sessions[caller.session_id].end_reason == "refresh_reuse"
+    assert caller.session_id in world.revocations.sessions
+    with pytest.raises(Unauthenticated, match="Session has ended"):
+        await world.use_cases.refresh(third, None)
+
+
+async def test_unknown_refresh_token_changes_nothing(world: World) -> None:
+    caller, _ = await _logged_in(world)
+    with pytest.raises(Unauthenticated) as caught:
+        await world.use_cases.refresh("made-up", None)
+    assert caught.value.reason == "REFRESH_TOKEN_INVALID"
+    assert world.store.sessions[caller.session_id].ended_at is None
+
+
+async def test_cake_form_refresh_rereads_the_role_and_retires_the_old_token(
+    world: World,
+) -> None:
+    caller, old_refresh = await _logged_in(world)
+    world.store.users[caller.user_id] = replace(world.store.users[caller.user_id], role=Role.ADMIN)
+    refreshed = await world.use_cases.refresh("", caller)
+    assert refreshed.token.token == f"token:{caller.user_id}:admin"
+    assert refreshed.token.session_id == caller.session_id
+    assert world.revocations.tokens == {caller.jti: caller.expires_at}
+    # The refresh token issued before is now a used one.
+    with pytest.raises(Unauthenticated) as caught:
+        await world.use_cases.refresh(old_refresh, None)
+    assert caught.value.reason == "REFRESH_TOKEN_REUSED"
+
+
+async def test_refresh_needs_a_token_of_some_kind(world: World) -> None:
+    with pytest.raises(Unauthenticated) as caught:
+        await world.use_cases.refresh("", None)
+    assert caught.value.reason == "TOKEN_MISSING"
+
+
+async def test_cake_form_refresh_of_an_unknown_session_is_refused(world: World) -> None:
+    await world.use_cases.register(registration())
+    with pytest.raises(Unauthenticated, match="Session has ended"):
+        await world.use_cases.refresh("", principal(1, session_id="no-such-session"))
+
+
+async def test_absolute_lifetime_is_not_extended_by_refreshing(world: World) -> None:
+    caller, refresh_token = await _logged_in(world)
+    session = world.store.sessions[caller.session_id]
+    world.store.sessions[caller.session_id] = replace(session, expires_at=NOW)
+    with pytest.raises(Unauthenticated, match="Session has ended"):
+        await world.use_cases.refresh(refresh_token, None)
+
+
+async def test_logout_all_and_admin_end_every_session(world: World) -> None:
+    caller, _ = await _logged_in(world)
+    other = await world.use_cases.login(LogIn("ada_l", PASSWORD))
+    assert await world.use_cases.logout_all(caller) == 3  # register, login, login
+    assert {caller.session_id, other.token.session_id} <= world.revocations.sessions
+
+    again = await world.use_cases.login(LogIn("ada_l", PASSWORD))
+    admin = Principal(user_id=99, role="admin", jti="a", expires_at=NOW, session_id="as")
+    assert await world.use_cases.end_user_sessions(admin, caller.user_id) == 1
+    assert again.token.session_id in world.revocations.sessions
+    with pytest.raises(NotFound):
+        await world.use_cases.end_user_sessions(admin, 12345)
 
 
 async def test_create_admin_creates_or_promotes(world: World) -> None:

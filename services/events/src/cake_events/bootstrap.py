@@ -12,7 +12,6 @@ import prometheus_client
 from cake.events.v1 import admin_pb2, admin_pb2_grpc, health_pb2, health_pb2_grpc
 from cake_common.db import create_async_engine_for, create_session_factory, database_probe
 from cake_common.grpc_server import DependencyCheck, GrpcServerBuilder, RunningGrpcServer
-from cake_common.jwt import FileJwksProvider, JwtVerifier
 from cake_common.metrics import start_metrics_server
 from cake_common.redis import create_redis
 from cake_common.service_runtime import (
@@ -21,6 +20,7 @@ from cake_common.service_runtime import (
     start_logging,
     start_tracing,
 )
+from cake_common.token_auth import revocation_list, token_verifier
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -226,12 +226,11 @@ async def start_service(
     )
     # Without a JWKS no token can be verified: every admin call is then UNAUTHENTICATED.
     if settings.jwks_file is not None:
-        verifier = JwtVerifier(
-            FileJwksProvider(settings.jwks_file),
-            issuer=settings.jwt_issuer,
-            audience=settings.jwt_audience,
+        builder.with_auth(
+            token_verifier(settings, settings.jwks_file),
+            public_methods=PUBLIC_METHODS,
+            is_revoked=revocation_list(settings, redis_client).is_revoked,
         )
-        builder.with_auth(verifier, public_methods=PUBLIC_METHODS)
     for hook in shutdown_hooks:
         builder.add_shutdown_hook(hook)
     running = await builder.start()

@@ -67,3 +67,18 @@ dead_letters = sa.Table(
 ``topic`` is NULL when the event type has no route. ``retried_at`` is set when an admin
 puts the event back for publication; the row is kept as history (and reset if the event
 is dead-lettered again)."""
+
+
+security_audit_events = sa.Table(
+    "security_audit_events",
+    metadata,
+    sa.Column("event_id", sa.Uuid, primary_key=True),
+    sa.Column("source", sa.Text, nullable=False),
+    sa.Column("type", sa.Text, nullable=False),
+    sa.Column("actor_user_id", sa.BigInteger, nullable=False),
+    sa.Column("subject_user_id", sa.BigInteger, nullable=False),
+    sa.Column("client_ip", sa.Text, nullable=False),
+    sa.Column("details", sa.JSON, nullable=False),
+    sa.Column("occurred_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
+)

@@ -339,7 +339,7 @@ async def topic_routes(kafka_bootstrap: str) -> dict[str, str]:
 
 @pytest.fixture
 def relay_settings(
-    events_db: str, kafka_bootstrap: str, topic_routes: dict[str, str]
+    events_db: str, kafka_bootstrap: str, redis_url: str, topic_routes: dict[str, str]
 ) -> Callable[..., EventsSettings]:
     """Settings for a relay of the given sources, fast timings for tests; override any field."""
 
@@ -351,6 +351,7 @@ def relay_settings(
     ) -> EventsSettings:
         values: dict[str, Any] = {
             "database_url": events_db,
+            "redis_url": redis_url,
             "kafka_bootstrap_servers": kafka_bootstrap,
             "topic_routes": topic_routes,
             "auth_outbox_url": auth.relay_url if auth else None,

@@ -45,6 +45,7 @@ class Tokens:
                 "iat": now,
                 "exp": now + 600,
                 "jti": str(uuid.uuid4()),
+                "sid": uuid.uuid4().hex,
             },
             self._key,
             algorithm="ES256",

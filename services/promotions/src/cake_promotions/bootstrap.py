@@ -12,9 +12,10 @@ from datetime import timedelta
 from cake.promotions.v1 import promotions_pb2_grpc
 from cake_common.db import create_session_factory, database_probe
 from cake_common.grpc_server import DependencyCheck, GrpcServerBuilder, RunningGrpcServer
-from cake_common.jwt import FileJwksProvider, JwtVerifier
+from cake_common.jwt import JwtVerifier
 from cake_common.metrics import start_metrics_server
 from cake_common.outbox import OutboxWriter
+from cake_common.redis import create_redis
 from cake_common.service_runtime import (
     kill_this_process,
     open_migrated_database,
@@ -22,6 +23,7 @@ from cake_common.service_runtime import (
     start_logging,
     start_tracing,
 )
+from cake_common.token_auth import revocation_list, token_verifier
 from prometheus_client import REGISTRY, CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -119,11 +121,7 @@ def build_verifier(settings: PromotionsSettings) -> JwtVerifier:
     if settings.jwks_file is None:
         # Every non-public call needs a token checked here: refuse to start without keys.
         raise SystemExit("CAKE_PROMOTIONS_JWKS_FILE must name the auth service's JWKS file")
-    return JwtVerifier(
-        FileJwksProvider(settings.jwks_file),
-        issuer=settings.jwt_issuer,
-        audience=settings.jwt_audience,
-    )
+    return token_verifier(settings, settings.jwks_file)
 
 
 def build_consumer(
@@ -154,6 +152,8 @@ async def start_server(
     engine = await open_migrated_database(
         settings, script_location=MIGRATIONS, relay_role=settings.relay_role
     )
+    # Read only for the revocation check: tokens of ended sessions are refused here too.
+    redis_client = create_redis(settings.redis_url)
     try:
         metrics = PromotionsMetrics(metrics_registry)
         payments = payment_gateway(settings)
@@ -168,13 +168,18 @@ async def start_server(
                     servicer, server
                 )
             )
-            .with_auth(verifier, public_methods=PUBLIC_METHODS)
+            .with_auth(
+                verifier,
+                public_methods=PUBLIC_METHODS,
+                is_revoked=revocation_list(settings, redis_client).is_revoked,
+            )
             .with_validation()
             .add_dependency_check(
                 DependencyCheck("postgres", database_probe(engine), critical=True)
             )
             .add_shutdown_hook(engine.dispose)
             .add_shutdown_hook(payments.close)
+            .add_shutdown_hook(redis_client.aclose)
         )
         reconciler = None
         if settings.reconcile_enabled:
@@ -200,6 +205,7 @@ async def start_server(
             builder.add_shutdown_hook(consumer.stop)
         running = await builder.start()
     except BaseException:
+        await redis_client.aclose()
         await engine.dispose()
         raise
     expiry.start()

@@ -119,3 +119,25 @@ idempotency_keys = sa.Table(
     sa.Column("created_at", _Instant, nullable=False, server_default=sa.func.now()),
     sa.Index("ix_idempotency_keys_created_at", "created_at"),
 )
+
+
+campaign_status_changes = sa.Table(
+    "campaign_status_changes",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("campaign_id", sa.BigInteger, nullable=False),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("changed_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+first_login_decisions = sa.Table(
+    "first_login_decisions",
+    metadata,
+    sa.Column("user_id", sa.BigInteger, primary_key=True),
+    sa.Column("event_id", sa.Uuid, nullable=True),
+    sa.Column("login_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("decided_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("result", sa.Text, nullable=False),
+    sa.Column("campaign_id", sa.BigInteger, nullable=True),
+    sa.Column("reason", sa.Text, nullable=False),
+)

@@ -5,6 +5,7 @@ validation and expiry, and the outbox events written with each enrolment."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -15,6 +16,7 @@ import sqlalchemy as sa
 from cake.events.v1 import payloads_pb2
 from cake.promotions.v1 import promotions_pb2
 from cake_promotions import bootstrap
+from cake_promotions.api.mapping import track_first_login_response
 from cake_promotions.metrics import PromotionsMetrics
 from cake_promotions.service.enrolment import FirstLoginEnrolment
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -57,6 +59,23 @@ async def campaign_with(server: Any, signer: Any, engine: AsyncEngine) -> Callab
     return create
 
 
+@pytest.fixture(scope="module")
+def enrolment(engine: AsyncEngine) -> FirstLoginEnrolment:
+    """What the consumer runs for auth's USER_FIRST_LOGIN events."""
+    return FirstLoginEnrolment(
+        bootstrap.unit_of_work_factory(engine), PromotionsMetrics(CollectorRegistry())
+    )
+
+
+async def first_login(enrolment: FirstLoginEnrolment, user_id: int) -> Any:
+    """The user's first login as auth's event reports it, answered in TrackFirstLogin's
+    shape (``eligible`` only for the enrolling call, as in Cake)."""
+    now = datetime.now(UTC)
+    outcome = await enrolment.enrol_first_login(user_id, now, event_id=uuid.uuid4())
+    assert outcome is not None
+    return track_first_login_response(outcome, now)
+
+
 async def track(server: Any, signer: Any, user_id: int) -> Any:
     return await server.stub.TrackFirstLogin(
         promotions_pb2.TrackFirstLoginRequest(), metadata=signer.metadata(user_id)
@@ -64,11 +83,23 @@ async def track(server: Any, signer: Any, user_id: int) -> Any:
 
 
 async def test_without_a_running_campaign_nobody_is_eligible(
-    server: Any, signer: Any, engine: AsyncEngine, unique: Callable[[], int]
+    server: Any,
+    signer: Any,
+    engine: AsyncEngine,
+    enrolment: FirstLoginEnrolment,
+    unique: Callable[[], int],
 ) -> None:
     async with engine.begin() as connection:
         await connection.execute(sa.text("UPDATE promotion_campaigns SET status = 'inactive'"))
     user = unique()
+    decided = await first_login(enrolment, user)
+    assert (decided.eligible, decided.message) == (False, "No active campaign available")
+    # The event that found no campaign is kept with its reason, and reported.
+    async with engine.connect() as connection:
+        reason = await connection.scalar(
+            sa.text("SELECT reason FROM first_login_decisions WHERE user_id = :u"), {"u": user}
+        )
+    assert reason == "no first-login campaign was running at the login time"
     response = await track(server, signer, user)
     assert not response.eligible
     assert response.message == "No active campaign available"
@@ -86,7 +117,12 @@ async def test_requires_a_token(server: Any) -> None:
 
 
 async def test_first_logins_fill_the_campaign_in_order(
-    server: Any, signer: Any, campaign_with: Any, engine: AsyncEngine, unique: Callable[[], int]
+    server: Any,
+    signer: Any,
+    campaign_with: Any,
+    engine: AsyncEngine,
+    enrolment: FirstLoginEnrolment,
+    unique: Callable[[], int],
 ) -> None:
     campaign = await campaign_with(max_participants=3, discount_percentage=25)
     users = [unique() for _ in range(4)]
@@ -97,7 +133,7 @@ async def test_first_logins_fill_the_campaign_in_order(
     assert (before.eligible, before.campaign_id, before.remaining_slots) == (True, campaign.id, 3)
     assert before.message == "User is eligible for this campaign"
 
-    enrolled = [await track(server, signer, user) for user in users[:3]]
+    enrolled = [await first_login(enrolment, user) for user in users[:3]]
     assert [response.participation_order for response in enrolled] == [1, 2, 3]
     assert [response.remaining_slots for response in enrolled] == [2, 1, 0]
     for response in enrolled:
@@ -111,7 +147,7 @@ async def test_first_logins_fill_the_campaign_in_order(
         validity = response.voucher.expires_at.seconds - response.voucher.issued_at.seconds
         assert validity == 30 * 24 * 3600
 
-    late = await track(server, signer, users[3])
+    late = await first_login(enrolment, users[3])
     assert (late.eligible, late.message) == (False, "Campaign is full")
     assert (late.campaign_id, late.remaining_slots) == (campaign.id, 0)
     assert not late.HasField("voucher")
@@ -120,8 +156,9 @@ async def test_first_logins_fill_the_campaign_in_order(
     )
     assert (late_eligibility.eligible, late_eligibility.message) == (False, "Campaign is full")
 
+    # TrackFirstLogin reports and never enrols: Cake's `eligible: false` once enrolled.
     again = await track(server, signer, users[0])
-    assert again.eligible
+    assert not again.eligible
     assert again.message == "User already participated in this campaign"
     assert again.participation_order == 1
     assert again.voucher.code == enrolled[0].voucher.code
@@ -132,6 +169,9 @@ async def test_first_logins_fill_the_campaign_in_order(
         False,
         "User already participated in this campaign",
     )
+
+    told_full = await track(server, signer, users[3])
+    assert (told_full.eligible, told_full.message) == (False, "Campaign is full")
 
     fetched = await server.stub.GetCampaign(promotions_pb2.GetCampaignRequest(id=campaign.id))
     assert (fetched.campaign.status, fetched.campaign.current_participants) == ("full", 3)
@@ -157,14 +197,17 @@ async def test_first_logins_fill_the_campaign_in_order(
 
 
 async def test_concurrent_duplicates_of_one_user_take_one_slot(
-    server: Any, signer: Any, campaign_with: Any, engine: AsyncEngine, unique: Callable[[], int]
+    campaign_with: Any,
+    engine: AsyncEngine,
+    enrolment: FirstLoginEnrolment,
+    unique: Callable[[], int],
 ) -> None:
     campaign = await campaign_with(max_participants=5)
     user = unique()
 
-    responses = await asyncio.gather(*(track(server, signer, user) for _ in range(20)))
+    responses = await asyncio.gather(*(first_login(enrolment, user) for _ in range(20)))
 
-    assert all(response.eligible for response in responses)
+    assert sum(response.eligible for response in responses) == 1
     assert {response.voucher.code for response in responses} == {responses[0].voucher.code}
     assert (
         sorted(response.message for response in responses).count(
@@ -184,12 +227,15 @@ async def test_concurrent_duplicates_of_one_user_take_one_slot(
 
 
 async def test_concurrent_first_logins_never_exceed_the_maximum(
-    server: Any, signer: Any, campaign_with: Any, engine: AsyncEngine, unique: Callable[[], int]
+    campaign_with: Any,
+    engine: AsyncEngine,
+    enrolment: FirstLoginEnrolment,
+    unique: Callable[[], int],
 ) -> None:
     campaign = await campaign_with(max_participants=25)
     users = [unique() for _ in range(80)]
 
-    responses = await asyncio.gather(*(track(server, signer, user) for user in users))
+    responses = await asyncio.gather(*(first_login(enrolment, user) for user in users))
 
     winners = [response for response in responses if response.eligible]
     assert len(winners) == 25
@@ -211,13 +257,17 @@ async def test_concurrent_first_logins_never_exceed_the_maximum(
 
 
 async def test_my_promotions_my_vouchers_and_validation(
-    server: Any, signer: Any, campaign_with: Any, unique: Callable[[], int]
+    server: Any,
+    signer: Any,
+    campaign_with: Any,
+    enrolment: FirstLoginEnrolment,
+    unique: Callable[[], int],
 ) -> None:
     campaign = await campaign_with(
         name="Welcome", min_topup_amount=50000, max_discount_amount=20000
     )
     user = unique()
-    enrolled = await track(server, signer, user)
+    enrolled = await first_login(enrolment, user)
 
     promotions = (
         await server.stub.ListMyPromotions(
@@ -262,11 +312,16 @@ async def test_my_promotions_my_vouchers_and_validation(
 
 
 async def test_an_active_voucher_past_expiry_reads_and_is_stored_expired(
-    server: Any, signer: Any, campaign_with: Any, engine: AsyncEngine, unique: Callable[[], int]
+    server: Any,
+    signer: Any,
+    campaign_with: Any,
+    engine: AsyncEngine,
+    enrolment: FirstLoginEnrolment,
+    unique: Callable[[], int],
 ) -> None:
     await campaign_with()
     user = unique()
-    code = (await track(server, signer, user)).voucher.code
+    code = (await first_login(enrolment, user)).voucher.code
     async with engine.begin() as connection:
         await connection.execute(
             sa.text("UPDATE vouchers SET expires_at = now() - interval '1 second' WHERE code = :c"),
@@ -368,3 +423,57 @@ async def test_a_taken_voucher_code_is_drawn_again(
     assert second.participation is not None
     assert second.voucher.user_promotion_id == second.participation.id
     assert second.voucher.issued_at == second.participation.voucher_issued_at
+
+
+async def test_track_first_login_never_enrols(
+    server: Any,
+    signer: Any,
+    campaign_with: Any,
+    engine: AsyncEngine,
+    unique: Callable[[], int],
+) -> None:
+    """An existing user (no first-login event) calling it in a new campaign gets nothing."""
+    campaign = await campaign_with(max_participants=5)
+    user = unique()
+    for _ in range(3):
+        response = await track(server, signer, user)
+        assert not response.eligible
+        assert response.message == (
+            "Not enrolled: only a first login while a campaign is active earns its voucher"
+        )
+        assert not response.HasField("voucher")
+    async with engine.connect() as connection:
+        taken = await connection.scalar(
+            sa.text("SELECT current_participants FROM promotion_campaigns WHERE id = :id"),
+            {"id": campaign.id},
+        )
+    assert taken == 0
+
+
+async def test_a_late_event_is_decided_by_its_login_time(
+    server: Any,
+    signer: Any,
+    campaign_with: Any,
+    engine: AsyncEngine,
+    enrolment: FirstLoginEnrolment,
+    unique: Callable[[], int],
+) -> None:
+    campaign = await campaign_with(max_participants=5)
+    during, after = unique(), unique()
+    login_while_active = datetime.now(UTC)
+    await asyncio.sleep(0.05)
+    paused = await server.stub.UpdateCampaignStatus(
+        promotions_pb2.UpdateCampaignStatusRequest(id=campaign.id, status="inactive"),
+        metadata=signer.metadata(1, "admin"),
+    )
+    assert paused.campaign.status == "inactive"
+
+    # Relay or Kafka lag: the event of a login made while it ran arrives after the pause.
+    late = await enrolment.enrol_first_login(during, login_while_active, event_id=uuid.uuid4())
+    assert late is not None and late.result.value == "enrolled"
+    # A login after the pause enrols nobody, and says why.
+    refused = await enrolment.enrol_first_login(after, datetime.now(UTC), event_id=uuid.uuid4())
+    assert refused is not None and refused.result.value == "no_campaign"
+    assert (await track(server, signer, during)).message == (
+        "User already participated in this campaign"
+    )

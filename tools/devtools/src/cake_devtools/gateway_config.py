@@ -58,6 +58,9 @@ PUBLIC_METHODS: frozenset[str] = frozenset(
         f"{HEALTH_SERVICE}/{HEALTH_METHOD}",
     }
 )
+#: Methods whose bearer token is optional but verified when present (the refresh token may
+#: travel in the body instead).
+OPTIONAL_TOKEN_METHODS: frozenset[str] = frozenset({f"{AUTH_SERVICE}/RefreshToken"})
 #: Methods that answer 201 Created over REST on success, as the Cake System does.
 CREATED_METHODS: frozenset[str] = frozenset(
     {f"{AUTH_SERVICE}/Register", f"{PROMOTIONS_SERVICE}/CreateCampaign"}
@@ -140,6 +143,10 @@ class RestMethod:
     @property
     def public(self) -> bool:
         return self.full_name in PUBLIC_METHODS
+
+    @property
+    def optional_token(self) -> bool:
+        return self.full_name in OPTIONAL_TOKEN_METHODS
 
     @property
     def success_status(self) -> int:
@@ -469,6 +476,7 @@ def render_gateway_config(ctx: GatewayContext, *, template_dir: Path | None = No
         methods=methods,
         body_methods=[m for m in methods if m.body == "*"],
         public_methods=[m for m in methods if m.public],
+        optional_token_methods=[m for m in methods if m.optional_token],
         health_method=next(m for m in methods if m.is_health),
         openapi_rest_path=OPENAPI_REST_PATH,
         local_reply_messages=LOCAL_REPLY_MESSAGES,

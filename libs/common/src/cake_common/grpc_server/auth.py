@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from cake_common.auth_context import principal_var
-from cake_common.errors import CakeError, Unauthenticated
+from cake_common.errors import CakeError, Unauthenticated, Unavailable
 from cake_common.grpc_server.call_scope import (
     CallScope,
     ScopedServerInterceptor,
@@ -34,8 +34,9 @@ ALWAYS_PUBLIC_SERVICES = frozenset(
     }
 )
 
-RevocationCheck = Callable[[str], Awaitable[bool]]
-"""``is_revoked(jti)``: True if the token was revoked (logged out) before it expired."""
+RevocationCheck = Callable[[Principal], Awaitable[bool]]
+"""``is_revoked(principal)``: True if the token or its session was revoked before the token
+expired (:meth:`cake_common.revocation.RevocationList.is_revoked`); raises if it cannot tell."""
 
 _log = get_logger(__name__)
 
@@ -49,11 +50,17 @@ class AuthInterceptor(ScopedServerInterceptor):
     """Requires a valid ``authorization: Bearer <jwt>`` on every non-public method.
 
     Public methods are given by full name (``/cake.auth.v1.AuthService/Login``); health and
-    reflection are always public. Failures abort with UNAUTHENTICATED and a short message.
+    reflection are always public. ``optional_methods`` accept a call without the header, but
+    a header that is present must hold a valid, unrevoked token. Failures abort with
+    UNAUTHENTICATED and a short message.
 
-    ``is_revoked`` consults the logout denylist. It lives in Redis, which Cake treats as
-    optional: if the check itself fails, the token is accepted (and a warning logged), so a
-    Redis outage degrades logout instead of locking every user out.
+    ``is_revoked`` consults the shared revocation list (Redis). If the check itself fails:
+
+    - an **admin** token is refused with UNAVAILABLE (fail closed: no admin action runs on a
+      token that may have been revoked);
+    - a **user** token is accepted and a warning logged (fail open), so a Redis outage does
+      not lock every customer out; the exposure is bounded by the access-token lifetime
+      (15 minutes by default) because refreshing checks the session in auth's database.
     """
 
     def __init__(
@@ -61,17 +68,29 @@ class AuthInterceptor(ScopedServerInterceptor):
         verifier: JwtVerifier,
         *,
         public_methods: Iterable[str] = (),
+        optional_methods: Iterable[str] = (),
         is_revoked: RevocationCheck | None = None,
     ) -> None:
         super().__init__()
         self._verifier = verifier
         self._public_methods = frozenset(public_methods)
+        self._optional_methods = frozenset(optional_methods)
         self._is_revoked = is_revoked
 
     def scope_for(self, method: str) -> CallScope | None:
         if method in self._public_methods or _service_of(method) in ALWAYS_PUBLIC_SERVICES:
             return None
+        if method in self._optional_methods:
+            return self._optional_scope
         return self._scope
+
+    @asynccontextmanager
+    async def _optional_scope(self, request: Any, context: ServicerContext) -> AsyncIterator[None]:
+        if metadata_value(context, AUTHORIZATION_METADATA_KEY) is None:
+            yield
+            return
+        async with self._scope(request, context):
+            yield
 
     @asynccontextmanager
     async def _scope(self, _request: Any, context: ServicerContext) -> AsyncIterator[None]:
@@ -94,15 +113,21 @@ class AuthInterceptor(ScopedServerInterceptor):
         if scheme.lower() != "bearer" or not token:
             raise Unauthenticated("Malformed authorization header", reason="TOKEN_MALFORMED")
         principal = await self._verifier.verify(token)
-        if await self._revoked(principal.jti):
+        if await self._revoked(principal):
             raise Unauthenticated("Token has been revoked", reason="TOKEN_REVOKED")
         return principal
 
-    async def _revoked(self, jti: str) -> bool:
+    async def _revoked(self, principal: Principal) -> bool:
         if self._is_revoked is None:
             return False
         try:
-            return await self._is_revoked(jti)
+            return await self._is_revoked(principal)
         except Exception as error:
-            _log.warning("token revocation check failed; accepting token", error=repr(error))
+            if principal.is_admin:
+                _log.warning("token revocation check failed; refusing admin token")
+                raise Unavailable(
+                    "Cannot check the token right now, please try again",
+                    reason="REVOCATION_CHECK_UNAVAILABLE",
+                ) from error
+            _log.debug("token revocation check failed; accepting user token", error=repr(error))
             return False

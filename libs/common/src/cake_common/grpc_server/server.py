@@ -151,6 +151,7 @@ class GrpcServerBuilder:
         self._checks: list[DependencyCheck] = []
         self._check_interval = 5.0
         self._shutdown_hooks: list[ShutdownHook] = []
+        self._reflection = True
 
     @classmethod
     def from_settings(
@@ -171,7 +172,14 @@ class GrpcServerBuilder:
         )
         if settings.metrics_port is not None:
             builder.with_metrics(metrics_registry, port=settings.metrics_port)
+        builder.with_reflection(settings.grpc_reflection)
         return builder
+
+    def with_reflection(self, enabled: bool) -> Self:
+        """Serve gRPC server reflection (tooling such as grpcurl); off in production, where
+        it would hand every caller the full API surface."""
+        self._reflection = enabled
+        return self
 
     def add_servicer(self, register: ServicerRegistration) -> Self:
         self._registrations.append(register)
@@ -182,9 +190,15 @@ class GrpcServerBuilder:
         verifier: JwtVerifier,
         *,
         public_methods: Iterable[str] = (),
+        optional_methods: Iterable[str] = (),
         is_revoked: RevocationCheck | None = None,
     ) -> Self:
-        self._auth = AuthInterceptor(verifier, public_methods=public_methods, is_revoked=is_revoked)
+        self._auth = AuthInterceptor(
+            verifier,
+            public_methods=public_methods,
+            optional_methods=optional_methods,
+            is_revoked=is_revoked,
+        )
         return self
 
     def with_metrics(
@@ -244,9 +258,10 @@ class GrpcServerBuilder:
         service_health = ServiceHealth(self._service_names)
         await service_health.initialize()
         health_pb2_grpc.add_HealthServicer_to_server(service_health.servicer, server)
-        reflection.enable_server_reflection(
-            (*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        if self._reflection:
+            reflection.enable_server_reflection(
+                (*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            )
 
         address = f"{self._host}:{self._port}"
         port = server.add_insecure_port(address)

@@ -18,7 +18,7 @@ import os
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -210,10 +210,20 @@ class Es256TokenIssuer:
         self._ttl = ttl_seconds
         self._clock = clock
 
-    def issue(self, user_id: int, role: Role | str) -> AccessToken:
+    def issue(
+        self,
+        user_id: int,
+        role: Role | str,
+        *,
+        session_id: str | None = None,
+        not_after: datetime | None = None,
+    ) -> AccessToken:
+        """A signed token; without ``session_id`` it names a fresh session id that no
+        session row has (operator tooling and tests: such a token cannot be refreshed)."""
         # JWT times are whole seconds: truncate once so `exp` and `expires_at` agree.
         issued_at = self._clock().replace(microsecond=0)
         jti = str(uuid.uuid4())
+        sid = session_id if session_id is not None else uuid.uuid4().hex
         claims = access_token_claims(
             user_id=user_id,
             role=role,
@@ -222,6 +232,8 @@ class Es256TokenIssuer:
             issued_at=issued_at,
             ttl_seconds=self._ttl,
             jti=jti,
+            session_id=sid,
+            not_after=not_after,
         )
         token = jwt.encode(
             claims,
@@ -230,5 +242,9 @@ class Es256TokenIssuer:
             headers={"kid": self._key.kid},
         )
         return AccessToken(
-            token=token, jti=jti, expires_at=issued_at + timedelta(seconds=self._ttl)
+            token=token,
+            jti=jti,
+            expires_at=datetime.fromtimestamp(claims["exp"], tz=UTC),
+            session_id=sid,
+            issued_at=issued_at,
         )

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from cake.events.v1 import payloads_pb2
+from cake_common.audit import AuditEntry, record_audit
 from cake_common.outbox import OutboxUnitOfWork, OutboxWriter
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from cake_auth.adapters.sessions_repository import SqlSessionRepository
 from cake_auth.adapters.users_repository import SqlUserRepository
 from cake_auth.domain.login import FirstLogin
 
@@ -20,6 +22,9 @@ class OutboxEventRecorder:
     def __init__(self, session: AsyncSession, writer: OutboxWriter) -> None:
         self._session = session
         self._writer = writer
+
+    async def security_audit(self, entry: AuditEntry) -> None:
+        await record_audit(self._writer, self._session, entry)
 
     async def first_login(self, event: FirstLogin) -> None:
         login_at = Timestamp()
@@ -42,8 +47,10 @@ class OutboxEventRecorder:
 
 class SqlAuthUnitOfWork(OutboxUnitOfWork):
     users: SqlUserRepository
+    sessions: SqlSessionRepository
     events: OutboxEventRecorder
 
     def bind_repositories(self, session: AsyncSession) -> None:
         self.users = SqlUserRepository(session)
+        self.sessions = SqlSessionRepository(session)
         self.events = OutboxEventRecorder(session, self.outbox_writer)

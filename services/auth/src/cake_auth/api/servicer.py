@@ -7,7 +7,7 @@ from typing import Any
 
 import grpc
 from cake.auth.v1 import auth_pb2, auth_pb2_grpc
-from cake_common.auth_context import current_principal
+from cake_common.auth_context import current_principal, principal_var, require_admin
 from cake_common.grpc_server.call_scope import metadata_value
 
 from cake_auth.domain.login import LoginContext
@@ -21,6 +21,8 @@ from cake_auth.user_proto import user_to_proto
 
 AUTH_SERVICE = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
 PUBLIC_METHODS = tuple(f"/{AUTH_SERVICE}/{name}" for name in ("Register", "Login", "GetJwks"))
+#: A bearer token is optional (the refresh token may be in the body) but checked if present.
+OPTIONAL_TOKEN_METHODS = (f"/{AUTH_SERVICE}/RefreshToken",)
 
 USER_AGENT_METADATA_KEY = "user-agent"
 CLIENT_IP_METADATA_KEY = "x-cake-client-ip"  # set by the gateway from the connection
@@ -64,7 +66,10 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
             )
         )
         return auth_pb2.RegisterResponse(
-            access_token=registered.token.token, user=user_to_proto(registered.user)
+            access_token=registered.token.token,
+            user=user_to_proto(registered.user),
+            refresh_token=registered.refresh_token,
+            expires_in=registered.token.lifetime_seconds,
         )
 
     async def Login(
@@ -78,7 +83,10 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
             )
         )
         return auth_pb2.LoginResponse(
-            access_token=logged_in.token.token, user=user_to_proto(logged_in.user)
+            access_token=logged_in.token.token,
+            user=user_to_proto(logged_in.user),
+            refresh_token=logged_in.refresh_token,
+            expires_in=logged_in.token.lifetime_seconds,
         )
 
     async def GetProfile(
@@ -104,14 +112,30 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     async def RefreshToken(
         self, request: auth_pb2.RefreshTokenRequest, context: Context
     ) -> auth_pb2.RefreshTokenResponse:
-        token = self._use_cases.refresh(current_principal())
-        return auth_pb2.RefreshTokenResponse(access_token=token.token)
+        refreshed = await self._use_cases.refresh(request.refresh_token, principal_var.get())
+        return auth_pb2.RefreshTokenResponse(
+            access_token=refreshed.token.token,
+            refresh_token=refreshed.refresh_token,
+            expires_in=refreshed.token.lifetime_seconds,
+        )
 
     async def Logout(
         self, request: auth_pb2.LogoutRequest, context: Context
     ) -> auth_pb2.LogoutResponse:
         await self._use_cases.logout(current_principal())
         return auth_pb2.LogoutResponse()
+
+    async def LogoutAll(
+        self, request: auth_pb2.LogoutAllRequest, context: Context
+    ) -> auth_pb2.LogoutAllResponse:
+        ended = await self._use_cases.logout_all(current_principal())
+        return auth_pb2.LogoutAllResponse(ended_sessions=ended)
+
+    async def EndUserSessions(
+        self, request: auth_pb2.EndUserSessionsRequest, context: Context
+    ) -> auth_pb2.EndUserSessionsResponse:
+        ended = await self._use_cases.end_user_sessions(require_admin(), request.user_id)
+        return auth_pb2.EndUserSessionsResponse(ended_sessions=ended)
 
     async def GetJwks(
         self, request: auth_pb2.GetJwksRequest, context: Context

@@ -40,11 +40,53 @@ def login_account(account: str) -> LoginAccount:
 
 @dataclass(frozen=True, slots=True)
 class ThrottleStatus:
-    """An account's recent failed logins, as the throttle store knows them."""
+    """The outcome of reserving a login attempt."""
 
     failures: int = 0
+    """Failures counted for the account, this attempt included."""
     retry_after_seconds: int | None = None
-    """Set when the account may not try again yet."""
+    """Set when the attempt was refused (and not counted): wait this long."""
+
+
+@dataclass(frozen=True, slots=True)
+class DelayPolicy:
+    """Growing delays instead of a lock-out: the first ``free_failures`` failures cost
+    nothing, then each further attempt must wait ``base * 2**(extra failures)`` seconds
+    after the last failure, at most ``max_delay_seconds``. Failures are forgotten
+    ``window_seconds`` after the last one; a success clears the account's count."""
+
+    free_failures: int
+    base_delay_seconds: float
+    max_delay_seconds: float
+    window_seconds: int
+
+    def delay_after(self, failures: int) -> float:
+        """How long after the last of ``failures`` failures the next attempt must wait."""
+        if failures < self.free_failures:
+            return 0.0
+        exponent = min(failures - self.free_failures, 30)
+        return float(min(self.base_delay_seconds * 2**exponent, self.max_delay_seconds))
+
+    def wait(self, failures: int, last_failure_at: float, now: float) -> float:
+        """Seconds still to wait before another attempt (0: may try now)."""
+        return max(0.0, last_failure_at + self.delay_after(failures) - now)
+
+
+@dataclass(frozen=True, slots=True)
+class ThrottleKeys:
+    """What a login attempt is counted against: the account (the user's id when the
+    identifier names one, so username, e-mail and phone share one counter) and, when the
+    gateway says, the client's IP address."""
+
+    account: str
+    client_ip: str = ""
+
+
+def throttle_keys(
+    account: LoginAccount, user_id: int | None, context: LoginContext
+) -> ThrottleKeys:
+    key = f"user:{user_id}" if user_id is not None else f"name:{account.throttle_key}"
+    return ThrottleKeys(account=key, client_ip=context.client_ip)
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,15 @@ class AccessToken:
     token: str
     jti: str
     expires_at: datetime
+    session_id: str = ""
+    issued_at: datetime | None = None
+
+    @property
+    def lifetime_seconds(self) -> int:
+        """``expires_in`` of the token endpoint answers."""
+        if self.issued_at is None:
+            return 0
+        return max(0, int((self.expires_at - self.issued_at).total_seconds()))
 
 
 def access_token_claims(
@@ -27,9 +36,16 @@ def access_token_claims(
     issued_at: datetime,
     ttl_seconds: int,
     jti: str,
+    session_id: str,
+    not_after: datetime | None = None,
 ) -> dict[str, Any]:
-    """The JWT claims every Cake service expects: ``sub, role, iss, aud, iat, exp, jti``."""
+    """The JWT claims every Cake service expects: ``sub, role, iss, aud, iat, exp, jti, sid``.
+
+    ``exp`` is ``ttl_seconds`` after ``issued_at`` but never after ``not_after``.
+    """
     expires_at = issued_at + timedelta(seconds=ttl_seconds)
+    if not_after is not None:
+        expires_at = min(expires_at, not_after)
     return {
         "sub": str(user_id),
         "role": str(role),
@@ -38,4 +54,5 @@ def access_token_claims(
         "iat": int(issued_at.timestamp()),
         "exp": int(expires_at.timestamp()),
         "jti": jti,
+        "sid": session_id,
     }

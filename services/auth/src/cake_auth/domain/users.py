@@ -9,6 +9,7 @@ cannot store) and the normalisation that makes uniqueness case- and format-insen
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 from datetime import date, datetime
 from enum import StrEnum
@@ -128,6 +129,25 @@ def _check_storable(violations: _Violations, field: str, value: str) -> None:
         violations.add(field, "must not contain NUL characters")
 
 
+# Bidirectional embeddings, overrides and isolates reorder how a name is displayed
+# (e.g. "\u202eelgoog" renders as "google"): never part of a genuine name.
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+# Categories that show nothing: controls, format characters (zero-width...), separators,
+# combining marks on their own, private use and unassigned code points.
+_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zs", "Zl", "Zp", "Mn", "Me"})
+
+
+def _check_display_name(violations: _Violations, field: str, value: str) -> None:
+    if any(character in _BIDI_CONTROLS for character in value):
+        violations.add(field, "must not contain bidirectional control characters")
+    elif any(unicodedata.category(character) == "Cc" for character in value):
+        violations.add(field, "must not contain control characters")
+    elif not any(
+        unicodedata.category(character) not in _INVISIBLE_CATEGORIES for character in value
+    ):
+        violations.add(field, "must contain at least one visible character")
+
+
 def _parse_birthday(violations: _Violations, field: str, text: str, today: date) -> date | None:
     try:
         birthday = date.fromisoformat(text)
@@ -176,6 +196,7 @@ def new_user(
         ("phone", phone),
     ):
         _check_storable(violations, field, value)
+    _check_display_name(violations, "fullname", fullname)
     problem = password_problem(password)
     if problem is not None:
         violations.add("password", problem)
@@ -206,6 +227,8 @@ def profile_changes(
     for field, value in (("fullname", fullname), ("email", email), ("phone", phone)):
         if value is not None:
             _check_storable(violations, field, value)
+    if fullname is not None:
+        _check_display_name(violations, "fullname", fullname)
     parsed_birthday = (
         None if birthday is None else _parse_birthday(violations, "birthday", birthday, today)
     )

@@ -7,7 +7,10 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, Protocol, Self
 
-from cake_auth.domain.login import FirstLogin, LoginAccount, ThrottleStatus
+from cake_common.audit import AuditEntry
+
+from cake_auth.domain.login import FirstLogin, LoginAccount, ThrottleKeys, ThrottleStatus
+from cake_auth.domain.sessions import RefreshTokenRecord, Session
 from cake_auth.domain.tokens import AccessToken
 from cake_auth.domain.users import NewUser, ProfileChanges, Role, User
 
@@ -25,7 +28,17 @@ class PasswordHasher(Protocol):
 
 
 class TokenIssuer(Protocol):
-    def issue(self, user_id: int, role: Role | str) -> AccessToken: ...
+    def issue(
+        self,
+        user_id: int,
+        role: Role | str,
+        *,
+        session_id: str,
+        not_after: datetime | None = None,
+    ) -> AccessToken:
+        """A signed token of this session, expiring after the TTL but never after
+        ``not_after`` (the session's absolute end)."""
+        ...
 
 
 class ProfileCache(Protocol):
@@ -40,23 +53,50 @@ class ProfileCache(Protocol):
 
 
 class LoginThrottle(Protocol):
-    """Counts failed logins per account; failures of the store let logins through."""
+    """Counts login attempts per account and per client IP, atomically and *before* the
+    password is checked; with its store down, a bounded local fallback applies."""
 
-    async def check(self, account_key: str) -> ThrottleStatus:
-        """The account's failures and whether it must wait (nothing known: no failures)."""
+    async def reserve(self, keys: ThrottleKeys) -> ThrottleStatus:
+        """Count this attempt as a failure, or refuse it (``retry_after_seconds``)."""
         ...
 
-    async def record_failure(self, account_key: str) -> None: ...
-
-    async def reset(self, account_key: str) -> None: ...
-
-
-class TokenDenylist(Protocol):
-    async def revoke(self, jti: str, expires_at: datetime) -> None:
-        """Deny the token until it expires; raises ``Unavailable`` if that cannot be stored."""
+    async def succeeded(self, keys: ThrottleKeys) -> None:
+        """The password was right: the account's failures are cleared."""
         ...
 
-    async def is_revoked(self, jti: str) -> bool: ...
+
+class Revocations(Protocol):
+    """The revocation list every service checks; raises ``Unavailable`` if not stored."""
+
+    async def revoke_sessions(self, session_ids: Sequence[str]) -> None:
+        """Refuse every access token of these sessions from now on."""
+        ...
+
+    async def revoke_token(self, jti: str, expires_at: datetime) -> None:
+        """Refuse one access token until it expires."""
+        ...
+
+
+class SessionRepository(Protocol):
+    async def add(
+        self, new: Session, *, refresh_hash: str, user_agent: str, client_ip: str
+    ) -> None: ...
+
+    async def add_refresh_token(self, session_id: str, token_hash: str, at: datetime) -> None: ...
+
+    async def get_for_update(self, session_id: str) -> Session | None: ...
+
+    async def find_refresh_token(
+        self, token_hash: str
+    ) -> tuple[RefreshTokenRecord, Session] | None:
+        """The token and its (locked) session."""
+        ...
+
+    async def retire_refresh_tokens(self, session_id: str, at: datetime) -> None: ...
+
+    async def end(self, session_id: str, at: datetime, reason: str) -> bool: ...
+
+    async def end_all_of_user(self, user_id: int, at: datetime, reason: str) -> list[str]: ...
 
 
 class UserRepository(Protocol):
@@ -98,12 +138,19 @@ class UserRepository(Protocol):
 class EventRecorder(Protocol):
     async def first_login(self, event: FirstLogin) -> None: ...
 
+    async def security_audit(self, entry: AuditEntry) -> None:
+        """An entry of the security audit log, committed with the unit of work."""
+        ...
+
 
 class AuthUnitOfWork(Protocol):
     """One transaction: ``users`` and ``events`` see and write the same data."""
 
     @property
     def users(self) -> UserRepository: ...
+
+    @property
+    def sessions(self) -> SessionRepository: ...
 
     @property
     def events(self) -> EventRecorder: ...

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from datetime import datetime
 from uuid import UUID
 
 import sqlalchemy as sa
@@ -12,7 +13,8 @@ from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from cake_events.db import dead_letters, published_batches
+from cake_events.db import dead_letters, published_batches, security_audit_events
+from cake_events.domain.audit import AuditCursor, AuditFilter, StoredAuditEntry
 from cake_events.domain.delivery import DeadLetter, DeadLetterCursor, PublishedBatch
 
 _RECORD_PUBLISHED = sa.insert(published_batches).values(
@@ -150,12 +152,84 @@ class DeadLetterRepository:
         ]
 
 
+class AuditLogRepository:
+    """The append-only security audit log (a trigger refuses updates and deletes)."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+
+    async def append(self, entries: Sequence[StoredAuditEntry], recorded_at: datetime) -> None:
+        if not entries:
+            return
+        # A republished (replayed) entry is the same entry: kept once.
+        await self._session.execute(
+            insert(security_audit_events)
+            .values(
+                [
+                    {
+                        "event_id": entry.event_id,
+                        "source": entry.source,
+                        "type": entry.type,
+                        "actor_user_id": entry.actor_user_id,
+                        "subject_user_id": entry.subject_user_id,
+                        "client_ip": entry.client_ip,
+                        "details": dict(entry.details),
+                        "occurred_at": entry.occurred_at,
+                        "recorded_at": recorded_at,
+                    }
+                    for entry in entries
+                ]
+            )
+            .on_conflict_do_nothing(index_elements=["event_id"])
+        )
+
+    async def page(
+        self, where: AuditFilter, limit: int, after: AuditCursor | None
+    ) -> list[StoredAuditEntry]:
+        table = security_audit_events
+        statement = sa.select(table).order_by(table.c.occurred_at.desc(), table.c.event_id.desc())
+        if where.type:
+            statement = statement.where(table.c.type == where.type)
+        if where.user_id:
+            statement = statement.where(
+                sa.or_(
+                    table.c.actor_user_id == where.user_id,
+                    table.c.subject_user_id == where.user_id,
+                )
+            )
+        if where.since is not None:
+            statement = statement.where(table.c.occurred_at >= where.since)
+        if where.until is not None:
+            statement = statement.where(table.c.occurred_at < where.until)
+        if after is not None:
+            statement = statement.where(
+                sa.tuple_(table.c.occurred_at, table.c.event_id)
+                < sa.tuple_(sa.literal(after.occurred_at), sa.literal(after.event_id))
+            )
+        rows = (await self._session.execute(statement.limit(limit))).mappings().all()
+        return [
+            StoredAuditEntry(
+                event_id=row["event_id"],
+                source=row["source"],
+                type=row["type"],
+                actor_user_id=row["actor_user_id"],
+                subject_user_id=row["subject_user_id"],
+                client_ip=row["client_ip"],
+                details=dict(row["details"] or {}),
+                occurred_at=row["occurred_at"],
+            )
+            for row in rows
+        ]
+
+
 class EventsUnitOfWork(UnitOfWork):
-    """One transaction on the events database with its two repositories."""
+    """One transaction on the events database with its repositories."""
 
     published: PublishedEventRepository
     dead_letters: DeadLetterRepository
+    audit: AuditLogRepository
 
     def bind_repositories(self, session: AsyncSession) -> None:
         self.published = PublishedEventRepository(session)
         self.dead_letters = DeadLetterRepository(session)
+        self.audit = AuditLogRepository(session)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import UTC
 from uuid import UUID
 
 import grpc
 from cake.events.v1 import admin_pb2, admin_pb2_grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from cake_events.domain.audit import AuditFilter, StoredAuditEntry
 from cake_events.domain.delivery import AUTH_SOURCE, PROMOTIONS_SOURCE, DeadLetter, QueueStats
 from cake_events.service.admin import EventAdministration
 
@@ -61,6 +63,25 @@ class EventAdminServicer(admin_pb2_grpc.EventAdminServiceServicer):
         status = await self._administration.replay_event(event_id)
         return admin_pb2.ReplayEventResponse(event_id=str(event_id), status=status.value)
 
+    async def ListAuditEvents(
+        self,
+        request: admin_pb2.ListAuditEventsRequest,
+        context: _Context[admin_pb2.ListAuditEventsRequest, admin_pb2.ListAuditEventsResponse],
+    ) -> admin_pb2.ListAuditEventsResponse:
+        where = AuditFilter(
+            type=request.type,
+            user_id=request.user_id,
+            since=request.since.ToDatetime(tzinfo=UTC) if request.HasField("since") else None,
+            until=request.until.ToDatetime(tzinfo=UTC) if request.HasField("until") else None,
+        )
+        page = await self._administration.list_audit_events(
+            where, request.page_size, request.page_token
+        )
+        return admin_pb2.ListAuditEventsResponse(
+            audit_events=[_audit_event(entry) for entry in page.entries],
+            next_page_token=page.next_page_token,
+        )
+
 
 _INT32_MAX = 2**31 - 1
 
@@ -88,4 +109,19 @@ def _dead_letter(letter: DeadLetter) -> admin_pb2.DeadLetter:
         attempts=letter.attempts,
         last_error=letter.last_error,
         failed_at=failed_at,
+    )
+
+
+def _audit_event(entry: StoredAuditEntry) -> admin_pb2.AuditEvent:
+    occurred_at = Timestamp()
+    occurred_at.FromDatetime(entry.occurred_at)
+    return admin_pb2.AuditEvent(
+        id=str(entry.event_id),
+        source=entry.source,
+        type=entry.type,
+        actor_user_id=entry.actor_user_id,
+        subject_user_id=entry.subject_user_id,
+        client_ip=entry.client_ip,
+        details=entry.details,
+        occurred_at=occurred_at,
     )

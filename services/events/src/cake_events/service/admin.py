@@ -8,14 +8,17 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from uuid import UUID
+from datetime import UTC, datetime
+from uuid import UUID, uuid4
 
+from cake_common.audit import DEAD_LETTERS_RETRIED, EVENT_REPLAYED
 from cake_common.auth_context import require_admin
 from cake_common.errors import FieldViolation, InvalidArgument, NotFound
 from cake_common.logging import get_logger
 
 from cake_events.adapters.event_store import EventsUnitOfWork
 from cake_events.adapters.outbox_source import OutboxAdministration
+from cake_events.domain.audit import AuditCursor, AuditFilter, AuditPage, StoredAuditEntry
 from cake_events.domain.delivery import (
     SOURCES,
     DeadLetter,
@@ -26,6 +29,8 @@ from cake_events.domain.delivery import (
 )
 
 DEFAULT_PAGE_SIZE = 50
+DEFAULT_AUDIT_PAGE_SIZE = 100
+EVENTS_SOURCE = "events"
 
 _log = get_logger(__name__)
 
@@ -81,6 +86,16 @@ class EventAdministration:
                 continue
             async with self._events_uow() as uow:
                 await uow.dead_letters.mark_retried(event_ids)
+                await uow.audit.append(
+                    [
+                        _admin_entry(
+                            DEAD_LETTERS_RETRIED,
+                            principal.user_id,
+                            {"source": source, "count": str(len(event_ids))},
+                        )
+                    ],
+                    datetime.now(UTC),
+                )
                 await uow.commit()
             retried += len(event_ids)
             _log.info(
@@ -125,6 +140,16 @@ class EventAdministration:
                 continue
             async with self._events_uow() as uow:
                 await uow.dead_letters.mark_retried([event_id])
+                await uow.audit.append(
+                    [
+                        _admin_entry(
+                            EVENT_REPLAYED,
+                            principal.user_id,
+                            {"source": source, "event_id": str(event_id)},
+                        )
+                    ],
+                    datetime.now(UTC),
+                )
                 await uow.commit()
             _log.info(
                 "event replay requested",
@@ -134,3 +159,38 @@ class EventAdministration:
             )
             return status
         raise NotFound("Event not found", reason="EVENT_NOT_FOUND")
+
+    async def list_audit_events(
+        self, where: AuditFilter, page_size: int, page_token: str
+    ) -> AuditPage:
+        """The security audit log, newest first; ``page_size`` 0 means the default."""
+        require_admin()
+        try:
+            after = AuditCursor.from_token(page_token) if page_token else None
+        except InvalidPageTokenError as error:
+            raise InvalidArgument(
+                "Invalid page token", [FieldViolation("page_token", str(error))]
+            ) from None
+        if where.since is not None and where.until is not None and where.since >= where.until:
+            raise InvalidArgument(
+                "Invalid time range", [FieldViolation("until", "must be after since")]
+            )
+        limit = page_size or DEFAULT_AUDIT_PAGE_SIZE
+        async with self._events_uow() as uow:
+            rows = await uow.audit.page(where, limit + 1, after)
+        page, more = rows[:limit], len(rows) > limit
+        next_token = AuditCursor(page[-1].occurred_at, page[-1].event_id).token() if more else ""
+        return AuditPage(entries=page, next_page_token=next_token)
+
+
+def _admin_entry(kind: str, admin_id: int, details: dict[str, str]) -> StoredAuditEntry:
+    return StoredAuditEntry(
+        event_id=uuid4(),
+        source=EVENTS_SOURCE,
+        type=kind,
+        actor_user_id=admin_id,
+        subject_user_id=0,
+        client_ip="",
+        details=details,
+        occurred_at=datetime.now(UTC),
+    )

@@ -42,6 +42,11 @@ published again. The recording is started first and the hand-over to the produce
 to the event loop every few dozen events, so the databases write, and the producer ships,
 while the batch is still being handed over.
 
+Security audit entries (``SECURITY_AUDIT`` rows) are relayed into the events database, not
+to Kafka: the transaction that marks them published adds them to the append-only
+``security_audit_events`` table (same order guard, same at-least-once delivery, kept once
+per event id).
+
 The claim runs with sorts disabled for the session (see ``LeaderConnection.listen``):
 it must walk the unpublished-rows index and stop after one batch, whatever the
 statistics say.
@@ -57,6 +62,7 @@ import random as _random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -77,6 +83,7 @@ from cake_events.adapters.outbox_source import (
     acquire_leadership,
 )
 from cake_events.adapters.relay_metrics import RelayMetrics
+from cake_events.domain.audit import SECURITY_AUDIT, security_audit_entries
 from cake_events.domain.delivery import DeadLetter, PublishedBatch
 from cake_events.domain.envelope import EnvelopeBuilder, KafkaMessage
 from cake_events.domain.relay import (
@@ -147,6 +154,8 @@ class _BatchResult:
     acknowledged: _Acknowledged = field(default_factory=_Acknowledged)
     failed: list[_Failed] = field(default_factory=list)
     kafka_unavailable: bool = False
+    kept: list[OutboxEvent] = field(default_factory=list)
+    """Security audit entries: stored in the events database, not sent to Kafka."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,7 +361,9 @@ class OutboxRelay:
                 both.create_task(self._write_events_database(uow, batch))
                 both.create_task(
                     leader.record_outcome(
-                        published_ids=[event.id for event in result.acknowledged.events],
+                        published_ids=[
+                            event.id for event in (*result.acknowledged.events, *result.kept)
+                        ],
                         retries=batch.retries,
                         parked=batch.parked,
                     )
@@ -373,6 +384,11 @@ class OutboxRelay:
         )
         await uow.published.record(audit)
         await uow.dead_letters.park(batch.letters)
+        # The security audit log keeps what it relays, in this same transaction.
+        if batch.result.kept:
+            await uow.audit.append(
+                security_audit_entries(self.source, batch.result.kept), datetime.now(UTC)
+            )
 
     async def _recorded(self, batch: _PublishedBatch) -> None:
         """After the outcome of ``batch`` committed: count it, react to an outage."""
@@ -417,6 +433,9 @@ class OutboxRelay:
         traced = tracing_enabled()
         for event in events:
             if result.kafka_unavailable or not order.may_publish(event):
+                continue
+            if event.event_type == SECURITY_AUDIT:
+                result.kept.append(event)
                 continue
             topic: str | None = None
             try:

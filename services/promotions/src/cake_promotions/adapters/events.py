@@ -10,6 +10,7 @@ from datetime import datetime
 from decimal import Decimal
 
 from cake.events.v1 import payloads_pb2
+from cake_common.audit import AuditEntry, record_audit
 from cake_common.outbox import OutboxWriter
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -47,6 +48,9 @@ class PromotionEvents:
     def __init__(self, session: AsyncSession, writer: OutboxWriter) -> None:
         self._session = session
         self._writer = writer
+
+    async def security_audit(self, entry: AuditEntry) -> None:
+        await record_audit(self._writer, self._session, entry)
 
     async def promotion_enrolled(
         self, participation: Participation, *, enrolled_at: datetime, voucher_issued: bool

@@ -17,7 +17,15 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from cake_promotions.db import campaigns, idempotency_keys, topups, user_promotions, vouchers
+from cake_promotions.db import (
+    campaign_status_changes,
+    campaigns,
+    first_login_decisions,
+    idempotency_keys,
+    topups,
+    user_promotions,
+    vouchers,
+)
 from cake_promotions.domain.campaigns import (
     EXPIRABLE_STATUSES,
     Campaign,
@@ -26,6 +34,8 @@ from cake_promotions.domain.campaigns import (
     NewCampaign,
 )
 from cake_promotions.domain.enrolment import (
+    EnrolmentResult,
+    FirstLoginDecision,
     Participation,
     ParticipationConflict,
     ParticipationStatus,
@@ -117,7 +127,18 @@ class CampaignRepository:
             )
             .returning(*campaigns.c)
         )
-        return _campaign((await self._session.execute(statement)).mappings().one())
+        created = _campaign((await self._session.execute(statement)).mappings().one())
+        await self._record_status(created.id, CampaignStatus.ACTIVE, created.created_at)
+        return created
+
+    async def _record_status(self, campaign_id: int, status: CampaignStatus, at: datetime) -> None:
+        """History of admin-set statuses: a late first-login event is decided by the
+        status its login time saw."""
+        await self._session.execute(
+            sa.insert(campaign_status_changes).values(
+                campaign_id=campaign_id, status=status.value, changed_at=at
+            )
+        )
 
     async def get(self, campaign_id: int, *, for_update: bool = False) -> Campaign | None:
         statement = sa.select(campaigns).where(campaigns.c.id == campaign_id)
@@ -342,11 +363,10 @@ _ENROL = sa.text(
 WITH slot AS (
     UPDATE promotion_campaigns
     SET current_participants = current_participants + 1,
-        status = CASE WHEN current_participants + 1 >= max_participants
+        status = CASE WHEN status = 'active' AND current_participants + 1 >= max_participants
                       THEN 'full' ELSE status END,
         updated_at = clock_timestamp()
     WHERE id = :campaign_id
-      AND status = 'active'
       AND current_participants < max_participants
     RETURNING id, current_participants, status, updated_at AS won_at
 ), participation AS (
@@ -433,6 +453,116 @@ class EnrolmentRepository:
                 {column.name: row[f"p_{column.name}"] for column in user_promotions.c}
             )
         return _campaign(row), participation
+
+    async def campaign_at_login(
+        self, campaign_type: str, login_at: datetime, *, user_id: int
+    ) -> tuple[Campaign, Participation | None] | None:
+        """The newest campaign of ``campaign_type`` that was running when the user logged
+        in: its window contains ``login_at`` and its status at that moment (the history a
+        trigger keeps, migration 0004) was active or full, whatever it is now: a late event
+        is decided by the login time. With the user's participation in it if any."""
+        history = campaign_status_changes
+        status_then = sa.func.coalesce(
+            sa.select(history.c.status)
+            .where(history.c.campaign_id == campaigns.c.id, history.c.changed_at <= login_at)
+            .order_by(history.c.changed_at.desc(), history.c.id.desc())
+            .limit(1)
+            .scalar_subquery(),
+            # A login before the first recorded change sees the campaign as first set.
+            sa.select(history.c.status)
+            .where(history.c.campaign_id == campaigns.c.id)
+            .order_by(history.c.changed_at, history.c.id)
+            .limit(1)
+            .scalar_subquery(),
+            campaigns.c.status,
+        )
+        participation_columns = [column.label(f"p_{column.name}") for column in user_promotions.c]
+        statement = (
+            sa.select(campaigns, *participation_columns)
+            .outerjoin(
+                user_promotions,
+                sa.and_(
+                    user_promotions.c.campaign_id == campaigns.c.id,
+                    user_promotions.c.user_id == user_id,
+                ),
+            )
+            .where(
+                campaigns.c.type == campaign_type,
+                status_then.in_([CampaignStatus.ACTIVE.value, CampaignStatus.FULL.value]),
+                campaigns.c.start_date <= login_at,
+                campaigns.c.end_date > login_at,
+            )
+            .order_by(*_NEWEST_FIRST)
+            .limit(1)
+        )
+        row = (await self._session.execute(statement)).mappings().first()
+        if row is None:
+            return None
+        participation = None
+        if row["p_id"] is not None:
+            participation = _participation(
+                {column.name: row[f"p_{column.name}"] for column in user_promotions.c}
+            )
+        return _campaign(row), participation
+
+    async def latest_participation(
+        self, campaign_type: str, *, user_id: int
+    ) -> tuple[Campaign, Participation] | None:
+        """The user's newest participation in a campaign of ``campaign_type``."""
+        statement = (
+            sa.select(campaigns, *[c.label(f"p_{c.name}") for c in user_promotions.c])
+            .join(user_promotions, user_promotions.c.campaign_id == campaigns.c.id)
+            .where(campaigns.c.type == campaign_type, user_promotions.c.user_id == user_id)
+            .order_by(user_promotions.c.created_at.desc(), user_promotions.c.id.desc())
+            .limit(1)
+        )
+        row = (await self._session.execute(statement)).mappings().first()
+        if row is None:
+            return None
+        participation = _participation(
+            {column.name: row[f"p_{column.name}"] for column in user_promotions.c}
+        )
+        return _campaign(row), participation
+
+    async def record_decision(self, decision: FirstLoginDecision) -> None:
+        """Keep what a user's first-login event decided, and why (the first one wins)."""
+        await self._session.execute(
+            pg_insert(first_login_decisions)
+            .values(
+                user_id=decision.user_id,
+                event_id=decision.event_id,
+                login_at=decision.login_at,
+                decided_at=decision.decided_at,
+                result=decision.result.value,
+                campaign_id=decision.campaign_id,
+                reason=decision.reason,
+            )
+            .on_conflict_do_nothing(index_elements=["user_id"])
+        )
+
+    async def decision_for(self, user_id: int) -> FirstLoginDecision | None:
+        row = (
+            (
+                await self._session.execute(
+                    sa.select(first_login_decisions).where(
+                        first_login_decisions.c.user_id == user_id
+                    )
+                )
+            )
+            .mappings()
+            .first()
+        )
+        if row is None:
+            return None
+        return FirstLoginDecision(
+            user_id=row["user_id"],
+            event_id=row["event_id"],
+            login_at=row["login_at"],
+            decided_at=row["decided_at"],
+            result=EnrolmentResult(row["result"]),
+            campaign_id=row["campaign_id"],
+            reason=row["reason"],
+        )
 
     async def take_slot_and_enrol(
         self, campaign: Campaign, *, user_id: int, login_at: datetime, voucher_code: str

@@ -56,7 +56,9 @@ def campaign_message(campaign: Campaign, now: datetime) -> campaign_pb2.Campaign
     )
 
 
-def voucher_message(view: VoucherView) -> voucher_pb2.Voucher:
+def voucher_message(view: VoucherView, *, for_owner: bool = True) -> voucher_pb2.Voucher:
+    """``for_owner=False`` (the anonymous voucher check) leaves out the payment's
+    transaction reference: anyone holding a code may ask, only the owner may see it."""
     voucher = view.voucher
     message = voucher_pb2.Voucher(
         id=voucher.id,
@@ -77,7 +79,7 @@ def voucher_message(view: VoucherView) -> voucher_pb2.Voucher:
         message.used_amount = float(voucher.used_amount)
     if voucher.discount_amount is not None:
         message.discount_amount = float(voucher.discount_amount)
-    if voucher.transaction_reference is not None:
+    if for_owner and voucher.transaction_reference is not None:
         message.transaction_reference = voucher.transaction_reference
     return message
 

@@ -146,7 +146,9 @@ class PromotionsServicer(promotions_pb2_grpc.PromotionsServiceServicer):
         self, request: promotions_pb2.ValidateVoucherRequest, context: Context
     ) -> promotions_pb2.ValidateVoucherResponse:
         view = await self._vouchers.validate(request.code)
-        return promotions_pb2.ValidateVoucherResponse(voucher=voucher_message(view))
+        return promotions_pb2.ValidateVoucherResponse(
+            voucher=voucher_message(view, for_owner=False)
+        )
 
     async def Topup(
         self, request: promotions_pb2.TopupRequest, context: Context

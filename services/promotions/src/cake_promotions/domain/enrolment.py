@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from uuid import UUID
 
 from cake_promotions.domain.campaigns import Campaign, CampaignStatus
 from cake_promotions.domain.vouchers import Voucher
@@ -47,6 +48,7 @@ class EnrolmentResult(StrEnum):
     ALREADY_PARTICIPATED = "already_participated"
     CAMPAIGN_FULL = "campaign_full"
     NO_CAMPAIGN = "no_campaign"
+    NOT_ENROLLED = "not_enrolled"
 
 
 ENROLMENT_MESSAGES = {
@@ -54,6 +56,17 @@ ENROLMENT_MESSAGES = {
     EnrolmentResult.ALREADY_PARTICIPATED: "User already participated in this campaign",
     EnrolmentResult.CAMPAIGN_FULL: "Campaign is full",
     EnrolmentResult.NO_CAMPAIGN: "No active campaign available",
+    EnrolmentResult.NOT_ENROLLED: (
+        "Not enrolled: only a first login while a campaign is active earns its voucher"
+    ),
+}
+
+#: Why a first-login event enrolled nobody, as recorded with the decision.
+DECISION_REASONS = {
+    EnrolmentResult.ENROLLED: "enrolled",
+    EnrolmentResult.ALREADY_PARTICIPATED: "the user was already enrolled in the campaign",
+    EnrolmentResult.CAMPAIGN_FULL: "the campaign running at the login time had no slot left",
+    EnrolmentResult.NO_CAMPAIGN: "no first-login campaign was running at the login time",
 }
 ELIGIBLE_MESSAGE = "User is eligible for this campaign"
 
@@ -70,8 +83,8 @@ class EnrolmentOutcome:
 
     @property
     def eligible(self) -> bool:
-        """True when the user is (now) enrolled in the campaign."""
-        return self.result in (EnrolmentResult.ENROLLED, EnrolmentResult.ALREADY_PARTICIPATED)
+        """True when this call enrolled the user (Cake: ``false`` once enrolled)."""
+        return self.result is EnrolmentResult.ENROLLED
 
     @property
     def message(self) -> str:
@@ -97,3 +110,16 @@ def eligibility_for(campaign: Campaign | None, *, already_participated: bool) ->
     if campaign.status is CampaignStatus.FULL or campaign.is_full:
         return Eligibility(False, ENROLMENT_MESSAGES[EnrolmentResult.CAMPAIGN_FULL], campaign)
     return Eligibility(True, ELIGIBLE_MESSAGE, campaign)
+
+
+@dataclass(frozen=True, slots=True)
+class FirstLoginDecision:
+    """What a user's USER_FIRST_LOGIN event decided, kept whatever the outcome."""
+
+    user_id: int
+    event_id: UUID | None
+    login_at: datetime
+    decided_at: datetime
+    result: EnrolmentResult
+    campaign_id: int | None
+    reason: str

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from cake_common import audit
+from cake_common.audit import AuditEntry
 from cake_common.auth_context import require_admin
 from cake_common.errors import NotFound
 from cake_common.logging import get_logger
@@ -31,6 +33,14 @@ class CampaignAdministration:
         admin = require_admin()
         async with self._uow_factory() as uow:
             created = await uow.campaigns.add(campaign)
+            await uow.events.security_audit(
+                AuditEntry(
+                    audit.CAMPAIGN_CREATED,
+                    self._clock(),
+                    actor_user_id=admin.user_id,
+                    details={"campaign_id": str(created.id), "name": created.name[:100]},
+                )
+            )
             await uow.commit()
         _log.info("campaign created", campaign_id=created.id, admin_id=admin.user_id)
         return created
@@ -45,6 +55,18 @@ class CampaignAdministration:
                 raise _not_found()
             campaign.check_status_change(status, now)
             updated = await uow.campaigns.set_status(campaign_id, status, now)
+            await uow.events.security_audit(
+                AuditEntry(
+                    audit.CAMPAIGN_STATUS_CHANGED,
+                    now,
+                    actor_user_id=admin.user_id,
+                    details={
+                        "campaign_id": str(campaign_id),
+                        "old_status": campaign.status.value,
+                        "new_status": status.value,
+                    },
+                )
+            )
             await uow.commit()
         _log.info(
             "campaign status changed",

@@ -13,9 +13,11 @@ from cake_common.logging import get_logger
 
 from cake_promotions.domain.campaigns import FIRST_LOGIN_DISCOUNT, Campaign, CampaignStatus
 from cake_promotions.domain.enrolment import (
+    DECISION_REASONS,
     Eligibility,
     EnrolmentOutcome,
     EnrolmentResult,
+    FirstLoginDecision,
     Participation,
     ParticipationConflict,
     eligibility_for,
@@ -65,6 +67,17 @@ class FirstLoginEnrolment:
                     if event_id is not None and not await uow.record_event_once(event_id):
                         return None
                     outcome = await self._enrol(uow, user_id, login_at)
+                    await uow.enrolments.record_decision(
+                        FirstLoginDecision(
+                            user_id=user_id,
+                            event_id=event_id,
+                            login_at=login_at,
+                            decided_at=self._clock(),
+                            result=outcome.result,
+                            campaign_id=outcome.campaign.id if outcome.campaign else None,
+                            reason=DECISION_REASONS[outcome.result],
+                        )
+                    )
                     await uow.commit()
                 break
             except ParticipationConflict:
@@ -74,6 +87,14 @@ class FirstLoginEnrolment:
                 if attempt == _CONFLICT_ATTEMPTS:
                     raise
         self._metrics.enrolments.labels(result=outcome.result.value).inc()
+        if outcome.result is not EnrolmentResult.ENROLLED:
+            _log.info(
+                "first login enrolled nobody",
+                user_id=user_id,
+                login_at=login_at.isoformat(),
+                result=outcome.result.value,
+                reason=DECISION_REASONS[outcome.result],
+            )
         if outcome.result is EnrolmentResult.ENROLLED:
             self._metrics.vouchers_issued.inc()
             _log.info(
@@ -87,23 +108,36 @@ class FirstLoginEnrolment:
         return outcome
 
     async def track_first_login(self, user_id: int) -> EnrolmentOutcome:
-        """``TrackFirstLogin``: the same enrolment on demand, for a login happening now."""
-        outcome = await self.enrol_first_login(user_id, self._clock())
-        assert outcome is not None  # only a consumed event can be a duplicate
-        return outcome
+        """``TrackFirstLogin``: reports, never enrols. Enrolment is decided only by auth's
+        USER_FIRST_LOGIN event (its login time); a client call cannot earn a voucher. Once
+        enrolled the answer is Cake's ``eligible: false`` "already participated"."""
+        async with self._uow_factory() as uow:
+            enrolled = await uow.enrolments.latest_participation(
+                FIRST_LOGIN_DISCOUNT, user_id=user_id
+            )
+            if enrolled is not None:
+                campaign, participation = enrolled
+                return await self._already_participated(uow, campaign, participation)
+            decision = await uow.enrolments.decision_for(user_id)
+        if decision is not None and decision.result in (
+            EnrolmentResult.CAMPAIGN_FULL,
+            EnrolmentResult.NO_CAMPAIGN,
+        ):
+            return EnrolmentOutcome(decision.result)
+        return EnrolmentOutcome(EnrolmentResult.NOT_ENROLLED)
 
     async def _enrol(
         self, uow: PromotionsUnitOfWork, user_id: int, login_at: datetime
     ) -> EnrolmentOutcome:
-        found = await uow.enrolments.campaign_for_login(
-            FIRST_LOGIN_DISCOUNT, login_at, _CAMPAIGN_PREFERENCE, user_id=user_id
+        found = await uow.enrolments.campaign_at_login(
+            FIRST_LOGIN_DISCOUNT, login_at, user_id=user_id
         )
         if found is None:
             return EnrolmentOutcome(EnrolmentResult.NO_CAMPAIGN)
         campaign, existing = found
         if existing is not None:
             return await self._already_participated(uow, campaign, existing)
-        if campaign.status is not CampaignStatus.ACTIVE:
+        if campaign.is_full:
             return EnrolmentOutcome(EnrolmentResult.CAMPAIGN_FULL, campaign)
 
         enrolled = await uow.enrolments.take_slot_and_enrol(

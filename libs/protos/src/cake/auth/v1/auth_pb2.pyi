@@ -73,8 +73,14 @@ class RegisterResponse(_message.Message):
 
     ACCESS_TOKEN_FIELD_NUMBER: _builtins.int
     USER_FIELD_NUMBER: _builtins.int
+    REFRESH_TOKEN_FIELD_NUMBER: _builtins.int
+    EXPIRES_IN_FIELD_NUMBER: _builtins.int
     access_token: _builtins.str
     """Signed ES256 access token (JSON name kept as `access_token` for Cake clients)."""
+    refresh_token: _builtins.str
+    """Opaque refresh token of the new session, usable once (POST /auth/refresh)."""
+    expires_in: _builtins.int
+    """Seconds until the access token expires."""
     @_builtins.property
     def user(self) -> _user_pb2.User:
         """The user just created."""
@@ -84,10 +90,12 @@ class RegisterResponse(_message.Message):
         *,
         access_token: _builtins.str = ...,
         user: _user_pb2.User | None = ...,
+        refresh_token: _builtins.str = ...,
+        expires_in: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_token", b"access_token", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_token", b"access_token", "expires_in", b"expires_in", "refresh_token", b"refresh_token", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -127,8 +135,14 @@ class LoginResponse(_message.Message):
 
     ACCESS_TOKEN_FIELD_NUMBER: _builtins.int
     USER_FIELD_NUMBER: _builtins.int
+    REFRESH_TOKEN_FIELD_NUMBER: _builtins.int
+    EXPIRES_IN_FIELD_NUMBER: _builtins.int
     access_token: _builtins.str
     """Signed ES256 access token (JSON name kept as `access_token` for Cake clients)."""
+    refresh_token: _builtins.str
+    """Opaque refresh token of the new session, usable once (POST /auth/refresh)."""
+    expires_in: _builtins.int
+    """Seconds until the access token expires."""
     @_builtins.property
     def user(self) -> _user_pb2.User:
         """The user who logged in, with `latest_login` already set to this login."""
@@ -138,10 +152,12 @@ class LoginResponse(_message.Message):
         *,
         access_token: _builtins.str = ...,
         user: _user_pb2.User | None = ...,
+        refresh_token: _builtins.str = ...,
+        expires_in: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_token", b"access_token", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_token", b"access_token", "expires_in", b"expires_in", "refresh_token", b"refresh_token", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -267,16 +283,23 @@ Global___UpdateProfileResponse: _TypeAlias = UpdateProfileResponse  # noqa: Y015
 
 @_typing.final
 class RefreshTokenRequest(_message.Message):
-    """RefreshTokenRequest is empty: the user comes from the bearer token."""
+    """RefreshTokenRequest names the refresh token to rotate; empty (Cake's form), the bearer
+    access token of the call is exchanged instead.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    REFRESH_TOKEN_FIELD_NUMBER: _builtins.int
+    refresh_token: _builtins.str
+    """The refresh token returned by login, register or the previous refresh."""
     def __init__(
         self,
+        *,
+        refresh_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["refresh_token", b"refresh_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -284,21 +307,29 @@ Global___RefreshTokenRequest: _TypeAlias = RefreshTokenRequest  # noqa: Y015
 
 @_typing.final
 class RefreshTokenResponse(_message.Message):
-    """RefreshTokenResponse holds the new token."""
+    """RefreshTokenResponse holds the new tokens."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     ACCESS_TOKEN_FIELD_NUMBER: _builtins.int
+    REFRESH_TOKEN_FIELD_NUMBER: _builtins.int
+    EXPIRES_IN_FIELD_NUMBER: _builtins.int
     access_token: _builtins.str
     """Signed ES256 access token (JSON name kept as `access_token` for Cake clients)."""
+    refresh_token: _builtins.str
+    """The session's new refresh token; the one just used no longer works."""
+    expires_in: _builtins.int
+    """Seconds until the access token expires."""
     def __init__(
         self,
         *,
         access_token: _builtins.str = ...,
+        refresh_token: _builtins.str = ...,
+        expires_in: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_token", b"access_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_token", b"access_token", "expires_in", b"expires_in", "refresh_token", b"refresh_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -306,7 +337,7 @@ Global___RefreshTokenResponse: _TypeAlias = RefreshTokenResponse  # noqa: Y015
 
 @_typing.final
 class LogoutRequest(_message.Message):
-    """LogoutRequest is empty: the token to revoke is the bearer token of the call."""
+    """LogoutRequest is empty: the session to end is the bearer token's."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -337,6 +368,89 @@ class LogoutResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LogoutResponse: _TypeAlias = LogoutResponse  # noqa: Y015
+
+@_typing.final
+class LogoutAllRequest(_message.Message):
+    """LogoutAllRequest is empty: the user is the bearer token's."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LogoutAllRequest: _TypeAlias = LogoutAllRequest  # noqa: Y015
+
+@_typing.final
+class LogoutAllResponse(_message.Message):
+    """LogoutAllResponse tells how many sessions were ended."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDED_SESSIONS_FIELD_NUMBER: _builtins.int
+    ended_sessions: _builtins.int
+    """Sessions ended by this call (the caller's included)."""
+    def __init__(
+        self,
+        *,
+        ended_sessions: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ended_sessions", b"ended_sessions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LogoutAllResponse: _TypeAlias = LogoutAllResponse  # noqa: Y015
+
+@_typing.final
+class EndUserSessionsRequest(_message.Message):
+    """EndUserSessionsRequest names the user whose sessions an admin ends."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.int
+    """The user's id."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EndUserSessionsRequest: _TypeAlias = EndUserSessionsRequest  # noqa: Y015
+
+@_typing.final
+class EndUserSessionsResponse(_message.Message):
+    """EndUserSessionsResponse tells how many sessions were ended."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDED_SESSIONS_FIELD_NUMBER: _builtins.int
+    ended_sessions: _builtins.int
+    """Sessions ended by this call."""
+    def __init__(
+        self,
+        *,
+        ended_sessions: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ended_sessions", b"ended_sessions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EndUserSessionsResponse: _TypeAlias = EndUserSessionsResponse  # noqa: Y015
 
 @_typing.final
 class GetJwksRequest(_message.Message):

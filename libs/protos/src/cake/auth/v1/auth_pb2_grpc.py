@@ -66,6 +66,16 @@ class AuthServiceStub:
                 request_serializer=cake_dot_auth_dot_v1_dot_auth__pb2.LogoutRequest.SerializeToString,
                 response_deserializer=cake_dot_auth_dot_v1_dot_auth__pb2.LogoutResponse.FromString,
                 _registered_method=True)
+        self.LogoutAll = channel.unary_unary(
+                '/cake.auth.v1.AuthService/LogoutAll',
+                request_serializer=cake_dot_auth_dot_v1_dot_auth__pb2.LogoutAllRequest.SerializeToString,
+                response_deserializer=cake_dot_auth_dot_v1_dot_auth__pb2.LogoutAllResponse.FromString,
+                _registered_method=True)
+        self.EndUserSessions = channel.unary_unary(
+                '/cake.auth.v1.AuthService/EndUserSessions',
+                request_serializer=cake_dot_auth_dot_v1_dot_auth__pb2.EndUserSessionsRequest.SerializeToString,
+                response_deserializer=cake_dot_auth_dot_v1_dot_auth__pb2.EndUserSessionsResponse.FromString,
+                _registered_method=True)
         self.GetJwks = channel.unary_unary(
                 '/cake.auth.v1.AuthService/GetJwks',
                 request_serializer=cake_dot_auth_dot_v1_dot_auth__pb2.GetJwksRequest.SerializeToString,
@@ -111,14 +121,35 @@ class AuthServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RefreshToken(self, request, context):
-        """RefreshToken issues a fresh access token for the caller of a still valid token.
+        """RefreshToken rotates a session's tokens. With `refresh_token` in the body it exchanges
+        that refresh token (usable once) for a new access token and a new refresh token; presenting
+        an already-used refresh token ends the whole session (UNAUTHENTICATED
+        REFRESH_TOKEN_REUSED). Without a body (Cake's form) the bearer access token of a live
+        session is exchanged instead (and then refused everywhere). Either way the user and role
+        are read again and the session's absolute lifetime still applies.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Logout(self, request, context):
-        """Logout revokes the caller's access token (its `jti` is denied until the token expires).
+        """Logout ends the caller's session: its access tokens are refused by every service and
+        its refresh token no longer works.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LogoutAll(self, request, context):
+        """LogoutAll ends every session of the calling user (all devices).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EndUserSessions(self, request, context):
+        """EndUserSessions ends every session of a user (admin only). Fails with NOT_FOUND for an
+        unknown user.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -163,6 +194,16 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     servicer.Logout,
                     request_deserializer=cake_dot_auth_dot_v1_dot_auth__pb2.LogoutRequest.FromString,
                     response_serializer=cake_dot_auth_dot_v1_dot_auth__pb2.LogoutResponse.SerializeToString,
+            ),
+            'LogoutAll': grpc.unary_unary_rpc_method_handler(
+                    servicer.LogoutAll,
+                    request_deserializer=cake_dot_auth_dot_v1_dot_auth__pb2.LogoutAllRequest.FromString,
+                    response_serializer=cake_dot_auth_dot_v1_dot_auth__pb2.LogoutAllResponse.SerializeToString,
+            ),
+            'EndUserSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.EndUserSessions,
+                    request_deserializer=cake_dot_auth_dot_v1_dot_auth__pb2.EndUserSessionsRequest.FromString,
+                    response_serializer=cake_dot_auth_dot_v1_dot_auth__pb2.EndUserSessionsResponse.SerializeToString,
             ),
             'GetJwks': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJwks,
@@ -334,6 +375,60 @@ class AuthService:
             '/cake.auth.v1.AuthService/Logout',
             cake_dot_auth_dot_v1_dot_auth__pb2.LogoutRequest.SerializeToString,
             cake_dot_auth_dot_v1_dot_auth__pb2.LogoutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LogoutAll(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cake.auth.v1.AuthService/LogoutAll',
+            cake_dot_auth_dot_v1_dot_auth__pb2.LogoutAllRequest.SerializeToString,
+            cake_dot_auth_dot_v1_dot_auth__pb2.LogoutAllResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EndUserSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cake.auth.v1.AuthService/EndUserSessions',
+            cake_dot_auth_dot_v1_dot_auth__pb2.EndUserSessionsRequest.SerializeToString,
+            cake_dot_auth_dot_v1_dot_auth__pb2.EndUserSessionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -51,9 +51,23 @@ class AuthServiceStub:
     Fails with ALREADY_EXISTS when the new e-mail or phone number belongs to another user.
     """
     RefreshToken: _grpc.UnaryUnaryMultiCallable[_auth_pb2.RefreshTokenRequest, _auth_pb2.RefreshTokenResponse]
-    """RefreshToken issues a fresh access token for the caller of a still valid token."""
+    """RefreshToken rotates a session's tokens. With `refresh_token` in the body it exchanges
+    that refresh token (usable once) for a new access token and a new refresh token; presenting
+    an already-used refresh token ends the whole session (UNAUTHENTICATED
+    REFRESH_TOKEN_REUSED). Without a body (Cake's form) the bearer access token of a live
+    session is exchanged instead (and then refused everywhere). Either way the user and role
+    are read again and the session's absolute lifetime still applies.
+    """
     Logout: _grpc.UnaryUnaryMultiCallable[_auth_pb2.LogoutRequest, _auth_pb2.LogoutResponse]
-    """Logout revokes the caller's access token (its `jti` is denied until the token expires)."""
+    """Logout ends the caller's session: its access tokens are refused by every service and
+    its refresh token no longer works.
+    """
+    LogoutAll: _grpc.UnaryUnaryMultiCallable[_auth_pb2.LogoutAllRequest, _auth_pb2.LogoutAllResponse]
+    """LogoutAll ends every session of the calling user (all devices)."""
+    EndUserSessions: _grpc.UnaryUnaryMultiCallable[_auth_pb2.EndUserSessionsRequest, _auth_pb2.EndUserSessionsResponse]
+    """EndUserSessions ends every session of a user (admin only). Fails with NOT_FOUND for an
+    unknown user.
+    """
     GetJwks: _grpc.UnaryUnaryMultiCallable[_auth_pb2.GetJwksRequest, _auth_pb2.GetJwksResponse]
     """GetJwks publishes the public keys that verify Cake access tokens (RFC 7517 JWK Set)."""
 
@@ -80,9 +94,23 @@ class AuthServiceAsyncStub(AuthServiceStub):
     Fails with ALREADY_EXISTS when the new e-mail or phone number belongs to another user.
     """
     RefreshToken: _aio.UnaryUnaryMultiCallable[_auth_pb2.RefreshTokenRequest, _auth_pb2.RefreshTokenResponse]  # type: ignore[assignment]
-    """RefreshToken issues a fresh access token for the caller of a still valid token."""
+    """RefreshToken rotates a session's tokens. With `refresh_token` in the body it exchanges
+    that refresh token (usable once) for a new access token and a new refresh token; presenting
+    an already-used refresh token ends the whole session (UNAUTHENTICATED
+    REFRESH_TOKEN_REUSED). Without a body (Cake's form) the bearer access token of a live
+    session is exchanged instead (and then refused everywhere). Either way the user and role
+    are read again and the session's absolute lifetime still applies.
+    """
     Logout: _aio.UnaryUnaryMultiCallable[_auth_pb2.LogoutRequest, _auth_pb2.LogoutResponse]  # type: ignore[assignment]
-    """Logout revokes the caller's access token (its `jti` is denied until the token expires)."""
+    """Logout ends the caller's session: its access tokens are refused by every service and
+    its refresh token no longer works.
+    """
+    LogoutAll: _aio.UnaryUnaryMultiCallable[_auth_pb2.LogoutAllRequest, _auth_pb2.LogoutAllResponse]  # type: ignore[assignment]
+    """LogoutAll ends every session of the calling user (all devices)."""
+    EndUserSessions: _aio.UnaryUnaryMultiCallable[_auth_pb2.EndUserSessionsRequest, _auth_pb2.EndUserSessionsResponse]  # type: ignore[assignment]
+    """EndUserSessions ends every session of a user (admin only). Fails with NOT_FOUND for an
+    unknown user.
+    """
     GetJwks: _aio.UnaryUnaryMultiCallable[_auth_pb2.GetJwksRequest, _auth_pb2.GetJwksResponse]  # type: ignore[assignment]
     """GetJwks publishes the public keys that verify Cake access tokens (RFC 7517 JWK Set)."""
 
@@ -136,7 +164,13 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _auth_pb2.RefreshTokenRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.RefreshTokenResponse, _abc.Awaitable[_auth_pb2.RefreshTokenResponse]]:
-        """RefreshToken issues a fresh access token for the caller of a still valid token."""
+        """RefreshToken rotates a session's tokens. With `refresh_token` in the body it exchanges
+        that refresh token (usable once) for a new access token and a new refresh token; presenting
+        an already-used refresh token ends the whole session (UNAUTHENTICATED
+        REFRESH_TOKEN_REUSED). Without a body (Cake's form) the bearer access token of a live
+        session is exchanged instead (and then refused everywhere). Either way the user and role
+        are read again and the session's absolute lifetime still applies.
+        """
 
     @_abc_1.abstractmethod
     def Logout(
@@ -144,7 +178,27 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _auth_pb2.LogoutRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.LogoutResponse, _abc.Awaitable[_auth_pb2.LogoutResponse]]:
-        """Logout revokes the caller's access token (its `jti` is denied until the token expires)."""
+        """Logout ends the caller's session: its access tokens are refused by every service and
+        its refresh token no longer works.
+        """
+
+    @_abc_1.abstractmethod
+    def LogoutAll(
+        self,
+        request: _auth_pb2.LogoutAllRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.LogoutAllResponse, _abc.Awaitable[_auth_pb2.LogoutAllResponse]]:
+        """LogoutAll ends every session of the calling user (all devices)."""
+
+    @_abc_1.abstractmethod
+    def EndUserSessions(
+        self,
+        request: _auth_pb2.EndUserSessionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.EndUserSessionsResponse, _abc.Awaitable[_auth_pb2.EndUserSessionsResponse]]:
+        """EndUserSessions ends every session of a user (admin only). Fails with NOT_FOUND for an
+        unknown user.
+        """
 
     @_abc_1.abstractmethod
     def GetJwks(

@@ -56,6 +56,11 @@ class EventAdminServiceStub:
                 request_serializer=cake_dot_events_dot_v1_dot_admin__pb2.ReplayEventRequest.SerializeToString,
                 response_deserializer=cake_dot_events_dot_v1_dot_admin__pb2.ReplayEventResponse.FromString,
                 _registered_method=True)
+        self.ListAuditEvents = channel.unary_unary(
+                '/cake.events.v1.EventAdminService/ListAuditEvents',
+                request_serializer=cake_dot_events_dot_v1_dot_admin__pb2.ListAuditEventsRequest.SerializeToString,
+                response_deserializer=cake_dot_events_dot_v1_dot_admin__pb2.ListAuditEventsResponse.FromString,
+                _registered_method=True)
 
 
 class EventAdminServiceServicer:
@@ -93,6 +98,15 @@ class EventAdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAuditEvents(self, request, context):
+        """ListAuditEvents pages through the security audit log, newest first: failed and
+        throttled logins, logouts, refresh-token reuse, ended sessions and admin actions of
+        every service. Filters combine (type, user as actor or subject, time range).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EventAdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -115,6 +129,11 @@ def add_EventAdminServiceServicer_to_server(servicer, server):
                     servicer.ReplayEvent,
                     request_deserializer=cake_dot_events_dot_v1_dot_admin__pb2.ReplayEventRequest.FromString,
                     response_serializer=cake_dot_events_dot_v1_dot_admin__pb2.ReplayEventResponse.SerializeToString,
+            ),
+            'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEvents,
+                    request_deserializer=cake_dot_events_dot_v1_dot_admin__pb2.ListAuditEventsRequest.FromString,
+                    response_serializer=cake_dot_events_dot_v1_dot_admin__pb2.ListAuditEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -227,6 +246,33 @@ class EventAdminService:
             '/cake.events.v1.EventAdminService/ReplayEvent',
             cake_dot_events_dot_v1_dot_admin__pb2.ReplayEventRequest.SerializeToString,
             cake_dot_events_dot_v1_dot_admin__pb2.ReplayEventResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cake.events.v1.EventAdminService/ListAuditEvents',
+            cake_dot_events_dot_v1_dot_admin__pb2.ListAuditEventsRequest.SerializeToString,
+            cake_dot_events_dot_v1_dot_admin__pb2.ListAuditEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,6 +46,11 @@ class EventAdminServiceStub:
     relay publishes it again. Published events can be replayed while their outbox rows are
     kept (the published-row retention). Fails with NOT_FOUND when no outbox has the event.
     """
+    ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListAuditEventsRequest, _admin_pb2.ListAuditEventsResponse]
+    """ListAuditEvents pages through the security audit log, newest first: failed and
+    throttled logins, logouts, refresh-token reuse, ended sessions and admin actions of
+    every service. Filters combine (type, user as actor or subject, time range).
+    """
 
 @_typing.type_check_only
 class EventAdminServiceAsyncStub(EventAdminServiceStub):
@@ -64,6 +69,11 @@ class EventAdminServiceAsyncStub(EventAdminServiceStub):
     """ReplayEvent puts one published or dead-lettered event back into its outbox, so the
     relay publishes it again. Published events can be replayed while their outbox rows are
     kept (the published-row retention). Fails with NOT_FOUND when no outbox has the event.
+    """
+    ListAuditEvents: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListAuditEventsRequest, _admin_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
+    """ListAuditEvents pages through the security audit log, newest first: failed and
+    throttled logins, logouts, refresh-token reuse, ended sessions and admin actions of
+    every service. Filters combine (type, user as actor or subject, time range).
     """
 
 class EventAdminServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -104,6 +114,17 @@ class EventAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         """ReplayEvent puts one published or dead-lettered event back into its outbox, so the
         relay publishes it again. Published events can be replayed while their outbox rows are
         kept (the published-row retention). Fails with NOT_FOUND when no outbox has the event.
+        """
+
+    @_abc_1.abstractmethod
+    def ListAuditEvents(
+        self,
+        request: _admin_pb2.ListAuditEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListAuditEventsResponse, _abc.Awaitable[_admin_pb2.ListAuditEventsResponse]]:
+        """ListAuditEvents pages through the security audit log, newest first: failed and
+        throttled logins, logouts, refresh-token reuse, ended sessions and admin actions of
+        every service. Filters combine (type, user as actor or subject, time range).
         """
 
 def add_EventAdminServiceServicer_to_server(servicer: EventAdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

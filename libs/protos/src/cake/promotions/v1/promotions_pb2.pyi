@@ -283,7 +283,7 @@ class TrackFirstLoginResponse(_message.Message):
     PARTICIPATION_ORDER_FIELD_NUMBER: _builtins.int
     VOUCHER_FIELD_NUMBER: _builtins.int
     eligible: _builtins.bool
-    """True when the user is (now) enrolled in a campaign."""
+    """Always false here: this call enrols nobody (true only in an enrolment's own answer)."""
     campaign_id: _builtins.int
     """Campaign the user is enrolled in, when there is one."""
     campaign_name: _builtins.str

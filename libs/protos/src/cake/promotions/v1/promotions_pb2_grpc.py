@@ -123,8 +123,9 @@ class PromotionsServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def TrackFirstLogin(self, request, context):
-        """TrackFirstLogin enrols the calling user into the current first-login campaign if they are
-        eligible, issuing a voucher when a slot is left (idempotent per user and campaign).
+        """TrackFirstLogin reports the calling user's first-login enrolment and never enrols: only
+        the auth service's USER_FIRST_LOGIN event (decided by its login time) does. Once enrolled
+        it answers `eligible: false` "User already participated in this campaign", as Cake does.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

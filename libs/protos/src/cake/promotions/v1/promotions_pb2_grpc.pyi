@@ -46,8 +46,9 @@ class PromotionsServiceStub:
     Fails with NOT_FOUND "Campaign not found".
     """
     TrackFirstLogin: _grpc.UnaryUnaryMultiCallable[_promotions_pb2.TrackFirstLoginRequest, _promotions_pb2.TrackFirstLoginResponse]
-    """TrackFirstLogin enrols the calling user into the current first-login campaign if they are
-    eligible, issuing a voucher when a slot is left (idempotent per user and campaign).
+    """TrackFirstLogin reports the calling user's first-login enrolment and never enrols: only
+    the auth service's USER_FIRST_LOGIN event (decided by its login time) does. Once enrolled
+    it answers `eligible: false` "User already participated in this campaign", as Cake does.
     """
     GetEligibility: _grpc.UnaryUnaryMultiCallable[_promotions_pb2.GetEligibilityRequest, _promotions_pb2.GetEligibilityResponse]
     """GetEligibility tells the calling user whether a first-login campaign would enrol them."""
@@ -87,8 +88,9 @@ class PromotionsServiceAsyncStub(PromotionsServiceStub):
     Fails with NOT_FOUND "Campaign not found".
     """
     TrackFirstLogin: _aio.UnaryUnaryMultiCallable[_promotions_pb2.TrackFirstLoginRequest, _promotions_pb2.TrackFirstLoginResponse]  # type: ignore[assignment]
-    """TrackFirstLogin enrols the calling user into the current first-login campaign if they are
-    eligible, issuing a voucher when a slot is left (idempotent per user and campaign).
+    """TrackFirstLogin reports the calling user's first-login enrolment and never enrols: only
+    the auth service's USER_FIRST_LOGIN event (decided by its login time) does. Once enrolled
+    it answers `eligible: false` "User already participated in this campaign", as Cake does.
     """
     GetEligibility: _aio.UnaryUnaryMultiCallable[_promotions_pb2.GetEligibilityRequest, _promotions_pb2.GetEligibilityResponse]  # type: ignore[assignment]
     """GetEligibility tells the calling user whether a first-login campaign would enrol them."""
@@ -155,8 +157,9 @@ class PromotionsServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _promotions_pb2.TrackFirstLoginRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_promotions_pb2.TrackFirstLoginResponse, _abc.Awaitable[_promotions_pb2.TrackFirstLoginResponse]]:
-        """TrackFirstLogin enrols the calling user into the current first-login campaign if they are
-        eligible, issuing a voucher when a slot is left (idempotent per user and campaign).
+        """TrackFirstLogin reports the calling user's first-login enrolment and never enrols: only
+        the auth service's USER_FIRST_LOGIN event (decided by its login time) does. Once enrolled
+        it answers `eligible: false` "User already participated in this campaign", as Cake does.
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,70 @@
+"""The security audit log's entries, as every service writes them.
+
+A service records an entry as a ``SECURITY_AUDIT`` row of its own outbox, in the same
+transaction as what it audits when there is one; the events service's relay publishes it
+(topic ``cake.security.audit.v1``) and keeps it, append-only, in its database, where admins
+read it (``GET /admin/audit-events``, ``EventAdminService.ListAuditEvents``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from cake.events.v1 import payloads_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+from cake_common.outbox import OutboxWriter
+
+SECURITY_AUDIT = "SECURITY_AUDIT"
+AUDIT_AGGREGATE = "user"
+
+# Entry types (stable names: admins filter by them).
+LOGIN_FAILED = "LOGIN_FAILED"
+LOGIN_THROTTLED = "LOGIN_THROTTLED"
+LOGOUT = "LOGOUT"
+LOGOUT_ALL = "LOGOUT_ALL"
+REFRESH_TOKEN_REUSED = "REFRESH_TOKEN_REUSED"  # noqa: S105 - an entry type
+SESSIONS_ENDED_BY_ADMIN = "SESSIONS_ENDED_BY_ADMIN"
+CAMPAIGN_CREATED = "CAMPAIGN_CREATED"
+CAMPAIGN_STATUS_CHANGED = "CAMPAIGN_STATUS_CHANGED"
+DEAD_LETTERS_RETRIED = "DEAD_LETTERS_RETRIED"
+EVENT_REPLAYED = "EVENT_REPLAYED"
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    type: str
+    occurred_at: datetime
+    actor_user_id: int = 0
+    subject_user_id: int = 0
+    client_ip: str = ""
+    details: Mapping[str, str] = field(default_factory=dict)
+
+    def payload(self) -> payloads_pb2.SecurityAudit:
+        occurred_at = Timestamp()
+        occurred_at.FromDatetime(self.occurred_at)
+        return payloads_pb2.SecurityAudit(
+            type=self.type,
+            actor_user_id=self.actor_user_id,
+            subject_user_id=self.subject_user_id,
+            client_ip=self.client_ip[:64],
+            details={key: str(value) for key, value in self.details.items()},
+            occurred_at=occurred_at,
+        )
+
+
+async def record_audit(
+    writer: OutboxWriter, executor: AsyncSession | AsyncConnection, entry: AuditEntry
+) -> None:
+    """Add the entry to the outbox in ``executor``'s transaction (the caller commits)."""
+    await writer.add(
+        executor,
+        event_type=SECURITY_AUDIT,
+        aggregate_type=AUDIT_AGGREGATE,
+        aggregate_id=entry.subject_user_id or entry.actor_user_id,
+        payload=entry.payload(),
+        occurred_at=entry.occurred_at,
+    )

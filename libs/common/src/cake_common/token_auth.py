@@ -1,0 +1,37 @@
+"""The token check every service runs, built from its settings in one place.
+
+Each service's composition root calls these so that the verifier (issuer, audience,
+clock-skew leeway) and the revocation list (Redis namespace) are configured identically
+everywhere::
+
+    builder.with_auth(
+        token_verifier(settings, settings.jwks_file),
+        public_methods=PUBLIC_METHODS,
+        is_revoked=revocation_list(settings, redis_client).is_revoked,
+    )
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import redis.asyncio
+
+from cake_common.jwt import FileJwksProvider, JwtVerifier
+from cake_common.revocation import RevocationList
+from cake_common.settings import ServiceSettings
+
+
+def token_verifier(settings: ServiceSettings, jwks_file: Path) -> JwtVerifier:
+    """Verifies ES256 access tokens against the JWKS file with the service's claims."""
+    return JwtVerifier(
+        FileJwksProvider(jwks_file),
+        issuer=settings.jwt_issuer,
+        audience=settings.jwt_audience,
+        leeway_seconds=settings.jwt_leeway_seconds,
+    )
+
+
+def revocation_list(settings: ServiceSettings, client: redis.asyncio.Redis) -> RevocationList:
+    """The shared revocation list (sessions and tokens ended by the auth service)."""
+    return RevocationList(client, key_prefix=settings.revocation_key_prefix)
