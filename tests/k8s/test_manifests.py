@@ -524,7 +524,7 @@ DEV_CONNECTIONS = [
     ("auth", "kafka", "kafka", False),
     ("promotions", "postgres", "postgres", True),
     ("promotions", "kafka", "kafka", True),
-    ("promotions", "redis", "redis", False),
+    ("promotions", "redis", "redis", True),
     ("events", "postgres", "postgres", True),
     ("events", "redis", "redis", True),
     ("events", "kafka", "kafka", True),
@@ -593,7 +593,7 @@ def test_prod_clients_reach_strimzi_and_the_managed_datastores(prod: RenderedOve
             name in SERVICES or name.endswith("-migrate")
         ), name
         assert labels_match(redis_clients["podSelector"], pod.labels) == (
-            name in {"auth", "events"}
+            name in {"auth", "promotions", "events"}
         ), name
     (kafka,) = prod.of_kind("Kafka")
     peers = kafka["spec"]["kafka"]["listeners"][0]["networkPolicyPeers"]
