@@ -1,5 +1,6 @@
 """End-to-end on the real cluster, through the in-cluster gateway: health, a new user's first
-login earning a voucher through the relay and Kafka, the voucher paying for a top-up, the
+login earning a voucher through the relay and Kafka, the voucher paying for a top-up (charged
+at the bank simulator), the
 admin's queue statistics, the API document, and a native gRPC call through the same port.
 
 Everything here runs under the gateway's real rate limits (Cake's 100/min per address,
@@ -41,7 +42,7 @@ def test_health_reports_every_service_serving(http: httpx.Client) -> None:
 
 
 def test_first_login_voucher_pays_for_a_topup(
-    client: CakeClient, admin: Account, record: Any
+    client: CakeClient, admin: Account, record: Any, sql: Any
 ) -> None:
     campaign = client.create_campaign(admin, 100, f"k8s e2e {uuid.uuid4().hex[:6]}")
     try:
@@ -68,6 +69,13 @@ def test_first_login_voucher_pays_for_a_topup(
         assert replay.status_code == 200, replay.text
         assert replay.json()["transactionId"] == topup["transactionId"]
         assert replay.headers.get("idempotent-replayed") == "true"
+
+        # Charged once, at the bank simulator's own ledger (its own pod and database).
+        charges = sql(
+            "cake_payments",
+            f"SELECT status, amount FROM ledger WHERE transaction_id = '{topup['transactionId']}'",
+        )
+        assert charges == [("charged", "80000.00")], charges
 
         after = client.my_vouchers(user)
         assert [(v["code"], v["status"]) for v in after] == [(voucher["code"], "used")]

@@ -608,18 +608,11 @@ def test_prod_clients_reach_strimzi_and_the_managed_datastores(prod: RenderedOve
 # -- dev datastores agree with the local stack -------------------------------------------------
 
 
-# The bank simulator (services/payments) runs in the local stack; its Kubernetes manifests
-# (and this database and role in the dev overlay) are still to be written.
-NOT_YET_IN_KUBERNETES = {"cake_payments"}
-
-
 def test_dev_postgres_provisions_what_the_local_stack_does(dev: RenderedOverlay) -> None:
     script = dev.generated("ConfigMap", "postgres-init")["data"]["init-cake-databases.sh"]
-    for role in set(stack_postgres.ROLES) - NOT_YET_IN_KUBERNETES:
+    for role in stack_postgres.ROLES:
         assert f"CREATE ROLE {role} LOGIN" in script
     for database in stack_postgres.DATABASES:
-        if database.name in NOT_YET_IN_KUBERNETES:
-            continue
         assert f"CREATE DATABASE {database.name} OWNER {database.owner}" in script
         for role in database.connect_roles:
             assert f"GRANT CONNECT ON DATABASE {database.name} TO {role};" in script

@@ -55,6 +55,8 @@ STAGES: tuple[tuple[str, frozenset[str]], ...] = (
         "topics and migrations",
         frozenset({"kafka-topics", "auth-migrate", "promotions-migrate", "events-migrate"}),
     ),
+    # The bank simulator (dev only): promotions charges through it.
+    ("bank simulator", frozenset({"payments"})),
     ("services", frozenset({"auth", "promotions", "events"})),
     ("gateway", frozenset({"gateway"})),
 )
