@@ -647,3 +647,9 @@ def test_dev_kafka_has_the_local_stack_topics(dev: RenderedOverlay) -> None:
     host, port = bootstrap.split(":")
     kafka = dev.get("Service", host)
     assert int(port) in {p["port"] for p in kafka["spec"]["ports"]}
+
+
+def test_prod_serves_no_grpc_reflection(prod: RenderedOverlay) -> None:
+    for name in ("auth", "promotions", "events"):
+        (server,) = pod_spec(prod.get("Deployment", name))["containers"]
+        assert env_of(server)[f"CAKE_{name.upper()}_GRPC_REFLECTION"]["value"] == "false", name
