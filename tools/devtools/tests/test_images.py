@@ -15,6 +15,7 @@ ALL = (
     "cake-auth",
     "cake-promotions",
     "cake-events",
+    "cake-payments",
     "cake-gateway",
     "cake-postgres",
     "cake-redis",
