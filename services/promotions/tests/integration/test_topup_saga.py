@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,7 +23,11 @@ import pytest
 import sqlalchemy as sa
 from cake.payments.v1 import payments_pb2
 from cake.promotions.v1 import promotions_pb2, promotions_pb2_grpc
+from cake_promotions import bootstrap
+from cake_promotions.metrics import PromotionsMetrics
+from cake_promotions.service.enrolment import FirstLoginEnrolment
 from google.protobuf.timestamp_pb2 import Timestamp
+from prometheus_client import CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 pytestmark = pytest.mark.integration
@@ -84,14 +89,18 @@ async def campaign(server: Any, signer: Any) -> Any:
 
 
 @pytest.fixture
-def voucher_for(server: Any, signer: Any, campaign: Any) -> Callable[[int], Any]:
+def voucher_for(engine: AsyncEngine, campaign: Any) -> Callable[[int], Any]:
+    """The voucher a user's first login (auth's event) earns in the campaign."""
+    enrolment = FirstLoginEnrolment(
+        bootstrap.unit_of_work_factory(engine), PromotionsMetrics(CollectorRegistry())
+    )
+
     async def issue(user_id: int) -> str:
-        response = await server.stub.TrackFirstLogin(
-            promotions_pb2.TrackFirstLoginRequest(), metadata=signer.metadata(user_id)
+        outcome = await enrolment.enrol_first_login(
+            user_id, datetime.now(UTC), event_id=uuid.uuid4()
         )
-        assert response.eligible, response.message
-        code: str = response.voucher.code
-        return code
+        assert outcome is not None and outcome.voucher is not None, outcome
+        return outcome.voucher.code
 
     return issue
 
