@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from cake_devtools.cluster.binaries import Builder
 from cake_devtools.cluster.config import NodeConfig
-from cake_devtools.cluster.engine import Engine
+from cake_devtools.cluster.engine import Engine, containerd_ready
 from cake_devtools.cluster.errors import ClusterError
 from cake_devtools.cluster.images import (
     NodeImage,
@@ -106,6 +106,12 @@ class Cluster:
     def down(self, *, engine: bool) -> None:
         progress = Progress("down")
         teardown = Teardown(self.layout, self.node_config, self.builder.binaries())
+        if self.layout.node_dir.exists() and not containerd_ready():
+            # A cluster left behind by a stopped machine or session: its pods are still in
+            # containerd's records, and only a running containerd removes them (through the
+            # CRI, with their networks and mounts), so start the engine first.
+            with progress.step("engine") as note:
+                note(Engine(self.layout).up())
         for step, action in (
             ("processes", teardown.processes),
             ("containers", teardown.containers),
