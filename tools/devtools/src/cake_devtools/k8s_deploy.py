@@ -33,6 +33,7 @@ from typing import Any
 
 import yaml
 
+from cake_devtools.cluster.layout import default_state_dir
 from cake_devtools.k8s_manifests import (
     WORKLOAD_KINDS,
     Manifest,
@@ -219,7 +220,7 @@ def default_kubeconfig() -> str | None:
     """``KUBECONFIG``, else the admin kubeconfig ``make cluster-up`` writes, else kubectl's."""
     if os.environ.get("KUBECONFIG"):
         return os.environ["KUBECONFIG"]
-    cluster_admin = Path("/var/lib/cake-cluster/admin.conf")
+    cluster_admin = default_state_dir() / "admin.conf"
     return str(cluster_admin) if cluster_admin.is_file() else None
 
 
