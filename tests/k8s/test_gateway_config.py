@@ -83,9 +83,18 @@ def test_config_agrees_with_the_gateway_image_and_manifests(
         spec = pod_spec(deployment)
         (envoy,) = spec["containers"]
         ports = {p["name"]: p["containerPort"] for p in envoy["ports"]}
-        (listener,) = config["static_resources"]["listeners"]
-        assert listener["address"]["socket_address"]["port_value"] == ports["http"]
-        assert config["admin"]["address"]["socket_address"]["port_value"] == ports["admin"]
+        listeners = {
+            listener["name"]: listener["address"]["socket_address"]["port_value"]
+            for listener in config["static_resources"]["listeners"]
+        }
+        assert listeners == {"gateway": ports["http"], "ops": ports["ops"]}
+        # The admin port is the pod's loopback's only: no container port, no probe, no scrape.
+        assert config["admin"]["address"]["socket_address"]["port_value"] not in ports.values()
+        assert envoy["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "ops"}
+        assert envoy["livenessProbe"]["tcpSocket"] == {"port": "ops"}
+        annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/port"] == str(ports["ops"])
+        assert annotations["prometheus.io/path"] == "/stats/prometheus"
         service = overlay.get("Service", "gateway")
         assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]
 
@@ -113,7 +122,10 @@ def test_config_agrees_with_the_gateway_image_and_manifests(
 
         # Every upstream is a Service of the overlay on its grpc port (headless, so Envoy's
         # STRICT_DNS cluster sees every pod).
-        for cluster, (host, port) in socket_addresses(config).items():
+        addresses = socket_addresses(config)
+        # except the ops listener's way to the admin interface, on the pod's loopback.
+        assert addresses.pop("envoy_admin") == ("127.0.0.1", k8s_gateway.ADMIN_PORT)
+        for cluster, (host, port) in addresses.items():
             upstream = overlay.get("Service", host)
             (grpc,) = [p for p in upstream["spec"]["ports"] if p["name"] == "grpc"]
             assert grpc["port"] == port, cluster

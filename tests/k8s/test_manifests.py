@@ -516,6 +516,7 @@ APP_CONNECTIONS = [
     ("auth-migrate", "auth", "grpc", False),
     ("auth", "gateway", "http", False),
     ("gateway", "auth", "metrics", False),
+    ("auth", "gateway", "ops", False),
 ]
 # In dev the datastores are pods too: each service reaches only its own.
 DEV_CONNECTIONS = [

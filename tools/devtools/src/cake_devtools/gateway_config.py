@@ -318,6 +318,9 @@ class GatewayContext:
     jwks_path: Path
     #: ``gateway/generated/openapi.json`` (``cake-codegen``), served at ``GET /openapi.json``.
     openapi_path: Path
+    #: A listener on ``listen_address`` that passes only GET /ready and GET /stats/prometheus
+    #: on to the admin interface (k8s: probes and Prometheus; the admin port stays on loopback).
+    ops_port: int | None = None
     jwt_issuer: str = "cake-system"
     jwt_audiences: Sequence[str] = ("cake-users",)
     #: Requests per minute per client IP over every route (Cake's documented limit).

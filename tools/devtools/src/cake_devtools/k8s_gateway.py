@@ -5,11 +5,13 @@
 file is stale (tests/k8s runs the same comparison). Kustomize turns the file into the gateway's
 ConfigMap; the gateway image (``gateway/Dockerfile``) carries the descriptor set.
 
-What differs from the local stack lives in :func:`k8s_gateway_context`: every interface listens
-on all addresses of the pod, the upstreams are the services' DNS names on the in-cluster gRPC
-port, the JWKS is the mounted ``jwks`` ConfigMap, and the generated files (descriptor set,
-OpenAPI document) are named by their paths relative to the repository root, which is also the
-gateway image's working directory, so the same names resolve here and in the pod.
+What differs from the local stack lives in :func:`k8s_gateway_context`: the listeners listen
+on all addresses of the pod (the admin interface on loopback only, reached from outside the
+pod through the ``ops`` listener's two read-only paths), the upstreams are the services' DNS
+names on the in-cluster gRPC port, the JWKS is the mounted ``jwks`` ConfigMap, and the
+generated files (descriptor set, OpenAPI document) are named by their paths relative to the
+repository root, which is also the gateway image's working directory, so the same names
+resolve here and in the pod.
 """
 
 from __future__ import annotations
@@ -30,10 +32,12 @@ from cake_devtools.gateway_config import (
 
 #: Port every service serves gRPC on inside the cluster (``CAKE_<SVC>_GRPC_PORT``).
 SERVICE_GRPC_PORT = 50051
-#: The gateway container's listener (its Service port and Tilt's port-forward) and admin port
-#: (readiness probe and Prometheus scraping; NetworkPolicies keep everyone else out).
+#: The gateway container's listener (its Service port and Tilt's port-forward), its admin port
+#: (loopback only: kubectl port-forward reaches it, nothing else) and the ops listener (GET
+#: /ready for the probes and GET /stats/prometheus for Prometheus, nothing else).
 LISTEN_PORT = 8080
 ADMIN_PORT = 9901
+OPS_PORT = 9902
 #: Relative to the repository root here, and to the gateway image's WORKDIR in the pod.
 DESCRIPTOR_PATH = Path("gateway/generated/cake.pb")
 OPENAPI_PATH = Path("gateway/generated/openapi.json")
@@ -66,8 +70,9 @@ def k8s_gateway_context(
     return GatewayContext(
         listen_address="0.0.0.0",  # noqa: S104 - the pod's interfaces; the Service fronts it
         listen_port=LISTEN_PORT,
-        admin_address="0.0.0.0",  # noqa: S104 - probes and Prometheus reach it via the pod IP
+        admin_address="127.0.0.1",
         admin_port=ADMIN_PORT,
+        ops_port=OPS_PORT,
         descriptor_path=descriptor_path,
         upstreams=k8s_upstreams(),
         jwks_path=jwks_path,
