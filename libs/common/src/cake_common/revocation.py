@@ -1,28 +1,47 @@
 """Revoked sessions and access tokens, shared by every service through Redis.
 
 The auth service writes the marks (logout, logout-all, refresh reuse, an admin ending a
-user's sessions, the old token of a Cake-style refresh); every service's token check reads
-them with one ``EXISTS`` of two keys per call, so a revocation holds everywhere as soon as
-the write returns (no local cache, no propagation delay).
+user's sessions, the old token of a Cake-style refresh). Each write does two things in one
+Redis transaction: a key per mark with a TTL, and an entry on a Redis stream.
+
+Every service's token check reads them without a network round trip: :meth:`start` follows
+the stream in the background (``XREAD BLOCK``) and keeps the revoked ids of the last
+``ttl`` in memory, so a check is a dictionary lookup. A mark reaches every follower within
+milliseconds; the writer's own process knows it at once. The follower also tells how fresh
+it is: the time of the last ``XREAD`` that came back with nothing more to read. If that is
+older than ``max_staleness_seconds`` (Redis slow or gone, the follower not started) a check
+asks Redis directly, one ``EXISTS`` of the two keys, as it would without a follower. So a
+revocation holds everywhere at most ``max_staleness_seconds`` (0.5 s) after the write
+returned, whatever happens to the stream.
 
 Keys (``key_prefix`` default ``cake:revoked:``):
 
 - ``<prefix>sid:<session id>``: every token of that session is refused;
-- ``<prefix>jti:<token id>``: that one token is refused.
+- ``<prefix>jti:<token id>``: that one token is refused;
+- ``<prefix>stream``: the stream of marks (fields ``key`` and ``exp``, a Unix time), trimmed
+  to the last ``ttl`` on each write.
 
 A mark only has to outlive the access tokens it refuses: the session itself is ended in
 auth's database, so no new token is ever issued for it.
 
-Redis failures raise :class:`RevocationUnavailable`; what a caller does then is the
-caller's policy (the gRPC auth interceptor: admins fail closed, users fail open). After a
-failure Redis is skipped for ``cooldown_seconds``, so a dead server costs one timeout per
-cooldown rather than one per call.
+Redis failures of a direct check raise :class:`RevocationUnavailable`; what a caller does
+then is the caller's policy (the gRPC auth interceptor: admins fail closed, users fail
+open). After a failure Redis is skipped for ``cooldown_seconds``, so a dead server costs one
+timeout per cooldown rather than one per call.
+
+Hand-written because no library follows a Redis stream into an expiring in-memory set with a
+freshness bound (redis-py's client-side caching covers the synchronous client only and gives
+no staleness guarantee when the invalidation connection drops).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import random
 import time
 from collections.abc import Callable, Iterable
+from typing import cast
 
 import redis.asyncio
 from redis.exceptions import RedisError
@@ -31,6 +50,11 @@ from cake_common.jwt import Principal
 from cake_common.logging import get_logger
 
 DEFAULT_KEY_PREFIX = "cake:revoked:"
+#: Entries read per XREAD; a full batch means there may be more, so freshness is not claimed.
+_READ_BATCH = 500
+#: Command timeout of the follower's own connection: a blocked XREAD plus a full batch's
+#: transfer must fit (the services' shared client gives up after 0.2 s).
+STREAM_TIMEOUT_SECONDS = 2.0
 
 _log = get_logger(__name__)
 
@@ -39,26 +63,134 @@ class RevocationUnavailable(Exception):  # noqa: N818 - a state, like the gRPC s
     """Redis did not answer: whether a token is revoked is unknown."""
 
 
+class RevokedKeys:
+    """Revocation keys known to this process, each until its mark expires (pure)."""
+
+    def __init__(self) -> None:
+        self._expiry: dict[str, float] = {}
+        self._next_prune = 0.0
+
+    def add(self, key: str, expires_at: float) -> None:
+        self._expiry[key] = max(expires_at, self._expiry.get(key, expires_at))
+
+    def contains(self, key: str, now: float) -> bool:
+        expires_at = self._expiry.get(key)
+        return expires_at is not None and expires_at > now
+
+    def prune(self, now: float, every_seconds: float = 60.0) -> None:
+        """Forget expired marks (at most once per ``every_seconds``)."""
+        if now < self._next_prune:
+            return
+        self._next_prune = now + every_seconds
+        for key in [key for key, expires_at in self._expiry.items() if expires_at <= now]:
+            del self._expiry[key]
+
+    def __len__(self) -> int:
+        return len(self._expiry)
+
+
 class RevocationList:
     def __init__(
         self,
         client: redis.asyncio.Redis,
         *,
+        stream_client: redis.asyncio.Redis | None = None,
         key_prefix: str = DEFAULT_KEY_PREFIX,
         cooldown_seconds: float = 1.0,
+        max_staleness_seconds: float = 0.5,
+        block_seconds: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._redis = client
+        #: The follower's connection (owned: :meth:`aclose` closes it); its command timeout
+        #: must exceed ``block_seconds`` (see :data:`STREAM_TIMEOUT_SECONDS`).
+        self._stream_redis = stream_client
         self._prefix = key_prefix
+        self._stream = f"{key_prefix}stream"
         self._cooldown = cooldown_seconds
+        self._max_staleness = max_staleness_seconds
+        self._block_ms = max(1, int(block_seconds * 1000))
         self._clock = clock
+        self._wall = wall_clock
         self._skip_until = float("-inf")
+        self._known = RevokedKeys()
+        #: When the follower last knew every mark written before it (clock()).
+        self._current_at = float("-inf")
+        self._follower: asyncio.Task[None] | None = None
 
     def session_key(self, session_id: str) -> str:
         return f"{self._prefix}sid:{session_id}"
 
     def token_key(self, jti: str) -> str:
         return f"{self._prefix}jti:{jti}"
+
+    # -- following the stream ----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Follow the stream in the background (call from the running event loop)."""
+        if self._follower is None:
+            self._follower = asyncio.get_running_loop().create_task(
+                self._follow(), name="revocation-stream"
+            )
+
+    async def aclose(self) -> None:
+        """Stop following and close the follower's connection; checks then ask Redis."""
+        follower, self._follower = self._follower, None
+        self._current_at = float("-inf")
+        if follower is not None:
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower
+        if self._stream_redis is not None:
+            await self._stream_redis.aclose()
+
+    @property
+    def following(self) -> bool:
+        """Whether checks are answered from memory (the follower is fresh enough)."""
+        return self._clock() - self._current_at <= self._max_staleness
+
+    async def _follow(self) -> None:
+        last_id = "0-0"  # everything still on the stream first
+        failures = 0
+        while True:
+            asked_at = self._clock()
+            try:
+                reply = cast(
+                    "list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None",
+                    await (self._stream_redis or self._redis).xread(
+                        {self._stream: last_id}, count=_READ_BATCH, block=self._block_ms
+                    ),
+                )
+            except (RedisError, OSError) as error:
+                failures += 1
+                if failures == 1:
+                    _log.warning("revocation stream unavailable", error=repr(error))
+                # Jittered, capped backoff; checks fall back to Redis meanwhile.
+                backoff = min(2.0, 0.05 * 2 ** min(failures, 6))
+                await asyncio.sleep(backoff * random.uniform(0.5, 1))  # noqa: S311 - not crypto
+                continue
+            if failures:
+                _log.info("revocation stream followed again", failed_reads=failures)
+                failures = 0
+            read = 0
+            for _stream, entries in reply or ():
+                for entry_id, fields in entries:
+                    self._apply(fields)
+                    last_id = entry_id.decode()
+                    read += 1
+            if read < _READ_BATCH:
+                # Nothing more to read: every mark written before the request is known.
+                self._current_at = asked_at
+            self._known.prune(self._wall())
+
+    def _apply(self, fields: dict[bytes, bytes]) -> None:
+        try:
+            self._known.add(fields[b"key"].decode(), float(fields[b"exp"]))
+        except (KeyError, ValueError, UnicodeDecodeError):
+            _log.warning("revocation stream entry ignored", fields=repr(fields)[:200])
+
+    # -- checks ------------------------------------------------------------------------------
 
     def _available(self) -> None:
         if self._clock() < self._skip_until:
@@ -75,15 +207,23 @@ class RevocationList:
         return RevocationUnavailable(operation)
 
     async def is_revoked(self, principal: Principal) -> bool:
-        """True if the token's session or the token itself was revoked (one round trip)."""
+        """True if the token's session or the token itself was revoked: from memory while
+        the follower is fresh, else one round trip to Redis."""
+        keys = (self.session_key(principal.session_id), self.token_key(principal.jti))
+        now = self._wall()
+        # What is known stays known, fresh or not (a Redis outage forgets nothing here).
+        if any(self._known.contains(key, now) for key in keys):
+            return True
+        if self.following:
+            return False
         self._available()
         try:
-            found = await self._redis.exists(
-                self.session_key(principal.session_id), self.token_key(principal.jti)
-            )
+            found = await self._redis.exists(*keys)
         except (RedisError, OSError) as error:
             raise self._failed(error, "check") from error
         return bool(found)
+
+    # -- writes ------------------------------------------------------------------------------
 
     async def revoke_sessions(self, session_ids: Iterable[str], *, ttl_seconds: int) -> None:
         """Refuse every token of these sessions for ``ttl_seconds``; raises if not stored."""
@@ -96,13 +236,25 @@ class RevocationList:
     async def _set(self, keys: list[str], ttl_seconds: int) -> None:
         if not keys or ttl_seconds <= 0:
             return
+        now = self._wall()
+        expires_at = now + ttl_seconds
+        # Entries older than one TTL refuse nothing any more (Redis stream ids are Unix ms).
+        oldest_useful = f"{int((now - ttl_seconds) * 1000)}-0"
         # Writes are not skipped during the cooldown: a revocation is worth one more try.
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
+            async with self._redis.pipeline(transaction=True) as pipe:
                 for key in keys:
                     pipe.set(key, b"1", ex=ttl_seconds)
+                    pipe.xadd(
+                        self._stream,
+                        {"key": key, "exp": f"{expires_at:.3f}"},
+                        minid=oldest_useful,
+                        approximate=True,
+                    )
                 await pipe.execute()
         except (RedisError, OSError) as error:
             raise self._failed(error, "revoke") from error
+        for key in keys:
+            self._known.add(key, expires_at)
         # Redis answered: checks need not wait for the cooldown any more.
         self._skip_until = float("-inf")

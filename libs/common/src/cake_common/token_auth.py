@@ -4,10 +4,12 @@ Each service's composition root calls these so that the verifier (issuer, audien
 clock-skew leeway) and the revocation list (Redis namespace) are configured identically
 everywhere::
 
+    revocations = revocation_list(settings, redis_client)
+    revocations.start()  # follow the revocation stream; stop it with `await aclose()`
     builder.with_auth(
         token_verifier(settings, settings.jwks_file),
         public_methods=PUBLIC_METHODS,
-        is_revoked=revocation_list(settings, redis_client).is_revoked,
+        is_revoked=revocations.is_revoked,
     )
 """
 
@@ -18,7 +20,8 @@ from pathlib import Path
 import redis.asyncio
 
 from cake_common.jwt import FileJwksProvider, JwtVerifier
-from cake_common.revocation import RevocationList
+from cake_common.redis import create_redis
+from cake_common.revocation import STREAM_TIMEOUT_SECONDS, RevocationList
 from cake_common.settings import ServiceSettings
 
 
@@ -33,5 +36,12 @@ def token_verifier(settings: ServiceSettings, jwks_file: Path) -> JwtVerifier:
 
 
 def revocation_list(settings: ServiceSettings, client: redis.asyncio.Redis) -> RevocationList:
-    """The shared revocation list (sessions and tokens ended by the auth service)."""
-    return RevocationList(client, key_prefix=settings.revocation_key_prefix)
+    """The shared revocation list (sessions and tokens ended by the auth service), with a
+    connection of its own for following the revocation stream."""
+    return RevocationList(
+        client,
+        stream_client=create_redis(
+            settings.redis_url, timeout_seconds=STREAM_TIMEOUT_SECONDS, max_connections=2
+        ),
+        key_prefix=settings.revocation_key_prefix,
+    )

@@ -209,6 +209,8 @@ async def start_server(
     # Keys first: a misconfigured key fails in milliseconds, not after a migration.
     signing_key, jwks_file = _signing_key(settings)
     infrastructure = await _open_infrastructure(settings, metrics_registry)
+    # Exits run in reverse: the follower stops before the Redis client closes.
+    infrastructure.exits.push_async_callback(infrastructure.revocations.aclose)
     try:
         use_cases = await _use_cases(settings, infrastructure, signing_key, jwks_file)
         servicer = AuthServicer(use_cases)
@@ -230,10 +232,12 @@ async def start_server(
         )
         for check in infrastructure.checks:
             builder.add_dependency_check(check)
-        return await builder.start()
+        running = await builder.start()
     except BaseException:
         await infrastructure.exits.aclose()
         raise
+    infrastructure.revocations.start()
+    return running
 
 
 async def serve(settings: AuthSettings) -> None:

@@ -225,15 +225,21 @@ async def start_service(
         .add_dependency_check(DependencyCheck("postgres", database_probe(engine), critical=True))
     )
     # Without a JWKS no token can be verified: every admin call is then UNAUTHENTICATED.
+    revocations = None
     if settings.jwks_file is not None:
+        revocations = revocation_list(settings, redis_client)
+        # Hooks run in reverse: the follower stops before the Redis client closes.
+        shutdown_hooks.append(revocations.aclose)
         builder.with_auth(
             token_verifier(settings, settings.jwks_file),
             public_methods=PUBLIC_METHODS,
-            is_revoked=revocation_list(settings, redis_client).is_revoked,
+            is_revoked=revocations.is_revoked,
         )
     for hook in shutdown_hooks:
         builder.add_shutdown_hook(hook)
     running = await builder.start()
+    if revocations is not None:
+        revocations.start()
     relays.start()
     return running
 

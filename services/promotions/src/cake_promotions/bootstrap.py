@@ -159,6 +159,7 @@ async def start_server(
         payments = payment_gateway(settings)
         use_cases = build_use_cases(engine, metrics, payments, settings)
         servicer = build_servicer(use_cases)
+        revocations = revocation_list(settings, redis_client)
         builder = (
             GrpcServerBuilder.from_settings(
                 settings, service_names=[SERVICE_NAME], metrics_registry=metrics_registry
@@ -171,7 +172,7 @@ async def start_server(
             .with_auth(
                 verifier,
                 public_methods=PUBLIC_METHODS,
-                is_revoked=revocation_list(settings, redis_client).is_revoked,
+                is_revoked=revocations.is_revoked,
             )
             .with_validation()
             .add_dependency_check(
@@ -180,6 +181,8 @@ async def start_server(
             .add_shutdown_hook(engine.dispose)
             .add_shutdown_hook(payments.close)
             .add_shutdown_hook(redis_client.aclose)
+            # Hooks run in reverse: the follower stops before the Redis client closes.
+            .add_shutdown_hook(revocations.aclose)
         )
         reconciler = None
         if settings.reconcile_enabled:
@@ -208,6 +211,7 @@ async def start_server(
         await redis_client.aclose()
         await engine.dispose()
         raise
+    revocations.start()
     expiry.start()
     if reconciler is not None:
         reconciler.start()
