@@ -16,7 +16,7 @@ import re
 import secrets
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +26,19 @@ if TYPE_CHECKING:
     from cake_devtools.stack import Stack
 
 INFRA = ("postgres", "redis", "kafka")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Read the checkout's optional ``.ports.env`` (the Makefile includes it too).
+
+    One ``export CAKE_TEST_...=port`` per line lets a second checkout run its test stack beside
+    this one; variables already set win.
+    """
+    from dotenv import load_dotenv
+
+    load_dotenv(Path(__file__).parent / ".ports.env", override=False)
+
+
 SERVICES = ("auth", "payments", "promotions", "events", "envoy")
 
 
@@ -82,6 +95,20 @@ def _scratch_database(stack: Stack, label: str) -> Iterator[str]:
 def postgres_url(stack: Stack, request: pytest.FixtureRequest) -> Iterator[str]:
     """A fresh, empty database for one test module (async SQLAlchemy URL, psycopg 3)."""
     yield from _scratch_database(stack, request.module.__name__)
+
+
+@pytest.fixture
+def new_database(stack: Stack) -> Iterator[Callable[[str], str]]:
+    """Makes fresh, empty databases on demand (``new_database(label)`` → async SQLAlchemy
+    URL); all are dropped after the test."""
+    from contextlib import ExitStack, contextmanager
+
+    with ExitStack() as made:
+
+        def new(label: str) -> str:
+            return made.enter_context(contextmanager(_scratch_database)(stack, label))
+
+        yield new
 
 
 class BankSimulator:

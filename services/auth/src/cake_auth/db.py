@@ -52,6 +52,7 @@ sessions = sa.Table(
     sa.Column("end_reason", sa.Text, nullable=True),
     sa.Column("user_agent", sa.Text, nullable=False, server_default=""),
     sa.Column("client_ip", sa.Text, nullable=False, server_default=""),
+    sa.Index("ix_sessions_user_live", "user_id", postgresql_where=sa.text("ended_at IS NULL")),
 )
 
 refresh_tokens = sa.Table(
@@ -63,4 +64,5 @@ refresh_tokens = sa.Table(
     ),
     sa.Column("issued_at", _timestamp, nullable=False),
     sa.Column("used_at", _timestamp, nullable=True),
+    sa.Index("ix_refresh_tokens_session", "session_id"),
 )

@@ -81,4 +81,8 @@ security_audit_events = sa.Table(
     sa.Column("details", sa.JSON, nullable=False),
     sa.Column("occurred_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_security_audit_time", "occurred_at", "event_id"),
+    sa.Index("ix_security_audit_type_time", "type", "occurred_at"),
+    sa.Index("ix_security_audit_subject", "subject_user_id", "occurred_at"),
+    sa.Index("ix_security_audit_actor", "actor_user_id", "occurred_at"),
 )

@@ -43,6 +43,7 @@ campaigns = sa.Table(
     sa.Column("max_discount_amount", _Money, nullable=True),
     sa.Column("voucher_validity_days", sa.Integer, nullable=False, server_default="30"),
     *_timestamps(),
+    sa.Index("ix_campaigns_type_status_created", "type", "status", sa.text("created_at DESC")),
 )
 
 user_promotions = sa.Table(
@@ -87,6 +88,8 @@ vouchers = sa.Table(
     sa.Column("transaction_reference", sa.Text, nullable=True),
     sa.Column("reserved_until", _Instant, nullable=True),
     *_timestamps(),
+    sa.Index("ix_vouchers_user_issued", "user_id", sa.text("issued_at DESC")),
+    sa.Index("ix_vouchers_user_promotion", "user_promotion_id"),
 )
 
 topups = sa.Table(
@@ -106,6 +109,17 @@ topups = sa.Table(
     sa.Column("voucher_code", sa.Text, nullable=True),
     sa.Column("idempotency_key", sa.Text, nullable=True),
     sa.Column("updated_at", _Instant, nullable=False, server_default=sa.func.now()),
+    sa.Index("ix_topups_user_created", "user_id", "created_at"),
+    # Second line of defence behind the voucher row lock: one live top-up per voucher.
+    sa.Index(
+        "uq_topups_voucher_held",
+        "voucher_id",
+        unique=True,
+        postgresql_where=sa.text("voucher_id IS NOT NULL AND status IN ('pending', 'succeeded')"),
+    ),
+    sa.Index(
+        "ix_topups_pending_created", "created_at", postgresql_where=sa.text("status = 'pending'")
+    ),
 )
 
 idempotency_keys = sa.Table(
@@ -125,9 +139,15 @@ campaign_status_changes = sa.Table(
     "campaign_status_changes",
     metadata,
     sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
-    sa.Column("campaign_id", sa.BigInteger, nullable=False),
+    sa.Column(
+        "campaign_id",
+        sa.BigInteger,
+        sa.ForeignKey("promotion_campaigns.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
     sa.Column("status", sa.Text, nullable=False),
     sa.Column("changed_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_campaign_status_changes_campaign_time", "campaign_id", "changed_at"),
 )
 
 first_login_decisions = sa.Table(
