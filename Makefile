@@ -1,6 +1,9 @@
 # Make is only the front door: the logic lives in tools/ (bash bootstrap + Python tooling).
 # tools/bootstrap.sh may install uv with `pip install --user`, into ~/.local/bin.
 export PATH := $(HOME)/.local/bin:$(PATH)
+# Optional, git-ignored, one `export CAKE_...=value` per line: this checkout's own ports, so two
+# checkouts can run their stacks side by side (pytest reads the same file, see conftest.py).
+-include .ports.env
 
 .PHONY: up down status test gen lint bench chaos help k8s-test cluster-up cluster-down
 
