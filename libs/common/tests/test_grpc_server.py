@@ -82,7 +82,12 @@ async def _with_header(request: StringValue, context: Any) -> StringValue:
     return StringValue(value="ok")
 
 
+#: One entry per Slow call that reached its handler (tests wait on it instead of sleeping).
+_slow_started: asyncio.Queue[str] = asyncio.Queue()
+
+
 async def _slow(request: StringValue, context: Any) -> StringValue:
+    _slow_started.put_nowait(request.value)
     await asyncio.sleep(float(request.value))
     return StringValue(value="done")
 
@@ -521,10 +526,11 @@ async def test_graceful_shutdown(verifier: JwtVerifier) -> None:
     )
     async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
         slow = Client(channel).unary(SLOW)(StringValue(value="0.5"))
-        await asyncio.sleep(0.1)
+        await asyncio.wait_for(_slow_started.get(), timeout=10)
         stopping = asyncio.create_task(running.stop())
-        await asyncio.sleep(0.1)
-        assert running.health.is_serving is False
+        async with asyncio.timeout(10):
+            while running.health.is_serving:  # noqa: ASYNC110 - no event to wait on
+                await asyncio.sleep(0.01)
         assert (await slow).value == "done", "in-flight call finishes within the grace period"
         await stopping
         await running.stop()  # idempotent
@@ -537,7 +543,7 @@ async def test_health_not_serving_during_shutdown_seen_by_client(verifier: JwtVe
     )
     async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
         slow = Client(channel).unary(SLOW)(StringValue(value="0.6"))
-        await asyncio.sleep(0.1)
+        await asyncio.wait_for(_slow_started.get(), timeout=10)
         await running.health.enter_graceful_shutdown()
         assert await _health(channel, "") == health_pb2.HealthCheckResponse.NOT_SERVING
         assert await _health(channel, SERVICE) == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -551,7 +557,10 @@ async def test_serve_until_signal_stops_on_sigterm() -> None:
         GrpcServerBuilder(service_names=[SERVICE], grace_seconds=1).add_servicer(_register).start()
     )
     serving = asyncio.create_task(running.serve_until_signal(signals=(signal.SIGUSR1,)))
-    await asyncio.sleep(0.1)
+    # The loop's handler replaces the default one (which would end this process).
+    async with asyncio.timeout(10):
+        while signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
     signal.raise_signal(signal.SIGUSR1)
     await asyncio.wait_for(serving, timeout=5)
     assert running.health.is_serving is False

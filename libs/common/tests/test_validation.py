@@ -4,11 +4,10 @@ import sys
 from typing import Any
 
 import pytest
+from buf.validate import validate_pb2
 from cake_common.errors import FieldViolation, InvalidArgument
 from cake_common.validation import RequestValidator
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-
-validate_pb2 = pytest.importorskip("buf.validate.validate_pb2")
 
 _F = descriptor_pb2.FieldDescriptorProto
 

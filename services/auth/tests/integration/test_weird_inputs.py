@@ -7,6 +7,7 @@ strange credentials; each call must end with a client-error status or succeed.
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import grpc
@@ -83,15 +84,22 @@ async def test_register_with_strange_values(auth: Any) -> None:
 
 
 async def test_login_with_strange_values(auth: Any) -> None:
-    user = (await auth.register()).user
+    # A password no other account of this module has: a success can only be this user's.
+    password = f"only-mine-{uuid.uuid4().hex}"
+    user = (await auth.register(password=password)).user
     outcomes = {}
     for value in WEIRD_STRINGS:
         for request in (
-            auth_pb2.LoginRequest(account=value, password="correct horse battery"),
+            auth_pb2.LoginRequest(account=value, password=password),
             auth_pb2.LoginRequest(account=user.username, password=value),
         ):
             outcomes[str(request)[:60]] = await _outcome(auth.stub.Login(request))
     _assert_no_server_errors(outcomes)
+    # With the right password an injection-looking account logs no one in, and no strange
+    # password is the user's: not one of these may succeed.
+    logged_in = [case for case, code in outcomes.items() if code is grpc.StatusCode.OK]
+    assert logged_in == []
+    assert grpc.StatusCode.UNAUTHENTICATED in outcomes.values()
 
 
 async def test_profile_update_with_strange_values(auth: Any) -> None:
@@ -161,7 +169,6 @@ async def test_every_rpc_with_strange_credentials(auth: Any) -> None:
 async def test_tokens_for_users_that_do_not_exist(auth: Any, signing_key: Any) -> None:
     """Validly signed tokens whose subject is no user (ids at the edges of int64)."""
     import time
-    import uuid
 
     import jwt
 
