@@ -1,7 +1,7 @@
 """Auth service over raw gRPC: login throughput against the machine's bcrypt ceiling, and
 profile reads per second with the cache warm. Prints numbers; asserts nothing.
 
-In one run, on one machine (DESIGN.md §6, §8):
+In one run, on one machine:
 
 1. bcrypt ceiling = usable cores ÷ the time of one check at the configured cost (measured
    here, single-threaded, with pyca bcrypt), next to what ``cores`` threads of bcrypt really
@@ -10,9 +10,8 @@ In one run, on one machine (DESIGN.md §6, §8):
    gRPC clients to keep every hashing worker busy; ratio = throughput ÷ ceiling (goal ≥ 0.85);
 3. profile reads/s: ``GetProfile`` with a bearer token, the Redis cache warmed first.
 
-The client runs in this process on the same cores as the service, as in DESIGN.md §8's
-figures; the load average at the start is printed because other work on the box skews
-everything.
+The client runs in this process on the same cores as the service; the load average at the
+start is printed because other work on the box skews everything.
 
 How to run (from the repo root)::
 

@@ -2,7 +2,7 @@
 login's commit until its voucher is committed, through the whole pipeline.
 
 Each "login" is the transaction the auth service commits on a first login minus the bcrypt
-check (which caps real logins at ~34/s on a 2-core box, DESIGN.md §8): a USER_FIRST_LOGIN
+check (which caps real logins at ~34/s on a 2-core box): a USER_FIRST_LOGIN
 row in auth's outbox. From there everything is real: relay (events service) → Kafka →
 promotions consumer → enrolment and voucher. With ``--via kafka`` the envelopes are
 published straight to the user-events topic instead (consumer alone, no relay).

@@ -280,7 +280,7 @@ def test_only_the_oauth_style_token_fields_keep_their_snake_case_json_names(
     } | {("cake/auth/v1/auth.proto", "RefreshTokenRequest", "refresh_token", "refresh_token")}
 
 
-# --- protovalidate enforces DESIGN.md section 3 ----------------------------------------------
+# --- protovalidate enforces the REST contract's field rules -----------------------------------
 
 
 def _good_registration() -> auth_pb2.RegisterRequest:

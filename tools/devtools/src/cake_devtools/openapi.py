@@ -79,7 +79,7 @@ _COMMON_ERRORS: Mapping[int, str] = {
 }
 
 
-#: Errors the Cake API documents for particular methods (DESIGN.md §3), with their messages.
+#: Errors the Cake API documents for particular methods with their messages.
 DOCUMENTED_ERRORS: Mapping[str, Mapping[int, str]] = {
     "cake.auth.v1.AuthService/Register": {
         409: "`Username already exists`, `Email already exists` or `Phone number already exists`"

@@ -1,4 +1,4 @@
-"""bcrypt password hashing off the event loop (DESIGN.md §8).
+"""bcrypt password hashing off the event loop.
 
 A check at cost 10 takes ~50 ms of CPU, so it must not run on the event loop. Two
 implementations, both producing and accepting ``$2b$`` hashes (existing Cake users' hashes):

@@ -1,4 +1,4 @@
-"""First-login enrolment (DESIGN.md §2 step 4) and the eligibility question.
+"""First-login enrolment (docs/architecture.md, "An event") and the eligibility question.
 
 One use case serves the Kafka consumer (USER_FIRST_LOGIN events) and ``TrackFirstLogin``.
 """
