@@ -81,6 +81,10 @@ def make_settings(keys_dir: Path) -> SettingsFactory:
             "startup_retry_seconds": 10,
             "log_json": False,
             "redis_key_prefix": f"cake:auth:test-{uuid.uuid4().hex[:12]}:",
+            # Every test client is 127.0.0.1: a module's wrong passwords would otherwise add up
+            # on one per-IP counter and throttle its later, unrelated logins. The per-IP limit
+            # has its own test, which sets it low.
+            "login_ip_max_failures": 100_000,
         }
         values.update(overrides)
         return AuthSettings(**values)
