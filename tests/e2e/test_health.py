@@ -127,3 +127,31 @@ def test_a_restarted_service_is_reachable_through_the_gateway_once_up_returns(
     response = httpx.get(f"{full_stack.gateway_url}/.well-known/jwks.json", timeout=5)
     assert response.status_code == 200, response.text
     assert response.json()["keys"]
+
+
+def test_cake_stack_restart_and_logs_one_component(
+    full_stack: Stack, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """``cake-stack restart auth`` gives auth a new process that the gateway routes to when
+    the command returns; ``cake-stack logs auth -n 5`` prints the end of its log."""
+    from cake_devtools.stack.cli import main
+
+    before = full_stack.status()["auth"].pid
+    assert main(["restart", "auth", "--profile", full_stack.profile]) == 0
+    after = full_stack.status()["auth"]
+    assert after.pid is not None and after.pid != before
+    assert after.healthy
+    assert full_stack.gateway_health_flags()["auth"] == "healthy"
+    response = httpx.get(f"{full_stack.gateway_url}/.well-known/jwks.json", timeout=5)
+    assert response.status_code == 200, response.text
+
+    capfd.readouterr()
+    assert main(["logs", "auth", "-n", "5", "--profile", full_stack.profile]) == 0
+    printed = capfd.readouterr().out.splitlines()
+    # Five lines of auth's log, in order (it may have written more since).
+    assert len(printed) == 5
+    log = full_stack.log_paths(["auth"])["auth"].read_text()
+    assert "\n".join(printed) in log
+
+    assert main(["logs", "auth", "-n", "-1", "--profile", full_stack.profile]) == 1
+    assert "--lines must be 0 or more" in capfd.readouterr().err

@@ -1,9 +1,10 @@
-"""``cake-stack up|down|status [--profile dev|test] [components...]``."""
+"""``cake-stack up|down|restart|status|logs [--profile dev|test] [components...]``."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +19,11 @@ def _parser() -> argparse.ArgumentParser:
         prog="cake-stack",
         description="Run the local Cake stack of real components under .run/<profile>/.",
     )
-    parser.add_argument("command", choices=("up", "down", "status"))
+    parser.add_argument(
+        "command",
+        choices=("up", "down", "restart", "status", "logs"),
+        help="logs: the last lines of each component's log (-n), or follow them (-f)",
+    )
     parser.add_argument(
         "components",
         nargs="*",
@@ -26,6 +31,12 @@ def _parser() -> argparse.ArgumentParser:
         help=f"some of: {', '.join(COMPONENTS)} (default: all)",
     )
     parser.add_argument("--profile", choices=PROFILES, default="dev")
+    parser.add_argument(
+        "-n", "--lines", type=int, default=20, help="logs: lines per component (default 20)"
+    )
+    parser.add_argument(
+        "-f", "--follow", action="store_true", help="logs: keep printing what is appended"
+    )
     return parser
 
 
@@ -54,6 +65,21 @@ def _print_status(stack: Stack) -> bool:
     return all_ok
 
 
+def _logs(stack: Stack, components: list[str] | None, *, lines: int, follow: bool) -> int:
+    """Hand the log files to ``tail`` (coreutils already names each file, follows appends and
+    re-opens a file that a restart replaced: nothing here to rewrite)."""
+    paths = [path for path in stack.log_paths(components).values() if path.exists()]
+    if not paths:
+        print("no log yet for these components (cake-stack up starts them)", file=sys.stderr)
+        return 1
+    command = ["tail", "-n", str(lines), *(["-F"] if follow else []), *map(str, paths)]
+    sys.stdout.flush()
+    try:
+        return subprocess.run(command, check=False).returncode
+    except KeyboardInterrupt:  # the way out of --follow
+        return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_intermixed_args(argv)
     components = args.components or None
@@ -63,6 +89,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             stack.up(components)
         elif args.command == "down":
             stack.down(components)
+        elif args.command == "restart":
+            stack.restart(components)
+        elif args.command == "logs":
+            if args.lines < 0:
+                raise StackError(f"--lines must be 0 or more, got {args.lines}")
+            return _logs(stack, components, lines=args.lines, follow=args.follow)
         else:
             return 0 if _print_status(stack) else 1
     except StackError as exc:

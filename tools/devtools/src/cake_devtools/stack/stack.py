@@ -228,6 +228,22 @@ class Stack:
                     component.stop()
                     self._echo(component.name, "stopped")
 
+    def restart(self, components: Iterable[str] | None = None) -> None:
+        """Stop ``components`` (all when None) that run, then bring them up again as ``up``
+        does (dependency order, each waited for, the gateway's routing too)."""
+        selected = self._select(components)
+        with self._exclusive():
+            for component in reversed(selected):
+                current = component.status()
+                if current.state is State.RUNNING:
+                    self._echo(component.name, f"stopping (pid {current.pid})")
+                    component.stop()
+            self._up(selected, strict=components is not None)
+
+    def log_paths(self, components: Iterable[str] | None = None) -> dict[str, Path]:
+        """Each selected component's log file (all when None), whether or not it exists yet."""
+        return {component.name: component.log_path for component in self._select(components)}
+
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
         """One ``up``/``down`` per profile at a time (parallel test workers, two terminals):
