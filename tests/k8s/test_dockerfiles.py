@@ -237,6 +237,25 @@ def python_of_the_images(repo: Path) -> tuple[str, str]:
     return version[1], version[2]
 
 
+def test_the_service_image_copies_every_workspace_members_manifest(repo: Path) -> None:
+    """uv resolves the locked workspace only with every member's pyproject.toml present: a
+    member added to the workspace but not copied breaks every service image's build."""
+    import glob
+
+    members = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["uv"]["workspace"][
+        "members"
+    ]
+    manifests = {
+        str(Path(path).relative_to(repo))
+        for pattern in members
+        for path in glob.glob(str(repo / pattern / "pyproject.toml"))
+    }
+    dockerfile = (repo / "services" / "Dockerfile").read_text()
+    copied = set(re.findall(r"^COPY (\S+/pyproject\.toml) ", dockerfile, flags=re.MULTILINE))
+    assert "libs/client/pyproject.toml" in manifests
+    assert manifests == copied
+
+
 def test_python_of_the_images_is_the_workspace_python(repo: Path) -> None:
     requires = tomllib.loads((repo / "pyproject.toml").read_text())["project"]["requires-python"]
     major, minor = python_of_the_images(repo)
