@@ -14,7 +14,13 @@ import httpx
 import pytest
 from cake_auth.adapters.signing_keys import generate_key_pair
 from cake_devtools import k8s_gateway
-from cake_devtools.gateway_config import GatewayContext, Upstream, default_descriptor_path
+from cake_devtools.gateway_config import (
+    GatewayContext,
+    Upstream,
+    default_descriptor_path,
+    default_docs_pages_dir,
+    default_swagger_ui_dir,
+)
 from cake_devtools.stack.envoy import run_gateway
 
 RUNTIME_KEY = "cake.gateway.rate_limit_enforced"
@@ -42,6 +48,8 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         descriptor_path=default_descriptor_path(),
         openapi_path=openapi,
         jwks_path=workdir / "keys" / "jwks.json",
+        docs_pages_dir=default_docs_pages_dir(),
+        swagger_ui_dir=default_swagger_ui_dir(),
     )
     # The pod's config, moved onto free loopback ports (upstreams: nothing listens there).
     context: GatewayContext = dataclasses.replace(
