@@ -126,3 +126,31 @@ def test_the_admin_interface_listens_on_loopback_only(repo: Path) -> None:
         for listener in config["static_resources"]["listeners"]
     }
     assert listeners["ops"] == {"address": "0.0.0.0", "port_value": k8s_gateway.OPS_PORT}
+
+
+def test_the_alert_rules_envoy_series_exist(gateway: Gateway, repo: Path) -> None:
+    """The gateway alerts of k8s/components/prometheus-operator name series this Envoy really
+    exports through the ops port (its metric and label names, with the listener's prefix)."""
+    import re
+
+    import yaml
+
+    rule = yaml.safe_load(
+        (repo / "k8s/components/prometheus-operator/alert-rules.yaml").read_text()
+    )
+    expressions = [r["expr"] for group in rule["spec"]["groups"] for r in group["rules"]]
+    selectors = [
+        (name, dict(re.findall(r'(\w+)="([^"]*)"', matchers)))
+        for expr in expressions
+        for name, matchers in re.findall(r"\b(envoy_\w+)\{([^}]*)\}", expr)
+    ]
+    assert selectors, "the rules name no Envoy series"
+    lines = httpx.get(f"{gateway.ops}/stats/prometheus", timeout=5).text.splitlines()
+    for name, labels in selectors:
+        found = [
+            line
+            for line in lines
+            if line.startswith(name + "{")
+            and all(f'{key}="{value}"' in line.split("}")[0] for key, value in labels.items())
+        ]
+        assert found, (name, labels)
