@@ -2,8 +2,13 @@
 # Install what the local stack and the tests need on a machine that has never seen Cake.
 # Idempotent: every step checks first and only acts when something is missing, so `make up`
 # and `make test` run it every time. Debian/Ubuntu (apt) for the OS packages.
+# `--tests` (tools/run-tests.sh) also installs what only the tests use: Debian's `chromium`,
+# the headless browser that loads the gateway's /docs page (tests/e2e/test_gateway_docs.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+for_tests=false
+[[ "${1:-}" == "--tests" ]] && for_tests=true
 
 say() { printf 'bootstrap: %s\n' "$*"; }
 die() { printf 'bootstrap: ERROR: %s\n' "$*" >&2; exit 1; }
@@ -26,6 +31,9 @@ if ! compgen -G '/usr/lib/postgresql/*/bin/pg_ctl' >/dev/null && ! command -v pg
     missing+=(postgresql)
 fi
 command -v redis-server >/dev/null || missing+=(redis-server)
+if $for_tests && ! command -v chromium >/dev/null; then
+    missing+=(chromium)
+fi
 
 if ((${#missing[@]})); then
     command -v apt-get >/dev/null || die "missing ${missing[*]} and no apt-get; install them yourself"
@@ -45,7 +53,7 @@ if ((${#missing[@]})); then
     if $created_policy; then as_root rm -f "$policy"; fi
     ((status == 0)) || die "apt-get install ${missing[*]} failed"
 else
-    say "postgresql and redis-server present"
+    say "postgresql and redis-server$($for_tests && echo ' and chromium') present"
 fi
 
 # --- Java and Maven (Kafka runs from its Maven Central jars) ---------------------------------

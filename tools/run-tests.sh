@@ -11,7 +11,7 @@ lint_only=false
 step() { printf '\n==> %s\n' "$*"; }
 
 step "bootstrap (apt packages, uv, Python environment)"
-bash tools/bootstrap.sh
+if $lint_only; then bash tools/bootstrap.sh; else bash tools/bootstrap.sh --tests; fi
 
 step "generated code is fresh (cake-codegen --check)"
 uv run --frozen cake-codegen --check

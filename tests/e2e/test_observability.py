@@ -194,7 +194,7 @@ class Deltas:
     def handled(self, service: str, grpc_service: str, method: str) -> float:
         return self(
             service,
-            "cake_grpc_server_handled_total",
+            "grpc_server_handled_total",
             grpc_service=grpc_service,
             grpc_method=method,
             grpc_code="OK",
@@ -264,8 +264,8 @@ def test_a_scripted_flow_moves_every_counter_by_what_it_did(
     assert delta.handled("auth", AUTH_SERVICE, "Login") == 1
     assert delta.handled("promotions", PROMOTIONS_SERVICE, "ListMyVouchers") >= 1
     assert delta.handled("promotions", PROMOTIONS_SERVICE, "Topup") == 1
-    assert delta("auth", "cake_grpc_server_handled_total", grpc_code="INTERNAL") == 0
-    assert delta("promotions", "cake_grpc_server_handled_total", grpc_code="INTERNAL") == 0
+    assert delta("auth", "grpc_server_handled_total", grpc_code="INTERNAL") == 0
+    assert delta("promotions", "grpc_server_handled_total", grpc_code="INTERNAL") == 0
 
 
 # -- traces --------------------------------------------------------------------------------------

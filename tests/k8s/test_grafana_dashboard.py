@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cake_devtools.k8s_manifests import RenderedOverlay
+from cake_devtools.k8s_manifests import METRIC_NAME, RenderedOverlay, exposed_metric_series
 
 DASHBOARD = Path("k8s/components/observability/grafana-dashboard-cake.json")
 #: Metrics the dashboard must chart (issue 7): business counters, relay, gRPC servers.
@@ -25,31 +25,15 @@ REQUIRED_METRICS = {
     "cake_events_relay_dead_lettered_total",
     "cake_events_outbox_backlog",
     "cake_events_outbox_lag_seconds",
-    "cake_grpc_server_handled_total",
-    "cake_grpc_server_handling_seconds_bucket",
+    "grpc_server_handled_total",
+    "grpc_server_handling_seconds_bucket",
 }
-_METRIC_DEFINITION = re.compile(r"\b(Counter|Gauge|Histogram|Summary)\(\s*\"(cake_\w+)\"", re.S)
 
 
 @pytest.fixture(scope="module")
 def dashboard(repo: Path) -> dict[str, Any]:
     loaded: dict[str, Any] = json.loads((repo / DASHBOARD).read_text())
     return loaded
-
-
-def exposed_series(repo: Path) -> set[str]:
-    """Series names the prometheus_client collectors defined in the Python sources expose."""
-    series: set[str] = set()
-    sources = [*repo.glob("services/*/src/**/*.py"), *repo.glob("libs/common/src/**/*.py")]
-    for source in sources:
-        for kind, name in _METRIC_DEFINITION.findall(source.read_text()):
-            if kind == "Counter":
-                series.add(name.removesuffix("_total") + "_total")
-            elif kind in {"Histogram", "Summary"}:
-                series |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
-            else:
-                series.add(name)
-    return series
 
 
 def expressions(dashboard: dict[str, Any]) -> list[str]:
@@ -78,14 +62,14 @@ def test_dashboard_is_well_formed(dashboard: dict[str, Any]) -> None:
 
 
 def test_dashboard_charts_the_required_metrics(dashboard: dict[str, Any]) -> None:
-    used = {name for expr in expressions(dashboard) for name in re.findall(r"\bcake_\w+", expr)}
+    used = {name for expr in expressions(dashboard) for name in re.findall(METRIC_NAME, expr)}
     assert used >= REQUIRED_METRICS, f"not charted: {REQUIRED_METRICS - used}"
 
 
 def test_every_charted_metric_is_exposed_by_the_code(dashboard: dict[str, Any], repo: Path) -> None:
-    exposed = exposed_series(repo)
+    exposed = exposed_metric_series(repo)
     assert "cake_auth_logins_total" in exposed, "the source scan finds the collectors"
-    used = {name for expr in expressions(dashboard) for name in re.findall(r"\bcake_\w+", expr)}
+    used = {name for expr in expressions(dashboard) for name in re.findall(METRIC_NAME, expr)}
     assert used <= exposed, f"charted but defined nowhere: {sorted(used - exposed)}"
 
 

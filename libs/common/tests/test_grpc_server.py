@@ -633,10 +633,12 @@ async def test_metrics_count_codes_and_serve_http(verifier: JwtVerifier, make_to
             await client.error(FAIL, "not_found", _bearer(make_token()))
             await client.error(FAIL, "boom", _bearer(make_token()))
 
+        def labels(method: str) -> dict[str, str]:
+            return {"grpc_type": "unary", "grpc_service": SERVICE, "grpc_method": method}
+
         def handled(method: str, code: str) -> float | None:
             return registry.get_sample_value(
-                "cake_grpc_server_handled_total",
-                {"grpc_service": SERVICE, "grpc_method": method, "grpc_code": code},
+                "grpc_server_handled_total", {**labels(method), "grpc_code": code}
             )
 
         assert handled("Public", "OK") == 2
@@ -644,16 +646,14 @@ async def test_metrics_count_codes_and_serve_http(verifier: JwtVerifier, make_to
         assert handled("Fail", "NOT_FOUND") == 1
         assert handled("Fail", "INTERNAL") == 1
         assert (
-            registry.get_sample_value(
-                "cake_grpc_server_handling_seconds_count",
-                {"grpc_service": SERVICE, "grpc_method": "Public"},
-            )
-            == 2
+            registry.get_sample_value("grpc_server_handling_seconds_count", labels("Public")) == 2
         )
+        assert registry.get_sample_value("grpc_server_started_total", labels("Public")) == 2
+        assert registry.get_sample_value("grpc_server_started_total", labels("Fail")) == 2
         assert running.metrics_port
         url = f"http://127.0.0.1:{running.metrics_port}/metrics"
         body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read())
-        assert b"cake_grpc_server_handled_total" in body
+        assert b"grpc_server_handled_total{" in body
     finally:
         await running.stop()
     import socket

@@ -429,8 +429,12 @@ async def test_status_codes_reach_the_span_and_the_metrics(
     assert server_spans[BROKEN].status.status_code is StatusCode.ERROR
     # The metrics interceptor reads the codes through the tracing wrapper of the context.
     for method, code in codes.items():
-        labels = {"grpc_service": SERVICE, "grpc_method": method.rsplit("/", 1)[1]}
+        labels = {
+            "grpc_type": "unary",
+            "grpc_service": SERVICE,
+            "grpc_method": method.rsplit("/", 1)[1],
+        }
         handled = registry.get_sample_value(
-            "cake_grpc_server_handled_total", {**labels, "grpc_code": code.name}
+            "grpc_server_handled_total", {**labels, "grpc_code": code.name}
         )
         assert handled == 1

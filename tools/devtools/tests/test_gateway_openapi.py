@@ -12,14 +12,25 @@ from typing import Any
 
 import pytest
 import schemathesis
+from cake_common.grpc_server.interceptors import (
+    _ACCEPTABLE_REQUEST_ID,
+    REQUEST_ID_METADATA_KEY,
+)
+from cake_common.grpc_server.rich_status import RETRY_AFTER_METADATA_KEY
 from cake_devtools.gateway_config import (
     CREATED_METHODS,
     PUBLIC_METHODS,
     contract_file_set,
+    default_descriptor_path,
     default_openapi_path,
     rest_api,
 )
-from cake_devtools.openapi import openapi_document
+from cake_devtools.openapi import openapi_document, summary_and_description
+from cake_promotions.domain.topups import MAX_IDEMPOTENCY_KEY_LENGTH
+from cake_promotions.service.topups import IDEMPOTENCY_KEY_FIELD, IDEMPOTENT_REPLAYED_HEADER
+from google.protobuf import descriptor_pb2
+from openapi_spec_validator import validate
+from openapi_spec_validator.validation.exceptions import OpenAPIValidationError
 from schemathesis.core.result import Ok
 
 
@@ -62,7 +73,12 @@ def test_every_rest_method_is_documented_with_its_status_and_auth(
         operation = document["paths"][method.path][method.http_method.lower()]
         status, _ = _success(document, method.path, method.http_method.lower())
         assert status == ("201" if method.full_name in CREATED_METHODS else "200")
-        assert ("security" in operation) == (method.full_name not in PUBLIC_METHODS)
+        if method.public:
+            assert operation["security"] == []
+        elif method.optional_token:
+            assert operation["security"] == [{}, {"bearerAuth": []}]
+        else:
+            assert operation["security"] == [{"bearerAuth": []}]
         if method.full_name not in PUBLIC_METHODS:
             assert "401" in operation["responses"]
         assert operation["summary"]
@@ -124,10 +140,11 @@ def test_path_and_query_parameters(document: dict[str, Any]) -> None:
             "in": "path",
             "required": True,
             "schema": campaign[0]["schema"],
-        }
+        },
+        {"$ref": "#/components/parameters/RequestId"},
     ]
     assert campaign[0]["schema"]["pattern"] == "^-?[0-9]+$"
-    assert [(p["name"], p["in"]) for p in dead_letters] == [
+    assert [(p["name"], p["in"]) for p in dead_letters[:-1]] == [
         ("pageSize", "query"),
         ("pageToken", "query"),
     ]
@@ -136,8 +153,114 @@ def test_path_and_query_parameters(document: dict[str, Any]) -> None:
 def test_descriptions_come_from_the_proto_comments(document: dict[str, Any]) -> None:
     login = document["paths"]["/auth/login"]["post"]
 
-    assert login["summary"].startswith("Login checks an account")
+    assert login["summary"] == (
+        "Login checks an account (username, e-mail or phone number) and password and returns "
+        "an access token."
+    )
+    assert login["description"].startswith(login["summary"] + " The first successful login")
     assert "Invalid credentials" in login["description"]
+
+
+def test_summaries_are_whole_sentences_and_descriptions_whole_comments(
+    document: dict[str, Any],
+) -> None:
+    # The gateway's descriptor set keeps protoc's source info (comments).
+    file_set = descriptor_pb2.FileDescriptorSet.FromString(default_descriptor_path().read_bytes())
+    comments = {
+        f"{file.package}.{service.name}/{service.method[path[3]].name}": location.leading_comments
+        for file in file_set.file
+        for service_index, service in enumerate(file.service)
+        for location in file.source_code_info.location
+        if len(path := tuple(location.path)) == 4
+        and path[:3] == (6, service_index, 2)
+        and location.leading_comments.strip()
+    }
+    for method in rest_api():
+        operation = document["paths"][method.path][method.http_method.lower()]
+        words = comments[method.full_name].split()
+        assert operation["description"].split() == words, method.full_name
+        assert operation["summary"].endswith((".", ")", "!", "?")), operation["summary"]
+        assert operation["description"].startswith(operation["summary"])
+
+
+@pytest.mark.parametrize(
+    ("comment", "summary", "description"),
+    [
+        ("One line.", "One line.", "One line."),
+        ("Cut here. Not\nthis.", "Cut here.", "Cut here. Not this."),
+        (
+            "Goes on, e.g. past this. Then\n\nnew paragraph.",
+            "Goes on, e.g. past this.",
+            "Goes on, e.g. past this. Then\n\nnew paragraph.",
+        ),
+        ("No full stop", "No full stop", "No full stop"),
+        ("", "", ""),
+    ],
+)
+def test_summary_is_the_first_sentence(comment: str, summary: str, description: str) -> None:
+    assert summary_and_description(comment) == (summary, description)
+
+
+def test_document_passes_openapi_spec_validator(document: dict[str, Any]) -> None:
+    validate(document)  # raises OpenAPIValidationError naming the first problem
+
+
+def test_spec_validator_rejects_a_broken_document(document: dict[str, Any]) -> None:
+    broken = json.loads(json.dumps(document))
+    del broken["paths"]["/auth/login"]["post"]["responses"]["200"]["description"]
+    with pytest.raises(OpenAPIValidationError):
+        validate(broken)
+
+
+def _header_names(response: dict[str, Any]) -> set[str]:
+    return {name.lower() for name in response.get("headers", {})}
+
+
+def test_headers_are_declared_where_they_apply(document: dict[str, Any]) -> None:
+    topup = document["paths"]["/promotions/topup"]["post"]
+    login = document["paths"]["/auth/login"]["post"]
+    common = {"x-request-id", "x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset"}
+
+    for path, item in document["paths"].items():
+        for verb, operation in item.items():
+            for status, response in operation["responses"].items():
+                assert common <= _header_names(response), (path, verb, status)
+            if path != "/openapi.json":
+                refs = [p.get("$ref") for p in operation["parameters"]]
+                assert "#/components/parameters/RequestId" in refs, (path, verb)
+    topup_refs = [p.get("$ref") for p in topup["parameters"]]
+    assert "#/components/parameters/IdempotencyKey" in topup_refs
+    assert "idempotent-replayed" in _header_names(topup["responses"]["200"])
+    assert "retry-after" in _header_names(topup["responses"]["409"])
+    assert "retry-after" in _header_names(topup["responses"]["503"])
+    assert "retry-after" in _header_names(login["responses"]["429"])
+    assert "retry-after" not in _header_names(login["responses"]["200"])
+    others = [
+        op for path, item in document["paths"].items() for op in item.values() if op is not topup
+    ]
+    for operation in others:
+        refs = [p.get("$ref") for p in operation.get("parameters", [])]
+        assert "#/components/parameters/IdempotencyKey" not in refs
+        assert "idempotent-replayed" not in _header_names(operation["responses"].get("200", {}))
+
+
+def test_declared_headers_are_the_ones_the_services_use(document: dict[str, Any]) -> None:
+    parameters = document["components"]["parameters"]
+    headers = {name.lower() for name in document["components"]["headers"]}
+
+    assert parameters["IdempotencyKey"]["name"].lower() == IDEMPOTENCY_KEY_FIELD
+    assert parameters["IdempotencyKey"]["schema"]["maxLength"] == MAX_IDEMPOTENCY_KEY_LENGTH
+    assert IDEMPOTENT_REPLAYED_HEADER in headers
+    assert RETRY_AFTER_METADATA_KEY in headers
+    assert parameters["RequestId"]["name"] == REQUEST_ID_METADATA_KEY
+    assert parameters["RequestId"]["schema"]["pattern"] == f"^{_ACCEPTABLE_REQUEST_ID.pattern}$"
+
+
+def test_security_scheme_is_a_bearer_jwt(document: dict[str, Any]) -> None:
+    scheme = document["components"]["securitySchemes"]["bearerAuth"]
+
+    assert (scheme["type"], scheme["scheme"], scheme["bearerFormat"]) == ("http", "bearer", "JWT")
+    assert document["security"] == [{"bearerAuth": []}]
 
 
 def test_document_builds_from_descriptors_without_comments() -> None:

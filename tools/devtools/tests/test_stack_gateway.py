@@ -19,6 +19,8 @@ import yaml
 from cake_devtools.gateway_config import (
     AUTH_THROTTLED_METHODS,
     CREATED_METHODS,
+    DOCS_CONTENT_SECURITY_POLICY,
+    DOCS_REST_PATH,
     HEALTH_SERVICE,
     OPENAPI_REST_PATH,
     PUBLIC_METHODS,
@@ -198,7 +200,9 @@ def test_jwt_rules_leave_exactly_the_public_methods_open(jwks: Path) -> None:
     provider = jwt_filter["providers"]["cake"]
 
     open_paths = {rule["match"]["path"] for rule in rules if "requires" not in rule}
-    assert open_paths == {OPENAPI_REST_PATH} | {f"/{name}" for name in PUBLIC_METHODS}
+    docs_paths = {docs_file.path for docs_file in _context(jwks).docs_files}
+    assert DOCS_REST_PATH in docs_paths
+    assert open_paths == {OPENAPI_REST_PATH} | docs_paths | {f"/{name}" for name in PUBLIC_METHODS}
     assert rules[-1] == {"match": {"prefix": "/"}, "requires": {"provider_name": "cake"}}
     assert provider["local_jwks"] == {"filename": str(jwks)}
     assert provider["issuer"] == "cake-system"
@@ -264,6 +268,37 @@ def test_missing_generated_files_fail_clearly(jwks: Path, tmp_path: Path) -> Non
         check_files(_context(tmp_path / "absent.json"))
     with pytest.raises(GatewayConfigError, match="cake-codegen"):
         check_files(_context(jwks, openapi_path=tmp_path / "absent.json"))
+    with pytest.raises(GatewayConfigError, match=r"served at /docs/swagger-ui-bundle\.js"):
+        check_files(_context(jwks, swagger_ui_dir=tmp_path))
+
+
+def test_docs_files_are_get_only_routes_with_their_own_policy(jwks: Path) -> None:
+    context = _context(jwks)
+    routes = {route["name"]: route for route in _routes(_render(jwks))}
+    header_mutation = _filters(_render(jwks))["envoy.filters.http.header_mutation"]
+    global_policy = {
+        m["append"]["header"]["key"]: m["append"]["header"]["value"]
+        for m in header_mutation["mutations"]["response_mutations"]
+        if "append" in m
+    }["content-security-policy"]
+
+    assert global_policy == "default-src 'none'; frame-ancestors 'none'"
+    for docs_file in context.docs_files:
+        route = routes[f"docs {docs_file.path}"]
+        assert route["match"]["path"] == docs_file.path
+        assert route["match"]["headers"] == [{"name": ":method", "string_match": {"exact": "GET"}}]
+        assert route["direct_response"]["body"] == {"filename": str(docs_file.filename)}
+        assert docs_file.filename.is_file()
+        per_route = route["typed_per_filter_config"]["envoy.filters.http.header_mutation"]
+        (mutation,) = per_route["mutations"]["response_mutations"]
+        assert mutation["append"]["header"] == {
+            "key": "content-security-policy",
+            "value": DOCS_CONTENT_SECURITY_POLICY,
+        }
+    # Nothing on the page may come from elsewhere: the policy names no other origin.
+    assert "http" not in DOCS_CONTENT_SECURITY_POLICY
+    page = (context.docs_pages_dir / "index.html").read_text()
+    assert "http://" not in page and "https://" not in page
 
 
 def test_descriptor_without_a_routed_service_is_rejected(jwks: Path, tmp_path: Path) -> None:

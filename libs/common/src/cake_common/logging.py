@@ -1,7 +1,9 @@
 """Structured logging: structlog and stdlib ``logging`` both rendered as JSON lines on stdout.
 
 Every record carries ``timestamp`` (ISO 8601, UTC), ``level``, ``logger``, ``event``,
-``service`` and, inside a gRPC call, ``request_id``. Secrets are scrubbed by
+``service``, inside a gRPC call ``request_id``, and inside a span (a traced request, an event
+being relayed or consumed) the span's ``trace_id`` and ``span_id`` in the hex form trace
+backends search for, so a log line leads to its trace and back. Secrets are scrubbed by
 :func:`redact_secrets` before rendering, wherever they appear in the record.
 
 Nothing is configured on import: the service's entry point calls :func:`configure_logging`.
@@ -17,6 +19,7 @@ from contextvars import ContextVar
 from typing import Any
 
 import structlog
+from opentelemetry import trace
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 request_id_var: ContextVar[str | None] = ContextVar("cake_request_id", default=None)
@@ -96,6 +99,20 @@ def add_request_id(_logger: WrappedLogger, _method_name: str, event_dict: EventD
     return event_dict
 
 
+def add_trace_context(
+    _logger: WrappedLogger, _method_name: str, event_dict: EventDict
+) -> EventDict:
+    """structlog processor: the current span's ``trace_id`` and ``span_id`` (32 and 16 hex
+    digits, as in a W3C ``traceparent``), when there is a span. A trace continued from an
+    upstream ``traceparent`` while tracing is off still has its ids here."""
+    context = trace.get_current_span().get_span_context()
+    if context.is_valid:
+        event_dict.setdefault("trace_id", trace.format_trace_id(context.trace_id))
+        event_dict.setdefault("span_id", trace.format_span_id(context.span_id))
+        event_dict.setdefault("trace_sampled", context.trace_flags.sampled)
+    return event_dict
+
+
 class _ServiceNameAdder:
     def __init__(self, service_name: str | None) -> None:
         self._service_name = service_name
@@ -121,6 +138,7 @@ def configure_logging(level: str, json: bool, *, service_name: str | None = None
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         add_request_id,
+        add_trace_context,
         _ServiceNameAdder(service_name),
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,

@@ -86,11 +86,14 @@ class ServiceSettings(BaseSettings):
     metrics_port: int | None = None
     otlp_endpoint: str | None = Field(
         default=None,
-        description="OTLP/gRPC collector for traces, e.g. http://otel-collector:4317; "
-        "unset: tracing off",
+        description="OTLP/gRPC collector for traces, e.g. http://otel-collector:4317, used "
+        "when the standard OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT is unset; neither: tracing off",
     )
     trace_sample_ratio: float = Field(
-        default=1.0, ge=0, le=1, description="Share of new traces recorded (0..1)"
+        default=1.0,
+        ge=0,
+        le=1,
+        description="Share of new traces recorded (0..1) unless OTEL_TRACES_SAMPLER is set",
     )
     startup_retry_seconds: float = Field(
         default=60, ge=0, description="How long to keep retrying dependencies at start"

@@ -1,9 +1,16 @@
 """OpenTelemetry tracing, off unless configured: one trace from a request to its consumers.
 
 Nothing happens at import, and until a composition root calls :func:`configure_tracing`
-with an OTLP endpoint (``CAKE_<SVC>_OTLP_ENDPOINT``) every helper here is a cheap no-op: the
-OpenTelemetry SDK, exporter and instrumentation packages are not even imported. Once it is
-configured, a trace crosses every hop of the system:
+with an OTLP endpoint every helper here is a cheap no-op: the OpenTelemetry SDK, exporter and
+instrumentation packages are not even imported.
+
+The standard variables (what the OpenTelemetry Operator injects) are honoured and win over
+Cake's own: ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` / ``OTEL_EXPORTER_OTLP_ENDPOINT`` (with
+``OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL`` ``grpc`` or ``http/protobuf``, headers, TLS and
+timeouts as the exporter reads them), ``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``,
+``OTEL_TRACES_SAMPLER`` and ``OTEL_TRACES_SAMPLER_ARG``, and ``OTEL_SDK_DISABLED=true``.
+``CAKE_<SVC>_OTLP_ENDPOINT`` (OTLP/gRPC) and ``CAKE_<SVC>_TRACE_SAMPLE_RATIO`` are the
+fallbacks when those are unset. Once configured, a trace crosses every hop of the system:
 
 - gRPC: :class:`~cake_common.grpc_server.GrpcServerBuilder` puts the OpenTelemetry server
   interceptor first, so each RPC is a SERVER span continuing the caller's ``traceparent``
@@ -25,10 +32,13 @@ Only the W3C ``traceparent`` (and ``tracestate``) travel between processes.
 from __future__ import annotations
 
 import asyncio
+import os
 import weakref
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import unquote
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -46,8 +56,10 @@ if TYPE_CHECKING:
     from opentelemetry.instrumentation.instrumentor import (  # type: ignore[attr-defined]
         BaseInstrumentor,
     )
+    from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
+    from opentelemetry.sdk.trace.sampling import Sampler
 
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
@@ -229,43 +241,154 @@ class TracingHandle:
             await asyncio.to_thread(provider.shutdown)
 
 
+OtlpProtocol = Literal["grpc", "http/protobuf"]
+_OTLP_PROTOCOLS: tuple[OtlpProtocol, ...] = ("grpc", "http/protobuf")
+
+
+@dataclass(frozen=True)
+class OtlpExport:
+    """Where spans go: the exporter reads ``OTEL_EXPORTER_OTLP_*`` itself when ``endpoint``
+    is ``None`` (the spec's rules, e.g. ``/v1/traces`` appended for HTTP); Cake's fallback
+    endpoint is passed explicitly."""
+
+    protocol: OtlpProtocol
+    endpoint: str | None
+    source: str
+
+
+def _env(environ: Mapping[str, str], name: str) -> str | None:
+    value = environ.get(name, "").strip()
+    return value or None
+
+
+def otlp_export(
+    cake_endpoint: str | None, environ: Mapping[str, str] | None = None
+) -> OtlpExport | None:
+    """The OTLP export the environment asks for, ``None`` for none (tracing off).
+
+    The standard variables win over ``cake_endpoint`` (``CAKE_<SVC>_OTLP_ENDPOINT``, always
+    OTLP/gRPC); ``OTEL_SDK_DISABLED=true`` turns tracing off whatever else is set.
+    """
+    env = os.environ if environ is None else environ
+    if (_env(env, "OTEL_SDK_DISABLED") or "").lower() == "true":
+        return None
+    for name in ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"):
+        if _env(env, name) is not None:
+            protocol = (
+                _env(env, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+                or _env(env, "OTEL_EXPORTER_OTLP_PROTOCOL")
+                or "grpc"
+            )
+            if protocol not in _OTLP_PROTOCOLS:
+                raise ValueError(
+                    f"OTEL_EXPORTER_OTLP_PROTOCOL {protocol!r} is not supported; "
+                    f"use one of {', '.join(_OTLP_PROTOCOLS)}"
+                )
+            return OtlpExport(protocol, None, name)
+    if cake_endpoint is not None:
+        return OtlpExport("grpc", cake_endpoint, "CAKE_<SVC>_OTLP_ENDPOINT")
+    return None
+
+
+def _resource(service_name: str, environ: Mapping[str, str]) -> Resource:
+    """Cake's defaults (``service.name``, ``service.namespace``) under what
+    ``OTEL_RESOURCE_ATTRIBUTES`` and ``OTEL_SERVICE_NAME`` say (the SDK's own order would let
+    the code's attributes win over the operator's)."""
+    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+
+    configured: dict[str, Any] = {}
+    for pair in (_env(environ, "OTEL_RESOURCE_ATTRIBUTES") or "").split(","):
+        key, separator, value = pair.partition("=")
+        if separator and key.strip():
+            # The spec's values are percent-encoded (W3C Baggage octets).
+            configured[key.strip()] = unquote(value.strip())
+    if _env(environ, "OTEL_SERVICE_NAME") is not None:
+        configured[SERVICE_NAME] = _env(environ, "OTEL_SERVICE_NAME")
+    return Resource.create({SERVICE_NAME: service_name, "service.namespace": "cake", **configured})
+
+
+def _sampler(sample_ratio: float, environ: Mapping[str, str]) -> Sampler:
+    """``OTEL_TRACES_SAMPLER`` (and its ``_ARG``) as the SDK reads them when set; otherwise
+    parent-based with ``sample_ratio`` of new traces."""
+    from opentelemetry.sdk.trace import sampling
+
+    name = _env(environ, "OTEL_TRACES_SAMPLER")
+    if name is None:
+        return sampling.ParentBased(root=sampling.TraceIdRatioBased(sample_ratio))
+    argument = _env(environ, "OTEL_TRACES_SAMPLER_ARG")
+    ratio = 1.0
+    if argument is not None:
+        try:
+            ratio = float(argument)
+        except ValueError:
+            raise ValueError(f"OTEL_TRACES_SAMPLER_ARG {argument!r} is not a number") from None
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError("OTEL_TRACES_SAMPLER_ARG must be between 0 and 1")
+    samplers: dict[str, Sampler] = {
+        "always_on": sampling.ALWAYS_ON,
+        "always_off": sampling.ALWAYS_OFF,
+        "traceidratio": sampling.TraceIdRatioBased(ratio),
+        "parentbased_always_on": sampling.ParentBased(root=sampling.ALWAYS_ON),
+        "parentbased_always_off": sampling.ParentBased(root=sampling.ALWAYS_OFF),
+        "parentbased_traceidratio": sampling.ParentBased(root=sampling.TraceIdRatioBased(ratio)),
+    }
+    if name.lower() not in samplers:
+        raise ValueError(
+            f"OTEL_TRACES_SAMPLER {name!r} is not supported; use one of {', '.join(samplers)}"
+        )
+    return samplers[name.lower()]
+
+
+def _otlp_exporter(export: OtlpExport) -> SpanExporter:
+    if export.protocol == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+            OTLPSpanExporter as HttpSpanExporter,
+        )
+
+        return HttpSpanExporter(endpoint=export.endpoint)
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+    return OTLPSpanExporter(endpoint=export.endpoint)
+
+
 def configure_tracing(
     service_name: str,
     otlp_endpoint: str | None,
     *,
     exporter: SpanExporter | None = None,
     sample_ratio: float = 1.0,
+    environ: Mapping[str, str] | None = None,
 ) -> TracingHandle:
     """Turn tracing on for this process, or leave it off when there is nowhere to send spans.
 
-    ``otlp_endpoint`` (e.g. ``http://otel-collector:4317``; ``https://`` for TLS) gets
-    spans in batches from a background thread. ``exporter`` receives each span as it ends
-    (tests pass an ``InMemorySpanExporter``). With neither, nothing is installed and
-    tracing costs nothing. ``sample_ratio`` samples that share of new traces; a trace
-    started upstream keeps the caller's decision, so one trace is never half recorded.
+    The OTLP export is :func:`otlp_export`'s choice: the standard ``OTEL_EXPORTER_OTLP_*``
+    variables, else ``otlp_endpoint`` (e.g. ``http://otel-collector:4317``; ``https://`` for
+    TLS); it gets spans in batches from a background thread. ``exporter`` receives each span
+    as it ends (tests pass an ``InMemorySpanExporter``). With neither, nothing is installed
+    and tracing costs nothing. ``sample_ratio`` samples that share of new traces unless
+    ``OTEL_TRACES_SAMPLER`` names a sampler; a trace started upstream keeps the caller's
+    decision, so one trace is never half recorded. ``OTEL_SERVICE_NAME`` and
+    ``OTEL_RESOURCE_ATTRIBUTES`` win over ``service_name``. ``environ`` (tests) stands in
+    for ``os.environ``.
 
     Calling it again replaces the previous configuration (which is shut down first).
     """
     if not 0.0 <= sample_ratio <= 1.0:
         raise ValueError("sample_ratio must be between 0 and 1")
+    env = os.environ if environ is None else environ
+    export = otlp_export(otlp_endpoint, env)
     TracingHandle(_state.configuration).shutdown()
-    if otlp_endpoint is None and exporter is None:
+    if export is None and exporter is None:
         _log.debug("tracing off: no OTLP endpoint configured")
         return TracingHandle(None)
 
-    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
-    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
-    provider = TracerProvider(
-        resource=Resource.create({SERVICE_NAME: service_name, "service.namespace": "cake"}),
-        sampler=ParentBased(root=TraceIdRatioBased(sample_ratio)),
-    )
-    if otlp_endpoint is not None:
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint)))
+    resource = _resource(service_name, env)
+    provider = TracerProvider(resource=resource, sampler=_sampler(sample_ratio, env))
+    if export is not None:
+        provider.add_span_processor(BatchSpanProcessor(_otlp_exporter(export)))
     if exporter is not None:
         provider.add_span_processor(SimpleSpanProcessor(exporter))
 
@@ -274,9 +397,11 @@ def configure_tracing(
     _state.configuration = configuration
     _log.info(
         "tracing configured",
-        service=service_name,
-        otlp_endpoint=otlp_endpoint,
-        sample_ratio=sample_ratio,
+        service=resource.attributes.get("service.name"),
+        otlp_endpoint=None if export is None else export.endpoint or _env(env, export.source),
+        otlp_protocol=None if export is None else export.protocol,
+        configured_by=None if export is None else export.source,
+        sampler=provider.sampler.get_description(),
     )
     return TracingHandle(configuration)
 
@@ -472,6 +597,7 @@ __all__ = [
     "TRACEPARENT",
     "TRACESTATE",
     "TRACE_CONTEXT_KEYS",
+    "OtlpExport",
     "SpanKind",
     "TracingHandle",
     "configure_tracing",
@@ -482,6 +608,7 @@ __all__ = [
     "get_tracer",
     "grpc_server_interceptor",
     "instrument_engine",
+    "otlp_export",
     "span_trace_id",
     "start_span_from_traceparent",
     "start_span_in_context",

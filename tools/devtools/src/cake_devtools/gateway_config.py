@@ -12,6 +12,7 @@ the template.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import ipaddress
 import json
 import pkgutil
@@ -44,6 +45,18 @@ TRANSCODED_SERVICES: tuple[str, ...] = (
 HEALTH_METHOD = "GetSystemHealth"
 HEALTH_REST_PATH = "/health"
 OPENAPI_REST_PATH = "/openapi.json"
+#: The API reference page (Swagger UI rendering ``/openapi.json``); its files live under it.
+DOCS_REST_PATH = "/docs"
+#: The reference page's own Content-Security-Policy (every other answer keeps the API's
+#: ``default-src 'none'``): scripts and styles from the gateway itself only, no inline script,
+#: nothing from another origin. Swagger UI draws its icons as ``data:`` SVGs and fetches the
+#: document from the same origin; ``style-src`` allows inline styles because its syntax
+#: highlighter writes ``style`` attributes.
+DOCS_CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
+    "form-action 'none'"
+)
 
 #: Methods callable without a token (``service/method``). Everything else needs a valid bearer
 #: token at the edge; roles (admin) are checked by the services.
@@ -174,6 +187,46 @@ class RestMethod:
         return "^" + "".join(out) + "$"
 
 
+@dataclass(frozen=True)
+class DocsFile:
+    """One file of the API reference page, served by Envoy itself from ``filename``."""
+
+    path: str
+    filename: Path
+    content_type: str
+
+
+def docs_files(pages_dir: Path, swagger_ui_dir: Path) -> tuple[DocsFile, ...]:
+    """The page (``gateway/docs``: our HTML and initializer) and the Swagger UI files it loads.
+
+    Every file is a separate exact route (Envoy reads each into memory at start-up), so
+    nothing else under ``/docs/`` can be asked for.
+    """
+    return (
+        DocsFile(DOCS_REST_PATH, pages_dir / "index.html", "text/html; charset=utf-8"),
+        DocsFile(
+            f"{DOCS_REST_PATH}/swagger-initializer.js",
+            pages_dir / "swagger-initializer.js",
+            "text/javascript; charset=utf-8",
+        ),
+        DocsFile(
+            f"{DOCS_REST_PATH}/swagger-ui-bundle.js",
+            swagger_ui_dir / "swagger-ui-bundle.js",
+            "text/javascript; charset=utf-8",
+        ),
+        DocsFile(
+            f"{DOCS_REST_PATH}/swagger-ui.css",
+            swagger_ui_dir / "swagger-ui.css",
+            "text/css; charset=utf-8",
+        ),
+        DocsFile(
+            f"{DOCS_REST_PATH}/favicon-32x32.png",
+            swagger_ui_dir / "favicon-32x32.png",
+            "image/png",
+        ),
+    )
+
+
 def json_name(proto_name: str) -> str:
     """protoc's default JSON name: ``latest_login`` -> ``latestLogin``."""
     head, *rest = proto_name.split("_")
@@ -278,6 +331,19 @@ def contract_file_set(
     return file_set
 
 
+def default_docs_pages_dir() -> Path:
+    return gateway_dir() / "docs"
+
+
+def default_swagger_ui_dir() -> Path:
+    """Swagger UI's files in the installed ``swagger-ui-py`` wheel (found without importing
+    it: its package imports web-framework adapters the gateway has no use for)."""
+    spec = importlib.util.find_spec("swagger_ui")
+    if spec is None or not spec.submodule_search_locations:
+        raise GatewayConfigError("swagger-ui-py is not installed; run `uv sync --frozen`")
+    return Path(next(iter(spec.submodule_search_locations))) / "static"
+
+
 # -- the render context -----------------------------------------------------------------------
 
 
@@ -318,6 +384,11 @@ class GatewayContext:
     jwks_path: Path
     #: ``gateway/generated/openapi.json`` (``cake-codegen``), served at ``GET /openapi.json``.
     openapi_path: Path
+    #: ``gateway/docs``: the reference page's HTML and the script that starts Swagger UI.
+    docs_pages_dir: Path = field(default_factory=default_docs_pages_dir)
+    #: Swagger UI's distribution files (the ``swagger-ui-py`` wheel locally, pinned in uv.lock;
+    #: ``gateway/docs/swagger-ui`` in the gateway image).
+    swagger_ui_dir: Path = field(default_factory=default_swagger_ui_dir)
     #: A listener on ``listen_address`` that passes only GET /ready and GET /stats/prometheus
     #: on to the admin interface (k8s: probes and Prometheus; the admin port stays on loopback).
     ops_port: int | None = None
@@ -345,6 +416,10 @@ class GatewayContext:
     connection_idle_timeout: str = "300s"
     transcoded_services: Sequence[str] = field(default=TRANSCODED_SERVICES)
     local_reply_grpc_codes: Sequence[tuple[int, int]] = LOCAL_REPLY_GRPC_CODES
+
+    @property
+    def docs_files(self) -> tuple[DocsFile, ...]:
+        return docs_files(self.docs_pages_dir, self.swagger_ui_dir)
 
     def upstream_for(self, method: RestMethod) -> Upstream:
         for upstream in self.upstreams:
@@ -450,6 +525,12 @@ def check_files(ctx: GatewayContext) -> None:
         raise GatewayConfigError(
             f"JWKS {ctx.jwks_path} does not exist; create the keys with `cake-auth gen-keys`"
         )
+    for docs_file in ctx.docs_files:
+        if not docs_file.filename.is_file():
+            raise GatewayConfigError(
+                f"{docs_file.filename} (served at {docs_file.path}) does not exist; "
+                "run `uv sync --frozen`"
+            )
 
 
 def _yaml_quote(value: object) -> str:
@@ -482,6 +563,8 @@ def render_gateway_config(ctx: GatewayContext, *, template_dir: Path | None = No
         optional_token_methods=[m for m in methods if m.optional_token],
         health_method=next(m for m in methods if m.is_health),
         openapi_rest_path=OPENAPI_REST_PATH,
+        docs_files=ctx.docs_files,
+        docs_content_security_policy=DOCS_CONTENT_SECURITY_POLICY,
         local_reply_messages=LOCAL_REPLY_MESSAGES,
         gateway_header_prefix=GATEWAY_HEADER_PREFIX,
         client_ip_header=CLIENT_IP_HEADER,

@@ -9,9 +9,9 @@ What differs from the local stack lives in :func:`k8s_gateway_context`: the list
 on all addresses of the pod (the admin interface on loopback only, reached from outside the
 pod through the ``ops`` listener's two read-only paths), the upstreams are the services' DNS
 names on the in-cluster gRPC port, the JWKS is the mounted ``jwks`` ConfigMap, and the
-generated files (descriptor set, OpenAPI document) are named by their paths relative to the
-repository root, which is also the gateway image's working directory, so the same names
-resolve here and in the pod.
+generated files (descriptor set, OpenAPI document) and the /docs page's files are named by
+their paths relative to the repository root, which is also the gateway image's working
+directory, so the same names resolve here and in the pod.
 """
 
 from __future__ import annotations
@@ -41,6 +41,10 @@ OPS_PORT = 9902
 #: Relative to the repository root here, and to the gateway image's WORKDIR in the pod.
 DESCRIPTOR_PATH = Path("gateway/generated/cake.pb")
 OPENAPI_PATH = Path("gateway/generated/openapi.json")
+#: The /docs page's own files, and Swagger UI's (the image extracts them from the pinned
+#: ``swagger-ui-py`` wheel, see gateway/Dockerfile).
+DOCS_PAGES_DIR = Path("gateway/docs")
+SWAGGER_UI_DIR = Path("gateway/docs/swagger-ui")
 #: Where the gateway Deployment mounts the ``jwks`` ConfigMap (the auth service's public keys).
 JWKS_PATH = Path("/etc/cake/jwks/jwks.json")
 #: Relative to the repository root.
@@ -65,6 +69,8 @@ def k8s_gateway_context(
     descriptor_path: Path = DESCRIPTOR_PATH,
     openapi_path: Path = OPENAPI_PATH,
     jwks_path: Path = JWKS_PATH,
+    docs_pages_dir: Path = DOCS_PAGES_DIR,
+    swagger_ui_dir: Path = SWAGGER_UI_DIR,
 ) -> GatewayContext:
     """The pod's context; tests pass local paths to validate a copy with ``envoy``."""
     return GatewayContext(
@@ -77,6 +83,8 @@ def k8s_gateway_context(
         upstreams=k8s_upstreams(),
         jwks_path=jwks_path,
         openapi_path=openapi_path,
+        docs_pages_dir=docs_pages_dir,
+        swagger_ui_dir=swagger_ui_dir,
     )
 
 

@@ -238,3 +238,26 @@ def connection_allowed(
         _rules_allow(p["spec"].get("ingress", []), "from", source, destination, port)
         for p in ingress
     )
+
+
+#: Names of Cake's own metrics and of the gRPC server ones (their conventional names).
+METRIC_NAME = r"\b(?:cake|grpc_server)_\w+"
+_METRIC_DEFINITION = re.compile(
+    r"\b(Counter|Gauge|Histogram|Summary)\(\s*\"((?:cake|grpc_server)_\w+)\"", re.S
+)
+
+
+def exposed_metric_series(repo: Path) -> set[str]:
+    """Series names the prometheus_client collectors defined in the Python sources expose
+    (what dashboards and alert rules may name)."""
+    series: set[str] = set()
+    sources = [*repo.glob("services/*/src/**/*.py"), *repo.glob("libs/common/src/**/*.py")]
+    for source in sources:
+        for kind, name in _METRIC_DEFINITION.findall(source.read_text()):
+            if kind == "Counter":
+                series.add(name.removesuffix("_total") + "_total")
+            elif kind in {"Histogram", "Summary"}:
+                series |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
+            else:
+                series.add(name)
+    return series

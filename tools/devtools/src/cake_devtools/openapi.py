@@ -12,6 +12,7 @@ instead of the response wrappers) from :mod:`cake_devtools.gateway_config`.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -77,6 +78,108 @@ _COMMON_ERRORS: Mapping[int, str] = {
     429: "Too many requests from this client address (rate limit; see x-ratelimit-* headers)",
     503: "A service or its database is unavailable",
 }
+
+SECURITY_SCHEME = "bearerAuth"
+#: Request headers the API reads besides Authorization (``components.parameters``).
+REQUEST_ID_PARAMETER = "RequestId"
+IDEMPOTENCY_KEY_PARAMETER = "IdempotencyKey"
+#: What the services accept as a client's request id (cake_common's request-id interceptor);
+#: anything else is replaced by a new id.
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:/+=\-]{1,128}$"
+#: The promotions service's limit on an Idempotency-Key (printable characters).
+IDEMPOTENCY_KEY_MAX_LENGTH = 255
+#: Methods that honour an ``Idempotency-Key`` request header and answer a replay with
+#: ``Idempotent-Replayed: true``.
+IDEMPOTENT_METHODS: frozenset[str] = frozenset({"cake.promotions.v1.PromotionsService/Topup"})
+#: Response headers (``components.headers``) every answer carries: the request id (Envoy's
+#: ``always_set_request_id_in_response``) and the rate limiter's state
+#: (``enable_x_ratelimit_headers: DRAFT_VERSION_03``).
+COMMON_RESPONSE_HEADERS: tuple[str, ...] = (
+    "x-request-id",
+    "x-ratelimit-limit",
+    "x-ratelimit-remaining",
+    "x-ratelimit-reset",
+)
+#: Answers that carry ``Retry-After`` (seconds): a refused login while the account is locked,
+#: a top-up whose bank answer is pending, and a retry of it while it still is.
+RETRY_AFTER_RESPONSES: Mapping[str, frozenset[int]] = {
+    "cake.auth.v1.AuthService/Login": frozenset({429}),
+    "cake.promotions.v1.PromotionsService/Topup": frozenset({409, 503}),
+}
+
+
+def _response_headers() -> dict[str, Schema]:
+    integer = {"type": "integer", "minimum": 0}
+    return {
+        "x-request-id": {
+            "description": "The request's id (the client's when it matches the accepted "
+            "form, otherwise one the gateway made); every log line about the request has it.",
+            "schema": {"type": "string"},
+        },
+        "x-ratelimit-limit": {
+            "description": "Requests this client address may make per window of the bucket "
+            "the request drew from.",
+            "schema": integer,
+        },
+        "x-ratelimit-remaining": {
+            "description": "Requests left in the current window.",
+            "schema": integer,
+        },
+        "x-ratelimit-reset": {
+            "description": "Seconds until the bucket refills.",
+            "schema": integer,
+        },
+        "Retry-After": {
+            "description": "Seconds to wait before retrying.",
+            "schema": {"type": "integer", "minimum": 1},
+        },
+        "Idempotent-Replayed": {
+            "description": "`true` when this is the stored answer to an earlier request with "
+            "the same Idempotency-Key (nothing was charged again); absent otherwise.",
+            "schema": {"type": "string", "enum": ["true"]},
+        },
+    }
+
+
+def _request_parameters() -> dict[str, Schema]:
+    return {
+        REQUEST_ID_PARAMETER: {
+            "name": "x-request-id",
+            "in": "header",
+            "required": False,
+            "description": "An id to correlate the request's log lines; echoed in the "
+            "response. A value that does not match the pattern is replaced by a new id.",
+            "schema": {"type": "string", "pattern": REQUEST_ID_PATTERN},
+        },
+        IDEMPOTENCY_KEY_PARAMETER: {
+            "name": "Idempotency-Key",
+            "in": "header",
+            "required": False,
+            "description": "A key of the client's choosing (e.g. a UUID) that makes a retry "
+            "safe: a request repeated with the same key and body returns the first answer "
+            "(with `Idempotent-Replayed: true`) instead of running again; the same key with a "
+            "different body is 409.",
+            "schema": {"type": "string", "minLength": 1, "maxLength": IDEMPOTENCY_KEY_MAX_LENGTH},
+        },
+    }
+
+
+def _header_refs(names: Iterable[str]) -> dict[str, Schema]:
+    return {name: {"$ref": f"#/components/headers/{name}"} for name in names}
+
+
+#: A sentence ends at `.`, `!` or `?` followed by a capital or a quote; "e.g. the" goes on.
+_SENTENCE_END = re.compile(r"(.+?[.!?])\s+(?=[A-Z`\"'])")
+
+
+def summary_and_description(comment: str) -> tuple[str, str]:
+    """An RPC comment as OpenAPI text: the first sentence as the summary, and the whole comment
+    as the description (paragraphs kept, lines of a paragraph joined)."""
+    paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", comment) if p.strip()]
+    if not paragraphs:
+        return "", ""
+    first = _SENTENCE_END.match(paragraphs[0])
+    return (first.group(1) if first else paragraphs[0]), "\n\n".join(paragraphs)
 
 
 #: Errors the Cake API documents for particular methods with their messages.
@@ -355,6 +458,7 @@ def _status_schema() -> Schema:
 def _error(description: str) -> Schema:
     return {
         "description": description,
+        "headers": _header_refs(COMMON_RESPONSE_HEADERS),
         "content": {
             "application/json": {"schema": {"$ref": f"#/components/schemas/{STATUS_SCHEMA}"}}
         },
@@ -397,15 +501,20 @@ def _success_schema(method: RestMethod, contracts: _Contracts, schemas: _SchemaB
 
 def _responses(method: RestMethod, body_schema: Schema) -> Schema:
     content = {"application/json": {"schema": body_schema}}
+    success_headers = list(COMMON_RESPONSE_HEADERS)
+    if method.full_name in IDEMPOTENT_METHODS:
+        success_headers.append("Idempotent-Replayed")
     responses: dict[str, Schema] = {
         str(method.success_status): {
             "description": "OK" if method.success_status == 200 else "Created",
+            "headers": _header_refs(success_headers),
             "content": content,
         }
     }
     if method.is_health:
         responses["503"] = {
             "description": "A service or its database is down (status `unhealthy`)",
+            "headers": _header_refs(COMMON_RESPONSE_HEADERS),
             "content": content,
         }
     # Unknown query parameters are rejected everywhere.
@@ -425,23 +534,26 @@ def _responses(method: RestMethod, body_schema: Schema) -> Schema:
     for status, description in _COMMON_ERRORS.items():
         responses.setdefault(str(status), _error(description))
     responses["default"] = _error("Any other error, as a google.rpc.Status")
+    for status in RETRY_AFTER_RESPONSES.get(method.full_name, ()):
+        responses[str(status)]["headers"] = _header_refs((*COMMON_RESPONSE_HEADERS, "Retry-After"))
     return responses
 
 
 def _operation(method: RestMethod, contracts: _Contracts, schemas: _SchemaBuilder) -> Schema:
-    comment = contracts.comments.get((method.full_name,), "")
-    summary, _, rest = comment.partition("\n")
+    summary, description = summary_and_description(contracts.comments.get((method.full_name,), ""))
     service = method.service.rsplit(".", 1)[-1]
     operation: Schema = {
         "operationId": f"{service}_{method.method}",
         "tags": [service],
         "summary": summary or method.method,
     }
-    if rest.strip():
-        operation["description"] = " ".join(rest.split())
+    if description:
+        operation["description"] = description
     parameters = _parameters(method, contracts, schemas)
-    if parameters:
-        operation["parameters"] = parameters
+    parameters.append({"$ref": f"#/components/parameters/{REQUEST_ID_PARAMETER}"})
+    if method.full_name in IDEMPOTENT_METHODS:
+        parameters.append({"$ref": f"#/components/parameters/{IDEMPOTENCY_KEY_PARAMETER}"})
+    operation["parameters"] = parameters
     if method.body == "*":
         schema = schemas.message_schema(
             method.request_type, exclude=method.path_params, request=True
@@ -450,8 +562,13 @@ def _operation(method: RestMethod, contracts: _Contracts, schemas: _SchemaBuilde
             "required": True,
             "content": {"application/json": {"schema": schema}},
         }
-    if not method.public:
-        operation["security"] = [{"bearerAuth": []}]
+    # Every operation says how it is authorised: none, a bearer token, or either.
+    if method.public:
+        operation["security"] = []
+    elif method.optional_token:
+        operation["security"] = [{}, {SECURITY_SCHEME: []}]
+    else:
+        operation["security"] = [{SECURITY_SCHEME: []}]
     body_schema = _success_schema(method, contracts, schemas)
     operation["responses"] = _responses(method, body_schema)
     return operation
@@ -474,9 +591,13 @@ def openapi_document(
             "operationId": "Gateway_GetOpenApi",
             "tags": ["Gateway"],
             "summary": "This document",
+            "description": "The OpenAPI 3 description of the REST API, generated from the "
+            "contracts; `GET /docs` renders it as a browsable reference.",
+            "security": [],
             "responses": {
                 "200": {
                     "description": "OpenAPI 3 description of the REST API",
+                    "headers": _header_refs(COMMON_RESPONSE_HEADERS),
                     "content": {"application/json": {"schema": {"type": "object"}}},
                 }
             },
@@ -493,11 +614,24 @@ def openapi_document(
             "google.rpc.Status objects; 64-bit ids are strings; timestamps are RFC 3339.",
         },
         "servers": [{"url": "/"}],
+        # The default; every operation states its own (public ones an empty list).
+        "security": [{SECURITY_SCHEME: []}],
         "paths": dict(sorted(paths.items())),
         "components": {
             "schemas": components,
+            "parameters": _request_parameters(),
+            "headers": _response_headers(),
             "securitySchemes": {
-                "bearerAuth": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
+                SECURITY_SCHEME: {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "bearerFormat": "JWT",
+                    "description": "An ES256 access token (15 minutes) from `POST /auth/login` "
+                    "or `POST /auth/refresh`, as `Authorization: Bearer <token>`; the keys "
+                    "that verify it are published at `GET /.well-known/jwks.json`. The "
+                    "gateway checks it, then the services check it again and the caller's "
+                    "role (admin-only operations answer 403 to users).",
+                }
             },
         },
     }

@@ -55,6 +55,12 @@ class ScopedServerInterceptor(_ServerInterceptor, ABC):
     def scope_for(self, method: str) -> CallScope | None:
         """The scope for calls to ``method`` (``/pkg.Service/Method``); ``None`` to pass through."""
 
+    def scope_for_handler(
+        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> CallScope | None:
+        """:meth:`scope_for`, for interceptors that also need the handler (its RPC kind)."""
+        return self.scope_for(method)
+
     def request_deserializer_for(
         self, handler: grpc.RpcMethodHandler[Any, Any]
     ) -> Callable[[bytes], Any] | None:
@@ -72,7 +78,7 @@ class ScopedServerInterceptor(_ServerInterceptor, ABC):
         cached = self._wrapped.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        scope = self.scope_for(method)
+        scope = self.scope_for_handler(method, handler)
         wrapped = (
             handler
             if scope is None

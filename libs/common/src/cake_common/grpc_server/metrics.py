@@ -1,4 +1,13 @@
-"""Per-method gRPC server metrics (calls by status code, latency) for Prometheus."""
+"""Per-method gRPC server metrics (calls started, calls by status code, latency) for
+Prometheus, under the names and labels go-grpc-prometheus and py-grpc-prometheus use
+(``grpc_server_started_total``, ``grpc_server_handled_total``, ``grpc_server_handling_seconds``
+with ``grpc_type``, ``grpc_service``, ``grpc_method`` and ``grpc_code``), so community gRPC
+dashboards and alerts work on Cake's services as they are.
+
+Written here rather than taken from py-grpc-prometheus: that package wraps the synchronous
+``grpc.ServerInterceptor`` API, and Cake's servers are ``grpc.aio``, whose interceptors cannot
+see a call's outcome (see :mod:`cake_common.grpc_server.call_scope`).
+"""
 
 from __future__ import annotations
 
@@ -22,20 +31,37 @@ class GrpcServerMetrics:
     """The collectors, registered once per registry (several servers may share one)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        labels = ["grpc_service", "grpc_method"]
+        labels = ["grpc_type", "grpc_service", "grpc_method"]
+        self.started = Counter(
+            "grpc_server_started",
+            "RPCs started on the server, by method",
+            labels,
+            registry=registry,
+        )
         self.handled = Counter(
-            "cake_grpc_server_handled",
+            "grpc_server_handled",
             "RPCs completed on the server, by method and status code",
             [*labels, "grpc_code"],
             registry=registry,
         )
         self.handling_seconds = Histogram(
-            "cake_grpc_server_handling_seconds",
+            "grpc_server_handling_seconds",
             "Time to handle an RPC on the server, by method",
             labels,
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
+
+
+def grpc_type(handler: grpc.RpcMethodHandler[Any, Any]) -> str:
+    """The RPC kind as the conventional ``grpc_type`` label names it."""
+    if handler.request_streaming and handler.response_streaming:
+        return "bidi_stream"
+    if handler.request_streaming:
+        return "client_stream"
+    if handler.response_streaming:
+        return "server_stream"
+    return "unary"
 
 
 _metrics_by_registry: weakref.WeakKeyDictionary[CollectorRegistry, GrpcServerMetrics] = (
@@ -64,13 +90,23 @@ class MetricsInterceptor(ScopedServerInterceptor):
         self._metrics = grpc_server_metrics(registry)
 
     def scope_for(self, method: str) -> CallScope | None:
+        return self._scope(method, "unary")
+
+    def scope_for_handler(
+        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> CallScope | None:
+        return self._scope(method, grpc_type(handler))
+
+    def _scope(self, method: str, kind: str) -> CallScope:
         service, _, name = method.lstrip("/").partition("/")
         handled = self._metrics.handled
-        latency = self._metrics.handling_seconds.labels(service, name)
-        by_code = {code: handled.labels(service, name, code.name) for code in grpc.StatusCode}
+        calls = self._metrics.started.labels(kind, service, name)
+        latency = self._metrics.handling_seconds.labels(kind, service, name)
+        by_code = {code: handled.labels(kind, service, name, code.name) for code in grpc.StatusCode}
 
         @asynccontextmanager
         async def scope(_request: Any, context: ServicerContext) -> AsyncIterator[None]:
+            calls.inc()
             started = time.perf_counter()
             code = grpc.StatusCode.UNKNOWN
             try:

@@ -329,7 +329,9 @@ class EnvoyComponent(ProcessComponent):
         config text, and Envoy reads them only when it starts)."""
         context = self.gateway_context()
         digest = hashlib.sha256(render_gateway_config(context).encode())
-        for loaded in (context.descriptor_path, context.openapi_path, context.jwks_path):
+        loaded_files = [context.descriptor_path, context.openapi_path, context.jwks_path]
+        loaded_files += [docs_file.filename for docs_file in context.docs_files]
+        for loaded in loaded_files:
             digest.update(loaded.read_bytes())
         return digest.hexdigest()
 
