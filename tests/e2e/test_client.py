@@ -3,7 +3,7 @@ session that logs in once and rotates its refresh token, and the library's runna
 
 from __future__ import annotations
 
-import subprocess
+import asyncio
 import sys
 import uuid
 from pathlib import Path
@@ -68,26 +68,28 @@ async def test_a_logged_out_token_is_refused_to_the_client(full_stack: Stack) ->
     assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
 
 
+async def _run_example(*args: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(EXAMPLE),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(60):
+        out, err = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
 async def test_the_example_runs_against_the_stack(full_stack: Stack) -> None:
     target = _gateway_target(full_stack)
     registered, password = await _register(target)
-    ran = subprocess.run(
-        [sys.executable, str(EXAMPLE), target, registered.user.email, password],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert ran.returncode == 0, ran.stderr
-    assert ran.stdout.splitlines() == [
+    code, out, err = await _run_example(target, registered.user.email, password)
+    assert code == 0, err
+    assert out.splitlines() == [
         f"user {registered.user.id} {registered.user.username} <{registered.user.email}>",
         "vouchers: 0",
     ]
-    wrong = subprocess.run(
-        [sys.executable, str(EXAMPLE), target, registered.user.email, "not-the-password"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert (wrong.returncode, wrong.stderr.split(":")[0]) == (1, "UNAUTHENTICATED")
+    code, _, err = await _run_example(target, registered.user.email, "not-the-password")
+    assert (code, err.split(":")[0]) == (1, "UNAUTHENTICATED")
