@@ -309,7 +309,7 @@ class EventSpec(Generic[_Payload]):
     event_type: {enum_module}.{enum}.ValueType
     """The proto enum value."""
     name: str
-    """Its name on the wire (outbox ``event_type``, envelope ``type``, ``ce_type`` header)."""
+    """Its name on the wire (outbox ``event_type``, envelope ``type``, ``EVENT_TYPE_HEADER``)."""
     payload: type[_Payload]
     """The payload message class."""
     payload_type: str

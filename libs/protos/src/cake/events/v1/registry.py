@@ -49,7 +49,7 @@ class EventSpec(Generic[_Payload]):
     event_type: envelope_pb2.EventType.ValueType
     """The proto enum value."""
     name: str
-    """Its name on the wire (outbox ``event_type``, envelope ``type``, ``ce_type`` header)."""
+    """Its name on the wire (outbox ``event_type``, envelope ``type``, ``EVENT_TYPE_HEADER``)."""
     payload: type[_Payload]
     """The payload message class."""
     payload_type: str
