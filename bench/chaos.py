@@ -51,11 +51,12 @@ from benchlib import (
     service_database,
     voucher_counts,
 )
+from cake.events.v1 import registry
 from cake_devtools.stack import Stack
 from sqlalchemy.ext.asyncio import AsyncEngine
 from topup_drills import TOPUP_DRILLS, TopupDrillResult, run_topup_drill, topup_report_lines
 
-USER_EVENTS_TOPIC = "cake.auth.user.v1"
+USER_EVENTS_TOPIC = registry.USER_FIRST_LOGIN.topic
 SERVICES = ("auth", "promotions", "events")
 DRILLS: dict[str, str] = {
     "events": "kill",
@@ -139,7 +140,7 @@ async def kafka_records_for(
                         continue
                     records += 1
                     headers = dict(message.headers or ())
-                    event_ids.add(headers.get("ce_id", b""))
+                    event_ids.add(headers.get(registry.EVENT_ID_HEADER, b""))
     finally:
         # aiokafka's stop() of a manually assigned consumer re-raises the CancelledError of
         # its own internal task; nothing cancelled us, so it is safe to swallow here.
@@ -154,9 +155,9 @@ async def outbox_counts(auth: AsyncEngine, user_ids: list[str]) -> tuple[list[st
             await connection.execute(
                 sa.text(
                     "SELECT event_id::text, published_at IS NOT NULL FROM outbox"
-                    " WHERE event_type = 'USER_FIRST_LOGIN' AND aggregate_id = ANY(:ids)"
+                    " WHERE event_type = :event_type AND aggregate_id = ANY(:ids)"
                 ),
-                {"ids": user_ids},
+                {"event_type": registry.USER_FIRST_LOGIN.name, "ids": user_ids},
             )
         ).all()
     return [str(row[0]) for row in rows], sum(1 for row in rows if row[1])

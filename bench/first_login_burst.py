@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
-from cake.events.v1 import envelope_pb2, payloads_pb2
+from cake.events.v1 import envelope_pb2, payloads_pb2, registry
 from cake_common.db import create_async_engine_for
 from cake_common.kafka import create_producer, kafka_headers, start_with_retry
 from cake_common.outbox import OutboxWriter
@@ -43,7 +43,7 @@ from google.protobuf.any_pb2 import Any as AnyMessage
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-USER_EVENTS_TOPIC = "cake.auth.user.v1"
+USER_EVENTS_TOPIC = registry.USER_FIRST_LOGIN.topic
 USER_ID_BASE = 9_000_000_000_000
 
 
@@ -106,8 +106,7 @@ async def logins_via_outbox(auth: AsyncEngine, logins: Sequence[Login], rate: fl
             login_at = datetime.now(UTC)
             await writer.add(
                 connection,
-                event_type="USER_FIRST_LOGIN",
-                aggregate_type="user",
+                registry.USER_FIRST_LOGIN,
                 aggregate_id=item.user_id,
                 payload=first_login_payload(item.user_id, login_at),
                 occurred_at=login_at,
@@ -134,9 +133,9 @@ async def logins_via_kafka(bootstrap: str, logins: Sequence[Login], rate: float)
             occurred.FromDatetime(login_at)
             envelope = envelope_pb2.EventEnvelope(
                 event_id=str(item.event_id),
-                type="USER_FIRST_LOGIN",
+                type=registry.USER_FIRST_LOGIN.name,
                 occurred_at=occurred,
-                aggregate_type="user",
+                aggregate_type=registry.USER_FIRST_LOGIN.aggregate_type,
                 aggregate_id=str(item.user_id),
                 payload=payload,
             )
@@ -145,7 +144,7 @@ async def logins_via_kafka(bootstrap: str, logins: Sequence[Login], rate: float)
                     USER_EVENTS_TOPIC,
                     key=str(item.user_id).encode(),
                     value=envelope.SerializeToString(),
-                    headers=kafka_headers(item.event_id, "USER_FIRST_LOGIN"),
+                    headers=kafka_headers(item.event_id, registry.USER_FIRST_LOGIN.name),
                 )
             )
         await asyncio.gather(*sends)

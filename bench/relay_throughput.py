@@ -45,6 +45,7 @@ import sqlalchemy as sa
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from cake.events.v1 import envelope_pb2, payloads_pb2
+from cake.events.v1 import registry as event_registry
 from cake_common.db import create_async_engine_for
 from cake_common.kafka import create_producer
 from cake_common.migrations import run_alembic_upgrade
@@ -132,8 +133,8 @@ def outbox_events(count: int) -> list[OutboxEvent]:
             OutboxEvent(
                 id=index + 1,
                 event_id=str(uuid.uuid4()),
-                event_type="USER_FIRST_LOGIN",
-                aggregate_type="user",
+                event_type=event_registry.USER_FIRST_LOGIN.name,
+                aggregate_type=event_registry.USER_FIRST_LOGIN.aggregate_type,
                 aggregate_id=str(user_id),
                 payload=payload.SerializeToString(),
                 payload_type=payload.DESCRIPTOR.full_name,
@@ -302,8 +303,7 @@ async def commit_to_kafka_lag(
             async with engine.connect() as connection:
                 event_id = await writer.add(
                     connection,
-                    event_type="USER_FIRST_LOGIN",
-                    aggregate_type="user",
+                    event_registry.USER_FIRST_LOGIN,
                     aggregate_id=user_id,
                     payload=payloads_pb2.UserFirstLogin(user_id=user_id, login_at=login_at),
                     occurred_at=datetime.now(UTC),
@@ -331,7 +331,7 @@ async def main() -> None:
     relay_template = stack.service_environment()["events"]["CAKE_EVENTS_AUTH_OUTBOX_URL"]
     prefix = f"bench.{uuid.uuid4().hex[:8]}"
     user_topic, raw_topic = f"{prefix}.user", f"{prefix}.raw"
-    topics = [user_topic, user_topic + ".dlq", raw_topic]
+    topics = [user_topic, event_registry.dead_letter_topic_for(user_topic), raw_topic]
     await create_topics(bootstrap, topics)
     try:
         with (
@@ -352,7 +352,7 @@ async def main() -> None:
                 .set(database=make_url(owner_url).database)
                 .render_as_string(hide_password=False),
                 kafka_bootstrap_servers=bootstrap,
-                topic_routes={"USER_FIRST_LOGIN": user_topic},
+                topic_routes={event_registry.USER_FIRST_LOGIN.name: user_topic},
                 log_level="WARNING",
                 **overrides,
             )

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+from typing import Any
+
 import pytest
 import sqlalchemy as sa
+from cake.events.v1 import payloads_pb2, registry
 from cake_common.inbox import inbox_table
-from cake_common.outbox import grant_outbox_to_relay_sql, outbox_table
+from cake_common.outbox import OutboxWriter, grant_outbox_to_relay_sql, outbox_table
 
 OUTBOX_CONTRACT = {
     "id": ("BIGINT", False),
@@ -68,3 +72,43 @@ def test_grant_sql_is_guarded_by_role_existence() -> None:
 def test_grant_sql_rejects_unsafe_role_names(role: str) -> None:
     with pytest.raises(ValueError, match="relay role"):
         grant_outbox_to_relay_sql(role)
+
+
+class _RecordingExecutor:
+    """Stands in for a session: records what would have been executed."""
+
+    def __init__(self) -> None:
+        self.statements: list[Any] = []
+
+    async def execute(self, statement: Any) -> None:
+        self.statements.append(statement)
+
+
+async def test_the_event_type_names_the_row_and_its_payload_must_match() -> None:
+    executor = _RecordingExecutor()
+    writer = OutboxWriter()
+    occurred = datetime(2026, 1, 2, tzinfo=UTC)
+    with pytest.raises(TypeError, match=r"USER_FIRST_LOGIN carries cake\.events\.v1\.UserFirst"):
+        await writer.add(
+            executor,  # type: ignore[arg-type]
+            registry.USER_FIRST_LOGIN,
+            aggregate_id=1,
+            payload=payloads_pb2.VoucherUsed(),  # type: ignore[arg-type]
+            occurred_at=occurred,
+        )
+    assert executor.statements == []
+
+    await writer.add(
+        executor,  # type: ignore[arg-type]
+        registry.VOUCHER_USED,
+        aggregate_id=7,
+        payload=payloads_pb2.VoucherUsed(voucher_id=3),
+        occurred_at=occurred,
+    )
+    (statement,) = executor.statements
+    values = statement.compile().params
+    assert (values["event_type"], values["aggregate_type"], values["payload_type"]) == (
+        "VOUCHER_USED",
+        "user",
+        "cake.events.v1.VoucherUsed",
+    )

@@ -10,10 +10,10 @@ from datetime import UTC, datetime
 import psycopg
 import pytest
 import sqlalchemy as sa
+from cake.events.v1 import payloads_pb2, registry
 from cake_common.db import UnitOfWork, create_async_engine_for, create_session_factory, libpq_url
 from cake_common.inbox import inbox_table, record_once
 from cake_common.outbox import OUTBOX_NOTIFY_CHANNEL, OutboxWriter, outbox_table
-from google.protobuf import wrappers_pb2
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 pytestmark = pytest.mark.integration
@@ -53,12 +53,11 @@ async def test_outbox_row_and_notify_on_commit(
 ) -> None:
     writer = OutboxWriter()
     occurred = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
-    payload = wrappers_pb2.StringValue(value="user 42 logged in")
+    payload = payloads_pb2.UserFirstLogin(user_id=42, user_agent="ua")
     async with UnitOfWork(create_session_factory(engine)) as uow:
         event_id = await writer.add(
             uow.session,
-            event_type="USER_FIRST_LOGIN",
-            aggregate_type="user",
+            registry.USER_FIRST_LOGIN,
             aggregate_id=42,
             payload=payload,
             occurred_at=occurred,
@@ -81,8 +80,8 @@ async def test_outbox_row_and_notify_on_commit(
     assert row.event_type == "USER_FIRST_LOGIN"
     assert row.aggregate_type == "user"
     assert row.aggregate_id == "42"
-    assert wrappers_pb2.StringValue.FromString(row.payload) == payload
-    assert row.payload_type == "google.protobuf.StringValue"
+    assert payloads_pb2.UserFirstLogin.FromString(row.payload) == payload
+    assert row.payload_type == "cake.events.v1.UserFirstLogin"
     assert row.occurred_at == occurred
     assert row.trace_parent.startswith("00-")
     assert row.published_at is None and row.dead_lettered_at is None
@@ -96,10 +95,9 @@ async def test_rollback_writes_nothing_and_notifies_nothing(
     async with UnitOfWork(create_session_factory(engine)) as uow:
         event_id = await OutboxWriter().add(
             uow.session,
-            event_type="VOUCHER_ISSUED",
-            aggregate_type="user",
+            registry.VOUCHER_ISSUED,
             aggregate_id="7",
-            payload=wrappers_pb2.StringValue(value="x"),
+            payload=payloads_pb2.VoucherIssued(voucher_id=1),
             occurred_at=datetime.now(UTC),
         )
     assert await _next_notification(listener, wait_seconds=0.5) is None
@@ -117,10 +115,9 @@ async def test_ids_follow_commit_order_and_event_ids_unique(engine: AsyncEngine)
         for index in range(3):
             await writer.add(
                 connection,
-                event_type="E",
-                aggregate_type="user",
+                registry.USER_FIRST_LOGIN,
                 aggregate_id=index,
-                payload=wrappers_pb2.StringValue(value=str(index)),
+                payload=payloads_pb2.UserFirstLogin(user_id=index + 1),
                 occurred_at=datetime.now(UTC),
                 event_id=given if index == 0 else None,
             )
@@ -128,10 +125,9 @@ async def test_ids_follow_commit_order_and_event_ids_unique(engine: AsyncEngine)
         async with engine.begin() as connection:
             await writer.add(
                 connection,
-                event_type="E",
-                aggregate_type="user",
+                registry.USER_FIRST_LOGIN,
                 aggregate_id=0,
-                payload=wrappers_pb2.StringValue(),
+                payload=payloads_pb2.UserFirstLogin(),
                 occurred_at=datetime.now(UTC),
                 event_id=given,
             )
@@ -142,10 +138,9 @@ async def test_naive_occurred_at_rejected(engine: AsyncEngine) -> None:
         with pytest.raises(ValueError, match="timezone"):
             await OutboxWriter().add(
                 connection,
-                event_type="E",
-                aggregate_type="user",
+                registry.USER_FIRST_LOGIN,
                 aggregate_id=1,
-                payload=wrappers_pb2.StringValue(),
+                payload=payloads_pb2.UserFirstLogin(),
                 occurred_at=datetime(2026, 1, 1),
             )
 

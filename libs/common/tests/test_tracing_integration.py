@@ -20,6 +20,7 @@ import grpc
 import pytest
 import sqlalchemy as sa
 from aiokafka import ConsumerRecord
+from cake.events.v1 import payloads_pb2, registry
 from cake_common.db import UnitOfWork, create_async_engine_for, create_session_factory
 from cake_common.grpc_server import GrpcServerBuilder
 from cake_common.kafka import (
@@ -99,10 +100,9 @@ async def _add_event(engine: AsyncEngine, **overrides: Any) -> uuid.UUID:
     async with UnitOfWork(create_session_factory(engine)) as uow:
         event_id = await OutboxWriter().add(
             uow.session,
-            event_type=overrides.pop("event_type", "USER_FIRST_LOGIN"),
-            aggregate_type="user",
+            overrides.pop("event", registry.USER_FIRST_LOGIN),
             aggregate_id=overrides.pop("aggregate_id", 42),
-            payload=StringValue(value="payload"),
+            payload=overrides.pop("payload", payloads_pb2.UserFirstLogin(user_id=42)),
             occurred_at=OCCURRED,
             **overrides,
         )
@@ -226,7 +226,9 @@ async def test_one_trace_from_request_through_outbox_and_kafka_to_the_consumer(
     record = await _consume_one(kafka_bootstrap, topic)
     assert [key for key, _ in record.headers].count("traceparent") == 1
     with start_span_from_headers("enrol first login", record.headers):
-        voucher_event = await _add_event(engine, event_type="VOUCHER_ISSUED")
+        voucher_event = await _add_event(
+            engine, event=registry.VOUCHER_ISSUED, payload=payloads_pb2.VoucherIssued(voucher_id=1)
+        )
 
     spans = list(exporter.get_finished_spans())
     client = _one(spans, LOGIN, SpanKind.CLIENT)

@@ -13,6 +13,7 @@ import protovalidate
 import pytest
 from cake.auth.v1 import auth_pb2
 from cake.events.v1 import admin_pb2, health_pb2
+from cake.payments.v1 import payments_pb2
 from cake.promotions.v1 import promotions_pb2
 from cake_devtools import codegen, protodeps
 from google.api import annotations_pb2
@@ -23,7 +24,7 @@ LAYOUT = codegen.Layout(root=ROOT)
 PROMOTIONS = "cake.promotions.v1.PromotionsService"
 EVENT_ADMIN = "cake.events.v1.EventAdminService"
 # The generated modules register the contracts in the default descriptor pool.
-CONTRACT_MODULES = (auth_pb2, promotions_pb2, admin_pb2, health_pb2)
+CONTRACT_MODULES = (auth_pb2, promotions_pb2, admin_pb2, health_pb2, payments_pb2)
 
 
 def _violated_fields(msg: message.Message) -> list[str]:

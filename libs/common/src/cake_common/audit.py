@@ -1,9 +1,9 @@
 """The security audit log's entries, as every service writes them.
 
 A service records an entry as a ``SECURITY_AUDIT`` row of its own outbox, in the same
-transaction as what it audits when there is one; the events service's relay publishes it
-(topic ``cake.security.audit.v1``) and keeps it, append-only, in its database, where admins
-read it (``GET /admin/audit-events``, ``EventAdminService.ListAuditEvents``).
+transaction as what it audits when there is one; the events service's relay keeps it,
+append-only, in its database (the registry's audit-log events are published nowhere), where
+admins read it (``GET /admin/audit-events``, ``EventAdminService.ListAuditEvents``).
 """
 
 from __future__ import annotations
@@ -12,14 +12,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from cake.events.v1 import payloads_pb2
+from cake.events.v1 import payloads_pb2, registry
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from cake_common.outbox import OutboxWriter
-
-SECURITY_AUDIT = "SECURITY_AUDIT"
-AUDIT_AGGREGATE = "user"
 
 # Entry types (stable names: admins filter by them).
 LOGIN_FAILED = "LOGIN_FAILED"
@@ -62,8 +59,7 @@ async def record_audit(
     """Add the entry to the outbox in ``executor``'s transaction (the caller commits)."""
     await writer.add(
         executor,
-        event_type=SECURITY_AUDIT,
-        aggregate_type=AUDIT_AGGREGATE,
+        registry.SECURITY_AUDIT,
         aggregate_id=entry.subject_user_id or entry.actor_user_id,
         payload=entry.payload(),
         occurred_at=entry.occurred_at,

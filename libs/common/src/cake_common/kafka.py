@@ -20,6 +20,7 @@ from uuid import UUID
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
+from cake.events.v1 import registry
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind
 from opentelemetry.util.types import Attributes
@@ -34,8 +35,6 @@ from cake_common.tracing import (
     start_span_in_context,
 )
 
-EVENT_ID_HEADER = "ce_id"
-EVENT_TYPE_HEADER = "ce_type"
 TRACE_PARENT_HEADER = TRACEPARENT
 
 KafkaHeaders = Sequence[tuple[str, bytes | None]]
@@ -156,11 +155,11 @@ async def ensure_topics(
 def kafka_headers(
     event_id: UUID | str, event_type: str, trace_parent: str | None = None
 ) -> list[tuple[str, bytes]]:
-    """CloudEvents-style headers: ``ce_id`` (consumers dedupe on it), ``ce_type`` and,
-    when known, W3C ``traceparent``."""
+    """CloudEvents-style headers named by the event registry: the event id (consumers
+    dedupe on it), the event type and, when known, W3C ``traceparent``."""
     headers = [
-        (EVENT_ID_HEADER, str(event_id).encode()),
-        (EVENT_TYPE_HEADER, event_type.encode()),
+        (registry.EVENT_ID_HEADER, str(event_id).encode()),
+        (registry.EVENT_TYPE_HEADER, event_type.encode()),
     ]
     if trace_parent:
         headers.append((TRACE_PARENT_HEADER, trace_parent.encode()))

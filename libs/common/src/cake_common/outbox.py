@@ -33,11 +33,12 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID, uuid4
 
 import sqlalchemy as sa
 from alembic.operations import Operations
+from cake.events.v1.registry import EventSpec
 from google.protobuf.message import Message
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
@@ -49,6 +50,8 @@ OUTBOX_NOTIFY_CHANNEL = "cake_outbox"
 OUTBOX_UNPUBLISHED_INDEX = "ix_outbox_unpublished"
 OUTBOX_UNPUBLISHED_CONDITION = "published_at IS NULL"
 OUTBOX_RELAY_PRIVILEGES = "SELECT, UPDATE, DELETE"
+
+_Payload = TypeVar("_Payload", bound=Message)
 
 # Role names are interpolated into SQL (GRANT takes no bind parameters): allow only
 # plain lower-case identifiers so quoting can never be broken out of.
@@ -146,32 +149,35 @@ class OutboxWriter:
     async def add(
         self,
         executor: AsyncSession | AsyncConnection,
+        event: EventSpec[_Payload],
         *,
-        event_type: str,
-        aggregate_type: str,
         aggregate_id: str | int,
-        payload: Message,
+        payload: _Payload,
         occurred_at: datetime,
         trace_parent: str | None = None,
         event_id: UUID | None = None,
     ) -> UUID:
-        """Insert one event; returns its ``event_id``. The caller commits.
+        """Insert one ``event`` (an event type of ``cake.events.v1.registry``, which names
+        the row's type, aggregate type and payload type); returns its ``event_id``. The
+        caller commits.
 
         ``trace_parent`` defaults to the current span's W3C traceparent (``None`` while
         tracing is off), so the relay and the consumers continue the request's trace.
         """
         if occurred_at.tzinfo is None:
             raise ValueError("occurred_at must be timezone-aware")
+        if not isinstance(payload, event.payload):
+            raise TypeError(f"{event.name} carries {event.payload_type}, not {type(payload)}")
         event_id = event_id or uuid4()
         statement = (
             sa.insert(self._table)
             .values(
                 event_id=event_id,
-                event_type=event_type,
-                aggregate_type=aggregate_type,
+                event_type=event.name,
+                aggregate_type=event.aggregate_type,
                 aggregate_id=str(aggregate_id),
                 payload=payload.SerializeToString(deterministic=True),
-                payload_type=payload.DESCRIPTOR.full_name,
+                payload_type=event.payload_type,
                 occurred_at=occurred_at,
                 trace_parent=trace_parent if trace_parent is not None else current_traceparent(),
             )

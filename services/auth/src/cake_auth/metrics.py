@@ -17,7 +17,7 @@ class AuthMetrics:
         )
         self.first_logins = Counter(
             "cake_auth_first_logins",
-            "First logins, each recorded as a USER_FIRST_LOGIN outbox event",
+            "First logins, each recorded as a first-login outbox event",
             registry=registry,
         )
         self.registrations = Counter(

@@ -74,7 +74,7 @@ def build_relays(
     """One relay per configured source, each with its own leader session and producer."""
     session_factory = create_session_factory(events_engine)
     metrics = RelayMetrics(metrics_registry)
-    routes = TopicRoutes(settings.topic_routes, settings.dead_letter_topic_suffix)
+    routes = TopicRoutes(settings.topic_routes)
     retry_policy = RetryPolicy(
         max_attempts=settings.relay_max_attempts,
         base_delay_seconds=settings.relay_backoff_base_seconds,

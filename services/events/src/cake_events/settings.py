@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from cake.events.v1 import registry
 from cake_common.settings import ServiceSettings
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from cake_events.domain.relay import DEFAULT_TOPIC_ROUTES, EVENT_PAYLOAD_TYPES
+from cake_events.domain.relay import DEFAULT_TOPIC_ROUTES
 
 
 class EventsSettings(ServiceSettings):
@@ -40,10 +41,10 @@ class EventsSettings(ServiceSettings):
     )
     topic_routes: dict[str, str] = Field(
         default_factory=lambda: dict(DEFAULT_TOPIC_ROUTES),
-        description="Kafka topic per event type, JSON object (CAKE_EVENTS_TOPIC_ROUTES)",
-    )
-    dead_letter_topic_suffix: str = Field(
-        default=".dlq", min_length=1, description="Dead letters of topic T go to T + suffix"
+        description=(
+            "Kafka topic per event type, JSON object (CAKE_EVENTS_TOPIC_ROUTES); default: the"
+            " event registry's topics. Dead letters go to the registry's dead-letter topics"
+        ),
     )
     relay_batch_size: int = Field(
         default=4000, ge=1, le=10_000, description="Outbox rows claimed per batch"
@@ -90,9 +91,11 @@ class EventsSettings(ServiceSettings):
     @field_validator("topic_routes")
     @classmethod
     def _known_event_types(cls, routes: dict[str, str]) -> dict[str, str]:
-        unknown = sorted(set(routes) - set(EVENT_PAYLOAD_TYPES))
+        unknown = sorted(set(routes) - {event.name for event in registry.PUBLISHED})
         if unknown:
-            raise ValueError(f"topic_routes names unknown event types: {', '.join(unknown)}")
+            raise ValueError(
+                f"topic_routes names event types the relay does not publish: {', '.join(unknown)}"
+            )
         if any(not topic.strip() for topic in routes.values()):
             raise ValueError("topic_routes has an empty topic name")
         return routes

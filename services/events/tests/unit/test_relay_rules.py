@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 import pytest
 from cake.events.v1 import envelope_pb2, payloads_pb2
 from cake_events.domain.delivery import DeadLetterCursor, InvalidPageTokenError
-from cake_events.domain.envelope import DEAD_LETTER_REASON_HEADER, EnvelopeBuilder
+from cake_events.domain.envelope import EnvelopeBuilder
 from cake_events.domain.relay import (
     DEFAULT_TOPIC_ROUTES,
     AggregateOrder,
@@ -76,8 +76,24 @@ def test_settings_read_topic_routes_as_json(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("CAKE_EVENTS_TOPIC_ROUTES", '{"USER_FIRST_LOGIN": "users"}')
     assert EventsSettings().topic_routes == {"USER_FIRST_LOGIN": "users"}
     monkeypatch.setenv("CAKE_EVENTS_TOPIC_ROUTES", '{"USER_LOGOUT": "users"}')
-    with pytest.raises(ValueError, match="unknown event types: USER_LOGOUT"):
+    with pytest.raises(ValueError, match="does not publish: USER_LOGOUT"):
         EventsSettings()
+    # The audit log's events are kept by the relay, never routed to a topic.
+    monkeypatch.setenv("CAKE_EVENTS_TOPIC_ROUTES", '{"SECURITY_AUDIT": "audit"}')
+    with pytest.raises(ValueError, match="does not publish: SECURITY_AUDIT"):
+        EventsSettings()
+
+
+def test_default_routes_are_the_registrys_topics(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CAKE_EVENTS_DATABASE_URL", "postgresql+psycopg://u:p@h/db")
+    monkeypatch.delenv("CAKE_EVENTS_TOPIC_ROUTES", raising=False)
+    assert EventsSettings().topic_routes == {
+        "USER_FIRST_LOGIN": "cake.auth.user.v1",
+        "PROMOTION_ENROLLMENT": "cake.promotions.voucher.v1",
+        "VOUCHER_ISSUED": "cake.promotions.voucher.v1",
+        "VOUCHER_USED": "cake.promotions.voucher.v1",
+        "PAYMENT_PROCESSED": "cake.promotions.payment.v1",
+    }
 
 
 def test_envelope_carries_the_row_and_the_contract_headers() -> None:
@@ -125,6 +141,10 @@ def test_envelope_time_is_protobufs_own_conversion_to_the_microsecond(
     ("event", "reason"),
     [
         (outbox_event(event_type="USER_LOGOUT"), "unknown event type"),
+        (
+            outbox_event(event_type="SECURITY_AUDIT", payload_type="cake.events.v1.SecurityAudit"),
+            "unknown event type",
+        ),
         (outbox_event(payload_type="cake.events.v1.VoucherUsed"), "carries"),
         (outbox_event(payload=b"\x0a\xff"), "not a valid"),
     ],
@@ -134,12 +154,18 @@ def test_rows_breaking_the_event_contract_are_poison(event: OutboxEvent, reason:
         EnvelopeBuilder().message_for(event, "topic")
 
 
-def test_dead_letter_message_keeps_the_unreadable_payload_and_says_why() -> None:
-    event = outbox_event(payload=b"\x0a\xff")
-    message = EnvelopeBuilder().dead_letter_message_for(event, "t.dlq", "payload is bad")
+def test_dead_letter_message_keeps_the_unreadable_payload_and_says_why_and_whence() -> None:
+    event = outbox_event(row_id=41, payload=b"\x0a\xff")
+    message = EnvelopeBuilder().dead_letter_message_for(
+        event, "t.dlq", "payload is bad", source="auth"
+    )
     envelope = envelope_pb2.EventEnvelope.FromString(message.value)
     assert envelope.payload.value == b"\x0a\xff"
-    assert dict(message.headers)[DEAD_LETTER_REASON_HEADER] == b"payload is bad"
+    # The one dead-letter header set, the same the promotions consumer writes.
+    headers = dict(message.headers)
+    assert headers["cake_dead_letter_reason"] == b"payload is bad"
+    assert headers["cake_dead_letter_origin"] == b"outbox/auth/41"
+    assert headers["ce_type"] == b"USER_FIRST_LOGIN"
 
 
 def test_backoff_doubles_with_jitter_and_is_capped() -> None:

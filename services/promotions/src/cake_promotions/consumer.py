@@ -36,7 +36,7 @@ import sqlalchemy.exc
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord, TopicPartition
-from cake.events.v1 import envelope_pb2, payloads_pb2
+from cake.events.v1 import envelope_pb2, payloads_pb2, registry
 from cake_common.kafka import (
     create_consumer,
     create_producer,
@@ -50,10 +50,9 @@ from google.protobuf.message import DecodeError, Message
 from cake_promotions.metrics import PromotionsMetrics
 from cake_promotions.service.enrolment import FirstLoginEnrolment
 
-USER_FIRST_LOGIN = "USER_FIRST_LOGIN"
-DLQ_SUFFIX = ".dlq"
-DLQ_REASON_HEADER = "cake_dlq_reason"
-DLQ_ORIGIN_HEADER = "cake_dlq_origin"
+USER_FIRST_LOGIN = registry.USER_FIRST_LOGIN.name
+DLQ_REASON_HEADER = registry.DEAD_LETTER_REASON_HEADER
+DLQ_ORIGIN_HEADER = registry.DEAD_LETTER_ORIGIN_HEADER
 
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     sqlalchemy.exc.OperationalError,
@@ -155,7 +154,7 @@ class FirstLoginConsumer:
         self._metrics = metrics
         self._bootstrap_servers = bootstrap_servers
         self._topic = topic
-        self._dlq_topic = topic + DLQ_SUFFIX
+        self._dlq_topic = registry.dead_letter_topic_for(topic)
         self._group_id = group_id
         self._client_id = client_id
         self._max_batch = max_batch

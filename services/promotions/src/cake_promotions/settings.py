@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+from cake.events.v1 import registry
 from cake_common.settings import ServiceSettings
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
@@ -19,9 +20,10 @@ class PromotionsSettings(ServiceSettings):
     relay_role: str | None = "cake_relay"
     """Database role of the events relay; migrations grant it access to ``outbox`` only."""
 
-    user_events_topic: str = "cake.auth.user.v1"
-    """Topic of the auth service's user events (USER_FIRST_LOGIN); ``<topic>.dlq`` takes the
-    events that can never be processed."""
+    user_events_topic: str = registry.USER_FIRST_LOGIN.topic
+    """Topic of the auth service's user events (USER_FIRST_LOGIN; default from the event
+    registry); its dead-letter topic (the registry's rule) takes the events that can never be
+    processed."""
     consumer_group: str = "promotions"
     consumer_enabled: bool = True
     """Whether ``serve`` also runs the first-login consumer (``consume`` runs only it)."""

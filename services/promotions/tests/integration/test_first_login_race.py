@@ -152,8 +152,8 @@ async def dead_letter_origins(kafka_bootstrap: str, dlq_topic: str) -> set[str]:
         for records in batches.values():
             for record in records:
                 headers = dict(record.headers)
-                assert headers["cake_dlq_reason"]
-                origins.add(headers["cake_dlq_origin"].decode())
+                assert headers["cake_dead_letter_reason"]
+                origins.add(headers["cake_dead_letter_origin"].decode())
     finally:
         await consumer.stop()
     return origins

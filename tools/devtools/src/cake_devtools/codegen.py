@@ -3,8 +3,9 @@
 - ``cake-codegen`` regenerates, from ``protos/``, the Python package ``libs/protos/src/``
   (messages, gRPC stubs and their type stubs, plus ``buf/validate`` for protovalidate), the
   descriptor set ``gateway/generated/cake.pb`` that Envoy's gRPC-JSON transcoder loads (see
-  :func:`envoy_descriptor_set` for the one way it differs from the contracts) and the OpenAPI
-  document ``gateway/generated/openapi.json`` the gateway serves (:mod:`cake_devtools.openapi`);
+  :func:`envoy_descriptor_set` for the one way it differs from the contracts), the OpenAPI
+  document ``gateway/generated/openapi.json`` the gateway serves (:mod:`cake_devtools.openapi`)
+  and the event registry ``cake.events.v1.registry`` (:mod:`cake_devtools.event_registry`);
 - ``cake-codegen --check`` generates into a temporary directory and fails, listing the stale
   files, when the committed output differs (CI runs it);
 - ``cake-codegen lint`` runs ``buf lint`` and ``buf format`` on ``protos/``;
@@ -30,7 +31,7 @@ from pathlib import Path
 from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2
 
-from cake_devtools import openapi, protodeps
+from cake_devtools import event_registry, openapi, protodeps
 
 # Not imported by any contract, but Envoy needs them in the descriptor set to render
 # google.rpc.Status details (BadRequest, ErrorInfo, ...) as JSON.
@@ -248,6 +249,12 @@ def generate(layout: Layout, deps: protodeps.ProtoDeps) -> dict[str, bytes]:
             layout,
             [f"--grpc_python_out={python_dir}", f"--mypy_grpc_out={python_dir}", *with_services],
         )
+        _log(f"generating the event registry ({event_registry.MODULE_PATH})")
+        try:
+            registry = event_registry.render(file_set)
+        except event_registry.RegistryError as error:
+            raise CodegenError(f"event registry: {error}") from None
+        (python_dir / event_registry.MODULE_PATH).write_bytes(registry)
         _add_package_markers(python_dir)
 
         files = _read_tree(python_dir, python_prefix)

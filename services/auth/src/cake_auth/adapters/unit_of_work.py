@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cake.events.v1 import payloads_pb2
+from cake.events.v1 import payloads_pb2, registry
 from cake_common.audit import AuditEntry, record_audit
 from cake_common.outbox import OutboxUnitOfWork, OutboxWriter
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -11,9 +11,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from cake_auth.adapters.sessions_repository import SqlSessionRepository
 from cake_auth.adapters.users_repository import SqlUserRepository
 from cake_auth.domain.login import FirstLogin
-
-USER_FIRST_LOGIN = "USER_FIRST_LOGIN"
-USER_AGGREGATE = "user"
 
 
 class OutboxEventRecorder:
@@ -31,8 +28,7 @@ class OutboxEventRecorder:
         login_at.FromDatetime(event.login_at)
         await self._writer.add(
             self._session,
-            event_type=USER_FIRST_LOGIN,
-            aggregate_type=USER_AGGREGATE,
+            registry.USER_FIRST_LOGIN,
             aggregate_id=event.user_id,
             payload=payloads_pb2.UserFirstLogin(
                 user_id=event.user_id,

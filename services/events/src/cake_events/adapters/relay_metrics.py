@@ -32,7 +32,7 @@ class RelayMetrics:
         )
         self.dead_letter_publish_failures = Counter(
             "cake_events_relay_dead_letter_publish_failures",
-            "Dead letters that could not be copied to their .dlq topic (kept in the database)",
+            "Dead letters not copied to their dead-letter topic (kept in the database)",
             ("source",),
             registry=registry,
         )

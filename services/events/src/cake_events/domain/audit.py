@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from uuid import UUID
 
-from cake.events.v1 import payloads_pb2
+from cake.events.v1 import payloads_pb2, registry
 from google.protobuf.message import DecodeError
 
 from cake_events.domain.delivery import InvalidPageTokenError
@@ -71,7 +71,7 @@ class AuditPage:
     next_page_token: str = ""
 
 
-SECURITY_AUDIT = "SECURITY_AUDIT"
+SECURITY_AUDIT = registry.SECURITY_AUDIT.name
 
 
 def security_audit_entries(source: str, events: Sequence[OutboxEvent]) -> list[StoredAuditEntry]:

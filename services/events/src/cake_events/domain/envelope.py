@@ -9,17 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
-from cake.events.v1 import envelope_pb2, payloads_pb2
+from cake.events.v1 import envelope_pb2, registry
 from cake_common.kafka import kafka_headers
-from google.protobuf import message_factory
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import DecodeError
 
-from cake_events.domain.relay import EVENT_PAYLOAD_TYPES, OutboxEvent, PoisonEvent
+from cake_events.domain.relay import OutboxEvent, PoisonEvent
 
 TYPE_URL_PREFIX = "type.googleapis.com/"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-DEAD_LETTER_REASON_HEADER = "cake_dead_letter_reason"
 
 
 @dataclass(slots=True)
@@ -36,37 +35,42 @@ class KafkaMessage:
     headers: list[tuple[str, bytes]]
 
 
-def _payload_classes() -> dict[str, type[Message]]:
-    pool = payloads_pb2.DESCRIPTOR.pool
-    return {
-        name: message_factory.GetMessageClass(pool.FindMessageTypeByName(name))
-        for name in EVENT_PAYLOAD_TYPES.values()
-    }
-
-
 class EnvelopeBuilder:
     """Turns outbox rows into Kafka messages; reusable and stateless after construction."""
 
     def __init__(self) -> None:
-        self._payload_classes = _payload_classes()
+        # The event types the relay publishes, from the registry (audit-log events, kept in
+        # the events database, never reach it).
+        self._published: dict[str, registry.PublishedEvent[Any]] = {
+            event.name: event for event in registry.PUBLISHED
+        }
 
     def message_for(self, event: OutboxEvent, topic: str) -> KafkaMessage:
         """The message to publish; ``PoisonEvent`` if the row breaks the event contract."""
-        expected = EVENT_PAYLOAD_TYPES.get(event.event_type)
-        if expected is None:
+        spec = self._published.get(event.event_type)
+        if spec is None:
             raise PoisonEvent(f"unknown event type {event.event_type!r}")
+        expected = spec.payload_type
         if event.payload_type != expected:
             raise PoisonEvent(f"{event.event_type} carries {expected}, not {event.payload_type!r}")
         try:
-            self._payload_classes[expected].FromString(event.payload)
+            spec.payload.FromString(event.payload)
         except DecodeError as error:
             raise PoisonEvent(f"payload is not a valid {expected}: {error}") from None
         return self._message(event, topic, extra_headers=())
 
-    def dead_letter_message_for(self, event: OutboxEvent, topic: str, reason: str) -> KafkaMessage:
-        """The row as it is (unchecked), for a dead-letter topic, with the failure reason."""
+    def dead_letter_message_for(
+        self, event: OutboxEvent, topic: str, reason: str, *, source: str
+    ) -> KafkaMessage:
+        """The row as it is (unchecked), for a dead-letter topic, with the registry's
+        dead-letter headers: the failure reason and the origin (``outbox/<source>/<row id>``)."""
         return self._message(
-            event, topic, extra_headers=((DEAD_LETTER_REASON_HEADER, reason.encode()),)
+            event,
+            topic,
+            extra_headers=(
+                (registry.DEAD_LETTER_REASON_HEADER, reason.encode()),
+                (registry.DEAD_LETTER_ORIGIN_HEADER, f"outbox/{source}/{event.id}".encode()),
+            ),
         )
 
     @staticmethod

@@ -1,7 +1,9 @@
 """Rules of the outbox relay (pure: no I/O, no clock, no randomness of its own).
 
 Which topic an event goes to, what a failed publication costs (backoff, dead letter), and
-how one aggregate's events keep their order when some of them fail.
+how one aggregate's events keep their order when some of them fail. The event types, their
+payloads, default topics and the dead-letter rule come from the event registry
+(``cake.events.v1.registry``, generated from the contracts).
 """
 
 from __future__ import annotations
@@ -11,26 +13,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
 
-EVENT_PAYLOAD_TYPES: Mapping[str, str] = MappingProxyType(
-    {
-        "USER_FIRST_LOGIN": "cake.events.v1.UserFirstLogin",
-        "PROMOTION_ENROLLMENT": "cake.events.v1.PromotionEnrollment",
-        "VOUCHER_ISSUED": "cake.events.v1.VoucherIssued",
-        "VOUCHER_USED": "cake.events.v1.VoucherUsed",
-        "PAYMENT_PROCESSED": "cake.events.v1.PaymentProcessed",
-    }
-)
-"""The event types of the envelope contract and the payload message each one carries."""
+from cake.events.v1 import registry
 
 DEFAULT_TOPIC_ROUTES: Mapping[str, str] = MappingProxyType(
-    {
-        "USER_FIRST_LOGIN": "cake.auth.user.v1",
-        "PROMOTION_ENROLLMENT": "cake.promotions.voucher.v1",
-        "VOUCHER_ISSUED": "cake.promotions.voucher.v1",
-        "VOUCHER_USED": "cake.promotions.voucher.v1",
-        "PAYMENT_PROCESSED": "cake.promotions.payment.v1",
-    }
+    {event.name: event.topic for event in registry.PUBLISHED}
 )
+"""The registry's topic of every event type the relay publishes (``TOPIC_ROUTES`` overrides)."""
 
 MAX_ERROR_LENGTH = 2000
 """Longest error text kept with a failed row (Kafka errors can quote whole requests)."""
@@ -68,7 +56,6 @@ class TopicRoutes:
     """Kafka topic per event type, and where the dead letters of a topic go."""
 
     routes: Mapping[str, str]
-    dead_letter_suffix: str = ".dlq"
 
     def topic_for(self, event_type: str) -> str:
         """The topic of ``event_type``; ``PoisonEvent`` for an event type with no route."""
@@ -77,8 +64,10 @@ class TopicRoutes:
             raise PoisonEvent(f"no topic route for event type {event_type!r}")
         return topic
 
-    def dead_letter_topic(self, topic: str) -> str:
-        return topic + self.dead_letter_suffix
+    @staticmethod
+    def dead_letter_topic(topic: str) -> str:
+        """The registry's rule, the same for every writer of dead letters."""
+        return registry.dead_letter_topic_for(topic)
 
 
 @dataclass(frozen=True, slots=True)

@@ -586,6 +586,7 @@ class OutboxRelay:
                 events[letter.event_id],
                 self._routes.dead_letter_topic(letter.topic),
                 letter.last_error,
+                source=self.source,
             )
             try:
                 futures.append(await self._publisher.send(message))

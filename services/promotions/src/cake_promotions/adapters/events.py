@@ -1,7 +1,7 @@
 """The promotions events, written to the outbox in the caller's transaction.
 
-Every event's aggregate is the user (``aggregate_type`` "user", id = user id), so the relay
-keys them by user and one user's promotion events stay ordered on their topic.
+Every event's aggregate is the user (the registry's ``aggregate_type``, id = user id), so the
+relay keys them by user and one user's promotion events stay ordered on their topic.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from decimal import Decimal
 
-from cake.events.v1 import payloads_pb2
+from cake.events.v1 import payloads_pb2, registry
 from cake_common.audit import AuditEntry, record_audit
 from cake_common.outbox import OutboxWriter
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -18,13 +18,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from cake_promotions.domain.enrolment import Participation
 from cake_promotions.domain.topups import TopupRecord, TopupStatus
 from cake_promotions.domain.vouchers import Voucher
-
-PROMOTION_ENROLLMENT = "PROMOTION_ENROLLMENT"
-VOUCHER_ISSUED = "VOUCHER_ISSUED"
-VOUCHER_USED = "VOUCHER_USED"
-PAYMENT_PROCESSED = "PAYMENT_PROCESSED"
-USER_AGGREGATE = "user"
-
 
 _PAYMENT_STATUS = {
     TopupStatus.PENDING: payloads_pb2.PAYMENT_STATUS_PENDING,
@@ -57,8 +50,7 @@ class PromotionEvents:
     ) -> None:
         await self._writer.add(
             self._session,
-            event_type=PROMOTION_ENROLLMENT,
-            aggregate_type=USER_AGGREGATE,
+            registry.PROMOTION_ENROLLMENT,
             aggregate_id=participation.user_id,
             payload=payloads_pb2.PromotionEnrollment(
                 user_id=participation.user_id,
@@ -73,8 +65,7 @@ class PromotionEvents:
     async def voucher_issued(self, voucher: Voucher, *, campaign_id: int) -> None:
         await self._writer.add(
             self._session,
-            event_type=VOUCHER_ISSUED,
-            aggregate_type=USER_AGGREGATE,
+            registry.VOUCHER_ISSUED,
             aggregate_id=voucher.user_id,
             payload=payloads_pb2.VoucherIssued(
                 voucher_id=voucher.id,
@@ -99,8 +90,7 @@ class PromotionEvents:
     ) -> None:
         await self._writer.add(
             self._session,
-            event_type=VOUCHER_USED,
-            aggregate_type=USER_AGGREGATE,
+            registry.VOUCHER_USED,
             aggregate_id=voucher.user_id,
             payload=payloads_pb2.VoucherUsed(
                 voucher_id=voucher.id,
@@ -118,8 +108,7 @@ class PromotionEvents:
         """The payment's state: pending when the top-up is recorded, then how it ended."""
         await self._writer.add(
             self._session,
-            event_type=PAYMENT_PROCESSED,
-            aggregate_type=USER_AGGREGATE,
+            registry.PAYMENT_PROCESSED,
             aggregate_id=record.user_id,
             payload=payloads_pb2.PaymentProcessed(
                 transaction_id=record.transaction_id,

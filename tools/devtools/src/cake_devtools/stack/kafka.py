@@ -23,6 +23,8 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from cake.events.v1 import registry
+
 from cake_devtools.stack import process
 from cake_devtools.stack.component import (
     ComponentStatus,
@@ -35,15 +37,18 @@ from cake_devtools.stack.errors import StackError
 
 T = TypeVar("T")
 
-#: Event topics (DESIGN §2); each also gets ``<topic>.dlq``.
-EVENT_TOPICS = ("cake.auth.user.v1", "cake.promotions.voucher.v1", "cake.promotions.payment.v1")
 PARTITIONS = 6
 _TOPIC_ALREADY_EXISTS = 36
 _LIBS_COMPLETE_MARKER = ".complete"
 
 
 def topic_names() -> list[str]:
-    return [name for topic in EVENT_TOPICS for name in (topic, f"{topic}.dlq")]
+    """The event registry's topics, each followed by its dead-letter topic."""
+    return [
+        name
+        for topic, dead_letters in zip(registry.TOPICS, registry.DEAD_LETTER_TOPICS, strict=True)
+        for name in (topic, dead_letters)
+    ]
 
 
 def kafka_version(pom: Path) -> str:

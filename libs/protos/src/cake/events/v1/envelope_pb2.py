@@ -23,17 +23,32 @@ _sym_db = _symbol_database.Default()
 
 
 from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
+from cake.events.v1 import options_pb2 as cake_dot_events_dot_v1_dot_options__pb2
 from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63\x61ke/events/v1/envelope.proto\x12\x0e\x63\x61ke.events.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x19google/protobuf/any.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe6\x02\n\rEventEnvelope\x12\x1a\n\x08\x65vent_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\x12l\n\x04type\x18\x02 \x01(\tB^\xbaH[rYR\x10USER_FIRST_LOGINR\x14PROMOTION_ENROLLMENTR\x0eVOUCHER_ISSUEDR\x0cVOUCHER_USEDR\x11PAYMENT_PROCESSED\x12\x37\n\x0boccurred_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x06\xbaH\x03\xc8\x01\x01\x12!\n\x0e\x61ggregate_type\x18\x04 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18@\x12 \n\x0c\x61ggregate_id\x18\x05 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x01\x12-\n\x07payload\x18\x06 \x01(\x0b\x32\x14.google.protobuf.AnyB\x06\xbaH\x03\xc8\x01\x01\x12\x1e\n\x0ctrace_parent\x18\x07 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x02*\xcb\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x45VENT_TYPE_USER_FIRST_LOGIN\x10\x01\x12#\n\x1f\x45VENT_TYPE_PROMOTION_ENROLLMENT\x10\x02\x12\x1d\n\x19\x45VENT_TYPE_VOUCHER_ISSUED\x10\x03\x12\x1b\n\x17\x45VENT_TYPE_VOUCHER_USED\x10\x04\x12 \n\x1c\x45VENT_TYPE_PAYMENT_PROCESSED\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63\x61ke/events/v1/envelope.proto\x12\x0e\x63\x61ke.events.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1c\x63\x61ke/events/v1/options.proto\x1a\x19google/protobuf/any.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe6\x02\n\rEventEnvelope\x12\x1a\n\x08\x65vent_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\x12l\n\x04type\x18\x02 \x01(\tB^\xbaH[rYR\x10USER_FIRST_LOGINR\x14PROMOTION_ENROLLMENTR\x0eVOUCHER_ISSUEDR\x0cVOUCHER_USEDR\x11PAYMENT_PROCESSED\x12\x37\n\x0boccurred_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x06\xbaH\x03\xc8\x01\x01\x12!\n\x0e\x61ggregate_type\x18\x04 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18@\x12 \n\x0c\x61ggregate_id\x18\x05 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x01\x12-\n\x07payload\x18\x06 \x01(\x0b\x32\x14.google.protobuf.AnyB\x06\xbaH\x03\xc8\x01\x01\x12\x1e\n\x0ctrace_parent\x18\x07 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x02*\xe3\x05\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12]\n\x1b\x45VENT_TYPE_USER_FIRST_LOGIN\x10\x01\x1a<\x8a\xb5\x18\x38\n\x1d\x63\x61ke.events.v1.UserFirstLogin\x12\x11\x63\x61ke.auth.user.v1\x1a\x04user\x12o\n\x1f\x45VENT_TYPE_PROMOTION_ENROLLMENT\x10\x02\x1aJ\x8a\xb5\x18\x46\n\"cake.events.v1.PromotionEnrollment\x12\x1a\x63\x61ke.promotions.voucher.v1\x1a\x04user\x12\x63\n\x19\x45VENT_TYPE_VOUCHER_ISSUED\x10\x03\x1a\x44\x8a\xb5\x18@\n\x1c\x63\x61ke.events.v1.VoucherIssued\x12\x1a\x63\x61ke.promotions.voucher.v1\x1a\x04user\x12_\n\x17\x45VENT_TYPE_VOUCHER_USED\x10\x04\x1a\x42\x8a\xb5\x18>\n\x1a\x63\x61ke.events.v1.VoucherUsed\x12\x1a\x63\x61ke.promotions.voucher.v1\x1a\x04user\x12i\n\x1c\x45VENT_TYPE_PAYMENT_PROCESSED\x10\x05\x1aG\x8a\xb5\x18\x43\n\x1f\x63\x61ke.events.v1.PaymentProcessed\x12\x1a\x63\x61ke.promotions.payment.v1\x1a\x04user\x12I\n\x19\x45VENT_TYPE_SECURITY_AUDIT\x10\x06\x1a*\x8a\xb5\x18&\n\x1c\x63\x61ke.events.v1.SecurityAudit\x1a\x04user \x01\x1an\x92\xb5\x18j\n\x04.dlq\x12\x05\x63\x65_id\x1a\x07\x63\x65_type\"\x17\x63\x61ke_dead_letter_reason*\x17\x63\x61ke_dead_letter_origin2\x0f\x63\x61ke_dlq_reason:\x0f\x63\x61ke_dlq_originb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cake.events.v1.envelope_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_EVENTTYPE']._loaded_options = None
+  _globals['_EVENTTYPE']._serialized_options = b'\222\265\030j\n\004.dlq\022\005ce_id\032\007ce_type\"\027cake_dead_letter_reason*\027cake_dead_letter_origin2\017cake_dlq_reason:\017cake_dlq_origin'
+  _globals['_EVENTTYPE'].values_by_name["EVENT_TYPE_USER_FIRST_LOGIN"]._loaded_options = None
+  _globals['_EVENTTYPE'].values_by_name["EVENT_TYPE_USER_FIRST_LOGIN"]._serialized_options = b'\212\265\0308\n\035cake.events.v1.UserFirstLogin\022\021cake.auth.user.v1\032\004user'
+  _globals['_EVENTTYPE'].values_by_name["EVENT_TYPE_PROMOTION_ENROLLMENT"]._loaded_options = None
+  _globals['_EVENTTYPE'].values_by_name["EVENT_TYPE_PROMOTION_ENROLLMENT"]._serialized_options = b'\212\265\030F\n\"cake.events.v1.PromotionEnrollment\022\032cake.promotions.voucher.v1\032\004user'
+  _globals['_EVENTTYPE'].values_by_name["EVENT_TYPE_VOUCHER_ISSUED"]._loaded_options = None
+  _globals['_EVENTTYPE'].values_by_name["EVENT_TYPE_VOUCHER_ISSUED"]._serialized_options = b'\212\265\030@\n\034cake.events.v1.VoucherIssued\022\032cake.promotions.voucher.v1\032\004user'
+  _globals['_EVENTTYPE'].values_by_name["EVENT_TYPE_VOUCHER_USED"]._loaded_options = None
+  _globals['_EVENTTYPE'].values_by_name["EVENT_TYPE_VOUCHER_USED"]._serialized_options = b'\212\265\030>\n\032cake.events.v1.VoucherUsed\022\032cake.promotions.voucher.v1\032\004user'
+  _globals['_EVENTTYPE'].values_by_name["EVENT_TYPE_PAYMENT_PROCESSED"]._loaded_options = None
+  _globals['_EVENTTYPE'].values_by_name["EVENT_TYPE_PAYMENT_PROCESSED"]._serialized_options = b'\212\265\030C\n\037cake.events.v1.PaymentProcessed\022\032cake.promotions.payment.v1\032\004user'
+  _globals['_EVENTTYPE'].values_by_name["EVENT_TYPE_SECURITY_AUDIT"]._loaded_options = None
+  _globals['_EVENTTYPE'].values_by_name["EVENT_TYPE_SECURITY_AUDIT"]._serialized_options = b'\212\265\030&\n\034cake.events.v1.SecurityAudit\032\004user \001'
   _globals['_EVENTENVELOPE'].fields_by_name['event_id']._loaded_options = None
   _globals['_EVENTENVELOPE'].fields_by_name['event_id']._serialized_options = b'\272H\005r\003\260\001\001'
   _globals['_EVENTENVELOPE'].fields_by_name['type']._loaded_options = None
@@ -48,8 +63,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVENTENVELOPE'].fields_by_name['payload']._serialized_options = b'\272H\003\310\001\001'
   _globals['_EVENTENVELOPE'].fields_by_name['trace_parent']._loaded_options = None
   _globals['_EVENTENVELOPE'].fields_by_name['trace_parent']._serialized_options = b'\272H\005r\003\030\200\002'
-  _globals['_EVENTTYPE']._serialized_start=500
-  _globals['_EVENTTYPE']._serialized_end=703
-  _globals['_EVENTENVELOPE']._serialized_start=139
-  _globals['_EVENTENVELOPE']._serialized_end=497
+  _globals['_EVENTTYPE']._serialized_start=530
+  _globals['_EVENTTYPE']._serialized_end=1269
+  _globals['_EVENTENVELOPE']._serialized_start=169
+  _globals['_EVENTENVELOPE']._serialized_end=527
 # @@protoc_insertion_point(module_scope)

@@ -28,34 +28,41 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     EVENT_TYPE_UNSPECIFIED: _EventType.ValueType  # 0
     """Not a valid event type."""
     EVENT_TYPE_USER_FIRST_LOGIN: _EventType.ValueType  # 1
-    """A user logged in for the first time; payload UserFirstLogin (topic cake.auth.user.v1)."""
+    """A user logged in for the first time."""
     EVENT_TYPE_PROMOTION_ENROLLMENT: _EventType.ValueType  # 2
-    """A user was enrolled in a campaign; payload PromotionEnrollment."""
+    """A user was enrolled in a campaign."""
     EVENT_TYPE_VOUCHER_ISSUED: _EventType.ValueType  # 3
-    """A voucher was issued; payload VoucherIssued (topic cake.promotions.voucher.v1)."""
+    """A voucher was issued."""
     EVENT_TYPE_VOUCHER_USED: _EventType.ValueType  # 4
-    """A voucher was spent on a top-up; payload VoucherUsed (topic cake.promotions.voucher.v1)."""
+    """A voucher was spent on a top-up."""
     EVENT_TYPE_PAYMENT_PROCESSED: _EventType.ValueType  # 5
-    """A top-up payment was processed; payload PaymentProcessed (topic cake.promotions.payment.v1)."""
+    """A top-up payment was processed (pending, then how it ended)."""
+    EVENT_TYPE_SECURITY_AUDIT: _EventType.ValueType  # 6
+    """An entry of the security audit log; kept by the events service, never published."""
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper):
     """EventType lists Cake's domain events. On the wire EventEnvelope.type carries the name
     without the `EVENT_TYPE_` prefix (for example `USER_FIRST_LOGIN`), as does the `ce_type`
-    Kafka header.
+    Kafka header. Each value's `event` option declares its payload, topic and aggregate; the
+    enum's `event_bus` option the dead-letter rule and the header names. These options are the
+    event registry (`cake-codegen` generates `cake.events.v1.registry` from them): add an event
+    type here, with its options, and nowhere else.
     """
 
 EVENT_TYPE_UNSPECIFIED: EventType.ValueType  # 0
 """Not a valid event type."""
 EVENT_TYPE_USER_FIRST_LOGIN: EventType.ValueType  # 1
-"""A user logged in for the first time; payload UserFirstLogin (topic cake.auth.user.v1)."""
+"""A user logged in for the first time."""
 EVENT_TYPE_PROMOTION_ENROLLMENT: EventType.ValueType  # 2
-"""A user was enrolled in a campaign; payload PromotionEnrollment."""
+"""A user was enrolled in a campaign."""
 EVENT_TYPE_VOUCHER_ISSUED: EventType.ValueType  # 3
-"""A voucher was issued; payload VoucherIssued (topic cake.promotions.voucher.v1)."""
+"""A voucher was issued."""
 EVENT_TYPE_VOUCHER_USED: EventType.ValueType  # 4
-"""A voucher was spent on a top-up; payload VoucherUsed (topic cake.promotions.voucher.v1)."""
+"""A voucher was spent on a top-up."""
 EVENT_TYPE_PAYMENT_PROCESSED: EventType.ValueType  # 5
-"""A top-up payment was processed; payload PaymentProcessed (topic cake.promotions.payment.v1)."""
+"""A top-up payment was processed (pending, then how it ended)."""
+EVENT_TYPE_SECURITY_AUDIT: EventType.ValueType  # 6
+"""An entry of the security audit log; kept by the events service, never published."""
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
 @_typing.final
