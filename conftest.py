@@ -32,11 +32,15 @@ def pytest_configure(config: pytest.Config) -> None:
     """Read the checkout's optional ``.ports.env`` (the Makefile includes it too).
 
     One ``export CAKE_TEST_...=port`` per line lets a second checkout run its test stack beside
-    this one; variables already set win.
+    this one; variables already set win. Only the test profile's ``CAKE_TEST_*`` are taken: the
+    dev ports (``CAKE_<SVC>_METRICS_PORT``...) are also the services' own settings, and test
+    servers must not inherit them.
     """
-    from dotenv import load_dotenv
+    from dotenv import dotenv_values
 
-    load_dotenv(Path(__file__).parent / ".ports.env", override=False)
+    for name, value in dotenv_values(Path(__file__).parent / ".ports.env").items():
+        if name.startswith("CAKE_TEST_") and value is not None:
+            os.environ.setdefault(name, value)
 
 
 SERVICES = ("auth", "payments", "promotions", "events", "envoy")

@@ -82,6 +82,9 @@ def consumers(
         "CAKE_PROMOTIONS_CONSUMER_GROUP": group,
         "CAKE_PROMOTIONS_DATABASE_POOL_SIZE": "5",
         "CAKE_PROMOTIONS_LOG_LEVEL": "INFO",
+        # Two processes on one machine: a fixed metrics port (a dev stack's, inherited from
+        # the environment) would let only one of them start.
+        "CAKE_PROMOTIONS_METRICS_PORT": "0",
     }
     processes: list[subprocess.Popen[bytes]] = []
     logs = [tmp_path / f"consumer-{index}.log" for index in range(2)]
