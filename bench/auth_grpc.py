@@ -140,8 +140,8 @@ class ServiceProcess:
     pid: int
 
     def cpu_seconds(self) -> float:
-        """CPU time (user + system) of the service and its live child processes (the
-        libxcrypt workers), from /proc; 0 where there is no /proc."""
+        """CPU time (user + system) of the service and any live child processes, from
+        /proc; 0 where there is no /proc."""
         return sum(_process_cpu_seconds(pid) for pid in (self.pid, *_children(self.pid)))
 
 
@@ -370,7 +370,7 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--database-url", help="postgresql+psycopg URL (default: test stack)")
     parser.add_argument("--redis-url", help="Redis URL (default: test stack)")
     parser.add_argument("--bcrypt-cost", type=int, default=10)
-    parser.add_argument("--hasher", choices=("bcrypt", "libxcrypt"), default="bcrypt")
+    parser.add_argument("--hasher", choices=("bcrypt", "libxcrypt"), default="libxcrypt")
     parser.add_argument("--users", type=int, default=40)
     parser.add_argument("--channels", type=int, default=4)
     parser.add_argument("--login-seconds", type=float, default=15)

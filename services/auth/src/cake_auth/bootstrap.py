@@ -103,6 +103,7 @@ async def _open_infrastructure(
             settings.password_hasher,
             cost=settings.bcrypt_cost,
             workers=settings.password_hash_workers,
+            fallback=settings.password_hasher_fallback,
         )
         exits.push_async_callback(hasher.close)
     except BaseException:
