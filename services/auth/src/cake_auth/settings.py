@@ -36,6 +36,12 @@ class AuthSettings(ServiceSettings):
     password_hash_workers: int | None = Field(
         default=None, ge=1, description="Hashing threads; default: CPU count"
     )
+    hash_queue_max_waiting: int | None = Field(
+        default=None,
+        ge=0,
+        description="Logins/registrations that may wait for a hashing thread; beyond that they "
+        "are refused at once (UNAVAILABLE, retry-after); default: 4 per hashing thread",
+    )
 
     access_token_ttl_seconds: int = Field(
         default=900, gt=0, description="Access-token lifetime (short: sessions refresh)"
