@@ -1,6 +1,6 @@
 """Tiny runs of the benchmark scenarios and one fault drill, so they keep working.
 
-They assert correctness only (no timing): the k6 scenarios run without errors, the
+They assert correctness only (no timing): the load scenarios (vegeta) run without errors, the
 first-login burst issues exactly min(N, maxParticipants) vouchers with none doubled, no
 voucher is spent twice under racing top-ups, a relay killed mid-burst loses and doubles
 nothing, and the relay benchmark relays every row it times. Each runs the real entry point
@@ -33,7 +33,7 @@ def _run(script: str, *arguments: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_k6_scenarios_at_tiny_size_are_correct(full_stack: Stack, tmp_path: Path) -> None:
+def test_load_scenarios_at_tiny_size_are_correct(full_stack: Stack, tmp_path: Path) -> None:
     completed = _run(
         "run.py",
         "--out", str(tmp_path),
