@@ -50,7 +50,7 @@ def percentile(values: Sequence[float], fraction: float) -> float:
 
 @dataclass(frozen=True)
 class SeededUser:
-    user_id: int
+    user_id: int | str  # str: a peer system's non-numeric ids (side-by-side mode)
     username: str
     email: str
     phone: str
@@ -115,7 +115,7 @@ class Gateway:
             raise RuntimeError(f"register failed: {response.status_code} {response.text[:200]}")
         data = response.json()
         return SeededUser(
-            user_id=int(data["user"]["id"]),
+            user_id=int(raw_id) if str(raw_id := data["user"]["id"]).isdigit() else raw_id,
             username=identity["username"],
             email=identity["email"],
             phone=identity["phone"],

@@ -68,6 +68,7 @@ from scenarios import (
     sessions_for_refresh,
     topup_race,
 )
+from side_by_side import print_comparison, probe_peer, side_by_side
 
 MIX = (70.0, 20.0, 10.0)
 """The Cake System's auth mix: login / register / profile shares (%)."""
@@ -87,6 +88,14 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=15, help="seconds per timed scenario")
     parser.add_argument("--ceiling-seconds", type=float, default=5)
     parser.add_argument("--users", type=int, default=60, help="seeded users for mix/profile")
+    parser.add_argument(
+        "--peer-url",
+        help="side by side: run the open-model scenarios against Cake and this peer (its "
+        "base URL, the Cake System's REST API) and print ratios",
+    )
+    parser.add_argument("--peer-profile-rate", type=float, default=600, help="side by side")
+    parser.add_argument("--peer-login-rate", type=float, default=28, help="side by side")
+    parser.add_argument("--peer-mix-rate", type=float, default=36, help="side by side")
     parser.add_argument("--mix-rate", type=float, help="mix iterations/s (default: 0.7 x ceiling)")
     parser.add_argument("--profile-vus", type=int, default=16)
     parser.add_argument("--burst-users", type=int, default=60)
@@ -380,9 +389,24 @@ async def topup_contention(
 
 def main() -> None:
     args = _arguments()
+    load_at_start = os.getloadavg()
+    if args.peer_url:
+        # Before anything else: a peer that does not answer ends the run at once.
+        probe_peer(args.peer_url.rstrip("/"))
     out = args.out or RESULTS_DIR / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     out.mkdir(parents=True, exist_ok=True)
     say(f"results in {out}")
+    if args.peer_url:
+        stack = Stack(args.profile, echo=None)
+        check_stack(stack)
+        compared = asyncio.run(
+            side_by_side(args, out, stack.gateway_url, args.peer_url.rstrip("/"))
+        )
+        compared["load_average"] = {"start": load_at_start, "end": os.getloadavg()}
+        (out / "side-by-side.json").write_text(json.dumps(compared, indent=2))
+        print_comparison(compared)
+        say(f"load average {load_at_start} at start, {os.getloadavg()} at end")
+        return
     results = asyncio.run(bench(args, out))
     (out / "results.json").write_text(json.dumps(results, indent=2))
     report = write_report(results, out / "report.md")
