@@ -49,6 +49,7 @@ from benchlib import (
     write_users,
 )
 from cake.auth.v1 import auth_pb2, auth_pb2_grpc
+from cake_auth.settings import AuthSettings
 from cake_devtools.stack import Stack
 from ceilings import (
     LoadResult,
@@ -205,7 +206,10 @@ async def bench(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     cost = int(stack.service_environment()["auth"].get("CAKE_AUTH_BCRYPT_COST", "10"))
 
     # 1. ceilings
-    bcrypt = bcrypt_ceiling(cost)
+    hasher = stack.service_environment()["auth"].get(
+        "CAKE_AUTH_PASSWORD_HASHER", AuthSettings.model_fields["password_hasher"].default
+    )
+    bcrypt = bcrypt_ceiling(cost, hasher)
     results["ceilings"]["bcrypt"] = bcrypt
     if "ceilings" not in skip:
         echo = await grpc_echo_ceiling(args.ceiling_seconds)
