@@ -29,6 +29,8 @@ from benchlib import percentile, say
 REPO = Path(__file__).resolve().parents[1]
 VEGETA = REPO / ".tools" / "bin" / "vegeta"
 TIMEOUT_SECONDS = 60
+REFUSALS = (429, 503)
+"""Answers that refuse a request to protect the service (with Retry-After)."""
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,13 @@ def attack(
             f"p95={values['p(95)']:.1f} p99={values['p(99)']:.1f} ms, "
             f"failed {failed['rate']:.1%} {summary['statuses'].get(op, {})}"
         )
+        accepted = summary["metrics"][f"op_{op}_ok_ms"]["values"]
+        refused = summary["metrics"][f"op_{op}_refused_ms"]["values"]
+        if refused["count"]:
+            say(
+                f"    accepted p95={accepted.get('p(95)', 0.0):.1f} ms; "
+                f"{refused['count']:.0f} refused (429/503), p95={refused['p(95)']:.1f} ms"
+            )
     return summary
 
 
@@ -185,6 +194,8 @@ def trend(values: Sequence[float]) -> dict[str, float]:
 
 def summarise(results: Iterable[Mapping[str, Any]], targets: Sequence[Target]) -> dict[str, Any]:
     latencies: dict[str, list[float]] = {}
+    ok_latencies: dict[str, list[float]] = {}
+    refused_latencies: dict[str, list[float]] = {}
     failures: dict[str, int] = {}
     statuses: dict[str, dict[str, int]] = {}
     stamps: list[float] = []
@@ -197,9 +208,13 @@ def summarise(results: Iterable[Mapping[str, Any]], targets: Sequence[Target]) -
         by_code[str(code)] = by_code.get(str(code), 0) + 1
         stamps.append(_timestamp(result) + int(result["latency"]) / 1e9)
         stamps.append(_timestamp(result))
+        latency_ms = int(result["latency"]) / 1e6
         if code == target.ok_status:
             ok += 1
+            ok_latencies.setdefault(target.op, []).append(latency_ms)
         else:
+            if code in REFUSALS:
+                refused_latencies.setdefault(target.op, []).append(latency_ms)
             failures[target.op] = failures.get(target.op, 0) + 1
     duration_s = (max(stamps) - min(stamps)) if stamps else 0.0
     metrics: dict[str, Any] = {
@@ -208,6 +223,10 @@ def summarise(results: Iterable[Mapping[str, Any]], targets: Sequence[Target]) -
     for op, values in latencies.items():
         metrics[f"op_{op}_ms"] = {"values": trend(values)}
         metrics[f"op_{op}_failed"] = {"values": {"rate": failures.get(op, 0) / len(values)}}
+        # Accepted and refused answers apart: under overload the goal is about the first
+        # (short waits) and the second (refused at once), not their mixture.
+        metrics[f"op_{op}_ok_ms"] = {"values": trend(ok_latencies.get(op, []))}
+        metrics[f"op_{op}_refused_ms"] = {"values": trend(refused_latencies.get(op, []))}
     return {
         "metrics": metrics,
         "state": {"testRunDurationMs": duration_s * 1000},

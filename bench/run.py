@@ -124,6 +124,9 @@ def mix_result(summary: dict[str, Any], op: str) -> dict[str, float]:
         "p95": latency.get("p(95)", 0.0),
         "p99": latency.get("p(99)", 0.0),
         "error_rate": metric(summary, f"op_{op}_failed").get("rate", 0.0),
+        "ok_p95": metric(summary, f"op_{op}_ok_ms").get("p(95)", 0.0),
+        "refused": metric(summary, f"op_{op}_refused_ms").get("count", 0.0),
+        "refused_p95": metric(summary, f"op_{op}_refused_ms").get("p(95)", 0.0),
         # Goodput: the answers that succeeded (refusals and errors are in ``count``).
         "ok_per_second": (
             count * (1 - metric(summary, f"op_{op}_failed").get("rate", 0.0)) / duration_s
