@@ -30,8 +30,9 @@ gen: ## regenerate Python code, type stubs and the Envoy descriptor set from pro
 lint: ## ruff, mypy, buf lint and generated-code freshness only
 	@bash tools/run-tests.sh --lint-only
 
-bench: ## ceilings + k6 scenarios against the running stack, JSON + Markdown report (bench/results/)
-	@uv run --frozen python bench/run.py
+bench: ## ceilings + load scenarios (vegeta) against the running stack, JSON + Markdown report (bench/results/); PEER_URL=http://host:port: side by side with that peer, ratios
+	@bash tools/bootstrap.sh
+	@uv run --frozen python bench/run.py $(if $(PEER_URL),--peer-url $(PEER_URL))
 
 chaos: ## fault drills: first-login bursts (SIGKILL relay/consumer/Kafka, stop Postgres/Redis) and top-ups (bank hang/down, promotions SIGKILL, Postgres stop)
 	@uv run --frozen python bench/chaos.py

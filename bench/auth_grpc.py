@@ -4,8 +4,8 @@ profile reads per second with the cache warm. Prints numbers; asserts nothing.
 In one run, on one machine:
 
 1. bcrypt ceiling = usable cores ÷ the time of one check at the configured cost (measured
-   here, single-threaded, with pyca bcrypt), next to what ``cores`` threads of bcrypt really
-   reach right now (if that is well below the ceiling, the box is busy with other work);
+   here, single-threaded, with the service's hasher), next to what ``cores`` threads of pyca
+   bcrypt really reach right now (if that is well below the ceiling, the box is busy);
 2. login throughput: a real ``cake-auth serve`` subprocess, logged into by enough concurrent
    gRPC clients to keep every hashing worker busy; ratio = throughput ÷ ceiling (goal ≥ 0.85);
 3. profile reads/s: ``GetProfile`` with a bearer token, the Redis cache warmed first.
@@ -51,7 +51,7 @@ from pathlib import Path
 import bcrypt
 import grpc
 from cake.auth.v1 import auth_pb2, auth_pb2_grpc
-from cake_auth.adapters.password_hashers import available_cpus
+from cake_auth.adapters.password_hashers import Libxcrypt, available_cpus
 from cake_auth.adapters.signing_keys import JWKS_FILENAME, SIGNING_KEY_FILENAME, generate_key_pair
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -82,14 +82,21 @@ def parallel_bcrypt_rate(cost: int, threads: int, seconds: float = 3.0) -> float
     return sum(counts) / (time.monotonic() - started)
 
 
-def bcrypt_check_seconds(cost: int, samples: int = 15) -> tuple[float, float]:
-    """Median wall time and CPU time of one pyca bcrypt check at ``cost`` on one core (the
-    CPU time hardly moves when other work shares the box; the wall time does)."""
+def bcrypt_check_seconds(
+    cost: int, samples: int = 15, *, hasher: str = "libxcrypt"
+) -> tuple[float, float]:
+    """Median wall time and CPU time of one bcrypt check at ``cost`` on one core by the
+    auth service's ``hasher`` (libxcrypt's crypt_rn or pyca bcrypt; the CPU time hardly
+    moves when other work shares the box; the wall time does)."""
     hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=cost))
+    library = Libxcrypt() if hasher == "libxcrypt" else None
     wall, cpu = [], []
     for _ in range(samples):
         started, started_cpu = time.perf_counter(), time.thread_time()
-        bcrypt.checkpw(PASSWORD.encode(), hashed)
+        if library is not None:
+            library.verify(PASSWORD, hashed.decode())
+        else:
+            bcrypt.checkpw(PASSWORD.encode(), hashed)
         wall.append(time.perf_counter() - started)
         cpu.append(time.thread_time() - started_cpu)
     return statistics.median(wall), statistics.median(cpu)
@@ -140,8 +147,8 @@ class ServiceProcess:
     pid: int
 
     def cpu_seconds(self) -> float:
-        """CPU time (user + system) of the service and its live child processes (the
-        libxcrypt workers), from /proc; 0 where there is no /proc."""
+        """CPU time (user + system) of the service and any live child processes, from
+        /proc; 0 where there is no /proc."""
         return sum(_process_cpu_seconds(pid) for pid in (self.pid, *_children(self.pid)))
 
 
@@ -370,7 +377,7 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--database-url", help="postgresql+psycopg URL (default: test stack)")
     parser.add_argument("--redis-url", help="Redis URL (default: test stack)")
     parser.add_argument("--bcrypt-cost", type=int, default=10)
-    parser.add_argument("--hasher", choices=("bcrypt", "libxcrypt"), default="bcrypt")
+    parser.add_argument("--hasher", choices=("bcrypt", "libxcrypt"), default="libxcrypt")
     parser.add_argument("--users", type=int, default=40)
     parser.add_argument("--channels", type=int, default=4)
     parser.add_argument("--login-seconds", type=float, default=15)
@@ -388,7 +395,7 @@ def main() -> None:
     cores = available_cpus()
     load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
     print(f"machine:             {cores} usable cores, load average {load} at start")
-    check, check_cpu = bcrypt_check_seconds(args.bcrypt_cost)
+    check, check_cpu = bcrypt_check_seconds(args.bcrypt_cost, hasher=args.hasher)
     ceiling = cores / check
     print(
         f"bcrypt ceiling:      {ceiling:8.1f}/s  "

@@ -1,4 +1,4 @@
-"""Shared helpers of the benchmark runner, the k6 seeding and the fault drills.
+"""Shared helpers of the benchmark runner, its seeding and the fault drills.
 
 Everything here talks to a running local stack (``cake_devtools.stack.Stack``) through its
 public gateway, except the read-only database counts that check correctness (vouchers per
@@ -14,7 +14,6 @@ import os
 import secrets
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
@@ -28,15 +27,15 @@ from cake_devtools.stack import Stack
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 BENCH_DIR = Path(__file__).resolve().parent
-K6_DIR = BENCH_DIR / "k6"
 RESULTS_DIR = BENCH_DIR / "results"
 PASSWORD = "bench-pass-123"  # noqa: S105 - throwaway benchmark users
 ADMIN_USERNAME = "bench_admin"
+BUSY_RETRIES = 20
 ADMIN_PASSWORD = "bench-admin-pass-1"  # noqa: S105 - local stacks only
 
 
 def say(message: str) -> None:
-    """Progress line (flushed, so it interleaves correctly with k6's own output)."""
+    """Progress line (flushed, so it interleaves correctly with other processes' output)."""
     print(f"[{datetime.now(UTC):%H:%M:%S}] {message}", flush=True)
 
 
@@ -51,7 +50,7 @@ def percentile(values: Sequence[float], fraction: float) -> float:
 
 @dataclass(frozen=True)
 class SeededUser:
-    user_id: int
+    user_id: int | str  # str: a peer system's non-numeric ids (side-by-side mode)
     username: str
     email: str
     phone: str
@@ -99,9 +98,16 @@ class Gateway:
         all_headers = dict(headers or {})
         if token:
             all_headers["authorization"] = f"Bearer {token}"
-        return await self.client.request(
-            method, path, json=body if body is not None else None, headers=all_headers
-        )
+        for _ in range(BUSY_RETRIES):
+            response = await self.client.request(
+                method, path, json=body if body is not None else None, headers=all_headers
+            )
+            # The auth service refuses logins/registrations beyond its hash queue (503 with
+            # Retry-After): seeding waits as told, like any well-behaved client.
+            if response.status_code != 503 or "retry-after" not in response.headers:
+                break
+            await asyncio.sleep(float(response.headers["retry-after"]))
+        return response
 
     async def register(self, identity: dict[str, str]) -> SeededUser:
         response = await self.call("POST", "/auth/register", body=identity)
@@ -109,7 +115,7 @@ class Gateway:
             raise RuntimeError(f"register failed: {response.status_code} {response.text[:200]}")
         data = response.json()
         return SeededUser(
-            user_id=int(data["user"]["id"]),
+            user_id=int(raw_id) if str(raw_id := data["user"]["id"]).isdigit() else raw_id,
             username=identity["username"],
             email=identity["email"],
             phone=identity["phone"],
@@ -246,43 +252,8 @@ def rate_limits_raised(stack: Stack) -> bool:
     return config.exists() and "max_tokens: 10000000" in config.read_text()
 
 
-def k6_binary() -> str:
-    return str(Path(sys.executable).with_name("k6"))
-
-
-def run_k6(
-    script: str,
-    environment: dict[str, str],
-    summary_path: Path,
-    *,
-    quiet: bool = False,
-    samples_csv: Path | None = None,
-) -> dict[str, Any]:
-    """Run one k6 scenario; its handleSummary writes ``summary_path``; return that JSON.
-
-    With ``samples_csv`` every sample is also written there (k6's CSV output), for
-    ``latency_over_time``.
-    """
-    command = [k6_binary(), "run", "--quiet", "--no-usage-report", str(K6_DIR / script)]
-    if samples_csv is not None:
-        command[2:2] = ["--out", f"csv={samples_csv}"]
-    env = {**os.environ, **environment, "SUMMARY_FILE": str(summary_path)}
-    say(
-        f"k6 {script} "
-        + " ".join(f"{k}={v}" for k, v in sorted(environment.items()) if k != "USERS_FILE")
-    )
-    started = time.monotonic()
-    completed = subprocess.run(command, env=env, check=False, capture_output=quiet, text=True)
-    say(f"k6 {script} finished in {time.monotonic() - started:.1f}s (exit {completed.returncode})")
-    if not summary_path.exists():
-        raise RuntimeError(f"k6 {script} wrote no summary (exit {completed.returncode})")
-    summary: dict[str, Any] = json.loads(summary_path.read_text())
-    summary["k6_exit_code"] = completed.returncode
-    return summary
-
-
 def metric(summary: dict[str, Any], name: str) -> dict[str, float]:
-    """The values of one k6 metric in a handleSummary JSON ({} when absent)."""
+    """The values of one metric in a scenario's summary ({} when absent)."""
     values: dict[str, float] = summary.get("metrics", {}).get(name, {}).get("values", {})
     return values
 
@@ -292,7 +263,8 @@ def write_users(path: Path, users: Sequence[SeededUser], **extra: Any) -> None:
 
 
 def latency_over_time(samples_csv: Path, metric_name: str) -> list[dict[str, float]]:
-    """Per-second count and P50/P95/P99 of one k6 trend, from k6's CSV output."""
+    """Per-second count and P50/P95/P99 of one operation's latency, from the samples CSV
+    (``loadgen.write_samples``)."""
     buckets: dict[int, list[float]] = {}
     with samples_csv.open(newline="") as handle:
         for row in csv.DictReader(handle):

@@ -1,10 +1,11 @@
 """Ceilings measured in the same run as the scenarios, so every figure has a denominator.
 
-- bcrypt: usable cores ÷ the wall time of one check at the auth service's cost (pyca bcrypt,
-  ``auth_grpc.bcrypt_check_seconds``): the most logins/s any implementation can do here.
+- bcrypt: usable cores ÷ the wall time of one check at the auth service's cost by its hasher
+  (libxcrypt by default, ``auth_grpc.bcrypt_check_seconds``): the most logins/s that hasher
+  can do here.
 - gRPC: a trivial grpc.aio echo server (own process) under a grpc.aio client: the most
   unary calls/s Python gRPC does on this box, with no work behind them.
-- Envoy: a throwaway Envoy whose only route is a ``direct_response``, loaded by k6: the most
+- Envoy: a throwaway Envoy whose only route is a ``direct_response``, loaded by vegeta: the most
   requests/s the gateway binary itself serves, with no upstream.
 
 Run alone: ``uv run python bench/ceilings.py`` (``echo-server PORT`` is the echo child).
@@ -26,8 +27,9 @@ from typing import Any
 
 import grpc
 from auth_grpc import bcrypt_check_seconds
-from benchlib import metric, percentile, run_k6, say
+from benchlib import metric, percentile, say
 from cake_devtools.stack.envoy import envoy_binary
+from loadgen import Target, attack
 
 ECHO_METHOD = "/bench.Echo/Echo"
 
@@ -55,9 +57,9 @@ def free_port() -> int:
         return port
 
 
-def bcrypt_ceiling(cost: int) -> dict[str, float]:
-    say(f"ceiling: timing one bcrypt check at cost {cost} (pyca bcrypt, one core)")
-    wall, cpu = bcrypt_check_seconds(cost)
+def bcrypt_ceiling(cost: int, hasher: str = "libxcrypt") -> dict[str, float]:
+    say(f"ceiling: timing one bcrypt check at cost {cost} ({hasher}, one core)")
+    wall, cpu = bcrypt_check_seconds(cost, hasher=hasher)
     cores = os.cpu_count() or 1
     return {
         "cost": cost,
@@ -168,7 +170,10 @@ def envoy_direct_response_ceiling(directory: Path, seconds: float, vus: int = 16
     port = free_port()
     config = directory / "envoy-direct-response.yaml"
     config.write_text(ENVOY_CONFIG.format(port=port, hcm_type=HCM_TYPE))
-    say(f"ceiling: Envoy direct_response on :{port} (concurrency 2), k6 {vus} VUs, {seconds:.0f}s")
+    say(
+        f"ceiling: Envoy direct_response on :{port} (concurrency 2), "
+        f"vegeta {vus} connections, {seconds:.0f}s"
+    )
     log = (directory / "envoy-direct-response.log").open("w")
     envoy = subprocess.Popen(
         [envoy_binary(), "-c", str(config), "--concurrency", "2", "--base-id", str(port)],
@@ -182,20 +187,22 @@ def envoy_direct_response_ceiling(directory: Path, seconds: float, vus: int = 16
                 if probe.connect_ex(("127.0.0.1", port)) == 0:
                     break
             time.sleep(0.2)
-        summary = run_k6(
-            "plain_get.js",
-            {"URL": f"http://127.0.0.1:{port}/", "VUS": str(vus), "DURATION": f"{seconds:.0f}s"},
-            directory / "k6-envoy-direct-response.json",
-            quiet=True,
+        summary = attack(
+            "envoy_direct_response",
+            [Target.get("get", f"http://127.0.0.1:{port}/")],
+            directory,
+            duration_s=seconds,
+            rate=None,
+            workers=vus,
         )
     finally:
         envoy.terminate()
         envoy.wait(10)
         log.close()
-    return k6_closed_result("envoy direct_response", summary, "op_get_ms", "op_get_failed")
+    return vegeta_closed_result("envoy direct_response", summary, "op_get_ms", "op_get_failed")
 
 
-def k6_closed_result(name: str, summary: dict[str, Any], trend: str, failed: str) -> LoadResult:
+def vegeta_closed_result(name: str, summary: dict[str, Any], trend: str, failed: str) -> LoadResult:
     latency = metric(summary, trend)
     duration_s = summary["state"]["testRunDurationMs"] / 1000
     count = int(latency.get("count", 0))

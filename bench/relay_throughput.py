@@ -127,7 +127,7 @@ def outbox_events(count: int) -> list[OutboxEvent]:
     for index in range(count):
         user_id = 1 + index % USERS
         payload = payloads_pb2.UserFirstLogin(
-            user_id=user_id, login_at=login_at, user_agent="k6/0.49", client_ip="10.0.0.1"
+            user_id=user_id, login_at=login_at, user_agent="vegeta/12.13", client_ip="10.0.0.1"
         )
         events.append(
             OutboxEvent(

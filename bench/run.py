@@ -1,4 +1,5 @@
-"""``make bench``: ceilings, k6 scenarios and a raw gRPC comparison in one run, then a report.
+"""``make bench``: ceilings, load scenarios (vegeta, ``loadgen.py``; flows in ``scenarios.py``)
+and a raw gRPC comparison in one run, then a report.
 
 Steps (each prints what it does):
 
@@ -6,10 +7,12 @@ Steps (each prints what it does):
    up`` for raised per-IP rate limits, the test profile has them);
 2. ceilings (``ceilings.py``): bcrypt, grpc.aio echo, Envoy ``direct_response``;
 3. seed users through the gateway (registered and logged in once);
-4. profile reads: raw gRPC to the auth service (grpc.aio) vs REST through the gateway (k6);
-5. ``mixed_auth.js`` at a fixed arrival rate, and a login-only run above the bcrypt ceiling;
-6. ``first_login_burst.js`` against a fresh campaign (vouchers counted in the database too);
-7. ``topup_contention.js``: the burst's vouchers spent by several racing clients each;
+4. profile reads: raw gRPC to the auth service (grpc.aio) vs REST through the gateway
+   (vegeta, closed model);
+5. the auth mix at a fixed arrival rate (vegeta, open model), and login-only runs above and
+   below the bcrypt ceiling;
+6. the first-login burst against a fresh campaign (vouchers counted in the database too);
+7. top-up contention: the burst's vouchers spent by several racing clients each;
 8. ``bench/results/<timestamp>/{results.json,report.md}`` and a one-screen summary.
 
 Usage::
@@ -40,13 +43,13 @@ from benchlib import (
     latency_over_time,
     metric,
     rate_limits_raised,
-    run_k6,
     say,
     service_database,
     voucher_counts,
     write_users,
 )
 from cake.auth.v1 import auth_pb2, auth_pb2_grpc
+from cake_auth.settings import AuthSettings
 from cake_devtools.stack import Stack
 from ceilings import (
     LoadResult,
@@ -54,9 +57,22 @@ from ceilings import (
     closed_loop,
     envoy_direct_response_ceiling,
     grpc_echo_ceiling,
-    k6_closed_result,
+    vegeta_closed_result,
 )
+from loadgen import attack
 from report import print_summary, write_report
+from scenarios import (
+    first_login_burst_clients,
+    mix_counts,
+    mixed_auth_targets,
+    profile_targets,
+    sessions_for_refresh,
+    topup_race,
+)
+from side_by_side import print_comparison, probe_peer, side_by_side
+
+MIX = (70.0, 20.0, 10.0)
+"""The Cake System's auth mix: login / register / profile shares (%)."""
 
 NESTJS_REFERENCE = {
     "login_per_second": 34.6,
@@ -73,6 +89,14 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=15, help="seconds per timed scenario")
     parser.add_argument("--ceiling-seconds", type=float, default=5)
     parser.add_argument("--users", type=int, default=60, help="seeded users for mix/profile")
+    parser.add_argument(
+        "--peer-url",
+        help="side by side: run the open-model scenarios against Cake and this peer (its "
+        "base URL, the Cake System's REST API) and print ratios",
+    )
+    parser.add_argument("--peer-profile-rate", type=float, default=600, help="side by side")
+    parser.add_argument("--peer-login-rate", type=float, default=28, help="side by side")
+    parser.add_argument("--peer-mix-rate", type=float, default=36, help="side by side")
     parser.add_argument("--mix-rate", type=float, help="mix iterations/s (default: 0.7 x ceiling)")
     parser.add_argument("--profile-vus", type=int, default=16)
     parser.add_argument("--burst-users", type=int, default=60)
@@ -100,6 +124,15 @@ def mix_result(summary: dict[str, Any], op: str) -> dict[str, float]:
         "p95": latency.get("p(95)", 0.0),
         "p99": latency.get("p(99)", 0.0),
         "error_rate": metric(summary, f"op_{op}_failed").get("rate", 0.0),
+        "ok_p95": metric(summary, f"op_{op}_ok_ms").get("p(95)", 0.0),
+        "refused": metric(summary, f"op_{op}_refused_ms").get("count", 0.0),
+        "refused_p95": metric(summary, f"op_{op}_refused_ms").get("p(95)", 0.0),
+        # Goodput: the answers that succeeded (refusals and errors are in ``count``).
+        "ok_per_second": (
+            count * (1 - metric(summary, f"op_{op}_failed").get("rate", 0.0)) / duration_s
+            if duration_s
+            else 0.0
+        ),
     }
 
 
@@ -121,6 +154,32 @@ async def raw_grpc_profile_reads(
         return await closed_loop("grpc GetProfile", call, concurrency=concurrency, seconds=seconds)
 
 
+async def mixed_auth(
+    args: argparse.Namespace, out: Path, gateway_url: str, users: list[Any], rate: float
+) -> tuple[dict[str, Any], list[dict[str, float]]]:
+    """The auth mix at ``rate`` (open model): its figures and its login latency over time."""
+    samples = out / "samples-mixed_auth.csv"
+    total, refreshes = mix_counts(rate, args.duration, MIX[0], refresh=True)
+    say(f"opening {refreshes} sessions for the mix's refreshes")
+    async with Gateway(gateway_url) as gateway:
+        refresh_tokens = await sessions_for_refresh(gateway, users, refreshes)
+    summary = attack(
+        "mixed_auth",
+        mixed_auth_targets(gateway_url, users, total=total, mix=MIX, refresh_tokens=refresh_tokens),
+        out,
+        duration_s=args.duration,
+        rate=rate,
+        workers=max(10, round(rate * 2)),
+        samples_csv=samples,
+    )
+    over_time = latency_over_time(samples, "op_login_ms")
+    return {
+        "target_rate": rate,
+        "statuses": summary["statuses"],
+        **{op: mix_result(summary, op) for op in ("login", "register", "profile", "refresh")},
+    }, over_time
+
+
 async def bench(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     stack = Stack(args.profile, echo=None)
     skip = set(filter(None, args.skip.split(",")))
@@ -137,7 +196,7 @@ async def bench(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         "over_time": {},
     }
     if not rate_limits_raised(stack):
-        # k6 and the seeding run from one IP: at 100 requests/min the figures would be 429s.
+        # The load and the seeding run from one IP: at 100 requests/min the figures would be 429s.
         gateway_profile_variable = (
             "CAKE_GATEWAY_PROFILE" if args.profile == "dev" else "CAKE_TEST_GATEWAY_PROFILE"
         )
@@ -147,11 +206,13 @@ async def bench(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             f" uv run cake-stack up --profile {args.profile}"
         )
     gateway_url = stack.gateway_url
-    duration = f"{args.duration:.0f}s"
     cost = int(stack.service_environment()["auth"].get("CAKE_AUTH_BCRYPT_COST", "10"))
 
     # 1. ceilings
-    bcrypt = bcrypt_ceiling(cost)
+    hasher = stack.service_environment()["auth"].get(
+        "CAKE_AUTH_PASSWORD_HASHER", AuthSettings.model_fields["password_hasher"].default
+    )
+    bcrypt = bcrypt_ceiling(cost, hasher)
     results["ceilings"]["bcrypt"] = bcrypt
     if "ceilings" not in skip:
         echo = await grpc_echo_ceiling(args.ceiling_seconds)
@@ -167,7 +228,6 @@ async def bench(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     say(f"seeded {len(users)} users in {time.monotonic() - started:.1f}s")
     users_file = out / "users-seeded.json"
     write_users(users_file, users)
-    k6_env = {"GATEWAY": gateway_url, "USERS_FILE": str(users_file)}
 
     # 3. profile reads: raw gRPC vs gateway
     if "profile" not in skip:
@@ -176,16 +236,19 @@ async def bench(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         )
         results["scenarios"]["profile_grpc_raw"] = raw.as_dict()
         samples = out / "samples-profile_reads.csv"
-        summary = run_k6(
-            "profile_reads.js",
-            {**k6_env, "VUS": str(args.profile_vus), "DURATION": duration},
-            out / "k6-profile_reads.json",
+        summary = attack(
+            "profile_reads",
+            profile_targets(gateway_url, users),
+            out,
+            duration_s=args.duration,
+            rate=None,
+            workers=args.profile_vus,
             samples_csv=samples,
         )
         results["over_time"]["gateway GET /auth/profile"] = latency_over_time(
             samples, "op_profile_ms"
         )
-        rest = k6_closed_result(
+        rest = vegeta_closed_result(
             "gateway GET /auth/profile", summary, "op_profile_ms", "op_profile_failed"
         )
         results["scenarios"]["profile_gateway"] = rest.as_dict()
@@ -194,31 +257,25 @@ async def bench(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     bcrypt_rate = bcrypt["logins_per_second"]
     if "mix" not in skip:
         rate = args.mix_rate or max(1.0, round(0.7 * bcrypt_rate / 0.9))
-        samples = out / "samples-mixed_auth.csv"
-        summary = run_k6(
-            "mixed_auth.js",
-            {**k6_env, "RATE": f"{rate:.0f}", "DURATION": duration},
-            out / "k6-mixed_auth.json",
-            samples_csv=samples,
+        results["scenarios"]["mixed_auth"], results["over_time"]["mix: login"] = await mixed_auth(
+            args, out, gateway_url, users, rate
         )
-        results["over_time"]["mix: login"] = latency_over_time(samples, "op_login_ms")
-        results["scenarios"]["mixed_auth"] = {
-            "target_rate": rate,
-            "dropped_iterations": metric(summary, "dropped_iterations").get("count", 0.0),
-            **{op: mix_result(summary, op) for op in ("login", "register", "profile", "refresh")},
-        }
     if "login" not in skip:
         # Above the ceiling: the most logins/s; at 0.85 x ceiling: the latency at the goal rate.
         for key, factor in (("login_saturation", 1.3), ("login_at_goal", 0.85)):
             rate = round(factor * bcrypt_rate)
-            summary = run_k6(
-                "mixed_auth.js",
-                {**k6_env, "RATE": str(rate), "DURATION": duration, "MIX": "100/0/0"},
-                out / f"k6-{key}.json",
+            total, _ = mix_counts(rate, args.duration, 100, refresh=False)
+            summary = attack(
+                key,
+                mixed_auth_targets(gateway_url, users, total=total, mix=(100, 0, 0)),
+                out,
+                duration_s=args.duration,
+                rate=rate,
+                workers=max(10, rate * 2),
             )
             results["scenarios"][key] = {
                 "offered_rate": rate,
-                "dropped_iterations": metric(summary, "dropped_iterations").get("count", 0.0),
+                "statuses": summary["statuses"],
                 **mix_result(summary, "login"),
             }
 
@@ -249,14 +306,9 @@ async def first_login_burst(
             users_file = out / "users-burst.json"
             write_users(users_file, users)
             try:
-                summary = run_k6(
-                    "first_login_burst.js",
-                    {
-                        "GATEWAY": gateway_url,
-                        "USERS_FILE": str(users_file),
-                        "POLL_TIMEOUT": f"{args.poll_timeout:g}",
-                    },
-                    out / "k6-first_login_burst.json",
+                say(f"first-login burst: {len(users)} clients log in at once, then poll")
+                summary = await first_login_burst_clients(
+                    gateway_url, users, poll_ms=50, poll_timeout=args.poll_timeout
                 )
                 await asyncio.sleep(1)
                 vouchers, holders = await voucher_counts(promotions, campaign)
@@ -275,6 +327,9 @@ async def first_login_burst(
                 "doubled": vouchers - holders,
                 "correct": vouchers == expected and holders == expected,
                 "login_failed_rate": metric(summary, "op_login_failed").get("rate", 0.0),
+                "logins_sent_again_after_503": metric(summary, "logins_sent_again_after_503").get(
+                    "count", 0
+                ),
                 "login_p50": login.get("med", 0.0),
                 "login_p99": login.get("p(99)", 0.0),
                 "lag_p50": lag.get("med", 0.0),
@@ -305,14 +360,9 @@ async def topup_contention(
             )
     topup_file = out / "users-topup.json"
     topup_file.write_text(json.dumps({"users": holders}))
-    summary = run_k6(
-        "topup_contention.js",
-        {
-            "GATEWAY": str(gateway.client.base_url).rstrip("/"),
-            "USERS_FILE": str(topup_file),
-            "RACERS": str(args.racers),
-        },
-        out / "k6-topup_contention.json",
+    say(f"top-up race: {len(holders)} vouchers, {args.racers} racing clients each")
+    summary = await topup_race(
+        str(gateway.client.base_url).rstrip("/"), holders, racers=args.racers
     )
     codes = [holder["voucher"] for holder in holders]
     async with promotions.connect() as connection:
@@ -336,7 +386,7 @@ async def topup_contention(
         "errors": metric(summary, "topup_errors").get("count", 0),
         "max_topups_per_voucher_db": max(per_voucher.values(), default=0),
         "vouchers_spent_db": sum(1 for count in per_voucher.values() if count > 0),
-        "k6_thresholds_passed": summary["k6_exit_code"] == 0,
+        "clients_saw_at_most_one_success_per_voucher": summary["at_most_one_ok_per_voucher"],
         "correct": max(per_voucher.values(), default=0) <= 1,
         "p50": latency.get("med", 0.0),
         "p95": latency.get("p(95)", 0.0),
@@ -346,9 +396,24 @@ async def topup_contention(
 
 def main() -> None:
     args = _arguments()
+    load_at_start = os.getloadavg()
+    if args.peer_url:
+        # Before anything else: a peer that does not answer ends the run at once.
+        probe_peer(args.peer_url.rstrip("/"))
     out = args.out or RESULTS_DIR / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     out.mkdir(parents=True, exist_ok=True)
     say(f"results in {out}")
+    if args.peer_url:
+        stack = Stack(args.profile, echo=None)
+        check_stack(stack)
+        compared = asyncio.run(
+            side_by_side(args, out, stack.gateway_url, args.peer_url.rstrip("/"))
+        )
+        compared["load_average"] = {"start": load_at_start, "end": os.getloadavg()}
+        (out / "side-by-side.json").write_text(json.dumps(compared, indent=2))
+        print_comparison(compared)
+        say(f"load average {load_at_start} at start, {os.getloadavg()} at end")
+        return
     results = asyncio.run(bench(args, out))
     (out / "results.json").write_text(json.dumps(results, indent=2))
     report = write_report(results, out / "report.md")

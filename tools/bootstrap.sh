@@ -82,6 +82,21 @@ if ! command -v uv >/dev/null; then
     say "uv installed at $(command -v uv) (make sure its folder is on your PATH)"
 fi
 
+# --- vegeta, the benchmarks' HTTP load generator (MIT), from the Go module proxy -------------
+# Built into the checkout's git-ignored .tools/bin at a pinned version (bench/ runs it there).
+VEGETA_VERSION=v12.13.0
+vegeta_bin="$PWD/.tools/bin/vegeta"
+if [[ ! -x $vegeta_bin ]] || ! "$vegeta_bin" -version 2>/dev/null | grep -q "${VEGETA_VERSION#v}"; then
+    command -v go >/dev/null || die "go not found: install Go 1.22+ (e.g. apt-get install golang) to build vegeta"
+    say "go install github.com/tsenart/vegeta/v12@${VEGETA_VERSION} into .tools/bin"
+    GOBIN="$PWD/.tools/bin" GOFLAGS=-mod=mod CGO_ENABLED=0 \
+        go install -ldflags "-X main.Version=${VEGETA_VERSION#v}" \
+        "github.com/tsenart/vegeta/v12@${VEGETA_VERSION}" \
+        || die "go install vegeta ${VEGETA_VERSION} failed"
+else
+    say "vegeta ${VEGETA_VERSION} present"
+fi
+
 if [[ -f uv.lock ]]; then
     say "uv sync --frozen"
     uv sync --frozen

@@ -106,7 +106,9 @@ def test_concurrent_guesses_over_rest_reach_the_password_check_five_times(
         elapsed = time.monotonic() - began
     # Counted before bcrypt: 24 concurrent guesses, only the allowance was checked.
     assert FREE_FAILURES <= statuses.count(401) <= allowed_checks(elapsed), statuses
-    assert statuses.count(401) + statuses.count(429) == 24
+    # The rest throttled (429) or, when more checks waited than the hash queue admits, refused
+    # as busy (503) before the throttle counted them: either way never checked.
+    assert statuses.count(401) + statuses.count(429) + statuses.count(503) == 24
     # The owner is delayed, not locked out: a second later the right password works.
     time.sleep(1.2)
     owner = client.post("/auth/login", json={"account": victim["email"], "password": PASSWORD})
@@ -137,7 +139,10 @@ def test_concurrent_guesses_over_grpc_are_counted_first(
     elapsed = time.monotonic() - began
     checked = codes.count(grpc.StatusCode.UNAUTHENTICATED)
     assert FREE_FAILURES <= checked <= allowed_checks(elapsed), (checked, elapsed)
-    assert checked + codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 40
+    refused = codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) + codes.count(
+        grpc.StatusCode.UNAVAILABLE  # the hash queue was full: refused before being counted
+    )
+    assert checked + refused == 40, codes
 
 
 def test_existing_users_cannot_claim_first_login_vouchers(

@@ -1,6 +1,6 @@
 """Tiny runs of the benchmark scenarios and one fault drill, so they keep working.
 
-They assert correctness only (no timing): the k6 scenarios run without errors, the
+They assert correctness only (no timing): the load scenarios (vegeta) run without errors, the
 first-login burst issues exactly min(N, maxParticipants) vouchers with none doubled, no
 voucher is spent twice under racing top-ups, a relay killed mid-burst loses and doubles
 nothing, and the relay benchmark relays every row it times. Each runs the real entry point
@@ -11,6 +11,7 @@ stack, as ``make bench``/``make chaos`` would against the dev stack.
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +34,7 @@ def _run(script: str, *arguments: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_k6_scenarios_at_tiny_size_are_correct(full_stack: Stack, tmp_path: Path) -> None:
+def test_load_scenarios_at_tiny_size_are_correct(full_stack: Stack, tmp_path: Path) -> None:
     completed = _run(
         "run.py",
         "--out", str(tmp_path),
@@ -107,3 +108,39 @@ def test_relay_benchmark_at_tiny_size_relays_every_row(stack: Stack) -> None:
     assert float(ratio.split(":")[1].split()[0]) > 0
     (lag,) = [line for line in lines if line.startswith("commit-to-Kafka lag")]
     assert "over 50 events" in lag
+
+
+def test_side_by_side_refuses_a_peer_that_does_not_answer(tmp_path: Path) -> None:
+    with socket.socket() as unused:  # a port nothing listens on
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    completed = _run("run.py", "--out", str(tmp_path), "--peer-url", f"http://127.0.0.1:{port}")
+    assert completed.returncode == 1
+    assert f"the peer at http://127.0.0.1:{port} does not answer" in completed.stderr
+    assert not (tmp_path / "side-by-side.json").exists()
+
+
+def test_side_by_side_at_tiny_size_runs_the_scenarios_on_both(
+    full_stack: Stack, tmp_path: Path
+) -> None:
+    # The test stack's own gateway stands in for the peer: it speaks the same REST API.
+    completed = _run(
+        "run.py",
+        "--out", str(tmp_path),
+        "--peer-url", full_stack.gateway_url,
+        "--duration", "2",
+        "--users", "4",
+        "--peer-profile-rate", "20",
+        "--peer-login-rate", "3",
+        "--peer-mix-rate", "4",
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    compared = json.loads((tmp_path / "side-by-side.json").read_text())
+    assert compared["peer_url"] == full_stack.gateway_url
+    for side in ("cake", "peer"):
+        figures = compared[side]
+        assert figures["profile reads"]["count"] > 0, side
+        assert figures["logins alone"]["count"] > 0, side
+        for scenario in ("profile reads", "logins alone", "mix: login"):
+            assert figures[scenario]["error_rate"] == 0, (side, scenario)
+    assert "=== Cake vs peer" in completed.stdout

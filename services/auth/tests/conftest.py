@@ -85,6 +85,9 @@ def make_settings(keys_dir: Path) -> SettingsFactory:
             # on one per-IP counter and throttle its later, unrelated logins. The per-IP limit
             # has its own test, which sets it low.
             "login_ip_max_failures": 100_000,
+            # Tests of concurrent logins (first-login races, guesses) must not be cut short by
+            # the hash queue's admission control, which has its own test with a small bound.
+            "hash_queue_max_waiting": 10_000,
         }
         values.update(overrides)
         return AuthSettings(**values)

@@ -1,5 +1,5 @@
 from cake_auth.cli import main
 
-# Guarded: process-pool workers (libxcrypt hasher) import the main module again.
+# Guarded: importing the module (e.g. a spawned worker process) must not start the CLI.
 if __name__ == "__main__":
     main()

@@ -23,7 +23,7 @@ from cake_common.token_auth import revocation_list, token_verifier
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from cake_auth.adapters.login_throttle import RedisLoginThrottle
-from cake_auth.adapters.password_hashers import open_password_hasher
+from cake_auth.adapters.password_hashers import available_cpus, open_password_hasher
 from cake_auth.adapters.profile_cache import RedisProfileCache
 from cake_auth.adapters.redis_guard import RedisGuard
 from cake_auth.adapters.revocations import SharedRevocations
@@ -45,6 +45,7 @@ from cake_auth.api.servicer import (
 from cake_auth.domain.login import DelayPolicy
 from cake_auth.metrics import AuthMetrics
 from cake_auth.service.accounts import UserAccounts
+from cake_auth.service.admission import HashAdmission
 from cake_auth.service.ports import PasswordHasher, UnitOfWorkFactory
 from cake_auth.service.use_cases import AuthUseCases
 from cake_auth.settings import AuthSettings
@@ -103,6 +104,7 @@ async def _open_infrastructure(
             settings.password_hasher,
             cost=settings.bcrypt_cost,
             workers=settings.password_hash_workers,
+            fallback=settings.password_hasher_fallback,
         )
         exits.push_async_callback(hasher.close)
     except BaseException:
@@ -153,6 +155,22 @@ async def open_accounts(settings: AuthSettings) -> AsyncIterator[UserAccounts]:
         await infrastructure.exits.aclose()
 
 
+WAITING_PER_HASH_WORKER = 4
+"""Default queue bound per hashing thread: a few checks' worth of wait (≈ 0.1-0.3 s at
+cost 10), enough to keep every thread busy between arrivals, short enough that an admitted
+login is not slow."""
+
+
+def hash_admission(settings: AuthSettings, metrics: AuthMetrics) -> HashAdmission:
+    workers = settings.password_hash_workers or available_cpus()
+    max_waiting = settings.hash_queue_max_waiting
+    return HashAdmission(
+        workers=workers,
+        max_waiting=WAITING_PER_HASH_WORKER * workers if max_waiting is None else max_waiting,
+        metrics=metrics,
+    )
+
+
 async def _use_cases(
     settings: AuthSettings, infrastructure: _Infrastructure, signing_key: SigningKey, jwks: Path
 ) -> AuthUseCases:
@@ -160,6 +178,7 @@ async def _use_cases(
         accounts=infrastructure.accounts,
         unit_of_work=infrastructure.unit_of_work,
         hasher=infrastructure.hasher,
+        admission=hash_admission(settings, infrastructure.metrics),
         tokens=Es256TokenIssuer(
             signing_key,
             issuer=settings.jwt_issuer,

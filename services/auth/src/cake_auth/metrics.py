@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 
 
 class AuthMetrics:
@@ -13,6 +13,18 @@ class AuthMetrics:
             "cake_auth_logins",
             "Login attempts by result (success, invalid_credentials, throttled)",
             ["result"],
+            registry=registry,
+        )
+        self.hash_admission = Counter(
+            "cake_auth_hash_admission",
+            "Logins and registrations at the password-hash queue, by operation and result "
+            "(admitted, refused: the queue was full, UNAVAILABLE with retry-after)",
+            ["operation", "result"],
+            registry=registry,
+        )
+        self.hash_in_flight = Gauge(
+            "cake_auth_hash_in_flight",
+            "Logins and registrations admitted to the password-hash queue and not yet done",
             registry=registry,
         )
         self.first_logins = Counter(

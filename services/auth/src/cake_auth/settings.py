@@ -24,11 +24,23 @@ class AuthSettings(ServiceSettings):
     # may lower it, bcrypt itself accepts 4..31.
     bcrypt_cost: int = Field(default=10, ge=4, le=31, description="bcrypt cost (log2 rounds)")
     password_hasher: Literal["bcrypt", "libxcrypt"] = Field(
+        default="libxcrypt",
+        description="libxcrypt: crypt_rn of libcrypt.so.1 through ctypes (faster); "
+        "bcrypt: pyca bcrypt; both in a thread pool",
+    )
+    password_hasher_fallback: Literal["bcrypt", "none"] = Field(
         default="bcrypt",
-        description="bcrypt: pyca bcrypt in threads; libxcrypt: stdlib crypt in processes",
+        description="When libcrypt.so.1 cannot be loaded: bcrypt = use pyca bcrypt (logged as "
+        "a warning); none = refuse to start",
     )
     password_hash_workers: int | None = Field(
-        default=None, ge=1, description="Hashing threads/processes; default: CPU count"
+        default=None, ge=1, description="Hashing threads; default: CPU count"
+    )
+    hash_queue_max_waiting: int | None = Field(
+        default=None,
+        ge=0,
+        description="Logins/registrations that may wait for a hashing thread; beyond that they "
+        "are refused at once (UNAVAILABLE, retry-after); default: 4 per hashing thread",
     )
 
     access_token_ttl_seconds: int = Field(

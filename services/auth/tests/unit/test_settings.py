@@ -27,7 +27,8 @@ def test_auth_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
         "CAKE_AUTH_JWKS_FILE": "/keys/jwks.json",
         "CAKE_AUTH_ACCESS_TOKEN_TTL_SECONDS": "3600",
         "CAKE_AUTH_BCRYPT_COST": "12",
-        "CAKE_AUTH_PASSWORD_HASHER": "libxcrypt",
+        "CAKE_AUTH_PASSWORD_HASHER": "bcrypt",
+        "CAKE_AUTH_PASSWORD_HASHER_FALLBACK": "none",
         "CAKE_AUTH_LOGIN_MAX_FAILURES": "5",
         "CAKE_AUTH_LOGIN_FAILURE_WINDOW_SECONDS": "60",
         "CAKE_AUTH_PROFILE_CACHE_TTL_SECONDS": "30",
@@ -37,7 +38,7 @@ def test_auth_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     assert settings.jwt_private_key_file == Path("/keys/jwt-signing-key.pem")
     assert settings.jwks_file == Path("/keys/jwks.json")
     assert (settings.access_token_ttl_seconds, settings.bcrypt_cost) == (3600, 12)
-    assert settings.password_hasher == "libxcrypt"
+    assert (settings.password_hasher, settings.password_hasher_fallback) == ("bcrypt", "none")
     assert (settings.login_max_failures, settings.login_failure_window_seconds) == (5, 60)
     assert settings.profile_cache_ttl_seconds == 30
 
@@ -45,7 +46,7 @@ def test_auth_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
 def test_defaults_are_cakes() -> None:
     settings = AuthSettings(database_url=URL)
     assert settings.bcrypt_cost == 10
-    assert settings.password_hasher == "bcrypt"
+    assert (settings.password_hasher, settings.password_hasher_fallback) == ("libxcrypt", "bcrypt")
     assert settings.access_token_ttl_seconds == 900  # 15 min; sessions refresh
     assert settings.session_lifetime_seconds == 604800  # Cake's 7 days, now per session
     assert (settings.login_max_failures, settings.login_failure_window_seconds) == (5, 900)
@@ -60,6 +61,7 @@ def test_defaults_are_cakes() -> None:
         {"bcrypt_cost": 3},
         {"bcrypt_cost": 32},
         {"password_hasher": "md5"},
+        {"password_hasher_fallback": "md5"},
         {"redis_key_prefix": "a b"},
     ],
 )

@@ -21,8 +21,16 @@ from cake_auth.domain.tokens import AccessToken
 from cake_auth.domain.users import NewUser, ProfileChanges, Role, User, field_taken
 from cake_auth.metrics import AuthMetrics
 from cake_auth.service.accounts import CreateAdmin, UserAccounts
+from cake_auth.service.admission import SERVER_BUSY_REASON, HashAdmission
 from cake_auth.service.use_cases import AuthUseCases, LogIn, RegisterUser, UpdateProfile
-from cake_common.errors import AlreadyExists, NotFound, ResourceExhausted, Unauthenticated
+from cake_common.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
 from cake_common.jwt import Principal
 from prometheus_client import CollectorRegistry
 
@@ -311,6 +319,7 @@ class World:
     revocations: FakeRevocations
     use_cases: AuthUseCases
     accounts: UserAccounts
+    admission: HashAdmission
 
 
 @pytest.fixture
@@ -319,6 +328,7 @@ def world() -> World:
     hasher, cache, throttle = FakeHasher(), FakeCache(), FakeThrottle()
     revocations = FakeRevocations()
     metrics = AuthMetrics(CollectorRegistry())
+    admission = HashAdmission(workers=1, max_waiting=1, metrics=metrics)
 
     def unit_of_work() -> FakeUnitOfWork:
         return FakeUnitOfWork(store)
@@ -334,6 +344,7 @@ def world() -> World:
         accounts=accounts,
         unit_of_work=unit_of_work,
         hasher=hasher,
+        admission=admission,
         tokens=FakeTokens(),
         profile_cache=cache,
         login_throttle=throttle,
@@ -343,7 +354,7 @@ def world() -> World:
         metrics=metrics,
         clock=lambda: NOW,
     )
-    return World(store, hasher, cache, throttle, revocations, use_cases, accounts)
+    return World(store, hasher, cache, throttle, revocations, use_cases, accounts, admission)
 
 
 def registration(**overrides: str) -> RegisterUser:
@@ -637,3 +648,51 @@ async def test_create_admin_creates_or_promotes(world: World) -> None:
     assert promoted.user.role is Role.ADMIN
     assert promoted.user.email == "ada@example.com"  # left unchanged
     assert world.store.hashes[promoted.user.id] == f"hashed:{PASSWORD}"
+
+
+# -- admission control at the hash queue -------------------------------------------------------
+
+
+async def test_a_full_hash_queue_refuses_logins_before_the_throttle_counts_them(
+    world: World,
+) -> None:
+    await world.use_cases.register(registration())
+    world.hasher.verified.clear()
+    async with world.admission.admitted("login"), world.admission.admitted("login"):
+        for _ in range(7):  # more than the throttle's 5 free failures
+            with pytest.raises(Unavailable) as refused:
+                await world.use_cases.login(LogIn("ada_l", "wrong-password"))
+            assert refused.value.reason == SERVER_BUSY_REASON
+            assert refused.value.retry_after_seconds is not None
+            assert refused.value.retry_after_seconds >= 1
+            assert refused.value.metadata == {
+                "retry_after_seconds": str(refused.value.retry_after_seconds)
+            }
+    # Nothing was hashed or counted: the account is not throttled by the refusals.
+    assert world.hasher.verified == []
+    assert world.throttle.failures == {}
+    assert world.admission.in_flight == 0
+    logged_in = await world.use_cases.login(LogIn("ada_l", PASSWORD))
+    assert logged_in.user.username == "Ada_L"
+
+
+async def test_a_full_hash_queue_refuses_registrations_but_bad_input_is_still_a_400(
+    world: World,
+) -> None:
+    async with world.admission.admitted("register"), world.admission.admitted("register"):
+        with pytest.raises(Unavailable):
+            await world.use_cases.register(registration())
+        with pytest.raises(InvalidArgument):
+            await world.use_cases.register(registration(birthday="1990-02-30"))
+    assert world.hasher.hashed == []
+    assert world.store.users == {}
+    created = await world.use_cases.register(registration())
+    assert created.user.username == "Ada_L"
+
+
+async def test_a_failed_login_frees_its_place_in_the_queue(world: World) -> None:
+    await world.use_cases.register(registration())
+    for _ in range(3):
+        with pytest.raises(Unauthenticated):
+            await world.use_cases.login(LogIn("ada_l", "wrong-password"))
+    assert world.admission.in_flight == 0

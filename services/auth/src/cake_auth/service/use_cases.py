@@ -19,6 +19,7 @@ from cake_auth.domain.login import (
     FirstLogin,
     LoginAccount,
     LoginContext,
+    ThrottleKeys,
     login_account,
     throttle_keys,
 )
@@ -38,6 +39,7 @@ from cake_auth.domain.users import (
 )
 from cake_auth.metrics import AuthMetrics
 from cake_auth.service.accounts import UserAccounts, utc_now
+from cake_auth.service.admission import HashAdmission
 from cake_auth.service.ports import (
     AuthUnitOfWork,
     LoginThrottle,
@@ -107,6 +109,7 @@ class AuthUseCases:
         accounts: UserAccounts,
         unit_of_work: UnitOfWorkFactory,
         hasher: PasswordHasher,
+        admission: HashAdmission,
         tokens: TokenIssuer,
         profile_cache: ProfileCache,
         login_throttle: LoginThrottle,
@@ -120,6 +123,7 @@ class AuthUseCases:
         self._accounts = accounts
         self._unit_of_work = unit_of_work
         self._hasher = hasher
+        self._admission = admission
         self._tokens = tokens
         self._profile_cache = profile_cache
         self._throttle = login_throttle
@@ -133,18 +137,18 @@ class AuthUseCases:
     # -- registration ----------------------------------------------------------------------
 
     async def register(self, command: RegisterUser) -> AuthenticatedUser:
-        user = await self._accounts.create_user(
-            new_user(
-                fullname=command.fullname,
-                email=command.email,
-                username=command.username,
-                phone=command.phone,
-                password=command.password,
-                birthday=command.birthday,
-                today=self._clock().date(),
-            ),
-            command.password,
+        # Validated first: bad input is a 400 whatever the load.
+        candidate = new_user(
+            fullname=command.fullname,
+            email=command.email,
+            username=command.username,
+            phone=command.phone,
+            password=command.password,
+            birthday=command.birthday,
+            today=self._clock().date(),
         )
+        async with self._admission.admitted("register"):
+            user = await self._accounts.create_user(candidate, command.password)
         async with self._unit_of_work() as uow:
             session, refresh_token = await self._open_session(uow, user, LoginContext())
             await uow.commit()
@@ -155,6 +159,18 @@ class AuthUseCases:
     async def login(self, command: LogIn) -> AuthenticatedUser:
         account = login_account(command.account)
         candidate = await self._find_for_login(account)
+        # Refused at once when the hash queue is full, before the throttle counts anything.
+        async with self._admission.admitted("login"):
+            found, keys = await self._admitted_login(account, candidate, command)
+        await self._throttle.succeeded(keys)
+        user, session, refresh_token = await self._record_login(found, command.context)
+        self._metrics.logins.labels("success").inc()
+        return AuthenticatedUser(user, self._issue(user, session), refresh_token)
+
+    async def _admitted_login(
+        self, account: LoginAccount, candidate: tuple[User, str] | None, command: LogIn
+    ) -> tuple[User, ThrottleKeys]:
+        """The user whose password ``command`` gives, or the login's error."""
         # Counted before the password is checked, against the account (the same counter
         # whichever identifier names it) and the client's IP.
         keys = throttle_keys(account, candidate[0].id if candidate else None, command.context)
@@ -201,11 +217,7 @@ class AuthUseCases:
                 failures=throttle.failures,
             )
             raise Unauthenticated(INVALID_CREDENTIALS, reason="INVALID_CREDENTIALS")
-
-        await self._throttle.succeeded(keys)
-        user, session, refresh_token = await self._record_login(found, command.context)
-        self._metrics.logins.labels("success").inc()
-        return AuthenticatedUser(user, self._issue(user, session), refresh_token)
+        return found, keys
 
     async def _audit(self, entry: AuditEntry) -> None:
         """An audit entry on its own (when no other write happens in the call)."""

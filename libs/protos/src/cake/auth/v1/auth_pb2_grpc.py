@@ -90,7 +90,8 @@ class AuthServiceServicer:
 
     def Register(self, request, context):
         """Register creates a user and returns an access token for it (HTTP 201 at the gateway).
-        Fails with ALREADY_EXISTS when the username, e-mail or phone number is taken.
+        Fails with ALREADY_EXISTS when the username, e-mail or phone number is taken, and with
+        UNAVAILABLE (reason SERVER_BUSY, `retry-after`) at once when too many password checks wait.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -99,7 +100,8 @@ class AuthServiceServicer:
     def Login(self, request, context):
         """Login checks an account (username, e-mail or phone number) and password and returns an
         access token. The first successful login of a user emits a USER_FIRST_LOGIN event.
-        Fails with UNAUTHENTICATED "Invalid credentials".
+        Fails with UNAUTHENTICATED "Invalid credentials", and with UNAVAILABLE (reason
+        SERVER_BUSY, `retry-after`) at once when too many password checks wait.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

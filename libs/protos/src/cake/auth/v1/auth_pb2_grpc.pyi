@@ -37,12 +37,14 @@ class AuthServiceStub:
     def __new__(cls, channel: _aio.Channel) -> AuthServiceAsyncStub: ...
     Register: _grpc.UnaryUnaryMultiCallable[_auth_pb2.RegisterRequest, _auth_pb2.RegisterResponse]
     """Register creates a user and returns an access token for it (HTTP 201 at the gateway).
-    Fails with ALREADY_EXISTS when the username, e-mail or phone number is taken.
+    Fails with ALREADY_EXISTS when the username, e-mail or phone number is taken, and with
+    UNAVAILABLE (reason SERVER_BUSY, `retry-after`) at once when too many password checks wait.
     """
     Login: _grpc.UnaryUnaryMultiCallable[_auth_pb2.LoginRequest, _auth_pb2.LoginResponse]
     """Login checks an account (username, e-mail or phone number) and password and returns an
     access token. The first successful login of a user emits a USER_FIRST_LOGIN event.
-    Fails with UNAUTHENTICATED "Invalid credentials".
+    Fails with UNAUTHENTICATED "Invalid credentials", and with UNAVAILABLE (reason
+    SERVER_BUSY, `retry-after`) at once when too many password checks wait.
     """
     GetProfile: _grpc.UnaryUnaryMultiCallable[_auth_pb2.GetProfileRequest, _auth_pb2.GetProfileResponse]
     """GetProfile returns the calling user's profile (bearer token required)."""
@@ -80,12 +82,14 @@ class AuthServiceAsyncStub(AuthServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Register: _aio.UnaryUnaryMultiCallable[_auth_pb2.RegisterRequest, _auth_pb2.RegisterResponse]  # type: ignore[assignment]
     """Register creates a user and returns an access token for it (HTTP 201 at the gateway).
-    Fails with ALREADY_EXISTS when the username, e-mail or phone number is taken.
+    Fails with ALREADY_EXISTS when the username, e-mail or phone number is taken, and with
+    UNAVAILABLE (reason SERVER_BUSY, `retry-after`) at once when too many password checks wait.
     """
     Login: _aio.UnaryUnaryMultiCallable[_auth_pb2.LoginRequest, _auth_pb2.LoginResponse]  # type: ignore[assignment]
     """Login checks an account (username, e-mail or phone number) and password and returns an
     access token. The first successful login of a user emits a USER_FIRST_LOGIN event.
-    Fails with UNAUTHENTICATED "Invalid credentials".
+    Fails with UNAUTHENTICATED "Invalid credentials", and with UNAVAILABLE (reason
+    SERVER_BUSY, `retry-after`) at once when too many password checks wait.
     """
     GetProfile: _aio.UnaryUnaryMultiCallable[_auth_pb2.GetProfileRequest, _auth_pb2.GetProfileResponse]  # type: ignore[assignment]
     """GetProfile returns the calling user's profile (bearer token required)."""
@@ -126,7 +130,8 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.RegisterResponse, _abc.Awaitable[_auth_pb2.RegisterResponse]]:
         """Register creates a user and returns an access token for it (HTTP 201 at the gateway).
-        Fails with ALREADY_EXISTS when the username, e-mail or phone number is taken.
+        Fails with ALREADY_EXISTS when the username, e-mail or phone number is taken, and with
+        UNAVAILABLE (reason SERVER_BUSY, `retry-after`) at once when too many password checks wait.
         """
 
     @_abc_1.abstractmethod
@@ -137,7 +142,8 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_auth_pb2.LoginResponse, _abc.Awaitable[_auth_pb2.LoginResponse]]:
         """Login checks an account (username, e-mail or phone number) and password and returns an
         access token. The first successful login of a user emits a USER_FIRST_LOGIN event.
-        Fails with UNAUTHENTICATED "Invalid credentials".
+        Fails with UNAUTHENTICATED "Invalid credentials", and with UNAVAILABLE (reason
+        SERVER_BUSY, `retry-after`) at once when too many password checks wait.
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,103 @@
+"""Admission control at the hash queue, with real concurrent calls on a real auth server: the
+calls beyond ``workers + max_waiting`` are refused at once (UNAVAILABLE, ``retry-after``),
+none waits into its deadline, and a refused login does not count against the account."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+import pytest
+from cake.auth.v1 import auth_pb2
+
+pytestmark = pytest.mark.integration
+
+PASSWORD = "correct horse battery"
+WORKERS = 1
+MAX_WAITING = 2
+BURST = 20
+DEADLINE_SECONDS = 60  # far beyond any wait: a refusal must not come from the deadline
+
+
+@pytest.fixture(scope="module")
+async def slow_auth(start_auth_server: Any) -> Any:
+    # Cost 12 (≈ 0.2-0.4 s a check): the burst's calls all arrive while the first are hashed.
+    return await start_auth_server(
+        bcrypt_cost=12,
+        password_hash_workers=WORKERS,
+        hash_queue_max_waiting=MAX_WAITING,
+        login_max_failures=MAX_WAITING + WORKERS + 3,
+    )
+
+
+def retry_after(error: grpc.aio.AioRpcError) -> int:
+    headers = dict(error.trailing_metadata() or ())
+    return int(headers["retry-after"])
+
+
+async def burst(calls: list[Any]) -> tuple[list[Any], list[grpc.aio.AioRpcError]]:
+    """Run the calls at once: (answers, errors)."""
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    errors = [result for result in results if isinstance(result, grpc.aio.AioRpcError)]
+    answers = [result for result in results if not isinstance(result, BaseException)]
+    assert len(answers) + len(errors) == len(calls), results
+    return answers, errors
+
+
+def assert_refused_as_busy(server: Any, errors: list[grpc.aio.AioRpcError]) -> None:
+    for error in errors:
+        rich = server.rich_error(error)
+        assert rich.code == grpc.StatusCode.UNAVAILABLE, rich
+        assert rich.reason == "SERVER_BUSY"
+        assert retry_after(error) >= 1
+        assert rich.metadata == {"retry_after_seconds": str(retry_after(error))}
+
+
+async def test_a_login_burst_beyond_the_queue_is_refused_at_once_and_not_counted(
+    slow_auth: Any,
+) -> None:
+    user = (await slow_auth.register()).user
+    wrong = auth_pb2.LoginRequest(account=user.username, password="wrong password")
+    answers, errors = await burst(
+        [slow_auth.stub.Login(wrong, timeout=DEADLINE_SECONDS) for _ in range(BURST)]
+    )
+    assert answers == []
+    refused = [e for e in errors if e.code() == grpc.StatusCode.UNAVAILABLE]
+    checked = [e for e in errors if e.code() == grpc.StatusCode.UNAUTHENTICATED]
+    assert len(refused) + len(checked) == BURST, [e.code() for e in errors]
+    assert len(checked) >= WORKERS + MAX_WAITING
+    assert len(refused) >= 1
+    assert_refused_as_busy(slow_auth, refused)
+    assert slow_auth.counter(
+        "cake_auth_hash_admission_total", operation="login", result="refused"
+    ) == len(refused)
+    assert slow_auth.counter(
+        "cake_auth_hash_admission_total", operation="login", result="admitted"
+    ) == len(checked)
+    assert slow_auth.counter("cake_auth_logins_total", result="invalid_credentials") == len(checked)
+
+    # Only the checked attempts counted against the account (BURST would throttle it), and
+    # the queue is empty again: the right password logs in.
+    response = await slow_auth.stub.Login(
+        auth_pb2.LoginRequest(account=user.username, password=PASSWORD),
+        timeout=DEADLINE_SECONDS,
+    )
+    assert response.user.id == user.id
+    assert slow_auth.counter("cake_auth_hash_in_flight") == 0
+
+
+async def test_a_registration_burst_beyond_the_queue_is_refused_at_once(slow_auth: Any) -> None:
+    registrations = [slow_auth.registration() for _ in range(BURST // 2)]
+    answers, errors = await burst(
+        [slow_auth.stub.Register(request, timeout=DEADLINE_SECONDS) for request in registrations]
+    )
+    assert len(answers) >= WORKERS + MAX_WAITING
+    assert len(errors) >= 1
+    assert_refused_as_busy(slow_auth, errors)
+    # A refused registration created nothing: it can simply be sent again.
+    created = {answer.user.username for answer in answers}
+    refused = [r for r in registrations if r.username not in created]
+    assert len(refused) == len(errors)
+    again = await slow_auth.stub.Register(refused[0], timeout=DEADLINE_SECONDS)
+    assert again.user.username == refused[0].username
