@@ -31,5 +31,14 @@ uv run --frozen mypy
 
 if $lint_only; then exit 0; fi
 
+# A checkout's .ports.env (see the Makefile) also names dev ports such as
+# CAKE_PROMOTIONS_METRICS_PORT, which are the services' own settings too: test servers must
+# not inherit them (two would bind one port). Only its CAKE_TEST_* reach pytest.
+if [[ -f .ports.env ]]; then
+    while read -r name; do
+        unset "$name"
+    done < <(sed -n 's/^export \(CAKE_[A-Z0-9_]*\)=.*/\1/p' .ports.env | grep -v '^CAKE_TEST_' || true)
+fi
+
 step "pytest: unit, integration, end-to-end, race and fault tests"
 uv run --frozen pytest "${@}"
