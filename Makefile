@@ -5,10 +5,10 @@ export PATH := $(HOME)/.local/bin:$(PATH)
 # checkouts can run their stacks side by side (pytest reads the same file, see conftest.py).
 -include .ports.env
 
-.PHONY: up down status test gen lint bench chaos help k8s-test cluster-up cluster-down
+.PHONY: up down status test gen lint bench bench-enrolment chaos help k8s-test cluster-up cluster-down
 
 help: ## list targets
-	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 up: ## install what is missing, start the whole local stack, wait until healthy
 	@bash tools/bootstrap.sh
@@ -33,6 +33,9 @@ lint: ## ruff, mypy, buf lint and generated-code freshness only
 bench: ## ceilings + load scenarios (vegeta) against the running stack, JSON + Markdown report (bench/results/); PEER_URL=http://host:port: side by side with that peer, ratios
 	@bash tools/bootstrap.sh
 	@uv run --frozen python bench/run.py $(if $(PEER_URL),--peer-url $(PEER_URL))
+
+bench-enrolment: ## first-login pipeline against the running stack: goals, enrolment ceiling, launch day (bench/results/enrolment-*)
+	@uv run --frozen python bench/enrolment.py
 
 chaos: ## fault drills: first-login bursts (SIGKILL relay/consumer/Kafka, stop Postgres/Redis) and top-ups (bank hang/down, promotions SIGKILL, Postgres stop)
 	@uv run --frozen python bench/chaos.py

@@ -8,6 +8,7 @@ top of Kafka's at-least-once delivery.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from uuid import UUID
 
 import sqlalchemy as sa
@@ -66,3 +67,30 @@ async def record_once(
     )
     result = await executor.execute(statement)
     return result.first() is not None
+
+
+_RECORD_MANY = sa.text(
+    f"""
+INSERT INTO {INBOX_TABLE_NAME} (event_id, consumer)
+SELECT event_id, :consumer FROM unnest(CAST(:event_ids AS uuid[])) AS e(event_id)
+ORDER BY event_id
+ON CONFLICT (event_id, consumer) DO NOTHING
+RETURNING event_id
+"""  # noqa: S608 - the table name is a constant
+)
+
+
+async def record_many(
+    executor: AsyncSession | AsyncConnection, event_ids: Iterable[UUID], consumer: str
+) -> set[UUID]:
+    """:func:`record_once` for many events in one statement: the ids recorded now (the
+    others were applied before, or repeat an id given earlier in ``event_ids``).
+
+    The ids are inserted in sorted order, so two transactions recording overlapping sets
+    wait for each other in one order and never deadlock.
+    """
+    unique = sorted(set(event_ids))
+    if not unique:
+        return set()
+    result = await executor.execute(_RECORD_MANY, {"event_ids": unique, "consumer": consumer})
+    return {UUID(str(row[0])) for row in result}

@@ -1,5 +1,8 @@
 """The first-login consumer: auth's USER_FIRST_LOGIN events become enrolments.
 
+Each poll batch (up to ``max_batch`` records, from every partition assigned) is applied in
+ONE database transaction (``FirstLoginEnrolment.enrol_batch``, docs/enrolment.md): the
+inbox, the slots, the participations, the vouchers and the outbox events of the whole batch.
 Delivery is at-least-once (Kafka, the relay); the effect is exactly-once because every event
 id goes into the inbox in the same transaction as its enrolment. Offsets are committed only
 after that transaction commits, so a crash before the commit means redelivery, never loss.
@@ -9,10 +12,11 @@ after that transaction commits, so a crash before the commit means redelivery, n
 - An event that can never be processed (undecodable, invalid, of an unexpected type, or
   failing with an unexpected error several times) goes to ``<topic>.dlq`` with the reason in
   a header, is counted, and its offset committed, so one bad event never blocks the ones
-  behind it.
+  behind it. A batch that fails with an unexpected error is applied again one event at a
+  time, so such an event is found and parked while the others go through.
 
-Partitions of one batch are processed concurrently and each partition's events in order,
-which keeps one user's events (keyed by user id) ordered.
+One user's events (keyed by user id) share a partition and keep their order in the batch;
+the enrolment decides them in login-time order.
 
 The consumer is isolated from the API it runs next to: if its loop dies of any error (a bug,
 an unexpected library error), it is restarted after a jittered exponential backoff, and its
@@ -44,9 +48,11 @@ from cake_common.kafka import (
     start_with_retry,
 )
 from cake_common.logging import get_logger
+from cake_common.tracing import current_traceparent
 from cake_common.validation import RequestValidator
 from google.protobuf.message import DecodeError, Message
 
+from cake_promotions.domain.enrolment import EnrolmentOutcome, FirstLogin
 from cake_promotions.metrics import PromotionsMetrics
 from cake_promotions.service.enrolment import FirstLoginEnrolment
 
@@ -285,36 +291,15 @@ class FirstLoginConsumer:
 
     async def _consume_batch(self, consumer: AIOKafkaConsumer) -> None:
         batches = await consumer.getmany(timeout_ms=500, max_records=self._max_batch)
-        if not batches:
+        records = [record for partition in batches for record in batches[partition]]
+        if not records or not await self._handle(records):
             return
-        partitions = list(batches)
-        handled = await asyncio.gather(
-            *(self._process_partition(batches[partition]) for partition in partitions)
-        )
         offsets = {
-            partition: next_offset
-            for partition, next_offset in zip(partitions, handled, strict=True)
-            if next_offset is not None
+            partition: partition_records[-1].offset + 1
+            for partition, partition_records in batches.items()
+            if partition_records
         }
         await self._commit(consumer, offsets)
-
-    async def _process_partition(self, records: Sequence[ConsumerRecord[Any, Any]]) -> int | None:
-        """Handle one partition's records in order; the offset to commit (one past the last
-        record handled), or ``None`` if none was (stopping)."""
-        next_offset = None
-        for record in records:
-            # Continues the login's trace (relay → Kafka headers) around the enrolment, so
-            # the outbox rows it writes carry it onward too.
-            with start_span_from_headers(
-                "promotions enrol first login",
-                record.headers,
-                attributes={"messaging.destination.name": record.topic},
-            ):
-                handled = await self._handle(record)
-            if not handled:
-                break
-            next_offset = record.offset + 1
-        return next_offset
 
     async def _commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
         if not offsets:
@@ -326,25 +311,85 @@ class FirstLoginConsumer:
             # and the inbox makes the repeat a no-op.
             _log.warning("offset commit failed, events will be redelivered", error=repr(error))
 
-    async def _handle(self, record: ConsumerRecord[Any, Any]) -> bool:
-        """Apply one record (or dead-letter it); False if given up because of a stop."""
-        try:
-            event = decode_first_login(record.value)
-        except PoisonEvent as poison:
-            return await self._dead_letter(record, poison)
+    async def _handle(self, records: Sequence[ConsumerRecord[Any, Any]]) -> bool:
+        """Apply a poll batch (and dead-letter what cannot be decoded); False if given up
+        because of a stop, then nothing of it is committed and all of it comes again."""
+        events: list[tuple[ConsumerRecord[Any, Any], FirstLoginEvent]] = []
+        poison: list[tuple[ConsumerRecord[Any, Any], PoisonEvent]] = []
+        for record in records:
+            try:
+                events.append((record, decode_first_login(record.value)))
+            except PoisonEvent as bad:
+                poison.append((record, bad))
+        if events and not await self._apply(events):
+            return False
+        for record, reason in poison:
+            if not await self._dead_letter(record, reason):
+                return False
+        return True
+
+    async def _apply(
+        self, events: Sequence[tuple[ConsumerRecord[Any, Any], FirstLoginEvent]]
+    ) -> bool:
+        """Enrol the batch in one transaction, retrying while a dependency is down; after an
+        unexpected error, one event at a time (so a bad one is parked, not the batch)."""
         failures = 0
-        unexpected = 0
         while not self._stopping.is_set():
             try:
-                outcome = await self._enrolment.enrol_first_login(
-                    event.user_id, event.login_at, event.event_id
+                outcomes = await self._enrol(events)
+            except TRANSIENT_ERRORS as error:
+                failures += 1
+                self._metrics.consumer_retries.labels(kind="transient").inc()
+                _log.warning(
+                    "first-login batch not applied, retrying",
+                    events=len(events),
+                    attempt=failures,
+                    error=repr(error),
                 )
+                await self._backoff(failures)
+                continue
+            except Exception:
+                self._metrics.consumer_retries.labels(kind="unexpected").inc()
+                if len(events) == 1:
+                    _log.exception("first-login event failed", event_id=str(events[0][1].event_id))
+                    return await self._apply_alone(events[0], failures=failures + 1, unexpected=1)
+                _log.exception("first-login batch failed, applying its events one by one")
+                for event in events:
+                    if not await self._apply_alone(event, failures=0, unexpected=0):
+                        return False
+                return True
+            self._count(outcomes)
+            return True
+        return False
+
+    async def _apply_alone(
+        self,
+        event: tuple[ConsumerRecord[Any, Any], FirstLoginEvent],
+        *,
+        failures: int,
+        unexpected: int,
+    ) -> bool:
+        """One event in its own transaction: retried while a dependency is down,
+        dead-lettered after ``unexpected_error_attempts`` unexpected errors (counting the
+        ``unexpected`` ones it already had)."""
+        record, decoded = event
+        while not self._stopping.is_set():
+            if unexpected >= self._unexpected_error_attempts:
+                return await self._dead_letter(
+                    record, PoisonEvent("processing_failed", "failed repeatedly, see the logs")
+                )
+            if failures:
+                await self._backoff(failures)
+                if self._stopping.is_set():
+                    break
+            try:
+                outcomes = await self._enrol([event])
             except TRANSIENT_ERRORS as error:
                 failures += 1
                 self._metrics.consumer_retries.labels(kind="transient").inc()
                 _log.warning(
                     "first-login event not applied, retrying",
-                    event_id=str(event.event_id),
+                    event_id=str(decoded.event_id),
                     attempt=failures,
                     error=repr(error),
                 )
@@ -352,17 +397,41 @@ class FirstLoginConsumer:
                 failures += 1
                 unexpected += 1
                 self._metrics.consumer_retries.labels(kind="unexpected").inc()
-                _log.exception("first-login event failed", event_id=str(event.event_id))
+                _log.exception("first-login event failed", event_id=str(decoded.event_id))
                 if unexpected >= self._unexpected_error_attempts:
                     return await self._dead_letter(
                         record, PoisonEvent("processing_failed", repr(error)[:200])
                     )
             else:
-                result = "duplicate" if outcome is None else outcome.result.value
-                self._metrics.consumed_events.labels(result=result).inc()
+                self._count(outcomes)
                 return True
-            await self._backoff(failures)
         return False
+
+    async def _enrol(
+        self, events: Sequence[tuple[ConsumerRecord[Any, Any], FirstLoginEvent]]
+    ) -> list[EnrolmentOutcome | None]:
+        # One span per event continuing its login's trace (relay -> Kafka headers), open
+        # around the batch's transaction; each event's outbox rows carry its own span on.
+        with contextlib.ExitStack() as spans:
+            trace_parents = []
+            for record, _ in events:
+                spans.enter_context(
+                    start_span_from_headers(
+                        "promotions enrol first login",
+                        record.headers,
+                        attributes={"messaging.destination.name": record.topic},
+                    )
+                )
+                trace_parents.append(current_traceparent())
+            return await self._enrolment.enrol_batch(
+                [FirstLogin(event.user_id, event.login_at, event.event_id) for _, event in events],
+                trace_parents=trace_parents,
+            )
+
+    def _count(self, outcomes: Sequence[EnrolmentOutcome | None]) -> None:
+        for outcome in outcomes:
+            result = "duplicate" if outcome is None else outcome.result.value
+            self._metrics.consumed_events.labels(result=result).inc()
 
     async def _backoff(self, failures: int) -> None:
         delay = min(0.1 * 2 ** min(failures, 16), self._retry_max_seconds)

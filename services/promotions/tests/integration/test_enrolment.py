@@ -17,6 +17,7 @@ from cake.events.v1 import payloads_pb2
 from cake.promotions.v1 import promotions_pb2
 from cake_promotions import bootstrap
 from cake_promotions.api.mapping import track_first_login_response
+from cake_promotions.domain.enrolment import FirstLogin
 from cake_promotions.metrics import PromotionsMetrics
 from cake_promotions.service.enrolment import FirstLoginEnrolment
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -254,6 +255,81 @@ async def test_concurrent_first_logins_never_exceed_the_maximum(
             )
         ).one()
     assert tuple(row) == (25, "full", 25)
+
+
+async def test_fifty_racing_first_logins_with_a_hundred_places_all_enrol(
+    campaign_with: Any,
+    engine: AsyncEngine,
+    enrolment: FirstLoginEnrolment,
+    unique: Callable[[], int],
+) -> None:
+    campaign = await campaign_with(max_participants=100)
+    users = [unique() for _ in range(50)]
+
+    responses = await asyncio.gather(*(first_login(enrolment, user) for user in users))
+
+    assert all(response.eligible for response in responses)
+    assert not [r for r in responses if r.message == "Campaign is full"]
+    assert sorted(r.participation_order for r in responses) == list(range(1, 51))
+    async with engine.connect() as connection:
+        row = (
+            await connection.execute(
+                sa.text(
+                    "SELECT current_participants, status,"
+                    " (SELECT count(*) FROM vouchers v JOIN user_promotions p"
+                    "  ON p.id = v.user_promotion_id WHERE p.campaign_id = c.id) AS vouchers"
+                    " FROM promotion_campaigns c WHERE id = :id"
+                ),
+                {"id": campaign.id},
+            )
+        ).one()
+    assert tuple(row) == (50, "active", 50)
+
+
+async def test_a_batch_is_applied_once_however_often_it_is_delivered(
+    campaign_with: Any,
+    engine: AsyncEngine,
+    enrolment: FirstLoginEnrolment,
+    unique: Callable[[], int],
+) -> None:
+    """One poll batch: new users, a message delivered twice in it, a user's second "first"
+    login; then the same batch again (redelivered after a crash before the offset commit)."""
+    campaign = await campaign_with(max_participants=4)
+    now = datetime.now(UTC)
+    users = [unique() for _ in range(5)]
+    logins = [
+        FirstLogin(user, now + timedelta(milliseconds=i), uuid.uuid4())
+        for i, user in enumerate(users)
+    ]
+    repeated = logins[1]
+    relogged = FirstLogin(users[0], now + timedelta(seconds=1), uuid.uuid4())
+    batch = [*logins, repeated, relogged]
+
+    first = await enrolment.enrol_batch(batch)
+    again = await enrolment.enrol_batch(batch)
+
+    assert [outcome.result.value if outcome else None for outcome in first] == [
+        "enrolled", "enrolled", "enrolled", "enrolled", "campaign_full", None,
+        "already_participated",
+    ]  # fmt: skip
+    orders = [o.participation.participation_order for o in first[:4] if o and o.participation]
+    assert orders == [1, 2, 3, 4]
+    assert first[0] is not None and first[6] is not None
+    assert first[6].voucher == first[0].voucher
+    assert again == [None] * len(batch)
+    async with engine.connect() as connection:
+        counts = (
+            await connection.execute(
+                sa.text(
+                    "SELECT (SELECT current_participants FROM promotion_campaigns WHERE id = :id),"
+                    " (SELECT count(*) FROM user_promotions WHERE campaign_id = :id),"
+                    " (SELECT count(*) FROM outbox WHERE aggregate_id = ANY(:users)),"
+                    " (SELECT count(*) FROM first_login_decisions WHERE user_id = ANY(:ids))"
+                ),
+                {"id": campaign.id, "users": [str(u) for u in users], "ids": users},
+            )
+        ).one()
+    assert tuple(counts) == (4, 4, 8, 5)
 
 
 async def test_my_promotions_my_vouchers_and_validation(

@@ -291,3 +291,111 @@ async def test_two_consumer_processes_issue_exactly_max_vouchers(
     assert origins == {
         f"{record.topic}/{record.partition}/{record.offset}" for record in poison_records
     }
+
+
+async def test_fewer_racers_than_places_all_enrol_and_nobody_is_told_full(
+    engine: AsyncEngine,
+    kafka_bootstrap: str,
+    topic: str,
+    consumers: tuple[str, list[subprocess.Popen[bytes]], list[Path]],
+    admin: AIOKafkaAdminClient,
+) -> None:
+    """50 first logins at once, 100 places, two consumer processes: 50 vouchers, orders
+    1..50, every decision "enrolled" and the campaign still active with 50 places left."""
+    racers, places = 50, 100
+    group, processes, logs = consumers
+    now = datetime.now(UTC)
+    async with engine.begin() as connection:
+        await connection.execute(sa.text("UPDATE promotion_campaigns SET status = 'inactive'"))
+        campaign_id = await connection.scalar(
+            sa.text(
+                "INSERT INTO promotion_campaigns (name, start_date, end_date, max_participants)"
+                " VALUES ('fewer racers', :start, :end, :max) RETURNING id"
+            ),
+            {"start": now - timedelta(hours=1), "end": now + timedelta(days=1), "max": places},
+        )
+
+    async def both_joined() -> bool:
+        return await group_members(admin, group) == ("Stable", 2)
+
+    await wait_until(both_joined, "both consumers to join the group", logs, within=60)
+
+    base = random.randrange(2 * 10**9, 3 * 10**9)
+    users = [base + index for index in range(racers)]
+    producer = await start_with_retry(
+        lambda: create_producer(kafka_bootstrap, "race-test"), timeout_seconds=30
+    )
+    try:
+        sent = []
+        for user in users:
+            event_id, body = first_login(user, now)
+            sent.append(
+                await producer.send(
+                    topic,
+                    key=str(user).encode(),
+                    value=body,
+                    headers=kafka_headers(event_id, "USER_FIRST_LOGIN"),
+                )
+            )
+        await asyncio.gather(*sent)
+    finally:
+        await producer.stop()
+
+    async def all_decided() -> bool:
+        async with engine.connect() as connection:
+            decided = await connection.scalar(
+                sa.text("SELECT count(*) FROM first_login_decisions WHERE user_id = ANY(:u)"),
+                {"u": users},
+            )
+        return decided == racers
+
+    await wait_until(all_decided, "every first login to be decided", logs)
+    assert all(process.poll() is None for process in processes), "a consumer died"
+
+    async with engine.connect() as connection:
+        campaign = (
+            await connection.execute(
+                sa.text(
+                    "SELECT current_participants, status FROM promotion_campaigns WHERE id = :id"
+                ),
+                {"id": campaign_id},
+            )
+        ).one()
+        orders = list(
+            (
+                await connection.execute(
+                    sa.text(
+                        "SELECT participation_order FROM user_promotions WHERE campaign_id = :id"
+                        " ORDER BY participation_order"
+                    ),
+                    {"id": campaign_id},
+                )
+            ).scalars()
+        )
+        holders = list(
+            (
+                await connection.execute(
+                    sa.text(
+                        "SELECT v.user_id FROM vouchers v JOIN user_promotions p"
+                        " ON p.id = v.user_promotion_id WHERE p.campaign_id = :id"
+                    ),
+                    {"id": campaign_id},
+                )
+            ).scalars()
+        )
+        results = dict(
+            (
+                await connection.execute(
+                    sa.text(
+                        "SELECT result, count(*) FROM first_login_decisions"
+                        " WHERE user_id = ANY(:u) GROUP BY result"
+                    ),
+                    {"u": users},
+                )
+            ).all()
+        )
+
+    assert tuple(campaign) == (racers, "active")
+    assert orders == list(range(1, racers + 1))
+    assert sorted(holders) == users
+    assert results == {"enrolled": racers}  # nobody was told "Campaign is full"

@@ -6,12 +6,14 @@ relay keys them by user and one user's promotion events stay ordered on their to
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 
 from cake.events.v1 import payloads_pb2, registry
 from cake_common.audit import AuditEntry, record_audit
-from cake_common.outbox import OutboxWriter
+from cake_common.outbox import OutboxEvent, OutboxWriter
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -37,6 +39,40 @@ def _money(amount: Decimal) -> str:
     return f"{amount:.2f}"
 
 
+def _promotion_enrollment(
+    participation: Participation, enrolled_at: datetime, voucher_issued: bool
+) -> payloads_pb2.PromotionEnrollment:
+    return payloads_pb2.PromotionEnrollment(
+        user_id=participation.user_id,
+        campaign_id=participation.campaign_id,
+        participation_order=participation.participation_order,
+        enrolled_at=_timestamp(enrolled_at),
+        voucher_issued=voucher_issued,
+    )
+
+
+def _voucher_issued(voucher: Voucher, campaign_id: int) -> payloads_pb2.VoucherIssued:
+    return payloads_pb2.VoucherIssued(
+        voucher_id=voucher.id,
+        code=voucher.code,
+        user_id=voucher.user_id,
+        campaign_id=campaign_id,
+        discount_percentage=_money(voucher.discount_percentage),
+        expires_at=_timestamp(voucher.expires_at),
+        issued_at=_timestamp(voucher.issued_at),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class NewEnrolmentEvents:
+    """What one enrolment announces: PROMOTION_ENROLLMENT, then VOUCHER_ISSUED."""
+
+    participation: Participation
+    voucher: Voucher
+    trace_parent: str | None = None
+    """The enrolling login's trace (``None``: the current span's)."""
+
+
 class PromotionEvents:
     def __init__(self, session: AsyncSession, writer: OutboxWriter) -> None:
         self._session = session
@@ -52,30 +88,39 @@ class PromotionEvents:
             self._session,
             registry.PROMOTION_ENROLLMENT,
             aggregate_id=participation.user_id,
-            payload=payloads_pb2.PromotionEnrollment(
-                user_id=participation.user_id,
-                campaign_id=participation.campaign_id,
-                participation_order=participation.participation_order,
-                enrolled_at=_timestamp(enrolled_at),
-                voucher_issued=voucher_issued,
-            ),
+            payload=_promotion_enrollment(participation, enrolled_at, voucher_issued),
             occurred_at=enrolled_at,
         )
+
+    async def enrolled(self, enrolments: Sequence[NewEnrolmentEvents]) -> None:
+        """The events of many enrolments in one statement, each user's two in order."""
+        events = []
+        for item in enrolments:
+            participation, voucher = item.participation, item.voucher
+            events += [
+                OutboxEvent(
+                    event=registry.PROMOTION_ENROLLMENT,
+                    aggregate_id=participation.user_id,
+                    payload=_promotion_enrollment(participation, voucher.issued_at, True),
+                    occurred_at=voucher.issued_at,
+                    trace_parent=item.trace_parent,
+                ),
+                OutboxEvent(
+                    event=registry.VOUCHER_ISSUED,
+                    aggregate_id=voucher.user_id,
+                    payload=_voucher_issued(voucher, participation.campaign_id),
+                    occurred_at=voucher.issued_at,
+                    trace_parent=item.trace_parent,
+                ),
+            ]
+        await self._writer.add_many(self._session, events)
 
     async def voucher_issued(self, voucher: Voucher, *, campaign_id: int) -> None:
         await self._writer.add(
             self._session,
             registry.VOUCHER_ISSUED,
             aggregate_id=voucher.user_id,
-            payload=payloads_pb2.VoucherIssued(
-                voucher_id=voucher.id,
-                code=voucher.code,
-                user_id=voucher.user_id,
-                campaign_id=campaign_id,
-                discount_percentage=_money(voucher.discount_percentage),
-                expires_at=_timestamp(voucher.expires_at),
-                issued_at=_timestamp(voucher.issued_at),
-            ),
+            payload=_voucher_issued(voucher, campaign_id),
             occurred_at=voucher.issued_at,
         )
 

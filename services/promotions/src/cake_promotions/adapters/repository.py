@@ -6,7 +6,7 @@ Every statement runs inside the caller's transaction; nothing here commits.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, cast
@@ -34,11 +34,13 @@ from cake_promotions.domain.campaigns import (
     NewCampaign,
 )
 from cake_promotions.domain.enrolment import (
+    CampaignHistory,
     EnrolmentResult,
     FirstLoginDecision,
     Participation,
     ParticipationConflict,
     ParticipationStatus,
+    SlotReservation,
 )
 from cake_promotions.domain.topups import TopupRecord, TopupStatus
 from cake_promotions.domain.vouchers import DISCOUNT_VOUCHER, NewVoucher, Voucher, VoucherStatus
@@ -352,55 +354,94 @@ class VoucherRepository:
 
 _PARTICIPATION_CONSTRAINT = "uq_user_promotions_user_campaign"
 
-# One statement, so the campaign row stays locked for as few round trips as possible:
-# concurrent enrolments queue on that lock, and every round trip inside it is paid by each
-# of them in turn. The slot is taken only if the campaign is active and has one left; the
-# participation and the voucher are written only if it was. clock_timestamp() is read once
-# the lock is held, so issued_at is the moment the slot was won (expires_at mirrors
-# domain.vouchers.voucher_expiry).
-_ENROL = sa.text(
+# One statement for a whole batch, run while the batch holds its campaigns' row locks:
+# the slot counters move from ``before`` to ``after`` (decided by domain.enrolment.
+# decide_batch from the values read under those locks; the ``before`` check makes a
+# counter that moved anyway update nothing, so nothing is inserted either), then the
+# participations with their orders, then one voucher each on the campaign's terms.
+# clock_timestamp() is read once the locks are held, so issued_at is the moment the slots
+# were won (expires_at mirrors domain.vouchers.voucher_expiry).
+_RESERVE_AND_ENROL = sa.text(
     """
 WITH slot AS (
-    UPDATE promotion_campaigns
-    SET current_participants = current_participants + 1,
-        status = CASE WHEN status = 'active' AND current_participants + 1 >= max_participants
-                      THEN 'full' ELSE status END,
+    UPDATE promotion_campaigns AS c
+    SET current_participants = s.after,
+        status = CASE WHEN c.status = 'active' AND s.after >= c.max_participants
+                      THEN 'full' ELSE c.status END,
         updated_at = clock_timestamp()
-    WHERE id = :campaign_id
-      AND current_participants < max_participants
-    RETURNING id, current_participants, status, updated_at AS won_at
+    FROM unnest(CAST(:campaign_ids AS bigint[]), CAST(:befores AS integer[]),
+                CAST(:afters AS integer[])) AS s(id, before, after)
+    WHERE c.id = s.id AND c.current_participants = s.before
+    RETURNING c.*
+), new AS (
+    SELECT *
+    FROM unnest(CAST(:user_ids AS bigint[]), CAST(:for_campaigns AS bigint[]),
+                CAST(:orders AS integer[]), CAST(:login_ats AS timestamptz[]),
+                CAST(:codes AS text[])) AS n(user_id, campaign_id, participation_order,
+                                             login_at, code)
 ), participation AS (
     INSERT INTO user_promotions (user_id, campaign_id, participation_order, status,
                                  first_login_at, voucher_issued_at, created_at, updated_at)
-    SELECT :user_id, slot.id, slot.current_participants, 'voucher_issued',
-           CAST(:login_at AS timestamptz), slot.won_at, slot.won_at, slot.won_at
-    FROM slot
-    RETURNING id
+    SELECT new.user_id, new.campaign_id, new.participation_order, 'voucher_issued',
+           new.login_at, slot.updated_at, slot.updated_at, slot.updated_at
+    FROM new JOIN slot ON slot.id = new.campaign_id
+    ORDER BY new.campaign_id, new.participation_order
+    RETURNING id, user_id, campaign_id, participation_order
 ), voucher AS (
     INSERT INTO vouchers (code, user_promotion_id, user_id, type, status, discount_percentage,
                           min_topup_amount, max_discount_amount, issued_at, expires_at,
                           created_at, updated_at)
-    SELECT :code, participation.id, :user_id, 'discount', 'active',
-           CAST(:discount_percentage AS numeric), CAST(:min_topup_amount AS numeric),
-           CAST(:max_discount_amount AS numeric), slot.won_at,
-           slot.won_at + make_interval(days => CAST(:validity_days AS integer)),
-           slot.won_at, slot.won_at
-    FROM slot, participation
+    SELECT new.code, participation.id, new.user_id, 'discount', 'active',
+           slot.discount_percentage, slot.min_topup_amount, slot.max_discount_amount,
+           slot.updated_at, slot.updated_at + make_interval(days => slot.voucher_validity_days),
+           slot.updated_at, slot.updated_at
+    FROM new
+    JOIN participation ON participation.user_id = new.user_id
+                      AND participation.campaign_id = new.campaign_id
+    JOIN slot ON slot.id = new.campaign_id
+    ORDER BY participation.id
     ON CONFLICT (code) DO NOTHING
-    RETURNING id, expires_at
+    RETURNING id, user_promotion_id, code, expires_at
 )
-SELECT slot.current_participants, slot.status, slot.won_at,
-       participation.id AS participation_id, voucher.id AS voucher_id, voucher.expires_at
-FROM slot
-LEFT JOIN participation ON true
-LEFT JOIN voucher ON true
+SELECT slot.*, participation.id AS p_id, participation.user_id AS p_user_id,
+       participation.participation_order AS p_order, voucher.id AS v_id,
+       voucher.code AS v_code, voucher.expires_at AS v_expires_at
+FROM participation
+JOIN slot ON slot.id = participation.campaign_id
+LEFT JOIN voucher ON voucher.user_promotion_id = participation.id
+ORDER BY participation.id
+"""
+)
+
+_RECORD_DECISIONS = sa.text(
+    """
+INSERT INTO first_login_decisions (user_id, event_id, login_at, decided_at, result,
+                                   campaign_id, reason)
+SELECT * FROM unnest(CAST(:user_ids AS bigint[]), CAST(:event_ids AS uuid[]),
+                     CAST(:login_ats AS timestamptz[]), CAST(:decided_ats AS timestamptz[]),
+                     CAST(:results AS text[]), CAST(:campaign_ids AS bigint[]),
+                     CAST(:reasons AS text[]))
+ORDER BY 1
+ON CONFLICT (user_id) DO NOTHING
 """
 )
 
 
 @dataclass(frozen=True, slots=True)
+class NewEnrolment:
+    """A slot a batch won: the user's participation in that order, and a voucher code."""
+
+    user_id: int
+    campaign_id: int
+    participation_order: int
+    login_at: datetime
+    voucher_code: str
+
+
+@dataclass(frozen=True, slots=True)
 class Enrolled:
     campaign: Campaign
+    """The campaign as the batch left it (counter, status)."""
     participation: Participation
     voucher: Voucher | None
     """``None`` only if the voucher code was taken (the caller draws another)."""
@@ -454,57 +495,6 @@ class EnrolmentRepository:
             )
         return _campaign(row), participation
 
-    async def campaign_at_login(
-        self, campaign_type: str, login_at: datetime, *, user_id: int
-    ) -> tuple[Campaign, Participation | None] | None:
-        """The newest campaign of ``campaign_type`` that was running when the user logged
-        in: its window contains ``login_at`` and its status at that moment (the history a
-        trigger keeps, migration 0004) was active or full, whatever it is now: a late event
-        is decided by the login time. With the user's participation in it if any."""
-        history = campaign_status_changes
-        status_then = sa.func.coalesce(
-            sa.select(history.c.status)
-            .where(history.c.campaign_id == campaigns.c.id, history.c.changed_at <= login_at)
-            .order_by(history.c.changed_at.desc(), history.c.id.desc())
-            .limit(1)
-            .scalar_subquery(),
-            # A login before the first recorded change sees the campaign as first set.
-            sa.select(history.c.status)
-            .where(history.c.campaign_id == campaigns.c.id)
-            .order_by(history.c.changed_at, history.c.id)
-            .limit(1)
-            .scalar_subquery(),
-            campaigns.c.status,
-        )
-        participation_columns = [column.label(f"p_{column.name}") for column in user_promotions.c]
-        statement = (
-            sa.select(campaigns, *participation_columns)
-            .outerjoin(
-                user_promotions,
-                sa.and_(
-                    user_promotions.c.campaign_id == campaigns.c.id,
-                    user_promotions.c.user_id == user_id,
-                ),
-            )
-            .where(
-                campaigns.c.type == campaign_type,
-                status_then.in_([CampaignStatus.ACTIVE.value, CampaignStatus.FULL.value]),
-                campaigns.c.start_date <= login_at,
-                campaigns.c.end_date > login_at,
-            )
-            .order_by(*_NEWEST_FIRST)
-            .limit(1)
-        )
-        row = (await self._session.execute(statement)).mappings().first()
-        if row is None:
-            return None
-        participation = None
-        if row["p_id"] is not None:
-            participation = _participation(
-                {column.name: row[f"p_{column.name}"] for column in user_promotions.c}
-            )
-        return _campaign(row), participation
-
     async def latest_participation(
         self, campaign_type: str, *, user_id: int
     ) -> tuple[Campaign, Participation] | None:
@@ -523,22 +513,6 @@ class EnrolmentRepository:
             {column.name: row[f"p_{column.name}"] for column in user_promotions.c}
         )
         return _campaign(row), participation
-
-    async def record_decision(self, decision: FirstLoginDecision) -> None:
-        """Keep what a user's first-login event decided, and why (the first one wins)."""
-        await self._session.execute(
-            pg_insert(first_login_decisions)
-            .values(
-                user_id=decision.user_id,
-                event_id=decision.event_id,
-                login_at=decision.login_at,
-                decided_at=decision.decided_at,
-                result=decision.result.value,
-                campaign_id=decision.campaign_id,
-                reason=decision.reason,
-            )
-            .on_conflict_do_nothing(index_elements=["user_id"])
-        )
 
     async def decision_for(self, user_id: int) -> FirstLoginDecision | None:
         row = (
@@ -564,29 +538,89 @@ class EnrolmentRepository:
             reason=row["reason"],
         )
 
-    async def take_slot_and_enrol(
-        self, campaign: Campaign, *, user_id: int, login_at: datetime, voucher_code: str
-    ) -> Enrolled | None:
-        """Atomically take the campaign's next slot, record the user's participation in that
-        order, and issue their voucher on the campaign's terms.
+    async def candidate_campaigns(
+        self, campaign_type: str, earliest: datetime, latest: datetime
+    ) -> list[CampaignHistory]:
+        """The campaigns of ``campaign_type`` whose window overlaps ``[earliest, latest]``, each
+        with its status history (oldest first): everything needed to tell, for any login in
+        that span, which campaign was running (``domain.enrolment.campaign_at_login``). One
+        round trip."""
+        history = campaign_status_changes
+        statement = (
+            sa.select(
+                campaigns,
+                history.c.changed_at.label("h_changed_at"),
+                history.c.status.label("h_status"),
+            )
+            .outerjoin(history, history.c.campaign_id == campaigns.c.id)
+            .where(
+                campaigns.c.type == campaign_type,
+                campaigns.c.start_date <= latest,
+                campaigns.c.end_date > earliest,
+            )
+            .order_by(campaigns.c.id, history.c.changed_at, history.c.id)
+        )
+        found: dict[int, tuple[Campaign, list[tuple[datetime, CampaignStatus]]]] = {}
+        for row in (await self._session.execute(statement)).mappings():
+            if row["id"] not in found:
+                found[row["id"]] = (_campaign(row), [])
+            if row["h_changed_at"] is not None:
+                found[row["id"]][1].append((row["h_changed_at"], CampaignStatus(row["h_status"])))
+        return [CampaignHistory(campaign, tuple(changes)) for campaign, changes in found.values()]
 
-        ``None`` if the campaign is no longer active or has no slot left. Raises
-        :class:`ParticipationConflict` if the user was enrolled concurrently (the unique
-        constraint decided; the whole transaction must be retried).
+    async def lock_campaigns(self, campaign_ids: Sequence[int]) -> dict[int, Campaign]:
+        """Lock the campaigns' rows (in id order, so batches never deadlock on them) and read
+        them as they are once locked: their slot counters cannot move until this
+        transaction ends."""
+        if not campaign_ids:
+            return {}
+        statement = (
+            sa.select(campaigns)
+            .where(campaigns.c.id.in_(sorted(set(campaign_ids))))
+            .order_by(campaigns.c.id)
+            .with_for_update()
+        )
+        rows = (await self._session.execute(statement)).mappings()
+        return {row["id"]: _campaign(row) for row in rows}
+
+    async def participations_of(
+        self, campaign_ids: Sequence[int], user_ids: Sequence[int]
+    ) -> list[Participation]:
+        """The participations of any of ``user_ids`` in any of ``campaign_ids``."""
+        if not campaign_ids or not user_ids:
+            return []
+        statement = sa.select(user_promotions).where(
+            user_promotions.c.campaign_id.in_(sorted(set(campaign_ids))),
+            user_promotions.c.user_id.in_(sorted(set(user_ids))),
+        )
+        return [_participation(row) for row in (await self._session.execute(statement)).mappings()]
+
+    async def reserve_and_enrol(
+        self, reservations: Sequence[SlotReservation], enrolments: Sequence[NewEnrolment]
+    ) -> list[Enrolled]:
+        """Move each campaign's slot counter as reserved and record every enrolment (its
+        participation in its order, and its voucher) in ONE statement; the result in the
+        order of ``enrolments``.
+
+        The caller holds the campaigns' row locks and decided the orders from what it read
+        under them; a counter that is not at ``before`` any more (a bug, never a race) makes
+        this raise instead of enrolling anyone. :class:`ParticipationConflict` if a user
+        was enrolled concurrently all the same (the whole transaction must be retried).
         """
-        terms = campaign.terms
+        if not enrolments:
+            return []
         try:
             result = await self._session.execute(
-                _ENROL,
+                _RESERVE_AND_ENROL,
                 {
-                    "campaign_id": campaign.id,
-                    "user_id": user_id,
-                    "login_at": login_at,
-                    "code": voucher_code,
-                    "discount_percentage": terms.discount_percentage,
-                    "min_topup_amount": terms.min_topup_amount,
-                    "max_discount_amount": terms.max_discount_amount,
-                    "validity_days": terms.voucher_validity_days,
+                    "campaign_ids": [r.campaign_id for r in reservations],
+                    "befores": [r.before for r in reservations],
+                    "afters": [r.after for r in reservations],
+                    "user_ids": [e.user_id for e in enrolments],
+                    "for_campaigns": [e.campaign_id for e in enrolments],
+                    "orders": [e.participation_order for e in enrolments],
+                    "login_ats": [e.login_at for e in enrolments],
+                    "codes": [e.voucher_code for e in enrolments],
                 },
             )
         except sa.exc.IntegrityError as error:
@@ -594,47 +628,72 @@ class EnrolmentRepository:
             if getattr(diagnostics, "constraint_name", None) == _PARTICIPATION_CONSTRAINT:
                 raise ParticipationConflict from error
             raise
-        row = result.mappings().first()
-        if row is None:
-            return None
-        won_at: datetime = row["won_at"]
-        slotted = replace(
-            campaign,
-            current_participants=row["current_participants"],
-            status=CampaignStatus(row["status"]),
-            updated_at=won_at,
-        )
-        participation = Participation(
-            id=row["participation_id"],
-            user_id=user_id,
-            campaign_id=campaign.id,
-            participation_order=row["current_participants"],
-            status=ParticipationStatus.VOUCHER_ISSUED,
-            first_login_at=login_at,
-            voucher_issued_at=won_at,
-            voucher_used_at=None,
-            created_at=won_at,
-        )
-        voucher = None
-        if row["voucher_id"] is not None:
-            voucher = Voucher(
-                id=row["voucher_id"],
-                code=voucher_code,
-                user_promotion_id=participation.id,
-                user_id=user_id,
-                type=DISCOUNT_VOUCHER,
-                status=VoucherStatus.ACTIVE,
-                discount_percentage=terms.discount_percentage,
-                min_topup_amount=terms.min_topup_amount,
-                max_discount_amount=terms.max_discount_amount,
-                issued_at=won_at,
-                expires_at=row["expires_at"],
-                used_at=None,
-                used_amount=None,
-                discount_amount=None,
-                transaction_reference=None,
+        rows = {(row["p_user_id"], row["id"]): row for row in result.mappings()}
+        if len(rows) != len(enrolments):
+            raise RuntimeError(
+                f"{len(enrolments)} enrolments reserved but {len(rows)} recorded:"
+                " a slot counter moved while its row was locked"
             )
-        return Enrolled(slotted, participation, voucher)
+        enrolled = []
+        for new in enrolments:
+            row = rows[(new.user_id, new.campaign_id)]
+            won_at: datetime = row["updated_at"]
+            campaign = _campaign(row)
+            participation = Participation(
+                id=row["p_id"],
+                user_id=new.user_id,
+                campaign_id=new.campaign_id,
+                participation_order=row["p_order"],
+                status=ParticipationStatus.VOUCHER_ISSUED,
+                first_login_at=new.login_at,
+                voucher_issued_at=won_at,
+                voucher_used_at=None,
+                created_at=won_at,
+            )
+            voucher = None
+            if row["v_id"] is not None:
+                terms = campaign.terms
+                voucher = Voucher(
+                    id=row["v_id"],
+                    code=row["v_code"],
+                    user_promotion_id=participation.id,
+                    user_id=new.user_id,
+                    type=DISCOUNT_VOUCHER,
+                    status=VoucherStatus.ACTIVE,
+                    discount_percentage=terms.discount_percentage,
+                    min_topup_amount=terms.min_topup_amount,
+                    max_discount_amount=terms.max_discount_amount,
+                    issued_at=won_at,
+                    expires_at=row["v_expires_at"],
+                    used_at=None,
+                    used_amount=None,
+                    discount_amount=None,
+                    transaction_reference=None,
+                )
+            enrolled.append(Enrolled(campaign, participation, voucher))
+        return enrolled
+
+    async def record_decisions(self, decisions: Sequence[FirstLoginDecision]) -> None:
+        """Keep what each user's first-login event decided, and why (per user the first one
+        wins: an earlier event's, or the earliest given here). One statement."""
+        first: dict[int, FirstLoginDecision] = {}
+        for decision in decisions:
+            first.setdefault(decision.user_id, decision)
+        if not first:
+            return
+        kept = list(first.values())
+        await self._session.execute(
+            _RECORD_DECISIONS,
+            {
+                "user_ids": [d.user_id for d in kept],
+                "event_ids": [d.event_id for d in kept],
+                "login_ats": [d.login_at for d in kept],
+                "decided_ats": [d.decided_at for d in kept],
+                "results": [d.result.value for d in kept],
+                "campaign_ids": [d.campaign_id for d in kept],
+                "reasons": [d.reason for d in kept],
+            },
+        )
 
 
 def _topup(row: Mapping[Any, Any]) -> TopupRecord:

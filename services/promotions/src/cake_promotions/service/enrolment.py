@@ -1,26 +1,38 @@
-"""First-login enrolment (docs/architecture.md, "An event") and the eligibility question.
+"""First-login enrolment (docs/architecture.md, "An event"; docs/enrolment.md) and the
+eligibility question.
 
-One use case serves the Kafka consumer (USER_FIRST_LOGIN events) and ``TrackFirstLogin``.
+One use case serves the Kafka consumer (a whole poll batch of USER_FIRST_LOGIN events in one
+transaction) and ``TrackFirstLogin``. What each login of a batch gets is decided by the pure
+``domain.enrolment.decide_batch`` from what is read under the campaign row lock; this module
+only reads, asks, and writes the answer back in a fixed number of statements per batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import datetime
 from uuid import UUID
 
 from cake_common.logging import get_logger
 
+from cake_promotions.adapters.events import NewEnrolmentEvents
+from cake_promotions.adapters.repository import Enrolled, NewEnrolment
 from cake_promotions.domain.campaigns import FIRST_LOGIN_DISCOUNT, Campaign, CampaignStatus
 from cake_promotions.domain.enrolment import (
     DECISION_REASONS,
     Eligibility,
     EnrolmentOutcome,
     EnrolmentResult,
+    FirstLogin,
     FirstLoginDecision,
     Participation,
     ParticipationConflict,
+    SlotCount,
+    campaign_at_login,
+    decide_batch,
     eligibility_for,
+    first_of_each_event,
 )
 from cake_promotions.domain.vouchers import Voucher, generate_voucher_code, new_voucher
 from cake_promotions.metrics import PromotionsMetrics
@@ -35,6 +47,17 @@ _CONFLICT_ATTEMPTS = 2
 _CAMPAIGN_PREFERENCE = (CampaignStatus.ACTIVE, CampaignStatus.FULL)
 
 _log = get_logger(__name__)
+
+
+def _as_after(enrolled: Enrolled) -> Campaign:
+    """The campaign as this enrolment left it, as if the batch had come one by one: its
+    counter at this participant's order (full once the last slot is taken)."""
+    order = enrolled.participation.participation_order
+    campaign = enrolled.campaign
+    if order >= campaign.current_participants:
+        return campaign
+    status = CampaignStatus.ACTIVE if campaign.status is CampaignStatus.FULL else campaign.status
+    return replace(campaign, current_participants=order, status=status)
 
 
 class FirstLoginEnrolment:
@@ -54,58 +77,206 @@ class FirstLoginEnrolment:
     async def enrol_first_login(
         self, user_id: int, login_at: datetime, event_id: UUID | None = None
     ) -> EnrolmentOutcome | None:
-        """Enrol the user into the newest active first-login campaign whose window contains
-        ``login_at``, issuing their voucher, in one transaction.
+        """:meth:`enrol_batch` for one login: ``None`` if its event was already applied."""
+        (outcome,) = await self.enrol_batch([FirstLogin(user_id, login_at, event_id)])
+        return outcome
 
-        With ``event_id`` (from the consumer) the event is recorded in the inbox in that same
-        transaction; ``None`` is returned if it was already applied, so redelivery changes
-        nothing. A user already enrolled gets ``ALREADY_PARTICIPATED`` and no slot is taken.
+    async def enrol_batch(
+        self,
+        logins: Sequence[FirstLogin],
+        *,
+        trace_parents: Sequence[str | None] | None = None,
+    ) -> list[EnrolmentOutcome | None]:
+        """Enrol a batch of first logins in ONE transaction; one outcome per login, in order.
+
+        Each login is decided as if the batch came one by one in login-time order: into the
+        newest first-login campaign running at its login time, taking the next slot and a
+        voucher, or "already participated", "campaign is full", "no campaign". Logins with
+        an ``event_id`` go into the inbox in that same transaction: one already applied (or
+        repeated within the batch) gets ``None`` and changes nothing, so redelivery is
+        harmless. ``trace_parents[i]`` is the trace the events of login ``i`` continue.
         """
+        if not logins:
+            return []
+        parents = list(trace_parents) if trace_parents is not None else [None] * len(logins)
+        if len(parents) != len(logins):
+            raise ValueError("one trace parent (or None) per login")
         for attempt in range(1, _CONFLICT_ATTEMPTS + 1):
             try:
                 async with self._uow_factory() as uow:
-                    if event_id is not None and not await uow.record_event_once(event_id):
-                        return None
-                    outcome = await self._enrol(uow, user_id, login_at)
-                    await uow.enrolments.record_decision(
-                        FirstLoginDecision(
-                            user_id=user_id,
-                            event_id=event_id,
-                            login_at=login_at,
-                            decided_at=self._clock(),
-                            result=outcome.result,
-                            campaign_id=outcome.campaign.id if outcome.campaign else None,
-                            reason=DECISION_REASONS[outcome.result],
-                        )
-                    )
+                    outcomes = await self._enrol(uow, logins, parents)
                     await uow.commit()
                 break
             except ParticipationConflict:
-                # The same user was enrolled by another transaction at the same moment (a
-                # repeated event, or TrackFirstLogin racing the consumer). Everything here
-                # was rolled back, slot included; the retry finds that participation.
+                # A user was enrolled by a transaction that did not take the campaign lock
+                # (none does today). Everything here was rolled back, slots included; the
+                # retry reads that participation under the lock.
                 if attempt == _CONFLICT_ATTEMPTS:
                     raise
-        self._metrics.enrolments.labels(result=outcome.result.value).inc()
-        if outcome.result is not EnrolmentResult.ENROLLED:
-            _log.info(
-                "first login enrolled nobody",
-                user_id=user_id,
-                login_at=login_at.isoformat(),
-                result=outcome.result.value,
-                reason=DECISION_REASONS[outcome.result],
+        self._report(logins, outcomes)
+        return outcomes
+
+    async def _enrol(
+        self,
+        uow: PromotionsUnitOfWork,
+        logins: Sequence[FirstLogin],
+        trace_parents: Sequence[str | None],
+    ) -> list[EnrolmentOutcome | None]:
+        outcomes: list[EnrolmentOutcome | None] = [None] * len(logins)
+        kept = first_of_each_event(logins)
+        event_ids = [event_id for i in kept if (event_id := logins[i].event_id) is not None]
+        recorded = await uow.record_events_once(event_ids) if event_ids else set()
+        positions = [
+            i for i in kept if logins[i].event_id is None or logins[i].event_id in recorded
+        ]
+        if not positions:
+            return outcomes
+        batch = [logins[i] for i in positions]
+
+        # Which campaign each login belongs to (no lock: the window and the status history
+        # do not depend on the slots).
+        candidates = await uow.enrolments.candidate_campaigns(
+            FIRST_LOGIN_DISCOUNT,
+            min(login.login_at for login in batch),
+            max(login.login_at for login in batch),
+        )
+        chosen = [campaign_at_login(candidates, login.login_at) for login in batch]
+        campaigns = {campaign.id: campaign for campaign in chosen if campaign is not None}
+        # The slots: campaigns with room are locked and re-read; a full one stays full.
+        open_ids = [campaign.id for campaign in campaigns.values() if not campaign.is_full]
+        campaigns |= await uow.enrolments.lock_campaigns(open_ids)
+        existing = await uow.enrolments.participations_of(
+            list(campaigns), [login.user_id for login in batch]
+        )
+        participations = {(p.campaign_id, p.user_id): p for p in existing}
+        plan = decide_batch(
+            batch,
+            [campaign.id if campaign is not None else None for campaign in chosen],
+            {
+                campaign.id: SlotCount(campaign.max_participants, campaign.current_participants)
+                for campaign in campaigns.values()
+            },
+            set(participations),
+        )
+
+        winners = [k for k, decision in enumerate(plan.decisions) if decision.participation_order]
+        enrolled = await uow.enrolments.reserve_and_enrol(
+            plan.reservations,
+            [
+                NewEnrolment(
+                    user_id=batch[k].user_id,
+                    campaign_id=campaign_id,
+                    participation_order=order,
+                    login_at=batch[k].login_at,
+                    voucher_code=self._voucher_codes(),
+                )
+                for k in winners
+                if (campaign_id := plan.decisions[k].campaign_id) is not None
+                and (order := plan.decisions[k].participation_order) is not None
+            ],
+        )
+        won: dict[int, Enrolled] = {}
+        for k, slotted in zip(winners, enrolled, strict=True):
+            enrolment = slotted
+            if enrolment.voucher is None:
+                enrolment = replace(
+                    slotted,
+                    voucher=await self._issue_voucher(uow, slotted.campaign, slotted.participation),
+                )
+            won[k] = enrolment
+            participations[(enrolment.campaign.id, batch[k].user_id)] = enrolment.participation
+            campaigns[enrolment.campaign.id] = enrolment.campaign
+        await uow.events.enrolled(
+            [
+                NewEnrolmentEvents(
+                    enrolment.participation, enrolment.voucher, trace_parents[positions[k]]
+                )
+                for k, enrolment in won.items()
+                if enrolment.voucher is not None
+            ]
+        )
+        vouchers = await self._vouchers_of_earlier_participations(uow, existing)
+        for enrolment in won.values():
+            if enrolment.voucher is not None:
+                vouchers[enrolment.participation.id] = enrolment.voucher
+
+        decided_at = self._clock()
+        decisions = []
+        for k, decision in enumerate(plan.decisions):
+            login = batch[k]
+            campaign = campaigns.get(decision.campaign_id) if decision.campaign_id else None
+            if k in won:
+                outcome = EnrolmentOutcome(
+                    EnrolmentResult.ENROLLED,
+                    _as_after(won[k]),
+                    won[k].participation,
+                    won[k].voucher,
+                )
+            elif decision.result is EnrolmentResult.ALREADY_PARTICIPATED and campaign:
+                participation = participations[(campaign.id, login.user_id)]
+                outcome = EnrolmentOutcome(
+                    decision.result, campaign, participation, vouchers.get(participation.id)
+                )
+            else:
+                outcome = EnrolmentOutcome(decision.result, campaign)
+            outcomes[positions[k]] = outcome
+            decisions.append(
+                FirstLoginDecision(
+                    user_id=login.user_id,
+                    event_id=login.event_id,
+                    login_at=login.login_at,
+                    decided_at=decided_at,
+                    result=decision.result,
+                    campaign_id=decision.campaign_id,
+                    reason=DECISION_REASONS[decision.result],
+                )
             )
-        if outcome.result is EnrolmentResult.ENROLLED:
-            self._metrics.vouchers_issued.inc()
+        await uow.enrolments.record_decisions(decisions)
+        return outcomes
+
+    @staticmethod
+    async def _vouchers_of_earlier_participations(
+        uow: PromotionsUnitOfWork, existing: Sequence[Participation]
+    ) -> dict[int, Voucher]:
+        """Participation id -> voucher, for participations that were there before the batch
+        (what "already participated" shows)."""
+        if not existing:
+            return {}
+        found: dict[int, Voucher] = {}
+        # Newest first: the first voucher seen per participation is the one shown.
+        for voucher in await uow.vouchers.list_for_participations([p.id for p in existing]):
+            found.setdefault(voucher.user_promotion_id, voucher)
+        return found
+
+    def _report(
+        self, logins: Sequence[FirstLogin], outcomes: Sequence[EnrolmentOutcome | None]
+    ) -> None:
+        nobody: dict[EnrolmentResult, list[int]] = {}
+        for login, outcome in zip(logins, outcomes, strict=True):
+            if outcome is None:
+                continue
+            self._metrics.enrolments.labels(result=outcome.result.value).inc()
+            if outcome.result is EnrolmentResult.ENROLLED:
+                self._metrics.vouchers_issued.inc()
+                _log.info(
+                    "user enrolled",
+                    user_id=login.user_id,
+                    campaign_id=outcome.campaign.id if outcome.campaign else None,
+                    participation_order=(
+                        outcome.participation.participation_order if outcome.participation else None
+                    ),
+                )
+            else:
+                nobody.setdefault(outcome.result, []).append(login.user_id)
+        # One line per result and batch (each decision is also kept in the database).
+        for result, user_ids in nobody.items():
             _log.info(
-                "user enrolled",
-                user_id=user_id,
-                campaign_id=outcome.campaign.id if outcome.campaign else None,
-                participation_order=(
-                    outcome.participation.participation_order if outcome.participation else None
-                ),
+                "first logins enrolled nobody",
+                result=result.value,
+                reason=DECISION_REASONS[result],
+                count=len(user_ids),
+                user_ids=user_ids[:50],
             )
-        return outcome
 
     async def track_first_login(self, user_id: int) -> EnrolmentOutcome:
         """``TrackFirstLogin``: reports, never enrols. Enrolment is decided only by auth's
@@ -125,35 +296,6 @@ class FirstLoginEnrolment:
         ):
             return EnrolmentOutcome(decision.result)
         return EnrolmentOutcome(EnrolmentResult.NOT_ENROLLED)
-
-    async def _enrol(
-        self, uow: PromotionsUnitOfWork, user_id: int, login_at: datetime
-    ) -> EnrolmentOutcome:
-        found = await uow.enrolments.campaign_at_login(
-            FIRST_LOGIN_DISCOUNT, login_at, user_id=user_id
-        )
-        if found is None:
-            return EnrolmentOutcome(EnrolmentResult.NO_CAMPAIGN)
-        campaign, existing = found
-        if existing is not None:
-            return await self._already_participated(uow, campaign, existing)
-        if campaign.is_full:
-            return EnrolmentOutcome(EnrolmentResult.CAMPAIGN_FULL, campaign)
-
-        enrolled = await uow.enrolments.take_slot_and_enrol(
-            campaign, user_id=user_id, login_at=login_at, voucher_code=self._voucher_codes()
-        )
-        if enrolled is None:
-            return EnrolmentOutcome(EnrolmentResult.CAMPAIGN_FULL, campaign)
-        participation = enrolled.participation
-        voucher = enrolled.voucher or await self._issue_voucher(
-            uow, enrolled.campaign, participation
-        )
-        await uow.events.promotion_enrolled(
-            participation, enrolled_at=voucher.issued_at, voucher_issued=True
-        )
-        await uow.events.voucher_issued(voucher, campaign_id=campaign.id)
-        return EnrolmentOutcome(EnrolmentResult.ENROLLED, enrolled.campaign, participation, voucher)
 
     async def _issue_voucher(
         self, uow: PromotionsUnitOfWork, campaign: Campaign, participation: Participation
