@@ -243,8 +243,8 @@ async def profile(arguments: argparse.Namespace) -> Profile:
     users = [base + index for index in range(arguments.events)]
     await publish(bootstrap_servers, topic, users, now)
 
-    registry = CollectorRegistry()
-    metrics = PromotionsMetrics(registry)
+    metrics_registry = CollectorRegistry()
+    metrics = PromotionsMetrics(metrics_registry)
     consumer = FirstLoginConsumer(
         FirstLoginEnrolment(bootstrap.unit_of_work_factory(engine), metrics),
         metrics,
@@ -258,7 +258,7 @@ async def profile(arguments: argparse.Namespace) -> Profile:
     def consumed() -> float:
         return sum(
             sample.value
-            for family in registry.collect()
+            for family in metrics_registry.collect()
             if family.name == "cake_promotions_consumed_events"
             for sample in family.samples
             if sample.name.endswith("_total")
