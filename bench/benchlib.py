@@ -252,6 +252,19 @@ def rate_limits_raised(stack: Stack) -> bool:
     return config.exists() and "max_tokens: 10000000" in config.read_text()
 
 
+def require_raised_limits(stack: Stack, profile: str) -> None:
+    """Stop with the fix spelled out when the gateway runs the default per-IP limits: the load,
+    the seeding and the drills all come from this one address, so at 100 requests/min every
+    figure would be a 429."""
+    if rate_limits_raised(stack):
+        return
+    variable = "CAKE_GATEWAY_PROFILE" if profile == "dev" else "CAKE_TEST_GATEWAY_PROFILE"
+    raise SystemExit(
+        "the gateway runs the default rate limits (100/min per IP); restart it with raised"
+        f" ones first: {variable}=bench uv run cake-stack restart envoy --profile {profile}"
+    )
+
+
 def metric(summary: dict[str, Any], name: str) -> dict[str, float]:
     """The values of one metric in a scenario's summary ({} when absent)."""
     values: dict[str, float] = summary.get("metrics", {}).get(name, {}).get("values", {})

@@ -46,7 +46,7 @@ from benchlib import (
     SeededUser,
     admin_token_via_cli,
     check_stack,
-    rate_limits_raised,
+    require_raised_limits,
     say,
     service_database,
     voucher_counts,
@@ -327,8 +327,7 @@ async def drills(
 ) -> tuple[list[DrillResult], list[TopupDrillResult]]:
     stack = Stack(args.profile, echo=None)
     check_stack(stack)
-    if not rate_limits_raised(stack):
-        say("WARNING: the gateway's rate limits are not raised (CAKE_GATEWAY_PROFILE=bench)")
+    require_raised_limits(stack, args.profile)
     admin = await asyncio.to_thread(admin_token_via_cli, stack, stack.gateway_url)
     results: list[DrillResult] = []
     topups: list[TopupDrillResult] = []

@@ -42,7 +42,7 @@ from benchlib import (
     check_stack,
     latency_over_time,
     metric,
-    rate_limits_raised,
+    require_raised_limits,
     say,
     service_database,
     voucher_counts,
@@ -195,16 +195,7 @@ async def bench(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         "scenarios": {},
         "over_time": {},
     }
-    if not rate_limits_raised(stack):
-        # The load and the seeding run from one IP: at 100 requests/min the figures would be 429s.
-        gateway_profile_variable = (
-            "CAKE_GATEWAY_PROFILE" if args.profile == "dev" else "CAKE_TEST_GATEWAY_PROFILE"
-        )
-        raise SystemExit(
-            "the gateway runs the default rate limits (100/min per IP); restart it with raised"
-            f" ones first: {gateway_profile_variable}=bench"
-            f" uv run cake-stack up --profile {args.profile}"
-        )
+    require_raised_limits(stack, args.profile)
     gateway_url = stack.gateway_url
     cost = int(stack.service_environment()["auth"].get("CAKE_AUTH_BCRYPT_COST", "10"))
 
