@@ -113,6 +113,38 @@ def log4j2_properties() -> str:
     )
 
 
+#: Maven's batch-mode line for each artifact it has fetched.
+_DOWNLOADED = "Downloaded from "
+#: Say how far the first download is every this many artifacts (about a hundred in all).
+_PROGRESS_EVERY = 10
+
+
+def _copy_dependencies(mvn: str, ctx: StackContext, scratch: Path) -> tuple[int, str]:
+    """Run Maven's copy, echoing progress as artifacts arrive (the first run downloads
+    ~100 MB: silence would look like a hang); its exit code and output."""
+    command = [
+        *(mvn, "-B", "-f", str(ctx.layout.kafka_pom)),
+        *("dependency:copy-dependencies", f"-DoutputDirectory={scratch}"),
+    ]
+    lines: list[str] = []
+    downloaded = 0
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as maven:
+        assert maven.stdout is not None
+        for line in maven.stdout:
+            lines.append(line)
+            if _DOWNLOADED in line:
+                downloaded += 1
+                if downloaded % _PROGRESS_EVERY == 1:
+                    url = next((word for word in line.split() if "://" in word), "")
+                    artifact = url.rsplit("/", 1)[-1]
+                    ctx.echo(f"  kafka: {downloaded} artifacts downloaded ({artifact})")
+    if downloaded:
+        ctx.echo(f"  kafka: {downloaded} artifacts downloaded in all")
+    return maven.returncode, "".join(lines)
+
+
 def ensure_libs(ctx: StackContext) -> Path:
     """The broker jars, copied from Maven Central (via ~/.m2) on first use only."""
     version = kafka_version(ctx.layout.kafka_pom)
@@ -126,24 +158,11 @@ def ensure_libs(ctx: StackContext) -> Path:
     # complete one and two profiles starting at once do not share a half-filled folder.
     scratch = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=target.parent))
     try:
-        result = subprocess.run(
-            [
-                mvn,
-                "-B",
-                "-q",
-                "-f",
-                str(ctx.layout.kafka_pom),
-                "dependency:copy-dependencies",
-                f"-DoutputDirectory={scratch}",
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if result.returncode != 0:
+        returncode, output = _copy_dependencies(mvn, ctx, scratch)
+        if returncode != 0:
             raise StackError(
-                f"kafka: mvn dependency:copy-dependencies failed (exit {result.returncode}):\n"
-                + (result.stdout + result.stderr)[-4000:]
+                f"kafka: mvn dependency:copy-dependencies failed (exit {returncode}):\n"
+                + output[-4000:]
             )
         (scratch / _LIBS_COMPLETE_MARKER).write_text(version + "\n", encoding="utf-8")
         try:
