@@ -147,14 +147,20 @@ def row(step: Step, result: BurstResult) -> dict[str, Any]:
 
 
 def ceiling_note(step: Step, result: BurstResult) -> str | None:
+    """The ceiling is the consumer's decisions/s from the first to the last; when the last
+    login was decided right after it was written, the writer was the limit: "at least"."""
     if step.name != "ceiling":
         return None
-    if result.applied_after_last_login_seconds <= 1.0:
+    if result.applied_after_last_login_seconds <= 0.25:
         return (
-            f"the consumer kept up with the writer: the enrolment ceiling is at least"
-            f" {result.reached_rate:g}/s (the writer, {result.reached_rate:g}/s, was the limit)"
+            f"enrolment ceiling at least {result.consumer_rate:g}/s: the consumer kept up with"
+            f" the writer ({result.reached_rate:g}/s), which was the limit"
         )
-    return f"enrolment ceiling: {result.consumer_rate:g} decisions/s (the writer sent faster)"
+    return (
+        f"enrolment ceiling {result.consumer_rate:g}/s (decisions from first to last; the"
+        f" writer sent {result.reached_rate:g}/s and the last login was decided"
+        f" {result.applied_after_last_login_seconds} s after it was written)"
+    )
 
 
 def markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:

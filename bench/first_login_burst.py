@@ -442,8 +442,8 @@ async def burst(
         except (sa.exc.OperationalError, OSError) as error:
             raise BenchError(
                 f"the {profile} stack's promotions database does not answer"
-                f" ({error.__class__.__name__}); start the stack first"
-                f" (make up, or uv run cake-stack up --profile {profile})"
+                f" ({str(getattr(error, 'orig', None) or error).strip()[:200]}); is the stack"
+                f" up? (make up, or uv run cake-stack up --profile {profile})"
             ) from None
         try:
             began = time.monotonic()

@@ -21,11 +21,13 @@ from cake_promotions.adapters.repository import Enrolled, NewEnrolment
 from cake_promotions.domain.campaigns import FIRST_LOGIN_DISCOUNT, Campaign, CampaignStatus
 from cake_promotions.domain.enrolment import (
     DECISION_REASONS,
+    BatchPlan,
     Eligibility,
     EnrolmentOutcome,
     EnrolmentResult,
     FirstLogin,
     FirstLoginDecision,
+    LoginDecision,
     Participation,
     ParticipationConflict,
     SlotCount,
@@ -123,12 +125,7 @@ class FirstLoginEnrolment:
         trace_parents: Sequence[str | None],
     ) -> list[EnrolmentOutcome | None]:
         outcomes: list[EnrolmentOutcome | None] = [None] * len(logins)
-        kept = first_of_each_event(logins)
-        event_ids = [event_id for i in kept if (event_id := logins[i].event_id) is not None]
-        recorded = await uow.record_events_once(event_ids) if event_ids else set()
-        positions = [
-            i for i in kept if logins[i].event_id is None or logins[i].event_id in recorded
-        ]
+        positions = await self._fresh(uow, logins)
         if not positions:
             return outcomes
         batch = [logins[i] for i in positions]
@@ -148,7 +145,6 @@ class FirstLoginEnrolment:
         existing = await uow.enrolments.participations_of(
             list(campaigns), [login.user_id for login in batch]
         )
-        participations = {(p.campaign_id, p.user_id): p for p in existing}
         plan = decide_batch(
             batch,
             [campaign.id if campaign is not None else None for campaign in chosen],
@@ -156,10 +152,68 @@ class FirstLoginEnrolment:
                 campaign.id: SlotCount(campaign.max_participants, campaign.current_participants)
                 for campaign in campaigns.values()
             },
-            set(participations),
+            {(p.campaign_id, p.user_id) for p in existing},
         )
 
-        winners = [k for k, decision in enumerate(plan.decisions) if decision.participation_order]
+        won = await self._enrol_winners(uow, batch, plan)
+        await uow.events.enrolled(
+            [
+                NewEnrolmentEvents(
+                    enrolment.participation, enrolment.voucher, trace_parents[positions[k]]
+                )
+                for k, enrolment in won.items()
+                if enrolment.voucher is not None
+            ]
+        )
+        participations = {(p.campaign_id, p.user_id): p for p in existing}
+        vouchers = await self._vouchers_of_earlier_participations(uow, existing)
+        for enrolment in won.values():
+            participations[(enrolment.campaign.id, enrolment.participation.user_id)] = (
+                enrolment.participation
+            )
+            campaigns[enrolment.campaign.id] = enrolment.campaign
+            if enrolment.voucher is not None:
+                vouchers[enrolment.participation.id] = enrolment.voucher
+
+        for k, decision in enumerate(plan.decisions):
+            campaign = campaigns.get(decision.campaign_id) if decision.campaign_id else None
+            if k in won:
+                enrolment = won[k]
+                outcome = EnrolmentOutcome(
+                    decision.result,
+                    _as_after(enrolment),
+                    enrolment.participation,
+                    enrolment.voucher,
+                )
+            elif decision.result is EnrolmentResult.ALREADY_PARTICIPATED and campaign:
+                participation = participations[(campaign.id, batch[k].user_id)]
+                outcome = EnrolmentOutcome(
+                    decision.result, campaign, participation, vouchers.get(participation.id)
+                )
+            else:
+                outcome = EnrolmentOutcome(decision.result, campaign)
+            outcomes[positions[k]] = outcome
+        await uow.enrolments.record_decisions(self._decisions(batch, plan.decisions))
+        return outcomes
+
+    @staticmethod
+    async def _fresh(uow: PromotionsUnitOfWork, logins: Sequence[FirstLogin]) -> list[int]:
+        """Positions of the logins to apply: their events go into the inbox now (a repeat
+        within the batch, or an event applied before, is left out)."""
+        kept = first_of_each_event(logins)
+        event_ids = [event_id for i in kept if (event_id := logins[i].event_id) is not None]
+        recorded = await uow.record_events_once(event_ids) if event_ids else set()
+        return [i for i in kept if logins[i].event_id is None or logins[i].event_id in recorded]
+
+    async def _enrol_winners(
+        self, uow: PromotionsUnitOfWork, batch: Sequence[FirstLogin], plan: BatchPlan
+    ) -> dict[int, Enrolled]:
+        """Take the plan's slots and issue its vouchers; batch index -> enrolment."""
+        winners = [
+            (k, decision.campaign_id, decision.participation_order)
+            for k, decision in enumerate(plan.decisions)
+            if decision.campaign_id is not None and decision.participation_order is not None
+        ]
         enrolled = await uow.enrolments.reserve_and_enrol(
             plan.reservations,
             [
@@ -170,69 +224,38 @@ class FirstLoginEnrolment:
                     login_at=batch[k].login_at,
                     voucher_code=self._voucher_codes(),
                 )
-                for k in winners
-                if (campaign_id := plan.decisions[k].campaign_id) is not None
-                and (order := plan.decisions[k].participation_order) is not None
+                for k, campaign_id, order in winners
             ],
         )
         won: dict[int, Enrolled] = {}
-        for k, slotted in zip(winners, enrolled, strict=True):
-            enrolment = slotted
-            if enrolment.voucher is None:
-                enrolment = replace(
-                    slotted,
-                    voucher=await self._issue_voucher(uow, slotted.campaign, slotted.participation),
+        for (k, _, _), enrolment in zip(winners, enrolled, strict=True):
+            if enrolment.voucher is None:  # its code was taken: draw another
+                voucher = await self._issue_voucher(
+                    uow, enrolment.campaign, enrolment.participation
                 )
+                enrolment = replace(enrolment, voucher=voucher)  # noqa: PLW2901
             won[k] = enrolment
-            participations[(enrolment.campaign.id, batch[k].user_id)] = enrolment.participation
-            campaigns[enrolment.campaign.id] = enrolment.campaign
-        await uow.events.enrolled(
-            [
-                NewEnrolmentEvents(
-                    enrolment.participation, enrolment.voucher, trace_parents[positions[k]]
-                )
-                for k, enrolment in won.items()
-                if enrolment.voucher is not None
-            ]
-        )
-        vouchers = await self._vouchers_of_earlier_participations(uow, existing)
-        for enrolment in won.values():
-            if enrolment.voucher is not None:
-                vouchers[enrolment.participation.id] = enrolment.voucher
+        return won
 
+    def _decisions(
+        self, batch: Sequence[FirstLogin], decisions: Sequence[LoginDecision]
+    ) -> list[FirstLoginDecision]:
+        """What to keep per login, in login-time order (the order they were decided in, so
+        for a user with two logins in the batch the kept one is the one that decided)."""
         decided_at = self._clock()
-        decisions = []
-        for k, decision in enumerate(plan.decisions):
-            login = batch[k]
-            campaign = campaigns.get(decision.campaign_id) if decision.campaign_id else None
-            if k in won:
-                outcome = EnrolmentOutcome(
-                    EnrolmentResult.ENROLLED,
-                    _as_after(won[k]),
-                    won[k].participation,
-                    won[k].voucher,
-                )
-            elif decision.result is EnrolmentResult.ALREADY_PARTICIPATED and campaign:
-                participation = participations[(campaign.id, login.user_id)]
-                outcome = EnrolmentOutcome(
-                    decision.result, campaign, participation, vouchers.get(participation.id)
-                )
-            else:
-                outcome = EnrolmentOutcome(decision.result, campaign)
-            outcomes[positions[k]] = outcome
-            decisions.append(
-                FirstLoginDecision(
-                    user_id=login.user_id,
-                    event_id=login.event_id,
-                    login_at=login.login_at,
-                    decided_at=decided_at,
-                    result=decision.result,
-                    campaign_id=decision.campaign_id,
-                    reason=DECISION_REASONS[decision.result],
-                )
+        in_login_order = sorted(range(len(batch)), key=lambda k: batch[k].login_at)
+        return [
+            FirstLoginDecision(
+                user_id=batch[k].user_id,
+                event_id=batch[k].event_id,
+                login_at=batch[k].login_at,
+                decided_at=decided_at,
+                result=decisions[k].result,
+                campaign_id=decisions[k].campaign_id,
+                reason=DECISION_REASONS[decisions[k].result],
             )
-        await uow.enrolments.record_decisions(decisions)
-        return outcomes
+            for k in in_login_order
+        ]
 
     @staticmethod
     async def _vouchers_of_earlier_participations(
