@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from cake_events.adapters import health_probes
 from cake_events.adapters.event_store import EventsUnitOfWork
 from cake_events.adapters.health_probes import ComponentProbe, KafkaProbe
 from cake_events.adapters.kafka_publisher import KafkaPublisher
-from cake_events.adapters.outbox_source import OutboxAdministration
+from cake_events.adapters.outbox_source import OutboxAdministration, acquire_leadership
 from cake_events.adapters.relay_metrics import RelayMetrics
 from cake_events.api.admin import EventAdminServicer
 from cake_events.api.health import SystemHealthServicer
@@ -105,7 +106,7 @@ def build_relays(
         relays.append(
             OutboxRelay(
                 source,
-                leader_engine=leader_engine,
+                leadership=functools.partial(acquire_leadership, leader_engine),
                 publisher=KafkaPublisher(
                     settings.kafka_bootstrap_servers,
                     client_id=client_name,
