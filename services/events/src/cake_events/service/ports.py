@@ -9,8 +9,9 @@ import asyncio
 from collections.abc import Awaitable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
-from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, Protocol
+
+from cake_common.db import TransactionPort
 
 from cake_events.domain.audit import StoredAuditEntry
 from cake_events.domain.delivery import DeadLetter, PublishedBatch
@@ -92,7 +93,7 @@ class AuditLog(Protocol):
     async def append(self, entries: Sequence[StoredAuditEntry], recorded_at: datetime) -> None: ...
 
 
-class RelayUnitOfWork(Protocol):
+class RelayUnitOfWork(TransactionPort, Protocol):
     """One transaction on the events database, with what the relay writes there."""
 
     @property
@@ -103,14 +104,3 @@ class RelayUnitOfWork(Protocol):
 
     @property
     def audit(self) -> AuditLog: ...
-
-    async def __aenter__(self) -> Self: ...
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None: ...
-
-    async def commit(self) -> None: ...
