@@ -23,7 +23,7 @@ status: ## show what the local stack runs
 test: ## install what is missing and run every check and test (starts its own test stack)
 	@bash tools/run-tests.sh
 
-test-unit: ## only the unit layer (no servers, under 15 s): libs, services/*/tests/unit, tools, tests/contracts
+test-unit: ## only the unit layer (no test stack): libs, services/*/tests/unit, tools, tests/contracts
 	@uv run --frozen pytest -q -m "not integration and not e2e" libs services/*/tests/unit tools tests/contracts
 
 gen: ## regenerate Python code, type stubs and the Envoy descriptor set from protos/
