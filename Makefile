@@ -5,7 +5,7 @@ export PATH := $(HOME)/.local/bin:$(PATH)
 # checkouts can run their stacks side by side (pytest reads the same file, see conftest.py).
 -include .ports.env
 
-.PHONY: up down status test gen lint bench bench-enrolment chaos help k8s-test cluster-up cluster-down
+.PHONY: up down status test test-unit gen lint bench bench-enrolment chaos help k8s-test cluster-up cluster-down
 
 help: ## list targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -22,6 +22,9 @@ status: ## show what the local stack runs
 
 test: ## install what is missing and run every check and test (starts its own test stack)
 	@bash tools/run-tests.sh
+
+test-unit: ## only the unit layer (no test stack): libs, services/*/tests/unit, tools, tests/contracts
+	@uv run --frozen pytest -q -m "not integration and not e2e" libs services/*/tests/unit tools tests/contracts
 
 gen: ## regenerate Python code, type stubs and the Envoy descriptor set from protos/
 	@bash tools/bootstrap.sh

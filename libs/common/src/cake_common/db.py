@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 import sqlalchemy.exc
 from pydantic import SecretStr
@@ -124,6 +124,22 @@ def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSessi
     # expire_on_commit=False: objects returned by a use case stay readable after commit
     # without lazy reloads (which async sessions cannot do implicitly).
     return async_sessionmaker(engine, expire_on_commit=False)
+
+
+class TransactionPort(Protocol):
+    """What a use case needs of any unit of work: ``async with`` it, then ``commit`` (leaving
+    without committing rolls back). Services' ports extend it with their repositories."""
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None: ...
+
+    async def commit(self) -> None: ...
 
 
 class UnitOfWork:

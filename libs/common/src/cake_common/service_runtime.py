@@ -10,14 +10,15 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Protocol, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cake_common.db import create_async_engine_for, wait_for_database
-from cake_common.grpc_server.server import RunningGrpcServer
+from cake_common.lifecycle import STOP_SIGNALS, ShutdownHook, run_shutdown_hooks, wait_for_stop
 from cake_common.logging import configure_logging, get_logger
+from cake_common.metrics import MetricsServer
 from cake_common.migrations import run_alembic_upgrade
 from cake_common.settings import ServiceSettings
 from cake_common.tracing import TracingHandle, configure_tracing, instrument_engine
@@ -64,11 +65,42 @@ async def open_migrated_database(
     return engine
 
 
+class Serving(Protocol):
+    """A started server or worker: :class:`RunningGrpcServer` or :class:`RunningWorker`."""
+
+    async def serve_until_signal(self) -> None: ...
+
+
+class RunningWorker:
+    """A started background worker without a gRPC server (a relay or consumer replica):
+    runs until SIGTERM/SIGINT or :meth:`request_stop`, then runs its shutdown hooks in
+    reverse order of registration and stops its metrics endpoint last."""
+
+    def __init__(
+        self,
+        shutdown_hooks: Sequence[ShutdownHook],
+        *,
+        metrics_server: MetricsServer | None = None,
+    ) -> None:
+        self._shutdown_hooks = tuple(shutdown_hooks)
+        self._metrics_server = metrics_server
+        self._stop_requested = asyncio.Event()
+
+    def request_stop(self) -> None:
+        self._stop_requested.set()
+
+    async def serve_until_signal(self, signals: Iterable[signal.Signals] = STOP_SIGNALS) -> None:
+        await wait_for_stop(self._stop_requested, signals)
+        await run_shutdown_hooks(self._shutdown_hooks)
+        if self._metrics_server is not None:
+            await self._metrics_server.stop()
+
+
 async def serve_until_signal(
-    settings: SettingsT, start: Callable[[SettingsT], Awaitable[RunningGrpcServer]]
+    settings: SettingsT, start: Callable[[SettingsT], Awaitable[Serving]]
 ) -> None:
-    """A service's ``serve`` command: logging and tracing on, the server ``start`` builds
-    serving until SIGTERM/SIGINT, then the remaining spans flushed."""
+    """A service's ``serve`` command (or a worker's): logging and tracing on, the server or
+    worker ``start`` builds running until SIGTERM/SIGINT, then the remaining spans flushed."""
     start_logging(settings)
     tracing = start_tracing(settings)
     try:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import signal
-from collections.abc import Awaitable, Callable
+import functools
 from dataclasses import dataclass
 
 import grpc
@@ -12,13 +10,13 @@ import prometheus_client
 from cake.events.v1 import admin_pb2, admin_pb2_grpc, health_pb2, health_pb2_grpc
 from cake_common.db import create_async_engine_for, create_session_factory, database_probe
 from cake_common.grpc_server import DependencyCheck, GrpcServerBuilder, RunningGrpcServer
+from cake_common.lifecycle import ShutdownHook, run_shutdown_hooks
 from cake_common.metrics import start_metrics_server
 from cake_common.redis import create_redis
 from cake_common.service_runtime import (
+    RunningWorker,
     open_migrated_database,
     serve_until_signal,
-    start_logging,
-    start_tracing,
 )
 from cake_common.token_auth import revocation_list, token_verifier
 from prometheus_client import CollectorRegistry
@@ -29,7 +27,7 @@ from cake_events.adapters import health_probes
 from cake_events.adapters.event_store import EventsUnitOfWork
 from cake_events.adapters.health_probes import ComponentProbe, KafkaProbe
 from cake_events.adapters.kafka_publisher import KafkaPublisher
-from cake_events.adapters.outbox_source import OutboxAdministration
+from cake_events.adapters.outbox_source import OutboxAdministration, acquire_leadership
 from cake_events.adapters.relay_metrics import RelayMetrics
 from cake_events.api.admin import EventAdminServicer
 from cake_events.api.health import SystemHealthServicer
@@ -47,8 +45,6 @@ MIGRATIONS = "cake_events:migrations"
 
 # GET /health must answer without a token (load balancers, Cake's clients).
 PUBLIC_METHODS = (f"/{HEALTH_SERVICE}/GetSystemHealth",)
-
-ShutdownHook = Callable[[], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +101,7 @@ def build_relays(
         relays.append(
             OutboxRelay(
                 source,
-                leader_engine=leader_engine,
+                leadership=functools.partial(acquire_leadership, leader_engine),
                 publisher=KafkaPublisher(
                     settings.kafka_bootstrap_servers,
                     client_id=client_name,
@@ -133,114 +129,125 @@ async def start_service(
     engine = await open_migrated_database(settings, script_location=MIGRATIONS)
     shutdown_hooks: list[ShutdownHook] = [engine.dispose]
 
-    probes = [
-        ComponentProbe("events", critical=True, probe=_serving_this_call),
-        ComponentProbe(
-            "events_database", critical=True, probe=health_probes.database_probe(engine)
-        ),
-    ]
-    for name, target in (
-        ("auth", settings.auth_grpc_target),
-        ("promotions", settings.promotions_grpc_target),
-    ):
-        channel = grpc.aio.insecure_channel(target)
-        shutdown_hooks.append(channel.close)  # type: ignore[arg-type]
-        probes += [
-            ComponentProbe(name, critical=True, probe=health_probes.service_probe(channel)),
+    try:
+        probes = [
+            ComponentProbe("events", critical=True, probe=_serving_this_call),
             ComponentProbe(
-                f"{name}_database",
-                critical=True,
-                probe=health_probes.grpc_health_probe(channel, "postgres"),
+                "events_database", critical=True, probe=health_probes.database_probe(engine)
             ),
         ]
-
-    redis_client = create_redis(settings.redis_url)
-    shutdown_hooks.append(redis_client.aclose)
-    kafka_probe = KafkaProbe(
-        settings.kafka_bootstrap_servers, timeout_seconds=settings.health_probe_timeout_seconds
-    )
-    shutdown_hooks.append(kafka_probe.close)
-    probes += [
-        ComponentProbe("redis", critical=False, probe=health_probes.redis_probe(redis_client)),
-        ComponentProbe("kafka", critical=False, probe=kafka_probe),
-    ]
-    outboxes: dict[str, OutboxAdministration] = {}
-    for source, url in outbox_sources(settings):
-        outbox_engine = create_async_engine_for(
-            url, pool_size=1, session_timeouts=settings.database_session_timeouts()
-        )
-        shutdown_hooks.append(outbox_engine.dispose)
-        outboxes[source] = OutboxAdministration(outbox_engine)
-        probes.append(
-            ComponentProbe(
-                f"relay_backlog_{source}",
-                critical=False,
-                probe=health_probes.outbox_backlog_probe(
-                    outbox_engine, degraded_after_seconds=settings.relay_lag_degraded_seconds
+        for name, target in (
+            ("auth", settings.auth_grpc_target),
+            ("promotions", settings.promotions_grpc_target),
+        ):
+            channel = grpc.aio.insecure_channel(target)
+            shutdown_hooks.append(channel.close)  # type: ignore[arg-type]
+            probes += [
+                ComponentProbe(name, critical=True, probe=health_probes.service_probe(channel)),
+                ComponentProbe(
+                    f"{name}_database",
+                    critical=True,
+                    probe=health_probes.grpc_health_probe(channel, "postgres"),
                 ),
+            ]
+
+        redis_client = create_redis(settings.redis_url)
+        shutdown_hooks.append(redis_client.aclose)
+        kafka_probe = KafkaProbe(
+            settings.kafka_bootstrap_servers, timeout_seconds=settings.health_probe_timeout_seconds
+        )
+        shutdown_hooks.append(kafka_probe.close)
+        probes += [
+            ComponentProbe("redis", critical=False, probe=health_probes.redis_probe(redis_client)),
+            ComponentProbe("kafka", critical=False, probe=kafka_probe),
+        ]
+        outboxes: dict[str, OutboxAdministration] = {}
+        for source, url in outbox_sources(settings):
+            outbox_engine = create_async_engine_for(
+                url, pool_size=1, session_timeouts=settings.database_session_timeouts()
+            )
+            shutdown_hooks.append(outbox_engine.dispose)
+            outboxes[source] = OutboxAdministration(outbox_engine)
+            probes.append(
+                ComponentProbe(
+                    f"relay_backlog_{source}",
+                    critical=False,
+                    probe=health_probes.outbox_backlog_probe(
+                        outbox_engine, degraded_after_seconds=settings.relay_lag_degraded_seconds
+                    ),
+                )
+            )
+
+        reporter = SystemHealthReporter(
+            probes,
+            timeout_seconds=settings.health_probe_timeout_seconds,
+            cache_seconds=settings.health_cache_seconds,
+            memory_mb=health_probes.process_memory_mb,
+        )
+        health_servicer = SystemHealthServicer(reporter)
+
+        relays = RelayGroup([])
+        if settings.relay_enabled:
+            wiring = build_relays(settings, engine, registry)
+            relays = wiring.group
+            shutdown_hooks += [leader_engine.dispose for leader_engine in wiring.engines]
+        # Registered last, so it runs first at shutdown: the batch in flight still has its
+        # databases while it finishes.
+        shutdown_hooks.append(relays.stop)
+
+        session_factory = create_session_factory(engine)
+        admin_servicer = EventAdminServicer(
+            EventAdministration(
+                events_uow=lambda: EventsUnitOfWork(session_factory),
+                outboxes=outboxes,
+                in_flight=relays.in_flight,
             )
         )
 
-    reporter = SystemHealthReporter(
-        probes,
-        timeout_seconds=settings.health_probe_timeout_seconds,
-        cache_seconds=settings.health_cache_seconds,
-        memory_mb=health_probes.process_memory_mb,
-    )
-    health_servicer = SystemHealthServicer(reporter)
-
-    relays = RelayGroup([])
-    if settings.relay_enabled:
-        wiring = build_relays(settings, engine, registry)
-        relays = wiring.group
-        shutdown_hooks += [leader_engine.dispose for leader_engine in wiring.engines]
-    # Registered last, so it runs first at shutdown: the batch in flight still has its
-    # databases while it finishes.
-    shutdown_hooks.append(relays.stop)
-
-    session_factory = create_session_factory(engine)
-    admin_servicer = EventAdminServicer(
-        EventAdministration(
-            events_uow=lambda: EventsUnitOfWork(session_factory),
-            outboxes=outboxes,
-            in_flight=relays.in_flight,
-        )
-    )
-
-    builder = (
-        GrpcServerBuilder.from_settings(
-            settings, service_names=[HEALTH_SERVICE, ADMIN_SERVICE], metrics_registry=registry
-        )
-        .add_servicer(
-            lambda server: health_pb2_grpc.add_SystemHealthServiceServicer_to_server(
-                health_servicer, server
+        builder = (
+            GrpcServerBuilder.from_settings(
+                settings, service_names=[HEALTH_SERVICE, ADMIN_SERVICE], metrics_registry=registry
+            )
+            .add_servicer(
+                lambda server: health_pb2_grpc.add_SystemHealthServiceServicer_to_server(
+                    health_servicer, server
+                )
+            )
+            .add_servicer(
+                lambda server: admin_pb2_grpc.add_EventAdminServiceServicer_to_server(
+                    admin_servicer, server
+                )
+            )
+            .with_validation()
+            .add_dependency_check(
+                DependencyCheck("postgres", database_probe(engine), critical=True)
             )
         )
-        .add_servicer(
-            lambda server: admin_pb2_grpc.add_EventAdminServiceServicer_to_server(
-                admin_servicer, server
+        # Without a JWKS no token can be verified: every admin call is then UNAUTHENTICATED.
+        revocations = None
+        if settings.jwks_file is not None:
+            revocations = revocation_list(settings, redis_client)
+            # Hooks run in reverse: the follower stops before the Redis client closes.
+            shutdown_hooks.append(revocations.aclose)
+            builder.with_auth(
+                token_verifier(settings, settings.jwks_file),
+                public_methods=PUBLIC_METHODS,
+                is_revoked=revocations.is_revoked,
             )
-        )
-        .with_validation()
-        .add_dependency_check(DependencyCheck("postgres", database_probe(engine), critical=True))
-    )
-    # Without a JWKS no token can be verified: every admin call is then UNAUTHENTICATED.
-    revocations = None
-    if settings.jwks_file is not None:
-        revocations = revocation_list(settings, redis_client)
-        # Hooks run in reverse: the follower stops before the Redis client closes.
-        shutdown_hooks.append(revocations.aclose)
-        builder.with_auth(
-            token_verifier(settings, settings.jwks_file),
-            public_methods=PUBLIC_METHODS,
-            is_revoked=revocations.is_revoked,
-        )
-    for hook in shutdown_hooks:
-        builder.add_shutdown_hook(hook)
-    running = await builder.start()
-    if revocations is not None:
-        revocations.start()
-    relays.start()
+        for hook in shutdown_hooks:
+            builder.add_shutdown_hook(hook)
+        running = await builder.start()
+    except BaseException:
+        # Failed half way (e.g. the port is taken): close what was opened so far.
+        await run_shutdown_hooks(shutdown_hooks)
+        raise
+    try:
+        if revocations is not None:
+            revocations.start()
+        relays.start()
+    except BaseException:
+        await running.stop()
+        raise
     return running
 
 
@@ -252,30 +259,32 @@ async def serve(settings: EventsSettings) -> None:
 async def relay_only(settings: EventsSettings) -> None:
     """``cake-events relay``: only the relays (no gRPC; metrics on ``metrics_port`` if set),
     until SIGTERM/SIGINT."""
-    start_logging(settings)
-    tracing = start_tracing(settings)
+    await serve_until_signal(settings, start_relays)
+
+
+async def start_relays(
+    settings: EventsSettings, *, metrics_registry: CollectorRegistry | None = None
+) -> RunningWorker:
+    """Migrate, then start the relays alone; ``serve_until_signal`` on the result runs
+    them until SIGTERM/SIGINT and then stops them gracefully."""
+    registry = metrics_registry or prometheus_client.REGISTRY
     engine = await open_migrated_database(settings, script_location=MIGRATIONS)
-    wiring = build_relays(settings, engine, prometheus_client.REGISTRY)
-    metrics_server = (
-        start_metrics_server(settings.metrics_port, host=settings.grpc_host)
-        if settings.metrics_port is not None
-        else None
-    )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    wiring.group.start()
+    shutdown_hooks: list[ShutdownHook] = [engine.dispose]
     try:
-        await stop.wait()
-    finally:
-        await wiring.group.stop()
-        for leader_engine in wiring.engines:
-            await leader_engine.dispose()
-        await engine.dispose()
-        if metrics_server is not None:
-            await metrics_server.stop()
-        await tracing.aclose()
+        wiring = build_relays(settings, engine, registry)
+        shutdown_hooks += [leader_engine.dispose for leader_engine in wiring.engines]
+        # Last, so it runs first at shutdown: the batch in flight still has its databases.
+        shutdown_hooks.append(wiring.group.stop)
+        metrics_server = (
+            start_metrics_server(settings.metrics_port, host=settings.grpc_host, registry=registry)
+            if settings.metrics_port is not None
+            else None
+        )
+    except BaseException:
+        await run_shutdown_hooks(shutdown_hooks)
+        raise
+    wiring.group.start()
+    return RunningWorker(shutdown_hooks, metrics_server=metrics_server)
 
 
 async def _serving_this_call() -> tuple[bool, str]:

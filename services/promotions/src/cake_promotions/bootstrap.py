@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
-import signal
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -13,15 +11,15 @@ from cake.promotions.v1 import promotions_pb2_grpc
 from cake_common.db import create_session_factory, database_probe
 from cake_common.grpc_server import DependencyCheck, GrpcServerBuilder, RunningGrpcServer
 from cake_common.jwt import JwtVerifier
+from cake_common.lifecycle import ShutdownHook, run_shutdown_hooks
 from cake_common.metrics import start_metrics_server
 from cake_common.outbox import OutboxWriter
 from cake_common.redis import create_redis
 from cake_common.service_runtime import (
+    RunningWorker,
     kill_this_process,
     open_migrated_database,
     serve_until_signal,
-    start_logging,
-    start_tracing,
 )
 from cake_common.token_auth import revocation_list, token_verifier
 from prometheus_client import REGISTRY, CollectorRegistry
@@ -228,39 +226,37 @@ async def serve(settings: PromotionsSettings) -> None:
 
 async def consume(settings: PromotionsSettings) -> None:
     """Only the first-login consumer, until SIGTERM/SIGINT (e.g. extra consumer replicas)."""
-    start_logging(settings)
-    tracing = start_tracing(settings)
-    engine = await open_migrated_database(
-        settings, script_location=MIGRATIONS, relay_role=settings.relay_role
-    )
-    metrics = PromotionsMetrics()
-    payments = payment_gateway(settings)
-    use_cases = build_use_cases(engine, metrics, payments, settings)
-    consumer = build_consumer(settings, use_cases.enrolment, metrics)
-    stop = asyncio.Event()
     failures: list[BaseException] = []
 
-    def fail(error: BaseException) -> None:
-        failures.append(error)
-        stop.set()
+    async def start(settings: PromotionsSettings) -> RunningWorker:
+        engine = await open_migrated_database(
+            settings, script_location=MIGRATIONS, relay_role=settings.relay_role
+        )
+        shutdown_hooks: list[ShutdownHook] = [engine.dispose]
+        try:
+            metrics = PromotionsMetrics()
+            payments = payment_gateway(settings)
+            shutdown_hooks.append(payments.close)
+            use_cases = build_use_cases(engine, metrics, payments, settings)
+            consumer = build_consumer(settings, use_cases.enrolment, metrics)
+            shutdown_hooks.append(consumer.stop)
+            metrics_server = (
+                start_metrics_server(settings.metrics_port, settings.grpc_host)
+                if settings.metrics_port is not None
+                else None
+            )
+        except BaseException:
+            await run_shutdown_hooks(shutdown_hooks)
+            raise
+        worker = RunningWorker(shutdown_hooks, metrics_server=metrics_server)
 
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    metrics_server = (
-        start_metrics_server(settings.metrics_port, settings.grpc_host)
-        if settings.metrics_port is not None
-        else None
-    )
-    consumer.start(on_failure=fail)
-    try:
-        await stop.wait()
-    finally:
-        await consumer.stop()
-        await payments.close()
-        await engine.dispose()
-        if metrics_server is not None:
-            await metrics_server.stop()
-        await tracing.aclose()
+        def fail(error: BaseException) -> None:
+            failures.append(error)
+            worker.request_stop()
+
+        consumer.start(on_failure=fail)
+        return worker
+
+    await serve_until_signal(settings, start)
     if failures:
         raise SystemExit("first-login consumer failed")

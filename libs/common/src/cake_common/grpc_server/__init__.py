@@ -45,9 +45,9 @@ from cake_common.grpc_server.server import (
     GrpcServerBuilder,
     RunningGrpcServer,
     ServicerRegistration,
-    ShutdownHook,
     run_grpc_server,
 )
+from cake_common.lifecycle import ShutdownHook
 
 __all__ = [
     "ALWAYS_PUBLIC_SERVICES",

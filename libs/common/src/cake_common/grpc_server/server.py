@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Self
 
 import grpc
@@ -22,6 +22,7 @@ from cake_common.grpc_server.interceptors import (
 )
 from cake_common.grpc_server.metrics import MetricsInterceptor
 from cake_common.jwt import JwtVerifier
+from cake_common.lifecycle import ShutdownHook, run_shutdown_hooks, wait_for_stop
 from cake_common.logging import get_logger
 from cake_common.metrics import MetricsServer, start_metrics_server
 from cake_common.settings import ServiceSettings
@@ -31,7 +32,6 @@ from cake_common.validation import RequestValidator
 ServicerRegistration = Callable[[grpc.aio.Server], None]
 """Adds one servicer, e.g. ``lambda s: add_AuthServiceServicer_to_server(servicer, s)``."""
 
-ShutdownHook = Callable[[], Awaitable[None]]
 
 _log = get_logger(__name__)
 
@@ -85,13 +85,7 @@ class RunningGrpcServer:
             await self._watcher.stop()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self._grace_seconds)
-        for hook in reversed(self._shutdown_hooks):
-            try:
-                await hook()
-            except Exception:
-                _log.exception(
-                    "shutdown hook failed", hook=getattr(hook, "__qualname__", repr(hook))
-                )
+        await run_shutdown_hooks(self._shutdown_hooks)
         if self._metrics_server is not None:
             # Last, so the final counts can still be scraped while draining.
             await self._metrics_server.stop()
@@ -105,17 +99,8 @@ class RunningGrpcServer:
         self, signals: Iterable[signal.Signals] = (signal.SIGTERM, signal.SIGINT)
     ) -> None:
         """Serve until one of ``signals`` arrives or a stop is requested, then :meth:`stop`."""
-        loop = asyncio.get_running_loop()
-        installed = []
-        try:
-            for sig in signals:
-                loop.add_signal_handler(sig, self.request_stop)
-                installed.append(sig)
-            await self._stop_requested.wait()
-            await self.stop()
-        finally:
-            for sig in installed:
-                loop.remove_signal_handler(sig)
+        await wait_for_stop(self._stop_requested, signals)
+        await self.stop()
 
 
 class GrpcServerBuilder:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, Protocol
 
 from cake_common.audit import AuditEntry
+from cake_common.db import TransactionPort
 
 from cake_auth.domain.login import FirstLogin, LoginAccount, ThrottleKeys, ThrottleStatus
 from cake_auth.domain.sessions import RefreshTokenRecord, Session
@@ -143,7 +143,7 @@ class EventRecorder(Protocol):
         ...
 
 
-class AuthUnitOfWork(Protocol):
+class AuthUnitOfWork(TransactionPort, Protocol):
     """One transaction: ``users`` and ``events`` see and write the same data."""
 
     @property
@@ -154,17 +154,6 @@ class AuthUnitOfWork(Protocol):
 
     @property
     def events(self) -> EventRecorder: ...
-
-    async def __aenter__(self) -> Self: ...
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None: ...
-
-    async def commit(self) -> None: ...
 
 
 class UnitOfWorkFactory(Protocol):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing, asynccontextmanager, suppress
-from dataclasses import dataclass
 from typing import Any, LiteralString, cast
 from uuid import UUID
 
@@ -22,7 +21,7 @@ from sqlalchemy.dialects.postgresql.psycopg import dialect as psycopg_dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncTransaction
 
 from cake_events.domain.delivery import ReplayStatus
-from cake_events.domain.relay import OutboxEvent
+from cake_events.domain.relay import Backlog, OutboxEvent, ParkedRow, ScheduledRetry
 
 OUTBOX = outbox_table(sa.MetaData())
 
@@ -169,30 +168,6 @@ def _id_array(ids: Sequence[int]) -> str:
     specially.
     """
     return "{" + ",".join(map(str, ids)) + "}"
-
-
-@dataclass(frozen=True, slots=True)
-class ScheduledRetry:
-    row_id: int
-    attempts: int
-    error: str
-    delay_seconds: float
-
-
-@dataclass(frozen=True, slots=True)
-class ParkedRow:
-    row_id: int
-    attempts: int
-    error: str
-
-
-@dataclass(frozen=True, slots=True)
-class Backlog:
-    waiting: int
-    """Rows neither published nor dead-lettered."""
-    oldest_age_seconds: float
-    in_retry: int
-    """Of those, rows that failed and wait for (or are due for) another attempt."""
 
 
 class LeaderConnection:

@@ -113,6 +113,36 @@ class RetryPolicy:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class ScheduledRetry:
+    """A failed row to try again after ``delay_seconds``."""
+
+    row_id: int
+    attempts: int
+    error: str
+    delay_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class ParkedRow:
+    """A row given up on (dead-lettered)."""
+
+    row_id: int
+    attempts: int
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    """The outbox rows still to relay."""
+
+    waiting: int
+    """Rows neither published nor dead-lettered."""
+    oldest_age_seconds: float
+    in_retry: int
+    """Of those, rows that failed and wait for (or are due for) another attempt."""
+
+
 @dataclass(slots=True)
 class AggregateOrder:
     """Keeps one aggregate's events in order inside one batch.

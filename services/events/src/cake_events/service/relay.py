@@ -72,16 +72,8 @@ from aiokafka.errors import KafkaError, ProducerClosed
 from cake_common.kafka import with_current_trace
 from cake_common.logging import get_logger
 from cake_common.tracing import SpanKind, start_span_from_traceparent, tracing_enabled
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from cake_events.adapters.event_store import EventsUnitOfWork
-from cake_events.adapters.kafka_publisher import KafkaPublisher, broker_unavailable
-from cake_events.adapters.outbox_source import (
-    LeaderConnection,
-    ParkedRow,
-    ScheduledRetry,
-    acquire_leadership,
-)
+from cake_events.adapters.kafka_publisher import broker_unavailable
 from cake_events.adapters.relay_metrics import RelayMetrics
 from cake_events.domain.audit import SECURITY_AUDIT, security_audit_entries
 from cake_events.domain.delivery import DeadLetter, PublishedBatch
@@ -89,12 +81,15 @@ from cake_events.domain.envelope import EnvelopeBuilder, KafkaMessage
 from cake_events.domain.relay import (
     AggregateOrder,
     OutboxEvent,
+    ParkedRow,
     PoisonEvent,
     RetryPolicy,
+    ScheduledRetry,
     TopicRoutes,
     error_text,
     overtaken_aggregates,
 )
+from cake_events.service.ports import EventPublisher, Leadership, RelayLeader, RelayUnitOfWork
 
 _CONNECTION_ERRORS: tuple[type[Exception], ...] = (
     sqlalchemy.exc.OperationalError,
@@ -186,9 +181,9 @@ class OutboxRelay:
         self,
         source: str,
         *,
-        leader_engine: AsyncEngine,
-        publisher: KafkaPublisher,
-        events_uow: Callable[[], EventsUnitOfWork],
+        leadership: Leadership,
+        publisher: EventPublisher,
+        events_uow: Callable[[], RelayUnitOfWork],
         routes: TopicRoutes,
         retry_policy: RetryPolicy,
         timing: RelayTiming,
@@ -198,7 +193,7 @@ class OutboxRelay:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.source = source
-        self._leader_engine = leader_engine
+        self._leadership = leadership
         self._publisher = publisher
         self._events_uow = events_uow
         self._routes = routes
@@ -222,8 +217,7 @@ class OutboxRelay:
         try:
             while not stop.is_set():
                 try:
-                    leader = await acquire_leadership(
-                        self._leader_engine,
+                    leader = await self._leadership(
                         retry_seconds=self._timing.leader_retry_seconds,
                         stop=stop,
                     )
@@ -265,7 +259,7 @@ class OutboxRelay:
         self.is_active = active
         self._metrics.active.labels(self.source).set(1 if active else 0)
 
-    async def _lead(self, leader: LeaderConnection, stop: asyncio.Event) -> None:
+    async def _lead(self, leader: RelayLeader, stop: asyncio.Event) -> None:
         await leader.listen()
         timing = self._timing
         # Unknown until the first backlog query: claim conservatively meanwhile.
@@ -308,7 +302,7 @@ class OutboxRelay:
                 await leader.wait_for_notification(timing.poll_interval_seconds)
 
     async def _step(
-        self, leader: LeaderConnection, previous: _PublishedBatch | None, *, may_claim: bool
+        self, leader: RelayLeader, previous: _PublishedBatch | None, *, may_claim: bool
     ) -> _PublishedBatch | None:
         """One transaction: claim the next batch and publish it while recording the
         previous one. Returns the batch just published (None if nothing was claimed)."""
@@ -351,7 +345,7 @@ class OutboxRelay:
         self._track_rows_in_retry(result, retries)
         return _PublishedBatch(events, result, retries, parked, letters)
 
-    async def _record(self, leader: LeaderConnection, batch: _PublishedBatch) -> None:
+    async def _record(self, leader: RelayLeader, batch: _PublishedBatch) -> None:
         """Write a published batch's outcome: audit log and dead letters (events database,
         committed here, first) and the outbox rows (committed with the caller's
         transaction), both at once."""
@@ -370,7 +364,7 @@ class OutboxRelay:
                 )
             await uow.commit()
 
-    async def _write_events_database(self, uow: EventsUnitOfWork, batch: _PublishedBatch) -> None:
+    async def _write_events_database(self, uow: RelayUnitOfWork, batch: _PublishedBatch) -> None:
         acknowledged = batch.result.acknowledged
         events = acknowledged.events
         audit = PublishedBatch(
