@@ -318,8 +318,6 @@ class EventConsumer:
         self._fatal = fatal_errors
         self._routes: dict[str, dict[str, Route]] = {}
         self._carried: dict[str, frozenset[str]] = {}
-        self.restarts = 0
-        """How many times the loop died and was restarted."""
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._consumer: AIOKafkaConsumer | None = None
@@ -415,7 +413,6 @@ class EventConsumer:
                 if asyncio.get_running_loop().time() - started > self._retry.max_seconds:
                     failures = 0  # it had been working: start the backoff over
                 failures += 1
-                self.restarts += 1
                 self._metrics.consumer_restarts.inc()
                 delay = self._retry.delay(failures)
                 _log.exception(
