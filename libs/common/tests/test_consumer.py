@@ -5,6 +5,7 @@ long it waits; what is committed. The loop on real Kafka + PostgreSQL is in
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -29,6 +30,7 @@ from google.protobuf.any_pb2 import Any as AnyMessage
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
 
 USERS = registry.USER_FIRST_LOGIN.topic
 VOUCHERS = registry.VOUCHER_ISSUED.topic
@@ -121,7 +123,7 @@ def consumer_with(
     for spec, handler in handlers.values():
         consumer.register(spec, handler)
     producer = FakeProducer()
-    consumer._producer = producer  # type: ignore[assignment] # the one seam of the loop
+    consumer._producer = producer  # the one seam of the loop: its dead-letter producer
     return consumer, metrics_registry, producer
 
 
@@ -302,3 +304,38 @@ async def test_a_fatal_error_is_not_retried() -> None:
     assert len(handler.calls) == 1
     assert producer.sent == []
     assert sample(metrics, "consumer_retries", kind="unexpected") == 0
+
+
+async def test_a_crashed_loop_is_restarted_and_a_fatal_error_stops_it_for_good() -> None:
+    class Crashing(EventConsumer):
+        runs = 0
+
+        async def _run(self) -> None:  # the poll loop, failing as a bug then a misconfiguration
+            self.runs += 1
+            if self.runs < 3:
+                raise RuntimeError("bug")
+            raise FatalConsumerError("the group is not authorised")
+
+    metrics = CollectorRegistry()
+    consumer = Crashing(
+        name="test",
+        metrics=ConsumerMetrics("test", metrics),
+        bootstrap_servers="unused:9092",
+        group_id="unused",
+        client_id="unused",
+        retry=RetryPolicy(base_seconds=0.001, max_seconds=0.001),
+    )
+    consumer.register(registry.USER_FIRST_LOGIN, Recorder())
+    failures: list[BaseException] = []
+    with capture_logs() as logs:
+        consumer.start(on_failure=failures.append)
+        with pytest.raises(FatalConsumerError):
+            await asyncio.wait_for(consumer.wait(), timeout=10)
+    assert consumer.runs == 3
+    assert metrics.get_sample_value("cake_test_consumer_restarts_total") == 2
+    assert [type(error) for error in failures] == [FatalConsumerError]
+    critical = [entry for entry in logs if entry["log_level"] == "critical"]
+    assert [entry["event"] for entry in critical] == [
+        "kafka consumer stopped by a fatal error; the process must stop"
+    ]
+    assert not await consumer.is_consuming()
