@@ -108,11 +108,10 @@ class FakeProducer:
         self.sent.append((topic, value, headers))
 
 
-def consumer_with(
-    **handlers: tuple[registry.PublishedEvent[Any], Recorder],
-) -> tuple[EventConsumer, CollectorRegistry, FakeProducer]:
-    metrics_registry = CollectorRegistry()
-    consumer = EventConsumer(
+def new_consumer(
+    metrics_registry: CollectorRegistry, kind: type[EventConsumer] = EventConsumer
+) -> EventConsumer:
+    return kind(
         name="test",
         metrics=ConsumerMetrics("test", metrics_registry),
         bootstrap_servers="unused:9092",
@@ -120,6 +119,13 @@ def consumer_with(
         client_id="unused",
         retry=RetryPolicy(base_seconds=0.001, max_seconds=0.001),
     )
+
+
+def consumer_with(
+    **handlers: tuple[registry.PublishedEvent[Any], Recorder],
+) -> tuple[EventConsumer, CollectorRegistry, FakeProducer]:
+    metrics_registry = CollectorRegistry()
+    consumer = new_consumer(metrics_registry)
     for spec, handler in handlers.values():
         consumer.register(spec, handler)
     producer = FakeProducer()
@@ -317,20 +323,14 @@ async def test_a_crashed_loop_is_restarted_and_a_fatal_error_stops_it_for_good()
             raise FatalConsumerError("the group is not authorised")
 
     metrics = CollectorRegistry()
-    consumer = Crashing(
-        name="test",
-        metrics=ConsumerMetrics("test", metrics),
-        bootstrap_servers="unused:9092",
-        group_id="unused",
-        client_id="unused",
-        retry=RetryPolicy(base_seconds=0.001, max_seconds=0.001),
-    )
+    consumer = new_consumer(metrics, Crashing)
     consumer.register(registry.USER_FIRST_LOGIN, Recorder())
     failures: list[BaseException] = []
     with capture_logs() as logs:
         consumer.start(on_failure=failures.append)
         with pytest.raises(FatalConsumerError):
             await asyncio.wait_for(consumer.wait(), timeout=10)
+    assert isinstance(consumer, Crashing)
     assert consumer.runs == 3
     assert metrics.get_sample_value("cake_test_consumer_restarts_total") == 2
     assert [type(error) for error in failures] == [FatalConsumerError]
