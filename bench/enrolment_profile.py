@@ -1,10 +1,11 @@
 """Where the time goes per first-login enrolment: database, Kafka, Python.
 
-The promotions first-login consumer (``FirstLoginConsumer``, the code ``cake-promotions
-consume`` runs) is started in THIS process on a fresh topic holding ``--events``
-USER_FIRST_LOGIN events (published before it starts, so it drains a backlog as fast as it
-can), against the stack's promotions database and a fresh campaign with room for everyone
-(every event takes the full enrolment path: slot, participation, voucher, two outbox rows).
+The promotions first-login consumer (``bootstrap.first_login_consumer``: the generic Kafka
+consumer with the first-login handler, the code ``cake-promotions consume`` runs) is started
+in THIS process on a fresh topic holding ``--events`` USER_FIRST_LOGIN events (published
+before it starts, so it drains a backlog as fast as it can), against the stack's promotions
+database and a fresh campaign with room for everyone (every event takes the full enrolment
+path: slot, participation, voucher, two outbox rows).
 
 While it drains, every database call (cursor executes and commits) and every Kafka call of
 the consumer (``getmany``, ``commit``) is timed in-process:
@@ -50,7 +51,6 @@ from cake_common.kafka import create_producer, ensure_topics, kafka_headers, sta
 from cake_common.logging import configure_logging
 from cake_devtools.stack import service_environment
 from cake_promotions import bootstrap
-from cake_promotions.consumer import FirstLoginConsumer
 from cake_promotions.metrics import PromotionsMetrics
 from cake_promotions.service.enrolment import FirstLoginEnrolment
 from google.protobuf.any_pb2 import Any as AnyMessage
@@ -245,7 +245,7 @@ async def profile(arguments: argparse.Namespace) -> Profile:
 
     metrics_registry = CollectorRegistry()
     metrics = PromotionsMetrics(metrics_registry)
-    consumer = FirstLoginConsumer(
+    consumer = bootstrap.first_login_consumer(
         FirstLoginEnrolment(bootstrap.unit_of_work_factory(engine), metrics),
         metrics,
         bootstrap_servers=bootstrap_servers,

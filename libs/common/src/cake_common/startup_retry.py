@@ -7,10 +7,10 @@ from tenacity import (
     RetryCallState,
     retry_if_exception_type,
     stop_after_delay,
-    wait_exponential,
 )
 
 from cake_common.logging import get_logger
+from cake_common.retry import RetryPolicy
 
 _log = get_logger(__name__)
 
@@ -22,8 +22,9 @@ def startup_retrying(
     retry_on: tuple[type[BaseException], ...],
     max_wait_seconds: float = 5.0,
 ) -> AsyncRetrying:
-    """Exponential backoff (0.2 s doubling, capped at ``max_wait_seconds``) until
-    ``timeout_seconds``; each failed attempt is logged, the last error re-raised.
+    """Cake's retry policy (:class:`RetryPolicy`: jittered, 0.2 s doubling, capped at
+    ``max_wait_seconds``) until ``timeout_seconds``; each failed attempt is logged, the last
+    error re-raised.
 
     Use as ``async for attempt in startup_retrying(...): with attempt: ...``.
     """
@@ -42,7 +43,7 @@ def startup_retrying(
 
     return AsyncRetrying(
         stop=stop_after_delay(timeout_seconds),
-        wait=wait_exponential(multiplier=0.1, min=0.2, max=max_wait_seconds),
+        wait=RetryPolicy(max_seconds=max_wait_seconds).tenacity_wait(),
         retry=retry_if_exception_type(retry_on),
         before_sleep=log_retry,
         reraise=True,

@@ -7,7 +7,9 @@ import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
+from cake.events.v1 import registry
 from cake.promotions.v1 import promotions_pb2_grpc
+from cake_common.consumer import EventConsumer
 from cake_common.db import create_session_factory, database_probe
 from cake_common.grpc_server import DependencyCheck, GrpcServerBuilder, RunningGrpcServer
 from cake_common.jwt import JwtVerifier
@@ -15,6 +17,7 @@ from cake_common.lifecycle import ShutdownHook, run_shutdown_hooks
 from cake_common.metrics import start_metrics_server
 from cake_common.outbox import OutboxWriter
 from cake_common.redis import create_redis
+from cake_common.retry import RetryPolicy
 from cake_common.service_runtime import (
     RunningWorker,
     kill_this_process,
@@ -27,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cake_promotions.adapters.payments import GrpcBank, SimulatedBankTransfer
 from cake_promotions.api.servicer import PUBLIC_METHODS, SERVICE_NAME, PromotionsServicer
-from cake_promotions.consumer import FirstLoginConsumer
+from cake_promotions.consumer import FirstLoginHandler
 from cake_promotions.domain.payments import PaymentGateway
 from cake_promotions.metrics import PromotionsMetrics
 from cake_promotions.service.campaigns import CampaignAdministration
@@ -122,10 +125,41 @@ def build_verifier(settings: PromotionsSettings) -> JwtVerifier:
     return token_verifier(settings, settings.jwks_file)
 
 
+def first_login_consumer(
+    enrolment: FirstLoginEnrolment,
+    metrics: PromotionsMetrics,
+    *,
+    bootstrap_servers: str,
+    topic: str,
+    group_id: str,
+    client_id: str,
+    max_batch: int = 500,
+    retry_max_seconds: float = 10.0,
+) -> EventConsumer:
+    """The Kafka consumer with the first-login handler registered (tests and the enrolment
+    bench build it here too, on their own topics)."""
+    consumer = EventConsumer(
+        name="promotions",
+        metrics=metrics.consumer,
+        bootstrap_servers=bootstrap_servers,
+        group_id=group_id,
+        client_id=client_id,
+        max_batch=max_batch,
+        retry=RetryPolicy(max_seconds=retry_max_seconds),
+    )
+    consumer.register(
+        registry.USER_FIRST_LOGIN,
+        FirstLoginHandler(enrolment),
+        topic=topic,
+        span_name="promotions enrol first login",
+    )
+    return consumer
+
+
 def build_consumer(
     settings: PromotionsSettings, enrolment: FirstLoginEnrolment, metrics: PromotionsMetrics
-) -> FirstLoginConsumer:
-    return FirstLoginConsumer(
+) -> EventConsumer:
+    return first_login_consumer(
         enrolment,
         metrics,
         bootstrap_servers=settings.kafka_bootstrap_servers,

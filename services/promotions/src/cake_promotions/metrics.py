@@ -6,6 +6,7 @@ exposes) or by tests (on a private registry), never at import time.
 
 from __future__ import annotations
 
+from cake_common.consumer import ConsumerMetrics
 from prometheus_client import REGISTRY, CollectorRegistry, Counter
 
 
@@ -48,27 +49,7 @@ class PromotionsMetrics:
             "Top-up idempotency keys deleted after their retention",
             registry=registry,
         )
-        self.consumed_events = Counter(
-            "cake_promotions_consumed_events_total",
-            "Events read by the first-login consumer by outcome",
-            ["result"],
-            registry=registry,
-        )
-        self.consumer_retries = Counter(
-            "cake_promotions_consumer_retries_total",
-            "Attempts at an event that failed and will be retried (transient: a dependency"
-            " is down; unexpected: a bug or bad data, dead-lettered after a few)",
-            ["kind"],
-            registry=registry,
-        )
-        self.consumer_restarts = Counter(
-            "cake_promotions_consumer_restarts_total",
-            "Times the first-login consumer loop died of an error and was restarted",
-            registry=registry,
-        )
-        self.dead_letters = Counter(
-            "cake_promotions_dead_letters_total",
-            "Events the first-login consumer could never process, sent to the dead-letter topic",
-            ["reason"],
-            registry=registry,
-        )
+        self.consumer = ConsumerMetrics("promotions", registry)
+        """The first-login consumer's counters (``cake_promotions_consumed_events_total``,
+        ``..._consumer_retries_total``, ``..._consumer_restarts_total``,
+        ``..._dead_letters_total``)."""

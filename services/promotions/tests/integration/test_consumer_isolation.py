@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 from cake.promotions.v1 import promotions_pb2
+from cake_common.consumer import EventConsumer
 from cake_common.kafka import ensure_topics
-from cake_promotions.consumer import FirstLoginConsumer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 pytestmark = pytest.mark.integration
@@ -47,14 +47,14 @@ async def test_a_failing_consumer_degrades_health_but_not_the_api(
     topic = f"test.promotions.isolation.{uuid.uuid4().hex[:12]}"
     await ensure_topics(kafka_bootstrap, {topic: 1, f"{topic}.dlq": 1})
     broken = True
-    real_batch = FirstLoginConsumer._consume_batch
+    real_batch = EventConsumer._consume_batch
 
-    async def failing_batch(self: FirstLoginConsumer, consumer: Any) -> None:
+    async def failing_batch(self: EventConsumer, consumer: Any) -> None:
         if broken:
             raise InjectedBug("not a KafkaError")
         await real_batch(self, consumer)
 
-    monkeypatch.setattr(FirstLoginConsumer, "_consume_batch", failing_batch)
+    monkeypatch.setattr(EventConsumer, "_consume_batch", failing_batch)
     server = await start_server(
         consumer_enabled=True,
         kafka_bootstrap_servers=kafka_bootstrap,

@@ -20,7 +20,6 @@ from cake.events.v1 import envelope_pb2, payloads_pb2
 from cake_common.db import create_async_engine_for
 from cake_common.kafka import create_producer, ensure_topics, start_with_retry
 from cake_promotions import bootstrap
-from cake_promotions.consumer import FirstLoginConsumer
 from cake_promotions.metrics import PromotionsMetrics
 from cake_promotions.service.enrolment import FirstLoginEnrolment
 from google.protobuf.any_pb2 import Any as AnyMessage
@@ -103,7 +102,7 @@ async def test_database_outage_is_retried_without_committing(
     registry = CollectorRegistry()
     metrics = PromotionsMetrics(registry)
     enrolment = FirstLoginEnrolment(bootstrap.unit_of_work_factory(consumer_engine), metrics)
-    consumer = FirstLoginConsumer(
+    consumer = bootstrap.first_login_consumer(
         enrolment,
         metrics,
         bootstrap_servers=kafka_bootstrap,

@@ -1,17 +1,47 @@
-"""Which Kafka messages the first-login consumer applies and which it dead-letters."""
+"""Which Kafka messages the first-login consumer applies and which it dead-letters: the
+generic consumer's decoding with the first-login handler's route, then the handler's mapping."""
 
 from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
-from cake.events.v1 import envelope_pb2, payloads_pb2
-from cake_promotions.consumer import PoisonEvent, decode_first_login
+from aiokafka.structs import ConsumerRecord
+from cake.events.v1 import envelope_pb2, payloads_pb2, registry
+from cake_common.consumer import PoisonEvent, Route, Routes
+from cake_promotions.consumer import first_login
 from google.protobuf.any_pb2 import Any as AnyMessage
 from google.protobuf.timestamp_pb2 import Timestamp
 
 LOGIN_AT = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+TOPIC = registry.USER_FIRST_LOGIN.topic
+
+
+async def unused_handler(events: Any) -> list[str]:
+    raise AssertionError("decoding never calls the handler")
+
+
+ROUTES = Routes(
+    by_topic={TOPIC: {"USER_FIRST_LOGIN": Route(registry.USER_FIRST_LOGIN, unused_handler, "")}},
+    carried={TOPIC: frozenset({"USER_FIRST_LOGIN"})},
+)
+
+
+def record(value: bytes | None) -> ConsumerRecord[Any, Any]:
+    return ConsumerRecord(
+        TOPIC, 0, 7, 0, 0, b"5", value, None, 1, 0 if value is None else len(value), []
+    )
+
+
+def decode_first_login(value: bytes | None) -> Any:
+    batch = ROUTES.sort([record(value)])
+    if batch.poison:
+        raise batch.poison[0][1]
+    assert batch.skipped == 0
+    [(_, [delivery])] = batch.groups
+    return first_login(delivery.event)
 
 
 def envelope(
