@@ -217,3 +217,59 @@ async def test_a_malformed_stream_entry_is_ignored_not_fatal() -> None:
         assert len(revocations._known) == 1
     finally:
         await client.aclose()
+
+
+class _CancelToErrorStream:
+    """A stream client whose blocking read turns a cancellation into a connection error,
+    as a Redis client may when a read is cut mid-way."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    async def xread(self, *args: object, **kwargs: object) -> None:
+        self.reads += 1
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            raise redis.exceptions.ConnectionError("Connection closed by server.") from None
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_a_follower_stops_when_its_cancellation_comes_back_as_a_connection_error() -> None:
+    stream = _CancelToErrorStream()
+    client = create_redis(f"redis://127.0.0.1:{_closed_port()}/0")
+    follower = RevocationList(client, stream_client=stream)  # type: ignore[arg-type]
+    try:
+        follower.start()
+        async with asyncio.timeout(5):
+            while stream.reads == 0:  # noqa: ASYNC110 - the follower task's state
+                await asyncio.sleep(0.01)
+        # Without the check it would log the error, back off and read again, forever.
+        closing = asyncio.ensure_future(follower.aclose())
+        done, _ = await asyncio.wait({closing}, timeout=5)
+        assert done == {closing}, "the follower ignored its cancellation"
+        assert stream.reads == 1
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.integration
+async def test_closing_a_follower_does_not_swallow_the_callers_cancellation(
+    redis_url: str,
+) -> None:
+    client = create_redis(redis_url)
+    follower = RevocationList(client, stream_client=_stream_client(redis_url))
+    try:
+        follower.start()
+        await _until(lambda: follower.following)
+        closing = asyncio.ensure_future(follower.aclose())
+        await asyncio.sleep(0)  # aclose has cancelled the follower and awaits it
+        closing.cancel()
+        done, _ = await asyncio.wait({closing}, timeout=5)
+        assert done == {closing}
+        assert closing.cancelled(), "aclose swallowed the cancellation of its caller"
+    finally:
+        await follower.aclose()
+        await client.aclose()

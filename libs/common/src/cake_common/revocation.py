@@ -37,7 +37,6 @@ no staleness guarantee when the invalidation connection drops).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -87,6 +86,11 @@ class RevokedKeys:
 
     def __len__(self) -> int:
         return len(self._expiry)
+
+
+def _cancel_requested() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 class RevocationList:
@@ -140,8 +144,11 @@ class RevocationList:
         self._current_at = float("-inf")
         if follower is not None:
             follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await follower
+            except asyncio.CancelledError:
+                if _cancel_requested():
+                    raise  # this caller was cancelled too: not ours to swallow
         if self._stream_redis is not None:
             await self._stream_redis.aclose()
 
@@ -163,6 +170,10 @@ class RevocationList:
                     ),
                 )
             except (RedisError, OSError) as error:
+                if _cancel_requested():
+                    # The client turned this task's cancellation into a connection error
+                    # (it can, mid-read): stop as asked instead of retrying forever.
+                    raise asyncio.CancelledError from error
                 failures += 1
                 if failures == 1:
                     _log.warning("revocation stream unavailable", error=repr(error))
