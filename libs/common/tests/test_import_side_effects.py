@@ -25,6 +25,11 @@ MODULES = [
 CHECK = f"""
 import logging, sys, threading
 import structlog
+
+import pytest
+
+#: Fresh Python interpreters: `make test` runs it, the quick `make test-unit` does not.
+pytestmark = pytest.mark.slow
 for name in {MODULES!r}:
     __import__(name)
 problems = []

@@ -220,25 +220,31 @@ async def test_a_malformed_stream_entry_is_ignored_not_fatal() -> None:
 
 
 class _CancelToErrorStream:
-    """A stream client whose blocking read turns a cancellation into a connection error,
-    as a Redis client may when a read is cut mid-way."""
+    """A stream client whose blocking read turns a cancellation into a connection error, or
+    (``swallow``) into an empty answer, as a Redis client may when a read is cut mid-way."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, swallow: bool = False) -> None:
         self.reads = 0
+        self.swallow = swallow
 
     async def xread(self, *args: object, **kwargs: object) -> None:
         self.reads += 1
         try:
             await asyncio.sleep(10)
         except asyncio.CancelledError:
+            if self.swallow:
+                return None
             raise redis.exceptions.ConnectionError("Connection closed by server.") from None
 
     async def aclose(self) -> None:
         return None
 
 
-async def test_a_follower_stops_when_its_cancellation_comes_back_as_a_connection_error() -> None:
-    stream = _CancelToErrorStream()
+@pytest.mark.parametrize("swallow", [False, True], ids=["as-an-error", "as-an-answer"])
+async def test_a_follower_stops_when_the_client_turns_its_cancellation_into_something_else(
+    swallow: bool,
+) -> None:
+    stream = _CancelToErrorStream(swallow=swallow)
     client = create_redis(f"redis://127.0.0.1:{_closed_port()}/0")
     follower = RevocationList(client, stream_client=stream)  # type: ignore[arg-type]
     try:

@@ -81,6 +81,7 @@ def _spans(exporter: InMemorySpanExporter) -> list[ReadableSpan]:
 # --- off unless configured ---------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_importing_installs_and_imports_no_tracing_machinery() -> None:
     check = """
 import sys, threading

@@ -84,6 +84,7 @@ def test_validator_is_built_lazily_and_reused() -> None:
     assert validator._validator is built
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_import_does_not_load_protovalidate() -> None:
     import subprocess
 

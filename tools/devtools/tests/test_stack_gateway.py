@@ -49,6 +49,10 @@ from cake_devtools.stack.layout import RunLayout
 from cake_devtools.stack.settings import StackSettings, StackSettingsForTests
 from cryptography.hazmat.primitives.asymmetric import ec
 
+#: Starts real processes (Envoy, Python interpreters) or builds wheels: `make test` runs
+#: it, the quick `make test-unit` does not.
+pytestmark = pytest.mark.slow
+
 
 def _free_port() -> int:
     with socket.socket() as sock:

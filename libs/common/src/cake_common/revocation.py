@@ -161,6 +161,10 @@ class RevocationList:
         last_id = "0-0"  # everything still on the stream first
         failures = 0
         while True:
+            if _cancel_requested():
+                # The client swallowed this task's cancellation mid-read (it retries a read cut
+                # short, and may answer normally): stop as asked instead of following forever.
+                raise asyncio.CancelledError
             asked_at = self._clock()
             try:
                 reply = cast(
