@@ -33,9 +33,10 @@ gen: ## regenerate Python code, type stubs and the Envoy descriptor set from pro
 lint: ## ruff, mypy, buf lint and generated-code freshness only
 	@bash tools/run-tests.sh --lint-only
 
-bench: ## ceilings + load scenarios (vegeta) against the running stack, JSON + Markdown report (bench/results/); PEER_URL=http://host:port: side by side with that peer, ratios
+bench: ## ceilings + load scenarios (vegeta) + the launch day (5,000 first logins for 1,000 vouchers) against the running stack, reports in bench/results/; PEER_URL=http://host:port: side by side with that peer, ratios
 	@bash tools/bootstrap.sh
 	@uv run --frozen python bench/run.py $(if $(PEER_URL),--peer-url $(PEER_URL))
+	@$(if $(PEER_URL),true,uv run --frozen python bench/enrolment.py --steps ceiling,launch-day)
 
 bench-enrolment: ## first-login pipeline against the running stack: goals, enrolment ceiling, launch day (bench/results/enrolment-*)
 	@uv run --frozen python bench/enrolment.py
