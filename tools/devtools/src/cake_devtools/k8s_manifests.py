@@ -247,17 +247,34 @@ _METRIC_DEFINITION = re.compile(
 )
 
 
+#: Collectors named per service (``f"{prefix}_..."``, ``prefix = f"cake_{service}"``), as the
+#: shared Kafka consumer's ``ConsumerMetrics`` defines them.
+_PREFIXED_METRIC_DEFINITION = re.compile(
+    r"\b(Counter|Gauge|Histogram|Summary)\(\s*f\"\{prefix\}(_\w+)\"", re.S
+)
+_CONSUMER_METRICS_OF = re.compile(r"\bConsumerMetrics\(\s*\"(\w+)\"")
+
+
 def exposed_metric_series(repo: Path) -> set[str]:
     """Series names the prometheus_client collectors defined in the Python sources expose
     (what dashboards and alert rules may name)."""
-    series: set[str] = set()
+    definitions: list[tuple[str, str]] = []
     sources = [*repo.glob("services/*/src/**/*.py"), *repo.glob("libs/common/src/**/*.py")]
-    for source in sources:
-        for kind, name in _METRIC_DEFINITION.findall(source.read_text()):
-            if kind == "Counter":
-                series.add(name.removesuffix("_total") + "_total")
-            elif kind in {"Histogram", "Summary"}:
-                series |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
-            else:
-                series.add(name)
+    texts = [source.read_text() for source in sources]
+    for text in texts:
+        definitions += _METRIC_DEFINITION.findall(text)
+    consumer = (repo / "libs/common/src/cake_common/consumer.py").read_text()
+    for service in {name for text in texts for name in _CONSUMER_METRICS_OF.findall(text)}:
+        definitions += [
+            (kind, f"cake_{service}{suffix}")
+            for kind, suffix in _PREFIXED_METRIC_DEFINITION.findall(consumer)
+        ]
+    series: set[str] = set()
+    for kind, name in definitions:
+        if kind == "Counter":
+            series.add(name.removesuffix("_total") + "_total")
+        elif kind in {"Histogram", "Summary"}:
+            series |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
+        else:
+            series.add(name)
     return series
