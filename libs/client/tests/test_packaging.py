@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-#: Starts real processes (Envoy, Python interpreters) or builds wheels: `make test` runs
-#: it, the quick `make test-unit` does not.
+#: Builds wheels and installs them in a fresh environment: `make test` runs it, the quick
+#: `make test-unit` does not.
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).parents[3]

@@ -5,6 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
+#: Fresh Python interpreters: `make test` runs it, the quick `make test-unit` does not.
+pytestmark = pytest.mark.slow
+
 MODULES = [
     "cake_common.auth_context",
     "cake_common.db",
@@ -26,10 +31,6 @@ CHECK = f"""
 import logging, sys, threading
 import structlog
 
-import pytest
-
-#: Fresh Python interpreters: `make test` runs it, the quick `make test-unit` does not.
-pytestmark = pytest.mark.slow
 for name in {MODULES!r}:
     __import__(name)
 problems = []

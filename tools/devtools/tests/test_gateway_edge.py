@@ -50,8 +50,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-#: Starts real processes (Envoy, Python interpreters) or builds wheels: `make test` runs
-#: it, the quick `make test-unit` does not.
+#: Starts a real Envoy: `make test` runs it, the quick `make test-unit` does not.
 pytestmark = pytest.mark.slow
 
 ISSUER = "cake-system"

@@ -49,8 +49,7 @@ from cake_devtools.stack.layout import RunLayout
 from cake_devtools.stack.settings import StackSettings, StackSettingsForTests
 from cryptography.hazmat.primitives.asymmetric import ec
 
-#: Starts real processes (Envoy, Python interpreters) or builds wheels: `make test` runs
-#: it, the quick `make test-unit` does not.
+#: Starts a real Envoy: `make test` runs it, the quick `make test-unit` does not.
 pytestmark = pytest.mark.slow
 
 
