@@ -18,6 +18,7 @@ is a configured choice (``fallback``), logged as a warning, never silent.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import ctypes
 import hmac
@@ -136,9 +137,9 @@ class Libxcrypt:
         return hashed is not None and hmac.compare_digest(hashed, password_hash)
 
 
-class ThreadPoolHasher:
+class ThreadPoolHasher(abc.ABC):
     """A :class:`~cake_auth.service.ports.PasswordHasher` running checks on ``workers``
-    threads."""
+    threads; a subclass gives the blocking hash and check."""
 
     kind: HasherKind
 
@@ -147,11 +148,11 @@ class ThreadPoolHasher:
         self._cost = cost
         self.workers = workers
 
-    def _hash(self, password: str, cost: int) -> str:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _hash(self, password: str, cost: int) -> str: ...
 
-    def _verify(self, password: str, password_hash: str) -> bool:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _verify(self, password: str, password_hash: str) -> bool: ...
 
     async def hash(self, password: str) -> str:
         loop = asyncio.get_running_loop()
