@@ -40,5 +40,17 @@ if [[ -f .ports.env ]]; then
     done < <(sed -n 's/^export \(CAKE_[A-Z0-9_]*\)=.*/\1/p' .ports.env | grep -v '^CAKE_TEST_' || true)
 fi
 
+# Cake supports Python 3.11 and later: the unit layer also runs on 3.12 and 3.13, each in its
+# own environment synced from the same lock (build/venv-3.x); a missing interpreter fails here.
+# Only in the full run: `run-tests.sh <pytest args>` (a targeted run) leaves it out.
+(( $# > 0 )) || for version in 3.12 3.13; do
+    step "unit layer on Python $version"
+    python=$(uv run --frozen python -m cake_devtools.interpreters "$version")
+    UV_PROJECT_ENVIRONMENT="build/venv-$version" uv sync --frozen --quiet --python "$python"
+    UV_PROJECT_ENVIRONMENT="build/venv-$version" uv run --frozen --python "$python" \
+        pytest -q -p no:cacheprovider -m "not integration and not e2e and not slow" \
+        libs services/*/tests/unit tools tests/contracts
+done
+
 step "pytest: unit, integration, end-to-end, race and fault tests"
 uv run --frozen pytest "${@}"

@@ -16,7 +16,7 @@ from cake.events.v1 import admin_pb2, health_pb2
 from cake.payments.v1 import payments_pb2
 from cake.promotions.v1 import promotions_pb2
 from cake_devtools import codegen, protodeps
-from google.api import annotations_pb2
+from google.api import annotations_pb2, http_pb2
 from google.protobuf import descriptor_pb2, descriptor_pool, message, timestamp_pb2
 
 ROOT = codegen.find_root(Path(__file__).resolve().parent)
@@ -178,7 +178,9 @@ def test_envoy_descriptor_set_drops_only_response_body(
         for service in file.service:
             for method in service.method:
                 envoy_rule = method.options.Extensions[annotations_pb2.http]
-                contract_rule = (
+                # A copy: the options of the default pool's descriptors are read-only.
+                contract_rule = http_pb2.HttpRule()
+                contract_rule.CopyFrom(
                     descriptor_pool.Default()
                     .FindServiceByName(f"{file.package}.{service.name}")
                     .methods_by_name[method.name]

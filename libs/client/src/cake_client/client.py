@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
 import grpc
 from cake.auth.v1 import auth_pb2_grpc
@@ -30,13 +30,7 @@ def _method_name(details: grpc.aio.ClientCallDetails) -> str:
     return method.decode() if isinstance(method, bytes) else method
 
 
-if TYPE_CHECKING:
-    _UnaryUnaryInterceptor = grpc.aio.UnaryUnaryClientInterceptor[Any, Any]
-else:  # not subscriptable at run time
-    _UnaryUnaryInterceptor = grpc.aio.UnaryUnaryClientInterceptor
-
-
-class BearerTokenInterceptor(_UnaryUnaryInterceptor):
+class BearerTokenInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
     """Adds ``authorization: Bearer <token>`` from the provider to every non-public call that
     does not carry its own ``authorization`` metadata."""
 
@@ -113,8 +107,7 @@ def connect(
         *options,
     ]
     interceptor = BearerTokenInterceptor(tokens) if tokens is not None else None
-    # grpc-stubs types this parameter as a placeholder that must be cast.
-    interceptors = cast(Any, [interceptor] if interceptor is not None else None)
+    interceptors = [interceptor] if interceptor is not None else None
     if tls:
         credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
         channel = grpc.aio.secure_channel(

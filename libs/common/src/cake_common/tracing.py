@@ -485,7 +485,7 @@ def _without_earlier_duplicates(
     ]
 
 
-def grpc_server_interceptor() -> grpc.aio.ServerInterceptor[Any, Any] | None:
+def grpc_server_interceptor() -> grpc.aio.ServerInterceptor | None:
     """The OpenTelemetry ``grpc.aio`` server interceptor while tracing is on, else ``None``.
 
     It must run first: it extracts the caller's ``traceparent`` and opens the SERVER span
@@ -497,7 +497,7 @@ def grpc_server_interceptor() -> grpc.aio.ServerInterceptor[Any, Any] | None:
     from opentelemetry.instrumentation.grpc.filters import any_of, negate, service_prefix
 
     untraced = any_of(*(service_prefix(prefix) for prefix in _UNTRACED_GRPC_SERVICES))
-    interceptor: grpc.aio.ServerInterceptor[Any, Any] = aio_server_interceptor(  # type: ignore[no-untyped-call]
+    interceptor: grpc.aio.ServerInterceptor = aio_server_interceptor(  # type: ignore[no-untyped-call]
         tracer_provider=_provider, filter_=negate(untraced)
     )
     return interceptor

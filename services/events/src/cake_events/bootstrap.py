@@ -141,7 +141,7 @@ async def start_service(
             ("promotions", settings.promotions_grpc_target),
         ):
             channel = grpc.aio.insecure_channel(target)
-            shutdown_hooks.append(channel.close)  # type: ignore[arg-type]
+            shutdown_hooks.append(channel.close)
             probes += [
                 ComponentProbe(name, critical=True, probe=health_probes.service_probe(channel)),
                 ComponentProbe(

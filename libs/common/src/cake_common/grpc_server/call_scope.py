@@ -18,13 +18,11 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 if TYPE_CHECKING:
-    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
     ServicerContext = grpc.aio.ServicerContext[Any, Any]
     _Continuation = Callable[
         [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
     ]
 else:
-    _ServerInterceptor = grpc.aio.ServerInterceptor
     ServicerContext = grpc.aio.ServicerContext
 
 CallScope = Callable[[Any, ServicerContext], AbstractAsyncContextManager[None]]
@@ -39,7 +37,7 @@ def metadata_value(context: ServicerContext, key: str) -> str | None:
     return None
 
 
-class ScopedServerInterceptor(_ServerInterceptor, ABC):
+class ScopedServerInterceptor(grpc.aio.ServerInterceptor, ABC):
     """Runs :meth:`scope_for`'s scope around every call of a method, for all four RPC kinds.
 
     Wrapped handlers are cached per method, so the per-call cost is one dict lookup plus
@@ -67,8 +65,7 @@ class ScopedServerInterceptor(_ServerInterceptor, ABC):
         """A replacement for the handler's request deserializer (``None``: keep it)."""
         return None
 
-    # grpc-stubs omit the None that grpc.aio passes for unknown methods.
-    async def intercept_service(  # type: ignore[override]
+    async def intercept_service(
         self, continuation: _Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from grpc_health.v1 import health_pb2
-from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
+from grpc_health.v1.health import aio as health_aio
 
 from cake_common.logging import get_logger
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Self
+from typing import Self
 
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
@@ -130,7 +130,7 @@ class GrpcServerBuilder:
         self._registrations: list[ServicerRegistration] = []
         self._auth: AuthInterceptor | None = None
         self._validation: ValidationInterceptor | None = None
-        self._extra_interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = []
+        self._extra_interceptors: list[grpc.aio.ServerInterceptor] = []
         self._metrics_registry: CollectorRegistry | None = None
         self._metrics_port: int | None = None
         self._checks: list[DependencyCheck] = []
@@ -199,7 +199,7 @@ class GrpcServerBuilder:
         self._validation = ValidationInterceptor(validator or RequestValidator())
         return self
 
-    def add_interceptor(self, interceptor: grpc.aio.ServerInterceptor[Any, Any]) -> Self:
+    def add_interceptor(self, interceptor: grpc.aio.ServerInterceptor) -> Self:
         self._extra_interceptors.append(interceptor)
         return self
 
@@ -215,8 +215,8 @@ class GrpcServerBuilder:
         self._shutdown_hooks.append(hook)
         return self
 
-    def _interceptors(self) -> list[grpc.aio.ServerInterceptor[Any, Any]]:
-        chain: list[grpc.aio.ServerInterceptor[Any, Any]] = []
+    def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        chain: list[grpc.aio.ServerInterceptor] = []
         tracing = grpc_server_interceptor()
         if tracing is not None:
             # Outermost: the SERVER span covers the whole call, errors and auth included.
@@ -296,7 +296,7 @@ async def run_grpc_server(
     public_methods: Iterable[str] = (),
     is_revoked: RevocationCheck | None = None,
     validate_requests: bool = True,
-    interceptors: Iterable[grpc.aio.ServerInterceptor[Any, Any]] = (),
+    interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
     dependency_checks: Iterable[DependencyCheck] = (),
     shutdown_hooks: Iterable[ShutdownHook] = (),
 ) -> None:

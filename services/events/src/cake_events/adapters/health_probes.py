@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import redis.asyncio
@@ -41,7 +42,8 @@ def grpc_health_probe(channel: grpc.aio.Channel, health_name: str) -> ProbeFunct
     ``liveness`` tells whether the process is up; a component name such as ``postgres``
     tells whether that service reaches its own database (no cross-database reads).
     """
-    stub = health_pb2_grpc.HealthStub(channel)
+    # typeshed's HealthStub declares no RPC methods (types-grpcio-health-checking).
+    stub: Any = health_pb2_grpc.HealthStub(channel)
 
     async def probe() -> ProbeResult:
         try:

@@ -5,7 +5,7 @@ import warnings
 
 from cake.auth.v1 import auth_pb2 as cake_dot_auth_dot_v1_dot_auth__pb2
 
-GRPC_GENERATED_VERSION = '1.81.1'
+GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 

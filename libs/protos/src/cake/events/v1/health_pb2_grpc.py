@@ -5,7 +5,7 @@ import warnings
 
 from cake.events.v1 import health_pb2 as cake_dot_events_dot_v1_dot_health__pb2
 
-GRPC_GENERATED_VERSION = '1.81.1'
+GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 

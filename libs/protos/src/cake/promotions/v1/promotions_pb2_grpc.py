@@ -5,7 +5,7 @@ import warnings
 
 from cake.promotions.v1 import promotions_pb2 as cake_dot_promotions_dot_v1_dot_promotions__pb2
 
-GRPC_GENERATED_VERSION = '1.81.1'
+GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
