@@ -39,7 +39,7 @@ def test_the_repositorys_list_holds_every_image_the_dev_cluster_runs() -> None:
     assert tuple(i.name for i in listed) == ALL
     tags = {i.name: i.tag for i in listed}
     assert {tags[n] for n in ALL[:4]} == {"dev"}
-    assert (tags["cake-postgres"], tags["cake-redis"], tags["cake-kafka"]) == ("15", "7", "4.1.1")
+    assert (tags["cake-postgres"], tags["cake-redis"], tags["cake-kafka"]) == ("15", "7", "4.4.0")
     for image in listed:
         assert (ROOT / image.dockerfile).is_file(), image.name
         assert (ROOT / image.context).is_dir(), image.name
