@@ -43,7 +43,7 @@ STRIMZI_API = "kafka.strimzi.io/v1beta2"
 DEV_PLACEHOLDER = "dev-only-not-a-secret"
 GRPC_PORT = 50051
 #: Created outside kustomize in every environment: by the Tiltfile in dev, by the operator
-#: (README) in prod. Anything else a manifest references must be rendered.
+#: (docs/operations.md) in prod. Anything else a manifest references must be rendered.
 EXTERNAL_OBJECTS = {("Secret", "auth-jwt-signing-key"), ("ConfigMap", "jwks")}
 PROD_EXTERNAL_SECRETS = {"auth-secrets", "promotions-secrets", "events-secrets"}
 
