@@ -5,7 +5,7 @@ Content-Security-Policy, and headless Chromium (Debian's ``chromium``, installed
 document listed and no resource refused by the policy.
 
 ``CAKE_UPDATE_SCREENSHOTS=1`` also writes the page's screenshot to ``docs/img/api-docs.png``
-(the README shows it).
+(docs/api.md shows it).
 """
 
 from __future__ import annotations
