@@ -180,9 +180,10 @@ def service_module_missing(spec: ServiceSpec) -> str | None:
     if package is None or not package.submodule_search_locations:
         return f"package {spec.package} is not installed"
     for location in package.submodule_search_locations:
-        if (Path(location) / "cli.py").is_file() or (Path(location) / "cli").is_dir():
+        # entrypoints/cli.py: the shared layout; cli.py: a service not yet moved to it.
+        if any((Path(location) / cli).is_file() for cli in ("entrypoints/cli.py", "cli.py")):
             return None
-    return f"{spec.package}.cli does not exist yet (service not written)"
+    return f"{spec.package}.entrypoints.cli does not exist yet (service not written)"
 
 
 class ServiceComponent(ProcessComponent):
