@@ -17,7 +17,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from cake_promotions.db import (
+from cake_promotions.adapters.tables import (
     campaign_status_changes,
     campaigns,
     first_login_decisions,

@@ -27,6 +27,7 @@ from cake_common.errors import (
 from cake_common.logging import get_logger
 
 from cake_promotions.adapters.receipts import decode_receipt, encode_receipt
+from cake_promotions.adapters.unit_of_work import PromotionsUnitOfWork, UnitOfWorkFactory
 from cake_promotions.domain.money import calculate_discount
 from cake_promotions.domain.payments import PaymentGateway, PaymentRequest
 from cake_promotions.domain.topups import (
@@ -47,7 +48,6 @@ from cake_promotions.domain.topups import (
 from cake_promotions.domain.vouchers import Voucher, check_spendable
 from cake_promotions.metrics import PromotionsMetrics
 from cake_promotions.service.clock import Clock, utc_now
-from cake_promotions.service.unit_of_work import PromotionsUnitOfWork, UnitOfWorkFactory
 
 IDEMPOTENCY_KEY_FIELD = "idempotency-key"
 IDEMPOTENT_REPLAYED_HEADER = "idempotent-replayed"
