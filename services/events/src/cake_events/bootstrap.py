@@ -29,11 +29,11 @@ from cake_events.adapters.health_probes import ComponentProbe, KafkaProbe
 from cake_events.adapters.kafka_publisher import KafkaPublisher
 from cake_events.adapters.outbox_source import OutboxAdministration, acquire_leadership
 from cake_events.adapters.relay_metrics import RelayMetrics
-from cake_events.api.admin import EventAdminServicer
-from cake_events.api.health import SystemHealthServicer
 from cake_events.domain.delivery import AUTH_SOURCE, PROMOTIONS_SOURCE
 from cake_events.domain.envelope import EnvelopeBuilder
 from cake_events.domain.relay import RetryPolicy, TopicRoutes
+from cake_events.entrypoints.grpc.admin import EventAdminServicer
+from cake_events.entrypoints.grpc.health import SystemHealthServicer
 from cake_events.service.admin import EventAdministration
 from cake_events.service.relay import OutboxRelay, RelayGroup, RelayTiming
 from cake_events.service.system_health import SystemHealthReporter

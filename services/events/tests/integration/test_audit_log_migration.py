@@ -13,8 +13,8 @@ import sqlalchemy as sa
 from cake_common.db import create_async_engine_for, create_session_factory
 from cake_common.migrations import run_alembic_downgrade, run_alembic_upgrade
 from cake_events.adapters.event_store import EventsUnitOfWork
+from cake_events.adapters.tables import published_batches, published_events
 from cake_events.bootstrap import MIGRATIONS
-from cake_events.db import published_batches, published_events
 from cake_events.domain.delivery import PublishedBatch
 
 pytestmark = pytest.mark.integration

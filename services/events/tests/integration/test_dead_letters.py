@@ -15,7 +15,7 @@ from cake_common.db import create_async_engine_for, create_session_factory
 from cake_common.jwt import Principal
 from cake_events.adapters.event_store import EventsUnitOfWork
 from cake_events.adapters.outbox_source import OutboxAdministration
-from cake_events.db import dead_letters, published_events
+from cake_events.adapters.tables import dead_letters, published_events
 from cake_events.service.admin import EventAdministration
 from sqlalchemy.ext.asyncio import AsyncEngine
 

@@ -13,7 +13,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from cake_events.db import dead_letters, published_batches, security_audit_events
+from cake_events.adapters.tables import dead_letters, published_batches, security_audit_events
 from cake_events.domain.audit import AuditCursor, AuditFilter, StoredAuditEntry
 from cake_events.domain.delivery import DeadLetter, DeadLetterCursor, PublishedBatch
 
