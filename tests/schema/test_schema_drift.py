@@ -35,11 +35,7 @@ def test_migrations_make_exactly_the_declared_tables(
     new_database: Callable[[str], str], service: str
 ) -> None:
     package = f"cake_{service}"
-    try:  # while the services move to the shared layout (adapters/tables.py)
-        tables = importlib.import_module(f"{package}.adapters.tables")
-    except ModuleNotFoundError:
-        tables = importlib.import_module(f"{package}.db")
-    metadata: sa.MetaData = tables.metadata
+    metadata: sa.MetaData = importlib.import_module(f"{package}.adapters.tables").metadata
     url = new_database(f"drift_{service}")
     run_alembic_upgrade(url, f"{package}:migrations")
     engine = sa.create_engine(url)
