@@ -13,7 +13,6 @@ from collections.abc import Callable, Sequence
 from cake_common.errors import Unavailable
 from cake_common.logging import get_logger
 
-from cake_payments.adapters.unit_of_work import UnitOfWorkFactory
 from cake_payments.domain.ledger import (
     ChargeOrder,
     ChargeOutcome,
@@ -24,6 +23,7 @@ from cake_payments.domain.ledger import (
     LedgerStats,
     fault_for,
 )
+from cake_payments.service.ports import UnitOfWorkFactory
 
 SIMULATED_DECLINE = "declined by the simulated bank"
 SIMULATED_ERROR = "Simulated bank error"

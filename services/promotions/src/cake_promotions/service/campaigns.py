@@ -8,7 +8,6 @@ from cake_common.auth_context import require_admin
 from cake_common.errors import NotFound
 from cake_common.logging import get_logger
 
-from cake_promotions.adapters.unit_of_work import UnitOfWorkFactory
 from cake_promotions.domain.campaigns import (
     CAMPAIGN_NOT_FOUND,
     Campaign,
@@ -16,6 +15,7 @@ from cake_promotions.domain.campaigns import (
     NewCampaign,
 )
 from cake_promotions.service.clock import Clock, utc_now
+from cake_promotions.service.ports import UnitOfWorkFactory
 
 _log = get_logger(__name__)
 
