@@ -13,6 +13,7 @@ from cake_common.grpc_server import DependencyCheck, GrpcServerBuilder, RunningG
 from cake_common.lifecycle import ShutdownHook, run_shutdown_hooks
 from cake_common.metrics import start_metrics_server
 from cake_common.redis import create_redis
+from cake_common.retry import RetryPolicy
 from cake_common.service_runtime import (
     RunningWorker,
     open_migrated_database,
@@ -31,7 +32,7 @@ from cake_events.adapters.outbox_source import OutboxAdministration, acquire_lea
 from cake_events.adapters.relay_metrics import RelayMetrics
 from cake_events.domain.delivery import AUTH_SOURCE, PROMOTIONS_SOURCE
 from cake_events.domain.envelope import EnvelopeBuilder
-from cake_events.domain.relay import RetryPolicy, TopicRoutes
+from cake_events.domain.relay import FailurePolicy, TopicRoutes
 from cake_events.entrypoints.grpc.admin import EventAdminServicer
 from cake_events.entrypoints.grpc.health import SystemHealthServicer
 from cake_events.service.admin import EventAdministration
@@ -71,10 +72,12 @@ def build_relays(
     session_factory = create_session_factory(events_engine)
     metrics = RelayMetrics(metrics_registry)
     routes = TopicRoutes(settings.topic_routes)
-    retry_policy = RetryPolicy(
+    failure_policy = FailurePolicy(
         max_attempts=settings.relay_max_attempts,
-        base_delay_seconds=settings.relay_backoff_base_seconds,
-        max_delay_seconds=settings.relay_backoff_max_seconds,
+        backoff=RetryPolicy(
+            base_seconds=settings.relay_backoff_base_seconds,
+            max_seconds=settings.relay_backoff_max_seconds,
+        ),
     )
     timing = RelayTiming(
         batch_size=settings.relay_batch_size,
@@ -110,7 +113,7 @@ def build_relays(
                 ),
                 events_uow=lambda: EventsUnitOfWork(session_factory),
                 routes=routes,
-                retry_policy=retry_policy,
+                failure_policy=failure_policy,
                 timing=timing,
                 metrics=metrics,
                 envelopes=envelopes,

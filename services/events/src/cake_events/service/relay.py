@@ -71,6 +71,7 @@ import sqlalchemy.exc
 from aiokafka.errors import KafkaError, ProducerClosed
 from cake_common.kafka import with_current_trace
 from cake_common.logging import get_logger
+from cake_common.retry import RetryPolicy, Uniform
 from cake_common.tracing import SpanKind, start_span_from_traceparent, tracing_enabled
 
 from cake_events.adapters.kafka_publisher import broker_unavailable
@@ -80,10 +81,10 @@ from cake_events.domain.delivery import DeadLetter, PublishedBatch
 from cake_events.domain.envelope import EnvelopeBuilder, KafkaMessage
 from cake_events.domain.relay import (
     AggregateOrder,
+    FailurePolicy,
     OutboxEvent,
     ParkedRow,
     PoisonEvent,
-    RetryPolicy,
     ScheduledRetry,
     TopicRoutes,
     error_text,
@@ -97,7 +98,9 @@ _CONNECTION_ERRORS: tuple[type[Exception], ...] = (
     psycopg.OperationalError,  # from LISTEN, which talks to the driver directly
     OSError,
 )
-_MAX_ERROR_BACKOFF_SECONDS = 5.0
+_RESTART_BACKOFF = RetryPolicy(base_seconds=0.4, max_seconds=5.0)
+"""How long the relay waits before it tries again after losing its database or failing
+(0.4 s doubling up to 5 s, jittered): Cake's one retry policy."""
 _YIELD_EVERY = 50
 """Events handed to the producer between two yields to the event loop. aiokafka's send
 does not suspend, so without yields a batch would be handed over in one go: the producer
@@ -185,11 +188,11 @@ class OutboxRelay:
         publisher: EventPublisher,
         events_uow: Callable[[], RelayUnitOfWork],
         routes: TopicRoutes,
-        retry_policy: RetryPolicy,
+        failure_policy: FailurePolicy,
         timing: RelayTiming,
         metrics: RelayMetrics,
         envelopes: EnvelopeBuilder | None = None,
-        random: Callable[[], float] = _random.random,
+        uniform: Uniform = _random.uniform,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.source = source
@@ -197,11 +200,11 @@ class OutboxRelay:
         self._publisher = publisher
         self._events_uow = events_uow
         self._routes = routes
-        self._retry_policy = retry_policy
+        self._failure_policy = failure_policy
         self._timing = timing
         self._metrics = metrics
         self._envelopes = envelopes or EnvelopeBuilder()
-        self._random = random
+        self._uniform = uniform
         self._clock = clock
         self.in_flight = 0
         """Rows of the batch being published right now (Cake's ``active``)."""
@@ -232,7 +235,7 @@ class OutboxRelay:
                     failures = 0
                 except Exception as error:
                     failures += 1
-                    delay = min(_MAX_ERROR_BACKOFF_SECONDS, 0.2 * 2 ** min(failures, 10))
+                    delay = _RESTART_BACKOFF.delay(failures, self._uniform)
                     if _is_connection_error(error):
                         _log.warning(
                             "outbox relay lost its database, retrying",
@@ -522,7 +525,7 @@ class OutboxRelay:
         letters: list[DeadLetter] = []
         for failure in failures:
             event = failure.event
-            verdict = self._retry_policy.after_failure(event.attempts, self._random)
+            verdict = self._failure_policy.after_failure(event.attempts, self._uniform)
             if not verdict.dead_letter:
                 retries.append(
                     ScheduledRetry(
