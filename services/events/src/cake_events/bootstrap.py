@@ -25,17 +25,18 @@ from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cake_events.adapters import health_probes
-from cake_events.adapters.event_store import EventsUnitOfWork
-from cake_events.adapters.health_probes import ComponentProbe, KafkaProbe
+from cake_events.adapters.health_probes import KafkaProbe
 from cake_events.adapters.kafka_publisher import KafkaPublisher
 from cake_events.adapters.outbox_source import OutboxAdministration, acquire_leadership
-from cake_events.adapters.relay_metrics import RelayMetrics
+from cake_events.adapters.unit_of_work import SqlEventsUnitOfWork
 from cake_events.domain.delivery import AUTH_SOURCE, PROMOTIONS_SOURCE
 from cake_events.domain.envelope import EnvelopeBuilder
 from cake_events.domain.relay import FailurePolicy, TopicRoutes
 from cake_events.entrypoints.grpc.admin import EventAdminServicer
 from cake_events.entrypoints.grpc.health import SystemHealthServicer
+from cake_events.metrics import RelayMetrics
 from cake_events.service.admin import EventAdministration
+from cake_events.service.ports import ComponentProbe
 from cake_events.service.relay import OutboxRelay, RelayGroup, RelayTiming
 from cake_events.service.system_health import SystemHealthReporter
 from cake_events.settings import EventsSettings
@@ -111,7 +112,7 @@ def build_relays(
                     timeout_seconds=settings.relay_kafka_timeout_seconds,
                     max_batch_bytes=settings.relay_kafka_max_batch_bytes,
                 ),
-                events_uow=lambda: EventsUnitOfWork(session_factory),
+                events_uow=lambda: SqlEventsUnitOfWork(session_factory),
                 routes=routes,
                 failure_policy=failure_policy,
                 timing=timing,
@@ -201,7 +202,7 @@ async def start_service(
         session_factory = create_session_factory(engine)
         admin_servicer = EventAdminServicer(
             EventAdministration(
-                events_uow=lambda: EventsUnitOfWork(session_factory),
+                events_uow=lambda: SqlEventsUnitOfWork(session_factory),
                 outboxes=outboxes,
                 in_flight=relays.in_flight,
             )

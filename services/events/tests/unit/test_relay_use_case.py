@@ -18,10 +18,10 @@ from datetime import UTC, datetime
 from types import SimpleNamespace, TracebackType
 from typing import Any, Self
 
-from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError
+from aiokafka.errors import KafkaConnectionError, KafkaError, MessageSizeTooLargeError
 from cake.events.v1 import envelope_pb2, payloads_pb2, registry
 from cake_common.retry import RetryPolicy
-from cake_events.adapters.relay_metrics import RelayMetrics
+from cake_events.adapters.kafka_publisher import broker_unavailable
 from cake_events.domain.delivery import DeadLetter, PublishedBatch
 from cake_events.domain.envelope import KafkaMessage
 from cake_events.domain.relay import (
@@ -33,6 +33,7 @@ from cake_events.domain.relay import (
     ScheduledRetry,
     TopicRoutes,
 )
+from cake_events.metrics import RelayMetrics
 from cake_events.service.relay import OutboxRelay, RelayTiming
 from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import CollectorRegistry
@@ -153,7 +154,11 @@ class FakeOutbox:
 
 
 class FakeKafka:
-    """A producer whose answers the test decides, per event type or per row."""
+    """A producer whose answers the test decides, per event type or per row. It sorts
+    Kafka's errors as the real publisher does (``broker_unavailable``)."""
+
+    send_errors = (KafkaError, OSError)
+    unavailable = staticmethod(broker_unavailable)
 
     def __init__(self) -> None:
         self.up = True

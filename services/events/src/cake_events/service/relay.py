@@ -66,16 +66,12 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
-import psycopg
-import sqlalchemy.exc
-from aiokafka.errors import KafkaError, ProducerClosed
+from cake_common.db import is_connection_error
 from cake_common.kafka import with_current_trace
 from cake_common.logging import get_logger
 from cake_common.retry import RetryPolicy, Uniform
 from cake_common.tracing import SpanKind, start_span_from_traceparent, tracing_enabled
 
-from cake_events.adapters.kafka_publisher import broker_unavailable
-from cake_events.adapters.relay_metrics import RelayMetrics
 from cake_events.domain.audit import SECURITY_AUDIT, security_audit_entries
 from cake_events.domain.delivery import DeadLetter, PublishedBatch
 from cake_events.domain.envelope import EnvelopeBuilder, KafkaMessage
@@ -90,14 +86,15 @@ from cake_events.domain.relay import (
     error_text,
     overtaken_aggregates,
 )
-from cake_events.service.ports import EventPublisher, Leadership, RelayLeader, RelayUnitOfWork
-
-_CONNECTION_ERRORS: tuple[type[Exception], ...] = (
-    sqlalchemy.exc.OperationalError,
-    sqlalchemy.exc.InterfaceError,
-    psycopg.OperationalError,  # from LISTEN, which talks to the driver directly
-    OSError,
+from cake_events.metrics import RelayMetrics
+from cake_events.service.ports import (
+    EventPublisher,
+    EventsUnitOfWork,
+    Leadership,
+    RelayLeader,
+    UnitOfWorkFactory,
 )
+
 _RESTART_BACKOFF = RetryPolicy(base_seconds=0.4, max_seconds=5.0)
 """How long the relay waits before it tries again after losing its database or failing
 (0.4 s doubling up to 5 s, jittered): Cake's one retry policy."""
@@ -186,7 +183,7 @@ class OutboxRelay:
         *,
         leadership: Leadership,
         publisher: EventPublisher,
-        events_uow: Callable[[], RelayUnitOfWork],
+        events_uow: UnitOfWorkFactory,
         routes: TopicRoutes,
         failure_policy: FailurePolicy,
         timing: RelayTiming,
@@ -236,7 +233,7 @@ class OutboxRelay:
                 except Exception as error:
                     failures += 1
                     delay = _RESTART_BACKOFF.delay(failures, self._uniform)
-                    if _is_connection_error(error):
+                    if is_connection_error(error):
                         _log.warning(
                             "outbox relay lost its database, retrying",
                             source=self.source,
@@ -367,7 +364,7 @@ class OutboxRelay:
                 )
             await uow.commit()
 
-    async def _write_events_database(self, uow: RelayUnitOfWork, batch: _PublishedBatch) -> None:
+    async def _write_events_database(self, uow: EventsUnitOfWork, batch: _PublishedBatch) -> None:
         acknowledged = batch.result.acknowledged
         events = acknowledged.events
         audit = PublishedBatch(
@@ -445,8 +442,8 @@ class OutboxRelay:
                 result.failed.append(_Failed(event, topic, str(error)))
                 order.stop_after(event)
                 continue
-            except (KafkaError, OSError) as error:
-                if broker_unavailable(error):
+            except self._publisher.send_errors as error:
+                if self._publisher.unavailable(error):
                     result.kafka_unavailable = True
                 else:  # rejected before sending, e.g. too large
                     result.failed.append(_Failed(event, topic, error_text(error)))
@@ -485,9 +482,8 @@ class OutboxRelay:
                 dataclasses.replace(message, headers=with_current_trace(message.headers))
             )
 
-    @staticmethod
     def _collect_outcomes(
-        sent: Sequence[tuple[OutboxEvent, str, asyncio.Future[Any]]], result: _BatchResult
+        self, sent: Sequence[tuple[OutboxEvent, str, asyncio.Future[Any]]], result: _BatchResult
     ) -> list[OutboxEvent]:
         """Sort Kafka's answers into ``result``; the events Kafka did not acknowledge."""
         failed_in_kafka: list[OutboxEvent] = []
@@ -501,7 +497,10 @@ class OutboxRelay:
                 failed_in_kafka.append(event)
                 continue
             except asyncio.CancelledError:
-                outcome: BaseException = ProducerClosed()
+                # The producer was closed with the message in it: Kafka is away for now.
+                failed_in_kafka.append(event)
+                result.kafka_unavailable = True
+                continue
             except BaseException as error:  # the future's exception: Kafka's answer
                 outcome = error
             else:
@@ -511,7 +510,7 @@ class OutboxRelay:
                 acknowledged.offsets.append(metadata.offset)
                 continue
             failed_in_kafka.append(event)
-            if broker_unavailable(outcome):
+            if self._publisher.unavailable(outcome):
                 result.kafka_unavailable = True
             else:
                 result.failed.append(_Failed(event, topic, error_text(outcome)))
@@ -587,7 +586,7 @@ class OutboxRelay:
             )
             try:
                 futures.append(await self._publisher.send(message))
-            except (KafkaError, OSError) as error:
+            except self._publisher.send_errors as error:
                 not_copied += 1
                 _log.warning(
                     "dead letter not copied to kafka",
@@ -634,13 +633,6 @@ class RelayGroup:
 
     def in_flight(self, source: str) -> int:
         return sum(relay.in_flight for relay in self.relays if relay.source == source)
-
-
-def _is_connection_error(error: Exception) -> bool:
-    """A lost database, possibly reported by a task group (several tasks at once)."""
-    if isinstance(error, ExceptionGroup):
-        return error.subgroup(_CONNECTION_ERRORS) is not None
-    return isinstance(error, _CONNECTION_ERRORS)
 
 
 async def _sleep(stop: asyncio.Event, seconds: float) -> None:
