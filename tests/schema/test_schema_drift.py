@@ -1,5 +1,5 @@
 """Schema drift: each service's migrations, applied to a real PostgreSQL, give exactly the
-tables its code declares (``db.py``). Alembic's autogenerate comparison lists every
+tables its code declares (``adapters/tables.py``). Alembic's autogenerate comparison lists every
 difference (tables, columns, types, nullability, server defaults, indexes, unique and
 foreign keys); any difference fails with the list, so a migration without its declaration
 (or the reverse) cannot land."""
@@ -35,7 +35,7 @@ def test_migrations_make_exactly_the_declared_tables(
     new_database: Callable[[str], str], service: str
 ) -> None:
     package = f"cake_{service}"
-    metadata: sa.MetaData = importlib.import_module(f"{package}.db").metadata
+    metadata: sa.MetaData = importlib.import_module(f"{package}.adapters.tables").metadata
     url = new_database(f"drift_{service}")
     run_alembic_upgrade(url, f"{package}:migrations")
     engine = sa.create_engine(url)

@@ -86,9 +86,13 @@ async def _with_header(request: StringValue, context: Any) -> StringValue:
 _slow_started: asyncio.Queue[str] = asyncio.Queue()
 
 
+#: A Slow call stays in flight until the test sets this (no sleep decides the timing).
+_slow_release = asyncio.Event()
+
+
 async def _slow(request: StringValue, context: Any) -> StringValue:
     _slow_started.put_nowait(request.value)
-    await asyncio.sleep(float(request.value))
+    await _slow_release.wait()
     return StringValue(value="done")
 
 
@@ -524,13 +528,16 @@ async def test_graceful_shutdown(verifier: JwtVerifier) -> None:
         .add_shutdown_hook(last_hook)
         .start()
     )
+    _slow_release.clear()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-        slow = Client(channel).unary(SLOW)(StringValue(value="0.5"))
+        slow = Client(channel).unary(SLOW)(StringValue(value="in flight"))
         await asyncio.wait_for(_slow_started.get(), timeout=10)
         stopping = asyncio.create_task(running.stop())
         async with asyncio.timeout(10):
             while running.health.is_serving:  # noqa: ASYNC110 - no event to wait on
                 await asyncio.sleep(0.01)
+        assert not slow.done() and not stopping.done(), "the stop waits for the call"
+        _slow_release.set()
         assert (await slow).value == "done", "in-flight call finishes within the grace period"
         await stopping
         await running.stop()  # idempotent
@@ -541,13 +548,16 @@ async def test_health_not_serving_during_shutdown_seen_by_client(verifier: JwtVe
     running = await (
         GrpcServerBuilder(service_names=[SERVICE], grace_seconds=2).add_servicer(_register).start()
     )
+    _slow_release.clear()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-        slow = Client(channel).unary(SLOW)(StringValue(value="0.6"))
+        slow = Client(channel).unary(SLOW)(StringValue(value="in flight"))
         await asyncio.wait_for(_slow_started.get(), timeout=10)
         await running.health.enter_graceful_shutdown()
         assert await _health(channel, "") == health_pb2.HealthCheckResponse.NOT_SERVING
         assert await _health(channel, SERVICE) == health_pb2.HealthCheckResponse.NOT_SERVING
         assert await _health(channel, "liveness") == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert not slow.done(), "health turned while a call was still in flight"
+        _slow_release.set()
         await slow
     await running.stop()
 

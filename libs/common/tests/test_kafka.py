@@ -74,7 +74,7 @@ async def test_start_with_retry_gives_up_on_unreachable_broker() -> None:
         return client
 
     with pytest.raises(KafkaConnectionError):
-        await start_with_retry(factory, timeout_seconds=1)
+        await start_with_retry(factory, timeout_seconds=0.5)
     assert len(created) >= 2, "retried with a fresh client each time"
 
 

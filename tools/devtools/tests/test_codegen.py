@@ -51,11 +51,15 @@ def _contract_files(
 # --- the generated code and the descriptor set are what the contracts produce -------------
 
 
+# Runs the real buf and protoc binaries (what `make lint` runs too): left to `make test`.
+@pytest.mark.slow
 def test_generated_code_is_fresh(capsys: pytest.CaptureFixture[str]) -> None:
     code = codegen.main(["--root", str(ROOT), "--check"])
     assert code == 0, capsys.readouterr().err
 
 
+# Runs the real buf and protoc binaries (what `make lint` runs too): left to `make test`.
+@pytest.mark.slow
 def test_buf_lint_and_format_pass(capsys: pytest.CaptureFixture[str]) -> None:
     code = codegen.main(["--root", str(ROOT), "lint"])
     assert code == 0, capsys.readouterr().out
@@ -83,6 +87,8 @@ def _git(repo: Path, *args: str) -> None:
     )
 
 
+# Runs the real buf and protoc binaries (what `make lint` runs too): left to `make test`.
+@pytest.mark.slow
 def test_breaking_reports_a_removed_field(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     for relative in ("buf.yaml", "tools/protodeps/pom.xml"):

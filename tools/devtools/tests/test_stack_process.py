@@ -26,7 +26,7 @@ def test_spawned_process_leads_its_own_session_and_logs_to_file(tmp_path: Path) 
     try:
         assert os.getsid(record.pid) == record.pid != os.getsid(0)
         assert process.read_record(tmp_path / "pids" / "proc.json") == record
-        assert process.wait_gone(record, timeout=0.3) is False
+        assert process.wait_gone(record, timeout=0.1) is False
     finally:
         process.terminate(record, grace=5)
     assert not process.is_alive(record)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol, Self
 
+import psycopg
 import sqlalchemy.exc
 from pydantic import SecretStr
 from sqlalchemy import text
@@ -24,8 +25,18 @@ from cake_common.startup_retry import startup_retrying
 _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     sqlalchemy.exc.OperationalError,
     sqlalchemy.exc.InterfaceError,
+    psycopg.OperationalError,  # raised by the driver directly (LISTEN, raw connections)
     OSError,
 )
+
+
+def is_connection_error(error: BaseException) -> bool:
+    """True if ``error`` says the database could not be reached or the connection broke
+    (not that a statement was wrong); a task group's ``ExceptionGroup`` counts when any of
+    its errors does."""
+    if isinstance(error, BaseExceptionGroup):
+        return error.subgroup(_CONNECTION_ERRORS) is not None
+    return isinstance(error, _CONNECTION_ERRORS)
 
 
 _log = get_logger(__name__)

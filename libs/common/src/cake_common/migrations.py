@@ -3,7 +3,7 @@
 A service keeps ``env.py`` and ``versions/`` inside its package (``cake_auth/migrations``)
 with no ``alembic.ini``; its ``env.py`` is just::
 
-    from cake_auth.db import metadata
+    from cake_auth.adapters.tables import metadata
     from cake_common.migrations import run_migrations
 
     run_migrations(metadata)

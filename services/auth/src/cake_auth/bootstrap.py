@@ -36,13 +36,13 @@ from cake_auth.adapters.signing_keys import (
     load_signing_key,
 )
 from cake_auth.adapters.unit_of_work import SqlAuthUnitOfWork
-from cake_auth.api.servicer import (
+from cake_auth.domain.login import DelayPolicy
+from cake_auth.entrypoints.grpc.servicer import (
     AUTH_SERVICE,
     OPTIONAL_TOKEN_METHODS,
     PUBLIC_METHODS,
     AuthServicer,
 )
-from cake_auth.domain.login import DelayPolicy
 from cake_auth.metrics import AuthMetrics
 from cake_auth.service.accounts import UserAccounts
 from cake_auth.service.admission import HashAdmission

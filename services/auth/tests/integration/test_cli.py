@@ -15,7 +15,7 @@ import jwt
 import pytest
 from cake.auth.v1 import auth_pb2
 from cake_auth.adapters.signing_keys import JWKS_FILENAME, SIGNING_KEY_FILENAME
-from cake_auth.cli import main, run_create_admin
+from cake_auth.entrypoints.cli import main, run_create_admin
 from cake_auth.service.accounts import CreateAdmin
 
 pytestmark = pytest.mark.integration

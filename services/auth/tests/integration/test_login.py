@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 from cake.auth.v1 import auth_pb2, auth_pb2_grpc
 from cake.events.v1 import payloads_pb2
-from cake_auth.db import outbox, users
+from cake_auth.adapters.tables import outbox, users
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 pytestmark = pytest.mark.integration

@@ -1,3 +1,3 @@
-from cake_events.cli import main
+from cake_events.entrypoints.cli import main
 
 main()

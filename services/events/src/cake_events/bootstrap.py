@@ -13,6 +13,7 @@ from cake_common.grpc_server import DependencyCheck, GrpcServerBuilder, RunningG
 from cake_common.lifecycle import ShutdownHook, run_shutdown_hooks
 from cake_common.metrics import start_metrics_server
 from cake_common.redis import create_redis
+from cake_common.retry import RetryPolicy
 from cake_common.service_runtime import (
     RunningWorker,
     open_migrated_database,
@@ -24,17 +25,18 @@ from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cake_events.adapters import health_probes
-from cake_events.adapters.event_store import EventsUnitOfWork
-from cake_events.adapters.health_probes import ComponentProbe, KafkaProbe
+from cake_events.adapters.health_probes import KafkaProbe
 from cake_events.adapters.kafka_publisher import KafkaPublisher
 from cake_events.adapters.outbox_source import OutboxAdministration, acquire_leadership
-from cake_events.adapters.relay_metrics import RelayMetrics
-from cake_events.api.admin import EventAdminServicer
-from cake_events.api.health import SystemHealthServicer
+from cake_events.adapters.unit_of_work import SqlEventsUnitOfWork
 from cake_events.domain.delivery import AUTH_SOURCE, PROMOTIONS_SOURCE
 from cake_events.domain.envelope import EnvelopeBuilder
-from cake_events.domain.relay import RetryPolicy, TopicRoutes
+from cake_events.domain.relay import FailurePolicy, TopicRoutes
+from cake_events.entrypoints.grpc.admin import EventAdminServicer
+from cake_events.entrypoints.grpc.health import SystemHealthServicer
+from cake_events.metrics import RelayMetrics
 from cake_events.service.admin import EventAdministration
+from cake_events.service.ports import ComponentProbe
 from cake_events.service.relay import OutboxRelay, RelayGroup, RelayTiming
 from cake_events.service.system_health import SystemHealthReporter
 from cake_events.settings import EventsSettings
@@ -71,10 +73,12 @@ def build_relays(
     session_factory = create_session_factory(events_engine)
     metrics = RelayMetrics(metrics_registry)
     routes = TopicRoutes(settings.topic_routes)
-    retry_policy = RetryPolicy(
+    failure_policy = FailurePolicy(
         max_attempts=settings.relay_max_attempts,
-        base_delay_seconds=settings.relay_backoff_base_seconds,
-        max_delay_seconds=settings.relay_backoff_max_seconds,
+        backoff=RetryPolicy(
+            base_seconds=settings.relay_backoff_base_seconds,
+            max_seconds=settings.relay_backoff_max_seconds,
+        ),
     )
     timing = RelayTiming(
         batch_size=settings.relay_batch_size,
@@ -108,9 +112,9 @@ def build_relays(
                     timeout_seconds=settings.relay_kafka_timeout_seconds,
                     max_batch_bytes=settings.relay_kafka_max_batch_bytes,
                 ),
-                events_uow=lambda: EventsUnitOfWork(session_factory),
+                events_uow=lambda: SqlEventsUnitOfWork(session_factory),
                 routes=routes,
-                retry_policy=retry_policy,
+                failure_policy=failure_policy,
                 timing=timing,
                 metrics=metrics,
                 envelopes=envelopes,
@@ -198,7 +202,7 @@ async def start_service(
         session_factory = create_session_factory(engine)
         admin_servicer = EventAdminServicer(
             EventAdministration(
-                events_uow=lambda: EventsUnitOfWork(session_factory),
+                events_uow=lambda: SqlEventsUnitOfWork(session_factory),
                 outboxes=outboxes,
                 in_flight=relays.in_flight,
             )

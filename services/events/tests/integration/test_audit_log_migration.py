@@ -12,9 +12,9 @@ import pytest
 import sqlalchemy as sa
 from cake_common.db import create_async_engine_for, create_session_factory
 from cake_common.migrations import run_alembic_downgrade, run_alembic_upgrade
-from cake_events.adapters.event_store import EventsUnitOfWork
+from cake_events.adapters.tables import published_batches, published_events
+from cake_events.adapters.unit_of_work import SqlEventsUnitOfWork
 from cake_events.bootstrap import MIGRATIONS
-from cake_events.db import published_batches, published_events
 from cake_events.domain.delivery import PublishedBatch
 
 pytestmark = pytest.mark.integration
@@ -114,7 +114,7 @@ async def test_lines_survive_the_move_to_batches_and_back(postgres_url: str) -> 
 
         # The relay's way in: one row per batch; an event published again gets a new line.
         again = before[0]
-        async with EventsUnitOfWork(create_session_factory(engine)) as uow:
+        async with SqlEventsUnitOfWork(create_session_factory(engine)) as uow:
             await uow.published.record(
                 PublishedBatch(
                     "auth",

@@ -13,9 +13,9 @@ from cake.events.v1 import envelope_pb2, payloads_pb2
 from cake_common.auth_context import principal_var
 from cake_common.db import create_async_engine_for, create_session_factory
 from cake_common.jwt import Principal
-from cake_events.adapters.event_store import EventsUnitOfWork
 from cake_events.adapters.outbox_source import OutboxAdministration
-from cake_events.db import dead_letters, published_events
+from cake_events.adapters.tables import dead_letters, published_events
+from cake_events.adapters.unit_of_work import SqlEventsUnitOfWork
 from cake_events.service.admin import EventAdministration
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -90,7 +90,7 @@ async def test_poison_rows_are_dead_lettered_and_republished_once_fixed(
     session_factory = create_session_factory(events_engine)
     auth_outbox_engine = create_async_engine_for(auth.relay_url, pool_size=1)
     administration = EventAdministration(
-        events_uow=lambda: EventsUnitOfWork(session_factory),
+        events_uow=lambda: SqlEventsUnitOfWork(session_factory),
         outboxes={"auth": OutboxAdministration(auth_outbox_engine)},
         in_flight=lambda source: 0,
     )

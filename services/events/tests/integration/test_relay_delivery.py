@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from cake.events.v1 import envelope_pb2
-from cake_events.db import published_events
+from cake_events.adapters.tables import published_events
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 pytestmark = pytest.mark.integration

@@ -8,14 +8,15 @@ from datetime import UTC, datetime
 
 import pytest
 from cake.events.v1 import envelope_pb2, payloads_pb2
+from cake_common.retry import RetryPolicy
 from cake_events.domain.delivery import DeadLetterCursor, InvalidPageTokenError
 from cake_events.domain.envelope import EnvelopeBuilder
 from cake_events.domain.relay import (
     DEFAULT_TOPIC_ROUTES,
     AggregateOrder,
+    FailurePolicy,
     OutboxEvent,
     PoisonEvent,
-    RetryPolicy,
     TopicRoutes,
     error_text,
     overtaken_aggregates,
@@ -168,33 +169,54 @@ def test_dead_letter_message_keeps_the_unreadable_payload_and_says_why_and_whenc
     assert headers["ce_type"] == b"USER_FIRST_LOGIN"
 
 
-def test_backoff_doubles_with_jitter_and_is_capped() -> None:
-    policy = RetryPolicy(max_attempts=10, base_delay_seconds=1, max_delay_seconds=5)
-    low = [policy.after_failure(n, lambda: 0.0).retry_in_seconds for n in range(5)]
-    high = [policy.after_failure(n, lambda: 0.999999).retry_in_seconds for n in range(5)]
+def _low(low: float, high: float) -> float:
+    return low
+
+
+def _high(low: float, high: float) -> float:
+    return high
+
+
+def test_backoff_is_the_shared_policy_doubling_with_jitter_and_capped() -> None:
+    policy = FailurePolicy(max_attempts=10, backoff=RetryPolicy(base_seconds=1, max_seconds=5))
+    low = [policy.after_failure(n, _low).retry_in_seconds for n in range(5)]
+    high = [policy.after_failure(n, _high).retry_in_seconds for n in range(5)]
     assert low == [0.5, 1.0, 2.0, 2.5, 2.5]
-    assert high == pytest.approx([1.0, 2.0, 4.0, 5.0, 5.0], rel=1e-5)
-    assert policy.after_failure(1, lambda: 0.5).attempts == 2
+    assert high == [1.0, 2.0, 4.0, 5.0, 5.0]
+    assert policy.after_failure(1, _low).attempts == 2
+    # Exactly what the consumer and start-up wait after as many failures in a row.
+    shared = RetryPolicy(base_seconds=1, max_seconds=5)
+    for attempts_before in range(8):
+        drawn: list[tuple[float, float]] = []
+
+        def record(low: float, high: float, into: list[tuple[float, float]] = drawn) -> float:
+            into.append((low, high))
+            return low
+
+        policy.after_failure(attempts_before, record)
+        assert drawn == [
+            (shared.ceiling(attempts_before + 1) / 2, shared.ceiling(attempts_before + 1))
+        ]
 
 
 def test_the_last_allowed_attempt_dead_letters() -> None:
-    policy = RetryPolicy(max_attempts=3, base_delay_seconds=1, max_delay_seconds=5)
-    assert not policy.after_failure(1, lambda: 0.5).dead_letter
-    verdict = policy.after_failure(2, lambda: 0.5)
+    policy = FailurePolicy(max_attempts=3, backoff=RetryPolicy(base_seconds=1, max_seconds=5))
+    assert not policy.after_failure(1, _low).dead_letter
+    verdict = policy.after_failure(2, _low)
     assert verdict.dead_letter
     assert verdict.attempts == 3
 
 
 def test_huge_attempt_counts_do_not_overflow() -> None:
-    policy = RetryPolicy(max_attempts=10_000, base_delay_seconds=1, max_delay_seconds=60)
-    assert policy.after_failure(5000, lambda: 0.0).retry_in_seconds == 30
+    policy = FailurePolicy(max_attempts=10_000, backoff=RetryPolicy(base_seconds=1, max_seconds=60))
+    assert policy.after_failure(5000, _low).retry_in_seconds == 30
 
 
-def test_retry_policy_rejects_nonsense() -> None:
+def test_failure_policy_rejects_nonsense() -> None:
     with pytest.raises(ValueError):
-        RetryPolicy(max_attempts=0, base_delay_seconds=1, max_delay_seconds=2)
+        FailurePolicy(max_attempts=0, backoff=RetryPolicy(base_seconds=1, max_seconds=2))
     with pytest.raises(ValueError):
-        RetryPolicy(max_attempts=3, base_delay_seconds=3, max_delay_seconds=2)
+        RetryPolicy(base_seconds=0, max_seconds=2)
 
 
 def test_aggregates_failed_in_the_previous_batch_start_held_back() -> None:

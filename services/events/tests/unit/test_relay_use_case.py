@@ -18,20 +18,22 @@ from datetime import UTC, datetime
 from types import SimpleNamespace, TracebackType
 from typing import Any, Self
 
-from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError
+from aiokafka.errors import KafkaConnectionError, KafkaError, MessageSizeTooLargeError
 from cake.events.v1 import envelope_pb2, payloads_pb2, registry
-from cake_events.adapters.relay_metrics import RelayMetrics
+from cake_common.retry import RetryPolicy
+from cake_events.adapters.kafka_publisher import broker_unavailable
 from cake_events.domain.delivery import DeadLetter, PublishedBatch
 from cake_events.domain.envelope import KafkaMessage
 from cake_events.domain.relay import (
     DEFAULT_TOPIC_ROUTES,
     Backlog,
+    FailurePolicy,
     OutboxEvent,
     ParkedRow,
-    RetryPolicy,
     ScheduledRetry,
     TopicRoutes,
 )
+from cake_events.metrics import RelayMetrics
 from cake_events.service.relay import OutboxRelay, RelayTiming
 from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import CollectorRegistry
@@ -41,8 +43,10 @@ SOURCE = "auth"
 USER_TOPIC = registry.USER_FIRST_LOGIN.topic
 PAYMENT_TOPIC = registry.PAYMENT_PROCESSED.topic
 MAX_ATTEMPTS = 3
-# random() is pinned to 0.5: the n-th retry waits base * 2**n * 0.75 seconds.
-POLICY = RetryPolicy(max_attempts=MAX_ATTEMPTS, base_delay_seconds=1, max_delay_seconds=5)
+# The jitter is pinned to the middle: the n-th retry waits base * 2**(n-1) * 0.75 seconds.
+POLICY = FailurePolicy(
+    max_attempts=MAX_ATTEMPTS, backoff=RetryPolicy(base_seconds=1, max_seconds=5)
+)
 
 
 def user_login(row_id: int, user_id: int = 7) -> OutboxEvent:
@@ -150,7 +154,11 @@ class FakeOutbox:
 
 
 class FakeKafka:
-    """A producer whose answers the test decides, per event type or per row."""
+    """A producer whose answers the test decides, per event type or per row. It sorts
+    Kafka's errors as the real publisher does (``broker_unavailable``)."""
+
+    send_errors = (KafkaError, OSError)
+    unavailable = staticmethod(broker_unavailable)
 
     def __init__(self) -> None:
         self.up = True
@@ -290,7 +298,7 @@ def make_relay(*rows: OutboxEvent, batch_size: int = 10) -> Relay:
         publisher=kafka,
         events_uow=lambda: FakeEventsUnitOfWork(database),  # type: ignore[arg-type, return-value]
         routes=TopicRoutes(DEFAULT_TOPIC_ROUTES),
-        retry_policy=POLICY,
+        failure_policy=POLICY,
         timing=RelayTiming(
             batch_size=batch_size,
             poll_interval_seconds=0.01,
@@ -300,7 +308,7 @@ def make_relay(*rows: OutboxEvent, batch_size: int = 10) -> Relay:
             retention_sweep_seconds=60,
         ),
         metrics=metrics,
-        random=lambda: 0.5,
+        uniform=lambda low, high: (low + high) / 2,
     )
     return Relay(relay, outbox, kafka, database, metrics, metrics_registry, leaderships)
 

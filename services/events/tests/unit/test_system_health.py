@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from cake_events.adapters.health_probes import ComponentProbe, ProbeResult
 from cake_events.domain.health import ComponentCheck, HealthStatus, overall_status
+from cake_events.service.ports import ComponentProbe, ProbeResult
 from cake_events.service.system_health import SystemHealthReporter
 
 

@@ -1,3 +1,3 @@
-from cake_payments.cli import main
+from cake_payments.entrypoints.cli import main
 
 main()

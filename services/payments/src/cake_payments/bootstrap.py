@@ -12,9 +12,9 @@ from cake_common.service_runtime import (
 )
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from cake_payments.api.servicer import SERVICE_NAME, PaymentsServicer
+from cake_payments.adapters.unit_of_work import SqlPaymentsUnitOfWork
+from cake_payments.entrypoints.grpc.servicer import SERVICE_NAME, PaymentsServicer
 from cake_payments.service.charges import Bank, FaultSwitch, ProcessKiller
-from cake_payments.service.unit_of_work import PaymentsUnitOfWork
 from cake_payments.settings import PaymentsSettings
 
 MIGRATIONS = "cake_payments:migrations"
@@ -32,7 +32,7 @@ async def start_server(
     try:
         session_factory = create_session_factory(engine)
         faults = FaultSwitch(settings.fault_rules())
-        bank = Bank(lambda: PaymentsUnitOfWork(session_factory), faults, crash)
+        bank = Bank(lambda: SqlPaymentsUnitOfWork(session_factory), faults, crash)
         servicer = PaymentsServicer(bank, faults)
         builder = (
             GrpcServerBuilder.from_settings(

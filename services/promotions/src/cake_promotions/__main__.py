@@ -1,3 +1,3 @@
-from cake_promotions.cli import main
+from cake_promotions.entrypoints.cli import main
 
 main()

@@ -29,16 +29,20 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cake_promotions.adapters.payments import GrpcBank, SimulatedBankTransfer
-from cake_promotions.api.servicer import PUBLIC_METHODS, SERVICE_NAME, PromotionsServicer
-from cake_promotions.consumer import FirstLoginHandler
-from cake_promotions.domain.payments import PaymentGateway
+from cake_promotions.adapters.unit_of_work import SqlPromotionsUnitOfWork
+from cake_promotions.entrypoints.grpc.servicer import (
+    PUBLIC_METHODS,
+    SERVICE_NAME,
+    PromotionsServicer,
+)
+from cake_promotions.entrypoints.kafka import FirstLoginHandler
 from cake_promotions.metrics import PromotionsMetrics
 from cake_promotions.service.campaigns import CampaignAdministration
 from cake_promotions.service.enrolment import FirstLoginEnrolment
 from cake_promotions.service.housekeeping import IdempotencyKeyExpiry
+from cake_promotions.service.ports import PaymentGateway, UnitOfWorkFactory
 from cake_promotions.service.reconciler import TopupReconciler
 from cake_promotions.service.topups import TopupProcessing
-from cake_promotions.service.unit_of_work import PromotionsUnitOfWork, UnitOfWorkFactory
 from cake_promotions.service.vouchers import VoucherQueries
 from cake_promotions.settings import PromotionsSettings
 
@@ -56,7 +60,7 @@ class UseCases:
 def unit_of_work_factory(engine: AsyncEngine) -> UnitOfWorkFactory:
     session_factory = create_session_factory(engine)
     outbox_writer = OutboxWriter()
-    return lambda: PromotionsUnitOfWork(session_factory, outbox_writer)
+    return lambda: SqlPromotionsUnitOfWork(session_factory, outbox_writer)
 
 
 def payment_gateway(settings: PromotionsSettings) -> PaymentGateway:

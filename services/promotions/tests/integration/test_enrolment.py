@@ -16,8 +16,8 @@ import sqlalchemy as sa
 from cake.events.v1 import payloads_pb2
 from cake.promotions.v1 import promotions_pb2
 from cake_promotions import bootstrap
-from cake_promotions.api.mapping import track_first_login_response
 from cake_promotions.domain.enrolment import FirstLogin
+from cake_promotions.entrypoints.grpc.mapping import track_first_login_response
 from cake_promotions.metrics import PromotionsMetrics
 from cake_promotions.service.enrolment import FirstLoginEnrolment
 from google.protobuf.timestamp_pb2 import Timestamp

@@ -17,8 +17,6 @@ from typing import Self
 from uuid import UUID
 
 import pytest
-from cake_promotions.adapters.events import NewEnrolmentEvents
-from cake_promotions.adapters.repository import Enrolled, NewEnrolment
 from cake_promotions.domain.campaigns import Campaign, CampaignStatus, CampaignTerms
 from cake_promotions.domain.enrolment import (
     DECISION_REASONS,
@@ -35,6 +33,7 @@ from cake_promotions.domain.enrolment import (
 from cake_promotions.domain.vouchers import NewVoucher, Voucher, VoucherStatus
 from cake_promotions.metrics import PromotionsMetrics
 from cake_promotions.service.enrolment import FirstLoginEnrolment
+from cake_promotions.service.ports import Enrolled, NewEnrolment, NewEnrolmentEvents
 from prometheus_client import CollectorRegistry
 
 T0 = datetime(2026, 12, 1, 12, tzinfo=UTC)

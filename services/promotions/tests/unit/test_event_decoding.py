@@ -11,7 +11,7 @@ import pytest
 from aiokafka.structs import ConsumerRecord
 from cake.events.v1 import envelope_pb2, payloads_pb2, registry
 from cake_common.consumer import PoisonEvent, Route, Routes
-from cake_promotions.consumer import first_login
+from cake_promotions.entrypoints.kafka import first_login
 from google.protobuf.any_pb2 import Any as AnyMessage
 from google.protobuf.timestamp_pb2 import Timestamp
 

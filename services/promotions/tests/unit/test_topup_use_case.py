@@ -24,16 +24,17 @@ from cake_common.errors import (
     NotFound,
     Unavailable,
 )
-from cake_promotions.adapters.repository import StoredKey
 from cake_promotions.domain.payments import PaymentRequest, PaymentResult
 from cake_promotions.domain.topups import (
     PaymentOutcome,
     TopupCommand,
+    TopupReceipt,
     TopupRecord,
     TopupStatus,
 )
 from cake_promotions.domain.vouchers import Voucher, VoucherStatus
 from cake_promotions.metrics import PromotionsMetrics
+from cake_promotions.service.ports import StoredKey
 from cake_promotions.service.topups import (
     PAYMENT_FAILED_REASON,
     PAYMENT_PENDING_REASON,
@@ -148,8 +149,8 @@ class FakeIdempotencyKeys:
     async def forget(self, user_id: int, key: str) -> None:
         del self._s.keys[(user_id, key)]
 
-    async def store_response(self, user_id: int, key: str, response: bytes) -> None:
-        self._s.keys[(user_id, key)] = replace(self._s.keys[(user_id, key)], response=response)
+    async def store_receipt(self, user_id: int, key: str, receipt: TopupReceipt) -> None:
+        self._s.keys[(user_id, key)] = replace(self._s.keys[(user_id, key)], receipt=receipt)
 
 
 class FakeParticipations:
@@ -439,7 +440,7 @@ async def test_an_unknown_outcome_leaves_the_topup_pending_and_the_voucher_reser
         VoucherStatus.RESERVED,
         NOW + PENDING_TIMEOUT,
     )
-    assert world.store.keys[(USER, "k-1")].response is None
+    assert world.store.keys[(USER, "k-1")].receipt is None
     assert statuses(world) == [TopupStatus.PENDING]
     assert world.count("pending") == 1
 

@@ -12,7 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from cake_auth.db import refresh_tokens, sessions
+from cake_auth.adapters.tables import refresh_tokens, sessions
 from cake_auth.domain.sessions import RefreshTokenRecord, Session
 
 

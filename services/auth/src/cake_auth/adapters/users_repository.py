@@ -10,7 +10,12 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from cake_auth.db import EMAIL_UNIQUE_INDEX, PHONE_UNIQUE_INDEX, USERNAME_UNIQUE_INDEX, users
+from cake_auth.adapters.tables import (
+    EMAIL_UNIQUE_INDEX,
+    PHONE_UNIQUE_INDEX,
+    USERNAME_UNIQUE_INDEX,
+    users,
+)
 from cake_auth.domain.login import LoginAccount
 from cake_auth.domain.users import (
     NewUser,

@@ -8,12 +8,11 @@ from datetime import datetime
 from uuid import UUID
 
 import sqlalchemy as sa
-from cake_common.db import UnitOfWork
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from cake_events.db import dead_letters, published_batches, security_audit_events
+from cake_events.adapters.tables import dead_letters, published_batches, security_audit_events
 from cake_events.domain.audit import AuditCursor, AuditFilter, StoredAuditEntry
 from cake_events.domain.delivery import DeadLetter, DeadLetterCursor, PublishedBatch
 
@@ -220,16 +219,3 @@ class AuditLogRepository:
             )
             for row in rows
         ]
-
-
-class EventsUnitOfWork(UnitOfWork):
-    """One transaction on the events database with its repositories."""
-
-    published: PublishedEventRepository
-    dead_letters: DeadLetterRepository
-    audit: AuditLogRepository
-
-    def bind_repositories(self, session: AsyncSession) -> None:
-        self.published = PublishedEventRepository(session)
-        self.dead_letters = DeadLetterRepository(session)
-        self.audit = AuditLogRepository(session)

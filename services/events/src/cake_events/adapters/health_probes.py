@@ -7,8 +7,6 @@ with a timeout, and one slow or dead component must not hide the state of the ot
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -21,19 +19,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-ProbeResult = tuple[bool, str]
-ProbeFunction = Callable[[], Awaitable[ProbeResult]]
+from cake_events.service.ports import ProbeFunction, ProbeResult
 
 _log = get_logger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class ComponentProbe:
-    """One named component, whether the system needs it to serve, and how to look at it."""
-
-    name: str
-    critical: bool
-    probe: ProbeFunction
 
 
 def grpc_health_probe(channel: grpc.aio.Channel, health_name: str) -> ProbeFunction:

@@ -11,6 +11,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, KafkaTimeoutError, ProducerClosed, ProducerFenced
 from cake_common.kafka import create_producer
 from cake_common.logging import get_logger
+from cake_common.retry import RetryPolicy
 
 from cake_events.domain.envelope import KafkaMessage
 
@@ -19,8 +20,6 @@ from cake_events.domain.envelope import KafkaMessage
 _PRODUCER_STATE_ERRORS = frozenset(
     {"OutOfOrderSequenceNumber", "UnknownProducerId", "InvalidProducerEpoch"}
 )
-
-_FIRST_RECONNECT_DELAY = 0.2
 
 _log = get_logger(__name__)
 
@@ -58,11 +57,19 @@ class KafkaPublisher:
         self._client_id = client_id
         self._timeout_seconds = timeout_seconds
         self._max_batch_bytes = max_batch_bytes
-        self._reconnect_max_seconds = reconnect_max_seconds
         self._clock = clock
         self._producer: AIOKafkaProducer | None = None
-        self._start_delay = _FIRST_RECONNECT_DELAY
+        self._backoff = RetryPolicy(base_seconds=0.2, max_seconds=reconnect_max_seconds)
+        self._failed_starts = 0
         self._next_start_at = 0.0
+
+    send_errors: tuple[type[BaseException], ...] = (KafkaError, OSError)
+    """What :meth:`send` raises for a message it could not hand over."""
+
+    @staticmethod
+    def unavailable(error: BaseException) -> bool:
+        """:func:`broker_unavailable`: Kafka is away, as opposed to refusing this message."""
+        return broker_unavailable(error)
 
     def _new_producer(self) -> AIOKafkaProducer:
         return create_producer(
@@ -85,17 +92,18 @@ class KafkaPublisher:
             await asyncio.wait_for(producer.start(), self._timeout_seconds)
         except (KafkaError, OSError, TimeoutError) as error:
             await self._stop_quietly(producer)
-            self._next_start_at = self._clock() + self._start_delay
+            self._failed_starts += 1
+            delay = self._backoff.delay(self._failed_starts)
+            self._next_start_at = self._clock() + delay
             _log.warning(
                 "kafka unreachable, will retry",
                 client_id=self._client_id,
-                retry_in_seconds=round(self._start_delay, 2),
+                retry_in_seconds=round(delay, 2),
                 error=repr(error),
             )
-            self._start_delay = min(self._start_delay * 2, self._reconnect_max_seconds)
             return False
         self._producer = producer
-        self._start_delay = _FIRST_RECONNECT_DELAY
+        self._failed_starts = 0
         _log.info("kafka producer started", client_id=self._client_id)
         return True
 

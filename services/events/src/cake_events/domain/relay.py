@@ -8,12 +8,13 @@ payloads, default topics and the dead-letter rule come from the event registry
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
 
 from cake.events.v1 import registry
+from cake_common.retry import RetryPolicy, Uniform
 
 DEFAULT_TOPIC_ROUTES: Mapping[str, str] = MappingProxyType(
     {event.name: event.topic for event in registry.PUBLISHED}
@@ -80,36 +81,29 @@ class FailureVerdict:
 
 
 @dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """Exponential backoff with jitter, then a dead letter after ``max_attempts`` failures.
-
-    The n-th retry waits ``min(max, base * 2**(n-1))`` scaled by a random factor in
-    [0.5, 1): rows that failed together (a Kafka hiccup) spread out instead of retrying in
-    lockstep, and no retry comes sooner than half the nominal delay.
-    """
+class FailurePolicy:
+    """What one more failed publication costs a row: a retry after Cake's one backoff
+    (:class:`cake_common.retry.RetryPolicy`: the n-th retry waits between half and all of
+    ``min(base * 2**(n-1), max)``, so rows that failed together spread out), then a dead
+    letter once the row has failed ``max_attempts`` times."""
 
     max_attempts: int
-    base_delay_seconds: float
-    max_delay_seconds: float
+    backoff: RetryPolicy
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
-        if not 0 < self.base_delay_seconds <= self.max_delay_seconds:
-            raise ValueError("need 0 < base_delay_seconds <= max_delay_seconds")
 
-    def after_failure(self, attempts_before: int, random: Callable[[], float]) -> FailureVerdict:
+    def after_failure(self, attempts_before: int, uniform: Uniform) -> FailureVerdict:
         """The verdict for a row that had failed ``attempts_before`` times and failed again;
-        ``random()`` returns a float in [0, 1)."""
+        ``uniform(low, high)`` draws the jitter (``random.uniform``; tests pass their own)."""
         attempts = attempts_before + 1
         if attempts >= self.max_attempts:
             return FailureVerdict(attempts=attempts, dead_letter=True, retry_in_seconds=0.0)
-        # 2**exponent would overflow float for absurd attempt counts; the cap applies anyway.
-        nominal = min(
-            self.max_delay_seconds, self.base_delay_seconds * 2.0 ** min(attempts - 1, 60)
-        )
         return FailureVerdict(
-            attempts=attempts, dead_letter=False, retry_in_seconds=nominal * (0.5 + random() / 2)
+            attempts=attempts,
+            dead_letter=False,
+            retry_in_seconds=self.backoff.delay(attempts, uniform),
         )
 
 

@@ -1,5 +1,5 @@
 from cake_common.migrations import run_migrations
 
-from cake_events.db import metadata
+from cake_events.adapters.tables import metadata
 
 run_migrations(metadata)

@@ -16,8 +16,6 @@ from cake_common.auth_context import require_admin
 from cake_common.errors import FieldViolation, InvalidArgument, NotFound
 from cake_common.logging import get_logger
 
-from cake_events.adapters.event_store import EventsUnitOfWork
-from cake_events.adapters.outbox_source import OutboxAdministration
 from cake_events.domain.audit import AuditCursor, AuditFilter, AuditPage, StoredAuditEntry
 from cake_events.domain.delivery import (
     SOURCES,
@@ -27,6 +25,7 @@ from cake_events.domain.delivery import (
     QueueStats,
     ReplayStatus,
 )
+from cake_events.service.ports import OutboxAdministration, UnitOfWorkFactory
 
 DEFAULT_PAGE_SIZE = 50
 DEFAULT_AUDIT_PAGE_SIZE = 100
@@ -48,7 +47,7 @@ class EventAdministration:
     def __init__(
         self,
         *,
-        events_uow: Callable[[], EventsUnitOfWork],
+        events_uow: UnitOfWorkFactory,
         outboxes: Mapping[str, OutboxAdministration],
         in_flight: Callable[[str], int],
     ) -> None:

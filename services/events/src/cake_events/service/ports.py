@@ -1,20 +1,24 @@
-"""What the relay needs from the outside world, as ports: the outbox session it leads, the
-Kafka producer and the events database. The adapters implement them
+"""What the use cases need from the outside world, as ports: the outbox session the relay
+leads, the Kafka producer, the events database, each source's outbox for the admin and the
+components the health report probes. The adapters implement them
 (:mod:`cake_events.adapters.outbox_source`, :mod:`~cake_events.adapters.kafka_publisher`,
-:mod:`~cake_events.adapters.event_store`); the unit tests pass in-memory fakes."""
+:mod:`~cake_events.adapters.event_store`, :mod:`~cake_events.adapters.health_probes`); the
+unit tests pass in-memory fakes."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
+from uuid import UUID
 
 from cake_common.db import TransactionPort
 
-from cake_events.domain.audit import StoredAuditEntry
-from cake_events.domain.delivery import DeadLetter, PublishedBatch
+from cake_events.domain.audit import AuditCursor, AuditFilter, StoredAuditEntry
+from cake_events.domain.delivery import DeadLetter, DeadLetterCursor, PublishedBatch, ReplayStatus
 from cake_events.domain.envelope import KafkaMessage
 from cake_events.domain.relay import Backlog, OutboxEvent, ParkedRow, ScheduledRetry
 
@@ -67,9 +71,18 @@ class EventPublisher(Protocol):
         """True once a producer is started; False while Kafka is unreachable."""
         ...
 
+    send_errors: tuple[type[BaseException], ...]
+    """What :meth:`send` raises for a message it could not hand over."""
+
     def send(self, message: KafkaMessage) -> Awaitable[asyncio.Future[Any]]:
         """Hand ``message`` over; the future resolves to Kafka's record metadata
         (``partition``, ``offset``) or fails with Kafka's error."""
+        ...
+
+    def unavailable(self, error: BaseException) -> bool:
+        """True if ``error`` (raised by :meth:`send` or set on its future) says Kafka could
+        not take any message right now, False if it refused this one (too large, invalid):
+        only the latter counts as a failed attempt of the row."""
         ...
 
     async def flush(self) -> bool:
@@ -84,17 +97,35 @@ class EventPublisher(Protocol):
 class PublishedEvents(Protocol):
     async def record(self, batch: PublishedBatch) -> None: ...
 
+    async def count_by_source(self) -> dict[str, int]:
+        """Publications in the audit log, per source."""
+        ...
+
 
 class DeadLetters(Protocol):
     async def park(self, letters: Sequence[DeadLetter]) -> None: ...
+
+    async def count_parked_by_source(self) -> dict[str, int]: ...
+
+    async def mark_retried(self, event_ids: Sequence[UUID]) -> None: ...
+
+    async def page(self, limit: int, after: DeadLetterCursor | None) -> list[DeadLetter]:
+        """Parked dead letters, newest first, after ``after``."""
+        ...
 
 
 class AuditLog(Protocol):
     async def append(self, entries: Sequence[StoredAuditEntry], recorded_at: datetime) -> None: ...
 
+    async def page(
+        self, where: AuditFilter, limit: int, after: AuditCursor | None
+    ) -> list[StoredAuditEntry]:
+        """Entries matching ``where``, newest first, after ``after``."""
+        ...
 
-class RelayUnitOfWork(TransactionPort, Protocol):
-    """One transaction on the events database, with what the relay writes there."""
+
+class EventsUnitOfWork(TransactionPort, Protocol):
+    """One transaction on the events database."""
 
     @property
     def published(self) -> PublishedEvents: ...
@@ -104,3 +135,39 @@ class RelayUnitOfWork(TransactionPort, Protocol):
 
     @property
     def audit(self) -> AuditLog: ...
+
+
+class UnitOfWorkFactory(Protocol):
+    def __call__(self) -> EventsUnitOfWork: ...
+
+
+class OutboxAdministration(Protocol):
+    """Admin operations on one source's outbox."""
+
+    async def waiting(self) -> int:
+        """Rows not yet published nor dead-lettered (in flight ones included)."""
+        ...
+
+    async def requeue_dead_letters(self) -> list[UUID]:
+        """Put every dead-lettered row back for publication; returns their event ids."""
+        ...
+
+    async def replay(self, event_id: UUID) -> ReplayStatus | None:
+        """Put one published or dead-lettered event back; None if this outbox has no such
+        row."""
+        ...
+
+
+ProbeResult = tuple[bool, str]
+"""``(healthy, detail)``."""
+ProbeFunction = Callable[[], Awaitable[ProbeResult]]
+"""Looks at one component; never raises."""
+
+
+@dataclass(frozen=True, slots=True)
+class ComponentProbe:
+    """One named component, whether the system needs it to serve, and how to look at it."""
+
+    name: str
+    critical: bool
+    probe: ProbeFunction

@@ -66,38 +66,38 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
-import psycopg
-import sqlalchemy.exc
-from aiokafka.errors import KafkaError, ProducerClosed
+from cake_common.db import is_connection_error
 from cake_common.kafka import with_current_trace
 from cake_common.logging import get_logger
+from cake_common.retry import RetryPolicy, Uniform
 from cake_common.tracing import SpanKind, start_span_from_traceparent, tracing_enabled
 
-from cake_events.adapters.kafka_publisher import broker_unavailable
-from cake_events.adapters.relay_metrics import RelayMetrics
 from cake_events.domain.audit import SECURITY_AUDIT, security_audit_entries
 from cake_events.domain.delivery import DeadLetter, PublishedBatch
 from cake_events.domain.envelope import EnvelopeBuilder, KafkaMessage
 from cake_events.domain.relay import (
     AggregateOrder,
+    FailurePolicy,
     OutboxEvent,
     ParkedRow,
     PoisonEvent,
-    RetryPolicy,
     ScheduledRetry,
     TopicRoutes,
     error_text,
     overtaken_aggregates,
 )
-from cake_events.service.ports import EventPublisher, Leadership, RelayLeader, RelayUnitOfWork
-
-_CONNECTION_ERRORS: tuple[type[Exception], ...] = (
-    sqlalchemy.exc.OperationalError,
-    sqlalchemy.exc.InterfaceError,
-    psycopg.OperationalError,  # from LISTEN, which talks to the driver directly
-    OSError,
+from cake_events.metrics import RelayMetrics
+from cake_events.service.ports import (
+    EventPublisher,
+    EventsUnitOfWork,
+    Leadership,
+    RelayLeader,
+    UnitOfWorkFactory,
 )
-_MAX_ERROR_BACKOFF_SECONDS = 5.0
+
+_RESTART_BACKOFF = RetryPolicy(base_seconds=0.4, max_seconds=5.0)
+"""How long the relay waits before it tries again after losing its database or failing
+(0.4 s doubling up to 5 s, jittered): Cake's one retry policy."""
 _YIELD_EVERY = 50
 """Events handed to the producer between two yields to the event loop. aiokafka's send
 does not suspend, so without yields a batch would be handed over in one go: the producer
@@ -183,13 +183,13 @@ class OutboxRelay:
         *,
         leadership: Leadership,
         publisher: EventPublisher,
-        events_uow: Callable[[], RelayUnitOfWork],
+        events_uow: UnitOfWorkFactory,
         routes: TopicRoutes,
-        retry_policy: RetryPolicy,
+        failure_policy: FailurePolicy,
         timing: RelayTiming,
         metrics: RelayMetrics,
         envelopes: EnvelopeBuilder | None = None,
-        random: Callable[[], float] = _random.random,
+        uniform: Uniform = _random.uniform,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.source = source
@@ -197,11 +197,11 @@ class OutboxRelay:
         self._publisher = publisher
         self._events_uow = events_uow
         self._routes = routes
-        self._retry_policy = retry_policy
+        self._failure_policy = failure_policy
         self._timing = timing
         self._metrics = metrics
         self._envelopes = envelopes or EnvelopeBuilder()
-        self._random = random
+        self._uniform = uniform
         self._clock = clock
         self.in_flight = 0
         """Rows of the batch being published right now (Cake's ``active``)."""
@@ -232,8 +232,8 @@ class OutboxRelay:
                     failures = 0
                 except Exception as error:
                     failures += 1
-                    delay = min(_MAX_ERROR_BACKOFF_SECONDS, 0.2 * 2 ** min(failures, 10))
-                    if _is_connection_error(error):
+                    delay = _RESTART_BACKOFF.delay(failures, self._uniform)
+                    if is_connection_error(error):
                         _log.warning(
                             "outbox relay lost its database, retrying",
                             source=self.source,
@@ -364,7 +364,7 @@ class OutboxRelay:
                 )
             await uow.commit()
 
-    async def _write_events_database(self, uow: RelayUnitOfWork, batch: _PublishedBatch) -> None:
+    async def _write_events_database(self, uow: EventsUnitOfWork, batch: _PublishedBatch) -> None:
         acknowledged = batch.result.acknowledged
         events = acknowledged.events
         audit = PublishedBatch(
@@ -442,8 +442,8 @@ class OutboxRelay:
                 result.failed.append(_Failed(event, topic, str(error)))
                 order.stop_after(event)
                 continue
-            except (KafkaError, OSError) as error:
-                if broker_unavailable(error):
+            except self._publisher.send_errors as error:
+                if self._publisher.unavailable(error):
                     result.kafka_unavailable = True
                 else:  # rejected before sending, e.g. too large
                     result.failed.append(_Failed(event, topic, error_text(error)))
@@ -482,9 +482,8 @@ class OutboxRelay:
                 dataclasses.replace(message, headers=with_current_trace(message.headers))
             )
 
-    @staticmethod
     def _collect_outcomes(
-        sent: Sequence[tuple[OutboxEvent, str, asyncio.Future[Any]]], result: _BatchResult
+        self, sent: Sequence[tuple[OutboxEvent, str, asyncio.Future[Any]]], result: _BatchResult
     ) -> list[OutboxEvent]:
         """Sort Kafka's answers into ``result``; the events Kafka did not acknowledge."""
         failed_in_kafka: list[OutboxEvent] = []
@@ -498,7 +497,10 @@ class OutboxRelay:
                 failed_in_kafka.append(event)
                 continue
             except asyncio.CancelledError:
-                outcome: BaseException = ProducerClosed()
+                # The producer was closed with the message in it: Kafka is away for now.
+                failed_in_kafka.append(event)
+                result.kafka_unavailable = True
+                continue
             except BaseException as error:  # the future's exception: Kafka's answer
                 outcome = error
             else:
@@ -508,7 +510,7 @@ class OutboxRelay:
                 acknowledged.offsets.append(metadata.offset)
                 continue
             failed_in_kafka.append(event)
-            if broker_unavailable(outcome):
+            if self._publisher.unavailable(outcome):
                 result.kafka_unavailable = True
             else:
                 result.failed.append(_Failed(event, topic, error_text(outcome)))
@@ -522,7 +524,7 @@ class OutboxRelay:
         letters: list[DeadLetter] = []
         for failure in failures:
             event = failure.event
-            verdict = self._retry_policy.after_failure(event.attempts, self._random)
+            verdict = self._failure_policy.after_failure(event.attempts, self._uniform)
             if not verdict.dead_letter:
                 retries.append(
                     ScheduledRetry(
@@ -584,7 +586,7 @@ class OutboxRelay:
             )
             try:
                 futures.append(await self._publisher.send(message))
-            except (KafkaError, OSError) as error:
+            except self._publisher.send_errors as error:
                 not_copied += 1
                 _log.warning(
                     "dead letter not copied to kafka",
@@ -631,13 +633,6 @@ class RelayGroup:
 
     def in_flight(self, source: str) -> int:
         return sum(relay.in_flight for relay in self.relays if relay.source == source)
-
-
-def _is_connection_error(error: Exception) -> bool:
-    """A lost database, possibly reported by a task group (several tasks at once)."""
-    if isinstance(error, ExceptionGroup):
-        return error.subgroup(_CONNECTION_ERRORS) is not None
-    return isinstance(error, _CONNECTION_ERRORS)
 
 
 async def _sleep(stop: asyncio.Event, seconds: float) -> None:

@@ -8,8 +8,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from cake_events.adapters.health_probes import ComponentProbe, ProbeResult
 from cake_events.domain.health import ComponentCheck, HealthStatus, overall_status
+from cake_events.service.ports import ComponentProbe, ProbeResult
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from cake_payments.db import ledger
+from cake_payments.adapters.tables import ledger
 from cake_payments.domain.ledger import ChargeOrder, ChargeStatus, LedgerEntry, LedgerStats
 
 

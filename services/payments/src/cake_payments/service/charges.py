@@ -23,7 +23,7 @@ from cake_payments.domain.ledger import (
     LedgerStats,
     fault_for,
 )
-from cake_payments.service.unit_of_work import UnitOfWorkFactory
+from cake_payments.service.ports import UnitOfWorkFactory
 
 SIMULATED_DECLINE = "declined by the simulated bank"
 SIMULATED_ERROR = "Simulated bank error"

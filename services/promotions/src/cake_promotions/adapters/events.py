@@ -7,7 +7,6 @@ relay keys them by user and one user's promotion events stay ordered on their to
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 
@@ -20,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from cake_promotions.domain.enrolment import Participation
 from cake_promotions.domain.topups import TopupRecord, TopupStatus
 from cake_promotions.domain.vouchers import Voucher
+from cake_promotions.service.ports import NewEnrolmentEvents
 
 _PAYMENT_STATUS = {
     TopupStatus.PENDING: payloads_pb2.PAYMENT_STATUS_PENDING,
@@ -63,16 +63,6 @@ def _voucher_issued(voucher: Voucher, campaign_id: int) -> payloads_pb2.VoucherI
     )
 
 
-@dataclass(frozen=True, slots=True)
-class NewEnrolmentEvents:
-    """What one enrolment announces: PROMOTION_ENROLLMENT, then VOUCHER_ISSUED."""
-
-    participation: Participation
-    voucher: Voucher
-    trace_parent: str | None = None
-    """The enrolling login's trace (``None``: the current span's)."""
-
-
 class PromotionEvents:
     def __init__(self, session: AsyncSession, writer: OutboxWriter) -> None:
         self._session = session
@@ -80,17 +70,6 @@ class PromotionEvents:
 
     async def security_audit(self, entry: AuditEntry) -> None:
         await record_audit(self._writer, self._session, entry)
-
-    async def promotion_enrolled(
-        self, participation: Participation, *, enrolled_at: datetime, voucher_issued: bool
-    ) -> None:
-        await self._writer.add(
-            self._session,
-            registry.PROMOTION_ENROLLMENT,
-            aggregate_id=participation.user_id,
-            payload=_promotion_enrollment(participation, enrolled_at, voucher_issued),
-            occurred_at=enrolled_at,
-        )
 
     async def enrolled(self, enrolments: Sequence[NewEnrolmentEvents]) -> None:
         """The events of many enrolments in one statement, each user's two in order."""
@@ -114,15 +93,6 @@ class PromotionEvents:
                 ),
             ]
         await self._writer.add_many(self._session, events)
-
-    async def voucher_issued(self, voucher: Voucher, *, campaign_id: int) -> None:
-        await self._writer.add(
-            self._session,
-            registry.VOUCHER_ISSUED,
-            aggregate_id=voucher.user_id,
-            payload=_voucher_issued(voucher, campaign_id),
-            occurred_at=voucher.issued_at,
-        )
 
     async def voucher_used(
         self,

@@ -6,7 +6,6 @@ Every statement runs inside the caller's transaction; nothing here commits.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, cast
@@ -17,7 +16,8 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from cake_promotions.db import (
+from cake_promotions.adapters.receipts import decode_receipt, encode_receipt
+from cake_promotions.adapters.tables import (
     campaign_status_changes,
     campaigns,
     first_login_decisions,
@@ -42,8 +42,9 @@ from cake_promotions.domain.enrolment import (
     ParticipationStatus,
     SlotReservation,
 )
-from cake_promotions.domain.topups import TopupRecord, TopupStatus
+from cake_promotions.domain.topups import TopupReceipt, TopupRecord, TopupStatus
 from cake_promotions.domain.vouchers import DISCOUNT_VOUCHER, NewVoucher, Voucher, VoucherStatus
+from cake_promotions.service.ports import Enrolled, NewEnrolment, StoredKey
 
 
 def _campaign(row: Mapping[Any, Any]) -> Campaign:
@@ -343,14 +344,6 @@ class VoucherRepository:
         )
         return _voucher(row)
 
-    async def count_reserved_past(self, instant: datetime) -> int:
-        """Vouchers still reserved although their reservation ended before ``instant``."""
-        statement = sa.select(sa.func.count()).where(
-            vouchers.c.status == VoucherStatus.RESERVED.value,
-            vouchers.c.reserved_until < instant,
-        )
-        return int((await self._session.execute(statement)).scalar_one())
-
 
 _PARTICIPATION_CONSTRAINT = "uq_user_promotions_user_campaign"
 
@@ -425,26 +418,6 @@ ORDER BY 1
 ON CONFLICT (user_id) DO NOTHING
 """
 )
-
-
-@dataclass(frozen=True, slots=True)
-class NewEnrolment:
-    """A slot a batch won: the user's participation in that order, and a voucher code."""
-
-    user_id: int
-    campaign_id: int
-    participation_order: int
-    login_at: datetime
-    voucher_code: str
-
-
-@dataclass(frozen=True, slots=True)
-class Enrolled:
-    campaign: Campaign
-    """The campaign as the batch left it (counter, status)."""
-    participation: Participation
-    voucher: Voucher | None
-    """``None`` only if the voucher code was taken (the caller draws another)."""
 
 
 class EnrolmentRepository:
@@ -762,14 +735,6 @@ class TopupRepository:
         return list((await self._session.execute(statement)).scalars())
 
 
-@dataclass(frozen=True, slots=True)
-class StoredKey:
-    fingerprint: str
-    response: bytes | None
-    """The answer to replay; ``None`` while the key's top-up is pending."""
-    transaction_id: str | None
-
-
 class IdempotencyKeyRepository:
     """Top-up idempotency keys, per user: the first request's fingerprint and response."""
 
@@ -806,7 +771,10 @@ class IdempotencyKeyRepository:
             idempotency_keys.c.transaction_id,
         ).where(idempotency_keys.c.user_id == user_id, idempotency_keys.c.key == key)
         row = (await self._session.execute(statement)).first()
-        return StoredKey(row[0], row[1], row[2]) if row is not None else None
+        if row is None:
+            return None
+        receipt = decode_receipt(row[1]) if row[1] is not None else None
+        return StoredKey(row[0], receipt, row[2])
 
     async def delete_created_before(self, age_seconds: float, *, limit: int) -> int:
         """Delete up to ``limit`` keys older than ``age_seconds``; how many went."""
@@ -833,9 +801,10 @@ class IdempotencyKeyRepository:
             )
         )
 
-    async def store_response(self, user_id: int, key: str, response: bytes) -> None:
+    async def store_receipt(self, user_id: int, key: str, receipt: TopupReceipt) -> None:
+        """Kept as the wire answer's bytes (``TopupResponse``), exactly what a retry gets."""
         await self._session.execute(
             sa.update(idempotency_keys)
             .where(idempotency_keys.c.user_id == user_id, idempotency_keys.c.key == key)
-            .values(response=response)
+            .values(response=encode_receipt(receipt))
         )

@@ -1,10 +1,9 @@
-"""The payment port: how a top-up's final amount gets charged."""
+"""A charge of a top-up's final amount and the bank's answer (port: ``ports.PaymentGateway``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Protocol
 
 from cake_promotions.domain.topups import PaymentOutcome
 
@@ -30,19 +29,3 @@ class PaymentResult:
     @property
     def approved(self) -> bool:
         return self.outcome is PaymentOutcome.CHARGED
-
-
-class PaymentGateway(Protocol):
-    """The bank. Called outside any database transaction, with the top-up already recorded
-    pending; ``transaction_id`` is the bank's idempotency key, so a repeated charge never
-    debits twice. Neither method raises for an unreachable bank: that is
-    ``PaymentOutcome.UNKNOWN``."""
-
-    async def charge(self, request: PaymentRequest) -> PaymentResult: ...
-
-    async def settle_status(self, transaction_id: str) -> PaymentResult:
-        """Whether ``transaction_id`` was charged, as a final answer: an id never charged is
-        voided at the bank, so a charge still in flight can no longer go through."""
-        ...
-
-    async def close(self) -> None: ...

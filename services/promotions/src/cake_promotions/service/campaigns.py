@@ -15,7 +15,7 @@ from cake_promotions.domain.campaigns import (
     NewCampaign,
 )
 from cake_promotions.service.clock import Clock, utc_now
-from cake_promotions.service.unit_of_work import UnitOfWorkFactory
+from cake_promotions.service.ports import UnitOfWorkFactory
 
 _log = get_logger(__name__)
 

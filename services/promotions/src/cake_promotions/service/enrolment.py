@@ -16,8 +16,6 @@ from uuid import UUID
 
 from cake_common.logging import get_logger
 
-from cake_promotions.adapters.events import NewEnrolmentEvents
-from cake_promotions.adapters.repository import Enrolled, NewEnrolment
 from cake_promotions.domain.campaigns import FIRST_LOGIN_DISCOUNT, Campaign, CampaignStatus
 from cake_promotions.domain.enrolment import (
     DECISION_REASONS,
@@ -39,7 +37,13 @@ from cake_promotions.domain.enrolment import (
 from cake_promotions.domain.vouchers import Voucher, generate_voucher_code, new_voucher
 from cake_promotions.metrics import PromotionsMetrics
 from cake_promotions.service.clock import Clock, utc_now
-from cake_promotions.service.unit_of_work import PromotionsUnitOfWork, UnitOfWorkFactory
+from cake_promotions.service.ports import (
+    Enrolled,
+    NewEnrolment,
+    NewEnrolmentEvents,
+    PromotionsUnitOfWork,
+    UnitOfWorkFactory,
+)
 
 # 36^8 codes: a collision is already a one-in-billions event; five in a row is a bug.
 _CODE_ATTEMPTS = 5

@@ -8,7 +8,7 @@ import contextlib
 from cake_common.logging import get_logger
 
 from cake_promotions.metrics import PromotionsMetrics
-from cake_promotions.service.unit_of_work import UnitOfWorkFactory
+from cake_promotions.service.ports import UnitOfWorkFactory
 
 EXPIRY_CHUNK = 5000
 """Keys deleted per transaction, so a sweep never holds many row locks at once."""

@@ -17,12 +17,11 @@ from datetime import timedelta
 
 from cake_common.logging import get_logger
 
-from cake_promotions.domain.payments import PaymentGateway
 from cake_promotions.domain.topups import PaymentOutcome, TopupStatus
 from cake_promotions.metrics import PromotionsMetrics
 from cake_promotions.service.clock import Clock, utc_now
+from cake_promotions.service.ports import PaymentGateway, UnitOfWorkFactory
 from cake_promotions.service.topups import TopupSettlement
-from cake_promotions.service.unit_of_work import UnitOfWorkFactory
 
 RECONCILE_BATCH = 200
 """Overdue top-ups taken per round."""

@@ -26,9 +26,8 @@ from cake_common.errors import (
 )
 from cake_common.logging import get_logger
 
-from cake_promotions.adapters.receipts import decode_receipt, encode_receipt
 from cake_promotions.domain.money import calculate_discount
-from cake_promotions.domain.payments import PaymentGateway, PaymentRequest
+from cake_promotions.domain.payments import PaymentRequest
 from cake_promotions.domain.topups import (
     IDEMPOTENCY_KEY_REUSED_MESSAGE,
     MAX_IDEMPOTENCY_KEY_LENGTH,
@@ -47,7 +46,7 @@ from cake_promotions.domain.topups import (
 from cake_promotions.domain.vouchers import Voucher, check_spendable
 from cake_promotions.metrics import PromotionsMetrics
 from cake_promotions.service.clock import Clock, utc_now
-from cake_promotions.service.unit_of_work import PromotionsUnitOfWork, UnitOfWorkFactory
+from cake_promotions.service.ports import PaymentGateway, PromotionsUnitOfWork, UnitOfWorkFactory
 
 IDEMPOTENCY_KEY_FIELD = "idempotency-key"
 IDEMPOTENT_REPLAYED_HEADER = "idempotent-replayed"
@@ -137,8 +136,8 @@ class TopupSettlement:
             self._metrics.vouchers_used.inc()
         await uow.events.payment_processed(settled, processed_at=now)
         if record.idempotency_key is not None:
-            await uow.idempotency_keys.store_response(
-                record.user_id, record.idempotency_key, encode_receipt(settled.receipt())
+            await uow.idempotency_keys.store_receipt(
+                record.user_id, record.idempotency_key, settled.receipt()
             )
         return settled
 
@@ -264,8 +263,8 @@ class TopupProcessing:
             raise Aborted(TOPUP_IN_PROGRESS_MESSAGE, reason=TOPUP_IN_PROGRESS_REASON)
         if stored.fingerprint != fingerprint:
             raise AlreadyExists(IDEMPOTENCY_KEY_REUSED_MESSAGE, reason="IDEMPOTENCY_KEY_REUSED")
-        if stored.response is not None:
-            return replace(decode_receipt(stored.response), replayed=True)
+        if stored.receipt is not None:
+            return replace(stored.receipt, replayed=True)
         pending = (
             await uow.topups.get(stored.transaction_id)
             if stored.transaction_id is not None

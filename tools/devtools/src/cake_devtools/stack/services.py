@@ -174,7 +174,7 @@ def grpc_serving(address: str, timeout: float = 1.0) -> bool:
 
 
 def service_module_missing(spec: ServiceSpec) -> str | None:
-    """Why ``cake-<name> serve`` cannot run yet (its cli module is not written), or None.
+    """Why ``cake-<name> serve`` cannot run yet (its entrypoints/cli.py is not written), or None.
 
     Looks for the file without importing anything from the service.
     """
@@ -182,9 +182,9 @@ def service_module_missing(spec: ServiceSpec) -> str | None:
     if package is None or not package.submodule_search_locations:
         return f"package {spec.package} is not installed"
     for location in package.submodule_search_locations:
-        if (Path(location) / "cli.py").is_file() or (Path(location) / "cli").is_dir():
+        if (Path(location) / "entrypoints" / "cli.py").is_file():
             return None
-    return f"{spec.package}.cli does not exist yet (service not written)"
+    return f"{spec.package}.entrypoints.cli does not exist yet (service not written)"
 
 
 class ServiceComponent(ProcessComponent):

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from cake_common.db import UnitOfWork
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from cake_payments.adapters.ledger import LedgerRepository
 
 
-class PaymentsUnitOfWork(UnitOfWork):
+class SqlPaymentsUnitOfWork(UnitOfWork):
     ledger: LedgerRepository
 
     def bind_repositories(self, session: AsyncSession) -> None:
         self.ledger = LedgerRepository(session)
-
-
-UnitOfWorkFactory = Callable[[], PaymentsUnitOfWork]

@@ -10,7 +10,10 @@ from cake_common.grpc_server import add_response_header
 from cake_common.grpc_server.call_scope import metadata_value
 
 from cake_promotions.adapters.receipts import receipt_to_proto
-from cake_promotions.api.mapping import (
+from cake_promotions.domain.campaigns import CampaignStatus, new_campaign
+from cake_promotions.domain.money import decimal_from_number
+from cake_promotions.domain.topups import DEFAULT_PAYMENT_METHOD, TopupCommand
+from cake_promotions.entrypoints.grpc.mapping import (
     campaign_message,
     eligibility_response,
     from_timestamp,
@@ -18,9 +21,6 @@ from cake_promotions.api.mapping import (
     track_first_login_response,
     voucher_message,
 )
-from cake_promotions.domain.campaigns import CampaignStatus, new_campaign
-from cake_promotions.domain.money import decimal_from_number
-from cake_promotions.domain.topups import DEFAULT_PAYMENT_METHOD, TopupCommand
 from cake_promotions.service.campaigns import CampaignAdministration
 from cake_promotions.service.clock import Clock, utc_now
 from cake_promotions.service.enrolment import FirstLoginEnrolment

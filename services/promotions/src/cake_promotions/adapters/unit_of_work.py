@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from uuid import UUID
 
-from cake_common.inbox import record_many, record_once
+from cake_common.inbox import record_many
 from cake_common.outbox import OutboxUnitOfWork
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -23,7 +23,7 @@ CONSUMER_NAME = "promotions"
 """This service's name in the inbox table."""
 
 
-class PromotionsUnitOfWork(OutboxUnitOfWork):
+class SqlPromotionsUnitOfWork(OutboxUnitOfWork):
     campaigns: CampaignRepository
     enrolments: EnrolmentRepository
     participations: ParticipationRepository
@@ -41,14 +41,7 @@ class PromotionsUnitOfWork(OutboxUnitOfWork):
         self.idempotency_keys = IdempotencyKeyRepository(session)
         self.events = PromotionEvents(session, self.outbox_writer)
 
-    async def record_event_once(self, event_id: UUID) -> bool:
-        """Put a consumed event's id in the inbox; False if it was applied before."""
-        return await record_once(self.session, event_id, CONSUMER_NAME)
-
     async def record_events_once(self, event_ids: Iterable[UUID]) -> set[UUID]:
         """Put many consumed events' ids in the inbox in one statement; the ids recorded now
         (the others were applied before)."""
         return await record_many(self.session, event_ids, CONSUMER_NAME)
-
-
-UnitOfWorkFactory = Callable[[], PromotionsUnitOfWork]
