@@ -46,7 +46,7 @@ def test_the_wheels_are_pure_python_for_3_11_and_later(wheels: dict[str, Path]) 
         assert "Requires-Python: >=3.11" in _metadata(wheel)
     client = _metadata(wheels["cake_client"])
     assert "Requires-Dist: cake-protos" in client
-    assert "Requires-Dist: protobuf<8,>=7.36" in _metadata(wheels["cake_protos"])
+    assert "Requires-Dist: protobuf<8,>=7.35.1" in _metadata(wheels["cake_protos"])
 
 
 def test_a_fresh_environment_installs_and_imports_them(

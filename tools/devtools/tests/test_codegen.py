@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -400,3 +402,13 @@ def test_campaign_creation_rules() -> None:
     assert _violated_fields(promotions_pb2.UpdateCampaignStatusRequest(id=1, status="ACTIVE")) == [
         "status"
     ]
+
+
+def test_cake_protos_requires_the_protobuf_its_code_was_generated_for() -> None:
+    """The generated modules check the runtime at import (ValidateProtobufRuntimeVersion): a
+    wheel that allowed an older protobuf would install and then fail to import."""
+    generated = (ROOT / "libs/protos/src/cake/auth/v1/auth_pb2.py").read_text()
+    (gencode,) = re.findall(r"^# Protobuf Python Version: (\S+)$", generated, flags=re.MULTILINE)
+    project = tomllib.loads((ROOT / "libs/protos/pyproject.toml").read_text())["project"]
+    (requirement,) = [d for d in project["dependencies"] if d.startswith("protobuf")]
+    assert requirement == f"protobuf>={gencode},<{int(gencode.split('.')[0]) + 1}"
