@@ -112,12 +112,12 @@ def build_relays(
     return RelayWiring(group=RelayGroup(relays), engines=engines)
 
 
-async def start_service(
+async def start_server(
     settings: EventsSettings, *, metrics_registry: CollectorRegistry | None = None
 ) -> RunningGrpcServer:
     """Migrate, wire, start the gRPC server and (if enabled) the relays; returns once
     serving. ``stop()`` on the result stops everything gracefully. Logging and tracing are
-    the caller's (``serve``), like the other services' ``start_server``."""
+    the caller's (``serve``), as in every service's ``start_server``."""
     registry = metrics_registry or prometheus_client.REGISTRY
     engine = await open_migrated_database(settings, script_location=MIGRATIONS)
     shutdown_hooks: list[ShutdownHook] = [engine.dispose]
@@ -251,10 +251,10 @@ async def start_service(
 
 async def serve(settings: EventsSettings) -> None:
     """``cake-events serve``: the gRPC API and the relays until SIGTERM/SIGINT."""
-    await serve_until_signal(settings, start_service)
+    await serve_until_signal(settings, start_server)
 
 
-async def relay_only(settings: EventsSettings) -> None:
+async def relay(settings: EventsSettings) -> None:
     """``cake-events relay``: only the relays (no gRPC; metrics on ``metrics_port`` if set),
     until SIGTERM/SIGINT."""
     await serve_until_signal(settings, start_relays)

@@ -18,7 +18,7 @@ from cake.events.v1 import admin_pb2, admin_pb2_grpc, health_pb2, health_pb2_grp
 from cake_common.grpc_server import RunningGrpcServer
 from cake_common.jwt import jwk_from_public_key
 from cake_devtools.stack.services import OUTBOX_SOURCES
-from cake_events.bootstrap import start_service
+from cake_events.bootstrap import start_server
 from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client import CollectorRegistry
 
@@ -81,7 +81,7 @@ async def service(
         health_probe_timeout_seconds=0.3,
         metrics_port=0,
     )
-    running = await start_service(settings, metrics_registry=CollectorRegistry())
+    running = await start_server(settings, metrics_registry=CollectorRegistry())
     try:
         yield running, auth, promotions
     finally:

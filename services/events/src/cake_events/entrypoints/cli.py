@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from cake_common.migrations import run_alembic_upgrade
 from cake_common.service_runtime import run_service_cli
 
-from cake_events.bootstrap import MIGRATIONS, relay_only, serve
+from cake_events.bootstrap import MIGRATIONS, relay, serve
 from cake_events.settings import EventsSettings
 
 
@@ -24,7 +24,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             ),
             "relay": (
                 "migrate the database, then run only the outbox relay until SIGTERM",
-                relay_only,
+                relay,
             ),
         },
         migrate=lambda settings: run_alembic_upgrade(settings.database_url, MIGRATIONS),
