@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
 import os
 import re
 import secrets
@@ -328,7 +329,11 @@ async def main() -> None:
     stack = Stack(profile=args.profile, echo=None)
     stack.up(("postgres", "kafka"))
     bootstrap = stack.kafka_bootstrap
-    relay_template = stack.service_environment()["events"]["CAKE_EVENTS_AUTH_OUTBOX_URL"]
+    relay_template = next(
+        source["outbox_url"]
+        for source in json.loads(stack.service_environment()["events"]["CAKE_EVENTS_SOURCES"])
+        if source["name"] == "auth"
+    )
     prefix = f"bench.{uuid.uuid4().hex[:8]}"
     user_topic, raw_topic = f"{prefix}.user", f"{prefix}.raw"
     topics = [user_topic, event_registry.dead_letter_topic_for(user_topic), raw_topic]
@@ -348,9 +353,14 @@ async def main() -> None:
             overrides = {"relay_batch_size": args.batch_size} if args.batch_size else {}
             settings = EventsSettings(
                 database_url=events_url,
-                auth_outbox_url=make_url(relay_template)
-                .set(database=make_url(owner_url).database)
-                .render_as_string(hide_password=False),
+                sources=[
+                    {
+                        "name": "auth",
+                        "outbox_url": make_url(relay_template)
+                        .set(database=make_url(owner_url).database)
+                        .render_as_string(hide_password=False),
+                    }
+                ],
                 kafka_bootstrap_servers=bootstrap,
                 topic_routes={event_registry.USER_FIRST_LOGIN.name: user_topic},
                 log_level="WARNING",

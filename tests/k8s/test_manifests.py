@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from cake_devtools.k8s_manifests import (
 )
 from cake_devtools.stack import kafka as stack_kafka
 from cake_devtools.stack import postgres as stack_postgres
+from cake_devtools.stack.services import OUTBOX_SOURCES
 from cake_events.settings import EventsSettings
 from cake_promotions.settings import PromotionsSettings
 from sqlalchemy.engine import make_url
@@ -424,7 +426,16 @@ def test_service_environment_names_real_settings(overlay: RenderedOverlay) -> No
         ):
             (container,) = pod_spec(workload)["containers"]
             env = env_of(container)
+            # Variables that only feed another one through Kubernetes' $(NAME) expansion
+            # (a secret inside CAKE_EVENTS_SOURCES) are no settings of their own.
+            expanded = {
+                name
+                for variable in env.values()
+                for name in re.findall(r"\$\(([A-Z0-9_]+)\)", variable.get("value", ""))
+            }
             for name in env:
+                if name in expanded:
+                    continue
                 assert name.startswith(prefix), f"{service}: {name} lacks {prefix}"
                 field = name.removeprefix(prefix).lower()
                 assert field in settings.model_fields, f"{service}: {name} is no setting"
@@ -464,9 +475,35 @@ def test_service_ports_paths_and_targets_agree(overlay: RenderedOverlay) -> None
         ]
         assert selected, f"Service {service['metadata']['name']} selects no pods"
     events = env_of(pod_spec(overlay.get("Deployment", "events"))["containers"][0])
-    for target in ("AUTH", "PROMOTIONS"):
-        host, port = events[f"CAKE_EVENTS_{target}_GRPC_TARGET"]["value"].split(":")
-        assert host == target.lower() and int(port) == GRPC_PORT
+    sources = json.loads(events["CAKE_EVENTS_SOURCES"]["value"])
+    for source in sources:
+        host, port = source["grpc_target"].split(":")
+        assert host == source["name"] and int(port) == GRPC_PORT
+
+
+def test_the_relay_reads_the_outboxes_the_local_stack_reads(overlay: RenderedOverlay) -> None:
+    """CAKE_EVENTS_SOURCES: the local stack's sources with their registry topics, each
+    outbox URL expanded from an earlier variable that reads the events secret."""
+    names = list(pod_spec(overlay.get("Deployment", "events"))["containers"][0]["env"])
+    env = {variable["name"]: variable for variable in names}
+    order = [variable["name"] for variable in names]
+    raw = env["CAKE_EVENTS_SOURCES"]["value"]
+    sources = json.loads(raw)
+    assert [(s["name"], tuple(s["topics"])) for s in sources] == list(OUTBOX_SOURCES.items())
+    for source in sources:
+        match = re.fullmatch(r"\$\(([A-Z0-9_]+)\)", source["outbox_url"])
+        assert match, source["outbox_url"]
+        reference = match.group(1)
+        assert order.index(reference) < order.index("CAKE_EVENTS_SOURCES"), reference
+        secret = env[reference]["valueFrom"]["secretKeyRef"]
+        assert secret["name"].startswith("events-secrets")  # the dev overlay adds a hash
+        assert secret["key"] == f"{source['name'].upper()}_OUTBOX_URL"
+    # What the service makes of it, once Kubernetes has expanded the references.
+    expanded = re.sub(r"\$\(([A-Z0-9_]+)\)", "postgresql+psycopg://r:p@h/\\1", raw)
+    settings = EventsSettings(
+        database_url="postgresql+psycopg://u:p@h/db", sources=json.loads(expanded)
+    )
+    assert [source.name for source in settings.sources] == ["auth", "promotions"]
 
 
 def test_each_service_has_a_migration_job_on_its_own_image(overlay: RenderedOverlay) -> None:

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import json
 import stat
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from cake.events.v1 import registry
 from cake_devtools.stack import COMPONENTS, Stack, StackError, credentials, kafka, postgres
 from cake_devtools.stack.layout import RunLayout, repo_root
 from cake_devtools.stack.redis import redis_command
 from cake_devtools.stack.services import Endpoints, build_service_environment
 from cake_devtools.stack.settings import StackSettings, StackSettingsForTests, load_settings
+from cake_events.settings import EventsSettings
 
 PORT_FIELDS = [name for name in StackSettings.model_fields if name.endswith("_port")]
 DEV_PORTS = {
@@ -215,14 +218,32 @@ def test_tracing_is_off_unless_the_stack_has_an_otlp_endpoint(
     assert traced["events"]["CAKE_EVENTS_OTLP_ENDPOINT"] == endpoint
 
 
-def test_events_reads_the_outboxes_as_the_relay_role() -> None:
+def test_events_reads_the_outboxes_as_the_relay_role(monkeypatch: pytest.MonkeyPatch) -> None:
     events = build_service_environment(ENDPOINTS, PASSWORDS)["events"]
 
     relay = "postgresql+psycopg://cake_relay:pw%2Frelay%40x@127.0.0.1:15442"
-    assert events["CAKE_EVENTS_AUTH_OUTBOX_URL"] == f"{relay}/cake_auth"
-    assert events["CAKE_EVENTS_PROMOTIONS_OUTBOX_URL"] == f"{relay}/cake_promotions"
-    assert events["CAKE_EVENTS_AUTH_GRPC_TARGET"] == "127.0.0.1:17151"
-    assert events["CAKE_EVENTS_PROMOTIONS_GRPC_TARGET"] == "127.0.0.1:17152"
+    assert json.loads(events["CAKE_EVENTS_SOURCES"]) == [
+        {
+            "name": "auth",
+            "outbox_url": f"{relay}/cake_auth",
+            "grpc_target": "127.0.0.1:17151",
+            "topics": [registry.USER_FIRST_LOGIN.topic],
+        },
+        {
+            "name": "promotions",
+            "outbox_url": f"{relay}/cake_promotions",
+            "grpc_target": "127.0.0.1:17152",
+            "topics": [registry.VOUCHER_ISSUED.topic, registry.PAYMENT_PROCESSED.topic],
+        },
+    ]
+    # What the events service reads from it, through its environment.
+    monkeypatch.setenv("CAKE_EVENTS_SOURCES", events["CAKE_EVENTS_SOURCES"])
+    settings = EventsSettings(database_url="postgresql+psycopg://u:p@h/db")
+    assert [(s.name, s.grpc_target) for s in settings.sources] == [
+        ("auth", "127.0.0.1:17151"),
+        ("promotions", "127.0.0.1:17152"),
+    ]
+    assert settings.sources[0].outbox_url.get_secret_value() == f"{relay}/cake_auth"
     assert events["CAKE_EVENTS_DATABASE_URL"].endswith("@127.0.0.1:15442/cake_events")
 
 

@@ -7,11 +7,12 @@ gRPC server; its ``serve`` command is :func:`serve_until_signal` around that.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import signal
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Protocol, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -114,3 +115,32 @@ def kill_this_process() -> None:
     """End this process the way a crash does (SIGKILL: no clean-up, no answer to callers);
     the deterministic fault hooks of the drills use it."""
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def run_service_cli(
+    argv: Sequence[str] | None,
+    *,
+    prog: str,
+    description: str | None,
+    settings: Callable[[], SettingsT],
+    processes: Mapping[str, tuple[str, Callable[[SettingsT], Coroutine[Any, Any, None]]]],
+    migrate: Callable[[SettingsT], None],
+) -> None:
+    """A service's command line: one command per long-running process (``serve`` and any
+    worker, each ``name: (help, run)``) plus ``migrate``, all reading the service's own
+    settings. Parsed with argparse; a service with operator commands of its own (auth)
+    builds its parser itself."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, _run) in processes.items():
+        commands.add_parser(name, help=help_text)
+    commands.add_parser("migrate", help="apply database migrations and exit")
+    args = parser.parse_args(argv)
+
+    loaded = settings()
+    if args.command == "migrate":
+        start_logging(loaded)
+        migrate(loaded)
+        return
+    _help, run = processes[args.command]
+    asyncio.run(run(loaded))

@@ -21,7 +21,6 @@ from cake_common.service_runtime import (
 )
 from cake_common.token_auth import revocation_list, token_verifier
 from prometheus_client import CollectorRegistry
-from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cake_events.adapters import health_probes
@@ -29,13 +28,12 @@ from cake_events.adapters.health_probes import KafkaProbe
 from cake_events.adapters.kafka_publisher import KafkaPublisher
 from cake_events.adapters.outbox_source import OutboxAdministration, acquire_leadership
 from cake_events.adapters.unit_of_work import SqlEventsUnitOfWork
-from cake_events.domain.delivery import AUTH_SOURCE, PROMOTIONS_SOURCE
 from cake_events.domain.envelope import EnvelopeBuilder
 from cake_events.domain.relay import FailurePolicy, TopicRoutes
 from cake_events.entrypoints.grpc.admin import EventAdminServicer
 from cake_events.entrypoints.grpc.health import SystemHealthServicer
 from cake_events.metrics import RelayMetrics
-from cake_events.service.admin import EventAdministration
+from cake_events.service.admin import EventAdministration, SourceOutbox
 from cake_events.service.ports import ComponentProbe
 from cake_events.service.relay import OutboxRelay, RelayGroup, RelayTiming
 from cake_events.service.system_health import SystemHealthReporter
@@ -55,15 +53,6 @@ class RelayWiring:
 
     group: RelayGroup
     engines: list[AsyncEngine]
-
-
-def outbox_sources(settings: EventsSettings) -> list[tuple[str, SecretStr]]:
-    """The configured outbox sources: (source name, URL of the relay role)."""
-    urls = (
-        (AUTH_SOURCE, settings.auth_outbox_url),
-        (PROMOTIONS_SOURCE, settings.promotions_outbox_url),
-    )
-    return [(source, url) for source, url in urls if url is not None]
 
 
 def build_relays(
@@ -91,20 +80,20 @@ def build_relays(
     envelopes = EnvelopeBuilder()
     relays: list[OutboxRelay] = []
     engines: list[AsyncEngine] = []
-    for source, url in outbox_sources(settings):
-        client_name = f"cake-events-relay-{source}"
+    for source in settings.sources:
+        client_name = f"cake-events-relay-{source.name}"
         # One session at a time: it holds the relay lock for as long as it lives.
         # No session timeouts on the leader: its claim transaction stays open while Kafka
         # acknowledges the batch, and a cancelled statement would hand the relay over in the
         # middle of a batch (measured: a 10 s statement limit cut a 4,000-row claim on a busy
         # 2-core box and the standby took over mid-stream).
         leader_engine = create_async_engine_for(
-            url, pool_size=1, max_overflow=0, application_name=client_name
+            source.outbox_url, pool_size=1, max_overflow=0, application_name=client_name
         )
         engines.append(leader_engine)
         relays.append(
             OutboxRelay(
-                source,
+                source.name,
                 leadership=functools.partial(acquire_leadership, leader_engine),
                 publisher=KafkaPublisher(
                     settings.kafka_bootstrap_servers,
@@ -123,12 +112,12 @@ def build_relays(
     return RelayWiring(group=RelayGroup(relays), engines=engines)
 
 
-async def start_service(
+async def start_server(
     settings: EventsSettings, *, metrics_registry: CollectorRegistry | None = None
 ) -> RunningGrpcServer:
     """Migrate, wire, start the gRPC server and (if enabled) the relays; returns once
     serving. ``stop()`` on the result stops everything gracefully. Logging and tracing are
-    the caller's (``serve``), like the other services' ``start_server``."""
+    the caller's (``serve``), as in every service's ``start_server``."""
     registry = metrics_registry or prometheus_client.REGISTRY
     engine = await open_migrated_database(settings, script_location=MIGRATIONS)
     shutdown_hooks: list[ShutdownHook] = [engine.dispose]
@@ -140,16 +129,17 @@ async def start_service(
                 "events_database", critical=True, probe=health_probes.database_probe(engine)
             ),
         ]
-        for name, target in (
-            ("auth", settings.auth_grpc_target),
-            ("promotions", settings.promotions_grpc_target),
-        ):
-            channel = grpc.aio.insecure_channel(target)
+        for source in settings.sources:
+            if source.grpc_target is None:
+                continue
+            channel = grpc.aio.insecure_channel(source.grpc_target)
             shutdown_hooks.append(channel.close)
             probes += [
-                ComponentProbe(name, critical=True, probe=health_probes.service_probe(channel)),
                 ComponentProbe(
-                    f"{name}_database",
+                    source.name, critical=True, probe=health_probes.service_probe(channel)
+                ),
+                ComponentProbe(
+                    f"{source.name}_database",
                     critical=True,
                     probe=health_probes.grpc_health_probe(channel, "postgres"),
                 ),
@@ -165,16 +155,20 @@ async def start_service(
             ComponentProbe("redis", critical=False, probe=health_probes.redis_probe(redis_client)),
             ComponentProbe("kafka", critical=False, probe=kafka_probe),
         ]
-        outboxes: dict[str, OutboxAdministration] = {}
-        for source, url in outbox_sources(settings):
+        outboxes: list[SourceOutbox] = []
+        for source in settings.sources:
             outbox_engine = create_async_engine_for(
-                url, pool_size=1, session_timeouts=settings.database_session_timeouts()
+                source.outbox_url,
+                pool_size=1,
+                session_timeouts=settings.database_session_timeouts(),
             )
             shutdown_hooks.append(outbox_engine.dispose)
-            outboxes[source] = OutboxAdministration(outbox_engine)
+            outboxes.append(
+                SourceOutbox(source.name, source.topics, OutboxAdministration(outbox_engine))
+            )
             probes.append(
                 ComponentProbe(
-                    f"relay_backlog_{source}",
+                    f"relay_backlog_{source.name}",
                     critical=False,
                     probe=health_probes.outbox_backlog_probe(
                         outbox_engine, degraded_after_seconds=settings.relay_lag_degraded_seconds
@@ -257,10 +251,10 @@ async def start_service(
 
 async def serve(settings: EventsSettings) -> None:
     """``cake-events serve``: the gRPC API and the relays until SIGTERM/SIGINT."""
-    await serve_until_signal(settings, start_service)
+    await serve_until_signal(settings, start_server)
 
 
-async def relay_only(settings: EventsSettings) -> None:
+async def relay(settings: EventsSettings) -> None:
     """``cake-events relay``: only the relays (no gRPC; metrics on ``metrics_port`` if set),
     until SIGTERM/SIGINT."""
     await serve_until_signal(settings, start_relays)

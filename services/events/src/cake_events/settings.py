@@ -4,10 +4,41 @@ from __future__ import annotations
 
 from cake.events.v1 import registry
 from cake_common.settings import ServiceSettings
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from cake_events.domain.relay import DEFAULT_TOPIC_ROUTES
+
+
+class OutboxSource(BaseModel):
+    """One service whose outbox the relay reads: configuration, so a new producer (or one
+    fewer) needs no change to this service's code."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(
+        pattern=r"^[a-z][a-z0-9_-]{0,39}$",
+        description="The producing service: labels its relay, metrics, dead letters, figures",
+    )
+    outbox_url: SecretStr = Field(
+        description="URL of the relay role on the producer's database (outbox only)"
+    )
+    grpc_target: str | None = Field(
+        default=None,
+        description="The producer's gRPC address: GET /health reports it and its database",
+    )
+    topics: tuple[str, ...] = Field(
+        default=(),
+        description="The registry's topics its events go to (named in the admin's figures)",
+    )
+
+    @field_validator("topics")
+    @classmethod
+    def _registry_topics(cls, topics: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = sorted(set(topics) - set(registry.TOPICS))
+        if unknown:
+            raise ValueError(f"topics not in the event registry: {', '.join(unknown)}")
+        return topics
 
 
 class EventsSettings(ServiceSettings):
@@ -18,14 +49,13 @@ class EventsSettings(ServiceSettings):
     service_name: str = "events"
     grpc_port: int = 17053
 
-    auth_outbox_url: SecretStr | None = Field(
-        default=None, description="URL of the relay role on the auth database (outbox only)"
+    sources: list[OutboxSource] = Field(
+        default_factory=list,
+        description=(
+            "The services whose outboxes the relay reads, a JSON list (CAKE_EVENTS_SOURCES) of"
+            ' {"name", "outbox_url", "grpc_target", "topics"}; empty: nothing to relay'
+        ),
     )
-    promotions_outbox_url: SecretStr | None = Field(
-        default=None, description="URL of the relay role on the promotions database (outbox only)"
-    )
-    auth_grpc_target: str = "127.0.0.1:17051"
-    promotions_grpc_target: str = "127.0.0.1:17052"
 
     health_probe_timeout_seconds: float = Field(default=1.0, gt=0)
     health_cache_seconds: float = Field(
@@ -99,3 +129,12 @@ class EventsSettings(ServiceSettings):
         if any(not topic.strip() for topic in routes.values()):
             raise ValueError("topic_routes has an empty topic name")
         return routes
+
+    @field_validator("sources")
+    @classmethod
+    def _one_relay_per_source(cls, sources: list[OutboxSource]) -> list[OutboxSource]:
+        names = [source.name for source in sources]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"sources names a source twice: {', '.join(repeated)}")
+        return sources

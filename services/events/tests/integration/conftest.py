@@ -29,6 +29,7 @@ from cake_common.db import create_async_engine_for, libpq_url
 from cake_common.kafka import ensure_topics
 from cake_common.migrations import run_alembic_upgrade
 from cake_common.outbox import grant_outbox_to_relay_sql, outbox_table
+from cake_devtools.stack.services import OUTBOX_SOURCES
 from cake_events.bootstrap import MIGRATIONS, RelayWiring, build_relays
 from cake_events.settings import EventsSettings
 from google.protobuf.message import Message
@@ -277,13 +278,23 @@ async def events_engine(events_db: str) -> AsyncIterator[AsyncEngine]:
     await engine.dispose()
 
 
+SOURCE_TOPICS = {name: list(topics) for name, topics in OUTBOX_SOURCES.items()}
+"""The registry topics of each source, as the local stack configures them."""
+
+
+def relay_url_of_the_stack(stack: Any) -> str:
+    """The relay role's URL on the stack's auth database (a template for scratch ones)."""
+    sources = json.loads(stack.service_environment()["events"]["CAKE_EVENTS_SOURCES"])
+    return str(next(source["outbox_url"] for source in sources if source["name"] == "auth"))
+
+
 @pytest.fixture
 def make_source_db(
     stack: Any, request: pytest.FixtureRequest
 ) -> Iterator[Callable[[], SourceDatabase]]:
     """Factory of scratch source databases with an ``outbox`` granted to ``cake_relay``."""
     admin_url = stack.postgres_admin_url
-    relay_template = stack.service_environment()["events"]["CAKE_EVENTS_AUTH_OUTBOX_URL"]
+    relay_template = relay_url_of_the_stack(stack)
     created: list[str] = []
 
     def make() -> SourceDatabase:
@@ -354,8 +365,11 @@ def relay_settings(
             "redis_url": redis_url,
             "kafka_bootstrap_servers": kafka_bootstrap,
             "topic_routes": topic_routes,
-            "auth_outbox_url": auth.relay_url if auth else None,
-            "promotions_outbox_url": promotions.relay_url if promotions else None,
+            "sources": [
+                {"name": name, "outbox_url": source.relay_url, "topics": SOURCE_TOPICS[name]}
+                for name, source in (("auth", auth), ("promotions", promotions))
+                if source is not None
+            ],
             "relay_poll_interval_seconds": 0.2,
             "relay_leader_retry_seconds": 0.2,
             "relay_backoff_base_seconds": 0.05,
@@ -404,12 +418,16 @@ def relay_environment(settings: EventsSettings) -> dict[str, str]:
         "CAKE_EVENTS_LOG_LEVEL": settings.log_level,
         "CAKE_EVENTS_LOG_JSON": "false",
     }
-    for source, url in (
-        ("AUTH", settings.auth_outbox_url),
-        ("PROMOTIONS", settings.promotions_outbox_url),
-    ):
-        if url is not None:
-            environment[f"CAKE_EVENTS_{source}_OUTBOX_URL"] = url.get_secret_value()
+    environment["CAKE_EVENTS_SOURCES"] = json.dumps(
+        [
+            {
+                "name": source.name,
+                "outbox_url": source.outbox_url.get_secret_value(),
+                "topics": list(source.topics),
+            }
+            for source in settings.sources
+        ]
+    )
     return environment
 
 

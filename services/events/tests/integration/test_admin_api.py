@@ -17,7 +17,8 @@ import pytest
 from cake.events.v1 import admin_pb2, admin_pb2_grpc, health_pb2, health_pb2_grpc
 from cake_common.grpc_server import RunningGrpcServer
 from cake_common.jwt import jwk_from_public_key
-from cake_events.bootstrap import start_service
+from cake_devtools.stack.services import OUTBOX_SOURCES
+from cake_events.bootstrap import start_server
 from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client import CollectorRegistry
 
@@ -80,7 +81,7 @@ async def service(
         health_probe_timeout_seconds=0.3,
         metrics_port=0,
     )
-    running = await start_service(settings, metrics_registry=CollectorRegistry())
+    running = await start_server(settings, metrics_registry=CollectorRegistry())
     try:
         yield running, auth, promotions
     finally:
@@ -142,6 +143,11 @@ async def test_admin_rpcs_need_an_admin_token_and_manage_the_relay(
         assert stats.promotion_events == admin_pb2.QueueStats(
             waiting=0, active=0, completed=2, failed=1
         )
+        # The same figures per configured source, with the topics the configuration gives.
+        assert [(s.source, list(s.topics), s.stats) for s in stats.sources] == [
+            ("auth", list(OUTBOX_SOURCES["auth"]), stats.user_events),
+            ("promotions", list(OUTBOX_SOURCES["promotions"]), stats.promotion_events),
+        ]
 
         # Dead letters, newest first, one per page.
         first_page = await stub.ListDeadLetters(

@@ -16,7 +16,7 @@ from cake_common.jwt import Principal
 from cake_events.adapters.outbox_source import OutboxAdministration
 from cake_events.adapters.tables import dead_letters, published_events
 from cake_events.adapters.unit_of_work import SqlEventsUnitOfWork
-from cake_events.service.admin import EventAdministration
+from cake_events.service.admin import EventAdministration, SourceOutbox
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 pytestmark = pytest.mark.integration
@@ -91,7 +91,7 @@ async def test_poison_rows_are_dead_lettered_and_republished_once_fixed(
     auth_outbox_engine = create_async_engine_for(auth.relay_url, pool_size=1)
     administration = EventAdministration(
         events_uow=lambda: SqlEventsUnitOfWork(session_factory),
-        outboxes={"auth": OutboxAdministration(auth_outbox_engine)},
+        outboxes=[SourceOutbox("auth", (), OutboxAdministration(auth_outbox_engine))],
         in_flight=lambda source: 0,
     )
 

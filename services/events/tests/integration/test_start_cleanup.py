@@ -10,7 +10,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from cake_events.bootstrap import start_relays, start_service
+from cake_events.bootstrap import start_relays, start_server
 from prometheus_client import CollectorRegistry
 
 pytestmark = pytest.mark.integration
@@ -56,7 +56,7 @@ async def test_a_running_service_holds_connections_that_a_stop_gives_back(
     events, auth = make_source_db(), make_source_db()
     settings = relay_settings(auth=auth, database_url=events.owner_url, grpc_port=0)
 
-    running = await start_service(settings, metrics_registry=CollectorRegistry())
+    running = await start_server(settings, metrics_registry=CollectorRegistry())
     try:
         assert connections_to(stack.postgres_admin_url, events.name) >= 1
     finally:
@@ -84,7 +84,7 @@ async def test_a_start_failing_half_way_leaves_nothing_open(
     tasks_before = other_tasks()
 
     with pytest.raises((RuntimeError, OSError)):
-        await start_service(settings, metrics_registry=CollectorRegistry())
+        await start_server(settings, metrics_registry=CollectorRegistry())
 
     assert connections_to(stack.postgres_admin_url, events.name) == 0
     assert connections_to(stack.postgres_admin_url, auth.name) == 0

@@ -16,7 +16,11 @@ Typical use (in a service's composition root)::
 
 from cake_common.auth_context import current_principal, principal_var, require_admin
 from cake_common.grpc_server.auth import ALWAYS_PUBLIC_SERVICES, AuthInterceptor, RevocationCheck
-from cake_common.grpc_server.call_scope import CallScope, ScopedServerInterceptor
+from cake_common.grpc_server.call_scope import (
+    CallScope,
+    ScopedServerInterceptor,
+    ServicerContext,
+)
 from cake_common.grpc_server.health import (
     LIVENESS_HEALTH,
     OVERALL_HEALTH,
@@ -71,6 +75,7 @@ __all__ = [
     "RunningGrpcServer",
     "ScopedServerInterceptor",
     "ServiceHealth",
+    "ServicerContext",
     "ServicerRegistration",
     "ShutdownHook",
     "ValidationInterceptor",

@@ -5,15 +5,11 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from uuid import UUID
-
-AUTH_SOURCE = "auth"
-PROMOTIONS_SOURCE = "promotions"
-SOURCES = (AUTH_SOURCE, PROMOTIONS_SOURCE)
-"""Outbox sources, by the service whose database holds the outbox."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +54,7 @@ class DeadLetter:
 
 @dataclass(frozen=True, slots=True)
 class QueueStats:
-    """Cake's queue statistics for one source.
+    """Cake's queue statistics for one source (or several, added up).
 
     ``waiting``: unpublished, not dead-lettered rows (including those waiting for a retry)
     that are not being published right now; ``active``: rows this replica is publishing at
@@ -71,6 +67,29 @@ class QueueStats:
     active: int = 0
     completed: int = 0
     failed: int = 0
+
+    def __add__(self, other: QueueStats) -> QueueStats:
+        return QueueStats(
+            waiting=self.waiting + other.waiting,
+            active=self.active + other.active,
+            completed=self.completed + other.completed,
+            failed=self.failed + other.failed,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SourceQueueStats:
+    """The statistics of one outbox source (a producing service), with the topics its
+    events go to."""
+
+    source: str
+    topics: tuple[str, ...]
+    stats: QueueStats
+
+
+def total(stats: Iterable[QueueStats]) -> QueueStats:
+    """The sum of ``stats`` (zeros for none)."""
+    return sum(stats, QueueStats())
 
 
 class ReplayStatus(StrEnum):

@@ -2,34 +2,30 @@
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 from collections.abc import Sequence
 
 from cake_common.migrations import run_alembic_upgrade
-from cake_common.service_runtime import start_logging
+from cake_common.service_runtime import run_service_cli
 
-from cake_events.bootstrap import MIGRATIONS, relay_only, serve
+from cake_events.bootstrap import MIGRATIONS, relay, serve
 from cake_events.settings import EventsSettings
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="cake-events", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser(
-        "serve", help="migrate the database, then serve gRPC and run the outbox relay until SIGTERM"
+    run_service_cli(
+        argv,
+        prog="cake-events",
+        description=__doc__,
+        settings=EventsSettings,
+        processes={
+            "serve": (
+                "migrate the database, then serve gRPC and run the outbox relay until SIGTERM",
+                serve,
+            ),
+            "relay": (
+                "migrate the database, then run only the outbox relay until SIGTERM",
+                relay,
+            ),
+        },
+        migrate=lambda settings: run_alembic_upgrade(settings.database_url, MIGRATIONS),
     )
-    commands.add_parser(
-        "relay", help="migrate the database, then run only the outbox relay until SIGTERM"
-    )
-    commands.add_parser("migrate", help="apply database migrations and exit")
-    args = parser.parse_args(argv)
-
-    settings = EventsSettings()
-    if args.command == "serve":
-        asyncio.run(serve(settings))
-    elif args.command == "relay":
-        asyncio.run(relay_only(settings))
-    elif args.command == "migrate":
-        start_logging(settings)
-        run_alembic_upgrade(settings.database_url, MIGRATIONS)

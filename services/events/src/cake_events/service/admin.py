@@ -6,7 +6,7 @@ Every use case requires the caller's ``admin`` role first.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from uuid import UUID, uuid4
@@ -18,12 +18,12 @@ from cake_common.logging import get_logger
 
 from cake_events.domain.audit import AuditCursor, AuditFilter, AuditPage, StoredAuditEntry
 from cake_events.domain.delivery import (
-    SOURCES,
     DeadLetter,
     DeadLetterCursor,
     InvalidPageTokenError,
     QueueStats,
     ReplayStatus,
+    SourceQueueStats,
 )
 from cake_events.service.ports import OutboxAdministration, UnitOfWorkFactory
 
@@ -40,38 +40,59 @@ class DeadLetterPage:
     next_page_token: str
 
 
+@dataclass(frozen=True, slots=True)
+class SourceOutbox:
+    """A configured outbox source: its name, the topics its events go to, its outbox."""
+
+    name: str
+    topics: tuple[str, ...]
+    outbox: OutboxAdministration
+
+
 class EventAdministration:
-    """``outboxes`` maps each configured source to its outbox; ``in_flight(source)`` tells
-    how many of its rows this replica is publishing right now."""
+    """``outboxes``: the configured sources, in order; ``in_flight(source)`` tells how many
+    of a source's rows this replica is publishing right now."""
 
     def __init__(
         self,
         *,
         events_uow: UnitOfWorkFactory,
-        outboxes: Mapping[str, OutboxAdministration],
+        outboxes: Sequence[SourceOutbox],
         in_flight: Callable[[str], int],
     ) -> None:
         self._events_uow = events_uow
-        self._outboxes = dict(outboxes)
+        self._sources = tuple(outboxes)
+        self._outboxes = {source.name: source.outbox for source in self._sources}
         self._in_flight = in_flight
 
-    async def queue_stats(self) -> dict[str, QueueStats]:
-        """Statistics per source (every known source, zeros where none is configured)."""
+    async def queue_stats(self) -> list[SourceQueueStats]:
+        """Statistics per configured source, in order; then any other source the events
+        database still has publications or dead letters of (no longer configured), with no
+        topics."""
         require_admin()
-        sources = [source for source in SOURCES if source in self._outboxes]
-        waiting = await asyncio.gather(*(self._outboxes[s].waiting() for s in sources))
+        waiting = await asyncio.gather(*(source.outbox.waiting() for source in self._sources))
         async with self._events_uow() as uow:
             completed = await uow.published.count_by_source()
             failed = await uow.dead_letters.count_parked_by_source()
-        unpublished = dict(zip(sources, waiting, strict=True))
-        stats: dict[str, QueueStats] = {}
-        for source in SOURCES:
-            active = self._in_flight(source)
-            stats[source] = QueueStats(
-                waiting=max(0, unpublished.get(source, 0) - active),
-                active=active,
-                completed=completed.get(source, 0),
-                failed=failed.get(source, 0),
+        unpublished = {
+            source.name: count for source, count in zip(self._sources, waiting, strict=True)
+        }
+        topics = {source.name: source.topics for source in self._sources}
+        recorded = sorted((completed.keys() | failed.keys()) - topics.keys())
+        stats: list[SourceQueueStats] = []
+        for name in [*topics, *recorded]:
+            active = self._in_flight(name)
+            stats.append(
+                SourceQueueStats(
+                    source=name,
+                    topics=topics.get(name, ()),
+                    stats=QueueStats(
+                        waiting=max(0, unpublished.get(name, 0) - active),
+                        active=active,
+                        completed=completed.get(name, 0),
+                        failed=failed.get(name, 0),
+                    ),
+                )
             )
         return stats
 

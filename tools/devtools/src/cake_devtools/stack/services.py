@@ -9,6 +9,7 @@ stack and the test session start services identically.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
+
+from cake.events.v1 import registry
 
 from cake_devtools.stack.component import ProcessComponent, StackContext
 from cake_devtools.stack.errors import StackError
@@ -48,7 +51,22 @@ SERVICES = (ServiceSpec("auth"), ServiceSpec("promotions"), ServiceSpec("events"
 BANK = ServiceSpec("payments")
 """The bank simulator: a process of the stack that only promotions calls (no gateway route)."""
 #: Databases whose outbox the relay (in the events service) reads, by source service.
-OUTBOX_SOURCES = ("auth", "promotions")
+OUTBOX_SOURCES: Mapping[str, tuple[str, ...]] = {
+    "auth": (registry.USER_FIRST_LOGIN.topic,),
+    "promotions": tuple(
+        dict.fromkeys(
+            event.topic
+            for event in (
+                registry.PROMOTION_ENROLLMENT,
+                registry.VOUCHER_ISSUED,
+                registry.VOUCHER_USED,
+                registry.PAYMENT_PROCESSED,
+            )
+        )
+    ),
+}
+"""The services whose outboxes the events relay reads (its ``CAKE_EVENTS_SOURCES``), with
+the registry topics their events go to."""
 RELAY_ROLE = "cake_relay"
 
 
@@ -110,10 +128,17 @@ def build_service_environment(
         if spec.name == "auth":
             env[f"{prefix}JWT_PRIVATE_KEY_FILE"] = str(endpoints.jwt_signing_key)
         if spec.name == "events":
-            for source in OUTBOX_SOURCES:
-                source_prefix = f"{prefix}{source.upper()}_"
-                env[f"{source_prefix}OUTBOX_URL"] = db_url(RELAY_ROLE, f"cake_{source}")
-                env[f"{source_prefix}GRPC_TARGET"] = f"127.0.0.1:{endpoints.grpc_ports[source]}"
+            env[f"{prefix}SOURCES"] = json.dumps(
+                [
+                    {
+                        "name": source,
+                        "outbox_url": db_url(RELAY_ROLE, f"cake_{source}"),
+                        "grpc_target": f"127.0.0.1:{endpoints.grpc_ports[source]}",
+                        "topics": list(topics),
+                    }
+                    for source, topics in OUTBOX_SOURCES.items()
+                ]
+            )
         if spec.name == "promotions" and BANK.name in endpoints.grpc_ports:
             env[f"{prefix}PAYMENTS_TARGET"] = f"127.0.0.1:{endpoints.grpc_ports[BANK.name]}"
         environments[spec.name] = env

@@ -186,33 +186,77 @@ Global___GetQueueStatsRequest: _TypeAlias = GetQueueStatsRequest  # noqa: Y015
 
 @_typing.final
 class GetQueueStatsResponse(_message.Message):
-    """GetQueueStatsResponse holds the counts per event family."""
+    """GetQueueStatsResponse holds the counts per event family and per outbox source."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     USER_EVENTS_FIELD_NUMBER: _builtins.int
     PROMOTION_EVENTS_FIELD_NUMBER: _builtins.int
+    SOURCES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def user_events(self) -> Global___QueueStats:
-        """Counts for user events (topic cake.auth.user.v1)."""
+        """Counts for user events (topic cake.auth.user.v1): the sources whose events go there.
+        Kept for Cake's clients; `sources` has the same figures per source.
+        """
 
     @_builtins.property
     def promotion_events(self) -> Global___QueueStats:
-        """Counts for promotion events (voucher and payment topics)."""
+        """Counts for promotion events (voucher and payment topics): the sources whose events go
+        to any other topic. Kept for Cake's clients; `sources` has the same figures per source.
+        """
+
+    @_builtins.property
+    def sources(self) -> _containers.RepeatedCompositeFieldContainer[Global___SourceQueueStats]:
+        """Counts per outbox source the events service relays, in its configured order."""
 
     def __init__(
         self,
         *,
         user_events: Global___QueueStats | None = ...,
         promotion_events: Global___QueueStats | None = ...,
+        sources: _abc.Iterable[Global___SourceQueueStats] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["promotion_events", b"promotion_events", "user_events", b"user_events"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["promotion_events", b"promotion_events", "user_events", b"user_events"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["promotion_events", b"promotion_events", "sources", b"sources", "user_events", b"user_events"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetQueueStatsResponse: _TypeAlias = GetQueueStatsResponse  # noqa: Y015
+
+@_typing.final
+class SourceQueueStats(_message.Message):
+    """SourceQueueStats counts the events of one outbox source by delivery state."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    TOPICS_FIELD_NUMBER: _builtins.int
+    STATS_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    """The producing service whose outbox it is, e.g. `auth`."""
+    @_builtins.property
+    def topics(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The topics its events are published to, as configured."""
+
+    @_builtins.property
+    def stats(self) -> Global___QueueStats:
+        """Its counts."""
+
+    def __init__(
+        self,
+        *,
+        source: _builtins.str = ...,
+        topics: _abc.Iterable[_builtins.str] | None = ...,
+        stats: Global___QueueStats | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["stats", b"stats"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["source", b"source", "stats", b"stats", "topics", b"topics"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SourceQueueStats: _TypeAlias = SourceQueueStats  # noqa: Y015
 
 @_typing.final
 class QueueStats(_message.Message):

@@ -69,7 +69,8 @@ class EventAdminServiceServicer:
     """
 
     def GetQueueStats(self, request, context):
-        """GetQueueStats counts events per delivery state for user and promotion events.
+        """GetQueueStats counts events per delivery state: per outbox source, and for Cake's two
+        queues (user and promotion events).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

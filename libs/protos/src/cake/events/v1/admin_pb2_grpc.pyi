@@ -36,7 +36,9 @@ class EventAdminServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> EventAdminServiceAsyncStub: ...
     GetQueueStats: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetQueueStatsRequest, _admin_pb2.GetQueueStatsResponse]
-    """GetQueueStats counts events per delivery state for user and promotion events."""
+    """GetQueueStats counts events per delivery state: per outbox source, and for Cake's two
+    queues (user and promotion events).
+    """
     RetryFailed: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RetryFailedRequest, _admin_pb2.RetryFailedResponse]
     """RetryFailed puts every dead-lettered event back for publication (attempts start over)."""
     ListDeadLetters: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListDeadLettersRequest, _admin_pb2.ListDeadLettersResponse]
@@ -60,7 +62,9 @@ class EventAdminServiceAsyncStub(EventAdminServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetQueueStats: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetQueueStatsRequest, _admin_pb2.GetQueueStatsResponse]  # type: ignore[assignment]
-    """GetQueueStats counts events per delivery state for user and promotion events."""
+    """GetQueueStats counts events per delivery state: per outbox source, and for Cake's two
+    queues (user and promotion events).
+    """
     RetryFailed: _aio.UnaryUnaryMultiCallable[_admin_pb2.RetryFailedRequest, _admin_pb2.RetryFailedResponse]  # type: ignore[assignment]
     """RetryFailed puts every dead-lettered event back for publication (attempts start over)."""
     ListDeadLetters: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListDeadLettersRequest, _admin_pb2.ListDeadLettersResponse]  # type: ignore[assignment]
@@ -87,7 +91,9 @@ class EventAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.GetQueueStatsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.GetQueueStatsResponse, _abc.Awaitable[_admin_pb2.GetQueueStatsResponse]]:
-        """GetQueueStats counts events per delivery state for user and promotion events."""
+        """GetQueueStats counts events per delivery state: per outbox source, and for Cake's two
+        queues (user and promotion events).
+        """
 
     @_abc_1.abstractmethod
     def RetryFailed(

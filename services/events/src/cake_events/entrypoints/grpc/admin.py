@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC
 from uuid import UUID
 
 import grpc
-from cake.events.v1 import admin_pb2, admin_pb2_grpc
+from cake.events.v1 import admin_pb2, admin_pb2_grpc, registry
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from cake_events.domain.audit import AuditFilter, StoredAuditEntry
-from cake_events.domain.delivery import AUTH_SOURCE, PROMOTIONS_SOURCE, DeadLetter, QueueStats
+from cake_events.domain.delivery import DeadLetter, QueueStats, SourceQueueStats, total
 from cake_events.service.admin import EventAdministration
 
 _Context = grpc.aio.ServicerContext
+
+
+def cake_queues(per_source: Sequence[SourceQueueStats]) -> tuple[QueueStats, QueueStats]:
+    """Cake's two queues, as ``GetQueueStatsResponse`` keeps them for its clients: user
+    events are the sources whose events go to the registry's user topic, promotion events
+    the sources whose events go to any other topic (a source configured without topics
+    counts in neither; ``sources`` still shows it)."""
+    user_topic = registry.USER_FIRST_LOGIN.topic
+    users = total(item.stats for item in per_source if user_topic in item.topics)
+    promotions = total(
+        item.stats for item in per_source if item.topics and not set(item.topics) <= {user_topic}
+    )
+    return users, promotions
 
 
 class EventAdminServicer(admin_pb2_grpc.EventAdminServiceServicer):
@@ -27,11 +41,17 @@ class EventAdminServicer(admin_pb2_grpc.EventAdminServiceServicer):
         request: admin_pb2.GetQueueStatsRequest,
         context: _Context[admin_pb2.GetQueueStatsRequest, admin_pb2.GetQueueStatsResponse],
     ) -> admin_pb2.GetQueueStatsResponse:
-        stats = await self._administration.queue_stats()
+        per_source = await self._administration.queue_stats()
+        users, promotions = cake_queues(per_source)
         return admin_pb2.GetQueueStatsResponse(
-            # Cake's two queues: user events come from auth, promotion events from promotions.
-            user_events=_queue_stats(stats[AUTH_SOURCE]),
-            promotion_events=_queue_stats(stats[PROMOTIONS_SOURCE]),
+            user_events=_queue_stats(users),
+            promotion_events=_queue_stats(promotions),
+            sources=[
+                admin_pb2.SourceQueueStats(
+                    source=item.source, topics=item.topics, stats=_queue_stats(item.stats)
+                )
+                for item in per_source
+            ],
         )
 
     async def RetryFailed(

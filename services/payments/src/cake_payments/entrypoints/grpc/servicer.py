@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
 
 from cake.payments.v1 import payments_pb2, payments_pb2_grpc
 from cake_common.errors import FieldViolation, InvalidArgument
+from cake_common.grpc_server import ServicerContext
 from cake_common.grpc_server.call_scope import metadata_value
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -19,13 +19,6 @@ from cake_payments.domain.ledger import (
     parse_fault,
 )
 from cake_payments.service.charges import Bank, FaultSwitch
-
-if TYPE_CHECKING:
-    import grpc
-
-    Context = grpc.aio.ServicerContext[Any, Any]
-else:
-    Context = Any
 
 SERVICE_NAME = payments_pb2.DESCRIPTOR.services_by_name["PaymentsService"].full_name
 FAULT_HEADER = "x-bank-fault"
@@ -45,7 +38,7 @@ _FAULTS = {
 }
 
 
-def _request_fault(context: Context) -> FaultRule | None:
+def _request_fault(context: ServicerContext) -> FaultRule | None:
     header = metadata_value(context, FAULT_HEADER)
     if header is None:
         return None
@@ -74,7 +67,7 @@ class PaymentsServicer(payments_pb2_grpc.PaymentsServiceServicer):
         self._faults = faults
 
     async def Charge(
-        self, request: payments_pb2.ChargeRequest, context: Context
+        self, request: payments_pb2.ChargeRequest, context: ServicerContext
     ) -> payments_pb2.ChargeResponse:
         order = ChargeOrder(
             transaction_id=request.transaction_id,
@@ -91,7 +84,7 @@ class PaymentsServicer(payments_pb2_grpc.PaymentsServiceServicer):
         )
 
     async def GetCharge(
-        self, request: payments_pb2.GetChargeRequest, context: Context
+        self, request: payments_pb2.GetChargeRequest, context: ServicerContext
     ) -> payments_pb2.GetChargeResponse:
         entry = await self._bank.get_charge(
             request.transaction_id, void_if_absent=request.void_if_absent
@@ -105,7 +98,7 @@ class PaymentsServicer(payments_pb2_grpc.PaymentsServiceServicer):
         )
 
     async def SetFaults(
-        self, request: payments_pb2.SetFaultsRequest, context: Context
+        self, request: payments_pb2.SetFaultsRequest, context: ServicerContext
     ) -> payments_pb2.SetFaultsResponse:
         self._faults.replace(
             [
@@ -121,7 +114,7 @@ class PaymentsServicer(payments_pb2_grpc.PaymentsServiceServicer):
         return payments_pb2.SetFaultsResponse()
 
     async def GetLedgerStats(
-        self, request: payments_pb2.GetLedgerStatsRequest, context: Context
+        self, request: payments_pb2.GetLedgerStatsRequest, context: ServicerContext
     ) -> payments_pb2.GetLedgerStatsResponse:
         stats = await self._bank.stats()
         return payments_pb2.GetLedgerStatsResponse(

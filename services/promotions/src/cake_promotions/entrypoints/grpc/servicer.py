@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from cake.promotions.v1 import promotions_pb2, promotions_pb2_grpc
 from cake_common.auth_context import current_principal
-from cake_common.grpc_server import add_response_header
+from cake_common.grpc_server import ServicerContext, add_response_header
 from cake_common.grpc_server.call_scope import metadata_value
 
 from cake_promotions.adapters.receipts import receipt_to_proto
@@ -30,13 +28,6 @@ from cake_promotions.service.topups import (
     TopupProcessing,
 )
 from cake_promotions.service.vouchers import VoucherQueries
-
-if TYPE_CHECKING:
-    import grpc
-
-    Context = grpc.aio.ServicerContext[Any, Any]
-else:
-    Context = Any
 
 SERVICE_NAME = promotions_pb2.DESCRIPTOR.services_by_name["PromotionsService"].full_name
 # Callable without a token (also public at the gateway), as in the Cake System.
@@ -62,7 +53,7 @@ class PromotionsServicer(promotions_pb2_grpc.PromotionsServiceServicer):
         self._clock = clock
 
     async def CreateCampaign(
-        self, request: promotions_pb2.CreateCampaignRequest, context: Context
+        self, request: promotions_pb2.CreateCampaignRequest, context: ServicerContext
     ) -> promotions_pb2.CreateCampaignResponse:
         campaign = new_campaign(
             name=request.name,
@@ -90,7 +81,7 @@ class PromotionsServicer(promotions_pb2_grpc.PromotionsServiceServicer):
         )
 
     async def ListCampaigns(
-        self, request: promotions_pb2.ListCampaignsRequest, context: Context
+        self, request: promotions_pb2.ListCampaignsRequest, context: ServicerContext
     ) -> promotions_pb2.ListCampaignsResponse:
         campaigns = await self._campaigns.list_active()
         now = self._clock()
@@ -99,7 +90,7 @@ class PromotionsServicer(promotions_pb2_grpc.PromotionsServiceServicer):
         )
 
     async def GetCampaign(
-        self, request: promotions_pb2.GetCampaignRequest, context: Context
+        self, request: promotions_pb2.GetCampaignRequest, context: ServicerContext
     ) -> promotions_pb2.GetCampaignResponse:
         campaign = await self._campaigns.get(request.id)
         return promotions_pb2.GetCampaignResponse(
@@ -107,7 +98,7 @@ class PromotionsServicer(promotions_pb2_grpc.PromotionsServiceServicer):
         )
 
     async def UpdateCampaignStatus(
-        self, request: promotions_pb2.UpdateCampaignStatusRequest, context: Context
+        self, request: promotions_pb2.UpdateCampaignStatusRequest, context: ServicerContext
     ) -> promotions_pb2.UpdateCampaignStatusResponse:
         campaign = await self._campaigns.update_status(request.id, CampaignStatus(request.status))
         return promotions_pb2.UpdateCampaignStatusResponse(
@@ -115,19 +106,19 @@ class PromotionsServicer(promotions_pb2_grpc.PromotionsServiceServicer):
         )
 
     async def TrackFirstLogin(
-        self, request: promotions_pb2.TrackFirstLoginRequest, context: Context
+        self, request: promotions_pb2.TrackFirstLoginRequest, context: ServicerContext
     ) -> promotions_pb2.TrackFirstLoginResponse:
         outcome = await self._enrolment.track_first_login(current_principal().user_id)
         return track_first_login_response(outcome, self._clock())
 
     async def GetEligibility(
-        self, request: promotions_pb2.GetEligibilityRequest, context: Context
+        self, request: promotions_pb2.GetEligibilityRequest, context: ServicerContext
     ) -> promotions_pb2.GetEligibilityResponse:
         eligibility = await self._enrolment.eligibility(current_principal().user_id)
         return eligibility_response(eligibility)
 
     async def ListMyPromotions(
-        self, request: promotions_pb2.ListMyPromotionsRequest, context: Context
+        self, request: promotions_pb2.ListMyPromotionsRequest, context: ServicerContext
     ) -> promotions_pb2.ListMyPromotionsResponse:
         summaries = await self._vouchers.my_promotions(current_principal().user_id)
         return promotions_pb2.ListMyPromotionsResponse(
@@ -135,7 +126,7 @@ class PromotionsServicer(promotions_pb2_grpc.PromotionsServiceServicer):
         )
 
     async def ListMyVouchers(
-        self, request: promotions_pb2.ListMyVouchersRequest, context: Context
+        self, request: promotions_pb2.ListMyVouchersRequest, context: ServicerContext
     ) -> promotions_pb2.ListMyVouchersResponse:
         views = await self._vouchers.my_vouchers(current_principal().user_id)
         return promotions_pb2.ListMyVouchersResponse(
@@ -143,7 +134,7 @@ class PromotionsServicer(promotions_pb2_grpc.PromotionsServiceServicer):
         )
 
     async def ValidateVoucher(
-        self, request: promotions_pb2.ValidateVoucherRequest, context: Context
+        self, request: promotions_pb2.ValidateVoucherRequest, context: ServicerContext
     ) -> promotions_pb2.ValidateVoucherResponse:
         view = await self._vouchers.validate(request.code)
         return promotions_pb2.ValidateVoucherResponse(
@@ -151,7 +142,7 @@ class PromotionsServicer(promotions_pb2_grpc.PromotionsServiceServicer):
         )
 
     async def Topup(
-        self, request: promotions_pb2.TopupRequest, context: Context
+        self, request: promotions_pb2.TopupRequest, context: ServicerContext
     ) -> promotions_pb2.TopupResponse:
         command = TopupCommand(
             user_id=current_principal().user_id,

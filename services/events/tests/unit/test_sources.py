@@ -1,0 +1,84 @@
+"""The relay's sources are configuration; Cake's two queue figures are derived from them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from cake.events.v1 import registry
+from cake_events.domain.delivery import QueueStats, SourceQueueStats
+from cake_events.entrypoints.grpc.admin import cake_queues
+from cake_events.settings import EventsSettings
+from pydantic import ValidationError
+
+DATABASE = "postgresql+psycopg://u:p@h/db"
+USER_TOPIC = registry.USER_FIRST_LOGIN.topic
+VOUCHER_TOPIC = registry.VOUCHER_ISSUED.topic
+PAYMENT_TOPIC = registry.PAYMENT_PROCESSED.topic
+
+
+def source(name: str, *topics: str) -> dict[str, object]:
+    return {"name": name, "outbox_url": f"postgresql+psycopg://r:p@h/{name}", "topics": topics}
+
+
+def test_sources_come_from_one_json_variable_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(
+        "CAKE_EVENTS_SOURCES",
+        json.dumps(
+            [
+                {**source("auth", USER_TOPIC), "grpc_target": "auth:50051"},
+                source("notifications"),
+                source("promotions", VOUCHER_TOPIC, PAYMENT_TOPIC),
+            ]
+        ),
+    )
+    settings = EventsSettings(database_url=DATABASE)
+    assert [(s.name, s.grpc_target, s.topics) for s in settings.sources] == [
+        ("auth", "auth:50051", (USER_TOPIC,)),
+        ("notifications", None, ()),
+        ("promotions", None, (VOUCHER_TOPIC, PAYMENT_TOPIC)),
+    ]
+    # The URL carries the relay role's password: never shown.
+    assert "r:p@" not in repr(settings.sources[0])
+
+
+def test_no_sources_configured_means_nothing_to_relay() -> None:
+    assert EventsSettings(database_url=DATABASE).sources == []
+
+
+@pytest.mark.parametrize(
+    ("sources", "complaint"),
+    [
+        ([source("auth", "cake.auth.users.v9")], "not in the event registry"),
+        ([source("auth"), source("auth")], "names a source twice"),
+        ([source("Auth Service")], "name"),
+        ([{"name": "auth"}], "outbox_url"),
+        ([{**source("auth"), "outbox": "typo"}], "outbox"),
+    ],
+)
+def test_a_bad_source_is_refused_at_start(sources: list[dict[str, object]], complaint: str) -> None:
+    with pytest.raises(ValidationError, match=complaint):
+        EventsSettings(database_url=DATABASE, sources=sources)
+
+
+def figures(name: str, topics: tuple[str, ...], completed: int) -> SourceQueueStats:
+    return SourceQueueStats(
+        name, topics, QueueStats(waiting=1, active=0, completed=completed, failed=2)
+    )
+
+
+def test_cake_queues_add_up_the_sources_by_their_topics() -> None:
+    users, promotions = cake_queues(
+        [
+            figures("auth", (USER_TOPIC,), 10),
+            figures("promotions", (VOUCHER_TOPIC, PAYMENT_TOPIC), 20),
+            figures("payments-v2", (PAYMENT_TOPIC,), 5),
+            figures("retired", (), 7),  # recorded in the past, configured no more
+        ]
+    )
+    assert users == QueueStats(waiting=1, active=0, completed=10, failed=2)
+    assert promotions == QueueStats(waiting=2, active=0, completed=25, failed=4)
+
+
+def test_cake_queues_are_zero_without_sources() -> None:
+    assert cake_queues([]) == (QueueStats(), QueueStats())
