@@ -6,8 +6,6 @@ with a timeout, and one slow or dead component must not hide the state of the ot
 
 from __future__ import annotations
 
-import time
-
 import grpc
 import redis.asyncio
 import redis.exceptions
@@ -139,7 +137,3 @@ def process_memory_mb() -> tuple[int, int]:
     page_size = resource.getpagesize()
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return resident_pages * page_size // (1024 * 1024), peak_kib // 1024
-
-
-def monotonic_seconds() -> float:
-    return time.monotonic()
