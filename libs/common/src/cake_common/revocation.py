@@ -151,6 +151,10 @@ class RevocationList:
             except asyncio.CancelledError:
                 if _cancel_requested():
                     raise  # this caller was cancelled too: not ours to swallow
+            finally:
+                # Again once it has stopped: a read that was answered while the cancellation
+                # was on its way may have marked the follower fresh after the line above.
+                self._current_at = float("-inf")
         if self._stream_redis is not None:
             await self._stream_redis.aclose()
 
