@@ -24,6 +24,7 @@ test: ## install what is missing and run every check and test (starts its own te
 	@bash tools/run-tests.sh
 
 test-unit: ## only the unit layer (no test stack): libs, services/*/tests/unit, tools, tests/contracts
+	@uv sync --frozen --compile-bytecode --quiet
 	@uv run --frozen pytest -q -m "not integration and not e2e and not slow" libs services/*/tests/unit tools tests/contracts
 
 gen: ## regenerate Python code, type stubs and the Envoy descriptor set from protos/

@@ -97,11 +97,15 @@ else
     say "vegeta ${VEGETA_VERSION} present"
 fi
 
+# --compile-bytecode: the environment's .pyc files are written once here, so no process
+# (a test run, a service start) compiles the libraries again, also where the shell sets
+# PYTHONDONTWRITEBYTECODE (then nothing would ever be cached). ~6 s the first time, under
+# 1 s once compiled.
 if [[ -f uv.lock ]]; then
-    say "uv sync --frozen"
-    uv sync --frozen
+    say "uv sync --frozen --compile-bytecode"
+    uv sync --frozen --compile-bytecode
 else
     say "no uv.lock: uv sync"
-    uv sync
+    uv sync --compile-bytecode
 fi
 say "done"

@@ -37,7 +37,6 @@ no staleness guarantee when the invalidation connection drops).
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import Callable, Iterable
 from typing import cast
@@ -47,6 +46,7 @@ from redis.exceptions import RedisError
 
 from cake_common.jwt import Principal
 from cake_common.logging import get_logger
+from cake_common.retry import RetryPolicy
 
 DEFAULT_KEY_PREFIX = "cake:revoked:"
 #: Entries read per XREAD; a full batch means there may be more, so freshness is not claimed.
@@ -56,6 +56,8 @@ _READ_BATCH = 500
 STREAM_TIMEOUT_SECONDS = 2.0
 
 _log = get_logger(__name__)
+_FOLLOW_RETRY = RetryPolicy(base_seconds=0.1, max_seconds=2.0)
+"""Waits between reads of the stream while Redis is away: 0.1 s doubling to 2 s, jittered."""
 
 
 class RevocationUnavailable(Exception):  # noqa: N818 - a state, like the gRPC status names
@@ -149,6 +151,10 @@ class RevocationList:
             except asyncio.CancelledError:
                 if _cancel_requested():
                     raise  # this caller was cancelled too: not ours to swallow
+            finally:
+                # Again once it has stopped: a read that was answered while the cancellation
+                # was on its way may have marked the follower fresh after the line above.
+                self._current_at = float("-inf")
         if self._stream_redis is not None:
             await self._stream_redis.aclose()
 
@@ -181,9 +187,8 @@ class RevocationList:
                 failures += 1
                 if failures == 1:
                     _log.warning("revocation stream unavailable", error=repr(error))
-                # Jittered, capped backoff; checks fall back to Redis meanwhile.
-                backoff = min(2.0, 0.05 * 2 ** min(failures, 6))
-                await asyncio.sleep(backoff * random.uniform(0.5, 1))  # noqa: S311 - not crypto
+                # Cake's one retry policy; checks fall back to Redis meanwhile.
+                await asyncio.sleep(_FOLLOW_RETRY.delay(failures))
                 continue
             if failures:
                 _log.info("revocation stream followed again", failed_reads=failures)

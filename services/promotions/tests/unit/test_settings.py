@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from cake_promotions.bootstrap import build_verifier, payment_gateway
 from cake_promotions.domain.payments import PaymentRequest
+from cake_promotions.domain.topups import PaymentOutcome
 from cake_promotions.settings import PromotionsSettings
 
 URL = "postgresql+psycopg://cake_promotions:secret@127.0.0.1:5432/cake_promotions"
@@ -37,8 +38,10 @@ def test_environment_configures_the_simulated_bank(monkeypatch: pytest.MonkeyPat
 
 async def test_payment_failure_switch_reaches_the_gateway() -> None:
     request = PaymentRequest("TXN-1", 1, "+8490", Decimal(1), Decimal(1), "bank_transfer")
-    assert (await payment_gateway(settings()).charge(request)).approved
-    assert not (await payment_gateway(settings(payment_fail=True)).charge(request)).approved
+    assert (await payment_gateway(settings()).charge(request)).outcome is PaymentOutcome.CHARGED
+    assert (
+        await payment_gateway(settings(payment_fail=True)).charge(request)
+    ).outcome is PaymentOutcome.NOT_CHARGED
 
 
 def test_serving_without_a_jwks_file_is_refused() -> None:

@@ -3,7 +3,6 @@ reconciler against a bank that may charge, decline, hang or answer late."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -12,7 +11,6 @@ from cake_promotions.domain.topups import (
     SagaInvariantBroken,
     SagaStep,
     TopupStatus,
-    is_overdue,
     next_step,
     success_message,
 )
@@ -60,13 +58,6 @@ def test_success_message_says_what_was_saved_as_cake_prints_numbers() -> None:
         "Top-up successful! You saved 0.5 with your voucher."
     )
     assert success_message(Decimal("0.00")) == "Top-up successful!"
-
-
-def test_overdue_when_the_reservation_ends() -> None:
-    created = datetime(2026, 1, 1, tzinfo=UTC)
-    timeout = timedelta(seconds=30)
-    assert not is_overdue(created, created + timedelta(seconds=29.9), timeout)
-    assert is_overdue(created, created + timeout, timeout)
 
 
 class BankModel:

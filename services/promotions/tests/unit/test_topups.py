@@ -9,7 +9,12 @@ from decimal import Decimal
 from cake_promotions.adapters.payments import SimulatedBankTransfer
 from cake_promotions.adapters.receipts import decode_receipt, encode_receipt
 from cake_promotions.domain.payments import PaymentRequest
-from cake_promotions.domain.topups import TopupCommand, TopupReceipt, new_transaction_id
+from cake_promotions.domain.topups import (
+    PaymentOutcome,
+    TopupCommand,
+    TopupReceipt,
+    new_transaction_id,
+)
 
 
 def test_transaction_id_format() -> None:
@@ -58,9 +63,11 @@ def test_receipts_round_trip_exactly() -> None:
 
 async def test_simulated_bank_is_deterministic() -> None:
     request = PaymentRequest("TXN-1", 1, "+8490", Decimal("70"), Decimal("100"), "bank_transfer")
-    assert (await SimulatedBankTransfer().charge(request)).approved
-    assert not (await SimulatedBankTransfer(decline_all=True).charge(request)).approved
+    assert (await SimulatedBankTransfer().charge(request)).outcome is PaymentOutcome.CHARGED
+    assert (
+        await SimulatedBankTransfer(decline_all=True).charge(request)
+    ).outcome is PaymentOutcome.NOT_CHARGED
     declining = SimulatedBankTransfer(decline_amount=Decimal("100.00"))
-    assert not (await declining.charge(request)).approved
+    assert (await declining.charge(request)).outcome is PaymentOutcome.NOT_CHARGED
     other = PaymentRequest("TXN-2", 1, "+8490", Decimal("70"), Decimal("100.01"), "bank_transfer")
-    assert (await declining.charge(other)).approved
+    assert (await declining.charge(other)).outcome is PaymentOutcome.CHARGED

@@ -6,7 +6,6 @@ with a timeout, and one slow or dead component must not hide the state of the ot
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import grpc
@@ -141,7 +140,3 @@ def process_memory_mb() -> tuple[int, int]:
     page_size = resource.getpagesize()
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return resident_pages * page_size // (1024 * 1024), peak_kib // 1024
-
-
-def monotonic_seconds() -> float:
-    return time.monotonic()

@@ -25,7 +25,3 @@ class PaymentResult:
     reason: str | None = None
     """Why the payment was declined or its outcome is unknown (logged, never shown to the
     client)."""
-
-    @property
-    def approved(self) -> bool:
-        return self.outcome is PaymentOutcome.CHARGED

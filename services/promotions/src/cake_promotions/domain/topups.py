@@ -24,7 +24,7 @@ import json
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
 
@@ -87,12 +87,6 @@ def next_step(status: TopupStatus, outcome: PaymentOutcome) -> SagaStep:
     if status is settled:
         return SagaStep.NOTHING
     raise SagaInvariantBroken(f"top-up {status.value} but the bank says {outcome.value}")
-
-
-def is_overdue(created_at: datetime, now: datetime, pending_timeout: timedelta) -> bool:
-    """A pending top-up this old is settled by the reconciler (its voucher's reservation
-    ends at the same instant)."""
-    return created_at + pending_timeout <= now
 
 
 def success_message(discount: Decimal) -> str:
