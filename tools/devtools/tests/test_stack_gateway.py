@@ -23,7 +23,6 @@ from cake_devtools.gateway_config import (
     DOCS_REST_PATH,
     HEALTH_SERVICE,
     OPENAPI_REST_PATH,
-    PUBLIC_METHODS,
     TRANSCODED_SERVICES,
     GatewayConfigError,
     GatewayContext,
@@ -205,7 +204,10 @@ def test_jwt_rules_leave_exactly_the_public_methods_open(jwks: Path) -> None:
     open_paths = {rule["match"]["path"] for rule in rules if "requires" not in rule}
     docs_paths = {docs_file.path for docs_file in _context(jwks).docs_files}
     assert DOCS_REST_PATH in docs_paths
-    assert open_paths == {OPENAPI_REST_PATH} | docs_paths | {f"/{name}" for name in PUBLIC_METHODS}
+    public = {method.grpc_path for method in _context(jwks).methods() if method.public}
+    assert "/cake.auth.v1.AuthService/Token" in public
+    assert "/cake.auth.v1.AuthService/GetProfile" not in public
+    assert open_paths == {OPENAPI_REST_PATH} | docs_paths | public
     assert rules[-1] == {"match": {"prefix": "/"}, "requires": {"provider_name": "cake"}}
     assert provider["local_jwks"] == {"filename": str(jwks)}
     assert provider["issuer"] == "cake-system"

@@ -24,6 +24,7 @@ from typing import Literal
 
 import jinja2
 import yaml
+from cake.access.v1 import access_pb2
 from google.api import annotations_pb2, http_pb2
 from google.protobuf import descriptor_pb2, descriptor_pool
 
@@ -58,28 +59,23 @@ DOCS_CONTENT_SECURITY_POLICY = (
     "form-action 'none'"
 )
 
-#: Methods callable without a token (``service/method``). Everything else needs a valid bearer
-#: token at the edge; roles (admin) are checked by the services.
-PUBLIC_METHODS: frozenset[str] = frozenset(
-    {
-        f"{AUTH_SERVICE}/Register",
-        f"{AUTH_SERVICE}/Login",
-        f"{AUTH_SERVICE}/GetJwks",
-        f"{PROMOTIONS_SERVICE}/ListCampaigns",
-        f"{PROMOTIONS_SERVICE}/GetCampaign",
-        f"{PROMOTIONS_SERVICE}/ValidateVoucher",
-        f"{HEALTH_SERVICE}/{HEALTH_METHOD}",
-    }
-)
-#: Methods whose bearer token is optional but verified when present (the refresh token may
-#: travel in the body instead).
-OPTIONAL_TOKEN_METHODS: frozenset[str] = frozenset({f"{AUTH_SERVICE}/RefreshToken"})
+# Which methods are callable without a token (``public``) or with an optional one
+# (``token_optional``) is declared in the contracts (``option (cake.access.v1.access)``) and
+# read from the descriptors; everything else needs a valid bearer token at the edge, and the
+# services check the roles and scopes each method allows.
 #: Methods that answer 201 Created over REST on success, as the Cake System does.
 CREATED_METHODS: frozenset[str] = frozenset(
     {f"{AUTH_SERVICE}/Register", f"{PROMOTIONS_SERVICE}/CreateCampaign"}
 )
+#: The OAuth 2.0 token endpoint (``POST /oauth/token``): its REST answers follow RFC 6749
+#: (``Cache-Control: no-store``; errors as ``{"error", "error_description"}``).
+OAUTH_TOKEN_METHOD = f"{AUTH_SERVICE}/Token"
 #: Methods that also draw from the stricter per-IP bucket (credential guessing, sign-up spam).
-AUTH_THROTTLED_METHODS: tuple[str, ...] = (f"{AUTH_SERVICE}/Register", f"{AUTH_SERVICE}/Login")
+AUTH_THROTTLED_METHODS: tuple[str, ...] = (
+    f"{AUTH_SERVICE}/Register",
+    f"{AUTH_SERVICE}/Login",
+    OAUTH_TOKEN_METHOD,
+)
 
 #: Request headers the gateway sets for the services. Any incoming header with this prefix is
 #: dropped before the first filter runs, so a client can never supply (forge) one.
@@ -144,6 +140,12 @@ class RestMethod:
     path_params: tuple[str, ...]
     #: Top-level JSON keys a body may carry: the JSON and proto names of the body fields.
     body_keys: tuple[str, ...]
+    #: Callable without a token (the contract's ``cake.access.v1.access`` option).
+    public: bool = False
+    #: A token is optional, verified when present (the refresh token may be in the body).
+    optional_token: bool = False
+    #: The body is a raw ``google.api.HttpBody`` field (any content type, e.g. a form).
+    raw_body: bool = False
 
     @property
     def full_name(self) -> str:
@@ -154,12 +156,8 @@ class RestMethod:
         return f"/{self.full_name}"
 
     @property
-    def public(self) -> bool:
-        return self.full_name in PUBLIC_METHODS
-
-    @property
-    def optional_token(self) -> bool:
-        return self.full_name in OPTIONAL_TOKEN_METHODS
+    def oauth(self) -> bool:
+        return self.full_name == OAUTH_TOKEN_METHOD
 
     @property
     def success_status(self) -> int:
@@ -262,6 +260,7 @@ def rest_methods(
             if not method.options.HasExtension(annotations_pb2.http):
                 continue
             rule = method.options.Extensions[annotations_pb2.http]
+            access = method.options.Extensions[access_pb2.access]
             request_type = method.input_type.lstrip(".")
             request = messages[request_type]
             for binding in (rule, *rule.additional_bindings):
@@ -271,6 +270,10 @@ def rest_methods(
                 http_method, path = pattern
                 path_params = tuple(name.split("=")[0] for name in re.findall(r"\{([^}]+)\}", path))
                 body_keys: tuple[str, ...] = ()
+                raw_body = any(
+                    f.name == binding.body and f.type_name == ".google.api.HttpBody"
+                    for f in request.field
+                )
                 if binding.body == "*":
                     body_fields = [f for f in request.field if f.name not in path_params]
                     body_keys = tuple(
@@ -291,6 +294,9 @@ def rest_methods(
                         response_type=method.output_type.lstrip("."),
                         path_params=path_params,
                         body_keys=body_keys,
+                        public=access.public,
+                        optional_token=access.token_optional,
+                        raw_body=raw_body,
                     )
                 )
     return tuple(methods)
