@@ -12,7 +12,7 @@ from pathlib import Path
 import protovalidate
 import pytest
 from cake.access.v1 import access_pb2
-from cake.auth.v1 import auth_pb2
+from cake.auth.v1 import auth_pb2, oauth_pb2
 from cake.events.v1 import admin_pb2, health_pb2
 from cake.payments.v1 import payments_pb2
 from cake.promotions.v1 import promotions_pb2
@@ -130,7 +130,7 @@ def test_every_rpc_has_an_http_rule(descriptor_set: descriptor_pb2.FileDescripto
         for service in file.service
         for method in service.method
     ]
-    assert len(methods) == 27
+    assert len(methods) == 28
     missing = [
         name
         for name, options in methods
@@ -176,6 +176,13 @@ def test_every_rpc_declares_who_may_call_it(
         ("cake.auth.v1.AuthService", "GetProfile", "get", "/auth/profile", "user"),
         ("cake.auth.v1.AuthService", "UpdateProfile", "patch", "/auth/profile", "user"),
         ("cake.auth.v1.AuthService", "GetJwks", "get", "/.well-known/jwks.json", ""),
+        (
+            "cake.auth.v1.AuthService",
+            "GetOpenIdConfiguration",
+            "get",
+            "/.well-known/openid-configuration",
+            "",
+        ),
         (PROMOTIONS, "ListCampaigns", "get", "/promotions/campaigns", "campaigns"),
         (PROMOTIONS, "GetCampaign", "get", "/promotions/campaigns/{id}", "campaign"),
         (PROMOTIONS, "ListMyPromotions", "get", "/promotions/my-promotions", "promotions"),
@@ -313,6 +320,11 @@ def test_only_the_oauth_style_token_fields_keep_their_snake_case_json_names(
         # RFC 6749 section 5.1's token response.
         ("cake/auth/v1/oauth.proto", "TokenResponse", field, field)
         for field in ("access_token", "token_type", "expires_in")
+    } | {
+        # OpenID Connect Discovery's names.
+        ("cake/auth/v1/oauth.proto", "GetOpenIdConfigurationResponse", field.name, field.name)
+        for field in oauth_pb2.GetOpenIdConfigurationResponse.DESCRIPTOR.fields
+        if field.name != "issuer"
     }
 
 

@@ -72,7 +72,20 @@ def test_every_rest_method_is_documented_with_its_status_and_auth(
         operation = document["paths"][method.path][method.http_method.lower()]
         status, _ = _success(document, method.path, method.http_method.lower())
         assert status == ("201" if method.full_name in CREATED_METHODS else "200")
-        if method.public:
+        if method.oauth:
+            # RFC 6749: the client authenticates by HTTP Basic or by form parameters.
+            assert operation["security"] == [{}, {"clientBasic": []}]
+            body = operation["requestBody"]["content"]["application/x-www-form-urlencoded"]
+            assert set(body["schema"]["properties"]) == {
+                "grant_type",
+                "client_id",
+                "client_secret",
+                "scope",
+            }
+            for status in ("400", "401"):
+                schema = operation["responses"][status]["content"]["application/json"]["schema"]
+                assert schema == {"$ref": "#/components/schemas/OAuthError"}
+        elif method.public:
             assert operation["security"] == []
         elif method.optional_token:
             assert operation["security"] == [{}, {"bearerAuth": []}]

@@ -42,6 +42,7 @@ from cake_auth.domain.tokens import AccessToken
 from cake_auth.metrics import AuthMetrics
 from cake_auth.service.accounts import UserAccounts
 from cake_auth.service.admission import HashAdmission
+from cake_auth.service.discovery import OpenIdConfiguration
 from cake_auth.service.ports import PasswordHasher, UnitOfWorkFactory
 from cake_auth.service.service_accounts import ServiceAccounts, ServiceAccountUnitOfWorkFactory
 from cake_auth.service.use_cases import AuthUseCases
@@ -272,7 +273,13 @@ async def start_server(
     infrastructure.exits.push_async_callback(infrastructure.revocations.aclose)
     try:
         use_cases = await _use_cases(settings, infrastructure, signing_key, jwks_file)
-        servicer = AuthServicer(use_cases, _service_accounts(settings, infrastructure, signing_key))
+        servicer = AuthServicer(
+            use_cases,
+            _service_accounts(settings, infrastructure, signing_key),
+            OpenIdConfiguration.for_gateway(
+                issuer=settings.jwt_issuer, public_url=settings.public_url
+            ),
+        )
         builder = (
             GrpcServerBuilder.from_settings(
                 settings, service_names=[SERVICE_NAME], metrics_registry=metrics_registry

@@ -52,6 +52,12 @@ class AuthSettings(ServiceSettings):
         description="Lifetime of a service account's access token (client credentials); "
         "at most ACCESS_TOKEN_TTL_SECONDS, so a revocation mark outlives every token",
     )
+    public_url: str = Field(
+        default="http://127.0.0.1:8080",
+        pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
+        description="Where clients reach Cake (the gateway): the discovery document's "
+        "jwks_uri and token_endpoint are under it",
+    )
     session_lifetime_seconds: int = Field(
         default=604800,
         gt=0,

@@ -46,6 +46,8 @@ TRANSCODED_SERVICES: tuple[str, ...] = (
 HEALTH_METHOD = "GetSystemHealth"
 HEALTH_REST_PATH = "/health"
 OPENAPI_REST_PATH = "/openapi.json"
+#: Where auth's keys are published (AuthService.GetJwks); Envoy's jwt_authn fetches them here.
+JWKS_REST_PATH = "/.well-known/jwks.json"
 #: The API reference page (Swagger UI rendering ``/openapi.json``); its files live under it.
 DOCS_REST_PATH = "/docs"
 #: The reference page's own Content-Security-Policy (every other answer keeps the API's
@@ -377,6 +379,19 @@ class Upstream:
 
 
 @dataclass(frozen=True)
+class JwksSource:
+    """Where jwt_authn fetches the JWKS (``remote_jwks``) over plain HTTP. By default the
+    gateway's own listener on loopback: it routes ``GET /.well-known/jwks.json`` to auth's
+    ``GetJwks`` (auth speaks only gRPC), so a rotated key reaches Envoy within
+    ``cache_seconds`` without a restart or a mounted file."""
+
+    host: str = "127.0.0.1"
+    #: ``None``: the gateway's own listen port.
+    port: int | None = None
+    path: str = JWKS_REST_PATH
+
+
+@dataclass(frozen=True)
 class GatewayContext:
     """Everything the template needs; the local stack and k8s differ only here."""
 
@@ -386,8 +401,6 @@ class GatewayContext:
     admin_port: int
     descriptor_path: Path
     upstreams: Sequence[Upstream]
-    #: The auth service's published key set (``cake-auth gen-keys``; a ConfigMap in k8s).
-    jwks_path: Path
     #: ``gateway/generated/openapi.json`` (``cake-codegen``), served at ``GET /openapi.json``.
     openapi_path: Path
     #: ``gateway/docs``: the reference page's HTML and the script that starts Swagger UI.
@@ -398,6 +411,11 @@ class GatewayContext:
     #: A listener on ``listen_address`` that passes only GET /ready and GET /stats/prometheus
     #: on to the admin interface (k8s: probes and Prometheus; the admin port stays on loopback).
     ops_port: int | None = None
+    #: Where Envoy fetches the auth service's JWKS (default: through its own listener).
+    jwks: JwksSource = field(default_factory=JwksSource)
+    #: How long a fetched JWKS is used before Envoy fetches it again in the background: the
+    #: longest a newly published key can be refused at the edge.
+    jwks_cache_seconds: int = 300
     jwt_issuer: str = "cake-system"
     jwt_audiences: Sequence[str] = ("cake-users",)
     #: Requests per minute per client IP over every route (Cake's documented limit).
@@ -426,6 +444,14 @@ class GatewayContext:
     @property
     def docs_files(self) -> tuple[DocsFile, ...]:
         return docs_files(self.docs_pages_dir, self.swagger_ui_dir)
+
+    @property
+    def jwks_port(self) -> int:
+        return self.jwks.port if self.jwks.port is not None else self.listen_port
+
+    @property
+    def jwks_uri(self) -> str:
+        return f"http://{self.jwks.host}:{self.jwks_port}{self.jwks.path}"
 
     def upstream_for(self, method: RestMethod) -> Upstream:
         for upstream in self.upstreams:
@@ -527,10 +553,6 @@ def check_files(ctx: GatewayContext) -> None:
     check_descriptor(ctx.descriptor_path, ctx.transcoded_services)
     if not ctx.openapi_path.is_file():
         raise GatewayConfigError(f"{ctx.openapi_path} does not exist; run `uv run cake-codegen`")
-    if not ctx.jwks_path.is_file():
-        raise GatewayConfigError(
-            f"JWKS {ctx.jwks_path} does not exist; create the keys with `cake-auth gen-keys`"
-        )
     for docs_file in ctx.docs_files:
         if not docs_file.filename.is_file():
             raise GatewayConfigError(
@@ -542,6 +564,14 @@ def check_files(ctx: GatewayContext) -> None:
 def _yaml_quote(value: object) -> str:
     # A JSON string is a valid YAML double-quoted scalar; jinja's tojson would HTML-escape.
     return json.dumps(str(value))
+
+
+def _is_ip(value: object) -> bool:
+    try:
+        ipaddress.ip_address(str(value))
+    except ValueError:
+        return False
+    return True
 
 
 def _lua_quote(value: object) -> str:
@@ -560,6 +590,7 @@ def render_gateway_config(ctx: GatewayContext, *, template_dir: Path | None = No
     )
     environment.filters["quote"] = _yaml_quote
     environment.filters["lua_quote"] = _lua_quote
+    environment.tests["is_ip"] = _is_ip
     methods = ctx.methods()
     text = environment.get_template(TEMPLATE_NAME).render(
         ctx=ctx,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+from dataclasses import asdict
 from typing import Any
 from urllib.parse import parse_qsl, unquote_plus
 
@@ -16,6 +17,7 @@ from cake_common.grpc_server.call_scope import metadata_value
 
 from cake_auth.domain.login import LoginContext
 from cake_auth.domain.service_accounts import ClientCredentials, invalid_client, invalid_request
+from cake_auth.service.discovery import OpenIdConfiguration
 from cake_auth.service.service_accounts import ServiceAccounts, TokenGrant
 from cake_auth.service.use_cases import (
     AuthUseCases,
@@ -103,9 +105,15 @@ def _token_parameters(request: oauth_pb2.TokenRequest) -> dict[str, str]:
 
 
 class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
-    def __init__(self, use_cases: AuthUseCases, service_accounts: ServiceAccounts) -> None:
+    def __init__(
+        self,
+        use_cases: AuthUseCases,
+        service_accounts: ServiceAccounts,
+        discovery: OpenIdConfiguration,
+    ) -> None:
         self._use_cases = use_cases
         self._service_accounts = service_accounts
+        self._discovery = oauth_pb2.GetOpenIdConfigurationResponse(**asdict(discovery))
 
     async def Register(
         self, request: auth_pb2.RegisterRequest, context: Context
@@ -245,3 +253,8 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         return oauth_pb2.GetUserContactsResponse(
             user_id=user.id, fullname=user.fullname, email=user.email, phone=user.phone
         )
+
+    async def GetOpenIdConfiguration(
+        self, request: oauth_pb2.GetOpenIdConfigurationRequest, context: Context
+    ) -> oauth_pb2.GetOpenIdConfigurationResponse:
+        return self._discovery

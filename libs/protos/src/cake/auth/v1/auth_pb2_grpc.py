@@ -82,6 +82,11 @@ class AuthServiceStub:
                 request_serializer=cake_dot_auth_dot_v1_dot_auth__pb2.GetJwksRequest.SerializeToString,
                 response_deserializer=cake_dot_auth_dot_v1_dot_auth__pb2.GetJwksResponse.FromString,
                 _registered_method=True)
+        self.GetOpenIdConfiguration = channel.unary_unary(
+                '/cake.auth.v1.AuthService/GetOpenIdConfiguration',
+                request_serializer=cake_dot_auth_dot_v1_dot_oauth__pb2.GetOpenIdConfigurationRequest.SerializeToString,
+                response_deserializer=cake_dot_auth_dot_v1_dot_oauth__pb2.GetOpenIdConfigurationResponse.FromString,
+                _registered_method=True)
         self.Token = channel.unary_unary(
                 '/cake.auth.v1.AuthService/Token',
                 request_serializer=cake_dot_auth_dot_v1_dot_oauth__pb2.TokenRequest.SerializeToString,
@@ -175,6 +180,15 @@ class AuthServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetOpenIdConfiguration(self, request, context):
+        """GetOpenIdConfiguration publishes where Cake's token endpoint and keys are and what they
+        support (OpenID Connect Discovery 1.0 / RFC 8414 metadata), so token verifiers and service
+        clients configure themselves from the issuer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Token(self, request, context):
         """Token issues a short-lived access token to a service account (OAuth 2.0 client
         credentials grant, RFC 6749 section 4.4): role `service`, the granted scopes in the
@@ -241,6 +255,11 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     servicer.GetJwks,
                     request_deserializer=cake_dot_auth_dot_v1_dot_auth__pb2.GetJwksRequest.FromString,
                     response_serializer=cake_dot_auth_dot_v1_dot_auth__pb2.GetJwksResponse.SerializeToString,
+            ),
+            'GetOpenIdConfiguration': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetOpenIdConfiguration,
+                    request_deserializer=cake_dot_auth_dot_v1_dot_oauth__pb2.GetOpenIdConfigurationRequest.FromString,
+                    response_serializer=cake_dot_auth_dot_v1_dot_oauth__pb2.GetOpenIdConfigurationResponse.SerializeToString,
             ),
             'Token': grpc.unary_unary_rpc_method_handler(
                     servicer.Token,
@@ -498,6 +517,33 @@ class AuthService:
             '/cake.auth.v1.AuthService/GetJwks',
             cake_dot_auth_dot_v1_dot_auth__pb2.GetJwksRequest.SerializeToString,
             cake_dot_auth_dot_v1_dot_auth__pb2.GetJwksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetOpenIdConfiguration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cake.auth.v1.AuthService/GetOpenIdConfiguration',
+            cake_dot_auth_dot_v1_dot_oauth__pb2.GetOpenIdConfigurationRequest.SerializeToString,
+            cake_dot_auth_dot_v1_dot_oauth__pb2.GetOpenIdConfigurationResponse.FromString,
             options,
             channel_credentials,
             insecure,

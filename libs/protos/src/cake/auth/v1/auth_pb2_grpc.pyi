@@ -73,6 +73,11 @@ class AuthServiceStub:
     """
     GetJwks: _grpc.UnaryUnaryMultiCallable[_auth_pb2.GetJwksRequest, _auth_pb2.GetJwksResponse]
     """GetJwks publishes the public keys that verify Cake access tokens (RFC 7517 JWK Set)."""
+    GetOpenIdConfiguration: _grpc.UnaryUnaryMultiCallable[_oauth_pb2.GetOpenIdConfigurationRequest, _oauth_pb2.GetOpenIdConfigurationResponse]
+    """GetOpenIdConfiguration publishes where Cake's token endpoint and keys are and what they
+    support (OpenID Connect Discovery 1.0 / RFC 8414 metadata), so token verifiers and service
+    clients configure themselves from the issuer.
+    """
     Token: _grpc.UnaryUnaryMultiCallable[_oauth_pb2.TokenRequest, _oauth_pb2.TokenResponse]
     """Token issues a short-lived access token to a service account (OAuth 2.0 client
     credentials grant, RFC 6749 section 4.4): role `service`, the granted scopes in the
@@ -129,6 +134,11 @@ class AuthServiceAsyncStub(AuthServiceStub):
     """
     GetJwks: _aio.UnaryUnaryMultiCallable[_auth_pb2.GetJwksRequest, _auth_pb2.GetJwksResponse]  # type: ignore[assignment]
     """GetJwks publishes the public keys that verify Cake access tokens (RFC 7517 JWK Set)."""
+    GetOpenIdConfiguration: _aio.UnaryUnaryMultiCallable[_oauth_pb2.GetOpenIdConfigurationRequest, _oauth_pb2.GetOpenIdConfigurationResponse]  # type: ignore[assignment]
+    """GetOpenIdConfiguration publishes where Cake's token endpoint and keys are and what they
+    support (OpenID Connect Discovery 1.0 / RFC 8414 metadata), so token verifiers and service
+    clients configure themselves from the issuer.
+    """
     Token: _aio.UnaryUnaryMultiCallable[_oauth_pb2.TokenRequest, _oauth_pb2.TokenResponse]  # type: ignore[assignment]
     """Token issues a short-lived access token to a service account (OAuth 2.0 client
     credentials grant, RFC 6749 section 4.4): role `service`, the granted scopes in the
@@ -236,6 +246,17 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.GetJwksResponse, _abc.Awaitable[_auth_pb2.GetJwksResponse]]:
         """GetJwks publishes the public keys that verify Cake access tokens (RFC 7517 JWK Set)."""
+
+    @_abc_1.abstractmethod
+    def GetOpenIdConfiguration(
+        self,
+        request: _oauth_pb2.GetOpenIdConfigurationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_oauth_pb2.GetOpenIdConfigurationResponse, _abc.Awaitable[_oauth_pb2.GetOpenIdConfigurationResponse]]:
+        """GetOpenIdConfiguration publishes where Cake's token endpoint and keys are and what they
+        support (OpenID Connect Discovery 1.0 / RFC 8414 metadata), so token verifiers and service
+        clients configure themselves from the issuer.
+        """
 
     @_abc_1.abstractmethod
     def Token(

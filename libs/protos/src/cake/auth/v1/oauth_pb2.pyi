@@ -3,9 +3,11 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.api import httpbody_pb2 as _httpbody_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -151,3 +153,96 @@ class GetUserContactsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetUserContactsResponse: _TypeAlias = GetUserContactsResponse  # noqa: Y015
+
+@_typing.final
+class GetOpenIdConfigurationRequest(_message.Message):
+    """GetOpenIdConfigurationRequest is empty."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetOpenIdConfigurationRequest: _TypeAlias = GetOpenIdConfigurationRequest  # noqa: Y015
+
+@_typing.final
+class GetOpenIdConfigurationResponse(_message.Message):
+    """GetOpenIdConfigurationResponse is the discovery document (JSON names as the specifications
+    spell them).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ISSUER_FIELD_NUMBER: _builtins.int
+    JWKS_URI_FIELD_NUMBER: _builtins.int
+    TOKEN_ENDPOINT_FIELD_NUMBER: _builtins.int
+    GRANT_TYPES_SUPPORTED_FIELD_NUMBER: _builtins.int
+    TOKEN_ENDPOINT_AUTH_METHODS_SUPPORTED_FIELD_NUMBER: _builtins.int
+    RESPONSE_TYPES_SUPPORTED_FIELD_NUMBER: _builtins.int
+    SUBJECT_TYPES_SUPPORTED_FIELD_NUMBER: _builtins.int
+    ID_TOKEN_SIGNING_ALG_VALUES_SUPPORTED_FIELD_NUMBER: _builtins.int
+    SCOPES_SUPPORTED_FIELD_NUMBER: _builtins.int
+    CLAIMS_SUPPORTED_FIELD_NUMBER: _builtins.int
+    issuer: _builtins.str
+    """The `iss` of every Cake access token (`cake-system` unless configured)."""
+    jwks_uri: _builtins.str
+    """Where the verification keys are published (a JWK Set)."""
+    token_endpoint: _builtins.str
+    """The OAuth 2.0 token endpoint (client credentials grant)."""
+    @_builtins.property
+    def grant_types_supported(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Grant types the token endpoint accepts: `client_credentials`."""
+
+    @_builtins.property
+    def token_endpoint_auth_methods_supported(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """How clients authenticate at the token endpoint: `client_secret_basic`,
+        `client_secret_post`.
+        """
+
+    @_builtins.property
+    def response_types_supported(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Response types of an authorization endpoint: none (Cake has no browser flow)."""
+
+    @_builtins.property
+    def subject_types_supported(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Subject identifier types: `public`."""
+
+    @_builtins.property
+    def id_token_signing_alg_values_supported(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Signing algorithms of Cake's tokens: `ES256`."""
+
+    @_builtins.property
+    def scopes_supported(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The scopes the contracts declare (what service accounts may be granted)."""
+
+    @_builtins.property
+    def claims_supported(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Claims Cake's access tokens carry."""
+
+    def __init__(
+        self,
+        *,
+        issuer: _builtins.str = ...,
+        jwks_uri: _builtins.str = ...,
+        token_endpoint: _builtins.str = ...,
+        grant_types_supported: _abc.Iterable[_builtins.str] | None = ...,
+        token_endpoint_auth_methods_supported: _abc.Iterable[_builtins.str] | None = ...,
+        response_types_supported: _abc.Iterable[_builtins.str] | None = ...,
+        subject_types_supported: _abc.Iterable[_builtins.str] | None = ...,
+        id_token_signing_alg_values_supported: _abc.Iterable[_builtins.str] | None = ...,
+        scopes_supported: _abc.Iterable[_builtins.str] | None = ...,
+        claims_supported: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["claims_supported", b"claims_supported", "grant_types_supported", b"grant_types_supported", "id_token_signing_alg_values_supported", b"id_token_signing_alg_values_supported", "issuer", b"issuer", "jwks_uri", b"jwks_uri", "response_types_supported", b"response_types_supported", "scopes_supported", b"scopes_supported", "subject_types_supported", b"subject_types_supported", "token_endpoint", b"token_endpoint", "token_endpoint_auth_methods_supported", b"token_endpoint_auth_methods_supported"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetOpenIdConfigurationResponse: _TypeAlias = GetOpenIdConfigurationResponse  # noqa: Y015
