@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cake.auth.v1 import auth_pb2
-from cake_common.errors import CakeError, InvalidArgument
+from cake_common.errors import CakeError, InvalidArgument, Unavailable
 from cake_common.logging import configure_logging
 from cake_common.migrations import run_alembic_upgrade
 from cake_common.service_runtime import start_logging
@@ -211,6 +211,13 @@ async def run_create_service_account(
     except ValueError as error:
         print(f"create-service-account failed: {error}", file=sys.stderr)
         return 2
+    except Unavailable:
+        print(
+            "create-service-account failed: the old tokens cannot be revoked right now (Redis "
+            "unavailable); nothing was changed, run it again",
+            file=sys.stderr,
+        )
+        return 1
     except CakeError as error:
         print(f"create-service-account failed: {error.message}", file=sys.stderr)
         return 1
@@ -226,6 +233,13 @@ async def run_disable_service_account(settings: AuthSettings, name: str) -> int:
     try:
         async with open_service_accounts(settings) as accounts:
             await accounts.disable(name)
+    except Unavailable:
+        print(
+            "disable-service-account failed: its tokens cannot be revoked right now (Redis "
+            "unavailable); nothing was changed, run it again",
+            file=sys.stderr,
+        )
+        return 1
     except CakeError as error:
         print(f"disable-service-account failed: {error.message}", file=sys.stderr)
         return 1

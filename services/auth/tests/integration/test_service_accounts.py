@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import socket
 import subprocess
 import sys
 import uuid
@@ -66,12 +67,14 @@ def _basic(client_id: str, secret: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Basic {encoded}"),)
 
 
-def _cake_auth(auth: Any, *args: str) -> subprocess.CompletedProcess[str]:
+def _cake_auth(
+    auth: Any, *args: str, redis_url: str | None = None
+) -> subprocess.CompletedProcess[str]:
     settings = auth.settings
     env = {
         **os.environ,
         "CAKE_AUTH_DATABASE_URL": settings.database_url.get_secret_value(),
-        "CAKE_AUTH_REDIS_URL": settings.redis_url.get_secret_value(),
+        "CAKE_AUTH_REDIS_URL": redis_url or settings.redis_url.get_secret_value(),
         "CAKE_AUTH_REDIS_KEY_PREFIX": settings.redis_key_prefix,
     }
     return subprocess.run(
@@ -348,3 +351,37 @@ async def test_concurrent_creations_of_one_name_make_one_account(auth: Any) -> N
     secrets_ = [outcome for outcome in outcomes if not outcome.startswith("AlreadyExists")]
     assert len(secrets_) == 1, outcomes
     assert _claims(await _token(auth, name, secrets_[0]))["sub"] == name
+
+
+def _dead_redis_url() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"redis://127.0.0.1:{port}/0"  # nothing listens there once the probe closes
+
+
+async def test_disable_and_rotation_change_nothing_when_the_tokens_cannot_be_revoked(
+    auth: Any,
+) -> None:
+    user = await auth.register()
+    client_id, secret = await _create(auth, CONTACTS)
+    token = await _token(auth, client_id, secret)
+    dead = _dead_redis_url()
+    for args in (
+        ("disable-service-account", client_id),
+        ("create-service-account", client_id, "--scope", CONTACTS, "--rotate-secret"),
+    ):
+        result = await asyncio.to_thread(_cake_auth, auth, *args, redis_url=dead)
+        assert result.returncode == 1, result.stdout
+        assert "nothing was changed, run it again" in result.stderr
+        assert "client_secret=" not in result.stdout
+    # The account is as it was: the old secret still works, the old token too.
+    await _token(auth, client_id, secret)
+    contacts = await auth.stub.GetUserContacts(
+        oauth_pb2.GetUserContactsRequest(user_id=user.user.id), metadata=auth.bearer(token)
+    )
+    assert contacts.user_id == user.user.id
+    # Once Redis answers, running it again does it.
+    result = await asyncio.to_thread(_cake_auth, auth, "disable-service-account", client_id)
+    assert result.returncode == 0, result.stderr
+    await _refused_within(auth, token, user.user.id)

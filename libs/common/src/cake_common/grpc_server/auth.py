@@ -120,9 +120,10 @@ class AuthInterceptor(ScopedServerInterceptor):
 
     - an **admin** token is refused with UNAVAILABLE (fail closed: no admin action runs on a
       token that may have been revoked);
-    - a **user** token is accepted and a warning logged (fail open), so a Redis outage does
-      not lock every customer out; the exposure is bounded by the access-token lifetime
-      (15 minutes by default) because refreshing checks the session in auth's database.
+    - a **user** (or **service**) token is accepted and a warning logged (fail open), so a
+      Redis outage does not lock every customer out; the exposure is bounded by the
+      access-token lifetime (15 minutes by default, 5 for service tokens) because refreshing
+      checks the session in auth's database.
     """
 
     def __init__(

@@ -149,6 +149,10 @@ class ServiceAccounts:
                     reason="SERVICE_ACCOUNT_EXISTS",
                 )
             assert existing is not None  # add() only fails on a taken name
+            # Revoked before the change commits (the row is locked): if Redis cannot take the
+            # mark, nothing changes and the operator runs the command again; a token issued
+            # meanwhile with the old generation is refused as well.
+            await self._revocations.revoke_sessions([existing.generation])
             await uow.service_accounts.update(
                 existing.id,
                 secret_hash=hash_client_secret(secret),
@@ -158,9 +162,6 @@ class ServiceAccounts:
                 at=now,
             )
             await uow.commit()
-        # After the commit: a token issued between the update and this mark carries the new
-        # generation already, so nothing valid is revoked and nothing old survives.
-        await self._revocations.revoke_sessions([existing.generation])
         return NewCredentials(client_id, secret, scopes, created=False)
 
     async def disable(self, client_id: str) -> None:
@@ -170,6 +171,8 @@ class ServiceAccounts:
             account = await uow.service_accounts.get(client_id, for_update=True)
             if account is None:
                 raise NotFound(f"No service account {client_id!r}", reason="NOT_FOUND")
+            # As for a rotation: the mark first, so a failure changes nothing.
+            await self._revocations.revoke_sessions([account.generation])
             await uow.service_accounts.update(
                 account.id,
                 secret_hash=account.secret_hash,
@@ -179,7 +182,6 @@ class ServiceAccounts:
                 at=now,
             )
             await uow.commit()
-        await self._revocations.revoke_sessions([account.generation])
 
     async def issue(self, grant: TokenGrant) -> IssuedServiceToken:
         """RFC 6749 section 4.4: authenticate the client, grant the scopes asked for (a
