@@ -199,6 +199,7 @@ def _service_accounts(
         unit_of_work=infrastructure.service_accounts_unit_of_work,
         tokens=_token_issuer(settings, signing_key) if signing_key is not None else _NoTokens(),
         revocations=_shared_revocations(settings, infrastructure),
+        metrics=infrastructure.metrics,
     )
 
 

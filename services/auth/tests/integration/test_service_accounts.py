@@ -137,6 +137,7 @@ async def test_a_token_carries_role_service_the_scopes_and_a_short_lifetime(auth
         )
     )
     assert response.token_type == "Bearer"
+    assert auth.counter("cake_auth_service_tokens_total", result="issued") >= 1
     assert response.expires_in == auth.settings.service_token_ttl_seconds == 300
     assert response.scope == f"notify:send {CONTACTS}"
     claims = _claims(response.access_token)
@@ -204,8 +205,10 @@ async def test_bad_requests_get_rfc_6749_errors(
     client_id, secret = await _create(auth, CONTACTS)
     body = request_.format(id=client_id, secret=secret)
     metadata = _basic(client_id, secret) if basic else ()
+    before = auth.counter("cake_auth_service_tokens_total", result=reason)
     error = await auth.failure(auth.stub.Token(_form(body), metadata=metadata))
     assert (error.code.name, error.reason) == (code, reason)
+    assert auth.counter("cake_auth_service_tokens_total", result=reason) == before + 1
 
 
 async def test_a_json_body_is_refused_and_a_bad_basic_header_is_invalid_client(

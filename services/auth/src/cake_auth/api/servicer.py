@@ -12,7 +12,7 @@ from urllib.parse import parse_qsl, unquote_plus
 import grpc
 from cake.auth.v1 import auth_pb2, auth_pb2_grpc, oauth_pb2
 from cake_common.auth_context import current_principal, principal_var, require_admin
-from cake_common.errors import NotFound, PermissionDenied
+from cake_common.errors import CakeError, NotFound, PermissionDenied
 from cake_common.grpc_server.call_scope import metadata_value
 
 from cake_auth.domain.login import LoginContext
@@ -227,14 +227,19 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     async def Token(
         self, request: oauth_pb2.TokenRequest, context: Context
     ) -> oauth_pb2.TokenResponse:
-        parameters = _token_parameters(request)
+        try:
+            parameters = _token_parameters(request)
+            basic = _basic_credentials(context)
+        except CakeError as error:
+            self._service_accounts.refused(error)
+            raise
         issued = await self._service_accounts.issue(
             TokenGrant(
                 grant_type=parameters["grant_type"],
                 client_id=parameters["client_id"],
                 client_secret=parameters["client_secret"],
                 scope=parameters["scope"],
-                basic=_basic_credentials(context),
+                basic=basic,
             )
         )
         return oauth_pb2.TokenResponse(

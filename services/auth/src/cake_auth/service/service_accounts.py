@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from cake_common.db import TransactionPort
-from cake_common.errors import AlreadyExists, NotFound
+from cake_common.errors import AlreadyExists, CakeError, NotFound
 
 from cake_auth.domain.service_accounts import (
     CLIENT_CREDENTIALS,
@@ -27,6 +27,7 @@ from cake_auth.domain.service_accounts import (
     valid_client_id,
 )
 from cake_auth.domain.tokens import AccessToken
+from cake_auth.metrics import AuthMetrics
 from cake_auth.service.ports import Revocations
 
 
@@ -109,11 +110,13 @@ class ServiceAccounts:
         unit_of_work: ServiceAccountUnitOfWorkFactory,
         tokens: ServiceTokenIssuer,
         revocations: Revocations,
+        metrics: AuthMetrics | None = None,
         clock: Callable[[], datetime] = utc_now,
     ) -> None:
         self._unit_of_work = unit_of_work
         self._tokens = tokens
         self._revocations = revocations
+        self._metrics = metrics
         self._clock = clock
 
     async def create(
@@ -186,6 +189,23 @@ class ServiceAccounts:
     async def issue(self, grant: TokenGrant) -> IssuedServiceToken:
         """RFC 6749 section 4.4: authenticate the client, grant the scopes asked for (a
         subset of the account's), sign a short-lived token."""
+        try:
+            issued = await self._issue(grant)
+        except CakeError as error:
+            self._count(error.reason)
+            raise
+        self._count("issued")
+        return issued
+
+    def refused(self, error: CakeError) -> None:
+        """Count a request the transport could not even decode (bad form, bad Basic header)."""
+        self._count(error.reason)
+
+    def _count(self, result: str) -> None:
+        if self._metrics is not None:
+            self._metrics.service_tokens.labels(result).inc()
+
+    async def _issue(self, grant: TokenGrant) -> IssuedServiceToken:
         if grant.grant_type != CLIENT_CREDENTIALS:
             raise unsupported_grant_type(grant.grant_type)
         credentials = client_from_request(
