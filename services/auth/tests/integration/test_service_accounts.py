@@ -17,6 +17,7 @@ import grpc
 import jwt
 import pytest
 from cake.auth.v1 import auth_pb2, oauth_pb2
+from cake.events.v1 import payloads_pb2, registry
 from cake_auth.bootstrap import open_service_accounts
 from cake_auth.domain.service_accounts import parse_scopes
 from cake_common.errors import AlreadyExists
@@ -114,6 +115,18 @@ async def test_the_command_prints_credentials_once_and_refuses_an_existing_name(
         ).one()
     assert secret not in stored.secret_hash
     assert sorted(stored.scopes) == [CONTACTS, "x:y"]
+    async with database.connect() as connection:
+        payloads = (
+            await connection.exec_driver_sql(
+                "SELECT payload FROM outbox WHERE event_type = %s",
+                (registry.SECURITY_AUDIT.name,),
+            )
+        ).scalars()
+        entries = [payloads_pb2.SecurityAudit.FromString(payload) for payload in payloads]
+    audited = [entry for entry in entries if entry.details.get("client_id") == name]
+    assert [(entry.type, entry.details["scope"]) for entry in audited] == [
+        ("SERVICE_ACCOUNT_CREATED", f"{CONTACTS} x:y")
+    ]
 
     again = await asyncio.to_thread(
         _cake_auth, auth, "create-service-account", name, "--scope", CONTACTS
@@ -308,7 +321,22 @@ async def _refused_within(auth: Any, token: str, user_id: int, seconds: float = 
         await asyncio.sleep(0.05)
 
 
-async def test_disabling_refuses_new_tokens_and_revokes_the_issued_ones(auth: Any) -> None:
+async def _audited(database: Any, client_id: str) -> list[str]:
+    """The audit entry types recorded for the account, oldest first."""
+    async with database.connect() as connection:
+        payloads = (
+            await connection.exec_driver_sql(
+                "SELECT payload FROM outbox WHERE event_type = %s ORDER BY id",
+                (registry.SECURITY_AUDIT.name,),
+            )
+        ).scalars()
+        entries = [payloads_pb2.SecurityAudit.FromString(payload) for payload in payloads]
+    return [entry.type for entry in entries if entry.details.get("client_id") == client_id]
+
+
+async def test_disabling_refuses_new_tokens_and_revokes_the_issued_ones(
+    auth: Any, database: Any
+) -> None:
     user = await auth.register()
     client_id, secret = await _create(auth, CONTACTS)
     tokens = [await _token(auth, client_id, secret) for _ in range(3)]
@@ -321,15 +349,25 @@ async def test_disabling_refuses_new_tokens_and_revokes_the_issued_ones(auth: An
 
     missing = await asyncio.to_thread(_cake_auth, auth, "disable-service-account", _name())
     assert missing.returncode == 1
+    assert await _audited(database, client_id) == [
+        "SERVICE_ACCOUNT_CREATED",
+        "SERVICE_ACCOUNT_DISABLED",
+    ]
 
 
-async def test_rotation_replaces_the_secret_and_revokes_old_tokens(auth: Any) -> None:
+async def test_rotation_replaces_the_secret_and_revokes_old_tokens(
+    auth: Any, database: Any
+) -> None:
     user = await auth.register()
     client_id, old_secret = await _create(auth, CONTACTS)
     old_token = await _token(auth, client_id, old_secret)
     async with open_service_accounts(auth.settings) as accounts:
         rotated = await accounts.create(client_id, parse_scopes([CONTACTS]), rotate=True)
     assert not rotated.created and rotated.client_secret != old_secret
+    assert await _audited(database, client_id) == [
+        "SERVICE_ACCOUNT_CREATED",
+        "SERVICE_ACCOUNT_SECRET_ROTATED",
+    ]
     await _refused_within(auth, old_token, user.user.id)
     error = await auth.failure(_token(auth, client_id, old_secret))
     assert error.reason == "invalid_client"

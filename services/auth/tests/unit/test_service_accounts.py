@@ -68,9 +68,15 @@ class _Accounts:
         return self.account if client_id == self.account.client_id else None
 
 
+class _Audit:
+    async def security_audit(self, entry: object) -> None:
+        raise AssertionError("issuing a token is not audited")
+
+
 class _UnitOfWork:
     def __init__(self, accounts: _Accounts) -> None:
         self.service_accounts = accounts
+        self.events = _Audit()
 
     async def __aenter__(self) -> _UnitOfWork:
         return self

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
+from cake_common import audit
+from cake_common.audit import AuditEntry
 from cake_common.db import TransactionPort
 from cake_common.errors import AlreadyExists, CakeError, NotFound
 
@@ -62,9 +64,18 @@ class ServiceAccountRepository(Protocol):
     ) -> None: ...
 
 
+class AuditRecorder(Protocol):
+    async def security_audit(self, entry: AuditEntry) -> None:
+        """An entry of the security audit log, committed with the unit of work."""
+        ...
+
+
 class ServiceAccountUnitOfWork(TransactionPort, Protocol):
     @property
     def service_accounts(self) -> ServiceAccountRepository: ...
+
+    @property
+    def events(self) -> AuditRecorder: ...
 
 
 class ServiceAccountUnitOfWorkFactory(Protocol):
@@ -143,6 +154,13 @@ class ServiceAccounts:
                     at=now,
                 )
                 if added is not None:
+                    await uow.events.security_audit(
+                        AuditEntry(
+                            audit.SERVICE_ACCOUNT_CREATED,
+                            now,
+                            details={"client_id": client_id, "scope": scope_text(scopes)},
+                        )
+                    )
                     await uow.commit()
                     return NewCredentials(client_id, secret, scopes, created=True)
             if not rotate:
@@ -164,6 +182,13 @@ class ServiceAccounts:
                 disabled_at=None,
                 at=now,
             )
+            await uow.events.security_audit(
+                AuditEntry(
+                    audit.SERVICE_ACCOUNT_SECRET_ROTATED,
+                    now,
+                    details={"client_id": client_id, "scope": scope_text(scopes)},
+                )
+            )
             await uow.commit()
         return NewCredentials(client_id, secret, scopes, created=False)
 
@@ -183,6 +208,9 @@ class ServiceAccounts:
                 generation=new_generation(),
                 disabled_at=account.disabled_at or now,
                 at=now,
+            )
+            await uow.events.security_audit(
+                AuditEntry(audit.SERVICE_ACCOUNT_DISABLED, now, details={"client_id": client_id})
             )
             await uow.commit()
 
