@@ -56,3 +56,10 @@ class AuthMetrics:
             ["operation"],
             registry=registry,
         )
+        self.service_tokens = Counter(
+            "cake_auth_service_tokens",
+            "Client credentials token requests by result (issued, or the RFC 6749 error: "
+            "invalid_client, invalid_scope, invalid_request, unsupported_grant_type)",
+            ["result"],
+            registry=registry,
+        )

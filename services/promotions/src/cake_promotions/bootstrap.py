@@ -30,11 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cake_promotions.adapters.payments import GrpcBank, SimulatedBankTransfer
 from cake_promotions.adapters.unit_of_work import SqlPromotionsUnitOfWork
-from cake_promotions.entrypoints.grpc.servicer import (
-    PUBLIC_METHODS,
-    SERVICE_NAME,
-    PromotionsServicer,
-)
+from cake_promotions.entrypoints.grpc.servicer import SERVICE_NAME, PromotionsServicer
 from cake_promotions.entrypoints.kafka import FirstLoginHandler
 from cake_promotions.metrics import PromotionsMetrics
 from cake_promotions.service.campaigns import CampaignAdministration
@@ -207,7 +203,6 @@ async def start_server(
             )
             .with_auth(
                 verifier,
-                public_methods=PUBLIC_METHODS,
                 is_revoked=revocations.is_revoked,
             )
             .with_validation()

@@ -85,6 +85,8 @@ class Endpoints:
     metrics_ports: Mapping[str, int]
     #: OTLP/gRPC trace collector for every service; ``None`` leaves tracing off.
     otlp_endpoint: str | None = None
+    #: The gateway's URL (auth's discovery document names its endpoints under it).
+    public_url: str | None = None
 
 
 def database_url(*, user: str, password: str, host: str, port: int, database: str) -> str:
@@ -127,6 +129,8 @@ def build_service_environment(
             env[f"{prefix}OTLP_ENDPOINT"] = endpoints.otlp_endpoint
         if spec.name == "auth":
             env[f"{prefix}JWT_PRIVATE_KEY_FILE"] = str(endpoints.jwt_signing_key)
+            if endpoints.public_url is not None:
+                env[f"{prefix}PUBLIC_URL"] = endpoints.public_url
         if spec.name == "events":
             env[f"{prefix}SOURCES"] = json.dumps(
                 [

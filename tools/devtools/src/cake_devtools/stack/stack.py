@@ -116,6 +116,7 @@ class Stack:
                 BANK.name: settings.payments_metrics_port,
             },
             otlp_endpoint=settings.otlp_endpoint,
+            public_url=f"http://127.0.0.1:{settings.gateway_port}",
         )
 
     def _select(self, components: Iterable[str] | None) -> list[Component]:

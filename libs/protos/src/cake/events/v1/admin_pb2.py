@@ -23,11 +23,12 @@ _sym_db = _symbol_database.Default()
 
 
 from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
+from cake.access.v1 import access_pb2 as cake_dot_access_dot_v1_dot_access__pb2
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63\x61ke/events/v1/admin.proto\x12\x0e\x63\x61ke.events.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdc\x01\n\x16ListAuditEventsRequest\x12\x15\n\x04type\x18\x01 \x01(\tB\x07\xbaH\x04r\x02\x18@\x12\x18\n\x07user_id\x18\x02 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\x12)\n\x05since\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1d\n\tpage_size\x18\x05 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xe8\x07(\x00\x12\x1c\n\npage_token\x18\x06 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x08\"d\n\x17ListAuditEventsResponse\x12\x30\n\x0c\x61udit_events\x18\x01 \x03(\x0b\x32\x1a.cake.events.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x94\x02\n\nAuditEvent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x15\n\ractor_user_id\x18\x04 \x01(\x03\x12\x17\n\x0fsubject_user_id\x18\x05 \x01(\x03\x12\x11\n\tclient_ip\x18\x06 \x01(\t\x12\x38\n\x07\x64\x65tails\x18\x07 \x03(\x0b\x32\'.cake.events.v1.AuditEvent.DetailsEntry\x12/\n\x0boccurred_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x16\n\x14GetQueueStatsRequest\"\xb1\x01\n\x15GetQueueStatsResponse\x12/\n\x0buser_events\x18\x01 \x01(\x0b\x32\x1a.cake.events.v1.QueueStats\x12\x34\n\x10promotion_events\x18\x02 \x01(\x0b\x32\x1a.cake.events.v1.QueueStats\x12\x31\n\x07sources\x18\x03 \x03(\x0b\x32 .cake.events.v1.SourceQueueStats\"]\n\x10SourceQueueStats\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0e\n\x06topics\x18\x02 \x03(\t\x12)\n\x05stats\x18\x03 \x01(\x0b\x32\x1a.cake.events.v1.QueueStats\"P\n\nQueueStats\x12\x0f\n\x07waiting\x18\x01 \x01(\x05\x12\x0e\n\x06\x61\x63tive\x18\x02 \x01(\x05\x12\x11\n\tcompleted\x18\x03 \x01(\x05\x12\x0e\n\x06\x66\x61iled\x18\x04 \x01(\x05\"\x14\n\x12RetryFailedRequest\",\n\x13RetryFailedResponse\x12\x15\n\rretried_count\x18\x01 \x01(\x05\"U\n\x16ListDeadLettersRequest\x12\x1d\n\tpage_size\x18\x01 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xe8\x07(\x00\x12\x1c\n\npage_token\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x08\"d\n\x17ListDeadLettersResponse\x12\x30\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32\x1a.cake.events.v1.DeadLetter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xb6\x01\n\nDeadLetter\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x14\n\x0c\x61ggregate_id\x18\x03 \x01(\t\x12\r\n\x05topic\x18\x04 \x01(\t\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\x05\x12\x12\n\nlast_error\x18\x07 \x01(\t\x12-\n\tfailed_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"0\n\x12ReplayEventRequest\x12\x1a\n\x08\x65vent_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\"7\n\x13ReplayEventResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t2\xa2\x05\n\x11\x45ventAdminService\x12\x7f\n\rGetQueueStats\x12$.cake.events.v1.GetQueueStatsRequest\x1a%.cake.events.v1.GetQueueStatsResponse\"!\x82\xd3\xe4\x93\x02\x1b\x12\x19/admin/events/queue-stats\x12}\n\x0bRetryFailed\x12\".cake.events.v1.RetryFailedRequest\x1a#.cake.events.v1.RetryFailedResponse\"%\x82\xd3\xe4\x93\x02\x1f\"\x1a/admin/events/retry-failed:\x01*\x12\x86\x01\n\x0fListDeadLetters\x12&.cake.events.v1.ListDeadLettersRequest\x1a\'.cake.events.v1.ListDeadLettersResponse\"\"\x82\xd3\xe4\x93\x02\x1c\x12\x1a/admin/events/dead-letters\x12\x82\x01\n\x0bReplayEvent\x12\".cake.events.v1.ReplayEventRequest\x1a#.cake.events.v1.ReplayEventResponse\"*\x82\xd3\xe4\x93\x02$\"\x1f/admin/events/{event_id}/replay:\x01*\x12\x7f\n\x0fListAuditEvents\x12&.cake.events.v1.ListAuditEventsRequest\x1a\'.cake.events.v1.ListAuditEventsResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/admin/audit-eventsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63\x61ke/events/v1/admin.proto\x12\x0e\x63\x61ke.events.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1b\x63\x61ke/access/v1/access.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdc\x01\n\x16ListAuditEventsRequest\x12\x15\n\x04type\x18\x01 \x01(\tB\x07\xbaH\x04r\x02\x18@\x12\x18\n\x07user_id\x18\x02 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\x12)\n\x05since\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1d\n\tpage_size\x18\x05 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xe8\x07(\x00\x12\x1c\n\npage_token\x18\x06 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x08\"d\n\x17ListAuditEventsResponse\x12\x30\n\x0c\x61udit_events\x18\x01 \x03(\x0b\x32\x1a.cake.events.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x94\x02\n\nAuditEvent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x15\n\ractor_user_id\x18\x04 \x01(\x03\x12\x17\n\x0fsubject_user_id\x18\x05 \x01(\x03\x12\x11\n\tclient_ip\x18\x06 \x01(\t\x12\x38\n\x07\x64\x65tails\x18\x07 \x03(\x0b\x32\'.cake.events.v1.AuditEvent.DetailsEntry\x12/\n\x0boccurred_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x16\n\x14GetQueueStatsRequest\"\xb1\x01\n\x15GetQueueStatsResponse\x12/\n\x0buser_events\x18\x01 \x01(\x0b\x32\x1a.cake.events.v1.QueueStats\x12\x34\n\x10promotion_events\x18\x02 \x01(\x0b\x32\x1a.cake.events.v1.QueueStats\x12\x31\n\x07sources\x18\x03 \x03(\x0b\x32 .cake.events.v1.SourceQueueStats\"]\n\x10SourceQueueStats\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0e\n\x06topics\x18\x02 \x03(\t\x12)\n\x05stats\x18\x03 \x01(\x0b\x32\x1a.cake.events.v1.QueueStats\"P\n\nQueueStats\x12\x0f\n\x07waiting\x18\x01 \x01(\x05\x12\x0e\n\x06\x61\x63tive\x18\x02 \x01(\x05\x12\x11\n\tcompleted\x18\x03 \x01(\x05\x12\x0e\n\x06\x66\x61iled\x18\x04 \x01(\x05\"\x14\n\x12RetryFailedRequest\",\n\x13RetryFailedResponse\x12\x15\n\rretried_count\x18\x01 \x01(\x05\"U\n\x16ListDeadLettersRequest\x12\x1d\n\tpage_size\x18\x01 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xe8\x07(\x00\x12\x1c\n\npage_token\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x08\"d\n\x17ListDeadLettersResponse\x12\x30\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32\x1a.cake.events.v1.DeadLetter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xb6\x01\n\nDeadLetter\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x14\n\x0c\x61ggregate_id\x18\x03 \x01(\t\x12\r\n\x05topic\x18\x04 \x01(\t\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\x05\x12\x12\n\nlast_error\x18\x07 \x01(\t\x12-\n\tfailed_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"0\n\x12ReplayEventRequest\x12\x1a\n\x08\x65vent_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\"7\n\x13ReplayEventResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t2\xdc\x05\n\x11\x45ventAdminService\x12\x8a\x01\n\rGetQueueStats\x12$.cake.events.v1.GetQueueStatsRequest\x1a%.cake.events.v1.GetQueueStatsResponse\",\xaa\xbb\x18\x07\x1a\x05\x61\x64min\x82\xd3\xe4\x93\x02\x1b\x12\x19/admin/events/queue-stats\x12\x88\x01\n\x0bRetryFailed\x12\".cake.events.v1.RetryFailedRequest\x1a#.cake.events.v1.RetryFailedResponse\"0\xaa\xbb\x18\x07\x1a\x05\x61\x64min\x82\xd3\xe4\x93\x02\x1f\"\x1a/admin/events/retry-failed:\x01*\x12\x91\x01\n\x0fListDeadLetters\x12&.cake.events.v1.ListDeadLettersRequest\x1a\'.cake.events.v1.ListDeadLettersResponse\"-\xaa\xbb\x18\x07\x1a\x05\x61\x64min\x82\xd3\xe4\x93\x02\x1c\x12\x1a/admin/events/dead-letters\x12\x8d\x01\n\x0bReplayEvent\x12\".cake.events.v1.ReplayEventRequest\x1a#.cake.events.v1.ReplayEventResponse\"5\xaa\xbb\x18\x07\x1a\x05\x61\x64min\x82\xd3\xe4\x93\x02$\"\x1f/admin/events/{event_id}/replay:\x01*\x12\x8a\x01\n\x0fListAuditEvents\x12&.cake.events.v1.ListAuditEventsRequest\x1a\'.cake.events.v1.ListAuditEventsResponse\"&\xaa\xbb\x18\x07\x1a\x05\x61\x64min\x82\xd3\xe4\x93\x02\x15\x12\x13/admin/audit-eventsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -51,45 +52,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REPLAYEVENTREQUEST'].fields_by_name['event_id']._loaded_options = None
   _globals['_REPLAYEVENTREQUEST'].fields_by_name['event_id']._serialized_options = b'\272H\005r\003\260\001\001'
   _globals['_EVENTADMINSERVICE'].methods_by_name['GetQueueStats']._loaded_options = None
-  _globals['_EVENTADMINSERVICE'].methods_by_name['GetQueueStats']._serialized_options = b'\202\323\344\223\002\033\022\031/admin/events/queue-stats'
+  _globals['_EVENTADMINSERVICE'].methods_by_name['GetQueueStats']._serialized_options = b'\252\273\030\007\032\005admin\202\323\344\223\002\033\022\031/admin/events/queue-stats'
   _globals['_EVENTADMINSERVICE'].methods_by_name['RetryFailed']._loaded_options = None
-  _globals['_EVENTADMINSERVICE'].methods_by_name['RetryFailed']._serialized_options = b'\202\323\344\223\002\037\"\032/admin/events/retry-failed:\001*'
+  _globals['_EVENTADMINSERVICE'].methods_by_name['RetryFailed']._serialized_options = b'\252\273\030\007\032\005admin\202\323\344\223\002\037\"\032/admin/events/retry-failed:\001*'
   _globals['_EVENTADMINSERVICE'].methods_by_name['ListDeadLetters']._loaded_options = None
-  _globals['_EVENTADMINSERVICE'].methods_by_name['ListDeadLetters']._serialized_options = b'\202\323\344\223\002\034\022\032/admin/events/dead-letters'
+  _globals['_EVENTADMINSERVICE'].methods_by_name['ListDeadLetters']._serialized_options = b'\252\273\030\007\032\005admin\202\323\344\223\002\034\022\032/admin/events/dead-letters'
   _globals['_EVENTADMINSERVICE'].methods_by_name['ReplayEvent']._loaded_options = None
-  _globals['_EVENTADMINSERVICE'].methods_by_name['ReplayEvent']._serialized_options = b'\202\323\344\223\002$\"\037/admin/events/{event_id}/replay:\001*'
+  _globals['_EVENTADMINSERVICE'].methods_by_name['ReplayEvent']._serialized_options = b'\252\273\030\007\032\005admin\202\323\344\223\002$\"\037/admin/events/{event_id}/replay:\001*'
   _globals['_EVENTADMINSERVICE'].methods_by_name['ListAuditEvents']._loaded_options = None
-  _globals['_EVENTADMINSERVICE'].methods_by_name['ListAuditEvents']._serialized_options = b'\202\323\344\223\002\025\022\023/admin/audit-events'
-  _globals['_LISTAUDITEVENTSREQUEST']._serialized_start=139
-  _globals['_LISTAUDITEVENTSREQUEST']._serialized_end=359
-  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_start=361
-  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=461
-  _globals['_AUDITEVENT']._serialized_start=464
-  _globals['_AUDITEVENT']._serialized_end=740
-  _globals['_AUDITEVENT_DETAILSENTRY']._serialized_start=694
-  _globals['_AUDITEVENT_DETAILSENTRY']._serialized_end=740
-  _globals['_GETQUEUESTATSREQUEST']._serialized_start=742
-  _globals['_GETQUEUESTATSREQUEST']._serialized_end=764
-  _globals['_GETQUEUESTATSRESPONSE']._serialized_start=767
-  _globals['_GETQUEUESTATSRESPONSE']._serialized_end=944
-  _globals['_SOURCEQUEUESTATS']._serialized_start=946
-  _globals['_SOURCEQUEUESTATS']._serialized_end=1039
-  _globals['_QUEUESTATS']._serialized_start=1041
-  _globals['_QUEUESTATS']._serialized_end=1121
-  _globals['_RETRYFAILEDREQUEST']._serialized_start=1123
-  _globals['_RETRYFAILEDREQUEST']._serialized_end=1143
-  _globals['_RETRYFAILEDRESPONSE']._serialized_start=1145
-  _globals['_RETRYFAILEDRESPONSE']._serialized_end=1189
-  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=1191
-  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=1276
-  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=1278
-  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=1378
-  _globals['_DEADLETTER']._serialized_start=1381
-  _globals['_DEADLETTER']._serialized_end=1563
-  _globals['_REPLAYEVENTREQUEST']._serialized_start=1565
-  _globals['_REPLAYEVENTREQUEST']._serialized_end=1613
-  _globals['_REPLAYEVENTRESPONSE']._serialized_start=1615
-  _globals['_REPLAYEVENTRESPONSE']._serialized_end=1670
-  _globals['_EVENTADMINSERVICE']._serialized_start=1673
-  _globals['_EVENTADMINSERVICE']._serialized_end=2347
+  _globals['_EVENTADMINSERVICE'].methods_by_name['ListAuditEvents']._serialized_options = b'\252\273\030\007\032\005admin\202\323\344\223\002\025\022\023/admin/audit-events'
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_start=168
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_end=388
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_start=390
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=490
+  _globals['_AUDITEVENT']._serialized_start=493
+  _globals['_AUDITEVENT']._serialized_end=769
+  _globals['_AUDITEVENT_DETAILSENTRY']._serialized_start=723
+  _globals['_AUDITEVENT_DETAILSENTRY']._serialized_end=769
+  _globals['_GETQUEUESTATSREQUEST']._serialized_start=771
+  _globals['_GETQUEUESTATSREQUEST']._serialized_end=793
+  _globals['_GETQUEUESTATSRESPONSE']._serialized_start=796
+  _globals['_GETQUEUESTATSRESPONSE']._serialized_end=973
+  _globals['_SOURCEQUEUESTATS']._serialized_start=975
+  _globals['_SOURCEQUEUESTATS']._serialized_end=1068
+  _globals['_QUEUESTATS']._serialized_start=1070
+  _globals['_QUEUESTATS']._serialized_end=1150
+  _globals['_RETRYFAILEDREQUEST']._serialized_start=1152
+  _globals['_RETRYFAILEDREQUEST']._serialized_end=1172
+  _globals['_RETRYFAILEDRESPONSE']._serialized_start=1174
+  _globals['_RETRYFAILEDRESPONSE']._serialized_end=1218
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=1220
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=1305
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=1307
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=1407
+  _globals['_DEADLETTER']._serialized_start=1410
+  _globals['_DEADLETTER']._serialized_end=1592
+  _globals['_REPLAYEVENTREQUEST']._serialized_start=1594
+  _globals['_REPLAYEVENTREQUEST']._serialized_end=1642
+  _globals['_REPLAYEVENTRESPONSE']._serialized_start=1644
+  _globals['_REPLAYEVENTRESPONSE']._serialized_end=1699
+  _globals['_EVENTADMINSERVICE']._serialized_start=1702
+  _globals['_EVENTADMINSERVICE']._serialized_end=2434
 # @@protoc_insertion_point(module_scope)
