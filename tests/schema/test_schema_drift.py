@@ -18,7 +18,10 @@ from cake_common.migrations import run_alembic_upgrade
 
 pytestmark = pytest.mark.integration
 
-SERVICES = ("auth", "promotions", "events", "payments")
+SERVICES = ("auth", "promotions", "events", "payments", "notifications")
+#: Where a service declares its tables, when not ``cake_<service>.db`` (the service layout
+#: with ``adapters/``).
+TABLE_MODULES = {"notifications": "cake_notifications.adapters.tables"}
 
 
 @pytest.fixture(params=SERVICES)
@@ -35,7 +38,8 @@ def test_migrations_make_exactly_the_declared_tables(
     new_database: Callable[[str], str], service: str
 ) -> None:
     package = f"cake_{service}"
-    metadata: sa.MetaData = importlib.import_module(f"{package}.db").metadata
+    module = TABLE_MODULES.get(service, f"{package}.db")
+    metadata: sa.MetaData = importlib.import_module(module).metadata
     url = new_database(f"drift_{service}")
     run_alembic_upgrade(url, f"{package}:migrations")
     engine = sa.create_engine(url)

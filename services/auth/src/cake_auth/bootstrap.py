@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import redis.asyncio
-from cake.auth.v1 import auth_pb2_grpc
+from cake.auth.v1 import auth_pb2_grpc, directory_pb2_grpc
 from cake_common.db import create_session_factory, database_probe
 from cake_common.grpc_server import DependencyCheck, GrpcServerBuilder, RunningGrpcServer
 from cake_common.outbox import OutboxWriter
@@ -36,6 +36,7 @@ from cake_auth.adapters.signing_keys import (
     load_signing_key,
 )
 from cake_auth.adapters.unit_of_work import SqlAuthUnitOfWork
+from cake_auth.api.directory import DIRECTORY_SERVICE, UserDirectoryServicer
 from cake_auth.api.servicer import (
     AUTH_SERVICE,
     OPTIONAL_TOKEN_METHODS,
@@ -46,6 +47,7 @@ from cake_auth.domain.login import DelayPolicy
 from cake_auth.metrics import AuthMetrics
 from cake_auth.service.accounts import UserAccounts
 from cake_auth.service.admission import HashAdmission
+from cake_auth.service.directory import UserDirectory
 from cake_auth.service.ports import PasswordHasher, UnitOfWorkFactory
 from cake_auth.service.use_cases import AuthUseCases
 from cake_auth.settings import AuthSettings
@@ -233,12 +235,22 @@ async def start_server(
     try:
         use_cases = await _use_cases(settings, infrastructure, signing_key, jwks_file)
         servicer = AuthServicer(use_cases)
+        directory = UserDirectoryServicer(
+            UserDirectory(infrastructure.unit_of_work, infrastructure.profile_cache)
+        )
         builder = (
             GrpcServerBuilder.from_settings(
-                settings, service_names=[SERVICE_NAME], metrics_registry=metrics_registry
+                settings,
+                service_names=[SERVICE_NAME, DIRECTORY_SERVICE],
+                metrics_registry=metrics_registry,
             )
             .add_servicer(
                 lambda server: auth_pb2_grpc.add_AuthServiceServicer_to_server(servicer, server)
+            )
+            .add_servicer(
+                lambda server: directory_pb2_grpc.add_UserDirectoryServiceServicer_to_server(
+                    directory, server
+                )
             )
             .with_auth(
                 token_verifier(settings, jwks_file),

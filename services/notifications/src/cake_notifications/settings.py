@@ -1,0 +1,50 @@
+"""Notifications configuration, read from ``CAKE_NOTIFICATIONS_*`` variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cake_common.settings import ServiceSettings
+from pydantic import Field, SecretStr
+from pydantic_settings import SettingsConfigDict
+
+
+class NotificationsSettings(ServiceSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CAKE_NOTIFICATIONS_", extra="ignore", hide_input_in_errors=True
+    )
+
+    service_name: str = "notifications"
+    grpc_port: int = 17055
+
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = Field(default=1025, ge=1, le=65535)
+    smtp_sender: str = "Cake <no-reply@cake.local>"
+    smtp_timeout_seconds: float = Field(default=10.0, gt=0)
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_start_tls: bool = False
+
+    auth_directory_target: str = Field(
+        default="127.0.0.1:50051", description="auth's gRPC address (UserDirectoryService)"
+    )
+    auth_token_file: Path | None = Field(
+        default=None,
+        description="File holding the service token (role service, scope "
+        "users:read-contacts) sent to auth; re-read at each lookup",
+    )
+    contacts_cache_seconds: float = Field(default=300.0, ge=0)
+
+    consumer_enabled: bool = True
+    consumer_group: str = "notifications"
+    consumer_max_batch: int = Field(default=500, ge=1, le=10_000)
+    consumer_retry_max_seconds: float = Field(default=10.0, gt=0)
+
+    dispatch_batch_size: int = Field(default=100, ge=1, le=1000)
+    dispatch_concurrency: int = Field(default=20, ge=1, le=500)
+    dispatch_lease_seconds: float = Field(
+        default=60.0, gt=0, description="A claimed delivery's lease; sent again after it if lost"
+    )
+    dispatch_poll_seconds: float = Field(default=0.5, gt=0)
+    send_retry_base_seconds: float = Field(default=0.5, gt=0)
+    send_retry_max_seconds: float = Field(default=30.0, gt=0)
