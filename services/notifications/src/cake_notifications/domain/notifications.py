@@ -15,11 +15,12 @@ from cake_common.errors import FieldViolation, InvalidArgument, NotFound
 
 
 class Kind(enum.StrEnum):
-    """The event a notification tells about (its registry name)."""
+    """The kind of event a notification tells about (the API shows the event type's
+    registry name, entrypoints/grpc_api.py)."""
 
-    VOUCHER_ISSUED = "VOUCHER_ISSUED"
-    VOUCHER_USED = "VOUCHER_USED"
-    PAYMENT_PROCESSED = "PAYMENT_PROCESSED"
+    VOUCHER_ISSUED = "voucher_issued"
+    VOUCHER_USED = "voucher_used"
+    PAYMENT_PROCESSED = "payment_processed"
 
 
 class Channel(enum.StrEnum):

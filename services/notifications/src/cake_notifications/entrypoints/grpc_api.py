@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
+from cake.events.v1 import registry
 from cake.notifications.v1 import notifications_pb2, notifications_pb2_grpc
 from cake_common.auth_context import current_principal
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from cake_notifications.domain.notifications import Channel, Notification, Preferences
+from cake_notifications.domain.notifications import Channel, Kind, Notification, Preferences
 from cake_notifications.service.inbox import UserNotifications
 
 if TYPE_CHECKING:
@@ -22,6 +23,12 @@ else:
 SERVICE_NAME = notifications_pb2.DESCRIPTOR.services_by_name["NotificationsService"].full_name
 PUBLIC_METHODS: tuple[str, ...] = ()
 
+#: The API names a notification's kind after the event type that caused it.
+_KINDS = {
+    Kind.VOUCHER_ISSUED: registry.VOUCHER_ISSUED.name,
+    Kind.VOUCHER_USED: registry.VOUCHER_USED.name,
+    Kind.PAYMENT_PROCESSED: registry.PAYMENT_PROCESSED.name,
+}
 _CHANNELS = {
     Channel.EMAIL: notifications_pb2.CHANNEL_EMAIL,
     Channel.SMS: notifications_pb2.CHANNEL_SMS,
@@ -32,7 +39,7 @@ _CHANNELS = {
 def notification_message(notification: Notification) -> notifications_pb2.Notification:
     message = notifications_pb2.Notification(
         id=str(notification.id),
-        kind=notification.kind.value,
+        kind=_KINDS[notification.kind],
         title=notification.title,
         body=notification.body,
         read=notification.read,

@@ -40,7 +40,7 @@ def upgrade() -> None:
         sa.Column("read_at", _timestamp, nullable=True),
         sa.UniqueConstraint("event_id", name="uq_notifications_event_id"),
         sa.CheckConstraint(
-            "kind IN ('VOUCHER_ISSUED', 'VOUCHER_USED', 'PAYMENT_PROCESSED')",
+            "kind IN ('voucher_issued', 'voucher_used', 'payment_processed')",
             name="ck_notifications_kind",
         ),
     )
