@@ -1,4 +1,4 @@
-"""The three Cake services and the bank simulator, started with
+"""The Cake services and the bank simulator, started with
 ``uv run --frozen cake-<name> serve``.
 
 Their configuration is environment variables only (pydantic-settings, prefix ``CAKE_<NAME>_``);
@@ -19,6 +19,7 @@ from urllib.parse import quote
 
 from cake_devtools.stack.component import ProcessComponent, StackContext
 from cake_devtools.stack.errors import StackError
+from cake_devtools.stack.service_tokens import ensure_notifications_token
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,12 @@ class ServiceSpec:
         return f"{self.name}_grpc_port"
 
 
-SERVICES = (ServiceSpec("auth"), ServiceSpec("promotions"), ServiceSpec("events"))
+SERVICES = (
+    ServiceSpec("auth"),
+    ServiceSpec("promotions"),
+    ServiceSpec("notifications"),
+    ServiceSpec("events"),
+)
 """The services behind the gateway."""
 BANK = ServiceSpec("payments")
 """The bank simulator: a process of the stack that only promotions calls (no gateway route)."""
@@ -66,6 +72,10 @@ class Endpoints:
     metrics_ports: Mapping[str, int]
     #: OTLP/gRPC trace collector for every service; ``None`` leaves tracing off.
     otlp_endpoint: str | None = None
+    #: The SMTP server notifications sends e-mail to (the stack's SMTP sink).
+    smtp_port: int = 1025
+    #: The service token notifications shows auth's user directory (see ``service_tokens``).
+    notifications_token_file: Path | None = None
 
 
 def database_url(*, user: str, password: str, host: str, port: int, database: str) -> str:
@@ -113,6 +123,12 @@ def build_service_environment(
                 source_prefix = f"{prefix}{source.upper()}_"
                 env[f"{source_prefix}OUTBOX_URL"] = db_url(RELAY_ROLE, f"cake_{source}")
                 env[f"{source_prefix}GRPC_TARGET"] = f"127.0.0.1:{endpoints.grpc_ports[source]}"
+        if spec.name == "notifications":
+            env[f"{prefix}SMTP_HOST"] = "127.0.0.1"
+            env[f"{prefix}SMTP_PORT"] = str(endpoints.smtp_port)
+            env[f"{prefix}AUTH_DIRECTORY_TARGET"] = f"127.0.0.1:{endpoints.grpc_ports['auth']}"
+            if endpoints.notifications_token_file is not None:
+                env[f"{prefix}AUTH_TOKEN_FILE"] = str(endpoints.notifications_token_file)
         if spec.name == "promotions" and BANK.name in endpoints.grpc_ports:
             env[f"{prefix}PAYMENTS_TARGET"] = f"127.0.0.1:{endpoints.grpc_ports[BANK.name]}"
         environments[spec.name] = env
@@ -180,7 +196,11 @@ def service_module_missing(spec: ServiceSpec) -> str | None:
     if package is None or not package.submodule_search_locations:
         return f"package {spec.package} is not installed"
     for location in package.submodule_search_locations:
-        if (Path(location) / "cli.py").is_file() or (Path(location) / "cli").is_dir():
+        root = Path(location)
+        if any(
+            candidate.is_file() or candidate.with_suffix("").is_dir()
+            for candidate in (root / "cli.py", root / "entrypoints" / "cli.py")
+        ):
             return None
     return f"{spec.package}.cli does not exist yet (service not written)"
 
@@ -209,6 +229,12 @@ class ServiceComponent(ProcessComponent):
         ensure_dev_keys(
             self.ctx.layout.repo, self.endpoints.jwt_signing_key, self.endpoints.jwks_file
         )
+        if self.spec.name == "notifications" and self.endpoints.notifications_token_file:
+            ensure_notifications_token(
+                self.endpoints.jwt_signing_key,
+                self.endpoints.jwks_file,
+                self.endpoints.notifications_token_file,
+            )
         write_env_file(
             self.ctx.layout.env_file(self.spec.name),
             build_service_environment(self.endpoints, self.ctx.passwords)[self.spec.name],
