@@ -101,6 +101,7 @@ class Wiring:
     notify: NotifyUsers
     dispatcher: Dispatcher
     user_notifications: UserNotifications
+    smtp: SmtpSender
 
 
 def build_wiring(
@@ -121,6 +122,7 @@ def build_wiring(
         username=settings.smtp_username,
         password=(settings.smtp_password.get_secret_value() if settings.smtp_password else None),
         start_tls=settings.smtp_start_tls,
+        connections=settings.smtp_connections,
     )
     dispatcher = Dispatcher(
         uow_factory,
@@ -134,11 +136,12 @@ def build_wiring(
         ),
         batch_size=settings.dispatch_batch_size,
         concurrency=settings.dispatch_concurrency,
+        workers=settings.dispatch_workers,
         lease_seconds=settings.dispatch_lease_seconds,
         idle_poll_seconds=settings.dispatch_poll_seconds,
     )
     notify = NotifyUsers(uow_factory, renderer, metrics, on_committed=dispatcher.wake)
-    return Wiring(notify, dispatcher, UserNotifications(uow_factory))
+    return Wiring(notify, dispatcher, UserNotifications(uow_factory), smtp)
 
 
 def build_consumer(
@@ -229,7 +232,9 @@ async def start_server(
         )
         if grpc_directory is not None:
             builder.add_shutdown_hook(grpc_directory.close)
-        # Hooks run in reverse: the dispatcher stops before the engine is disposed.
+        builder.add_shutdown_hook(wiring.smtp.close)
+        # Hooks run in reverse: the dispatcher stops before the engine is disposed and the
+        # SMTP connections close.
         builder.add_shutdown_hook(wiring.dispatcher.stop)
         consumer = None
         if settings.consumer_enabled:

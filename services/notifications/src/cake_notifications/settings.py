@@ -24,6 +24,9 @@ class NotificationsSettings(ServiceSettings):
     smtp_username: str | None = None
     smtp_password: SecretStr | None = None
     smtp_start_tls: bool = False
+    smtp_connections: int = Field(
+        default=4, ge=1, le=100, description="SMTP connections kept open and reused"
+    )
 
     auth_directory_target: str = Field(
         default="127.0.0.1:50051", description="auth's gRPC address (UserDirectoryService)"
@@ -40,8 +43,13 @@ class NotificationsSettings(ServiceSettings):
     consumer_max_batch: int = Field(default=500, ge=1, le=10_000)
     consumer_retry_max_seconds: float = Field(default=10.0, gt=0)
 
-    dispatch_batch_size: int = Field(default=100, ge=1, le=1000)
-    dispatch_concurrency: int = Field(default=20, ge=1, le=500)
+    dispatch_batch_size: int = Field(default=25, ge=1, le=1000)
+    dispatch_workers: int = Field(
+        default=4, ge=1, le=64, description="Dispatch loops, each claiming its own batches"
+    )
+    dispatch_concurrency: int = Field(
+        default=20, ge=1, le=500, description="Messages being sent at once (all loops)"
+    )
     dispatch_lease_seconds: float = Field(
         default=60.0, gt=0, description="A claimed delivery's lease; sent again after it if lost"
     )

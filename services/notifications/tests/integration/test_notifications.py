@@ -274,7 +274,7 @@ async def test_smtp_down_during_a_burst_every_email_arrives_exactly_once(
     for user in users:
         codes[user.email] = code()
         await publish(producer, topic, user.id, voucher_issued(user.id, codes[user.email]))
-    await asyncio.sleep(5)  # the burst lands while the server is down
+    await asyncio.sleep(10)  # the burst lands while the server is down (10 s, as the drill)
     retries = notifications.counter("cake_notifications_send_retries_total", channel="email")
     assert retries > 0
     assert all(smtp_sink.to(u.email) == [] for u in users)

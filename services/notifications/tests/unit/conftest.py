@@ -139,8 +139,9 @@ class FakeUnitOfWork:
                 break
         return claimed
 
-    async def mark_sent(self, delivery_id: UUID, at: datetime) -> None:
-        self._store.deliveries[delivery_id].status = "sent"
+    async def mark_sent(self, delivery_ids: Sequence[UUID], at: datetime) -> None:
+        for delivery_id in delivery_ids:
+            self._store.deliveries[delivery_id].status = "sent"
 
     async def mark_failed(self, delivery_id: UUID, at: datetime, error: str) -> None:
         self._store.deliveries[delivery_id].status = "failed"

@@ -166,10 +166,10 @@ class SqlDeliveryRepository:
             for row in result
         ]
 
-    async def mark_sent(self, delivery_id: UUID, at: datetime) -> None:
+    async def mark_sent(self, delivery_ids: Sequence[UUID], at: datetime) -> None:
         await self._session.execute(
             deliveries.update()
-            .where(deliveries.c.id == delivery_id)
+            .where(deliveries.c.id.in_(list(delivery_ids)))
             .values(status=DeliveryStatus.SENT.value, sent_at=at, last_error=None)
         )
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from cake_common.logging import get_logger
@@ -55,6 +56,7 @@ class Dispatcher:
         retry: RetryPolicy,
         batch_size: int = 50,
         concurrency: int = 10,
+        workers: int = 1,
         lease_seconds: float = 60.0,
         idle_poll_seconds: float = 1.0,
         clock: Callable[[], datetime] = utc_now,
@@ -66,31 +68,37 @@ class Dispatcher:
         self._metrics = metrics
         self._retry = retry
         self._batch_size = batch_size
+        self._workers = workers
         self._slots = asyncio.Semaphore(concurrency)
         self._lease_seconds = lease_seconds
         self._idle_poll_seconds = idle_poll_seconds
         self._clock = clock
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     def wake(self) -> None:
         """New deliveries were committed: look now instead of at the next poll."""
         self._wake.set()
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._loop(), name="cake-notifications-dispatcher")
+        """``workers`` loops, each claiming its own batches (the claims skip each other's
+        rows), so one batch's sends and bookkeeping do not hold up the next."""
+        if not self._tasks:
+            self._tasks = [
+                asyncio.create_task(self._loop(), name=f"cake-notifications-dispatcher-{n}")
+                for n in range(self._workers)
+            ]
 
     async def stop(self) -> None:
         self._stopping.set()
         self._wake.set()
-        if self._task is not None:
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
 
     async def is_running(self) -> bool:
-        return self._task is not None and not self._task.done()
+        return bool(self._tasks) and not any(task.done() for task in self._tasks)
 
     async def _loop(self) -> None:
         failures = 0
@@ -109,88 +117,125 @@ class Dispatcher:
     async def _wait(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout=seconds)
-        self._wake.clear()
 
     async def run_once(self) -> int:
-        """Claim the due deliveries and send them (concurrently); how many were claimed."""
-        self._wake.clear()
+        """Claim the due deliveries and send them; how many were claimed.
+
+        The database work is per batch, not per message: one claim, one read of the
+        users' preferences, one transaction recording every outcome; the sends (and the
+        contact lookups, cached) run concurrently in between, outside any transaction.
+        """
+        self._wake.clear()  # what was committed before this claim, it sees
         async with self._uow_factory() as uow:
             claimed = await uow.deliveries.claim_due(
                 self._clock(), self._batch_size, self._lease_seconds
             )
             await uow.commit()
-        if claimed:
-            await asyncio.gather(*(self._deliver(delivery) for delivery in claimed))
+        if not claimed:
+            return 0
+        users = sorted({delivery.user_id for delivery in claimed})
+        async with self._uow_factory() as uow:
+            preferences = await uow.preferences.get_many(users)
+        found = await asyncio.gather(*(self._contacts(user) for user in users))
+        contacts = dict(zip(users, found, strict=True))
+        outcomes = await asyncio.gather(
+            *(
+                self._deliver(
+                    delivery,
+                    contacts[delivery.user_id],
+                    preferences.get(delivery.user_id) or Preferences(delivery.user_id),
+                )
+                for delivery in claimed
+            )
+        )
+        await self._record(list(zip(claimed, outcomes, strict=True)))
         return len(claimed)
 
-    async def _deliver(self, delivery: Delivery) -> None:
+    async def _contacts(self, user_id: int) -> Contacts | TransientSendError | None:
+        try:
+            return await self._directory.contacts(user_id)
+        except TransientSendError as error:
+            return error
+
+    async def _deliver(
+        self,
+        delivery: Delivery,
+        contacts: Contacts | TransientSendError | None,
+        preferences: Preferences,
+    ) -> Outcome:
         async with self._slots:
             with start_span_from_traceparent(
                 f"notifications send {delivery.channel.value}",
                 delivery.trace_parent,
                 attributes={"cake.delivery_id": str(delivery.id)},
             ):
-                await self._attempt(delivery)
+                return await self._attempt(delivery, contacts, preferences)
 
-    async def _attempt(self, delivery: Delivery) -> None:
+    async def _attempt(
+        self,
+        delivery: Delivery,
+        contacts: Contacts | TransientSendError | None,
+        preferences: Preferences,
+    ) -> Outcome:
+        if isinstance(contacts, TransientSendError):
+            return Outcome(retry=str(contacts))
+        message = self._message(delivery, contacts, preferences)
+        if message is None:
+            return Outcome(failed="the user has no contact on this channel")
         try:
-            message = await self._message(delivery)
-            if message is None:
-                await self._record(delivery, failed="the user has no contact on this channel")
-                return
             await self._senders[delivery.channel].send(message)
         except TransientSendError as error:
-            await self._record(delivery, retry=str(error))
-            return
+            return Outcome(retry=str(error))
         except PermanentSendError as error:
-            await self._record(delivery, failed=str(error))
-            return
-        await self._record(delivery)
+            return Outcome(failed=str(error))
+        return Outcome()
 
-    async def _message(self, delivery: Delivery) -> OutgoingMessage | None:
-        contacts = await self._directory.contacts(delivery.user_id)
+    def _message(
+        self, delivery: Delivery, contacts: Contacts | None, preferences: Preferences
+    ) -> OutgoingMessage | None:
         if contacts is None:
             return None
         to = recipient(delivery.channel, contacts)
         if not to:
             return None
-        async with self._uow_factory() as uow:
-            preferences = await uow.preferences.get(delivery.user_id)
-        chosen = preferences or Preferences(delivery.user_id)
-        language = chosen.language_or(contacts.language)
+        language = preferences.language_or(contacts.language)
         values = {**delivery.facts, "fullname": contacts.fullname}
         rendered = self._renderer.render(delivery.kind, language, delivery.channel.value, values)
         return OutgoingMessage(delivery.id, delivery.channel, to, rendered.subject, rendered.body)
 
-    async def _record(
-        self, delivery: Delivery, *, retry: str | None = None, failed: str | None = None
-    ) -> None:
+    async def _record(self, results: list[tuple[Delivery, Outcome]]) -> None:
         now = self._clock()
         async with self._uow_factory() as uow:
-            if retry is not None:
-                due = now + timedelta(seconds=self._retry.delay(delivery.attempts))
-                await uow.deliveries.retry_later(delivery.id, due, retry[:500])
-            elif failed is not None:
-                await uow.deliveries.mark_failed(delivery.id, now, failed[:500])
-            else:
-                await uow.deliveries.mark_sent(delivery.id, now)
+            sent = [delivery.id for delivery, outcome in results if outcome.sent]
+            if sent:
+                await uow.deliveries.mark_sent(sent, now)
+            for delivery, outcome in results:
+                if outcome.retry is not None:
+                    due = now + timedelta(seconds=self._retry.delay(delivery.attempts))
+                    await uow.deliveries.retry_later(delivery.id, due, outcome.retry[:500])
+                elif outcome.failed is not None:
+                    await uow.deliveries.mark_failed(delivery.id, now, outcome.failed[:500])
             await uow.commit()
-        if retry is not None:
+        for delivery, outcome in results:
+            self._report(delivery, outcome, now)
+
+    def _report(self, delivery: Delivery, outcome: Outcome, now: datetime) -> None:
+        if outcome.retry is not None:
             self._metrics.send_retried(delivery.channel)
             _log.warning(
                 "delivery not sent, retrying later",
                 delivery_id=str(delivery.id),
                 channel=delivery.channel.value,
                 attempt=delivery.attempts,
-                error=retry,
+                error=outcome.retry,
             )
-        elif failed is not None:
+        elif outcome.failed is not None:
             self._metrics.send_failed(delivery.channel)
             _log.error(
                 "delivery failed for good",
                 delivery_id=str(delivery.id),
                 channel=delivery.channel.value,
-                error=failed,
+                error=outcome.failed,
             )
         else:
             self._metrics.message_sent(
@@ -198,3 +243,15 @@ class Dispatcher:
                 delivery.kind,
                 max((now - delivery.occurred_at).total_seconds(), 0.0),
             )
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of one attempt: sent (neither field), to retry, or failed for good."""
+
+    retry: str | None = None
+    failed: str | None = None
+
+    @property
+    def sent(self) -> bool:
+        return self.retry is None and self.failed is None
