@@ -8,6 +8,7 @@ start; a deployment mounts its own.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import time
@@ -63,3 +64,19 @@ def ensure_notifications_token(signing_key: Path, jwks_file: Path, path: Path) -
     tokens: this one is an admin token of no real user (id 0), which the directory accepts.
     """
     write_token(path, mint_token(signing_key, jwks_file, subject="0", role="admin"))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m cake_devtools.stack.service_tokens --keys-dir DIR --out FILE`` (the
+    Tiltfile: the dev cluster's token, from the same development keys)."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--keys-dir", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    ensure_notifications_token(
+        args.keys_dir / "jwt-signing-key.pem", args.keys_dir / "jwks.json", args.out
+    )
+
+
+if __name__ == "__main__":
+    main()
