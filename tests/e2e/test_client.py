@@ -1,18 +1,20 @@
 """cake-client against the real stack, through the gateway's native gRPC routes: a user
-session that logs in once and rotates its refresh token, and the library's runnable example."""
+session that logs in once and rotates its refresh token, a service account's client
+credentials, and the library's runnable example."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import uuid
 from pathlib import Path
 
 import grpc
 import pytest
-from cake.auth.v1 import auth_pb2
+from cake.auth.v1 import auth_pb2, oauth_pb2
 from cake.promotions.v1 import promotions_pb2
-from cake_client import PasswordSession, StaticToken, connect
+from cake_client import ClientCredentials, PasswordSession, StaticToken, connect
 from cake_devtools.stack import Stack
 
 pytestmark = pytest.mark.e2e
@@ -93,3 +95,42 @@ async def test_the_example_runs_against_the_stack(full_stack: Stack) -> None:
     ]
     code, _, err = await _run_example(target, registered.user.email, "not-the-password")
     assert (code, err.split(":")[0]) == (1, "UNAUTHENTICATED")
+
+
+async def test_client_credentials_get_one_token_and_reach_what_their_scope_allows(
+    full_stack: Stack,
+) -> None:
+    target = _gateway_target(full_stack)
+    registered, _ = await _register(target)
+    name = f"client-{uuid.uuid4().hex[:10]}"
+    created = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "cake_auth",
+        "create-service-account",
+        name,
+        "--scope",
+        "users:read-contacts",
+        env={**os.environ, **full_stack.service_environment()["auth"]},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await created.communicate()
+    assert created.returncode == 0, err.decode()
+    secret = next(
+        line.partition("=")[2]
+        for line in out.decode().splitlines()
+        if line.startswith("client_secret=")
+    )
+    provider = ClientCredentials(name, secret, scopes=["users:read-contacts"])
+    async with connect(target, tokens=provider) as cake:
+        for _ in range(3):
+            contacts = await cake.auth.GetUserContacts(
+                oauth_pb2.GetUserContactsRequest(user_id=registered.user.id)
+            )
+            assert contacts.email == registered.user.email
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await cake.auth.GetProfile(auth_pb2.GetProfileRequest())
+    assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert provider.requests == 1
+    assert provider.granted_scopes == {"users:read-contacts"}

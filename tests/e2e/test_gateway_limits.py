@@ -46,9 +46,7 @@ def limited_gateway(full_stack: Stack, tmp_path_factory: pytest.TempPathFactory)
     )
     assert gateway.rate_limits == (PER_MINUTE, AUTH_PER_MINUTE)
     stack_settings = StackSettingsForTests(gateway_port=free_port(), envoy_admin_port=free_port())
-    context: GatewayContext = local_gateway_context(
-        stack_settings, jwks_path=full_stack.run_dir / "keys" / "jwks.json", gateway=gateway
-    )
+    context: GatewayContext = local_gateway_context(stack_settings, gateway=gateway)
     with run_gateway(context, tmp_path_factory.mktemp("limited-envoy")) as url:
         yield url
 

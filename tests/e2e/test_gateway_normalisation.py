@@ -135,9 +135,7 @@ def limited_gateway(full_stack: Stack, tmp_path_factory: pytest.TempPathFactory)
         profile="default", rate_limit_per_minute=None, auth_rate_limit_per_minute=None
     )
     stack_settings = StackSettingsForTests(gateway_port=_free_port(), envoy_admin_port=_free_port())
-    context: GatewayContext = local_gateway_context(
-        stack_settings, jwks_path=full_stack.run_dir / "keys" / "jwks.json", gateway=gateway
-    )
+    context: GatewayContext = local_gateway_context(stack_settings, gateway=gateway)
     with run_gateway(context, tmp_path_factory.mktemp("normalising-envoy")) as url:
         yield url
 

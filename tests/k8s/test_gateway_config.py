@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from cake_auth.adapters.signing_keys import generate_key_pair
 from cake_devtools import k8s_gateway
 from cake_devtools.gateway_config import (
     default_descriptor_path,
@@ -33,20 +32,16 @@ def test_committed_config_is_fresh(repo: Path) -> None:
 
 def test_envoy_validates_the_config_with_local_file_paths(repo: Path, tmp_path: Path) -> None:
     """The pod's file paths exist only in the container; a copy rendered with local paths
-    (the real descriptor set, a real JWKS, an OpenAPI stand-in) is otherwise the same text."""
-    keys = tmp_path / "keys"
-    generate_key_pair(keys)
+    (the real descriptor set, an OpenAPI stand-in) is otherwise the same text."""
     openapi = tmp_path / "openapi.json"
     openapi.write_text('{"openapi": "3.0.3", "info": {"title": "stand-in", "version": "0"}}')
     local: dict[Path, Path] = {
         k8s_gateway.DESCRIPTOR_PATH: default_descriptor_path(),
         k8s_gateway.OPENAPI_PATH: openapi,
-        k8s_gateway.JWKS_PATH: keys / "jwks.json",
     }
     context = k8s_gateway.k8s_gateway_context(
         descriptor_path=local[k8s_gateway.DESCRIPTOR_PATH],
         openapi_path=local[k8s_gateway.OPENAPI_PATH],
-        jwks_path=local[k8s_gateway.JWKS_PATH],
         docs_pages_dir=default_docs_pages_dir(),
         swagger_ui_dir=default_swagger_ui_dir(),
     )
@@ -118,9 +113,20 @@ def test_config_agrees_with_the_gateway_image_and_manifests(
         assert envoy["args"][envoy["args"].index("--config-path") + 1] == (
             f"{mounts['config']}/envoy.yaml"
         )
-        # The JWKS comes from the jwks ConfigMap mount.
-        assert volumes["jwks"]["configMap"]["name"] == "jwks"
-        assert str(k8s_gateway.JWKS_PATH) == f"{mounts['jwks']}/jwks.json"
+        # No key file: jwt_authn fetches the JWKS through the pod's own listener (auth's
+        # GetJwks), so a rotation needs no gateway roll.
+        assert "jwks" not in volumes
+        provider = next(
+            f["typed_config"]["providers"]["cake"]
+            for listener in config["static_resources"]["listeners"]
+            for chain in listener["filter_chains"]
+            for network in chain["filters"]
+            for f in network["typed_config"].get("http_filters", [])
+            if f["name"] == "envoy.filters.http.jwt_authn"
+        )
+        jwks_uri = provider["remote_jwks"]["http_uri"]["uri"]
+        assert jwks_uri == f"http://127.0.0.1:{ports['http']}/.well-known/jwks.json"
+        assert socket_addresses(config)["jwks"] == ("127.0.0.1", ports["http"])
         # Generated files are resolved against the working directory, which mirrors the
         # repository in the image (WORKDIR + COPY gateway/generated/).
         assert envoy["workingDir"] == "/srv/cake"
@@ -136,6 +142,8 @@ def test_config_agrees_with_the_gateway_image_and_manifests(
         addresses = socket_addresses(config)
         # except the ops listener's way to the admin interface, on the pod's loopback.
         assert addresses.pop("envoy_admin") == ("127.0.0.1", k8s_gateway.ADMIN_PORT)
+        # and the JWKS, fetched through the pod's own listener (checked above).
+        addresses.pop("jwks")
         for cluster, (host, port) in addresses.items():
             upstream = overlay.get("Service", host)
             (grpc,) = [p for p in upstream["spec"]["ports"] if p["name"] == "grpc"]

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from cake_auth.adapters.signing_keys import generate_key_pair
 from cake_devtools import k8s_gateway
 from cake_devtools.gateway_config import (
     GatewayContext,
@@ -41,13 +40,11 @@ class Gateway:
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     workdir = tmp_path_factory.mktemp("k8s-ops-envoy")
-    generate_key_pair(workdir / "keys")
     openapi = workdir / "openapi.json"
     openapi.write_text(json.dumps({"openapi": "3.0.3", "info": {"title": "t", "version": "0"}}))
     pod = k8s_gateway.k8s_gateway_context(
         descriptor_path=default_descriptor_path(),
         openapi_path=openapi,
-        jwks_path=workdir / "keys" / "jwks.json",
         docs_pages_dir=default_docs_pages_dir(),
         swagger_ui_dir=default_swagger_ui_dir(),
     )
@@ -63,7 +60,8 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         ),
     )
     assert context.admin_address == "127.0.0.1"
-    with run_gateway(context, workdir):
+    # Nothing serves the JWKS here (no auth): the ops port does not need it.
+    with run_gateway(context, workdir, wait_for_jwks=False):
         yield Gateway(
             ops=f"http://127.0.0.1:{context.ops_port}",
             admin=f"http://127.0.0.1:{context.admin_port}",

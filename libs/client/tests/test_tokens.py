@@ -1,4 +1,5 @@
-"""PasswordSession's renewals, against a fake AuthService stub (pure client logic)."""
+"""PasswordSession's and ClientCredentials' renewals, against fake AuthService stubs (pure
+client logic)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import asyncio
 
 import grpc
 import pytest
-from cake.auth.v1 import auth_pb2
-from cake_client import PasswordSession
+from cake.auth.v1 import auth_pb2, oauth_pb2
+from cake_client import ClientCredentials, PasswordSession
 
 
 class _Refused(grpc.aio.AioRpcError):
@@ -112,3 +113,54 @@ async def test_other_refresh_errors_reach_the_caller_and_forget_renews() -> None
 def test_empty_credentials_are_refused() -> None:
     with pytest.raises(ValueError, match="must not be empty"):
         PasswordSession("", "pw")
+
+
+class _FakeTokenEndpoint:
+    def __init__(self) -> None:
+        self.requests: list[oauth_pb2.TokenRequest] = []
+
+    async def Token(self, request: oauth_pb2.TokenRequest) -> oauth_pb2.TokenResponse:
+        await asyncio.sleep(0)
+        self.requests.append(request)
+        return oauth_pb2.TokenResponse(
+            access_token=f"service-{len(self.requests)}",
+            token_type="Bearer",
+            expires_in=300,
+            scope=request.scope or "users:read-contacts",
+        )
+
+
+async def test_client_credentials_cache_the_token_and_renew_before_expiry() -> None:
+    endpoint, clock = _FakeTokenEndpoint(), _Clock()
+    provider = ClientCredentials(
+        "notifications", "s3cret", scopes=["users:read-contacts"], clock=clock
+    )
+    assert await provider.token(endpoint) == "service-1"  # type: ignore[arg-type]
+    clock.now += 269  # 31 s left: still fresh
+    assert await provider.token(endpoint) == "service-1"  # type: ignore[arg-type]
+    clock.now += 2  # 29 s left: renewed before it expires
+    assert await provider.token(endpoint) == "service-2"  # type: ignore[arg-type]
+    assert provider.requests == 2
+    first = endpoint.requests[0]
+    assert (first.grant_type, first.client_id, first.client_secret, first.scope) == (
+        "client_credentials",
+        "notifications",
+        "s3cret",
+        "users:read-contacts",
+    )
+    assert provider.granted_scopes == {"users:read-contacts"}
+    provider.forget()
+    assert await provider.token(endpoint) == "service-3"  # type: ignore[arg-type]
+
+
+async def test_concurrent_calls_at_expiry_make_one_token_request() -> None:
+    endpoint, clock = _FakeTokenEndpoint(), _Clock()
+    provider = ClientCredentials("notifications", "s3cret", clock=clock)
+    tokens = await asyncio.gather(*(provider.token(endpoint) for _ in range(20)))  # type: ignore[arg-type]
+    assert set(tokens) == {"service-1"}
+    assert len(endpoint.requests) == 1
+
+
+def test_empty_client_credentials_are_refused() -> None:
+    with pytest.raises(ValueError, match="client_id"):
+        ClientCredentials("", "x")

@@ -29,7 +29,9 @@ from cake_auth.adapters.signing_keys import (
     generate_key_pair,
     load_signing_key,
 )
+from cake_auth.bootstrap import open_service_accounts
 from cake_auth.bootstrap import start_server as start_auth
+from cake_auth.domain.service_accounts import parse_scopes
 from cake_auth.settings import AuthSettings
 from cake_common.grpc_server import RunningGrpcServer
 from cake_notifications import bootstrap
@@ -115,6 +117,7 @@ class Auth:
     channel: grpc.aio.Channel
     stub: auth_pb2_grpc.AuthServiceStub
     issuer: Es256TokenIssuer
+    settings: AuthSettings
 
     async def register(self) -> auth_pb2.User:
         tag = uuid.uuid4().hex[:10]
@@ -158,7 +161,7 @@ async def auth(
         audience=settings.jwt_audience,
         ttl_seconds=3600,
     )
-    yield Auth(running, channel, auth_pb2_grpc.AuthServiceStub(channel), issuer)
+    yield Auth(running, channel, auth_pb2_grpc.AuthServiceStub(channel), issuer, settings)
     await channel.close(None)
     await running.stop()
 
@@ -214,10 +217,14 @@ async def start_notifications(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[StartNotifications]:
     """Start notifications servers as ``serve`` does; ``topics`` maps event type names to a
-    test's topics. The directory token is an admin token signed with the test auth's key
-    (until auth issues service-account tokens)."""
-    token_file = tmp_path_factory.mktemp("token") / "auth.token"
-    token_file.write_text(auth.token(1, "admin"))
+    test's topics. Contacts come from the test auth with a real service account's tokens
+    (client credentials, scope users:read-contacts)."""
+    async with open_service_accounts(auth.settings) as accounts:
+        account = await accounts.create(
+            f"notif-{uuid.uuid4().hex[:8]}", parse_scopes(["users:read-contacts"])
+        )
+    secret_file = tmp_path_factory.mktemp("secret") / "client-secret"
+    secret_file.write_text(account.client_secret)
     database_url = new_module_database("notifications")
     started: list[Notifications] = []
 
@@ -231,7 +238,8 @@ async def start_notifications(
             "smtp_port": smtp_sink.port,
             "smtp_timeout_seconds": 2,
             "auth_directory_target": f"127.0.0.1:{auth.running.port}",
-            "auth_token_file": token_file,
+            "auth_client_id": account.client_id,
+            "auth_client_secret_file": secret_file,
             "consumer_group": f"test-notifications-{uuid.uuid4().hex[:8]}",
             "shutdown_grace_seconds": 1,
             "send_retry_base_seconds": 0.2,

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import protovalidate
 import pytest
-from cake.auth.v1 import auth_pb2
+from cake.access.v1 import access_pb2
+from cake.auth.v1 import auth_pb2, oauth_pb2
 from cake.events.v1 import admin_pb2, health_pb2
 from cake.payments.v1 import payments_pb2
 from cake.promotions.v1 import promotions_pb2
@@ -129,7 +130,7 @@ def test_every_rpc_has_an_http_rule(descriptor_set: descriptor_pb2.FileDescripto
         for service in file.service
         for method in service.method
     ]
-    assert len(methods) == 25
+    assert len(methods) == 28
     missing = [
         name
         for name, options in methods
@@ -139,12 +140,49 @@ def test_every_rpc_has_an_http_rule(descriptor_set: descriptor_pb2.FileDescripto
     assert missing == []
 
 
+def test_every_rpc_declares_who_may_call_it(
+    descriptor_set: descriptor_pb2.FileDescriptorSet,
+) -> None:
+    """``option (cake.access.v1.access)`` on every RPC of every service (internal ones too):
+    the services' auth interceptor enforces it, the gateway and cake-client read it."""
+    undeclared = []
+    declared = {}
+    for file in _contract_files(descriptor_set):
+        for service in file.service:
+            for method in service.method:
+                name = f"{file.package}.{service.name}/{method.name}"
+                if not method.options.HasExtension(access_pb2.access):
+                    undeclared.append(name)
+                    continue
+                access = method.options.Extensions[access_pb2.access]
+                declared[name] = access
+                # Exactly one way in: public, token-optional, or by role/scope.
+                assert (
+                    int(access.public)
+                    + int(access.token_optional)
+                    + int(bool(access.roles or access.scopes))
+                    == 1
+                ), name
+                assert set(access.roles) <= {"user", "admin", "service"}, name
+    assert undeclared == []
+    assert declared["cake.auth.v1.AuthService/GetUserContacts"].scopes == ["users:read-contacts"]
+    # No user RPC lets a service token in by role.
+    assert not [name for name, access in declared.items() if "service" in access.roles]
+
+
 @pytest.mark.parametrize(
     ("service", "method", "verb", "path", "response_body"),
     [
         ("cake.auth.v1.AuthService", "GetProfile", "get", "/auth/profile", "user"),
         ("cake.auth.v1.AuthService", "UpdateProfile", "patch", "/auth/profile", "user"),
         ("cake.auth.v1.AuthService", "GetJwks", "get", "/.well-known/jwks.json", ""),
+        (
+            "cake.auth.v1.AuthService",
+            "GetOpenIdConfiguration",
+            "get",
+            "/.well-known/openid-configuration",
+            "",
+        ),
         (PROMOTIONS, "ListCampaigns", "get", "/promotions/campaigns", "campaigns"),
         (PROMOTIONS, "GetCampaign", "get", "/promotions/campaigns/{id}", "campaign"),
         (PROMOTIONS, "ListMyPromotions", "get", "/promotions/my-promotions", "promotions"),
@@ -278,7 +316,16 @@ def test_only_the_oauth_style_token_fields_keep_their_snake_case_json_names(
         ("cake/auth/v1/auth.proto", name, field, field)
         for name in responses
         for field in ("access_token", "refresh_token", "expires_in")
-    } | {("cake/auth/v1/auth.proto", "RefreshTokenRequest", "refresh_token", "refresh_token")}
+    } | {("cake/auth/v1/auth.proto", "RefreshTokenRequest", "refresh_token", "refresh_token")} | {
+        # RFC 6749 section 5.1's token response.
+        ("cake/auth/v1/oauth.proto", "TokenResponse", field, field)
+        for field in ("access_token", "token_type", "expires_in")
+    } | {
+        # OpenID Connect Discovery's names.
+        ("cake/auth/v1/oauth.proto", "GetOpenIdConfigurationResponse", field.name, field.name)
+        for field in oauth_pb2.GetOpenIdConfigurationResponse.DESCRIPTOR.fields
+        if field.name != "issuer"
+    }
 
 
 # --- protovalidate enforces the REST contract's field rules -----------------------------------

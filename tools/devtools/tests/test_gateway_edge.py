@@ -13,8 +13,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import http.server
 import json
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -36,6 +38,7 @@ from cake_devtools.gateway_config import (
     USER_ID_HEADER,
     USER_ROLE_HEADER,
     GatewayContext,
+    JwksSource,
     RestMethod,
     default_descriptor_path,
     default_openapi_path,
@@ -163,14 +166,33 @@ class FakeServices:
 
 
 class Tokens:
-    """An ES256 key published in a JWKS file, and tokens signed with it (or not quite)."""
+    """An ES256 key published as a JWKS over HTTP (what auth's GetJwks is behind the real
+    gateway; the fake auth here does not serve it), and tokens signed with it (or not quite)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self) -> None:
         self.key = ec.generate_private_key(ec.SECP256R1())
         public = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(self.key.public_key()))
         public.update(kid=KID, use="sig", alg="ES256")
-        self.jwks_path = directory / "jwks.json"
-        self.jwks_path.write_text(json.dumps({"keys": [public]}))
+        document = json.dumps({"keys": [public]}).encode()
+
+        class _Jwks(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(document)))
+                self.end_headers()
+                self.wfile.write(document)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return None
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Jwks)
+        self.jwks = JwksSource(port=self._server.server_address[1])
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
 
     def claims(self, **overrides: Any) -> dict[str, Any]:
         now = int(time.time())
@@ -220,8 +242,10 @@ def fakes() -> Iterator[FakeServices]:
 
 
 @pytest.fixture(scope="module")
-def tokens(tmp_path_factory: pytest.TempPathFactory) -> Tokens:
-    return Tokens(tmp_path_factory.mktemp("keys"))
+def tokens() -> Iterator[Tokens]:
+    served = Tokens()
+    yield served
+    served.close()
 
 
 def edge_context(fakes: FakeServices, tokens: Tokens, **overrides: Any) -> GatewayContext:
@@ -232,7 +256,7 @@ def edge_context(fakes: FakeServices, tokens: Tokens, **overrides: Any) -> Gatew
         "admin_port": free_port(),
         "descriptor_path": default_descriptor_path(),
         "openapi_path": default_openapi_path(),
-        "jwks_path": tokens.jwks_path,
+        "jwks": tokens.jwks,
         "upstreams": local_upstreams(
             auth_port=fakes.ports["auth"],
             promotions_port=fakes.ports["promotions"],

@@ -19,7 +19,6 @@ from cake_common.grpc_server.interceptors import (
 from cake_common.grpc_server.rich_status import RETRY_AFTER_METADATA_KEY
 from cake_devtools.gateway_config import (
     CREATED_METHODS,
-    PUBLIC_METHODS,
     contract_file_set,
     default_descriptor_path,
     default_openapi_path,
@@ -73,13 +72,26 @@ def test_every_rest_method_is_documented_with_its_status_and_auth(
         operation = document["paths"][method.path][method.http_method.lower()]
         status, _ = _success(document, method.path, method.http_method.lower())
         assert status == ("201" if method.full_name in CREATED_METHODS else "200")
-        if method.public:
+        if method.oauth:
+            # RFC 6749: the client authenticates by HTTP Basic or by form parameters.
+            assert operation["security"] == [{}, {"clientBasic": []}]
+            body = operation["requestBody"]["content"]["application/x-www-form-urlencoded"]
+            assert set(body["schema"]["properties"]) == {
+                "grant_type",
+                "client_id",
+                "client_secret",
+                "scope",
+            }
+            for status in ("400", "401"):
+                schema = operation["responses"][status]["content"]["application/json"]["schema"]
+                assert schema == {"$ref": "#/components/schemas/OAuthError"}
+        elif method.public:
             assert operation["security"] == []
         elif method.optional_token:
             assert operation["security"] == [{}, {"bearerAuth": []}]
         else:
             assert operation["security"] == [{"bearerAuth": []}]
-        if method.full_name not in PUBLIC_METHODS:
+        if not method.public:
             assert "401" in operation["responses"]
         assert operation["summary"]
         assert "429" in operation["responses"]

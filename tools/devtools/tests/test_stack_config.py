@@ -151,7 +151,7 @@ ENDPOINTS = Endpoints(
     jwks_file=Path("/run/keys/jwks.json"),
     metrics_ports={"auth": 19121, "promotions": 19122, "events": 19123, "notifications": 19125},
     smtp_port=11035,
-    notifications_token_file=Path("/run/keys/notifications-service.token"),
+    notifications_secret_file=Path("/run/keys/notifications-client-secret"),
 )
 
 
@@ -185,7 +185,10 @@ def test_notifications_gets_the_smtp_sink_auth_and_its_service_token() -> None:
     assert env["CAKE_NOTIFICATIONS_SMTP_HOST"] == "127.0.0.1"
     assert env["CAKE_NOTIFICATIONS_SMTP_PORT"] == "11035"
     assert env["CAKE_NOTIFICATIONS_AUTH_DIRECTORY_TARGET"] == "127.0.0.1:17151"
-    assert env["CAKE_NOTIFICATIONS_AUTH_TOKEN_FILE"] == "/run/keys/notifications-service.token"
+    assert env["CAKE_NOTIFICATIONS_AUTH_CLIENT_ID"] == "notifications"
+    assert (
+        env["CAKE_NOTIFICATIONS_AUTH_CLIENT_SECRET_FILE"] == "/run/keys/notifications-client-secret"
+    )
     assert env["CAKE_NOTIFICATIONS_DATABASE_URL"].endswith("@127.0.0.1:15442/cake_notifications")
 
 

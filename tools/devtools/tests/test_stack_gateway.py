@@ -7,13 +7,11 @@ The behaviour of a running gateway is tested in ``test_gateway_edge.py`` (fake s
 
 from __future__ import annotations
 
-import json
 import socket
 import time
 from pathlib import Path
 from typing import Any
 
-import jwt
 import pytest
 import yaml
 from cake_devtools.gateway_config import (
@@ -23,7 +21,6 @@ from cake_devtools.gateway_config import (
     DOCS_REST_PATH,
     HEALTH_SERVICE,
     OPENAPI_REST_PATH,
-    PUBLIC_METHODS,
     TRANSCODED_SERVICES,
     GatewayConfigError,
     GatewayContext,
@@ -47,7 +44,6 @@ from cake_devtools.stack.envoy import (
 from cake_devtools.stack.errors import StackError
 from cake_devtools.stack.layout import RunLayout
 from cake_devtools.stack.settings import StackSettings, StackSettingsForTests
-from cryptography.hazmat.primitives.asymmetric import ec
 
 #: Starts a real Envoy: `make test` runs it, the quick `make test-unit` does not.
 pytestmark = pytest.mark.slow
@@ -59,17 +55,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture
-def jwks(tmp_path: Path) -> Path:
-    # Envoy refuses a key set without a usable key, so this one has a real public key.
-    public = ec.generate_private_key(ec.SECP256R1()).public_key()
-    jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(public))
-    path = tmp_path / "jwks.json"
-    path.write_text(json.dumps({"keys": [{**jwk, "kid": "k", "use": "sig", "alg": "ES256"}]}))
-    return path
-
-
-def _context(jwks: Path, **overrides: Any) -> GatewayContext:
+def _context(**overrides: Any) -> GatewayContext:
     settings: dict[str, Any] = {
         "listen_address": "127.0.0.1",
         "listen_port": 18080,
@@ -77,7 +63,6 @@ def _context(jwks: Path, **overrides: Any) -> GatewayContext:
         "admin_port": _free_port(),
         "descriptor_path": default_descriptor_path(),
         "openapi_path": default_openapi_path(),
-        "jwks_path": jwks,
         "upstreams": local_upstreams(
             auth_port=17151, promotions_port=17152, events_port=17153, notifications_port=17155
         ),
@@ -99,15 +84,15 @@ def _routes(config: dict[str, Any]) -> list[dict[str, Any]]:
     return _manager(config)["route_config"]["virtual_hosts"][0]["routes"]  # type: ignore[no-any-return]
 
 
-def _render(jwks: Path, **overrides: Any) -> dict[str, Any]:
-    return yaml.safe_load(render_gateway_config(_context(jwks, **overrides)))  # type: ignore[no-any-return]
+def _render(**overrides: Any) -> dict[str, Any]:
+    return yaml.safe_load(render_gateway_config(_context(**overrides)))  # type: ignore[no-any-return]
 
 
 # -- structure ---------------------------------------------------------------------------------
 
 
-def test_filters_run_in_the_documented_order(jwks: Path) -> None:
-    names = [f["name"] for f in _manager(_render(jwks))["http_filters"]]
+def test_filters_run_in_the_documented_order() -> None:
+    names = [f["name"] for f in _manager(_render())["http_filters"]]
 
     assert names == [
         "cake.path_normaliser",
@@ -122,8 +107,8 @@ def test_filters_run_in_the_documented_order(jwks: Path) -> None:
     ]
 
 
-def test_transcoder_serves_every_contract_service_strictly(jwks: Path) -> None:
-    transcoder = _filters(_render(jwks))["envoy.filters.http.grpc_json_transcoder"]
+def test_transcoder_serves_every_contract_service_strictly() -> None:
+    transcoder = _filters(_render())["envoy.filters.http.grpc_json_transcoder"]
 
     assert transcoder["proto_descriptor"] == str(default_descriptor_path())
     assert transcoder["services"] == list(TRANSCODED_SERVICES)
@@ -139,8 +124,8 @@ def test_transcoder_serves_every_contract_service_strictly(jwks: Path) -> None:
     }
 
 
-def test_every_rest_method_has_a_route_on_its_grpc_path(jwks: Path) -> None:
-    routes = {route["name"]: route for route in _routes(_render(jwks))}
+def test_every_rest_method_has_a_route_on_its_grpc_path() -> None:
+    routes = {route["name"]: route for route in _routes(_render())}
 
     for method in rest_api():
         route = routes[method.full_name]
@@ -166,8 +151,8 @@ def test_every_rest_method_has_a_route_on_its_grpc_path(jwks: Path) -> None:
     assert {m.full_name for m in rest_api() if m.success_status == 201} == CREATED_METHODS
 
 
-def test_health_uses_a_cluster_without_health_checks(jwks: Path) -> None:
-    config = _render(jwks)
+def test_health_uses_a_cluster_without_health_checks() -> None:
+    config = _render()
     health = next(r for r in _routes(config) if r["name"] == f"{HEALTH_SERVICE}/GetSystemHealth")
     clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
 
@@ -184,9 +169,8 @@ def test_health_uses_a_cluster_without_health_checks(jwks: Path) -> None:
         assert cluster["type"] == "STATIC"
 
 
-def test_dns_upstreams_use_strict_dns(jwks: Path) -> None:
+def test_dns_upstreams_use_strict_dns() -> None:
     config = _render(
-        jwks,
         upstreams=(
             Upstream("auth", "auth", 50051, "/cake.auth."),
             Upstream("promotions", "promotions", 50051, "/cake.promotions."),
@@ -200,24 +184,35 @@ def test_dns_upstreams_use_strict_dns(jwks: Path) -> None:
     assert clusters["events_unchecked"]["type"] == "STRICT_DNS"
 
 
-def test_jwt_rules_leave_exactly_the_public_methods_open(jwks: Path) -> None:
-    jwt_filter = _filters(_render(jwks))["envoy.filters.http.jwt_authn"]
+def test_jwt_rules_leave_exactly_the_public_methods_open() -> None:
+    jwt_filter = _filters(_render())["envoy.filters.http.jwt_authn"]
     rules = jwt_filter["rules"]
     provider = jwt_filter["providers"]["cake"]
 
     open_paths = {rule["match"]["path"] for rule in rules if "requires" not in rule}
-    docs_paths = {docs_file.path for docs_file in _context(jwks).docs_files}
+    docs_paths = {docs_file.path for docs_file in _context().docs_files}
     assert DOCS_REST_PATH in docs_paths
-    assert open_paths == {OPENAPI_REST_PATH} | docs_paths | {f"/{name}" for name in PUBLIC_METHODS}
+    public = {method.grpc_path for method in _context().methods() if method.public}
+    assert "/cake.auth.v1.AuthService/Token" in public
+    assert "/cake.auth.v1.AuthService/GetProfile" not in public
+    assert open_paths == {OPENAPI_REST_PATH} | docs_paths | public
     assert rules[-1] == {"match": {"prefix": "/"}, "requires": {"provider_name": "cake"}}
-    assert provider["local_jwks"] == {"filename": str(jwks)}
+    remote = provider["remote_jwks"]
+    assert remote["http_uri"] == {
+        "uri": "http://127.0.0.1:18080/.well-known/jwks.json",
+        "cluster": "jwks",
+        "timeout": "2s",
+    }
+    assert remote["cache_duration"] == "300s"
+    assert remote["async_fetch"] == {"fast_listener": True, "failed_refetch_duration": "1s"}
+    assert remote["retry_policy"]["num_retries"] == 3
     assert provider["issuer"] == "cake-system"
     assert provider["audiences"] == ["cake-users"]
     assert provider["forward"] is True
 
 
-def test_rate_limits_come_from_the_context(jwks: Path) -> None:
-    limiter = _filters(_render(jwks, rate_limit_per_minute=7, auth_rate_limit_per_minute=3))[
+def test_rate_limits_come_from_the_context() -> None:
+    limiter = _filters(_render(rate_limit_per_minute=7, auth_rate_limit_per_minute=3))[
         "envoy.filters.http.local_ratelimit"
     ]
     buckets = {
@@ -236,9 +231,8 @@ def test_rate_limits_come_from_the_context(jwks: Path) -> None:
         assert name.replace(".", r"\.") in pattern
 
 
-def test_body_limit_cors_origins_and_connection_limit_come_from_the_context(jwks: Path) -> None:
+def test_body_limit_cors_origins_and_connection_limit_come_from_the_context() -> None:
     config = _render(
-        jwks,
         max_request_bytes=4096,
         cors_allowed_origins=("https://a.example", "*"),
         max_downstream_connections=77,
@@ -256,8 +250,8 @@ def test_body_limit_cors_origins_and_connection_limit_come_from_the_context(jwks
     assert monitor["typed_config"]["max_active_downstream_connections"] == 77
 
 
-def test_lua_knows_the_accepted_body_fields_of_every_body_method(jwks: Path) -> None:
-    scripts = _filters(_render(jwks))["envoy.filters.http.lua"]["source_codes"]
+def test_lua_knows_the_accepted_body_fields_of_every_body_method() -> None:
+    scripts = _filters(_render())["envoy.filters.http.lua"]["source_codes"]
     lua = scripts["rest_request.lua"]["inline_string"]
 
     for method in rest_api():
@@ -267,21 +261,19 @@ def test_lua_knows_the_accepted_body_fields_of_every_body_method(jwks: Path) -> 
     assert '["phone_number"] = true' in lua
 
 
-def test_missing_generated_files_fail_clearly(jwks: Path, tmp_path: Path) -> None:
+def test_missing_generated_files_fail_clearly(tmp_path: Path) -> None:
     with pytest.raises(GatewayConfigError, match="does not exist; generate it"):
-        render_gateway_config(_context(jwks, descriptor_path=tmp_path / "absent.pb"))
-    with pytest.raises(GatewayConfigError, match="cake-auth gen-keys"):
-        check_files(_context(tmp_path / "absent.json"))
+        render_gateway_config(_context(descriptor_path=tmp_path / "absent.pb"))
     with pytest.raises(GatewayConfigError, match="cake-codegen"):
-        check_files(_context(jwks, openapi_path=tmp_path / "absent.json"))
+        check_files(_context(openapi_path=tmp_path / "absent.json"))
     with pytest.raises(GatewayConfigError, match=r"served at /docs/swagger-ui-bundle\.js"):
-        check_files(_context(jwks, swagger_ui_dir=tmp_path))
+        check_files(_context(swagger_ui_dir=tmp_path))
 
 
-def test_docs_files_are_get_only_routes_with_their_own_policy(jwks: Path) -> None:
-    context = _context(jwks)
-    routes = {route["name"]: route for route in _routes(_render(jwks))}
-    header_mutation = _filters(_render(jwks))["envoy.filters.http.header_mutation"]
+def test_docs_files_are_get_only_routes_with_their_own_policy() -> None:
+    context = _context()
+    routes = {route["name"]: route for route in _routes(_render())}
+    header_mutation = _filters(_render())["envoy.filters.http.header_mutation"]
     global_policy = {
         m["append"]["header"]["key"]: m["append"]["header"]["value"]
         for m in header_mutation["mutations"]["response_mutations"]
@@ -307,13 +299,13 @@ def test_docs_files_are_get_only_routes_with_their_own_policy(jwks: Path) -> Non
     assert "http://" not in page and "https://" not in page
 
 
-def test_descriptor_without_a_routed_service_is_rejected(jwks: Path, tmp_path: Path) -> None:
+def test_descriptor_without_a_routed_service_is_rejected(tmp_path: Path) -> None:
     from google.protobuf import descriptor_pb2
 
     empty = tmp_path / "empty.pb"
     empty.write_bytes(descriptor_pb2.FileDescriptorSet().SerializeToString())
     with pytest.raises(GatewayConfigError, match=r"has no service cake\.auth\.v1\.AuthService"):
-        render_gateway_config(_context(jwks, descriptor_path=empty))
+        render_gateway_config(_context(descriptor_path=empty))
 
 
 # -- settings ----------------------------------------------------------------------------------
@@ -346,17 +338,19 @@ def test_the_test_stack_gateway_does_not_throttle_other_tests(
     assert load_gateway_settings("dev").rate_limits[0] == 5
 
 
-def test_stack_settings_reach_the_context(monkeypatch: pytest.MonkeyPatch, jwks: Path) -> None:
+def test_stack_settings_reach_the_context(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CAKE_GATEWAY_CORS_ALLOWED_ORIGINS", "https://a.example, https://b.example")
     monkeypatch.setenv("CAKE_GATEWAY_RATE_LIMIT_PER_MINUTE", "250")
     monkeypatch.setenv("CAKE_GATEWAY_MAX_REQUEST_BYTES", "2048")
+    monkeypatch.setenv("CAKE_GATEWAY_JWKS_CACHE_SECONDS", "7")
 
-    context = local_gateway_context(StackSettings(), jwks_path=jwks, gateway=GatewaySettings())
+    context = local_gateway_context(StackSettings(), gateway=GatewaySettings())
 
     assert context.cors_allowed_origins == ("https://a.example", "https://b.example")
     assert context.rate_limit_per_minute == 250
     assert context.max_request_bytes == 2048
-    assert context.jwks_path == jwks
+    assert context.jwks_cache_seconds == 7
+    assert context.jwks_uri == f"http://127.0.0.1:{context.listen_port}/.well-known/jwks.json"
     assert context.listen_address == "127.0.0.1"
 
 
@@ -364,17 +358,14 @@ def test_stack_settings_reach_the_context(monkeypatch: pytest.MonkeyPatch, jwks:
 
 
 @pytest.mark.parametrize("profile", ["dev", "test"])
-def test_envoy_accepts_the_local_stack_config(profile: str, jwks: Path, tmp_path: Path) -> None:
+def test_envoy_accepts_the_local_stack_config(profile: str, tmp_path: Path) -> None:
     settings = StackSettingsForTests() if profile == "test" else StackSettings()
-    context = local_gateway_context(
-        settings, jwks_path=jwks, gateway=load_gateway_settings(profile)
-    )
+    context = local_gateway_context(settings, gateway=load_gateway_settings(profile))
     validate_config(write_gateway_config(context, tmp_path / "envoy.yaml"))
 
 
-def test_envoy_accepts_a_config_with_dns_upstreams(jwks: Path, tmp_path: Path) -> None:
+def test_envoy_accepts_a_config_with_dns_upstreams(tmp_path: Path) -> None:
     context = _context(
-        jwks,
         listen_address="0.0.0.0",
         upstreams=(
             Upstream("auth", "auth.cake.svc", 50051, "/cake.auth."),
@@ -390,10 +381,12 @@ def test_envoy_accepts_a_config_with_dns_upstreams(jwks: Path, tmp_path: Path) -
 # -- the stack component -----------------------------------------------------------------------
 
 
-def test_stack_restarts_envoy_when_the_keys_rotate(jwks: Path, tmp_path: Path) -> None:
+def test_stack_does_not_restart_envoy_when_the_keys_rotate(tmp_path: Path) -> None:
+    """Envoy fetches the JWKS from auth while it runs: a rotated key file changes nothing
+    Envoy loads, so the stack keeps it running."""
     layout = RunLayout(tmp_path, "test")
     layout.keys.mkdir(parents=True)
-    layout.jwks_file.write_bytes(jwks.read_bytes())
+    layout.jwks_file.write_text('{"keys": [{"kid": "k"}]}')
     context = StackContext(
         profile="test", settings=StackSettingsForTests(), layout=layout, echo=lambda _: None
     )
@@ -401,13 +394,8 @@ def test_stack_restarts_envoy_when_the_keys_rotate(jwks: Path, tmp_path: Path) -
 
     assert envoy.unavailable_reason() is None
     before = envoy.fingerprint()
-    layout.jwks_file.write_text(jwks.read_text().replace('"kid": "k"', '"kid": "k2"'))
-
-    assert envoy.fingerprint() != before
-    layout.jwks_file.unlink()
-    reason = envoy.unavailable_reason()
-    assert reason is not None
-    assert "cake-auth gen-keys" in reason
+    layout.jwks_file.write_text('{"keys": [{"kid": "k2"}, {"kid": "k"}]}')
+    assert envoy.fingerprint() == before
 
 
 CLUSTERS_PAGE = """\
@@ -425,7 +413,7 @@ cluster.promotions.health_check.success: 3
 
 
 def test_envoy_admin_pages_are_read_per_cluster(
-    jwks: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What wait_routing decides on: flags per cluster (every host, IPv6 ones too) and the
     health-check successes, parsed from the admin's text pages."""

@@ -3,11 +3,12 @@ channel with deadlines and retries (a gRPC service config) and bearer tokens."""
 
 from cake_client.client import PUBLIC_METHODS, CakeClient, connect
 from cake_client.service_config import service_config, service_config_json
-from cake_client.tokens import PasswordSession, StaticToken, TokenProvider
+from cake_client.tokens import ClientCredentials, PasswordSession, StaticToken, TokenProvider
 
 __all__ = [
     "PUBLIC_METHODS",
     "CakeClient",
+    "ClientCredentials",
     "PasswordSession",
     "StaticToken",
     "TokenProvider",

@@ -7,22 +7,31 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, cast
 
 import grpc
-from cake.auth.v1 import auth_pb2_grpc
-from cake.events.v1 import admin_pb2_grpc
-from cake.promotions.v1 import promotions_pb2_grpc
+from cake.access.v1 import access_pb2
+from cake.auth.v1 import auth_pb2, auth_pb2_grpc
+from cake.events.v1 import admin_pb2, admin_pb2_grpc
+from cake.promotions.v1 import promotions_pb2, promotions_pb2_grpc
 
 from cake_client.service_config import service_config_json
 from cake_client.tokens import TokenProvider
 
-#: Methods that take no bearer token (the body carries the credentials, or nothing is needed).
-PUBLIC_METHODS = frozenset(
-    {
-        "/cake.auth.v1.AuthService/Register",
-        "/cake.auth.v1.AuthService/Login",
-        "/cake.auth.v1.AuthService/RefreshToken",
-        "/cake.auth.v1.AuthService/GetJwks",
-    }
-)
+
+def _tokenless_methods() -> frozenset[str]:
+    """The methods the contracts declare public or token-optional (``cake.access.v1.access``):
+    the body carries the credentials (login, refresh, the OAuth token request), or nothing
+    is needed."""
+    names = set()
+    for module in (auth_pb2, promotions_pb2, admin_pb2):
+        for service in module.DESCRIPTOR.services_by_name.values():
+            for method in service.methods:
+                access = method.GetOptions().Extensions[access_pb2.access]
+                if access.public or access.token_optional:
+                    names.add(f"/{service.full_name}/{method.name}")
+    return frozenset(names)
+
+
+#: Methods that take no bearer token.
+PUBLIC_METHODS = _tokenless_methods()
 
 
 def _method_name(details: grpc.aio.ClientCallDetails) -> str:

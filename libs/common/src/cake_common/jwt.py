@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -26,10 +27,16 @@ from cake_common.logging import get_logger
 
 ALLOWED_ALGORITHM = "ES256"
 ADMIN_ROLE = "admin"
+SERVICE_ROLE = "service"
+"""The role of a service account's token (OAuth 2.0 client credentials): its ``sub`` is the
+client id, not a user id, and its ``scope`` claim (space-separated, RFC 8693 section 4.2)
+lists what it may do."""
 _INVALID = "TOKEN_INVALID"
 _REQUIRED_CLAIMS = ("sub", "role", "iss", "aud", "iat", "exp", "jti", "sid")
 _MAX_USER_ID = 2**63 - 1
 _MAX_SESSION_ID = 64
+_CLIENT_ID = re.compile(r"[a-z][a-z0-9-]{2,62}")
+_MAX_SCOPES = 32
 
 _log = get_logger(__name__)
 
@@ -47,11 +54,21 @@ class Principal:
     expires_at: datetime
     session_id: str = ""
     """The server-side session the token belongs to (claim ``sid``); revoking it refuses
-    every token of the session."""
+    every token of the session. A service account's tokens share one per account generation,
+    so disabling the account or rotating its secret refuses them all."""
+    client_id: str = ""
+    """The service account (``sub`` of a ``service`` token); empty for users, whose
+    ``user_id`` is then set (a service token's ``user_id`` is 0, which no user has)."""
+    scopes: frozenset[str] = frozenset()
+    """The token's OAuth scopes (claim ``scope``); only service tokens carry any."""
 
     @property
     def is_admin(self) -> bool:
         return self.role == ADMIN_ROLE
+
+    @property
+    def is_service(self) -> bool:
+        return self.role == SERVICE_ROLE
 
 
 def parse_jwks(document: JwksDocument) -> dict[str, jwt.PyJWK]:
@@ -283,8 +300,35 @@ class JwtVerifier:
             raise Unauthenticated("Invalid token", reason=_INVALID) from None
 
 
+def _service_principal(claims: Mapping[str, Any], session_id: str) -> Principal:
+    subject, scope = claims["sub"], claims.get("scope", "")
+    if not isinstance(subject, str) or not _CLIENT_ID.fullmatch(subject):
+        raise Unauthenticated("Invalid token subject", reason=_INVALID)
+    if not isinstance(scope, str) or len(scope) > 1024:
+        raise Unauthenticated("Invalid token scope", reason=_INVALID)
+    scopes = frozenset(scope.split())
+    if len(scopes) > _MAX_SCOPES:
+        raise Unauthenticated("Invalid token scope", reason=_INVALID)
+    return Principal(
+        user_id=0,
+        role=SERVICE_ROLE,
+        jti=claims["jti"],
+        expires_at=datetime.fromtimestamp(int(claims["exp"]), tz=UTC),
+        session_id=session_id,
+        client_id=subject,
+        scopes=scopes,
+    )
+
+
 def _principal_from_claims(claims: Mapping[str, Any]) -> Principal:
     subject, role, jti = claims["sub"], claims["role"], claims["jti"]
+    if not isinstance(jti, str) or not jti:
+        raise Unauthenticated("Invalid token id", reason=_INVALID)
+    session_id = claims["sid"]
+    if not isinstance(session_id, str) or not session_id or len(session_id) > _MAX_SESSION_ID:
+        raise Unauthenticated("Invalid token session", reason=_INVALID)
+    if role == SERVICE_ROLE:
+        return _service_principal(claims, session_id)
     # The auth service writes numeric user ids as decimal strings (JWT `sub` is a string);
     # ids are BIGINT everywhere, so a larger number can name no user (and would make the
     # database, not the token check, fail).
@@ -297,11 +341,6 @@ def _principal_from_claims(claims: Mapping[str, Any]) -> Principal:
         raise Unauthenticated("Invalid token subject", reason=_INVALID)
     if not isinstance(role, str) or not role:
         raise Unauthenticated("Invalid token role", reason=_INVALID)
-    if not isinstance(jti, str) or not jti:
-        raise Unauthenticated("Invalid token id", reason=_INVALID)
-    session_id = claims["sid"]
-    if not isinstance(session_id, str) or not session_id or len(session_id) > _MAX_SESSION_ID:
-        raise Unauthenticated("Invalid token session", reason=_INVALID)
     return Principal(
         user_id=int(subject),
         role=role,

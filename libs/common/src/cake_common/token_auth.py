@@ -8,9 +8,11 @@ everywhere::
     revocations.start()  # follow the revocation stream; stop it with `await aclose()`
     builder.with_auth(
         token_verifier(settings, settings.jwks_file),
-        public_methods=PUBLIC_METHODS,
         is_revoked=revocations.is_revoked,
     )
+
+Which methods need no token, and which roles or scopes each one admits, comes from the
+contracts (``option (cake.access.v1.access)``), not from the service.
 """
 
 from __future__ import annotations

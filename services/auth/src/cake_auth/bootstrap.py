@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import redis.asyncio
-from cake.auth.v1 import auth_pb2_grpc, directory_pb2_grpc
+from cake.auth.v1 import auth_pb2_grpc
 from cake_common.db import create_session_factory, database_probe
 from cake_common.grpc_server import DependencyCheck, GrpcServerBuilder, RunningGrpcServer
 from cake_common.outbox import OutboxWriter
@@ -36,19 +36,15 @@ from cake_auth.adapters.signing_keys import (
     load_signing_key,
 )
 from cake_auth.adapters.unit_of_work import SqlAuthUnitOfWork
-from cake_auth.api.directory import DIRECTORY_SERVICE, UserDirectoryServicer
-from cake_auth.api.servicer import (
-    AUTH_SERVICE,
-    OPTIONAL_TOKEN_METHODS,
-    PUBLIC_METHODS,
-    AuthServicer,
-)
+from cake_auth.api.servicer import AUTH_SERVICE, AuthServicer
 from cake_auth.domain.login import DelayPolicy
+from cake_auth.domain.tokens import AccessToken
 from cake_auth.metrics import AuthMetrics
 from cake_auth.service.accounts import UserAccounts
 from cake_auth.service.admission import HashAdmission
-from cake_auth.service.directory import UserDirectory
+from cake_auth.service.discovery import OpenIdConfiguration
 from cake_auth.service.ports import PasswordHasher, UnitOfWorkFactory
+from cake_auth.service.service_accounts import ServiceAccounts, ServiceAccountUnitOfWorkFactory
 from cake_auth.service.use_cases import AuthUseCases
 from cake_auth.settings import AuthSettings
 
@@ -80,6 +76,7 @@ class _Infrastructure:
 
     metrics: AuthMetrics
     unit_of_work: UnitOfWorkFactory
+    service_accounts_unit_of_work: ServiceAccountUnitOfWorkFactory
     hasher: PasswordHasher
     redis: redis.asyncio.Redis
     guard: RedisGuard
@@ -130,6 +127,7 @@ async def _open_infrastructure(
     return _Infrastructure(
         metrics=metrics,
         unit_of_work=unit_of_work,
+        service_accounts_unit_of_work=unit_of_work,
         hasher=hasher,
         redis=redis_client,
         guard=guard,
@@ -173,6 +171,57 @@ def hash_admission(settings: AuthSettings, metrics: AuthMetrics) -> HashAdmissio
     )
 
 
+def _token_issuer(settings: AuthSettings, signing_key: SigningKey) -> Es256TokenIssuer:
+    return Es256TokenIssuer(
+        signing_key,
+        issuer=settings.jwt_issuer,
+        audience=settings.jwt_audience,
+        ttl_seconds=settings.access_token_ttl_seconds,
+        service_ttl_seconds=settings.service_token_ttl_seconds,
+    )
+
+
+def _shared_revocations(
+    settings: AuthSettings, infrastructure: _Infrastructure
+) -> SharedRevocations:
+    return SharedRevocations(
+        infrastructure.revocations,
+        infrastructure.metrics,
+        access_ttl_seconds=settings.access_token_ttl_seconds,
+        leeway_seconds=settings.jwt_leeway_seconds,
+    )
+
+
+def _service_accounts(
+    settings: AuthSettings, infrastructure: _Infrastructure, signing_key: SigningKey | None
+) -> ServiceAccounts:
+    return ServiceAccounts(
+        unit_of_work=infrastructure.service_accounts_unit_of_work,
+        tokens=_token_issuer(settings, signing_key) if signing_key is not None else _NoTokens(),
+        revocations=_shared_revocations(settings, infrastructure),
+    )
+
+
+class _NoTokens:
+    """Operator commands manage accounts; they never sign a token."""
+
+    def issue_service(
+        self, client_id: str, scopes: Sequence[str], *, session_id: str
+    ) -> AccessToken:
+        raise RuntimeError("operator commands do not issue tokens")
+
+
+@asynccontextmanager
+async def open_service_accounts(settings: AuthSettings) -> AsyncIterator[ServiceAccounts]:
+    """Service-account administration for operator commands, on a migrated database."""
+    infrastructure = await _open_infrastructure(settings, CollectorRegistry())
+    infrastructure.exits.push_async_callback(infrastructure.revocations.aclose)
+    try:
+        yield _service_accounts(settings, infrastructure, None)
+    finally:
+        await infrastructure.exits.aclose()
+
+
 async def _use_cases(
     settings: AuthSettings, infrastructure: _Infrastructure, signing_key: SigningKey, jwks: Path
 ) -> AuthUseCases:
@@ -181,12 +230,7 @@ async def _use_cases(
         unit_of_work=infrastructure.unit_of_work,
         hasher=infrastructure.hasher,
         admission=hash_admission(settings, infrastructure.metrics),
-        tokens=Es256TokenIssuer(
-            signing_key,
-            issuer=settings.jwt_issuer,
-            audience=settings.jwt_audience,
-            ttl_seconds=settings.access_token_ttl_seconds,
-        ),
+        tokens=_token_issuer(settings, signing_key),
         profile_cache=infrastructure.profile_cache,
         login_throttle=RedisLoginThrottle(
             infrastructure.redis,
@@ -205,12 +249,7 @@ async def _use_cases(
             ),
             key_prefix=settings.redis_key_prefix,
         ),
-        revocations=SharedRevocations(
-            infrastructure.revocations,
-            infrastructure.metrics,
-            access_ttl_seconds=settings.access_token_ttl_seconds,
-            leeway_seconds=settings.jwt_leeway_seconds,
-        ),
+        revocations=_shared_revocations(settings, infrastructure),
         session_lifetime_seconds=settings.session_lifetime_seconds,
         published_keys=JwksFile(jwks, signing_key.kid),
         # Unknown accounts are checked against this, at the cost of a real hash.
@@ -234,28 +273,22 @@ async def start_server(
     infrastructure.exits.push_async_callback(infrastructure.revocations.aclose)
     try:
         use_cases = await _use_cases(settings, infrastructure, signing_key, jwks_file)
-        servicer = AuthServicer(use_cases)
-        directory = UserDirectoryServicer(
-            UserDirectory(infrastructure.unit_of_work, infrastructure.profile_cache)
+        servicer = AuthServicer(
+            use_cases,
+            _service_accounts(settings, infrastructure, signing_key),
+            OpenIdConfiguration.for_gateway(
+                issuer=settings.jwt_issuer, public_url=settings.public_url
+            ),
         )
         builder = (
             GrpcServerBuilder.from_settings(
-                settings,
-                service_names=[SERVICE_NAME, DIRECTORY_SERVICE],
-                metrics_registry=metrics_registry,
+                settings, service_names=[SERVICE_NAME], metrics_registry=metrics_registry
             )
             .add_servicer(
                 lambda server: auth_pb2_grpc.add_AuthServiceServicer_to_server(servicer, server)
             )
-            .add_servicer(
-                lambda server: directory_pb2_grpc.add_UserDirectoryServiceServicer_to_server(
-                    directory, server
-                )
-            )
             .with_auth(
                 token_verifier(settings, jwks_file),
-                public_methods=PUBLIC_METHODS,
-                optional_methods=OPTIONAL_TOKEN_METHODS,
                 is_revoked=infrastructure.revocations.is_revoked,
             )
             .with_validation()

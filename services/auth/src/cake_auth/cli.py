@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cake.auth.v1 import auth_pb2
-from cake_common.errors import CakeError, InvalidArgument
+from cake_common.errors import CakeError, InvalidArgument, Unavailable
 from cake_common.logging import configure_logging
 from cake_common.migrations import run_alembic_upgrade
 from cake_common.service_runtime import start_logging
@@ -26,7 +26,8 @@ from cake_auth.adapters.signing_keys import (
     generate_key_pair,
     load_signing_key,
 )
-from cake_auth.bootstrap import MIGRATIONS, open_accounts, serve
+from cake_auth.bootstrap import MIGRATIONS, open_accounts, open_service_accounts, serve
+from cake_auth.domain.service_accounts import parse_scopes
 from cake_auth.service.accounts import CreateAdmin
 from cake_auth.settings import AuthSettings
 
@@ -61,6 +62,30 @@ def _parser() -> argparse.ArgumentParser:
     admin.add_argument("--password", required=True)
     admin.add_argument("--fullname", help="display name (default: the username)")
     admin.add_argument("--birthday", help="YYYY-MM-DD (default: none)")
+
+    account = commands.add_parser(
+        "create-service-account",
+        help="create a service account (OAuth 2.0 client credentials) and print its client id "
+        "and secret once; the secret is stored only as a hash",
+    )
+    account.add_argument("name", help="the client id: 3-63 lower-case letters, digits, dashes")
+    account.add_argument(
+        "--scope",
+        action="append",
+        required=True,
+        help="a scope the account may be granted (repeat for more), e.g. users:read-contacts",
+    )
+    account.add_argument(
+        "--rotate-secret",
+        action="store_true",
+        help="the account exists: give it a new secret and these scopes, enable it again and "
+        "revoke every token it was issued (without this flag an existing name is an error)",
+    )
+    disable = commands.add_parser(
+        "disable-service-account",
+        help="refuse the account new tokens and revoke the ones it holds on every service",
+    )
+    disable.add_argument("name")
     return parser
 
 
@@ -108,6 +133,18 @@ def _run(args: argparse.Namespace) -> None:
         # Only problems are logged: the command prints what it did itself.
         configure_logging("WARNING", settings.log_json, service_name=settings.service_name)
         sys.exit(asyncio.run(run_create_admin(settings, command)))
+    elif args.command == "create-service-account":
+        configure_logging("WARNING", settings.log_json, service_name=settings.service_name)
+        sys.exit(
+            asyncio.run(
+                run_create_service_account(
+                    settings, args.name, args.scope, rotate=args.rotate_secret
+                )
+            )
+        )
+    elif args.command == "disable-service-account":
+        configure_logging("WARNING", settings.log_json, service_name=settings.service_name)
+        sys.exit(asyncio.run(run_disable_service_account(settings, args.name)))
 
 
 def _generate_keys(directory: Path, *, if_missing: bool) -> int:
@@ -160,4 +197,51 @@ async def run_create_admin(settings: AuthSettings, command: CreateAdmin) -> int:
             f"promoted existing user {user.username!r} (id {user.id}) to admin; "
             "its email, phone and password were left unchanged"
         )
+    return 0
+
+
+async def run_create_service_account(
+    settings: AuthSettings, name: str, scopes: Sequence[str], *, rotate: bool
+) -> int:
+    """``create-service-account``: print the client id and secret (shown this once)."""
+    try:
+        parsed = parse_scopes(scopes)
+        async with open_service_accounts(settings) as accounts:
+            created = await accounts.create(name, parsed, rotate=rotate)
+    except ValueError as error:
+        print(f"create-service-account failed: {error}", file=sys.stderr)
+        return 2
+    except Unavailable:
+        print(
+            "create-service-account failed: the old tokens cannot be revoked right now (Redis "
+            "unavailable); nothing was changed, run it again",
+            file=sys.stderr,
+        )
+        return 1
+    except CakeError as error:
+        print(f"create-service-account failed: {error.message}", file=sys.stderr)
+        return 1
+    verb = "created" if created.created else "rotated the secret of"
+    print(f"{verb} service account {created.client_id!r} (scopes: {' '.join(sorted(parsed))})")
+    print(f"client_id={created.client_id}")
+    print(f"client_secret={created.client_secret}")
+    print("The secret is shown only now; store it in the client's secret store.")
+    return 0
+
+
+async def run_disable_service_account(settings: AuthSettings, name: str) -> int:
+    try:
+        async with open_service_accounts(settings) as accounts:
+            await accounts.disable(name)
+    except Unavailable:
+        print(
+            "disable-service-account failed: its tokens cannot be revoked right now (Redis "
+            "unavailable); nothing was changed, run it again",
+            file=sys.stderr,
+        )
+        return 1
+    except CakeError as error:
+        print(f"disable-service-account failed: {error.message}", file=sys.stderr)
+        return 1
+    print(f"disabled service account {name!r}; its tokens are refused on every service")
     return 0

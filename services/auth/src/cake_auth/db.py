@@ -66,3 +66,20 @@ refresh_tokens = sa.Table(
     sa.Column("used_at", _timestamp, nullable=True),
     sa.Index("ix_refresh_tokens_session", "session_id"),
 )
+
+
+service_accounts = sa.Table(
+    "service_accounts",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("client_id", sa.Text, nullable=False, unique=True),
+    # SHA-256 of the client secret (256 random bits); the secret itself is never stored.
+    sa.Column("secret_hash", sa.Text, nullable=False),
+    sa.Column("scopes", sa.ARRAY(sa.Text), nullable=False),
+    # The `sid` of the account's tokens; replaced (and the old one revoked) on rotation or
+    # disabling.
+    sa.Column("generation", sa.Text, nullable=False),
+    sa.Column("created_at", _timestamp, nullable=False),
+    sa.Column("updated_at", _timestamp, nullable=False),
+    sa.Column("disabled_at", _timestamp, nullable=True),
+)

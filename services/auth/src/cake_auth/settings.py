@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 from cake_common.settings import ServiceSettings
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 
@@ -46,6 +46,18 @@ class AuthSettings(ServiceSettings):
     access_token_ttl_seconds: int = Field(
         default=900, gt=0, description="Access-token lifetime (short: sessions refresh)"
     )
+    service_token_ttl_seconds: int = Field(
+        default=300,
+        gt=0,
+        description="Lifetime of a service account's access token (client credentials); "
+        "at most ACCESS_TOKEN_TTL_SECONDS, so a revocation mark outlives every token",
+    )
+    public_url: str = Field(
+        default="http://127.0.0.1:8080",
+        pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
+        description="Where clients reach Cake (the gateway): the discovery document's "
+        "jwks_uri and token_endpoint are under it",
+    )
     session_lifetime_seconds: int = Field(
         default=604800,
         gt=0,
@@ -83,3 +95,12 @@ class AuthSettings(ServiceSettings):
     profile_cache_ttl_seconds: int = Field(
         default=300, ge=0, description="Profile cache lifetime in Redis; 0 disables the cache"
     )
+
+    @model_validator(mode="after")
+    def _service_tokens_outlived_by_revocations(self) -> AuthSettings:
+        if self.service_token_ttl_seconds > self.access_token_ttl_seconds:
+            raise ValueError(
+                "SERVICE_TOKEN_TTL_SECONDS must not exceed ACCESS_TOKEN_TTL_SECONDS (revocation "
+                "marks of service accounts live as long as a user's access token)"
+            )
+        return self

@@ -43,9 +43,6 @@ ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["EventAdminService"].full_
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["SystemHealthService"].full_name
 MIGRATIONS = "cake_events:migrations"
 
-# GET /health must answer without a token (load balancers, Cake's clients).
-PUBLIC_METHODS = (f"/{HEALTH_SERVICE}/GetSystemHealth",)
-
 
 @dataclass(frozen=True, slots=True)
 class RelayWiring:
@@ -231,7 +228,6 @@ async def start_service(
             shutdown_hooks.append(revocations.aclose)
             builder.with_auth(
                 token_verifier(settings, settings.jwks_file),
-                public_methods=PUBLIC_METHODS,
                 is_revoked=revocations.is_revoked,
             )
         for hook in shutdown_hooks:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from cake.events.v1 import registry
 from cake.notifications.v1 import notifications_pb2_grpc
+from cake_client import ClientCredentials
 from cake_common.consumer import EventConsumer
 from cake_common.db import create_session_factory, database_probe
 from cake_common.grpc_server import DependencyCheck, GrpcServerBuilder, RunningGrpcServer
@@ -23,6 +24,7 @@ from cake_notifications.adapters.channels import RecordingSender, SmtpSender
 from cake_notifications.adapters.contacts import (
     GrpcContactDirectory,
     TokenSource,
+    client_credentials_source,
     token_file_source,
 )
 from cake_notifications.adapters.metrics import PrometheusNotificationMetrics
@@ -47,6 +49,8 @@ from cake_notifications.service.ports import ContactDirectory, UnitOfWorkFactory
 from cake_notifications.settings import NotificationsSettings
 
 MIGRATIONS = "cake_notifications:migrations"
+CONTACTS_SCOPE = "users:read-contacts"
+"""The scope of auth's GetUserContacts (the contract's access option)."""
 
 TEMPLATE_SAMPLES = {
     Kind.VOUCHER_ISSUED: {
@@ -82,12 +86,22 @@ def unit_of_work_factory(engine: AsyncEngine) -> UnitOfWorkFactory:
     return lambda: SqlNotificationsUnitOfWork(session_factory)
 
 
-def directory_token_source(settings: NotificationsSettings) -> TokenSource:
-    if settings.auth_token_file is None:
-        raise SystemExit(
-            "CAKE_NOTIFICATIONS_AUTH_TOKEN_FILE must name a file with a service token for auth"
-        )
-    return token_file_source(settings.auth_token_file)
+def directory_credentials(
+    settings: NotificationsSettings,
+) -> tuple[TokenSource, ClientCredentials | None]:
+    """How this service proves itself to auth: its service account's client credentials, or
+    a mounted token file; neither is a configuration error."""
+    if settings.auth_client_id and settings.auth_client_secret_file is not None:
+        secret = settings.auth_client_secret_file.read_text().strip()
+        credentials = ClientCredentials(settings.auth_client_id, secret, scopes=[CONTACTS_SCOPE])
+        return client_credentials_source(credentials), credentials
+    if settings.auth_token_file is not None:
+        return token_file_source(settings.auth_token_file), None
+    raise SystemExit(
+        "set CAKE_NOTIFICATIONS_AUTH_CLIENT_ID and CAKE_NOTIFICATIONS_AUTH_CLIENT_SECRET_FILE "
+        "(a service account with scope users:read-contacts: cake-auth create-service-account),"
+        " or CAKE_NOTIFICATIONS_AUTH_TOKEN_FILE"
+    )
 
 
 def build_verifier(settings: NotificationsSettings) -> JwtVerifier:
@@ -200,10 +214,12 @@ async def start_server(
         metrics = PrometheusNotificationMetrics(metrics_registry)
         grpc_directory = None
         if directory is None:
+            token_source, credentials = directory_credentials(settings)
             grpc_directory = GrpcContactDirectory(
                 settings.auth_directory_target,
-                directory_token_source(settings),
+                token_source,
                 ttl_seconds=settings.contacts_cache_seconds,
+                on_refused=credentials.forget if credentials is not None else None,
             )
             directory = grpc_directory
         wiring = build_wiring(settings, engine, directory, metrics)

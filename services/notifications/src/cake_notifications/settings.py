@@ -29,12 +29,20 @@ class NotificationsSettings(ServiceSettings):
     )
 
     auth_directory_target: str = Field(
-        default="127.0.0.1:50051", description="auth's gRPC address (UserDirectoryService)"
+        default="127.0.0.1:50051", description="auth's gRPC address (GetUserContacts)"
+    )
+    auth_client_id: str | None = Field(
+        default=None,
+        description="The service account (scope users:read-contacts) whose tokens this "
+        "service requests from auth (OAuth 2.0 client credentials)",
+    )
+    auth_client_secret_file: Path | None = Field(
+        default=None, description="File holding that service account's client secret"
     )
     auth_token_file: Path | None = Field(
         default=None,
-        description="File holding the service token (role service, scope "
-        "users:read-contacts) sent to auth; re-read at each lookup",
+        description="Instead of client credentials: a file holding a service token, "
+        "re-read at each lookup (a mounted, externally renewed secret)",
     )
     contacts_cache_seconds: float = Field(default=300.0, ge=0)
 

@@ -29,7 +29,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cake_promotions.adapters.payments import GrpcBank, SimulatedBankTransfer
-from cake_promotions.api.servicer import PUBLIC_METHODS, SERVICE_NAME, PromotionsServicer
+from cake_promotions.api.servicer import SERVICE_NAME, PromotionsServicer
 from cake_promotions.consumer import FirstLoginHandler
 from cake_promotions.domain.payments import PaymentGateway
 from cake_promotions.metrics import PromotionsMetrics
@@ -203,7 +203,6 @@ async def start_server(
             )
             .with_auth(
                 verifier,
-                public_methods=PUBLIC_METHODS,
                 is_revoked=revocations.is_revoked,
             )
             .with_validation()

@@ -24,6 +24,7 @@ from typing import Literal
 
 import jinja2
 import yaml
+from cake.access.v1 import access_pb2
 from google.api import annotations_pb2, http_pb2
 from google.protobuf import descriptor_pb2, descriptor_pool
 
@@ -47,6 +48,8 @@ TRANSCODED_SERVICES: tuple[str, ...] = (
 HEALTH_METHOD = "GetSystemHealth"
 HEALTH_REST_PATH = "/health"
 OPENAPI_REST_PATH = "/openapi.json"
+#: Where auth's keys are published (AuthService.GetJwks); Envoy's jwt_authn fetches them here.
+JWKS_REST_PATH = "/.well-known/jwks.json"
 #: The API reference page (Swagger UI rendering ``/openapi.json``); its files live under it.
 DOCS_REST_PATH = "/docs"
 #: The reference page's own Content-Security-Policy (every other answer keeps the API's
@@ -60,28 +63,23 @@ DOCS_CONTENT_SECURITY_POLICY = (
     "form-action 'none'"
 )
 
-#: Methods callable without a token (``service/method``). Everything else needs a valid bearer
-#: token at the edge; roles (admin) are checked by the services.
-PUBLIC_METHODS: frozenset[str] = frozenset(
-    {
-        f"{AUTH_SERVICE}/Register",
-        f"{AUTH_SERVICE}/Login",
-        f"{AUTH_SERVICE}/GetJwks",
-        f"{PROMOTIONS_SERVICE}/ListCampaigns",
-        f"{PROMOTIONS_SERVICE}/GetCampaign",
-        f"{PROMOTIONS_SERVICE}/ValidateVoucher",
-        f"{HEALTH_SERVICE}/{HEALTH_METHOD}",
-    }
-)
-#: Methods whose bearer token is optional but verified when present (the refresh token may
-#: travel in the body instead).
-OPTIONAL_TOKEN_METHODS: frozenset[str] = frozenset({f"{AUTH_SERVICE}/RefreshToken"})
+# Which methods are callable without a token (``public``) or with an optional one
+# (``token_optional``) is declared in the contracts (``option (cake.access.v1.access)``) and
+# read from the descriptors; everything else needs a valid bearer token at the edge, and the
+# services check the roles and scopes each method allows.
 #: Methods that answer 201 Created over REST on success, as the Cake System does.
 CREATED_METHODS: frozenset[str] = frozenset(
     {f"{AUTH_SERVICE}/Register", f"{PROMOTIONS_SERVICE}/CreateCampaign"}
 )
+#: The OAuth 2.0 token endpoint (``POST /oauth/token``): its REST answers follow RFC 6749
+#: (``Cache-Control: no-store``; errors as ``{"error", "error_description"}``).
+OAUTH_TOKEN_METHOD = f"{AUTH_SERVICE}/Token"
 #: Methods that also draw from the stricter per-IP bucket (credential guessing, sign-up spam).
-AUTH_THROTTLED_METHODS: tuple[str, ...] = (f"{AUTH_SERVICE}/Register", f"{AUTH_SERVICE}/Login")
+AUTH_THROTTLED_METHODS: tuple[str, ...] = (
+    f"{AUTH_SERVICE}/Register",
+    f"{AUTH_SERVICE}/Login",
+    OAUTH_TOKEN_METHOD,
+)
 
 #: Request headers the gateway sets for the services. Any incoming header with this prefix is
 #: dropped before the first filter runs, so a client can never supply (forge) one.
@@ -146,6 +144,12 @@ class RestMethod:
     path_params: tuple[str, ...]
     #: Top-level JSON keys a body may carry: the JSON and proto names of the body fields.
     body_keys: tuple[str, ...]
+    #: Callable without a token (the contract's ``cake.access.v1.access`` option).
+    public: bool = False
+    #: A token is optional, verified when present (the refresh token may be in the body).
+    optional_token: bool = False
+    #: The body is a raw ``google.api.HttpBody`` field (any content type, e.g. a form).
+    raw_body: bool = False
 
     @property
     def full_name(self) -> str:
@@ -156,12 +160,8 @@ class RestMethod:
         return f"/{self.full_name}"
 
     @property
-    def public(self) -> bool:
-        return self.full_name in PUBLIC_METHODS
-
-    @property
-    def optional_token(self) -> bool:
-        return self.full_name in OPTIONAL_TOKEN_METHODS
+    def oauth(self) -> bool:
+        return self.full_name == OAUTH_TOKEN_METHOD
 
     @property
     def success_status(self) -> int:
@@ -264,6 +264,7 @@ def rest_methods(
             if not method.options.HasExtension(annotations_pb2.http):
                 continue
             rule = method.options.Extensions[annotations_pb2.http]
+            access = method.options.Extensions[access_pb2.access]
             request_type = method.input_type.lstrip(".")
             request = messages[request_type]
             for binding in (rule, *rule.additional_bindings):
@@ -273,6 +274,10 @@ def rest_methods(
                 http_method, path = pattern
                 path_params = tuple(name.split("=")[0] for name in re.findall(r"\{([^}]+)\}", path))
                 body_keys: tuple[str, ...] = ()
+                raw_body = any(
+                    f.name == binding.body and f.type_name == ".google.api.HttpBody"
+                    for f in request.field
+                )
                 if binding.body == "*":
                     body_fields = [f for f in request.field if f.name not in path_params]
                     body_keys = tuple(
@@ -293,6 +298,9 @@ def rest_methods(
                         response_type=method.output_type.lstrip("."),
                         path_params=path_params,
                         body_keys=body_keys,
+                        public=access.public,
+                        optional_token=access.token_optional,
+                        raw_body=raw_body,
                     )
                 )
     return tuple(methods)
@@ -373,6 +381,19 @@ class Upstream:
 
 
 @dataclass(frozen=True)
+class JwksSource:
+    """Where jwt_authn fetches the JWKS (``remote_jwks``) over plain HTTP. By default the
+    gateway's own listener on loopback: it routes ``GET /.well-known/jwks.json`` to auth's
+    ``GetJwks`` (auth speaks only gRPC), so a rotated key reaches Envoy within
+    ``cache_seconds`` without a restart or a mounted file."""
+
+    host: str = "127.0.0.1"
+    #: ``None``: the gateway's own listen port.
+    port: int | None = None
+    path: str = JWKS_REST_PATH
+
+
+@dataclass(frozen=True)
 class GatewayContext:
     """Everything the template needs; the local stack and k8s differ only here."""
 
@@ -382,8 +403,6 @@ class GatewayContext:
     admin_port: int
     descriptor_path: Path
     upstreams: Sequence[Upstream]
-    #: The auth service's published key set (``cake-auth gen-keys``; a ConfigMap in k8s).
-    jwks_path: Path
     #: ``gateway/generated/openapi.json`` (``cake-codegen``), served at ``GET /openapi.json``.
     openapi_path: Path
     #: ``gateway/docs``: the reference page's HTML and the script that starts Swagger UI.
@@ -394,6 +413,11 @@ class GatewayContext:
     #: A listener on ``listen_address`` that passes only GET /ready and GET /stats/prometheus
     #: on to the admin interface (k8s: probes and Prometheus; the admin port stays on loopback).
     ops_port: int | None = None
+    #: Where Envoy fetches the auth service's JWKS (default: through its own listener).
+    jwks: JwksSource = field(default_factory=JwksSource)
+    #: How long a fetched JWKS is used before Envoy fetches it again in the background: the
+    #: longest a newly published key can be refused at the edge.
+    jwks_cache_seconds: int = 300
     jwt_issuer: str = "cake-system"
     jwt_audiences: Sequence[str] = ("cake-users",)
     #: Requests per minute per client IP over every route (Cake's documented limit).
@@ -422,6 +446,14 @@ class GatewayContext:
     @property
     def docs_files(self) -> tuple[DocsFile, ...]:
         return docs_files(self.docs_pages_dir, self.swagger_ui_dir)
+
+    @property
+    def jwks_port(self) -> int:
+        return self.jwks.port if self.jwks.port is not None else self.listen_port
+
+    @property
+    def jwks_uri(self) -> str:
+        return f"http://{self.jwks.host}:{self.jwks_port}{self.jwks.path}"
 
     def upstream_for(self, method: RestMethod) -> Upstream:
         for upstream in self.upstreams:
@@ -529,10 +561,6 @@ def check_files(ctx: GatewayContext) -> None:
     check_descriptor(ctx.descriptor_path, ctx.transcoded_services)
     if not ctx.openapi_path.is_file():
         raise GatewayConfigError(f"{ctx.openapi_path} does not exist; run `uv run cake-codegen`")
-    if not ctx.jwks_path.is_file():
-        raise GatewayConfigError(
-            f"JWKS {ctx.jwks_path} does not exist; create the keys with `cake-auth gen-keys`"
-        )
     for docs_file in ctx.docs_files:
         if not docs_file.filename.is_file():
             raise GatewayConfigError(
@@ -544,6 +572,14 @@ def check_files(ctx: GatewayContext) -> None:
 def _yaml_quote(value: object) -> str:
     # A JSON string is a valid YAML double-quoted scalar; jinja's tojson would HTML-escape.
     return json.dumps(str(value))
+
+
+def _is_ip(value: object) -> bool:
+    try:
+        ipaddress.ip_address(str(value))
+    except ValueError:
+        return False
+    return True
 
 
 def _lua_quote(value: object) -> str:
@@ -562,6 +598,7 @@ def render_gateway_config(ctx: GatewayContext, *, template_dir: Path | None = No
     )
     environment.filters["quote"] = _yaml_quote
     environment.filters["lua_quote"] = _lua_quote
+    environment.tests["is_ip"] = _is_ip
     methods = ctx.methods()
     text = environment.get_template(TEMPLATE_NAME).render(
         ctx=ctx,

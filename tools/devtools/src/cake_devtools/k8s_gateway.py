@@ -8,7 +8,8 @@ ConfigMap; the gateway image (``gateway/Dockerfile``) carries the descriptor set
 What differs from the local stack lives in :func:`k8s_gateway_context`: the listeners listen
 on all addresses of the pod (the admin interface on loopback only, reached from outside the
 pod through the ``ops`` listener's two read-only paths), the upstreams are the services' DNS
-names on the in-cluster gRPC port, the JWKS is the mounted ``jwks`` ConfigMap, and the
+names on the in-cluster gRPC port, the JWKS is fetched from the pod's own listener (which
+routes it to auth, so no key file is mounted and a rotation needs no gateway roll), and the
 generated files (descriptor set, OpenAPI document) and the /docs page's files are named by
 their paths relative to the repository root, which is also the gateway image's working
 directory, so the same names resolve here and in the pod.
@@ -45,8 +46,6 @@ OPENAPI_PATH = Path("gateway/generated/openapi.json")
 #: ``swagger-ui-py`` wheel, see gateway/Dockerfile).
 DOCS_PAGES_DIR = Path("gateway/docs")
 SWAGGER_UI_DIR = Path("gateway/docs/swagger-ui")
-#: Where the gateway Deployment mounts the ``jwks`` ConfigMap (the auth service's public keys).
-JWKS_PATH = Path("/etc/cake/jwks/jwks.json")
 #: Relative to the repository root.
 OUTPUT_PATH = Path("k8s/base/gateway/envoy.yaml")
 
@@ -69,7 +68,6 @@ def k8s_gateway_context(
     *,
     descriptor_path: Path = DESCRIPTOR_PATH,
     openapi_path: Path = OPENAPI_PATH,
-    jwks_path: Path = JWKS_PATH,
     docs_pages_dir: Path = DOCS_PAGES_DIR,
     swagger_ui_dir: Path = SWAGGER_UI_DIR,
 ) -> GatewayContext:
@@ -82,7 +80,6 @@ def k8s_gateway_context(
         ops_port=OPS_PORT,
         descriptor_path=descriptor_path,
         upstreams=k8s_upstreams(),
-        jwks_path=jwks_path,
         openapi_path=openapi_path,
         docs_pages_dir=docs_pages_dir,
         swagger_ui_dir=swagger_ui_dir,

@@ -465,6 +465,75 @@ def _error(description: str) -> Schema:
     }
 
 
+OAUTH_ERROR_SCHEMA = "OAuthError"
+BASIC_SECURITY_SCHEME = "clientBasic"
+
+
+def _oauth_error_schema() -> Schema:
+    return {
+        "type": "object",
+        "description": "An RFC 6749 section 5.2 error (the token endpoint's only error shape).",
+        "properties": {
+            "error": {
+                "type": "string",
+                "enum": [
+                    "invalid_request",
+                    "invalid_client",
+                    "invalid_grant",
+                    "unauthorized_client",
+                    "unsupported_grant_type",
+                    "invalid_scope",
+                ],
+            },
+            "error_description": {"type": "string"},
+        },
+        "required": ["error", "error_description"],
+    }
+
+
+def _oauth_error(description: str) -> Schema:
+    return {
+        "description": description,
+        "headers": _header_refs(COMMON_RESPONSE_HEADERS),
+        "content": {
+            "application/json": {"schema": {"$ref": f"#/components/schemas/{OAUTH_ERROR_SCHEMA}"}}
+        },
+    }
+
+
+def _oauth_token_operation(
+    operation: Schema, contracts: _Contracts, schemas: _SchemaBuilder
+) -> None:
+    """``POST /oauth/token`` follows RFC 6749, not Cake's JSON conventions: a form body,
+    client authentication by HTTP Basic or the body, RFC errors."""
+    request = contracts.messages["cake.auth.v1.TokenRequest"]
+    operation["requestBody"] = {
+        "required": True,
+        "content": {
+            "application/x-www-form-urlencoded": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        field.name: {"type": "string"}
+                        for field in request.field
+                        if field.type != _FIELD.TYPE_MESSAGE
+                    },
+                    "required": ["grant_type"],
+                }
+            }
+        },
+    }
+    operation["security"] = [{}, {BASIC_SECURITY_SCHEME: []}]
+    responses = operation["responses"]
+    responses["400"] = _oauth_error(
+        "invalid_request, invalid_scope or unsupported_grant_type (RFC 6749 section 5.2)"
+    )
+    responses["401"] = _oauth_error(
+        "invalid_client: unknown client, wrong secret or disabled account (with "
+        "WWW-Authenticate: Basic)"
+    )
+
+
 def _parameters(method: RestMethod, contracts: _Contracts, schemas: _SchemaBuilder) -> list[Schema]:
     """Path parameters, and for body-less methods the scalar fields as query parameters."""
     request = contracts.messages[method.request_type]
@@ -571,6 +640,8 @@ def _operation(method: RestMethod, contracts: _Contracts, schemas: _SchemaBuilde
         operation["security"] = [{SECURITY_SCHEME: []}]
     body_schema = _success_schema(method, contracts, schemas)
     operation["responses"] = _responses(method, body_schema)
+    if method.oauth:
+        _oauth_token_operation(operation, contracts, schemas)
     return operation
 
 
@@ -605,6 +676,7 @@ def openapi_document(
     }
     components = dict(sorted(schemas.components.items()))
     components[STATUS_SCHEMA] = _status_schema()
+    components[OAUTH_ERROR_SCHEMA] = _oauth_error_schema()
     return {
         "openapi": OPENAPI_VERSION,
         "info": {
@@ -630,8 +702,16 @@ def openapi_document(
                     "or `POST /auth/refresh`, as `Authorization: Bearer <token>`; the keys "
                     "that verify it are published at `GET /.well-known/jwks.json`. The "
                     "gateway checks it, then the services check it again and the caller's "
-                    "role (admin-only operations answer 403 to users).",
-                }
+                    "role (admin-only operations answer 403 to users). A service account's "
+                    "token (role `service`, from `POST /oauth/token`) reaches only the "
+                    "operations that admit one of its scopes.",
+                },
+                BASIC_SECURITY_SCHEME: {
+                    "type": "http",
+                    "scheme": "basic",
+                    "description": "A service account's client_id and client_secret at "
+                    "`POST /oauth/token` (or send them as form parameters instead).",
+                },
             },
         },
     }

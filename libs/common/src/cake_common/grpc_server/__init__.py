@@ -5,7 +5,7 @@ Typical use (in a service's composition root)::
     running = await (
         GrpcServerBuilder.from_settings(settings, service_names=[AUTH_SERVICE])
         .add_servicer(lambda server: add_AuthServiceServicer_to_server(servicer, server))
-        .with_auth(verifier, public_methods=PUBLIC_METHODS, is_revoked=denylist.contains)
+        .with_auth(verifier, is_revoked=revocations.is_revoked)  # access: from the protos
         .with_validation()
         .add_dependency_check(DependencyCheck("postgres", database_probe(engine)))
         .add_shutdown_hook(engine.dispose)

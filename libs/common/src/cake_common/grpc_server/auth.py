@@ -9,10 +9,15 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import cache, partial
 from typing import Any
 
+from cake.access.v1 import access_pb2
+from google.protobuf import descriptor_pool
+
 from cake_common.auth_context import principal_var
-from cake_common.errors import CakeError, Unauthenticated, Unavailable
+from cake_common.errors import CakeError, PermissionDenied, Unauthenticated, Unavailable
 from cake_common.grpc_server.call_scope import (
     CallScope,
     ScopedServerInterceptor,
@@ -46,21 +51,79 @@ def _service_of(method: str) -> str:
     return method.lstrip("/").partition("/")[0]
 
 
-class AuthInterceptor(ScopedServerInterceptor):
-    """Requires a valid ``authorization: Bearer <jwt>`` on every non-public method.
+@dataclass(frozen=True, slots=True)
+class MethodAccess:
+    """Who may call one RPC: its ``(cake.access.v1.access)`` option, as declared in the
+    contract. A method that declares none may be called by user and admin tokens only."""
 
-    Public methods are given by full name (``/cake.auth.v1.AuthService/Login``); health and
-    reflection are always public. ``optional_methods`` accept a call without the header, but
-    a header that is present must hold a valid, unrevoked token. Failures abort with
+    public: bool = False
+    token_optional: bool = False
+    roles: frozenset[str] = frozenset({"user", "admin"})
+    scopes: frozenset[str] = frozenset()
+    declared: bool = False
+
+    def allows(self, principal: Principal) -> bool:
+        if principal.role in self.roles:
+            return True
+        return principal.is_service and not self.scopes.isdisjoint(principal.scopes)
+
+    def refusal(self, principal: Principal) -> PermissionDenied:
+        """The error for a caller :meth:`allows` refused (admin-only RPCs keep the message
+        they have always answered)."""
+        if principal.is_service and self.scopes:
+            return PermissionDenied(
+                "Token lacks the scope this method needs: " + " or ".join(sorted(self.scopes)),
+                reason="INSUFFICIENT_SCOPE",
+            )
+        if self.roles == {"admin"}:
+            return PermissionDenied("Admin role required", reason="ADMIN_ROLE_REQUIRED")
+        return PermissionDenied(
+            f"The {principal.role} role may not call this method", reason="ROLE_NOT_ALLOWED"
+        )
+
+
+@cache
+def method_access(method: str) -> MethodAccess:
+    """The access rule of ``/package.Service/Method`` from the generated descriptors (the
+    contracts' ``cake.access.v1.access`` option); the default rule if it declares none."""
+    full_name = method.lstrip("/").replace("/", ".")
+    try:
+        descriptor = descriptor_pool.Default().FindMethodByName(full_name)
+    except KeyError:
+        return MethodAccess()
+    options = descriptor.GetOptions()
+    if not options.HasExtension(access_pb2.access):
+        return MethodAccess()
+    declared = options.Extensions[access_pb2.access]
+    return MethodAccess(
+        public=declared.public,
+        token_optional=declared.token_optional,
+        roles=frozenset(declared.roles),
+        scopes=frozenset(declared.scopes),
+        declared=True,
+    )
+
+
+class AuthInterceptor(ScopedServerInterceptor):
+    """Requires a valid ``authorization: Bearer <jwt>`` on every non-public method, and a
+    token the method's declared access allows (:func:`method_access`: roles, or a service
+    account's scopes), else PERMISSION_DENIED.
+
+    What each RPC allows is declared in its contract (``option (cake.access.v1.access)``);
+    ``public_methods`` and ``optional_methods`` (full names, ``/cake.auth.v1.AuthService/
+    Login``) add to that for servers of services without one (tests). Health and reflection
+    are always public. A token-optional method accepts a call without the header, but a
+    header that is present must hold a valid, unrevoked token. Failures abort with
     UNAUTHENTICATED and a short message.
 
     ``is_revoked`` consults the shared revocation list (Redis). If the check itself fails:
 
     - an **admin** token is refused with UNAVAILABLE (fail closed: no admin action runs on a
       token that may have been revoked);
-    - a **user** token is accepted and a warning logged (fail open), so a Redis outage does
-      not lock every customer out; the exposure is bounded by the access-token lifetime
-      (15 minutes by default) because refreshing checks the session in auth's database.
+    - a **user** (or **service**) token is accepted and a warning logged (fail open), so a
+      Redis outage does not lock every customer out; the exposure is bounded by the
+      access-token lifetime (15 minutes by default, 5 for service tokens) because refreshing
+      checks the session in auth's database.
     """
 
     def __init__(
@@ -80,22 +143,30 @@ class AuthInterceptor(ScopedServerInterceptor):
     def scope_for(self, method: str) -> CallScope | None:
         if method in self._public_methods or _service_of(method) in ALWAYS_PUBLIC_SERVICES:
             return None
-        if method in self._optional_methods:
+        access = method_access(method)
+        if access.public:
+            return None
+        if method in self._optional_methods or access.token_optional:
             return self._optional_scope
-        return self._scope
+        return partial(self._scope, access=access)
 
     @asynccontextmanager
     async def _optional_scope(self, request: Any, context: ServicerContext) -> AsyncIterator[None]:
         if metadata_value(context, AUTHORIZATION_METADATA_KEY) is None:
             yield
             return
-        async with self._scope(request, context):
+        # A token-optional method does its own checks on what the token may do.
+        async with self._scope(request, context, access=None):
             yield
 
     @asynccontextmanager
-    async def _scope(self, _request: Any, context: ServicerContext) -> AsyncIterator[None]:
+    async def _scope(
+        self, _request: Any, context: ServicerContext, *, access: MethodAccess | None
+    ) -> AsyncIterator[None]:
         try:
             principal = await self.authenticate(metadata_value(context, AUTHORIZATION_METADATA_KEY))
+            if access is not None and not access.allows(principal):
+                raise access.refusal(principal)
         except CakeError as error:
             await abort_with_error(context, error)
         token = principal_var.set(principal)

@@ -28,7 +28,7 @@ from cake_common.logging import get_logger
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from cake_auth.domain.tokens import AccessToken, access_token_claims
+from cake_auth.domain.tokens import AccessToken, access_token_claims, service_token_claims
 from cake_auth.domain.users import Role
 
 SIGNING_KEY_FILENAME = "jwt-signing-key.pem"
@@ -202,13 +202,47 @@ class Es256TokenIssuer:
         issuer: str,
         audience: str,
         ttl_seconds: int,
+        service_ttl_seconds: int = 300,
         clock: Callable[[], datetime] = _utc_now,
     ) -> None:
         self._key = signing_key
         self._issuer = issuer
         self._audience = audience
         self._ttl = ttl_seconds
+        self._service_ttl = service_ttl_seconds
         self._clock = clock
+
+    def _sign(self, claims: dict[str, Any]) -> str:
+        return jwt.encode(
+            claims,
+            self._key.private_key,
+            algorithm=ALLOWED_ALGORITHM,
+            headers={"kid": self._key.kid},
+        )
+
+    def issue_service(
+        self, client_id: str, scopes: Sequence[str], *, session_id: str
+    ) -> AccessToken:
+        """A service account's token (client credentials grant), ``service_ttl_seconds``."""
+        issued_at = self._clock().replace(microsecond=0)
+        jti = str(uuid.uuid4())
+        claims = service_token_claims(
+            client_id=client_id,
+            scopes=scopes,
+            issuer=self._issuer,
+            audience=self._audience,
+            issued_at=issued_at,
+            ttl_seconds=self._service_ttl,
+            jti=jti,
+            session_id=session_id,
+        )
+        return AccessToken(
+            token=self._sign(claims),
+            jti=jti,
+            expires_at=datetime.fromtimestamp(claims["exp"], tz=UTC),
+            session_id=session_id,
+            issued_at=issued_at,
+        )
 
     def issue(
         self,
@@ -235,14 +269,8 @@ class Es256TokenIssuer:
             session_id=sid,
             not_after=not_after,
         )
-        token = jwt.encode(
-            claims,
-            self._key.private_key,
-            algorithm=ALLOWED_ALGORITHM,
-            headers={"kid": self._key.kid},
-        )
         return AccessToken(
-            token=token,
+            token=self._sign(claims),
             jti=jti,
             expires_at=datetime.fromtimestamp(claims["exp"], tz=UTC),
             session_id=sid,

@@ -8,6 +8,7 @@ from cake_common.outbox import OutboxUnitOfWork, OutboxWriter
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from cake_auth.adapters.service_accounts_repository import SqlServiceAccountRepository
 from cake_auth.adapters.sessions_repository import SqlSessionRepository
 from cake_auth.adapters.users_repository import SqlUserRepository
 from cake_auth.domain.login import FirstLogin
@@ -44,9 +45,11 @@ class OutboxEventRecorder:
 class SqlAuthUnitOfWork(OutboxUnitOfWork):
     users: SqlUserRepository
     sessions: SqlSessionRepository
+    service_accounts: SqlServiceAccountRepository
     events: OutboxEventRecorder
 
     def bind_repositories(self, session: AsyncSession) -> None:
         self.users = SqlUserRepository(session)
         self.sessions = SqlSessionRepository(session)
+        self.service_accounts = SqlServiceAccountRepository(session)
         self.events = OutboxEventRecorder(session, self.outbox_writer)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
+
+from cake_common.jwt import SERVICE_ROLE
 
 from cake_auth.domain.users import Role
 
@@ -53,6 +56,33 @@ def access_token_claims(
         "aud": audience,
         "iat": int(issued_at.timestamp()),
         "exp": int(expires_at.timestamp()),
+        "jti": jti,
+        "sid": session_id,
+    }
+
+
+def service_token_claims(
+    *,
+    client_id: str,
+    scopes: Sequence[str],
+    issuer: str,
+    audience: str,
+    issued_at: datetime,
+    ttl_seconds: int,
+    jti: str,
+    session_id: str,
+) -> dict[str, Any]:
+    """A service account's token: role ``service``, ``sub`` the client id, ``client_id``
+    too (RFC 8693 section 4.3) and the granted scopes space-separated in ``scope``."""
+    return {
+        "sub": client_id,
+        "client_id": client_id,
+        "role": SERVICE_ROLE,
+        "scope": " ".join(scopes),
+        "iss": issuer,
+        "aud": audience,
+        "iat": int(issued_at.timestamp()),
+        "exp": int((issued_at + timedelta(seconds=ttl_seconds)).timestamp()),
         "jti": jti,
         "sid": session_id,
     }

@@ -451,6 +451,18 @@ class AuthUseCases:
 
     # -- profile ---------------------------------------------------------------------------
 
+    async def user_contacts(self, user_id: int) -> User | None:
+        """Any user's record, for callers allowed to read contacts (checked by the
+        contract's access rule: admins and the ``users:read-contacts`` scope)."""
+        cached = await self._profile_cache.get(user_id)
+        if cached is not None:
+            return cached
+        async with self._unit_of_work() as uow:
+            user = await uow.users.get(user_id)
+        if user is not None:
+            await self._profile_cache.put(user)
+        return user
+
     async def get_profile(self, principal: Principal) -> User:
         cached = await self._profile_cache.get(principal.user_id)
         if cached is not None:

@@ -1,9 +1,10 @@
-"""Users' contacts from auth's ``UserDirectoryService`` over gRPC, cached for a while.
+"""Users' contacts from auth (``AuthService.GetUserContacts``) over gRPC, cached a while.
 
 The call carries a service token (role ``service``, scope ``users:read-contacts``) from a
-:data:`TokenSource`; the composition root picks the source (a token file today; the
-client-credentials provider once auth issues service tokens). The cache is a small
-hand-written TTL map: one dict and a clock, not worth a dependency.
+:data:`TokenSource`; the composition root picks the source: the service account's client
+credentials (``cake_client.ClientCredentials``, tokens requested from auth and renewed
+before they expire) or a mounted token file. The cache is a small hand-written TTL map: one
+dict and a clock, not worth a dependency.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
-from cake.auth.v1 import directory_pb2, directory_pb2_grpc
+from cake.auth.v1 import auth_pb2_grpc, oauth_pb2
+from cake_client import ClientCredentials
 
-from cake_notifications.domain.notifications import parse_language
 from cake_notifications.service.ports import Contacts, TransientSendError
 
-TokenSource = Callable[[], Awaitable[str]]
-"""Returns a bearer token for auth (fresh enough to be accepted)."""
+TokenSource = Callable[["auth_pb2_grpc.AuthServiceAsyncStub"], Awaitable[str]]
+"""Returns a bearer token for auth (fresh enough to be accepted), given auth's stub (the
+client-credentials source asks it for one)."""
 
 _TRANSIENT = frozenset(
     {
@@ -37,11 +39,16 @@ _TRANSIENT = frozenset(
 def token_file_source(path: Path) -> TokenSource:
     """A token read from ``path`` at each call (a mounted secret that may be rotated)."""
 
-    async def token() -> str:
+    async def token(_auth: auth_pb2_grpc.AuthServiceAsyncStub) -> str:
         # A few bytes from a local (often tmpfs) file: not worth a thread hop.
         return path.read_text().strip()  # noqa: ASYNC240
 
     return token
+
+
+def client_credentials_source(credentials: ClientCredentials) -> TokenSource:
+    """Tokens of a service account (OAuth 2.0 client credentials grant)."""
+    return credentials.token
 
 
 class GrpcContactDirectory:
@@ -54,10 +61,12 @@ class GrpcContactDirectory:
         max_entries: int = 100_000,
         deadline_seconds: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
+        on_refused: Callable[[], None] | None = None,
     ) -> None:
         self._channel = grpc.aio.insecure_channel(target)
-        self._stub = directory_pb2_grpc.UserDirectoryServiceStub(self._channel)
+        self._stub = auth_pb2_grpc.AuthServiceStub(self._channel)
         self._token = token
+        self._on_refused: Callable[[], None] = on_refused or (lambda: None)
         self._ttl = ttl_seconds
         self._max_entries = max_entries
         self._deadline = deadline_seconds
@@ -77,15 +86,17 @@ class GrpcContactDirectory:
 
     async def _fetch(self, user_id: int) -> Contacts | None:
         try:
-            token = await self._token()
+            token = await self._token(self._stub)
             response = await self._stub.GetUserContacts(
-                directory_pb2.GetUserContactsRequest(user_id=user_id),
+                oauth_pb2.GetUserContactsRequest(user_id=user_id),
                 metadata=(("authorization", f"Bearer {token}"),),
                 timeout=self._deadline,
             )
         except grpc.aio.AioRpcError as error:
             if error.code() == grpc.StatusCode.NOT_FOUND:
                 return None
+            if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+                self._on_refused()  # e.g. a rotated secret revoked it: get another
             if error.code() in _TRANSIENT:
                 raise TransientSendError(
                     f"auth directory: {error.code().name} {error.details()}"
@@ -98,7 +109,6 @@ class GrpcContactDirectory:
             email=response.email,
             phone=response.phone,
             fullname=response.fullname,
-            language=parse_language(response.preferred_language),
         )
 
     async def close(self) -> None:

@@ -39,10 +39,8 @@ else:
     Context = Any
 
 SERVICE_NAME = promotions_pb2.DESCRIPTOR.services_by_name["PromotionsService"].full_name
-# Callable without a token (also public at the gateway), as in the Cake System.
-PUBLIC_METHODS = tuple(
-    f"/{SERVICE_NAME}/{method}" for method in ("ListCampaigns", "GetCampaign", "ValidateVoucher")
-)
+# Who may call each RPC (public ones too, as in the Cake System) is declared in the contract
+# (option cake.access.v1.access) and enforced by the shared auth interceptor.
 
 
 class PromotionsServicer(promotions_pb2_grpc.PromotionsServiceServicer):

@@ -90,6 +90,12 @@ class GatewaySettings(BaseSettings):
     request_timeout_seconds: float = Field(default=30, gt=0)
     upstream_timeout_seconds: float = Field(default=15, gt=0)
     xff_num_trusted_hops: int = Field(default=0, ge=0)
+    jwks_cache_seconds: int = Field(
+        default=300,
+        ge=1,
+        description="how long Envoy uses a fetched JWKS before fetching it again (the longest "
+        "a newly published signing key can be refused at the edge)",
+    )
 
     @property
     def rate_limits(self) -> tuple[int, int]:
@@ -113,6 +119,8 @@ class GatewaySettingsForTests(GatewaySettings):
     model_config = SettingsConfigDict(env_prefix="CAKE_TEST_GATEWAY_", extra="ignore")
 
     profile: GatewayProfile = "bench"
+    # Short, so the key-rotation test sees a new key at the edge within seconds.
+    jwks_cache_seconds: int = Field(default=2, ge=1)
 
 
 def load_gateway_settings(profile: str) -> GatewaySettings:
@@ -122,7 +130,6 @@ def load_gateway_settings(profile: str) -> GatewaySettings:
 def local_gateway_context(
     settings: StackSettings,
     *,
-    jwks_path: Path,
     gateway: GatewaySettings | None = None,
     descriptor_path: Path | None = None,
     openapi_path: Path | None = None,
@@ -136,7 +143,7 @@ def local_gateway_context(
         admin_port=settings.envoy_admin_port,
         descriptor_path=descriptor_path or default_descriptor_path(),
         openapi_path=openapi_path or default_openapi_path(),
-        jwks_path=jwks_path,
+        jwks_cache_seconds=gateway.jwks_cache_seconds,
         upstreams=local_upstreams(
             auth_port=settings.auth_grpc_port,
             promotions_port=settings.promotions_grpc_port,
@@ -177,6 +184,16 @@ def http_get(url: str) -> tuple[int, str] | None:
     return response.status_code, response.text
 
 
+def jwks_fetched(admin_url: str) -> bool:
+    """Whether jwt_authn has fetched the JWKS at least once (admin ``/stats``): before that,
+    every token is refused at the edge."""
+    answer = http_get(f"{admin_url}/stats?filter=jwks_fetch_success")
+    if answer is None or answer[0] != 200:
+        return False
+    # Lines read ``http.<prefix>.jwt_authn.jwks_fetch_success: <count>``.
+    return any(line.partition(": ")[2].strip() not in ("", "0") for line in answer[1].splitlines())
+
+
 def _all_healthy(flags: str | None) -> bool:
     """Whether every host of a cluster (``health_flags`` joined by commas) is healthy."""
     return flags is not None and all(host == "healthy" for host in flags.split(","))
@@ -184,9 +201,14 @@ def _all_healthy(flags: str | None) -> bool:
 
 @contextlib.contextmanager
 def run_gateway(
-    context: GatewayContext, workdir: Path, *, startup_timeout: float = 30
+    context: GatewayContext,
+    workdir: Path,
+    *,
+    startup_timeout: float = 30,
+    wait_for_jwks: bool = True,
 ) -> Iterator[str]:
-    """Run an Envoy for ``context`` while the block runs; yields its URL once it is ready.
+    """Run an Envoy for ``context`` while the block runs; yields its URL once it is ready
+    and (unless ``wait_for_jwks`` is false: nothing serves it) has fetched the JWKS.
 
     For tests that need a gateway of their own (other limits, fake upstreams) next to the
     stack's; its config and log are kept in ``workdir``.
@@ -205,7 +227,11 @@ def run_gateway(
         )
         try:
             deadline = time.monotonic() + startup_timeout
-            while (answer := http_get(admin)) is None or answer[0] != 200:
+            while (
+                (answer := http_get(admin)) is None
+                or answer[0] != 200
+                or (wait_for_jwks and not jwks_fetched(admin.removesuffix("/ready")))
+            ):
                 if envoy.poll() is not None or time.monotonic() > deadline:
                     reason = "exited" if envoy.poll() is not None else "is not ready"
                     tail = log_path.read_text(errors="replace")[-3000:]
@@ -309,7 +335,6 @@ class EnvoyComponent(ProcessComponent):
     def gateway_context(self) -> GatewayContext:
         return local_gateway_context(
             self.ctx.settings,
-            jwks_path=self.ctx.layout.jwks_file,
             gateway=load_gateway_settings(self.ctx.profile),
         )
 
@@ -330,7 +355,8 @@ class EnvoyComponent(ProcessComponent):
         config text, and Envoy reads them only when it starts)."""
         context = self.gateway_context()
         digest = hashlib.sha256(render_gateway_config(context).encode())
-        loaded_files = [context.descriptor_path, context.openapi_path, context.jwks_path]
+        # Not the JWKS: Envoy fetches it from auth while running, so a rotation needs no restart.
+        loaded_files = [context.descriptor_path, context.openapi_path]
         loaded_files += [docs_file.filename for docs_file in context.docs_files]
         for loaded in loaded_files:
             digest.update(loaded.read_bytes())
@@ -346,7 +372,7 @@ class EnvoyComponent(ProcessComponent):
 
     def prepare(self) -> None:
         self.ensure_port_free(self.ctx.settings.envoy_admin_port, "envoy_admin_port")
-        # jwt_authn reads the JWKS at start-up: make the dev keys even if auth is not started.
+        # The services read the keys at start-up: make the dev keys even if auth is not started.
         layout = self.ctx.layout
         ensure_dev_keys(layout.repo, layout.jwt_signing_key, layout.jwks_file)
         try:
@@ -402,6 +428,13 @@ class EnvoyComponent(ProcessComponent):
         try:
             self.wait_until(
                 healthy, what=f"GET {health} == 200", deadline=deadline, alive=self.alive
+            )
+            # Auth is up (health says so): the edge accepts tokens once the JWKS is fetched.
+            self.wait_until(
+                lambda: jwks_fetched(self.admin_url),
+                what="the JWKS fetched from auth",
+                deadline=deadline,
+                alive=self.alive,
             )
         except StackError as exc:
             # The answer says which dependency the events service considers down.

@@ -1,9 +1,12 @@
-"""Tokens the stack gives its services to call each other (development keys only).
+"""How the stack's services prove themselves to auth: service accounts (development only).
 
-Notifications reads users' contacts from auth's user directory with a bearer token. Until
-auth issues service-account tokens itself, the stack signs one with the development key
-(``.run/<profile>/keys``), writes it next to the keys (mode 0600) and renews it at every
-start; a deployment mounts its own.
+Notifications reads users' contacts from auth (``GetUserContacts``, scope
+``users:read-contacts``). The local stack gives it a real service account: at every start
+``cake-auth create-service-account notifications --rotate-secret`` makes (or re-keys) it and
+the secret goes into a 0600 file next to the keys; notifications then requests its tokens
+from auth (client credentials). The dev cluster (Tiltfile, k8s-test) has no auth running
+when its manifests are made, so there a service token is signed with the development key
+instead and mounted as a Secret.
 """
 
 from __future__ import annotations
@@ -11,12 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import jwt
+
+from cake_devtools.stack.errors import StackError
 
 ISSUER = "cake-system"
 AUDIENCE = "cake-users"
@@ -57,13 +63,41 @@ def write_token(path: Path, token: str) -> None:
         token_file.write(token)
 
 
-def ensure_notifications_token(signing_key: Path, jwks_file: Path, path: Path) -> None:
-    """A fresh token for notifications → auth's user directory.
+NOTIFICATIONS_CLIENT_ID = "notifications"
+CONTACTS_SCOPE = "users:read-contacts"
 
-    Auth does not issue service-account tokens yet, and its token check only knows user
-    tokens: this one is an admin token of no real user (id 0), which the directory accepts.
-    """
-    write_token(path, mint_token(signing_key, jwks_file, subject="0", role="admin"))
+
+def ensure_notifications_token(signing_key: Path, jwks_file: Path, path: Path) -> None:
+    """A fresh service token of the notifications account (dev cluster only)."""
+    token = mint_token(
+        signing_key,
+        jwks_file,
+        subject=NOTIFICATIONS_CLIENT_ID,
+        role="service",
+        scopes=[CONTACTS_SCOPE],
+    )
+    write_token(path, token)
+
+
+def create_service_account(
+    command: Sequence[str], environment: Mapping[str, str], secret_file: Path
+) -> None:
+    """Run ``command`` (``cake-auth create-service-account ... --rotate-secret``) and keep
+    the secret it prints in ``secret_file`` (0600); the secret never reaches a log."""
+    result = subprocess.run(
+        command, env=dict(environment), capture_output=True, text=True, check=False
+    )
+    secret = next(
+        (
+            line.split("=", 1)[1].strip()
+            for line in result.stdout.splitlines()
+            if line.startswith("client_secret=")
+        ),
+        None,
+    )
+    if result.returncode != 0 or not secret:
+        raise StackError(f"cake-auth create-service-account failed:\n{result.stderr.strip()}")
+    write_token(secret_file, secret)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -19,7 +19,11 @@ from urllib.parse import quote
 
 from cake_devtools.stack.component import ProcessComponent, StackContext
 from cake_devtools.stack.errors import StackError
-from cake_devtools.stack.service_tokens import ensure_notifications_token
+from cake_devtools.stack.service_tokens import (
+    CONTACTS_SCOPE,
+    NOTIFICATIONS_CLIENT_ID,
+    create_service_account,
+)
 
 
 @dataclass(frozen=True)
@@ -74,8 +78,10 @@ class Endpoints:
     otlp_endpoint: str | None = None
     #: The SMTP server notifications sends e-mail to (the stack's SMTP sink).
     smtp_port: int = 1025
-    #: The service token notifications shows auth's user directory (see ``service_tokens``).
-    notifications_token_file: Path | None = None
+    #: The client secret of notifications' service account (see ``service_tokens``).
+    notifications_secret_file: Path | None = None
+    #: The gateway's URL (auth's discovery document names its endpoints under it).
+    public_url: str | None = None
 
 
 def database_url(*, user: str, password: str, host: str, port: int, database: str) -> str:
@@ -118,6 +124,8 @@ def build_service_environment(
             env[f"{prefix}OTLP_ENDPOINT"] = endpoints.otlp_endpoint
         if spec.name == "auth":
             env[f"{prefix}JWT_PRIVATE_KEY_FILE"] = str(endpoints.jwt_signing_key)
+            if endpoints.public_url is not None:
+                env[f"{prefix}PUBLIC_URL"] = endpoints.public_url
         if spec.name == "events":
             for source in OUTBOX_SOURCES:
                 source_prefix = f"{prefix}{source.upper()}_"
@@ -127,8 +135,9 @@ def build_service_environment(
             env[f"{prefix}SMTP_HOST"] = "127.0.0.1"
             env[f"{prefix}SMTP_PORT"] = str(endpoints.smtp_port)
             env[f"{prefix}AUTH_DIRECTORY_TARGET"] = f"127.0.0.1:{endpoints.grpc_ports['auth']}"
-            if endpoints.notifications_token_file is not None:
-                env[f"{prefix}AUTH_TOKEN_FILE"] = str(endpoints.notifications_token_file)
+            if endpoints.notifications_secret_file is not None:
+                env[f"{prefix}AUTH_CLIENT_ID"] = NOTIFICATIONS_CLIENT_ID
+                env[f"{prefix}AUTH_CLIENT_SECRET_FILE"] = str(endpoints.notifications_secret_file)
         if spec.name == "promotions" and BANK.name in endpoints.grpc_ports:
             env[f"{prefix}PAYMENTS_TARGET"] = f"127.0.0.1:{endpoints.grpc_ports[BANK.name]}"
         environments[spec.name] = env
@@ -229,11 +238,22 @@ class ServiceComponent(ProcessComponent):
         ensure_dev_keys(
             self.ctx.layout.repo, self.endpoints.jwt_signing_key, self.endpoints.jwks_file
         )
-        if self.spec.name == "notifications" and self.endpoints.notifications_token_file:
-            ensure_notifications_token(
-                self.endpoints.jwt_signing_key,
-                self.endpoints.jwks_file,
-                self.endpoints.notifications_token_file,
+        if self.spec.name == "notifications" and self.endpoints.notifications_secret_file:
+            # Auth runs by now (it starts first): a real service account, a fresh secret.
+            uv = shutil.which("uv")
+            if uv is None:
+                raise StackError("uv not found on PATH; run tools/bootstrap.sh")
+            create_service_account(
+                [
+                    *(uv, "run", "--frozen", "--directory", str(self.ctx.layout.repo)),
+                    *("cake-auth", "create-service-account", NOTIFICATIONS_CLIENT_ID),
+                    *("--scope", CONTACTS_SCOPE, "--rotate-secret"),
+                ],
+                {
+                    **os.environ,
+                    **build_service_environment(self.endpoints, self.ctx.passwords)["auth"],
+                },
+                self.endpoints.notifications_secret_file,
             )
         write_env_file(
             self.ctx.layout.env_file(self.spec.name),

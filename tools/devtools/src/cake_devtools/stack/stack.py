@@ -132,7 +132,8 @@ class Stack:
             },
             otlp_endpoint=settings.otlp_endpoint,
             smtp_port=settings.smtp_sink_port,
-            notifications_token_file=self._ctx.layout.keys / "notifications-service.token",
+            notifications_secret_file=self._ctx.layout.keys / "notifications-client-secret",
+            public_url=f"http://127.0.0.1:{settings.gateway_port}",
         )
 
     def _select(self, components: Iterable[str] | None) -> list[Component]:

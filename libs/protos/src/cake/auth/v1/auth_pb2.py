@@ -23,11 +23,13 @@ _sym_db = _symbol_database.Default()
 
 
 from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
+from cake.access.v1 import access_pb2 as cake_dot_access_dot_v1_dot_access__pb2
+from cake.auth.v1 import oauth_pb2 as cake_dot_auth_dot_v1_dot_oauth__pb2
 from cake.auth.v1 import user_pb2 as cake_dot_auth_dot_v1_dot_user__pb2
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63\x61ke/auth/v1/auth.proto\x12\x0c\x63\x61ke.auth.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x17\x63\x61ke/auth/v1/user.proto\x1a\x1cgoogle/api/annotations.proto\"\x83\x02\n\x0fRegisterRequest\x12 \n\x08\x66ullname\x18\x01 \x01(\tB\x0e\xbaH\x0br\t\x10\x01\x18\xff\x01\x32\x02\\S\x12\x19\n\x05\x65mail\x18\x02 \x01(\tB\n\xbaH\x07r\x05\x18\xff\x01`\x01\x12-\n\x08username\x18\x03 \x01(\tB\x1b\xbaH\x18r\x16\x32\x14^[A-Za-z0-9_]{3,50}$\x12\x36\n\x05phone\x18\x04 \x01(\tB\'\xbaH$r\"\x18\x14\x32\x1e^\\+?[0-9](?:[ -]?[0-9]){5,18}$\x12\x1e\n\x08password\x18\x05 \x01(\tB\x0c\xbaH\tr\x07\x10\x06\x18\xff\x01(H\x12,\n\x08\x62irthday\x18\x06 \x01(\tB\x1a\xbaH\x17r\x15\x32\x13^\\d{4}-\\d{2}-\\d{2}$\"\x9e\x01\n\x10RegisterResponse\x12\"\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\tR\x0c\x61\x63\x63\x65ss_token\x12 \n\x04user\x18\x02 \x01(\x0b\x32\x12.cake.auth.v1.User\x12$\n\rrefresh_token\x18\x03 \x01(\tR\rrefresh_token\x12\x1e\n\nexpires_in\x18\x04 \x01(\x05R\nexpires_in\"I\n\x0cLoginRequest\x12\x1b\n\x07\x61\x63\x63ount\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\xff\x01\x12\x1c\n\x08password\x18\x02 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\xff\x01\"\x9b\x01\n\rLoginResponse\x12\"\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\tR\x0c\x61\x63\x63\x65ss_token\x12 \n\x04user\x18\x02 \x01(\x0b\x32\x12.cake.auth.v1.User\x12$\n\rrefresh_token\x18\x03 \x01(\tR\rrefresh_token\x12\x1e\n\nexpires_in\x18\x04 \x01(\x05R\nexpires_in\"\x13\n\x11GetProfileRequest\"6\n\x12GetProfileResponse\x12 \n\x04user\x18\x01 \x01(\x0b\x32\x12.cake.auth.v1.User\"\xfb\x01\n\x14UpdateProfileRequest\x12%\n\x08\x66ullname\x18\x01 \x01(\tB\x0e\xbaH\x0br\t\x10\x01\x18\xff\x01\x32\x02\\SH\x00\x88\x01\x01\x12\x1e\n\x05\x65mail\x18\x02 \x01(\tB\n\xbaH\x07r\x05\x18\xff\x01`\x01H\x01\x88\x01\x01\x12;\n\x05phone\x18\x03 \x01(\tB\'\xbaH$r\"\x18\x14\x32\x1e^\\+?[0-9](?:[ -]?[0-9]){5,18}$H\x02\x88\x01\x01\x12\x31\n\x08\x62irthday\x18\x04 \x01(\tB\x1a\xbaH\x17r\x15\x32\x13^\\d{4}-\\d{2}-\\d{2}$H\x03\x88\x01\x01\x42\x0b\n\t_fullnameB\x08\n\x06_emailB\x08\n\x06_phoneB\x0b\n\t_birthday\"9\n\x15UpdateProfileResponse\x12 \n\x04user\x18\x01 \x01(\x0b\x32\x12.cake.auth.v1.User\"E\n\x13RefreshTokenRequest\x12.\n\rrefresh_token\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x02R\rrefresh_token\"\x80\x01\n\x14RefreshTokenResponse\x12\"\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\tR\x0c\x61\x63\x63\x65ss_token\x12$\n\rrefresh_token\x18\x02 \x01(\tR\rrefresh_token\x12\x1e\n\nexpires_in\x18\x03 \x01(\x05R\nexpires_in\"\x0f\n\rLogoutRequest\"\x10\n\x0eLogoutResponse\"\x12\n\x10LogoutAllRequest\"+\n\x11LogoutAllResponse\x12\x16\n\x0e\x65nded_sessions\x18\x01 \x01(\x05\"2\n\x16\x45ndUserSessionsRequest\x12\x18\n\x07user_id\x18\x01 \x01(\x03\x42\x07\xbaH\x04\"\x02 \x00\"1\n\x17\x45ndUserSessionsResponse\x12\x16\n\x0e\x65nded_sessions\x18\x01 \x01(\x05\"\x10\n\x0eGetJwksRequest\"2\n\x0fGetJwksResponse\x12\x1f\n\x04keys\x18\x01 \x03(\x0b\x32\x11.cake.auth.v1.Jwk\"\\\n\x03Jwk\x12\x0b\n\x03kty\x18\x01 \x01(\t\x12\x0b\n\x03\x63rv\x18\x02 \x01(\t\x12\t\n\x01x\x18\x03 \x01(\t\x12\t\n\x01y\x18\x04 \x01(\t\x12\x0b\n\x03kid\x18\x05 \x01(\t\x12\x0b\n\x03use\x18\x06 \x01(\t\x12\x0b\n\x03\x61lg\x18\x07 \x01(\t2\xe8\x07\n\x0b\x41uthService\x12\x64\n\x08Register\x12\x1d.cake.auth.v1.RegisterRequest\x1a\x1e.cake.auth.v1.RegisterResponse\"\x19\x82\xd3\xe4\x93\x02\x13\"\x0e/auth/register:\x01*\x12X\n\x05Login\x12\x1a.cake.auth.v1.LoginRequest\x1a\x1b.cake.auth.v1.LoginResponse\"\x16\x82\xd3\xe4\x93\x02\x10\"\x0b/auth/login:\x01*\x12l\n\nGetProfile\x12\x1f.cake.auth.v1.GetProfileRequest\x1a .cake.auth.v1.GetProfileResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\r/auth/profileb\x04user\x12x\n\rUpdateProfile\x12\".cake.auth.v1.UpdateProfileRequest\x1a#.cake.auth.v1.UpdateProfileResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\x32\r/auth/profile:\x01*b\x04user\x12o\n\x0cRefreshToken\x12!.cake.auth.v1.RefreshTokenRequest\x1a\".cake.auth.v1.RefreshTokenResponse\"\x18\x82\xd3\xe4\x93\x02\x12\"\r/auth/refresh:\x01*\x12\\\n\x06Logout\x12\x1b.cake.auth.v1.LogoutRequest\x1a\x1c.cake.auth.v1.LogoutResponse\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/auth/logout:\x01*\x12i\n\tLogoutAll\x12\x1e.cake.auth.v1.LogoutAllRequest\x1a\x1f.cake.auth.v1.LogoutAllResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\"\x10/auth/logout-all:\x01*\x12\x8e\x01\n\x0f\x45ndUserSessions\x12$.cake.auth.v1.EndUserSessionsRequest\x1a%.cake.auth.v1.EndUserSessionsResponse\".\x82\xd3\xe4\x93\x02(\"#/admin/users/{user_id}/end-sessions:\x01*\x12\x66\n\x07GetJwks\x12\x1c.cake.auth.v1.GetJwksRequest\x1a\x1d.cake.auth.v1.GetJwksResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\x12\x16/.well-known/jwks.jsonb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63\x61ke/auth/v1/auth.proto\x12\x0c\x63\x61ke.auth.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1b\x63\x61ke/access/v1/access.proto\x1a\x18\x63\x61ke/auth/v1/oauth.proto\x1a\x17\x63\x61ke/auth/v1/user.proto\x1a\x1cgoogle/api/annotations.proto\"\x83\x02\n\x0fRegisterRequest\x12 \n\x08\x66ullname\x18\x01 \x01(\tB\x0e\xbaH\x0br\t\x10\x01\x18\xff\x01\x32\x02\\S\x12\x19\n\x05\x65mail\x18\x02 \x01(\tB\n\xbaH\x07r\x05\x18\xff\x01`\x01\x12-\n\x08username\x18\x03 \x01(\tB\x1b\xbaH\x18r\x16\x32\x14^[A-Za-z0-9_]{3,50}$\x12\x36\n\x05phone\x18\x04 \x01(\tB\'\xbaH$r\"\x18\x14\x32\x1e^\\+?[0-9](?:[ -]?[0-9]){5,18}$\x12\x1e\n\x08password\x18\x05 \x01(\tB\x0c\xbaH\tr\x07\x10\x06\x18\xff\x01(H\x12,\n\x08\x62irthday\x18\x06 \x01(\tB\x1a\xbaH\x17r\x15\x32\x13^\\d{4}-\\d{2}-\\d{2}$\"\x9e\x01\n\x10RegisterResponse\x12\"\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\tR\x0c\x61\x63\x63\x65ss_token\x12 \n\x04user\x18\x02 \x01(\x0b\x32\x12.cake.auth.v1.User\x12$\n\rrefresh_token\x18\x03 \x01(\tR\rrefresh_token\x12\x1e\n\nexpires_in\x18\x04 \x01(\x05R\nexpires_in\"I\n\x0cLoginRequest\x12\x1b\n\x07\x61\x63\x63ount\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\xff\x01\x12\x1c\n\x08password\x18\x02 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\xff\x01\"\x9b\x01\n\rLoginResponse\x12\"\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\tR\x0c\x61\x63\x63\x65ss_token\x12 \n\x04user\x18\x02 \x01(\x0b\x32\x12.cake.auth.v1.User\x12$\n\rrefresh_token\x18\x03 \x01(\tR\rrefresh_token\x12\x1e\n\nexpires_in\x18\x04 \x01(\x05R\nexpires_in\"\x13\n\x11GetProfileRequest\"6\n\x12GetProfileResponse\x12 \n\x04user\x18\x01 \x01(\x0b\x32\x12.cake.auth.v1.User\"\xfb\x01\n\x14UpdateProfileRequest\x12%\n\x08\x66ullname\x18\x01 \x01(\tB\x0e\xbaH\x0br\t\x10\x01\x18\xff\x01\x32\x02\\SH\x00\x88\x01\x01\x12\x1e\n\x05\x65mail\x18\x02 \x01(\tB\n\xbaH\x07r\x05\x18\xff\x01`\x01H\x01\x88\x01\x01\x12;\n\x05phone\x18\x03 \x01(\tB\'\xbaH$r\"\x18\x14\x32\x1e^\\+?[0-9](?:[ -]?[0-9]){5,18}$H\x02\x88\x01\x01\x12\x31\n\x08\x62irthday\x18\x04 \x01(\tB\x1a\xbaH\x17r\x15\x32\x13^\\d{4}-\\d{2}-\\d{2}$H\x03\x88\x01\x01\x42\x0b\n\t_fullnameB\x08\n\x06_emailB\x08\n\x06_phoneB\x0b\n\t_birthday\"9\n\x15UpdateProfileResponse\x12 \n\x04user\x18\x01 \x01(\x0b\x32\x12.cake.auth.v1.User\"E\n\x13RefreshTokenRequest\x12.\n\rrefresh_token\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x02R\rrefresh_token\"\x80\x01\n\x14RefreshTokenResponse\x12\"\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\tR\x0c\x61\x63\x63\x65ss_token\x12$\n\rrefresh_token\x18\x02 \x01(\tR\rrefresh_token\x12\x1e\n\nexpires_in\x18\x03 \x01(\x05R\nexpires_in\"\x0f\n\rLogoutRequest\"\x10\n\x0eLogoutResponse\"\x12\n\x10LogoutAllRequest\"+\n\x11LogoutAllResponse\x12\x16\n\x0e\x65nded_sessions\x18\x01 \x01(\x05\"2\n\x16\x45ndUserSessionsRequest\x12\x18\n\x07user_id\x18\x01 \x01(\x03\x42\x07\xbaH\x04\"\x02 \x00\"1\n\x17\x45ndUserSessionsResponse\x12\x16\n\x0e\x65nded_sessions\x18\x01 \x01(\x05\"\x10\n\x0eGetJwksRequest\"2\n\x0fGetJwksResponse\x12\x1f\n\x04keys\x18\x01 \x03(\x0b\x32\x11.cake.auth.v1.Jwk\"\\\n\x03Jwk\x12\x0b\n\x03kty\x18\x01 \x01(\t\x12\x0b\n\x03\x63rv\x18\x02 \x01(\t\x12\t\n\x01x\x18\x03 \x01(\t\x12\t\n\x01y\x18\x04 \x01(\t\x12\x0b\n\x03kid\x18\x05 \x01(\t\x12\x0b\n\x03use\x18\x06 \x01(\t\x12\x0b\n\x03\x61lg\x18\x07 \x01(\t2\x84\x0c\n\x0b\x41uthService\x12j\n\x08Register\x12\x1d.cake.auth.v1.RegisterRequest\x1a\x1e.cake.auth.v1.RegisterResponse\"\x1f\xaa\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x13\"\x0e/auth/register:\x01*\x12^\n\x05Login\x12\x1a.cake.auth.v1.LoginRequest\x1a\x1b.cake.auth.v1.LoginResponse\"\x1c\xaa\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x10\"\x0b/auth/login:\x01*\x12}\n\nGetProfile\x12\x1f.cake.auth.v1.GetProfileRequest\x1a .cake.auth.v1.GetProfileResponse\",\xaa\xbb\x18\r\x1a\x04user\x1a\x05\x61\x64min\x82\xd3\xe4\x93\x02\x15\x12\r/auth/profileb\x04user\x12\x89\x01\n\rUpdateProfile\x12\".cake.auth.v1.UpdateProfileRequest\x1a#.cake.auth.v1.UpdateProfileResponse\"/\xaa\xbb\x18\r\x1a\x04user\x1a\x05\x61\x64min\x82\xd3\xe4\x93\x02\x18\x32\r/auth/profile:\x01*b\x04user\x12u\n\x0cRefreshToken\x12!.cake.auth.v1.RefreshTokenRequest\x1a\".cake.auth.v1.RefreshTokenResponse\"\x1e\xaa\xbb\x18\x02\x10\x01\x82\xd3\xe4\x93\x02\x12\"\r/auth/refresh:\x01*\x12m\n\x06Logout\x12\x1b.cake.auth.v1.LogoutRequest\x1a\x1c.cake.auth.v1.LogoutResponse\"(\xaa\xbb\x18\r\x1a\x04user\x1a\x05\x61\x64min\x82\xd3\xe4\x93\x02\x11\"\x0c/auth/logout:\x01*\x12z\n\tLogoutAll\x12\x1e.cake.auth.v1.LogoutAllRequest\x1a\x1f.cake.auth.v1.LogoutAllResponse\",\xaa\xbb\x18\r\x1a\x04user\x1a\x05\x61\x64min\x82\xd3\xe4\x93\x02\x15\"\x10/auth/logout-all:\x01*\x12\x99\x01\n\x0f\x45ndUserSessions\x12$.cake.auth.v1.EndUserSessionsRequest\x1a%.cake.auth.v1.EndUserSessionsResponse\"9\xaa\xbb\x18\x07\x1a\x05\x61\x64min\x82\xd3\xe4\x93\x02(\"#/admin/users/{user_id}/end-sessions:\x01*\x12l\n\x07GetJwks\x12\x1c.cake.auth.v1.GetJwksRequest\x1a\x1d.cake.auth.v1.GetJwksResponse\"$\xaa\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x18\x12\x16/.well-known/jwks.json\x12\xa4\x01\n\x16GetOpenIdConfiguration\x12+.cake.auth.v1.GetOpenIdConfigurationRequest\x1a,.cake.auth.v1.GetOpenIdConfigurationResponse\"/\xaa\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02#\x12!/.well-known/openid-configuration\x12\x62\n\x05Token\x12\x1a.cake.auth.v1.TokenRequest\x1a\x1b.cake.auth.v1.TokenResponse\" \xaa\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x14\"\x0c/oauth/token:\x04\x66orm\x12\xa6\x01\n\x0fGetUserContacts\x12$.cake.auth.v1.GetUserContactsRequest\x1a%.cake.auth.v1.GetUserContactsResponse\"F\xaa\xbb\x18\x1c\x1a\x05\x61\x64min\"\x13users:read-contacts\x82\xd3\xe4\x93\x02 \x12\x1e/auth/users/{user_id}/contactsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -63,61 +65,67 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENDUSERSESSIONSREQUEST'].fields_by_name['user_id']._loaded_options = None
   _globals['_ENDUSERSESSIONSREQUEST'].fields_by_name['user_id']._serialized_options = b'\272H\004\"\002 \000'
   _globals['_AUTHSERVICE'].methods_by_name['Register']._loaded_options = None
-  _globals['_AUTHSERVICE'].methods_by_name['Register']._serialized_options = b'\202\323\344\223\002\023\"\016/auth/register:\001*'
+  _globals['_AUTHSERVICE'].methods_by_name['Register']._serialized_options = b'\252\273\030\002\010\001\202\323\344\223\002\023\"\016/auth/register:\001*'
   _globals['_AUTHSERVICE'].methods_by_name['Login']._loaded_options = None
-  _globals['_AUTHSERVICE'].methods_by_name['Login']._serialized_options = b'\202\323\344\223\002\020\"\013/auth/login:\001*'
+  _globals['_AUTHSERVICE'].methods_by_name['Login']._serialized_options = b'\252\273\030\002\010\001\202\323\344\223\002\020\"\013/auth/login:\001*'
   _globals['_AUTHSERVICE'].methods_by_name['GetProfile']._loaded_options = None
-  _globals['_AUTHSERVICE'].methods_by_name['GetProfile']._serialized_options = b'\202\323\344\223\002\025\022\r/auth/profileb\004user'
+  _globals['_AUTHSERVICE'].methods_by_name['GetProfile']._serialized_options = b'\252\273\030\r\032\004user\032\005admin\202\323\344\223\002\025\022\r/auth/profileb\004user'
   _globals['_AUTHSERVICE'].methods_by_name['UpdateProfile']._loaded_options = None
-  _globals['_AUTHSERVICE'].methods_by_name['UpdateProfile']._serialized_options = b'\202\323\344\223\002\0302\r/auth/profile:\001*b\004user'
+  _globals['_AUTHSERVICE'].methods_by_name['UpdateProfile']._serialized_options = b'\252\273\030\r\032\004user\032\005admin\202\323\344\223\002\0302\r/auth/profile:\001*b\004user'
   _globals['_AUTHSERVICE'].methods_by_name['RefreshToken']._loaded_options = None
-  _globals['_AUTHSERVICE'].methods_by_name['RefreshToken']._serialized_options = b'\202\323\344\223\002\022\"\r/auth/refresh:\001*'
+  _globals['_AUTHSERVICE'].methods_by_name['RefreshToken']._serialized_options = b'\252\273\030\002\020\001\202\323\344\223\002\022\"\r/auth/refresh:\001*'
   _globals['_AUTHSERVICE'].methods_by_name['Logout']._loaded_options = None
-  _globals['_AUTHSERVICE'].methods_by_name['Logout']._serialized_options = b'\202\323\344\223\002\021\"\014/auth/logout:\001*'
+  _globals['_AUTHSERVICE'].methods_by_name['Logout']._serialized_options = b'\252\273\030\r\032\004user\032\005admin\202\323\344\223\002\021\"\014/auth/logout:\001*'
   _globals['_AUTHSERVICE'].methods_by_name['LogoutAll']._loaded_options = None
-  _globals['_AUTHSERVICE'].methods_by_name['LogoutAll']._serialized_options = b'\202\323\344\223\002\025\"\020/auth/logout-all:\001*'
+  _globals['_AUTHSERVICE'].methods_by_name['LogoutAll']._serialized_options = b'\252\273\030\r\032\004user\032\005admin\202\323\344\223\002\025\"\020/auth/logout-all:\001*'
   _globals['_AUTHSERVICE'].methods_by_name['EndUserSessions']._loaded_options = None
-  _globals['_AUTHSERVICE'].methods_by_name['EndUserSessions']._serialized_options = b'\202\323\344\223\002(\"#/admin/users/{user_id}/end-sessions:\001*'
+  _globals['_AUTHSERVICE'].methods_by_name['EndUserSessions']._serialized_options = b'\252\273\030\007\032\005admin\202\323\344\223\002(\"#/admin/users/{user_id}/end-sessions:\001*'
   _globals['_AUTHSERVICE'].methods_by_name['GetJwks']._loaded_options = None
-  _globals['_AUTHSERVICE'].methods_by_name['GetJwks']._serialized_options = b'\202\323\344\223\002\030\022\026/.well-known/jwks.json'
-  _globals['_REGISTERREQUEST']._serialized_start=126
-  _globals['_REGISTERREQUEST']._serialized_end=385
-  _globals['_REGISTERRESPONSE']._serialized_start=388
-  _globals['_REGISTERRESPONSE']._serialized_end=546
-  _globals['_LOGINREQUEST']._serialized_start=548
-  _globals['_LOGINREQUEST']._serialized_end=621
-  _globals['_LOGINRESPONSE']._serialized_start=624
-  _globals['_LOGINRESPONSE']._serialized_end=779
-  _globals['_GETPROFILEREQUEST']._serialized_start=781
-  _globals['_GETPROFILEREQUEST']._serialized_end=800
-  _globals['_GETPROFILERESPONSE']._serialized_start=802
-  _globals['_GETPROFILERESPONSE']._serialized_end=856
-  _globals['_UPDATEPROFILEREQUEST']._serialized_start=859
-  _globals['_UPDATEPROFILEREQUEST']._serialized_end=1110
-  _globals['_UPDATEPROFILERESPONSE']._serialized_start=1112
-  _globals['_UPDATEPROFILERESPONSE']._serialized_end=1169
-  _globals['_REFRESHTOKENREQUEST']._serialized_start=1171
-  _globals['_REFRESHTOKENREQUEST']._serialized_end=1240
-  _globals['_REFRESHTOKENRESPONSE']._serialized_start=1243
-  _globals['_REFRESHTOKENRESPONSE']._serialized_end=1371
-  _globals['_LOGOUTREQUEST']._serialized_start=1373
-  _globals['_LOGOUTREQUEST']._serialized_end=1388
-  _globals['_LOGOUTRESPONSE']._serialized_start=1390
-  _globals['_LOGOUTRESPONSE']._serialized_end=1406
-  _globals['_LOGOUTALLREQUEST']._serialized_start=1408
-  _globals['_LOGOUTALLREQUEST']._serialized_end=1426
-  _globals['_LOGOUTALLRESPONSE']._serialized_start=1428
-  _globals['_LOGOUTALLRESPONSE']._serialized_end=1471
-  _globals['_ENDUSERSESSIONSREQUEST']._serialized_start=1473
-  _globals['_ENDUSERSESSIONSREQUEST']._serialized_end=1523
-  _globals['_ENDUSERSESSIONSRESPONSE']._serialized_start=1525
-  _globals['_ENDUSERSESSIONSRESPONSE']._serialized_end=1574
-  _globals['_GETJWKSREQUEST']._serialized_start=1576
-  _globals['_GETJWKSREQUEST']._serialized_end=1592
-  _globals['_GETJWKSRESPONSE']._serialized_start=1594
-  _globals['_GETJWKSRESPONSE']._serialized_end=1644
-  _globals['_JWK']._serialized_start=1646
-  _globals['_JWK']._serialized_end=1738
-  _globals['_AUTHSERVICE']._serialized_start=1741
-  _globals['_AUTHSERVICE']._serialized_end=2741
+  _globals['_AUTHSERVICE'].methods_by_name['GetJwks']._serialized_options = b'\252\273\030\002\010\001\202\323\344\223\002\030\022\026/.well-known/jwks.json'
+  _globals['_AUTHSERVICE'].methods_by_name['GetOpenIdConfiguration']._loaded_options = None
+  _globals['_AUTHSERVICE'].methods_by_name['GetOpenIdConfiguration']._serialized_options = b'\252\273\030\002\010\001\202\323\344\223\002#\022!/.well-known/openid-configuration'
+  _globals['_AUTHSERVICE'].methods_by_name['Token']._loaded_options = None
+  _globals['_AUTHSERVICE'].methods_by_name['Token']._serialized_options = b'\252\273\030\002\010\001\202\323\344\223\002\024\"\014/oauth/token:\004form'
+  _globals['_AUTHSERVICE'].methods_by_name['GetUserContacts']._loaded_options = None
+  _globals['_AUTHSERVICE'].methods_by_name['GetUserContacts']._serialized_options = b'\252\273\030\034\032\005admin\"\023users:read-contacts\202\323\344\223\002 \022\036/auth/users/{user_id}/contacts'
+  _globals['_REGISTERREQUEST']._serialized_start=181
+  _globals['_REGISTERREQUEST']._serialized_end=440
+  _globals['_REGISTERRESPONSE']._serialized_start=443
+  _globals['_REGISTERRESPONSE']._serialized_end=601
+  _globals['_LOGINREQUEST']._serialized_start=603
+  _globals['_LOGINREQUEST']._serialized_end=676
+  _globals['_LOGINRESPONSE']._serialized_start=679
+  _globals['_LOGINRESPONSE']._serialized_end=834
+  _globals['_GETPROFILEREQUEST']._serialized_start=836
+  _globals['_GETPROFILEREQUEST']._serialized_end=855
+  _globals['_GETPROFILERESPONSE']._serialized_start=857
+  _globals['_GETPROFILERESPONSE']._serialized_end=911
+  _globals['_UPDATEPROFILEREQUEST']._serialized_start=914
+  _globals['_UPDATEPROFILEREQUEST']._serialized_end=1165
+  _globals['_UPDATEPROFILERESPONSE']._serialized_start=1167
+  _globals['_UPDATEPROFILERESPONSE']._serialized_end=1224
+  _globals['_REFRESHTOKENREQUEST']._serialized_start=1226
+  _globals['_REFRESHTOKENREQUEST']._serialized_end=1295
+  _globals['_REFRESHTOKENRESPONSE']._serialized_start=1298
+  _globals['_REFRESHTOKENRESPONSE']._serialized_end=1426
+  _globals['_LOGOUTREQUEST']._serialized_start=1428
+  _globals['_LOGOUTREQUEST']._serialized_end=1443
+  _globals['_LOGOUTRESPONSE']._serialized_start=1445
+  _globals['_LOGOUTRESPONSE']._serialized_end=1461
+  _globals['_LOGOUTALLREQUEST']._serialized_start=1463
+  _globals['_LOGOUTALLREQUEST']._serialized_end=1481
+  _globals['_LOGOUTALLRESPONSE']._serialized_start=1483
+  _globals['_LOGOUTALLRESPONSE']._serialized_end=1526
+  _globals['_ENDUSERSESSIONSREQUEST']._serialized_start=1528
+  _globals['_ENDUSERSESSIONSREQUEST']._serialized_end=1578
+  _globals['_ENDUSERSESSIONSRESPONSE']._serialized_start=1580
+  _globals['_ENDUSERSESSIONSRESPONSE']._serialized_end=1629
+  _globals['_GETJWKSREQUEST']._serialized_start=1631
+  _globals['_GETJWKSREQUEST']._serialized_end=1647
+  _globals['_GETJWKSRESPONSE']._serialized_start=1649
+  _globals['_GETJWKSRESPONSE']._serialized_end=1699
+  _globals['_JWK']._serialized_start=1701
+  _globals['_JWK']._serialized_end=1793
+  _globals['_AUTHSERVICE']._serialized_start=1796
+  _globals['_AUTHSERVICE']._serialized_end=3336
 # @@protoc_insertion_point(module_scope)

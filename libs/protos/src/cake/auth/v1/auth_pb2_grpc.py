@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from cake.auth.v1 import auth_pb2 as cake_dot_auth_dot_v1_dot_auth__pb2
+from cake.auth.v1 import oauth_pb2 as cake_dot_auth_dot_v1_dot_oauth__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
@@ -80,6 +81,21 @@ class AuthServiceStub:
                 '/cake.auth.v1.AuthService/GetJwks',
                 request_serializer=cake_dot_auth_dot_v1_dot_auth__pb2.GetJwksRequest.SerializeToString,
                 response_deserializer=cake_dot_auth_dot_v1_dot_auth__pb2.GetJwksResponse.FromString,
+                _registered_method=True)
+        self.GetOpenIdConfiguration = channel.unary_unary(
+                '/cake.auth.v1.AuthService/GetOpenIdConfiguration',
+                request_serializer=cake_dot_auth_dot_v1_dot_oauth__pb2.GetOpenIdConfigurationRequest.SerializeToString,
+                response_deserializer=cake_dot_auth_dot_v1_dot_oauth__pb2.GetOpenIdConfigurationResponse.FromString,
+                _registered_method=True)
+        self.Token = channel.unary_unary(
+                '/cake.auth.v1.AuthService/Token',
+                request_serializer=cake_dot_auth_dot_v1_dot_oauth__pb2.TokenRequest.SerializeToString,
+                response_deserializer=cake_dot_auth_dot_v1_dot_oauth__pb2.TokenResponse.FromString,
+                _registered_method=True)
+        self.GetUserContacts = channel.unary_unary(
+                '/cake.auth.v1.AuthService/GetUserContacts',
+                request_serializer=cake_dot_auth_dot_v1_dot_oauth__pb2.GetUserContactsRequest.SerializeToString,
+                response_deserializer=cake_dot_auth_dot_v1_dot_oauth__pb2.GetUserContactsResponse.FromString,
                 _registered_method=True)
 
 
@@ -164,6 +180,34 @@ class AuthServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetOpenIdConfiguration(self, request, context):
+        """GetOpenIdConfiguration publishes where Cake's token endpoint and keys are and what they
+        support (OpenID Connect Discovery 1.0 / RFC 8414 metadata), so token verifiers and service
+        clients configure themselves from the issuer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Token(self, request, context):
+        """Token issues a short-lived access token to a service account (OAuth 2.0 client
+        credentials grant, RFC 6749 section 4.4): role `service`, the granted scopes in the
+        `scope` claim. Over REST it takes a form-encoded body and answers RFC 6749 JSON, errors
+        included (`{"error":"invalid_client",...}` with 401, other errors with 400).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUserContacts(self, request, context):
+        """GetUserContacts returns where a user can be reached (name, e-mail, phone), for services
+        that notify users (scope `users:read-contacts`) and admins. Fails with NOT_FOUND for an
+        unknown user.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuthServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -211,6 +255,21 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     servicer.GetJwks,
                     request_deserializer=cake_dot_auth_dot_v1_dot_auth__pb2.GetJwksRequest.FromString,
                     response_serializer=cake_dot_auth_dot_v1_dot_auth__pb2.GetJwksResponse.SerializeToString,
+            ),
+            'GetOpenIdConfiguration': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetOpenIdConfiguration,
+                    request_deserializer=cake_dot_auth_dot_v1_dot_oauth__pb2.GetOpenIdConfigurationRequest.FromString,
+                    response_serializer=cake_dot_auth_dot_v1_dot_oauth__pb2.GetOpenIdConfigurationResponse.SerializeToString,
+            ),
+            'Token': grpc.unary_unary_rpc_method_handler(
+                    servicer.Token,
+                    request_deserializer=cake_dot_auth_dot_v1_dot_oauth__pb2.TokenRequest.FromString,
+                    response_serializer=cake_dot_auth_dot_v1_dot_oauth__pb2.TokenResponse.SerializeToString,
+            ),
+            'GetUserContacts': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUserContacts,
+                    request_deserializer=cake_dot_auth_dot_v1_dot_oauth__pb2.GetUserContactsRequest.FromString,
+                    response_serializer=cake_dot_auth_dot_v1_dot_oauth__pb2.GetUserContactsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -458,6 +517,87 @@ class AuthService:
             '/cake.auth.v1.AuthService/GetJwks',
             cake_dot_auth_dot_v1_dot_auth__pb2.GetJwksRequest.SerializeToString,
             cake_dot_auth_dot_v1_dot_auth__pb2.GetJwksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetOpenIdConfiguration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cake.auth.v1.AuthService/GetOpenIdConfiguration',
+            cake_dot_auth_dot_v1_dot_oauth__pb2.GetOpenIdConfigurationRequest.SerializeToString,
+            cake_dot_auth_dot_v1_dot_oauth__pb2.GetOpenIdConfigurationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Token(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cake.auth.v1.AuthService/Token',
+            cake_dot_auth_dot_v1_dot_oauth__pb2.TokenRequest.SerializeToString,
+            cake_dot_auth_dot_v1_dot_oauth__pb2.TokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUserContacts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cake.auth.v1.AuthService/GetUserContacts',
+            cake_dot_auth_dot_v1_dot_oauth__pb2.GetUserContactsRequest.SerializeToString,
+            cake_dot_auth_dot_v1_dot_oauth__pb2.GetUserContactsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from cake.auth.v1 import auth_pb2 as _auth_pb2
+from cake.auth.v1 import oauth_pb2 as _oauth_pb2
 from collections import abc as _abc
 from grpc import aio as _aio
 import abc as _abc_1
@@ -72,6 +73,22 @@ class AuthServiceStub:
     """
     GetJwks: _grpc.UnaryUnaryMultiCallable[_auth_pb2.GetJwksRequest, _auth_pb2.GetJwksResponse]
     """GetJwks publishes the public keys that verify Cake access tokens (RFC 7517 JWK Set)."""
+    GetOpenIdConfiguration: _grpc.UnaryUnaryMultiCallable[_oauth_pb2.GetOpenIdConfigurationRequest, _oauth_pb2.GetOpenIdConfigurationResponse]
+    """GetOpenIdConfiguration publishes where Cake's token endpoint and keys are and what they
+    support (OpenID Connect Discovery 1.0 / RFC 8414 metadata), so token verifiers and service
+    clients configure themselves from the issuer.
+    """
+    Token: _grpc.UnaryUnaryMultiCallable[_oauth_pb2.TokenRequest, _oauth_pb2.TokenResponse]
+    """Token issues a short-lived access token to a service account (OAuth 2.0 client
+    credentials grant, RFC 6749 section 4.4): role `service`, the granted scopes in the
+    `scope` claim. Over REST it takes a form-encoded body and answers RFC 6749 JSON, errors
+    included (`{"error":"invalid_client",...}` with 401, other errors with 400).
+    """
+    GetUserContacts: _grpc.UnaryUnaryMultiCallable[_oauth_pb2.GetUserContactsRequest, _oauth_pb2.GetUserContactsResponse]
+    """GetUserContacts returns where a user can be reached (name, e-mail, phone), for services
+    that notify users (scope `users:read-contacts`) and admins. Fails with NOT_FOUND for an
+    unknown user.
+    """
 
 @_typing.type_check_only
 class AuthServiceAsyncStub(AuthServiceStub):
@@ -117,6 +134,22 @@ class AuthServiceAsyncStub(AuthServiceStub):
     """
     GetJwks: _aio.UnaryUnaryMultiCallable[_auth_pb2.GetJwksRequest, _auth_pb2.GetJwksResponse]  # type: ignore[assignment]
     """GetJwks publishes the public keys that verify Cake access tokens (RFC 7517 JWK Set)."""
+    GetOpenIdConfiguration: _aio.UnaryUnaryMultiCallable[_oauth_pb2.GetOpenIdConfigurationRequest, _oauth_pb2.GetOpenIdConfigurationResponse]  # type: ignore[assignment]
+    """GetOpenIdConfiguration publishes where Cake's token endpoint and keys are and what they
+    support (OpenID Connect Discovery 1.0 / RFC 8414 metadata), so token verifiers and service
+    clients configure themselves from the issuer.
+    """
+    Token: _aio.UnaryUnaryMultiCallable[_oauth_pb2.TokenRequest, _oauth_pb2.TokenResponse]  # type: ignore[assignment]
+    """Token issues a short-lived access token to a service account (OAuth 2.0 client
+    credentials grant, RFC 6749 section 4.4): role `service`, the granted scopes in the
+    `scope` claim. Over REST it takes a form-encoded body and answers RFC 6749 JSON, errors
+    included (`{"error":"invalid_client",...}` with 401, other errors with 400).
+    """
+    GetUserContacts: _aio.UnaryUnaryMultiCallable[_oauth_pb2.GetUserContactsRequest, _oauth_pb2.GetUserContactsResponse]  # type: ignore[assignment]
+    """GetUserContacts returns where a user can be reached (name, e-mail, phone), for services
+    that notify users (scope `users:read-contacts`) and admins. Fails with NOT_FOUND for an
+    unknown user.
+    """
 
 class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     """AuthService registers users, logs them in, manages their profile and issues the ES256 access
@@ -213,5 +246,39 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.GetJwksResponse, _abc.Awaitable[_auth_pb2.GetJwksResponse]]:
         """GetJwks publishes the public keys that verify Cake access tokens (RFC 7517 JWK Set)."""
+
+    @_abc_1.abstractmethod
+    def GetOpenIdConfiguration(
+        self,
+        request: _oauth_pb2.GetOpenIdConfigurationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_oauth_pb2.GetOpenIdConfigurationResponse, _abc.Awaitable[_oauth_pb2.GetOpenIdConfigurationResponse]]:
+        """GetOpenIdConfiguration publishes where Cake's token endpoint and keys are and what they
+        support (OpenID Connect Discovery 1.0 / RFC 8414 metadata), so token verifiers and service
+        clients configure themselves from the issuer.
+        """
+
+    @_abc_1.abstractmethod
+    def Token(
+        self,
+        request: _oauth_pb2.TokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_oauth_pb2.TokenResponse, _abc.Awaitable[_oauth_pb2.TokenResponse]]:
+        """Token issues a short-lived access token to a service account (OAuth 2.0 client
+        credentials grant, RFC 6749 section 4.4): role `service`, the granted scopes in the
+        `scope` claim. Over REST it takes a form-encoded body and answers RFC 6749 JSON, errors
+        included (`{"error":"invalid_client",...}` with 401, other errors with 400).
+        """
+
+    @_abc_1.abstractmethod
+    def GetUserContacts(
+        self,
+        request: _oauth_pb2.GetUserContactsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_oauth_pb2.GetUserContactsResponse, _abc.Awaitable[_oauth_pb2.GetUserContactsResponse]]:
+        """GetUserContacts returns where a user can be reached (name, e-mail, phone), for services
+        that notify users (scope `users:read-contacts`) and admins. Fails with NOT_FOUND for an
+        unknown user.
+        """
 
 def add_AuthServiceServicer_to_server(servicer: AuthServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

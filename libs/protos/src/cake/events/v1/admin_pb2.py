@@ -23,11 +23,12 @@ _sym_db = _symbol_database.Default()
 
 
 from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
+from cake.access.v1 import access_pb2 as cake_dot_access_dot_v1_dot_access__pb2
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63\x61ke/events/v1/admin.proto\x12\x0e\x63\x61ke.events.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdc\x01\n\x16ListAuditEventsRequest\x12\x15\n\x04type\x18\x01 \x01(\tB\x07\xbaH\x04r\x02\x18@\x12\x18\n\x07user_id\x18\x02 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\x12)\n\x05since\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1d\n\tpage_size\x18\x05 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xe8\x07(\x00\x12\x1c\n\npage_token\x18\x06 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x08\"d\n\x17ListAuditEventsResponse\x12\x30\n\x0c\x61udit_events\x18\x01 \x03(\x0b\x32\x1a.cake.events.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x94\x02\n\nAuditEvent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x15\n\ractor_user_id\x18\x04 \x01(\x03\x12\x17\n\x0fsubject_user_id\x18\x05 \x01(\x03\x12\x11\n\tclient_ip\x18\x06 \x01(\t\x12\x38\n\x07\x64\x65tails\x18\x07 \x03(\x0b\x32\'.cake.events.v1.AuditEvent.DetailsEntry\x12/\n\x0boccurred_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x16\n\x14GetQueueStatsRequest\"~\n\x15GetQueueStatsResponse\x12/\n\x0buser_events\x18\x01 \x01(\x0b\x32\x1a.cake.events.v1.QueueStats\x12\x34\n\x10promotion_events\x18\x02 \x01(\x0b\x32\x1a.cake.events.v1.QueueStats\"P\n\nQueueStats\x12\x0f\n\x07waiting\x18\x01 \x01(\x05\x12\x0e\n\x06\x61\x63tive\x18\x02 \x01(\x05\x12\x11\n\tcompleted\x18\x03 \x01(\x05\x12\x0e\n\x06\x66\x61iled\x18\x04 \x01(\x05\"\x14\n\x12RetryFailedRequest\",\n\x13RetryFailedResponse\x12\x15\n\rretried_count\x18\x01 \x01(\x05\"U\n\x16ListDeadLettersRequest\x12\x1d\n\tpage_size\x18\x01 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xe8\x07(\x00\x12\x1c\n\npage_token\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x08\"d\n\x17ListDeadLettersResponse\x12\x30\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32\x1a.cake.events.v1.DeadLetter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xb6\x01\n\nDeadLetter\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x14\n\x0c\x61ggregate_id\x18\x03 \x01(\t\x12\r\n\x05topic\x18\x04 \x01(\t\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\x05\x12\x12\n\nlast_error\x18\x07 \x01(\t\x12-\n\tfailed_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"0\n\x12ReplayEventRequest\x12\x1a\n\x08\x65vent_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\"7\n\x13ReplayEventResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t2\xa2\x05\n\x11\x45ventAdminService\x12\x7f\n\rGetQueueStats\x12$.cake.events.v1.GetQueueStatsRequest\x1a%.cake.events.v1.GetQueueStatsResponse\"!\x82\xd3\xe4\x93\x02\x1b\x12\x19/admin/events/queue-stats\x12}\n\x0bRetryFailed\x12\".cake.events.v1.RetryFailedRequest\x1a#.cake.events.v1.RetryFailedResponse\"%\x82\xd3\xe4\x93\x02\x1f\"\x1a/admin/events/retry-failed:\x01*\x12\x86\x01\n\x0fListDeadLetters\x12&.cake.events.v1.ListDeadLettersRequest\x1a\'.cake.events.v1.ListDeadLettersResponse\"\"\x82\xd3\xe4\x93\x02\x1c\x12\x1a/admin/events/dead-letters\x12\x82\x01\n\x0bReplayEvent\x12\".cake.events.v1.ReplayEventRequest\x1a#.cake.events.v1.ReplayEventResponse\"*\x82\xd3\xe4\x93\x02$\"\x1f/admin/events/{event_id}/replay:\x01*\x12\x7f\n\x0fListAuditEvents\x12&.cake.events.v1.ListAuditEventsRequest\x1a\'.cake.events.v1.ListAuditEventsResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/admin/audit-eventsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63\x61ke/events/v1/admin.proto\x12\x0e\x63\x61ke.events.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1b\x63\x61ke/access/v1/access.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdc\x01\n\x16ListAuditEventsRequest\x12\x15\n\x04type\x18\x01 \x01(\tB\x07\xbaH\x04r\x02\x18@\x12\x18\n\x07user_id\x18\x02 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\x12)\n\x05since\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1d\n\tpage_size\x18\x05 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xe8\x07(\x00\x12\x1c\n\npage_token\x18\x06 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x08\"d\n\x17ListAuditEventsResponse\x12\x30\n\x0c\x61udit_events\x18\x01 \x03(\x0b\x32\x1a.cake.events.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x94\x02\n\nAuditEvent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x15\n\ractor_user_id\x18\x04 \x01(\x03\x12\x17\n\x0fsubject_user_id\x18\x05 \x01(\x03\x12\x11\n\tclient_ip\x18\x06 \x01(\t\x12\x38\n\x07\x64\x65tails\x18\x07 \x03(\x0b\x32\'.cake.events.v1.AuditEvent.DetailsEntry\x12/\n\x0boccurred_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x16\n\x14GetQueueStatsRequest\"~\n\x15GetQueueStatsResponse\x12/\n\x0buser_events\x18\x01 \x01(\x0b\x32\x1a.cake.events.v1.QueueStats\x12\x34\n\x10promotion_events\x18\x02 \x01(\x0b\x32\x1a.cake.events.v1.QueueStats\"P\n\nQueueStats\x12\x0f\n\x07waiting\x18\x01 \x01(\x05\x12\x0e\n\x06\x61\x63tive\x18\x02 \x01(\x05\x12\x11\n\tcompleted\x18\x03 \x01(\x05\x12\x0e\n\x06\x66\x61iled\x18\x04 \x01(\x05\"\x14\n\x12RetryFailedRequest\",\n\x13RetryFailedResponse\x12\x15\n\rretried_count\x18\x01 \x01(\x05\"U\n\x16ListDeadLettersRequest\x12\x1d\n\tpage_size\x18\x01 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xe8\x07(\x00\x12\x1c\n\npage_token\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x08\"d\n\x17ListDeadLettersResponse\x12\x30\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32\x1a.cake.events.v1.DeadLetter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xb6\x01\n\nDeadLetter\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x14\n\x0c\x61ggregate_id\x18\x03 \x01(\t\x12\r\n\x05topic\x18\x04 \x01(\t\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\x05\x12\x12\n\nlast_error\x18\x07 \x01(\t\x12-\n\tfailed_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"0\n\x12ReplayEventRequest\x12\x1a\n\x08\x65vent_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\"7\n\x13ReplayEventResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t2\xdc\x05\n\x11\x45ventAdminService\x12\x8a\x01\n\rGetQueueStats\x12$.cake.events.v1.GetQueueStatsRequest\x1a%.cake.events.v1.GetQueueStatsResponse\",\xaa\xbb\x18\x07\x1a\x05\x61\x64min\x82\xd3\xe4\x93\x02\x1b\x12\x19/admin/events/queue-stats\x12\x88\x01\n\x0bRetryFailed\x12\".cake.events.v1.RetryFailedRequest\x1a#.cake.events.v1.RetryFailedResponse\"0\xaa\xbb\x18\x07\x1a\x05\x61\x64min\x82\xd3\xe4\x93\x02\x1f\"\x1a/admin/events/retry-failed:\x01*\x12\x91\x01\n\x0fListDeadLetters\x12&.cake.events.v1.ListDeadLettersRequest\x1a\'.cake.events.v1.ListDeadLettersResponse\"-\xaa\xbb\x18\x07\x1a\x05\x61\x64min\x82\xd3\xe4\x93\x02\x1c\x12\x1a/admin/events/dead-letters\x12\x8d\x01\n\x0bReplayEvent\x12\".cake.events.v1.ReplayEventRequest\x1a#.cake.events.v1.ReplayEventResponse\"5\xaa\xbb\x18\x07\x1a\x05\x61\x64min\x82\xd3\xe4\x93\x02$\"\x1f/admin/events/{event_id}/replay:\x01*\x12\x8a\x01\n\x0fListAuditEvents\x12&.cake.events.v1.ListAuditEventsRequest\x1a\'.cake.events.v1.ListAuditEventsResponse\"&\xaa\xbb\x18\x07\x1a\x05\x61\x64min\x82\xd3\xe4\x93\x02\x15\x12\x13/admin/audit-eventsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -51,43 +52,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REPLAYEVENTREQUEST'].fields_by_name['event_id']._loaded_options = None
   _globals['_REPLAYEVENTREQUEST'].fields_by_name['event_id']._serialized_options = b'\272H\005r\003\260\001\001'
   _globals['_EVENTADMINSERVICE'].methods_by_name['GetQueueStats']._loaded_options = None
-  _globals['_EVENTADMINSERVICE'].methods_by_name['GetQueueStats']._serialized_options = b'\202\323\344\223\002\033\022\031/admin/events/queue-stats'
+  _globals['_EVENTADMINSERVICE'].methods_by_name['GetQueueStats']._serialized_options = b'\252\273\030\007\032\005admin\202\323\344\223\002\033\022\031/admin/events/queue-stats'
   _globals['_EVENTADMINSERVICE'].methods_by_name['RetryFailed']._loaded_options = None
-  _globals['_EVENTADMINSERVICE'].methods_by_name['RetryFailed']._serialized_options = b'\202\323\344\223\002\037\"\032/admin/events/retry-failed:\001*'
+  _globals['_EVENTADMINSERVICE'].methods_by_name['RetryFailed']._serialized_options = b'\252\273\030\007\032\005admin\202\323\344\223\002\037\"\032/admin/events/retry-failed:\001*'
   _globals['_EVENTADMINSERVICE'].methods_by_name['ListDeadLetters']._loaded_options = None
-  _globals['_EVENTADMINSERVICE'].methods_by_name['ListDeadLetters']._serialized_options = b'\202\323\344\223\002\034\022\032/admin/events/dead-letters'
+  _globals['_EVENTADMINSERVICE'].methods_by_name['ListDeadLetters']._serialized_options = b'\252\273\030\007\032\005admin\202\323\344\223\002\034\022\032/admin/events/dead-letters'
   _globals['_EVENTADMINSERVICE'].methods_by_name['ReplayEvent']._loaded_options = None
-  _globals['_EVENTADMINSERVICE'].methods_by_name['ReplayEvent']._serialized_options = b'\202\323\344\223\002$\"\037/admin/events/{event_id}/replay:\001*'
+  _globals['_EVENTADMINSERVICE'].methods_by_name['ReplayEvent']._serialized_options = b'\252\273\030\007\032\005admin\202\323\344\223\002$\"\037/admin/events/{event_id}/replay:\001*'
   _globals['_EVENTADMINSERVICE'].methods_by_name['ListAuditEvents']._loaded_options = None
-  _globals['_EVENTADMINSERVICE'].methods_by_name['ListAuditEvents']._serialized_options = b'\202\323\344\223\002\025\022\023/admin/audit-events'
-  _globals['_LISTAUDITEVENTSREQUEST']._serialized_start=139
-  _globals['_LISTAUDITEVENTSREQUEST']._serialized_end=359
-  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_start=361
-  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=461
-  _globals['_AUDITEVENT']._serialized_start=464
-  _globals['_AUDITEVENT']._serialized_end=740
-  _globals['_AUDITEVENT_DETAILSENTRY']._serialized_start=694
-  _globals['_AUDITEVENT_DETAILSENTRY']._serialized_end=740
-  _globals['_GETQUEUESTATSREQUEST']._serialized_start=742
-  _globals['_GETQUEUESTATSREQUEST']._serialized_end=764
-  _globals['_GETQUEUESTATSRESPONSE']._serialized_start=766
-  _globals['_GETQUEUESTATSRESPONSE']._serialized_end=892
-  _globals['_QUEUESTATS']._serialized_start=894
-  _globals['_QUEUESTATS']._serialized_end=974
-  _globals['_RETRYFAILEDREQUEST']._serialized_start=976
-  _globals['_RETRYFAILEDREQUEST']._serialized_end=996
-  _globals['_RETRYFAILEDRESPONSE']._serialized_start=998
-  _globals['_RETRYFAILEDRESPONSE']._serialized_end=1042
-  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=1044
-  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=1129
-  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=1131
-  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=1231
-  _globals['_DEADLETTER']._serialized_start=1234
-  _globals['_DEADLETTER']._serialized_end=1416
-  _globals['_REPLAYEVENTREQUEST']._serialized_start=1418
-  _globals['_REPLAYEVENTREQUEST']._serialized_end=1466
-  _globals['_REPLAYEVENTRESPONSE']._serialized_start=1468
-  _globals['_REPLAYEVENTRESPONSE']._serialized_end=1523
-  _globals['_EVENTADMINSERVICE']._serialized_start=1526
-  _globals['_EVENTADMINSERVICE']._serialized_end=2200
+  _globals['_EVENTADMINSERVICE'].methods_by_name['ListAuditEvents']._serialized_options = b'\252\273\030\007\032\005admin\202\323\344\223\002\025\022\023/admin/audit-events'
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_start=168
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_end=388
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_start=390
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=490
+  _globals['_AUDITEVENT']._serialized_start=493
+  _globals['_AUDITEVENT']._serialized_end=769
+  _globals['_AUDITEVENT_DETAILSENTRY']._serialized_start=723
+  _globals['_AUDITEVENT_DETAILSENTRY']._serialized_end=769
+  _globals['_GETQUEUESTATSREQUEST']._serialized_start=771
+  _globals['_GETQUEUESTATSREQUEST']._serialized_end=793
+  _globals['_GETQUEUESTATSRESPONSE']._serialized_start=795
+  _globals['_GETQUEUESTATSRESPONSE']._serialized_end=921
+  _globals['_QUEUESTATS']._serialized_start=923
+  _globals['_QUEUESTATS']._serialized_end=1003
+  _globals['_RETRYFAILEDREQUEST']._serialized_start=1005
+  _globals['_RETRYFAILEDREQUEST']._serialized_end=1025
+  _globals['_RETRYFAILEDRESPONSE']._serialized_start=1027
+  _globals['_RETRYFAILEDRESPONSE']._serialized_end=1071
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=1073
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=1158
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=1160
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=1260
+  _globals['_DEADLETTER']._serialized_start=1263
+  _globals['_DEADLETTER']._serialized_end=1445
+  _globals['_REPLAYEVENTREQUEST']._serialized_start=1447
+  _globals['_REPLAYEVENTREQUEST']._serialized_end=1495
+  _globals['_REPLAYEVENTRESPONSE']._serialized_start=1497
+  _globals['_REPLAYEVENTRESPONSE']._serialized_end=1552
+  _globals['_EVENTADMINSERVICE']._serialized_start=1555
+  _globals['_EVENTADMINSERVICE']._serialized_end=2287
 # @@protoc_insertion_point(module_scope)

@@ -23,11 +23,12 @@ _sym_db = _symbol_database.Default()
 
 
 from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
+from cake.access.v1 import access_pb2 as cake_dot_access_dot_v1_dot_access__pb2
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63\x61ke/events/v1/health.proto\x12\x0e\x63\x61ke.events.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x18\n\x16GetSystemHealthRequest\"\xd4\x02\n\x17GetSystemHealthResponse\x12\x33\n\x06status\x18\x01 \x01(\tB#\xbaH r\x1eR\x07healthyR\x08\x64\x65gradedR\tunhealthy\x12-\n\ttimestamp\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06uptime\x18\x03 \x01(\x01\x12\x15\n\rresponse_time\x18\x04 \x01(\x01\x12\x43\n\x06\x63hecks\x18\x05 \x03(\x0b\x32\x33.cake.events.v1.GetSystemHealthResponse.ChecksEntry\x12+\n\x06memory\x18\x06 \x01(\x0b\x32\x1b.cake.events.v1.MemoryUsage\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x1a-\n\x0b\x43hecksEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"<\n\x0bMemoryUsage\x12\x0c\n\x04used\x18\x01 \x01(\x05\x12\r\n\x05total\x18\x02 \x01(\x05\x12\x10\n\x08\x65xternal\x18\x03 \x01(\x05\x32\x8a\x01\n\x13SystemHealthService\x12s\n\x0fGetSystemHealth\x12&.cake.events.v1.GetSystemHealthRequest\x1a\'.cake.events.v1.GetSystemHealthResponse\"\x0f\x82\xd3\xe4\x93\x02\t\x12\x07/healthb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63\x61ke/events/v1/health.proto\x12\x0e\x63\x61ke.events.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1b\x63\x61ke/access/v1/access.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x18\n\x16GetSystemHealthRequest\"\xd4\x02\n\x17GetSystemHealthResponse\x12\x33\n\x06status\x18\x01 \x01(\tB#\xbaH r\x1eR\x07healthyR\x08\x64\x65gradedR\tunhealthy\x12-\n\ttimestamp\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06uptime\x18\x03 \x01(\x01\x12\x15\n\rresponse_time\x18\x04 \x01(\x01\x12\x43\n\x06\x63hecks\x18\x05 \x03(\x0b\x32\x33.cake.events.v1.GetSystemHealthResponse.ChecksEntry\x12+\n\x06memory\x18\x06 \x01(\x0b\x32\x1b.cake.events.v1.MemoryUsage\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x1a-\n\x0b\x43hecksEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"<\n\x0bMemoryUsage\x12\x0c\n\x04used\x18\x01 \x01(\x05\x12\r\n\x05total\x18\x02 \x01(\x05\x12\x10\n\x08\x65xternal\x18\x03 \x01(\x05\x32\x90\x01\n\x13SystemHealthService\x12y\n\x0fGetSystemHealth\x12&.cake.events.v1.GetSystemHealthRequest\x1a\'.cake.events.v1.GetSystemHealthResponse\"\x15\xaa\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\t\x12\x07/healthb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,15 +40,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSYSTEMHEALTHRESPONSE'].fields_by_name['status']._loaded_options = None
   _globals['_GETSYSTEMHEALTHRESPONSE'].fields_by_name['status']._serialized_options = b'\272H r\036R\007healthyR\010degradedR\tunhealthy'
   _globals['_SYSTEMHEALTHSERVICE'].methods_by_name['GetSystemHealth']._loaded_options = None
-  _globals['_SYSTEMHEALTHSERVICE'].methods_by_name['GetSystemHealth']._serialized_options = b'\202\323\344\223\002\t\022\007/health'
-  _globals['_GETSYSTEMHEALTHREQUEST']._serialized_start=139
-  _globals['_GETSYSTEMHEALTHREQUEST']._serialized_end=163
-  _globals['_GETSYSTEMHEALTHRESPONSE']._serialized_start=166
-  _globals['_GETSYSTEMHEALTHRESPONSE']._serialized_end=506
-  _globals['_GETSYSTEMHEALTHRESPONSE_CHECKSENTRY']._serialized_start=461
-  _globals['_GETSYSTEMHEALTHRESPONSE_CHECKSENTRY']._serialized_end=506
-  _globals['_MEMORYUSAGE']._serialized_start=508
-  _globals['_MEMORYUSAGE']._serialized_end=568
-  _globals['_SYSTEMHEALTHSERVICE']._serialized_start=571
-  _globals['_SYSTEMHEALTHSERVICE']._serialized_end=709
+  _globals['_SYSTEMHEALTHSERVICE'].methods_by_name['GetSystemHealth']._serialized_options = b'\252\273\030\002\010\001\202\323\344\223\002\t\022\007/health'
+  _globals['_GETSYSTEMHEALTHREQUEST']._serialized_start=168
+  _globals['_GETSYSTEMHEALTHREQUEST']._serialized_end=192
+  _globals['_GETSYSTEMHEALTHRESPONSE']._serialized_start=195
+  _globals['_GETSYSTEMHEALTHRESPONSE']._serialized_end=535
+  _globals['_GETSYSTEMHEALTHRESPONSE_CHECKSENTRY']._serialized_start=490
+  _globals['_GETSYSTEMHEALTHRESPONSE_CHECKSENTRY']._serialized_end=535
+  _globals['_MEMORYUSAGE']._serialized_start=537
+  _globals['_MEMORYUSAGE']._serialized_end=597
+  _globals['_SYSTEMHEALTHSERVICE']._serialized_start=600
+  _globals['_SYSTEMHEALTHSERVICE']._serialized_end=744
 # @@protoc_insertion_point(module_scope)

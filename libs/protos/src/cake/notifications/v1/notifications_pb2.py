@@ -23,11 +23,12 @@ _sym_db = _symbol_database.Default()
 
 
 from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
+from cake.access.v1 import access_pb2 as cake_dot_access_dot_v1_dot_access__pb2
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)cake/notifications/v1/notifications.proto\x12\x15\x63\x61ke.notifications.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe2\x01\n\x0cNotification\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x0c\n\x04\x62ody\x18\x04 \x01(\t\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07read_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04read\x18\x07 \x01(\x08\x12\x30\n\x08\x63hannels\x18\x08 \x03(\x0e\x32\x1e.cake.notifications.v1.Channel\"k\n\x18ListNotificationsRequest\x12\x1c\n\tpage_size\x18\x01 \x01(\x05\x42\t\xbaH\x06\x1a\x04\x18\x64(\x00\x12\x1c\n\npage_token\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\xc8\x01\x12\x13\n\x0bunread_only\x18\x03 \x01(\x08\"\x86\x01\n\x19ListNotificationsResponse\x12:\n\rnotifications\x18\x01 \x03(\x0b\x32#.cake.notifications.v1.Notification\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x14\n\x0cunread_count\x18\x03 \x01(\x03\"3\n\x1bMarkNotificationReadRequest\x12\x14\n\x02id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\"Y\n\x1cMarkNotificationReadResponse\x12\x39\n\x0cnotification\x18\x01 \x01(\x0b\x32#.cake.notifications.v1.Notification\"U\n\x17NotificationPreferences\x12\r\n\x05\x65mail\x18\x01 \x01(\x08\x12\x0b\n\x03sms\x18\x02 \x01(\x08\x12\x0c\n\x04push\x18\x03 \x01(\x08\x12\x10\n\x08language\x18\x04 \x01(\t\"#\n!GetNotificationPreferencesRequest\"i\n\"GetNotificationPreferencesResponse\x12\x43\n\x0bpreferences\x18\x01 \x01(\x0b\x32..cake.notifications.v1.NotificationPreferences\"\xad\x01\n$UpdateNotificationPreferencesRequest\x12\x12\n\x05\x65mail\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12\x10\n\x03sms\x18\x02 \x01(\x08H\x01\x88\x01\x01\x12\x11\n\x04push\x18\x03 \x01(\x08H\x02\x88\x01\x01\x12$\n\x08language\x18\x04 \x01(\tB\r\xbaH\nr\x08R\x02viR\x02\x65nH\x03\x88\x01\x01\x42\x08\n\x06_emailB\x06\n\x04_smsB\x07\n\x05_pushB\x0b\n\t_language\"l\n%UpdateNotificationPreferencesResponse\x12\x43\n\x0bpreferences\x18\x01 \x01(\x0b\x32..cake.notifications.v1.NotificationPreferences*X\n\x07\x43hannel\x12\x17\n\x13\x43HANNEL_UNSPECIFIED\x10\x00\x12\x11\n\rCHANNEL_EMAIL\x10\x01\x12\x0f\n\x0b\x43HANNEL_SMS\x10\x02\x12\x10\n\x0c\x43HANNEL_PUSH\x10\x03\x32\xf6\x05\n\x14NotificationsService\x12\x8e\x01\n\x11ListNotifications\x12/.cake.notifications.v1.ListNotificationsRequest\x1a\x30.cake.notifications.v1.ListNotificationsResponse\"\x16\x82\xd3\xe4\x93\x02\x10\x12\x0e/notifications\x12\xb6\x01\n\x14MarkNotificationRead\x12\x32.cake.notifications.v1.MarkNotificationReadRequest\x1a\x33.cake.notifications.v1.MarkNotificationReadResponse\"5\x82\xd3\xe4\x93\x02/\"\x1c/notifications/{id}:markRead:\x01*b\x0cnotification\x12\xc2\x01\n\x1aGetNotificationPreferences\x12\x38.cake.notifications.v1.GetNotificationPreferencesRequest\x1a\x39.cake.notifications.v1.GetNotificationPreferencesResponse\"/\x82\xd3\xe4\x93\x02)\x12\x1a/notifications/preferencesb\x0bpreferences\x12\xce\x01\n\x1dUpdateNotificationPreferences\x12;.cake.notifications.v1.UpdateNotificationPreferencesRequest\x1a<.cake.notifications.v1.UpdateNotificationPreferencesResponse\"2\x82\xd3\xe4\x93\x02,2\x1a/notifications/preferences:\x01*b\x0bpreferencesb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)cake/notifications/v1/notifications.proto\x12\x15\x63\x61ke.notifications.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1b\x63\x61ke/access/v1/access.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe2\x01\n\x0cNotification\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x0c\n\x04\x62ody\x18\x04 \x01(\t\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07read_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04read\x18\x07 \x01(\x08\x12\x30\n\x08\x63hannels\x18\x08 \x03(\x0e\x32\x1e.cake.notifications.v1.Channel\"k\n\x18ListNotificationsRequest\x12\x1c\n\tpage_size\x18\x01 \x01(\x05\x42\t\xbaH\x06\x1a\x04\x18\x64(\x00\x12\x1c\n\npage_token\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\xc8\x01\x12\x13\n\x0bunread_only\x18\x03 \x01(\x08\"\x86\x01\n\x19ListNotificationsResponse\x12:\n\rnotifications\x18\x01 \x03(\x0b\x32#.cake.notifications.v1.Notification\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x14\n\x0cunread_count\x18\x03 \x01(\x03\"3\n\x1bMarkNotificationReadRequest\x12\x14\n\x02id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\"Y\n\x1cMarkNotificationReadResponse\x12\x39\n\x0cnotification\x18\x01 \x01(\x0b\x32#.cake.notifications.v1.Notification\"U\n\x17NotificationPreferences\x12\r\n\x05\x65mail\x18\x01 \x01(\x08\x12\x0b\n\x03sms\x18\x02 \x01(\x08\x12\x0c\n\x04push\x18\x03 \x01(\x08\x12\x10\n\x08language\x18\x04 \x01(\t\"#\n!GetNotificationPreferencesRequest\"i\n\"GetNotificationPreferencesResponse\x12\x43\n\x0bpreferences\x18\x01 \x01(\x0b\x32..cake.notifications.v1.NotificationPreferences\"\xad\x01\n$UpdateNotificationPreferencesRequest\x12\x12\n\x05\x65mail\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12\x10\n\x03sms\x18\x02 \x01(\x08H\x01\x88\x01\x01\x12\x11\n\x04push\x18\x03 \x01(\x08H\x02\x88\x01\x01\x12$\n\x08language\x18\x04 \x01(\tB\r\xbaH\nr\x08R\x02viR\x02\x65nH\x03\x88\x01\x01\x42\x08\n\x06_emailB\x06\n\x04_smsB\x07\n\x05_pushB\x0b\n\t_language\"l\n%UpdateNotificationPreferencesResponse\x12\x43\n\x0bpreferences\x18\x01 \x01(\x0b\x32..cake.notifications.v1.NotificationPreferences*X\n\x07\x43hannel\x12\x17\n\x13\x43HANNEL_UNSPECIFIED\x10\x00\x12\x11\n\rCHANNEL_EMAIL\x10\x01\x12\x0f\n\x0b\x43HANNEL_SMS\x10\x02\x12\x10\n\x0c\x43HANNEL_PUSH\x10\x03\x32\xba\x06\n\x14NotificationsService\x12\x9f\x01\n\x11ListNotifications\x12/.cake.notifications.v1.ListNotificationsRequest\x1a\x30.cake.notifications.v1.ListNotificationsResponse\"\'\xaa\xbb\x18\r\x1a\x04user\x1a\x05\x61\x64min\x82\xd3\xe4\x93\x02\x10\x12\x0e/notifications\x12\xc7\x01\n\x14MarkNotificationRead\x12\x32.cake.notifications.v1.MarkNotificationReadRequest\x1a\x33.cake.notifications.v1.MarkNotificationReadResponse\"F\xaa\xbb\x18\r\x1a\x04user\x1a\x05\x61\x64min\x82\xd3\xe4\x93\x02/\"\x1c/notifications/{id}:markRead:\x01*b\x0cnotification\x12\xd3\x01\n\x1aGetNotificationPreferences\x12\x38.cake.notifications.v1.GetNotificationPreferencesRequest\x1a\x39.cake.notifications.v1.GetNotificationPreferencesResponse\"@\xaa\xbb\x18\r\x1a\x04user\x1a\x05\x61\x64min\x82\xd3\xe4\x93\x02)\x12\x1a/notifications/preferencesb\x0bpreferences\x12\xdf\x01\n\x1dUpdateNotificationPreferences\x12;.cake.notifications.v1.UpdateNotificationPreferencesRequest\x1a<.cake.notifications.v1.UpdateNotificationPreferencesResponse\"C\xaa\xbb\x18\r\x1a\x04user\x1a\x05\x61\x64min\x82\xd3\xe4\x93\x02,2\x1a/notifications/preferences:\x01*b\x0bpreferencesb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,35 +44,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPDATENOTIFICATIONPREFERENCESREQUEST'].fields_by_name['language']._loaded_options = None
   _globals['_UPDATENOTIFICATIONPREFERENCESREQUEST'].fields_by_name['language']._serialized_options = b'\272H\nr\010R\002viR\002en'
   _globals['_NOTIFICATIONSSERVICE'].methods_by_name['ListNotifications']._loaded_options = None
-  _globals['_NOTIFICATIONSSERVICE'].methods_by_name['ListNotifications']._serialized_options = b'\202\323\344\223\002\020\022\016/notifications'
+  _globals['_NOTIFICATIONSSERVICE'].methods_by_name['ListNotifications']._serialized_options = b'\252\273\030\r\032\004user\032\005admin\202\323\344\223\002\020\022\016/notifications'
   _globals['_NOTIFICATIONSSERVICE'].methods_by_name['MarkNotificationRead']._loaded_options = None
-  _globals['_NOTIFICATIONSSERVICE'].methods_by_name['MarkNotificationRead']._serialized_options = b'\202\323\344\223\002/\"\034/notifications/{id}:markRead:\001*b\014notification'
+  _globals['_NOTIFICATIONSSERVICE'].methods_by_name['MarkNotificationRead']._serialized_options = b'\252\273\030\r\032\004user\032\005admin\202\323\344\223\002/\"\034/notifications/{id}:markRead:\001*b\014notification'
   _globals['_NOTIFICATIONSSERVICE'].methods_by_name['GetNotificationPreferences']._loaded_options = None
-  _globals['_NOTIFICATIONSSERVICE'].methods_by_name['GetNotificationPreferences']._serialized_options = b'\202\323\344\223\002)\022\032/notifications/preferencesb\013preferences'
+  _globals['_NOTIFICATIONSSERVICE'].methods_by_name['GetNotificationPreferences']._serialized_options = b'\252\273\030\r\032\004user\032\005admin\202\323\344\223\002)\022\032/notifications/preferencesb\013preferences'
   _globals['_NOTIFICATIONSSERVICE'].methods_by_name['UpdateNotificationPreferences']._loaded_options = None
-  _globals['_NOTIFICATIONSSERVICE'].methods_by_name['UpdateNotificationPreferences']._serialized_options = b'\202\323\344\223\002,2\032/notifications/preferences:\001*b\013preferences'
-  _globals['_CHANNEL']._serialized_start=1296
-  _globals['_CHANNEL']._serialized_end=1384
-  _globals['_NOTIFICATION']._serialized_start=161
-  _globals['_NOTIFICATION']._serialized_end=387
-  _globals['_LISTNOTIFICATIONSREQUEST']._serialized_start=389
-  _globals['_LISTNOTIFICATIONSREQUEST']._serialized_end=496
-  _globals['_LISTNOTIFICATIONSRESPONSE']._serialized_start=499
-  _globals['_LISTNOTIFICATIONSRESPONSE']._serialized_end=633
-  _globals['_MARKNOTIFICATIONREADREQUEST']._serialized_start=635
-  _globals['_MARKNOTIFICATIONREADREQUEST']._serialized_end=686
-  _globals['_MARKNOTIFICATIONREADRESPONSE']._serialized_start=688
-  _globals['_MARKNOTIFICATIONREADRESPONSE']._serialized_end=777
-  _globals['_NOTIFICATIONPREFERENCES']._serialized_start=779
-  _globals['_NOTIFICATIONPREFERENCES']._serialized_end=864
-  _globals['_GETNOTIFICATIONPREFERENCESREQUEST']._serialized_start=866
-  _globals['_GETNOTIFICATIONPREFERENCESREQUEST']._serialized_end=901
-  _globals['_GETNOTIFICATIONPREFERENCESRESPONSE']._serialized_start=903
-  _globals['_GETNOTIFICATIONPREFERENCESRESPONSE']._serialized_end=1008
-  _globals['_UPDATENOTIFICATIONPREFERENCESREQUEST']._serialized_start=1011
-  _globals['_UPDATENOTIFICATIONPREFERENCESREQUEST']._serialized_end=1184
-  _globals['_UPDATENOTIFICATIONPREFERENCESRESPONSE']._serialized_start=1186
-  _globals['_UPDATENOTIFICATIONPREFERENCESRESPONSE']._serialized_end=1294
-  _globals['_NOTIFICATIONSSERVICE']._serialized_start=1387
-  _globals['_NOTIFICATIONSSERVICE']._serialized_end=2145
+  _globals['_NOTIFICATIONSSERVICE'].methods_by_name['UpdateNotificationPreferences']._serialized_options = b'\252\273\030\r\032\004user\032\005admin\202\323\344\223\002,2\032/notifications/preferences:\001*b\013preferences'
+  _globals['_CHANNEL']._serialized_start=1325
+  _globals['_CHANNEL']._serialized_end=1413
+  _globals['_NOTIFICATION']._serialized_start=190
+  _globals['_NOTIFICATION']._serialized_end=416
+  _globals['_LISTNOTIFICATIONSREQUEST']._serialized_start=418
+  _globals['_LISTNOTIFICATIONSREQUEST']._serialized_end=525
+  _globals['_LISTNOTIFICATIONSRESPONSE']._serialized_start=528
+  _globals['_LISTNOTIFICATIONSRESPONSE']._serialized_end=662
+  _globals['_MARKNOTIFICATIONREADREQUEST']._serialized_start=664
+  _globals['_MARKNOTIFICATIONREADREQUEST']._serialized_end=715
+  _globals['_MARKNOTIFICATIONREADRESPONSE']._serialized_start=717
+  _globals['_MARKNOTIFICATIONREADRESPONSE']._serialized_end=806
+  _globals['_NOTIFICATIONPREFERENCES']._serialized_start=808
+  _globals['_NOTIFICATIONPREFERENCES']._serialized_end=893
+  _globals['_GETNOTIFICATIONPREFERENCESREQUEST']._serialized_start=895
+  _globals['_GETNOTIFICATIONPREFERENCESREQUEST']._serialized_end=930
+  _globals['_GETNOTIFICATIONPREFERENCESRESPONSE']._serialized_start=932
+  _globals['_GETNOTIFICATIONPREFERENCESRESPONSE']._serialized_end=1037
+  _globals['_UPDATENOTIFICATIONPREFERENCESREQUEST']._serialized_start=1040
+  _globals['_UPDATENOTIFICATIONPREFERENCESREQUEST']._serialized_end=1213
+  _globals['_UPDATENOTIFICATIONPREFERENCESRESPONSE']._serialized_start=1215
+  _globals['_UPDATENOTIFICATIONPREFERENCESRESPONSE']._serialized_end=1323
+  _globals['_NOTIFICATIONSSERVICE']._serialized_start=1416
+  _globals['_NOTIFICATIONSSERVICE']._serialized_end=2242
 # @@protoc_insertion_point(module_scope)

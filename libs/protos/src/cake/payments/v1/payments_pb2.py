@@ -23,10 +23,11 @@ _sym_db = _symbol_database.Default()
 
 
 from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
+from cake.access.v1 import access_pb2 as cake_dot_access_dot_v1_dot_access__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63\x61ke/payments/v1/payments.proto\x12\x10\x63\x61ke.payments.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc1\x01\n\rChargeRequest\x12!\n\x0etransaction_id\x18\x01 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18@\x12\x18\n\x07user_id\x18\x02 \x01(\x03\x42\x07\xbaH\x04\"\x02 \x00\x12\x33\n\x06\x61mount\x18\x03 \x01(\tB#\xbaH r\x1e\x32\x1c^[0-9]{1,12}(\\.[0-9]{1,2})?$\x12\x1f\n\x0epayment_method\x18\x04 \x01(\tB\x07\xbaH\x04r\x02\x18\x32\x12\x1d\n\x0cphone_number\x18\x05 \x01(\tB\x07\xbaH\x04r\x02\x18 \"b\n\x0e\x43hargeResponse\x12.\n\x06status\x18\x01 \x01(\x0e\x32\x1e.cake.payments.v1.ChargeStatus\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x10\n\x08replayed\x18\x03 \x01(\x08\"M\n\x10GetChargeRequest\x12!\n\x0etransaction_id\x18\x01 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18@\x12\x16\n\x0evoid_if_absent\x18\x02 \x01(\x08\"\x84\x01\n\x11GetChargeResponse\x12.\n\x06status\x18\x01 \x01(\x0e\x32\x1e.cake.payments.v1.ChargeStatus\x12\x0e\n\x06\x61mount\x18\x02 \x01(\t\x12/\n\x0brecorded_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x92\x01\n\tFaultRule\x12\x30\n\x05\x66\x61ult\x18\x01 \x01(\x0e\x32\x17.cake.payments.v1.FaultB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12\x1b\n\x08\x64\x65lay_ms\x18\x02 \x01(\rB\t\xbaH\x06*\x04\x18\xc0\xcf$\x12\x36\n\x06\x61mount\x18\x03 \x01(\tB&\xbaH#r!2\x1f^([0-9]{1,12}(\\.[0-9]{1,2})?)?$\"H\n\x10SetFaultsRequest\x12\x34\n\x05rules\x18\x01 \x03(\x0b\x32\x1b.cake.payments.v1.FaultRuleB\x08\xbaH\x05\x92\x01\x02\x10 \"\x13\n\x11SetFaultsResponse\"\x17\n\x15GetLedgerStatsRequest\"K\n\x16GetLedgerStatsResponse\x12\x0f\n\x07\x63harged\x18\x01 \x01(\x03\x12\x10\n\x08\x64\x65\x63lined\x18\x02 \x01(\x03\x12\x0e\n\x06voided\x18\x03 \x01(\x03*~\n\x0c\x43hargeStatus\x12\x1d\n\x19\x43HARGE_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43HARGE_STATUS_CHARGED\x10\x01\x12\x1a\n\x16\x43HARGE_STATUS_DECLINED\x10\x02\x12\x18\n\x14\x43HARGE_STATUS_VOIDED\x10\x03*\x81\x01\n\x05\x46\x61ult\x12\x15\n\x11\x46\x41ULT_UNSPECIFIED\x10\x00\x12\x11\n\rFAULT_DECLINE\x10\x01\x12\x0f\n\x0b\x46\x41ULT_ERROR\x10\x02\x12\x0f\n\x0b\x46\x41ULT_DELAY\x10\x03\x12\x0e\n\nFAULT_HANG\x10\x04\x12\x1c\n\x18\x46\x41ULT_CRASH_AFTER_CHARGE\x10\x05\x32\xef\x02\n\x0fPaymentsService\x12K\n\x06\x43harge\x12\x1f.cake.payments.v1.ChargeRequest\x1a .cake.payments.v1.ChargeResponse\x12T\n\tGetCharge\x12\".cake.payments.v1.GetChargeRequest\x1a#.cake.payments.v1.GetChargeResponse\x12T\n\tSetFaults\x12\".cake.payments.v1.SetFaultsRequest\x1a#.cake.payments.v1.SetFaultsResponse\x12\x63\n\x0eGetLedgerStats\x12\'.cake.payments.v1.GetLedgerStatsRequest\x1a(.cake.payments.v1.GetLedgerStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63\x61ke/payments/v1/payments.proto\x12\x10\x63\x61ke.payments.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1b\x63\x61ke/access/v1/access.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc1\x01\n\rChargeRequest\x12!\n\x0etransaction_id\x18\x01 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18@\x12\x18\n\x07user_id\x18\x02 \x01(\x03\x42\x07\xbaH\x04\"\x02 \x00\x12\x33\n\x06\x61mount\x18\x03 \x01(\tB#\xbaH r\x1e\x32\x1c^[0-9]{1,12}(\\.[0-9]{1,2})?$\x12\x1f\n\x0epayment_method\x18\x04 \x01(\tB\x07\xbaH\x04r\x02\x18\x32\x12\x1d\n\x0cphone_number\x18\x05 \x01(\tB\x07\xbaH\x04r\x02\x18 \"b\n\x0e\x43hargeResponse\x12.\n\x06status\x18\x01 \x01(\x0e\x32\x1e.cake.payments.v1.ChargeStatus\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x10\n\x08replayed\x18\x03 \x01(\x08\"M\n\x10GetChargeRequest\x12!\n\x0etransaction_id\x18\x01 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18@\x12\x16\n\x0evoid_if_absent\x18\x02 \x01(\x08\"\x84\x01\n\x11GetChargeResponse\x12.\n\x06status\x18\x01 \x01(\x0e\x32\x1e.cake.payments.v1.ChargeStatus\x12\x0e\n\x06\x61mount\x18\x02 \x01(\t\x12/\n\x0brecorded_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x92\x01\n\tFaultRule\x12\x30\n\x05\x66\x61ult\x18\x01 \x01(\x0e\x32\x17.cake.payments.v1.FaultB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12\x1b\n\x08\x64\x65lay_ms\x18\x02 \x01(\rB\t\xbaH\x06*\x04\x18\xc0\xcf$\x12\x36\n\x06\x61mount\x18\x03 \x01(\tB&\xbaH#r!2\x1f^([0-9]{1,12}(\\.[0-9]{1,2})?)?$\"H\n\x10SetFaultsRequest\x12\x34\n\x05rules\x18\x01 \x03(\x0b\x32\x1b.cake.payments.v1.FaultRuleB\x08\xbaH\x05\x92\x01\x02\x10 \"\x13\n\x11SetFaultsResponse\"\x17\n\x15GetLedgerStatsRequest\"K\n\x16GetLedgerStatsResponse\x12\x0f\n\x07\x63harged\x18\x01 \x01(\x03\x12\x10\n\x08\x64\x65\x63lined\x18\x02 \x01(\x03\x12\x0e\n\x06voided\x18\x03 \x01(\x03*~\n\x0c\x43hargeStatus\x12\x1d\n\x19\x43HARGE_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43HARGE_STATUS_CHARGED\x10\x01\x12\x1a\n\x16\x43HARGE_STATUS_DECLINED\x10\x02\x12\x18\n\x14\x43HARGE_STATUS_VOIDED\x10\x03*\x81\x01\n\x05\x46\x61ult\x12\x15\n\x11\x46\x41ULT_UNSPECIFIED\x10\x00\x12\x11\n\rFAULT_DECLINE\x10\x01\x12\x0f\n\x0b\x46\x41ULT_ERROR\x10\x02\x12\x0f\n\x0b\x46\x41ULT_DELAY\x10\x03\x12\x0e\n\nFAULT_HANG\x10\x04\x12\x1c\n\x18\x46\x41ULT_CRASH_AFTER_CHARGE\x10\x05\x32\x8f\x03\n\x0fPaymentsService\x12S\n\x06\x43harge\x12\x1f.cake.payments.v1.ChargeRequest\x1a .cake.payments.v1.ChargeResponse\"\x06\xaa\xbb\x18\x02\x08\x01\x12\\\n\tGetCharge\x12\".cake.payments.v1.GetChargeRequest\x1a#.cake.payments.v1.GetChargeResponse\"\x06\xaa\xbb\x18\x02\x08\x01\x12\\\n\tSetFaults\x12\".cake.payments.v1.SetFaultsRequest\x1a#.cake.payments.v1.SetFaultsResponse\"\x06\xaa\xbb\x18\x02\x08\x01\x12k\n\x0eGetLedgerStats\x12\'.cake.payments.v1.GetLedgerStatsRequest\x1a(.cake.payments.v1.GetLedgerStatsResponse\"\x06\xaa\xbb\x18\x02\x08\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -53,28 +54,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FAULTRULE'].fields_by_name['amount']._serialized_options = b'\272H#r!2\037^([0-9]{1,12}(\\.[0-9]{1,2})?)?$'
   _globals['_SETFAULTSREQUEST'].fields_by_name['rules']._loaded_options = None
   _globals['_SETFAULTSREQUEST'].fields_by_name['rules']._serialized_options = b'\272H\005\222\001\002\020 '
-  _globals['_CHARGESTATUS']._serialized_start=971
-  _globals['_CHARGESTATUS']._serialized_end=1097
-  _globals['_FAULT']._serialized_start=1100
-  _globals['_FAULT']._serialized_end=1229
-  _globals['_CHARGEREQUEST']._serialized_start=116
-  _globals['_CHARGEREQUEST']._serialized_end=309
-  _globals['_CHARGERESPONSE']._serialized_start=311
-  _globals['_CHARGERESPONSE']._serialized_end=409
-  _globals['_GETCHARGEREQUEST']._serialized_start=411
-  _globals['_GETCHARGEREQUEST']._serialized_end=488
-  _globals['_GETCHARGERESPONSE']._serialized_start=491
-  _globals['_GETCHARGERESPONSE']._serialized_end=623
-  _globals['_FAULTRULE']._serialized_start=626
-  _globals['_FAULTRULE']._serialized_end=772
-  _globals['_SETFAULTSREQUEST']._serialized_start=774
-  _globals['_SETFAULTSREQUEST']._serialized_end=846
-  _globals['_SETFAULTSRESPONSE']._serialized_start=848
-  _globals['_SETFAULTSRESPONSE']._serialized_end=867
-  _globals['_GETLEDGERSTATSREQUEST']._serialized_start=869
-  _globals['_GETLEDGERSTATSREQUEST']._serialized_end=892
-  _globals['_GETLEDGERSTATSRESPONSE']._serialized_start=894
-  _globals['_GETLEDGERSTATSRESPONSE']._serialized_end=969
-  _globals['_PAYMENTSSERVICE']._serialized_start=1232
-  _globals['_PAYMENTSSERVICE']._serialized_end=1599
+  _globals['_PAYMENTSSERVICE'].methods_by_name['Charge']._loaded_options = None
+  _globals['_PAYMENTSSERVICE'].methods_by_name['Charge']._serialized_options = b'\252\273\030\002\010\001'
+  _globals['_PAYMENTSSERVICE'].methods_by_name['GetCharge']._loaded_options = None
+  _globals['_PAYMENTSSERVICE'].methods_by_name['GetCharge']._serialized_options = b'\252\273\030\002\010\001'
+  _globals['_PAYMENTSSERVICE'].methods_by_name['SetFaults']._loaded_options = None
+  _globals['_PAYMENTSSERVICE'].methods_by_name['SetFaults']._serialized_options = b'\252\273\030\002\010\001'
+  _globals['_PAYMENTSSERVICE'].methods_by_name['GetLedgerStats']._loaded_options = None
+  _globals['_PAYMENTSSERVICE'].methods_by_name['GetLedgerStats']._serialized_options = b'\252\273\030\002\010\001'
+  _globals['_CHARGESTATUS']._serialized_start=1000
+  _globals['_CHARGESTATUS']._serialized_end=1126
+  _globals['_FAULT']._serialized_start=1129
+  _globals['_FAULT']._serialized_end=1258
+  _globals['_CHARGEREQUEST']._serialized_start=145
+  _globals['_CHARGEREQUEST']._serialized_end=338
+  _globals['_CHARGERESPONSE']._serialized_start=340
+  _globals['_CHARGERESPONSE']._serialized_end=438
+  _globals['_GETCHARGEREQUEST']._serialized_start=440
+  _globals['_GETCHARGEREQUEST']._serialized_end=517
+  _globals['_GETCHARGERESPONSE']._serialized_start=520
+  _globals['_GETCHARGERESPONSE']._serialized_end=652
+  _globals['_FAULTRULE']._serialized_start=655
+  _globals['_FAULTRULE']._serialized_end=801
+  _globals['_SETFAULTSREQUEST']._serialized_start=803
+  _globals['_SETFAULTSREQUEST']._serialized_end=875
+  _globals['_SETFAULTSRESPONSE']._serialized_start=877
+  _globals['_SETFAULTSRESPONSE']._serialized_end=896
+  _globals['_GETLEDGERSTATSREQUEST']._serialized_start=898
+  _globals['_GETLEDGERSTATSREQUEST']._serialized_end=921
+  _globals['_GETLEDGERSTATSRESPONSE']._serialized_start=923
+  _globals['_GETLEDGERSTATSRESPONSE']._serialized_end=998
+  _globals['_PAYMENTSSERVICE']._serialized_start=1261
+  _globals['_PAYMENTSSERVICE']._serialized_end=1660
 # @@protoc_insertion_point(module_scope)

@@ -23,13 +23,14 @@ _sym_db = _symbol_database.Default()
 
 
 from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
+from cake.access.v1 import access_pb2 as cake_dot_access_dot_v1_dot_access__pb2
 from cake.promotions.v1 import campaign_pb2 as cake_dot_promotions_dot_v1_dot_campaign__pb2
 from cake.promotions.v1 import voucher_pb2 as cake_dot_promotions_dot_v1_dot_voucher__pb2
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#cake/promotions/v1/promotions.proto\x12\x12\x63\x61ke.promotions.v1\x1a\x1b\x62uf/validate/validate.proto\x1a!cake/promotions/v1/campaign.proto\x1a cake/promotions/v1/voucher.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xfd\x03\n\x15\x43reateCampaignRequest\x12\x18\n\x04name\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\xff\x01\x12\x1d\n\x0b\x64\x65scription\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x90N\x12,\n\x04type\x18\x03 \x01(\tB\x1e\xbaH\x1br\x16R\x14\x66irst_login_discount\xd8\x01\x01\x12\x36\n\nstart_date\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x06\xbaH\x03\xc8\x01\x01\x12\x34\n\x08\x65nd_date\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x06\xbaH\x03\xc8\x01\x01\x12*\n\x10max_participants\x18\x06 \x01(\x05\x42\x0b\xbaH\x08\x1a\x06\x18\xc0\x84=(\x01H\x00\x88\x01\x01\x12\x37\n\x13\x64iscount_percentage\x18\x07 \x01(\x01\x42\x1a\xbaH\x17\x12\x12\x19\x00\x00\x00\x00\x00\x00Y@!\x00\x00\x00\x00\x00\x00\x00\x00\xd8\x01\x01\x12\x31\n\x10min_topup_amount\x18\x08 \x01(\x01\x42\x17\xbaH\x14\x12\x12\x11\x00\x00\x00\xa2\x94\x1amB)\x00\x00\x00\x00\x00\x00\x00\x00\x12\x34\n\x13max_discount_amount\x18\t \x01(\x01\x42\x17\xbaH\x14\x12\x12\x11\x00\x00\x00\xa2\x94\x1amB)\x00\x00\x00\x00\x00\x00\x00\x00\x12,\n\x15voucher_validity_days\x18\n \x01(\x05\x42\r\xbaH\n\x1a\x05\x18\xed\x02(\x01\xd8\x01\x01\x42\x13\n\x11_max_participants\"H\n\x16\x43reateCampaignResponse\x12.\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x1c.cake.promotions.v1.Campaign\"\x16\n\x14ListCampaignsRequest\"H\n\x15ListCampaignsResponse\x12/\n\tcampaigns\x18\x01 \x03(\x0b\x32\x1c.cake.promotions.v1.Campaign\")\n\x12GetCampaignRequest\x12\x13\n\x02id\x18\x01 \x01(\x03\x42\x07\xbaH\x04\"\x02 \x00\"E\n\x13GetCampaignResponse\x12.\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x1c.cake.promotions.v1.Campaign\"j\n\x1bUpdateCampaignStatusRequest\x12\x13\n\x02id\x18\x01 \x01(\x03\x42\x07\xbaH\x04\"\x02 \x00\x12\x36\n\x06status\x18\x02 \x01(\tB&\xbaH#r!R\x06\x61\x63tiveR\x08inactiveR\x07\x65xpiredR\x04\x66ull\"N\n\x1cUpdateCampaignStatusResponse\x12.\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x1c.cake.promotions.v1.Campaign\"\x18\n\x16TrackFirstLoginRequest\"\xae\x02\n\x17TrackFirstLoginResponse\x12\x10\n\x08\x65ligible\x18\x01 \x01(\x08\x12\x18\n\x0b\x63\x61mpaign_id\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x1a\n\rcampaign_name\x18\x03 \x01(\tH\x01\x88\x01\x01\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x1c\n\x0fremaining_slots\x18\x05 \x01(\x05H\x02\x88\x01\x01\x12 \n\x13participation_order\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12,\n\x07voucher\x18\x07 \x01(\x0b\x32\x1b.cake.promotions.v1.VoucherB\x0e\n\x0c_campaign_idB\x10\n\x0e_campaign_nameB\x12\n\x10_remaining_slotsB\x16\n\x14_participation_order\"\x17\n\x15GetEligibilityRequest\"\xc5\x01\n\x16GetEligibilityResponse\x12\x10\n\x08\x65ligible\x18\x01 \x01(\x08\x12\x18\n\x0b\x63\x61mpaign_id\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x1a\n\rcampaign_name\x18\x03 \x01(\tH\x01\x88\x01\x01\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x1c\n\x0fremaining_slots\x18\x05 \x01(\x05H\x02\x88\x01\x01\x42\x0e\n\x0c_campaign_idB\x10\n\x0e_campaign_nameB\x12\n\x10_remaining_slots\"\x19\n\x17ListMyPromotionsRequest\"Q\n\x18ListMyPromotionsResponse\x12\x35\n\npromotions\x18\x01 \x03(\x0b\x32!.cake.promotions.v1.UserPromotion\"\x17\n\x15ListMyVouchersRequest\"G\n\x16ListMyVouchersResponse\x12-\n\x08vouchers\x18\x01 \x03(\x0b\x32\x1b.cake.promotions.v1.Voucher\"1\n\x16ValidateVoucherRequest\x12\x17\n\x04\x63ode\x18\x01 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18@\"G\n\x17ValidateVoucherResponse\x12,\n\x07voucher\x18\x01 \x01(\x0b\x32\x1b.cake.promotions.v1.Voucher\"\xf8\x01\n\x0cTopupRequest\x12=\n\x0cphone_number\x18\x01 \x01(\tB\'\xbaH$r\"\x18\x14\x32\x1e^\\+?[0-9](?:[ -]?[0-9]){5,18}$\x12\'\n\x06\x61mount\x18\x02 \x01(\x01\x42\x17\xbaH\x14\x12\x12\x11\x00\x00\x00\xa2\x94\x1amB!\x00\x00\x00\x00\x00\x00\x00\x00\x12\x34\n\x0cvoucher_code\x18\x03 \x01(\tB\x19\xbaH\x16r\x14\x32\x12^CAKE-[A-Z0-9]{8}$H\x00\x88\x01\x01\x12&\n\x0epayment_method\x18\x04 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18\x32H\x01\x88\x01\x01\x42\x0f\n\r_voucher_codeB\x11\n\x0f_payment_method\"\xd3\x01\n\rTopupResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x16\n\x0etransaction_id\x18\x02 \x01(\t\x12\x17\n\x0foriginal_amount\x18\x03 \x01(\x01\x12\x17\n\x0f\x64iscount_amount\x18\x04 \x01(\x01\x12\x14\n\x0c\x66inal_amount\x18\x05 \x01(\x01\x12\x14\n\x0cphone_number\x18\x06 \x01(\t\x12\x19\n\x0cvoucher_code\x18\x07 \x01(\tH\x00\x88\x01\x01\x12\x0f\n\x07message\x18\x08 \x01(\tB\x0f\n\r_voucher_code2\xe3\x0b\n\x11PromotionsService\x12\x93\x01\n\x0e\x43reateCampaign\x12).cake.promotions.v1.CreateCampaignRequest\x1a*.cake.promotions.v1.CreateCampaignResponse\"*\x82\xd3\xe4\x93\x02$\"\x15/promotions/campaigns:\x01*b\x08\x63\x61mpaign\x12\x8e\x01\n\rListCampaigns\x12(.cake.promotions.v1.ListCampaignsRequest\x1a).cake.promotions.v1.ListCampaignsResponse\"(\x82\xd3\xe4\x93\x02\"\x12\x15/promotions/campaignsb\tcampaigns\x12\x8c\x01\n\x0bGetCampaign\x12&.cake.promotions.v1.GetCampaignRequest\x1a\'.cake.promotions.v1.GetCampaignResponse\",\x82\xd3\xe4\x93\x02&\x12\x1a/promotions/campaigns/{id}b\x08\x63\x61mpaign\x12\xb1\x01\n\x14UpdateCampaignStatus\x12/.cake.promotions.v1.UpdateCampaignStatusRequest\x1a\x30.cake.promotions.v1.UpdateCampaignStatusResponse\"6\x82\xd3\xe4\x93\x02\x30\x32!/promotions/campaigns/{id}/status:\x01*b\x08\x63\x61mpaign\x12\x94\x01\n\x0fTrackFirstLogin\x12*.cake.promotions.v1.TrackFirstLoginRequest\x1a+.cake.promotions.v1.TrackFirstLoginResponse\"(\x82\xd3\xe4\x93\x02\"\"\x1d/promotions/track-first-login:\x01*\x12\x88\x01\n\x0eGetEligibility\x12).cake.promotions.v1.GetEligibilityRequest\x1a*.cake.promotions.v1.GetEligibilityResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\x12\x17/promotions/eligibility\x12\x9c\x01\n\x10ListMyPromotions\x12+.cake.promotions.v1.ListMyPromotionsRequest\x1a,.cake.promotions.v1.ListMyPromotionsResponse\"-\x82\xd3\xe4\x93\x02\'\x12\x19/promotions/my-promotionsb\npromotions\x12\x92\x01\n\x0eListMyVouchers\x12).cake.promotions.v1.ListMyVouchersRequest\x1a*.cake.promotions.v1.ListMyVouchersResponse\")\x82\xd3\xe4\x93\x02#\x12\x17/promotions/my-vouchersb\x08vouchers\x12\xa1\x01\n\x0fValidateVoucher\x12*.cake.promotions.v1.ValidateVoucherRequest\x1a+.cake.promotions.v1.ValidateVoucherResponse\"5\x82\xd3\xe4\x93\x02/\x12$/promotions/vouchers/{code}/validateb\x07voucher\x12j\n\x05Topup\x12 .cake.promotions.v1.TopupRequest\x1a!.cake.promotions.v1.TopupResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\"\x11/promotions/topup:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#cake/promotions/v1/promotions.proto\x12\x12\x63\x61ke.promotions.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1b\x63\x61ke/access/v1/access.proto\x1a!cake/promotions/v1/campaign.proto\x1a cake/promotions/v1/voucher.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xfd\x03\n\x15\x43reateCampaignRequest\x12\x18\n\x04name\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\xff\x01\x12\x1d\n\x0b\x64\x65scription\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x90N\x12,\n\x04type\x18\x03 \x01(\tB\x1e\xbaH\x1br\x16R\x14\x66irst_login_discount\xd8\x01\x01\x12\x36\n\nstart_date\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x06\xbaH\x03\xc8\x01\x01\x12\x34\n\x08\x65nd_date\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x06\xbaH\x03\xc8\x01\x01\x12*\n\x10max_participants\x18\x06 \x01(\x05\x42\x0b\xbaH\x08\x1a\x06\x18\xc0\x84=(\x01H\x00\x88\x01\x01\x12\x37\n\x13\x64iscount_percentage\x18\x07 \x01(\x01\x42\x1a\xbaH\x17\x12\x12\x19\x00\x00\x00\x00\x00\x00Y@!\x00\x00\x00\x00\x00\x00\x00\x00\xd8\x01\x01\x12\x31\n\x10min_topup_amount\x18\x08 \x01(\x01\x42\x17\xbaH\x14\x12\x12\x11\x00\x00\x00\xa2\x94\x1amB)\x00\x00\x00\x00\x00\x00\x00\x00\x12\x34\n\x13max_discount_amount\x18\t \x01(\x01\x42\x17\xbaH\x14\x12\x12\x11\x00\x00\x00\xa2\x94\x1amB)\x00\x00\x00\x00\x00\x00\x00\x00\x12,\n\x15voucher_validity_days\x18\n \x01(\x05\x42\r\xbaH\n\x1a\x05\x18\xed\x02(\x01\xd8\x01\x01\x42\x13\n\x11_max_participants\"H\n\x16\x43reateCampaignResponse\x12.\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x1c.cake.promotions.v1.Campaign\"\x16\n\x14ListCampaignsRequest\"H\n\x15ListCampaignsResponse\x12/\n\tcampaigns\x18\x01 \x03(\x0b\x32\x1c.cake.promotions.v1.Campaign\")\n\x12GetCampaignRequest\x12\x13\n\x02id\x18\x01 \x01(\x03\x42\x07\xbaH\x04\"\x02 \x00\"E\n\x13GetCampaignResponse\x12.\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x1c.cake.promotions.v1.Campaign\"j\n\x1bUpdateCampaignStatusRequest\x12\x13\n\x02id\x18\x01 \x01(\x03\x42\x07\xbaH\x04\"\x02 \x00\x12\x36\n\x06status\x18\x02 \x01(\tB&\xbaH#r!R\x06\x61\x63tiveR\x08inactiveR\x07\x65xpiredR\x04\x66ull\"N\n\x1cUpdateCampaignStatusResponse\x12.\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x1c.cake.promotions.v1.Campaign\"\x18\n\x16TrackFirstLoginRequest\"\xae\x02\n\x17TrackFirstLoginResponse\x12\x10\n\x08\x65ligible\x18\x01 \x01(\x08\x12\x18\n\x0b\x63\x61mpaign_id\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x1a\n\rcampaign_name\x18\x03 \x01(\tH\x01\x88\x01\x01\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x1c\n\x0fremaining_slots\x18\x05 \x01(\x05H\x02\x88\x01\x01\x12 \n\x13participation_order\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12,\n\x07voucher\x18\x07 \x01(\x0b\x32\x1b.cake.promotions.v1.VoucherB\x0e\n\x0c_campaign_idB\x10\n\x0e_campaign_nameB\x12\n\x10_remaining_slotsB\x16\n\x14_participation_order\"\x17\n\x15GetEligibilityRequest\"\xc5\x01\n\x16GetEligibilityResponse\x12\x10\n\x08\x65ligible\x18\x01 \x01(\x08\x12\x18\n\x0b\x63\x61mpaign_id\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x1a\n\rcampaign_name\x18\x03 \x01(\tH\x01\x88\x01\x01\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x1c\n\x0fremaining_slots\x18\x05 \x01(\x05H\x02\x88\x01\x01\x42\x0e\n\x0c_campaign_idB\x10\n\x0e_campaign_nameB\x12\n\x10_remaining_slots\"\x19\n\x17ListMyPromotionsRequest\"Q\n\x18ListMyPromotionsResponse\x12\x35\n\npromotions\x18\x01 \x03(\x0b\x32!.cake.promotions.v1.UserPromotion\"\x17\n\x15ListMyVouchersRequest\"G\n\x16ListMyVouchersResponse\x12-\n\x08vouchers\x18\x01 \x03(\x0b\x32\x1b.cake.promotions.v1.Voucher\"1\n\x16ValidateVoucherRequest\x12\x17\n\x04\x63ode\x18\x01 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18@\"G\n\x17ValidateVoucherResponse\x12,\n\x07voucher\x18\x01 \x01(\x0b\x32\x1b.cake.promotions.v1.Voucher\"\xf8\x01\n\x0cTopupRequest\x12=\n\x0cphone_number\x18\x01 \x01(\tB\'\xbaH$r\"\x18\x14\x32\x1e^\\+?[0-9](?:[ -]?[0-9]){5,18}$\x12\'\n\x06\x61mount\x18\x02 \x01(\x01\x42\x17\xbaH\x14\x12\x12\x11\x00\x00\x00\xa2\x94\x1amB!\x00\x00\x00\x00\x00\x00\x00\x00\x12\x34\n\x0cvoucher_code\x18\x03 \x01(\tB\x19\xbaH\x16r\x14\x32\x12^CAKE-[A-Z0-9]{8}$H\x00\x88\x01\x01\x12&\n\x0epayment_method\x18\x04 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18\x32H\x01\x88\x01\x01\x42\x0f\n\r_voucher_codeB\x11\n\x0f_payment_method\"\xd3\x01\n\rTopupResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x16\n\x0etransaction_id\x18\x02 \x01(\t\x12\x17\n\x0foriginal_amount\x18\x03 \x01(\x01\x12\x17\n\x0f\x64iscount_amount\x18\x04 \x01(\x01\x12\x14\n\x0c\x66inal_amount\x18\x05 \x01(\x01\x12\x14\n\x0cphone_number\x18\x06 \x01(\t\x12\x19\n\x0cvoucher_code\x18\x07 \x01(\tH\x00\x88\x01\x01\x12\x0f\n\x07message\x18\x08 \x01(\tB\x0f\n\r_voucher_code2\xe0\x0c\n\x11PromotionsService\x12\x9e\x01\n\x0e\x43reateCampaign\x12).cake.promotions.v1.CreateCampaignRequest\x1a*.cake.promotions.v1.CreateCampaignResponse\"5\xaa\xbb\x18\x07\x1a\x05\x61\x64min\x82\xd3\xe4\x93\x02$\"\x15/promotions/campaigns:\x01*b\x08\x63\x61mpaign\x12\x94\x01\n\rListCampaigns\x12(.cake.promotions.v1.ListCampaignsRequest\x1a).cake.promotions.v1.ListCampaignsResponse\".\xaa\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\"\x12\x15/promotions/campaignsb\tcampaigns\x12\x92\x01\n\x0bGetCampaign\x12&.cake.promotions.v1.GetCampaignRequest\x1a\'.cake.promotions.v1.GetCampaignResponse\"2\xaa\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02&\x12\x1a/promotions/campaigns/{id}b\x08\x63\x61mpaign\x12\xbc\x01\n\x14UpdateCampaignStatus\x12/.cake.promotions.v1.UpdateCampaignStatusRequest\x1a\x30.cake.promotions.v1.UpdateCampaignStatusResponse\"A\xaa\xbb\x18\x07\x1a\x05\x61\x64min\x82\xd3\xe4\x93\x02\x30\x32!/promotions/campaigns/{id}/status:\x01*b\x08\x63\x61mpaign\x12\xa5\x01\n\x0fTrackFirstLogin\x12*.cake.promotions.v1.TrackFirstLoginRequest\x1a+.cake.promotions.v1.TrackFirstLoginResponse\"9\xaa\xbb\x18\r\x1a\x04user\x1a\x05\x61\x64min\x82\xd3\xe4\x93\x02\"\"\x1d/promotions/track-first-login:\x01*\x12\x99\x01\n\x0eGetEligibility\x12).cake.promotions.v1.GetEligibilityRequest\x1a*.cake.promotions.v1.GetEligibilityResponse\"0\xaa\xbb\x18\r\x1a\x04user\x1a\x05\x61\x64min\x82\xd3\xe4\x93\x02\x19\x12\x17/promotions/eligibility\x12\xad\x01\n\x10ListMyPromotions\x12+.cake.promotions.v1.ListMyPromotionsRequest\x1a,.cake.promotions.v1.ListMyPromotionsResponse\">\xaa\xbb\x18\r\x1a\x04user\x1a\x05\x61\x64min\x82\xd3\xe4\x93\x02\'\x12\x19/promotions/my-promotionsb\npromotions\x12\xa3\x01\n\x0eListMyVouchers\x12).cake.promotions.v1.ListMyVouchersRequest\x1a*.cake.promotions.v1.ListMyVouchersResponse\":\xaa\xbb\x18\r\x1a\x04user\x1a\x05\x61\x64min\x82\xd3\xe4\x93\x02#\x12\x17/promotions/my-vouchersb\x08vouchers\x12\xa7\x01\n\x0fValidateVoucher\x12*.cake.promotions.v1.ValidateVoucherRequest\x1a+.cake.promotions.v1.ValidateVoucherResponse\";\xaa\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02/\x12$/promotions/vouchers/{code}/validateb\x07voucher\x12{\n\x05Topup\x12 .cake.promotions.v1.TopupRequest\x1a!.cake.promotions.v1.TopupResponse\"-\xaa\xbb\x18\r\x1a\x04user\x1a\x05\x61\x64min\x82\xd3\xe4\x93\x02\x16\"\x11/promotions/topup:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -73,65 +74,65 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOPUPREQUEST'].fields_by_name['payment_method']._loaded_options = None
   _globals['_TOPUPREQUEST'].fields_by_name['payment_method']._serialized_options = b'\272H\006r\004\020\001\0302'
   _globals['_PROMOTIONSSERVICE'].methods_by_name['CreateCampaign']._loaded_options = None
-  _globals['_PROMOTIONSSERVICE'].methods_by_name['CreateCampaign']._serialized_options = b'\202\323\344\223\002$\"\025/promotions/campaigns:\001*b\010campaign'
+  _globals['_PROMOTIONSSERVICE'].methods_by_name['CreateCampaign']._serialized_options = b'\252\273\030\007\032\005admin\202\323\344\223\002$\"\025/promotions/campaigns:\001*b\010campaign'
   _globals['_PROMOTIONSSERVICE'].methods_by_name['ListCampaigns']._loaded_options = None
-  _globals['_PROMOTIONSSERVICE'].methods_by_name['ListCampaigns']._serialized_options = b'\202\323\344\223\002\"\022\025/promotions/campaignsb\tcampaigns'
+  _globals['_PROMOTIONSSERVICE'].methods_by_name['ListCampaigns']._serialized_options = b'\252\273\030\002\010\001\202\323\344\223\002\"\022\025/promotions/campaignsb\tcampaigns'
   _globals['_PROMOTIONSSERVICE'].methods_by_name['GetCampaign']._loaded_options = None
-  _globals['_PROMOTIONSSERVICE'].methods_by_name['GetCampaign']._serialized_options = b'\202\323\344\223\002&\022\032/promotions/campaigns/{id}b\010campaign'
+  _globals['_PROMOTIONSSERVICE'].methods_by_name['GetCampaign']._serialized_options = b'\252\273\030\002\010\001\202\323\344\223\002&\022\032/promotions/campaigns/{id}b\010campaign'
   _globals['_PROMOTIONSSERVICE'].methods_by_name['UpdateCampaignStatus']._loaded_options = None
-  _globals['_PROMOTIONSSERVICE'].methods_by_name['UpdateCampaignStatus']._serialized_options = b'\202\323\344\223\00202!/promotions/campaigns/{id}/status:\001*b\010campaign'
+  _globals['_PROMOTIONSSERVICE'].methods_by_name['UpdateCampaignStatus']._serialized_options = b'\252\273\030\007\032\005admin\202\323\344\223\00202!/promotions/campaigns/{id}/status:\001*b\010campaign'
   _globals['_PROMOTIONSSERVICE'].methods_by_name['TrackFirstLogin']._loaded_options = None
-  _globals['_PROMOTIONSSERVICE'].methods_by_name['TrackFirstLogin']._serialized_options = b'\202\323\344\223\002\"\"\035/promotions/track-first-login:\001*'
+  _globals['_PROMOTIONSSERVICE'].methods_by_name['TrackFirstLogin']._serialized_options = b'\252\273\030\r\032\004user\032\005admin\202\323\344\223\002\"\"\035/promotions/track-first-login:\001*'
   _globals['_PROMOTIONSSERVICE'].methods_by_name['GetEligibility']._loaded_options = None
-  _globals['_PROMOTIONSSERVICE'].methods_by_name['GetEligibility']._serialized_options = b'\202\323\344\223\002\031\022\027/promotions/eligibility'
+  _globals['_PROMOTIONSSERVICE'].methods_by_name['GetEligibility']._serialized_options = b'\252\273\030\r\032\004user\032\005admin\202\323\344\223\002\031\022\027/promotions/eligibility'
   _globals['_PROMOTIONSSERVICE'].methods_by_name['ListMyPromotions']._loaded_options = None
-  _globals['_PROMOTIONSSERVICE'].methods_by_name['ListMyPromotions']._serialized_options = b'\202\323\344\223\002\'\022\031/promotions/my-promotionsb\npromotions'
+  _globals['_PROMOTIONSSERVICE'].methods_by_name['ListMyPromotions']._serialized_options = b'\252\273\030\r\032\004user\032\005admin\202\323\344\223\002\'\022\031/promotions/my-promotionsb\npromotions'
   _globals['_PROMOTIONSSERVICE'].methods_by_name['ListMyVouchers']._loaded_options = None
-  _globals['_PROMOTIONSSERVICE'].methods_by_name['ListMyVouchers']._serialized_options = b'\202\323\344\223\002#\022\027/promotions/my-vouchersb\010vouchers'
+  _globals['_PROMOTIONSSERVICE'].methods_by_name['ListMyVouchers']._serialized_options = b'\252\273\030\r\032\004user\032\005admin\202\323\344\223\002#\022\027/promotions/my-vouchersb\010vouchers'
   _globals['_PROMOTIONSSERVICE'].methods_by_name['ValidateVoucher']._loaded_options = None
-  _globals['_PROMOTIONSSERVICE'].methods_by_name['ValidateVoucher']._serialized_options = b'\202\323\344\223\002/\022$/promotions/vouchers/{code}/validateb\007voucher'
+  _globals['_PROMOTIONSSERVICE'].methods_by_name['ValidateVoucher']._serialized_options = b'\252\273\030\002\010\001\202\323\344\223\002/\022$/promotions/vouchers/{code}/validateb\007voucher'
   _globals['_PROMOTIONSSERVICE'].methods_by_name['Topup']._loaded_options = None
-  _globals['_PROMOTIONSSERVICE'].methods_by_name['Topup']._serialized_options = b'\202\323\344\223\002\026\"\021/promotions/topup:\001*'
-  _globals['_CREATECAMPAIGNREQUEST']._serialized_start=221
-  _globals['_CREATECAMPAIGNREQUEST']._serialized_end=730
-  _globals['_CREATECAMPAIGNRESPONSE']._serialized_start=732
-  _globals['_CREATECAMPAIGNRESPONSE']._serialized_end=804
-  _globals['_LISTCAMPAIGNSREQUEST']._serialized_start=806
-  _globals['_LISTCAMPAIGNSREQUEST']._serialized_end=828
-  _globals['_LISTCAMPAIGNSRESPONSE']._serialized_start=830
-  _globals['_LISTCAMPAIGNSRESPONSE']._serialized_end=902
-  _globals['_GETCAMPAIGNREQUEST']._serialized_start=904
-  _globals['_GETCAMPAIGNREQUEST']._serialized_end=945
-  _globals['_GETCAMPAIGNRESPONSE']._serialized_start=947
-  _globals['_GETCAMPAIGNRESPONSE']._serialized_end=1016
-  _globals['_UPDATECAMPAIGNSTATUSREQUEST']._serialized_start=1018
-  _globals['_UPDATECAMPAIGNSTATUSREQUEST']._serialized_end=1124
-  _globals['_UPDATECAMPAIGNSTATUSRESPONSE']._serialized_start=1126
-  _globals['_UPDATECAMPAIGNSTATUSRESPONSE']._serialized_end=1204
-  _globals['_TRACKFIRSTLOGINREQUEST']._serialized_start=1206
-  _globals['_TRACKFIRSTLOGINREQUEST']._serialized_end=1230
-  _globals['_TRACKFIRSTLOGINRESPONSE']._serialized_start=1233
-  _globals['_TRACKFIRSTLOGINRESPONSE']._serialized_end=1535
-  _globals['_GETELIGIBILITYREQUEST']._serialized_start=1537
-  _globals['_GETELIGIBILITYREQUEST']._serialized_end=1560
-  _globals['_GETELIGIBILITYRESPONSE']._serialized_start=1563
-  _globals['_GETELIGIBILITYRESPONSE']._serialized_end=1760
-  _globals['_LISTMYPROMOTIONSREQUEST']._serialized_start=1762
-  _globals['_LISTMYPROMOTIONSREQUEST']._serialized_end=1787
-  _globals['_LISTMYPROMOTIONSRESPONSE']._serialized_start=1789
-  _globals['_LISTMYPROMOTIONSRESPONSE']._serialized_end=1870
-  _globals['_LISTMYVOUCHERSREQUEST']._serialized_start=1872
-  _globals['_LISTMYVOUCHERSREQUEST']._serialized_end=1895
-  _globals['_LISTMYVOUCHERSRESPONSE']._serialized_start=1897
-  _globals['_LISTMYVOUCHERSRESPONSE']._serialized_end=1968
-  _globals['_VALIDATEVOUCHERREQUEST']._serialized_start=1970
-  _globals['_VALIDATEVOUCHERREQUEST']._serialized_end=2019
-  _globals['_VALIDATEVOUCHERRESPONSE']._serialized_start=2021
-  _globals['_VALIDATEVOUCHERRESPONSE']._serialized_end=2092
-  _globals['_TOPUPREQUEST']._serialized_start=2095
-  _globals['_TOPUPREQUEST']._serialized_end=2343
-  _globals['_TOPUPRESPONSE']._serialized_start=2346
-  _globals['_TOPUPRESPONSE']._serialized_end=2557
-  _globals['_PROMOTIONSSERVICE']._serialized_start=2560
-  _globals['_PROMOTIONSSERVICE']._serialized_end=4067
+  _globals['_PROMOTIONSSERVICE'].methods_by_name['Topup']._serialized_options = b'\252\273\030\r\032\004user\032\005admin\202\323\344\223\002\026\"\021/promotions/topup:\001*'
+  _globals['_CREATECAMPAIGNREQUEST']._serialized_start=250
+  _globals['_CREATECAMPAIGNREQUEST']._serialized_end=759
+  _globals['_CREATECAMPAIGNRESPONSE']._serialized_start=761
+  _globals['_CREATECAMPAIGNRESPONSE']._serialized_end=833
+  _globals['_LISTCAMPAIGNSREQUEST']._serialized_start=835
+  _globals['_LISTCAMPAIGNSREQUEST']._serialized_end=857
+  _globals['_LISTCAMPAIGNSRESPONSE']._serialized_start=859
+  _globals['_LISTCAMPAIGNSRESPONSE']._serialized_end=931
+  _globals['_GETCAMPAIGNREQUEST']._serialized_start=933
+  _globals['_GETCAMPAIGNREQUEST']._serialized_end=974
+  _globals['_GETCAMPAIGNRESPONSE']._serialized_start=976
+  _globals['_GETCAMPAIGNRESPONSE']._serialized_end=1045
+  _globals['_UPDATECAMPAIGNSTATUSREQUEST']._serialized_start=1047
+  _globals['_UPDATECAMPAIGNSTATUSREQUEST']._serialized_end=1153
+  _globals['_UPDATECAMPAIGNSTATUSRESPONSE']._serialized_start=1155
+  _globals['_UPDATECAMPAIGNSTATUSRESPONSE']._serialized_end=1233
+  _globals['_TRACKFIRSTLOGINREQUEST']._serialized_start=1235
+  _globals['_TRACKFIRSTLOGINREQUEST']._serialized_end=1259
+  _globals['_TRACKFIRSTLOGINRESPONSE']._serialized_start=1262
+  _globals['_TRACKFIRSTLOGINRESPONSE']._serialized_end=1564
+  _globals['_GETELIGIBILITYREQUEST']._serialized_start=1566
+  _globals['_GETELIGIBILITYREQUEST']._serialized_end=1589
+  _globals['_GETELIGIBILITYRESPONSE']._serialized_start=1592
+  _globals['_GETELIGIBILITYRESPONSE']._serialized_end=1789
+  _globals['_LISTMYPROMOTIONSREQUEST']._serialized_start=1791
+  _globals['_LISTMYPROMOTIONSREQUEST']._serialized_end=1816
+  _globals['_LISTMYPROMOTIONSRESPONSE']._serialized_start=1818
+  _globals['_LISTMYPROMOTIONSRESPONSE']._serialized_end=1899
+  _globals['_LISTMYVOUCHERSREQUEST']._serialized_start=1901
+  _globals['_LISTMYVOUCHERSREQUEST']._serialized_end=1924
+  _globals['_LISTMYVOUCHERSRESPONSE']._serialized_start=1926
+  _globals['_LISTMYVOUCHERSRESPONSE']._serialized_end=1997
+  _globals['_VALIDATEVOUCHERREQUEST']._serialized_start=1999
+  _globals['_VALIDATEVOUCHERREQUEST']._serialized_end=2048
+  _globals['_VALIDATEVOUCHERRESPONSE']._serialized_start=2050
+  _globals['_VALIDATEVOUCHERRESPONSE']._serialized_end=2121
+  _globals['_TOPUPREQUEST']._serialized_start=2124
+  _globals['_TOPUPREQUEST']._serialized_end=2372
+  _globals['_TOPUPRESPONSE']._serialized_start=2375
+  _globals['_TOPUPRESPONSE']._serialized_end=2586
+  _globals['_PROMOTIONSSERVICE']._serialized_start=2589
+  _globals['_PROMOTIONSSERVICE']._serialized_end=4221
 # @@protoc_insertion_point(module_scope)
