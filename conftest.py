@@ -43,7 +43,7 @@ def pytest_configure(config: pytest.Config) -> None:
             os.environ.setdefault(name, value)
 
 
-SERVICES = ("auth", "payments", "promotions", "events", "envoy")
+SERVICES = ("smtp-sink", "auth", "payments", "promotions", "notifications", "events", "envoy")
 
 
 @pytest.fixture(autouse=True)

@@ -5,8 +5,9 @@
   endpoint by exactly what the flow did. Counters are shared with every earlier test of the
   session, so only the deltas between a scrape before and one after are asserted.
 - Traces: with the services exporting OTLP to a receiver in this process, one first login
-  produces the login's server span (auth), the relay's publish span (events) and the
-  enrolment span (promotions) in ONE trace.
+  produces the login's server span (auth), the relay's publish span (events), the
+  enrolment span (promotions), the voucher's notification and its e-mail's send span
+  (notifications) in ONE trace.
 
 The admin token is signed with the stack's development key (as ``cake-auth`` would) rather
 than made by logging in: an admin's login is itself a first login, whose asynchronous
@@ -35,7 +36,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.e2e
 
-TRACED_SERVICES = ("auth", "promotions", "events")
+TRACED_SERVICES = ("auth", "promotions", "events", "notifications")
 PASSWORD = "s3cret-pass"
 FLOW_WAIT_SECONDS = 60
 AUTH_SERVICE = "cake.auth.v1.AuthService"
@@ -395,15 +396,30 @@ def test_a_first_login_is_one_trace_from_login_through_the_relay_to_the_enrolmen
             for span in spans
             if span.service == "events" and span.name == "cake.promotions.voucher.v1 publish"
         }
+        # ...and so do the voucher's notification and its e-mail.
+        notified = {
+            span.trace_id
+            for span in spans
+            if span.service == "notifications" and span.name == "notifications voucher issued"
+        }
+        emailed = {
+            span.trace_id
+            for span in spans
+            if span.service == "notifications" and span.name == "notifications send email"
+        }
         # Only this test logs in while the services export here (it restarted them), so
         # any complete trace is this login's.
-        shared = logins & published & enrolled & voucher_published
+        shared = logins & published & enrolled & voucher_published & notified & emailed
         return min(shared) if shared else None
 
-    trace_id = wait_for(one_trace, what="login, relay and enrolment spans in one trace")
+    trace_id = wait_for(
+        one_trace, what="login, relay, enrolment, notification and e-mail spans in one trace"
+    )
 
     in_trace = {(s.service, s.name) for s in traced_services.spans() if s.trace_id == trace_id}
     assert ("auth", f"/{AUTH_SERVICE}/Login") in in_trace
     assert ("events", "cake.auth.user.v1 publish") in in_trace
     assert ("promotions", "promotions enrol first login") in in_trace
     assert ("events", "cake.promotions.voucher.v1 publish") in in_trace
+    assert ("notifications", "notifications voucher issued") in in_trace
+    assert ("notifications", "notifications send email") in in_trace

@@ -34,6 +34,12 @@ WORKLOADS = {
     **{f"cake-{s}": [("Deployment", s), ("Job", f"{s}-migrate")] for s in SERVICES[:3]},
     # The bank simulator migrates its ledger when it starts (`serve`): no Job.
     "cake-payments": [("Deployment", "payments")],
+    # The notifications image also runs the dev cluster's SMTP sink.
+    "cake-notifications": [
+        ("Deployment", "notifications"),
+        ("Job", "notifications-migrate"),
+        ("Deployment", "smtp-sink"),
+    ],
     "cake-gateway": [("Deployment", "gateway")],
     "cake-postgres": [("StatefulSet", "postgres")],
     "cake-redis": [("Deployment", "redis")],

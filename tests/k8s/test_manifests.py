@@ -33,7 +33,7 @@ from cake_promotions.settings import PromotionsSettings
 from sqlalchemy.engine import make_url
 
 OVERLAYS = ("dev", "prod")
-SERVICES = ("auth", "promotions", "events")
+SERVICES = ("auth", "promotions", "events", "notifications")
 STATELESS = (*SERVICES, "gateway")
 SETTINGS: dict[str, type[ServiceSettings]] = {
     "auth": AuthSettings,
@@ -46,8 +46,17 @@ DEV_PLACEHOLDER = "dev-only-not-a-secret"
 GRPC_PORT = 50051
 #: Created outside kustomize in every environment: by the Tiltfile in dev, by the operator
 #: (docs/operations.md) in prod. Anything else a manifest references must be rendered.
-EXTERNAL_OBJECTS = {("Secret", "auth-jwt-signing-key"), ("ConfigMap", "jwks")}
-PROD_EXTERNAL_SECRETS = {"auth-secrets", "promotions-secrets", "events-secrets"}
+EXTERNAL_OBJECTS = {
+    ("Secret", "auth-jwt-signing-key"),
+    ("ConfigMap", "jwks"),
+    ("Secret", "notifications-auth-token"),
+}
+PROD_EXTERNAL_SECRETS = {
+    "auth-secrets",
+    "promotions-secrets",
+    "events-secrets",
+    "notifications-secrets",
+}
 
 
 @pytest.fixture(params=OVERLAYS)
@@ -405,7 +414,13 @@ def test_images_are_pinned(overlay: RenderedOverlay, repo: Path) -> None:
     else:
         cake_images = {image for image in images if "/cake/" in image}
         names = {image.rsplit("/", 1)[-1].split(":")[0] for image in cake_images}
-        assert names == {"cake-auth", "cake-promotions", "cake-events", "cake-gateway"}
+        assert names == {
+            "cake-auth",
+            "cake-promotions",
+            "cake-events",
+            "cake-notifications",
+            "cake-gateway",
+        }
         assert all(image.startswith("registry.example.com/cake/") for image in cake_images)
         assert not images - cake_images, "prod runs only Cake's images (datastores are managed)"
 
@@ -625,13 +640,13 @@ def test_prod_clients_reach_strimzi_and_the_managed_datastores(prod: RenderedOve
     redis_clients = policies["redis-clients"]["spec"]
     for name, pod in pods.items():
         assert labels_match(kafka_clients["podSelector"], pod.labels) == (
-            name in {"promotions", "events"}
+            name in {"promotions", "events", "notifications"}
         ), name
         assert labels_match(postgres_clients["podSelector"], pod.labels) == (
             name in SERVICES or name.endswith("-migrate")
         ), name
         assert labels_match(redis_clients["podSelector"], pod.labels) == (
-            name in {"auth", "promotions", "events"}
+            name in {"auth", "promotions", "events", "notifications"}
         ), name
     (kafka,) = prod.of_kind("Kafka")
     peers = kafka["spec"]["kafka"]["listeners"][0]["networkPolicyPeers"]
@@ -640,7 +655,7 @@ def test_prod_clients_reach_strimzi_and_the_managed_datastores(prod: RenderedOve
         for name, pod in pods.items()
         if any(labels_match(p["podSelector"], pod.labels) for p in peers)
     }
-    assert admitted == {"promotions", "events"}
+    assert admitted == {"promotions", "events", "notifications"}
 
 
 # -- dev datastores agree with the local stack -------------------------------------------------

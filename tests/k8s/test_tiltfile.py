@@ -243,11 +243,13 @@ def test_keys_are_made_locally_and_never_read_from_git(
     assert {(g["kind"], g["metadata"]["name"]) for g in generated} == {
         ("Secret", "auth-jwt-signing-key"),
         ("ConfigMap", "jwks"),
+        ("Secret", "notifications-auth-token"),
     }
     for manifest in generated:
         assert manifest["metadata"]["namespace"] == dev.namespace
-    secret = next(g for g in generated if g["kind"] == "Secret")
-    assert set(secret["stringData"]) == {"jwt-signing-key.pem"}
+    secrets = {g["metadata"]["name"]: g for g in generated if g["kind"] == "Secret"}
+    assert set(secrets["auth-jwt-signing-key"]["stringData"]) == {"jwt-signing-key.pem"}
+    assert set(secrets["notifications-auth-token"]["stringData"]) == {"token"}
     assert set(next(g for g in generated if g["kind"] == "ConfigMap")["data"]) == {"jwks.json"}
 
 
@@ -326,12 +328,16 @@ def test_k8s_test_applies_in_the_tiltfile_order(tilt: TiltCalls) -> None:
 
 def test_k8s_test_makes_the_tiltfile_key_objects(tilt: TiltCalls) -> None:
     generated = [yaml.safe_load(blob) for blob in tilt.k8s_yaml[:-1]]
-    pem, jwks = (
+    pem, jwks, token = (
         f"stand-in content of .run/k8s-dev/keys/{name}"
-        for name in (k8s_deploy.SIGNING_KEY_FILE, k8s_deploy.JWKS_FILE)
+        for name in (
+            k8s_deploy.SIGNING_KEY_FILE,
+            k8s_deploy.JWKS_FILE,
+            k8s_deploy.NOTIFICATIONS_TOKEN_FILE,
+        )
     )
     assert str(k8s_deploy.KEYS_DIR) in next(c for c in tilt.local_commands if "gen-keys" in c)
-    assert k8s_deploy.key_objects(k8s_deploy.NAMESPACE, pem, jwks) == generated
+    assert k8s_deploy.key_objects(k8s_deploy.NAMESPACE, pem, jwks, token) == generated
 
 
 def test_k8s_test_forwards_the_gateway_port_tilt_forwards(tilt: TiltCalls) -> None:

@@ -18,9 +18,11 @@ from cake_common.migrations import run_alembic_upgrade
 
 pytestmark = pytest.mark.integration
 
-SERVICES = ("auth", "promotions", "events", "payments")
+SERVICES = ("auth", "promotions", "events", "payments", "notifications")
 
 
+#: Where a service declares its tables, when not ``cake_<service>.db`` (the service layout
+#: with ``adapters/``).
 @pytest.fixture(params=SERVICES)
 def service(request: pytest.FixtureRequest) -> str:
     return str(request.param)

@@ -16,6 +16,7 @@ ALL = (
     "cake-promotions",
     "cake-events",
     "cake-payments",
+    "cake-notifications",
     "cake-gateway",
     "cake-postgres",
     "cake-redis",

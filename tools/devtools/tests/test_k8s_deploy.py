@@ -62,11 +62,13 @@ def test_images_that_were_not_built_are_reported() -> None:
 
 
 def test_key_objects_are_the_tiltfile_ones() -> None:
-    secret, config_map = key_objects("cake-dev", "PEM", '{"keys": []}')
+    secret, config_map, token = key_objects("cake-dev", "PEM", '{"keys": []}', "TOKEN")
     assert secret["metadata"] == {"name": "auth-jwt-signing-key", "namespace": "cake-dev"}
     assert secret["stringData"] == {"jwt-signing-key.pem": "PEM"}
     assert config_map["metadata"] == {"name": "jwks", "namespace": "cake-dev"}
     assert config_map["data"] == {"jwks.json": '{"keys": []}'}
+    assert token["metadata"] == {"name": "notifications-auth-token", "namespace": "cake-dev"}
+    assert token["stringData"] == {"token": "TOKEN"}
 
 
 def test_stages_follow_resource_deps_order() -> None:
@@ -91,7 +93,7 @@ def test_stages_follow_resource_deps_order() -> None:
 
 def test_a_workload_outside_every_stage_is_an_error() -> None:
     with pytest.raises(ManifestError, match="no deployment stage"):
-        stage_of(workload("Deployment", "notifications"))
+        stage_of(workload("Deployment", "a-service-nobody-staged"))
 
 
 def test_every_workload_of_the_dev_overlay_has_a_stage() -> None:

@@ -35,6 +35,9 @@ DEV_PORTS = {
     "events_metrics_port": 19113,
     "payments_grpc_port": 17054,
     "payments_metrics_port": 19114,
+    "notifications_grpc_port": 17055,
+    "notifications_metrics_port": 19115,
+    "smtp_sink_port": 11025,
 }
 TEST_PORTS = {
     "gateway_port": 18080,
@@ -51,6 +54,9 @@ TEST_PORTS = {
     "events_metrics_port": 19123,
     "payments_grpc_port": 17154,
     "payments_metrics_port": 19124,
+    "notifications_grpc_port": 17155,
+    "notifications_metrics_port": 19125,
+    "smtp_sink_port": 11035,
 }
 DEFAULT_SERVER_PORTS = {80, 443, 5432, 6379, 9092, 9093, 9901, 50051}
 
@@ -118,9 +124,11 @@ def test_unknown_component_names_are_rejected() -> None:
         "postgres",
         "redis",
         "kafka",
+        "smtp-sink",
         "auth",
         "payments",
         "promotions",
+        "notifications",
         "events",
         "envoy",
     )
@@ -134,23 +142,26 @@ PASSWORDS = {
     "cake_events": "pw-events",
     "cake_relay": "pw/relay@x",  # needs URL quoting
     "cake_payments": "pw-payments",
+    "cake_notifications": "pw-notifications",
 }
 ENDPOINTS = Endpoints(
     postgres_host="127.0.0.1",
     postgres_port=15442,
     redis_url="redis://127.0.0.1:16389/0",
     kafka_bootstrap="127.0.0.1:19102",
-    grpc_ports={"auth": 17151, "promotions": 17152, "events": 17153},
+    grpc_ports={"auth": 17151, "promotions": 17152, "events": 17153, "notifications": 17155},
     jwt_signing_key=Path("/run/keys/jwt-signing-key.pem"),
     jwks_file=Path("/run/keys/jwks.json"),
-    metrics_ports={"auth": 19121, "promotions": 19122, "events": 19123},
+    metrics_ports={"auth": 19121, "promotions": 19122, "events": 19123, "notifications": 19125},
+    smtp_port=11035,
+    notifications_secret_file=Path("/run/keys/notifications-client-secret"),
 )
 
 
 def test_service_environment_points_each_service_at_its_own_database() -> None:
     env = build_service_environment(ENDPOINTS, PASSWORDS)
 
-    assert set(env) == {"auth", "promotions", "events"}
+    assert set(env) == {"auth", "promotions", "events", "notifications"}
     assert env["auth"] == {
         "CAKE_AUTH_GRPC_HOST": "127.0.0.1",
         "CAKE_AUTH_GRPC_PORT": "17151",
@@ -170,6 +181,18 @@ def test_service_environment_points_each_service_at_its_own_database() -> None:
     assert "CAKE_PROMOTIONS_JWT_PRIVATE_KEY_FILE" not in env["promotions"]
     assert env["promotions"]["CAKE_PROMOTIONS_METRICS_PORT"] == "19122"
     assert env["events"]["CAKE_EVENTS_METRICS_PORT"] == "19123"
+
+
+def test_notifications_gets_the_smtp_sink_auth_and_its_service_token() -> None:
+    env = build_service_environment(ENDPOINTS, PASSWORDS)["notifications"]
+    assert env["CAKE_NOTIFICATIONS_SMTP_HOST"] == "127.0.0.1"
+    assert env["CAKE_NOTIFICATIONS_SMTP_PORT"] == "11035"
+    assert env["CAKE_NOTIFICATIONS_AUTH_DIRECTORY_TARGET"] == "127.0.0.1:17151"
+    assert env["CAKE_NOTIFICATIONS_AUTH_CLIENT_ID"] == "notifications"
+    assert (
+        env["CAKE_NOTIFICATIONS_AUTH_CLIENT_SECRET_FILE"] == "/run/keys/notifications-client-secret"
+    )
+    assert env["CAKE_NOTIFICATIONS_DATABASE_URL"].endswith("@127.0.0.1:15442/cake_notifications")
 
 
 def test_the_bank_simulator_gets_its_own_database_and_promotions_its_address() -> None:
@@ -327,6 +350,7 @@ def test_each_service_owns_its_database_and_the_relay_only_connects() -> None:
         "cake_promotions": "cake_promotions",
         "cake_events": "cake_events",
         "cake_payments": "cake_payments",
+        "cake_notifications": "cake_notifications",
     }
 
     auth = [_sql(s) for s in postgres.database_privilege_statements(by_name["cake_auth"])]
@@ -346,6 +370,7 @@ def test_each_service_owns_its_database_and_the_relay_only_connects() -> None:
         "cake_promotions",
         "cake_events",
         "cake_payments",
+        "cake_notifications",
         "cake_relay",
     )
 

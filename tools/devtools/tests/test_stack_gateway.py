@@ -63,7 +63,9 @@ def _context(**overrides: Any) -> GatewayContext:
         "admin_port": _free_port(),
         "descriptor_path": default_descriptor_path(),
         "openapi_path": default_openapi_path(),
-        "upstreams": local_upstreams(auth_port=17151, promotions_port=17152, events_port=17153),
+        "upstreams": local_upstreams(
+            auth_port=17151, promotions_port=17152, events_port=17153, notifications_port=17155
+        ),
     }
     settings.update(overrides)
     return GatewayContext(**settings)
@@ -172,6 +174,7 @@ def test_dns_upstreams_use_strict_dns() -> None:
         upstreams=(
             Upstream("auth", "auth", 50051, "/cake.auth."),
             Upstream("promotions", "promotions", 50051, "/cake.promotions."),
+            Upstream("notifications", "notifications", 50051, "/cake.notifications."),
             Upstream("events", "events", 50051, "/cake.events."),
         ),
     )
@@ -367,6 +370,7 @@ def test_envoy_accepts_a_config_with_dns_upstreams(tmp_path: Path) -> None:
         upstreams=(
             Upstream("auth", "auth.cake.svc", 50051, "/cake.auth."),
             Upstream("promotions", "promotions.cake.svc", 50051, "/cake.promotions."),
+            Upstream("notifications", "notifications.cake.svc", 50051, "/cake.notifications."),
             Upstream("events", "events.cake.svc", 50051, "/cake.events."),
         ),
         xff_num_trusted_hops=1,

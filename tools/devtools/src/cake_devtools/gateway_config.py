@@ -32,12 +32,14 @@ TEMPLATE_NAME = "envoy.yaml.j2"
 
 AUTH_SERVICE = "cake.auth.v1.AuthService"
 PROMOTIONS_SERVICE = "cake.promotions.v1.PromotionsService"
+NOTIFICATIONS_SERVICE = "cake.notifications.v1.NotificationsService"
 HEALTH_SERVICE = "cake.events.v1.SystemHealthService"
 EVENT_ADMIN_SERVICE = "cake.events.v1.EventAdminService"
 #: The services whose ``google.api.http`` rules the gateway serves as REST.
 TRANSCODED_SERVICES: tuple[str, ...] = (
     AUTH_SERVICE,
     PROMOTIONS_SERVICE,
+    NOTIFICATIONS_SERVICE,
     HEALTH_SERVICE,
     EVENT_ADMIN_SERVICE,
 )
@@ -490,12 +492,18 @@ def _paths_regex(full_names: Iterable[str], rest_paths: Iterable[str]) -> str:
 
 
 def local_upstreams(
-    *, auth_port: int, promotions_port: int, events_port: int, host: str = "127.0.0.1"
+    *,
+    auth_port: int,
+    promotions_port: int,
+    events_port: int,
+    notifications_port: int,
+    host: str = "127.0.0.1",
 ) -> tuple[Upstream, ...]:
-    """The three services on one host (the local stack)."""
+    """The services on one host (the local stack)."""
     return (
         Upstream("auth", host, auth_port, "/cake.auth."),
         Upstream("promotions", host, promotions_port, "/cake.promotions."),
+        Upstream("notifications", host, notifications_port, "/cake.notifications."),
         Upstream("events", host, events_port, "/cake.events."),
     )
 

@@ -41,12 +41,15 @@ from cake_devtools.k8s_manifests import (
     kustomize_build,
     venv_tool,
 )
+from cake_devtools.stack.service_tokens import ensure_notifications_token
 
 NAMESPACE = "cake-dev"
 #: Where the Tiltfile keeps the dev cluster's signing key (never committed).
 KEYS_DIR = Path(".run/k8s-dev/keys")
 SIGNING_KEY_FILE = "jwt-signing-key.pem"
 JWKS_FILE = "jwks.json"
+#: The token notifications shows auth's user directory (the Tiltfile signs it with the key).
+NOTIFICATIONS_TOKEN_FILE = "notifications-service.token"  # noqa: S105 - a file name
 
 #: Stages of the Tiltfile's resource_deps: each workload (kind, name) and the stage it is in.
 #: Everything that is not a workload (Services, ConfigMaps, policies...) goes in stage 0.
@@ -54,11 +57,20 @@ STAGES: tuple[tuple[str, frozenset[str]], ...] = (
     ("datastores", frozenset({"postgres", "redis", "kafka"})),
     (
         "topics and migrations",
-        frozenset({"kafka-topics", "auth-migrate", "promotions-migrate", "events-migrate"}),
+        frozenset(
+            {
+                "kafka-topics",
+                "auth-migrate",
+                "promotions-migrate",
+                "events-migrate",
+                "notifications-migrate",
+            }
+        ),
     ),
-    # The bank simulator (dev only): promotions charges through it.
-    ("bank simulator", frozenset({"payments"})),
-    ("services", frozenset({"auth", "promotions", "events"})),
+    # The dev stand-ins: the bank simulator promotions charges through, the SMTP sink
+    # notifications sends e-mail to.
+    ("dev stand-ins", frozenset({"payments", "smtp-sink"})),
+    ("services", frozenset({"auth", "promotions", "notifications", "events"})),
     ("gateway", frozenset({"gateway"})),
 )
 
@@ -72,8 +84,10 @@ class DeployError(RuntimeError):
 # -- pure parts (unit-tested) ---------------------------------------------------------------
 
 
-def key_objects(namespace: str, signing_key_pem: str, jwks_json: str) -> list[Manifest]:
-    """The Secret and ConfigMap the Tiltfile makes from the key files (same names, keys)."""
+def key_objects(
+    namespace: str, signing_key_pem: str, jwks_json: str, notifications_token: str
+) -> list[Manifest]:
+    """The Secrets and ConfigMap the Tiltfile makes from the key files (same names, keys)."""
     return [
         {
             "apiVersion": "v1",
@@ -87,6 +101,13 @@ def key_objects(namespace: str, signing_key_pem: str, jwks_json: str) -> list[Ma
             "kind": "ConfigMap",
             "metadata": {"name": "jwks", "namespace": namespace},
             "data": {JWKS_FILE: jwks_json},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "notifications-auth-token", "namespace": namespace},
+            "type": "Opaque",
+            "stringData": {"token": notifications_token},
         },
     ]
 
@@ -224,8 +245,9 @@ def default_kubeconfig() -> str | None:
     return str(cluster_admin) if cluster_admin.is_file() else None
 
 
-def ensure_dev_keys(repo: Path) -> tuple[str, str]:
-    """The Tiltfile's ``cake-auth gen-keys --if-missing --dir .run/k8s-dev/keys``."""
+def ensure_dev_keys(repo: Path) -> tuple[str, str, str]:
+    """The Tiltfile's ``cake-auth gen-keys --if-missing --dir .run/k8s-dev/keys``, and the
+    notifications token it signs with them."""
     keys = repo / KEYS_DIR
     subprocess.run(
         [venv_tool("cake-auth"), "gen-keys", "--if-missing", "--dir", str(keys)],
@@ -233,15 +255,21 @@ def ensure_dev_keys(repo: Path) -> tuple[str, str]:
         capture_output=True,
         text=True,
     )
-    return (keys / SIGNING_KEY_FILE).read_text(), (keys / JWKS_FILE).read_text()
+    token = keys / NOTIFICATIONS_TOKEN_FILE
+    ensure_notifications_token(keys / SIGNING_KEY_FILE, keys / JWKS_FILE, token)
+    return (
+        (keys / SIGNING_KEY_FILE).read_text(),
+        (keys / JWKS_FILE).read_text(),
+        token.read_text(),
+    )
 
 
 def render(repo: Path, references: Mapping[str, str]) -> list[Manifest]:
     """Everything ``tilt up`` applies: the overlay with built images, plus the key objects."""
     documents = yaml.safe_load_all(kustomize_build(repo / "k8s" / "overlays" / "dev"))
     overlay = [doc for doc in documents if doc]
-    pem, jwks = ensure_dev_keys(repo)
-    objects = inject_images([*overlay, *key_objects(NAMESPACE, pem, jwks)], references)
+    pem, jwks, token = ensure_dev_keys(repo)
+    objects = inject_images([*overlay, *key_objects(NAMESPACE, pem, jwks, token)], references)
     missing = unbuilt_images(objects, references)
     if missing:
         raise DeployError(

@@ -55,10 +55,11 @@ def repository_root() -> Path:
 
 
 def k8s_upstreams(port: int = SERVICE_GRPC_PORT) -> tuple[Upstream, ...]:
-    """The three services by their Service names (headless: Envoy balances across pods)."""
+    """The services by their Service names (headless: Envoy balances across pods)."""
     return (
         Upstream("auth", "auth", port, "/cake.auth."),
         Upstream("promotions", "promotions", port, "/cake.promotions."),
+        Upstream("notifications", "notifications", port, "/cake.notifications."),
         Upstream("events", "events", port, "/cake.events."),
     )
 

@@ -71,10 +71,13 @@ _MEANINGS: dict[str, str] = {
     "StackSettings.promotions_grpc_port": "promotions gRPC",
     "StackSettings.events_grpc_port": "events gRPC",
     "StackSettings.payments_grpc_port": "payments (bank simulator) gRPC",
+    "StackSettings.notifications_grpc_port": "notifications gRPC",
+    "StackSettings.smtp_sink_port": "the SMTP sink (e-mails as files in `.run/<profile>/mail/`)",
     "StackSettings.auth_metrics_port": "auth `/metrics`",
     "StackSettings.promotions_metrics_port": "promotions `/metrics`",
     "StackSettings.events_metrics_port": "events `/metrics`",
     "StackSettings.payments_metrics_port": "payments `/metrics`",
+    "StackSettings.notifications_metrics_port": "notifications `/metrics`",
     "StackSettings.external_redis_url": "Use this Redis instead of starting one",
     "StackSettings.external_kafka_bootstrap": "Use these Kafka brokers instead of starting one "
     "(the stack creates the topics there)",

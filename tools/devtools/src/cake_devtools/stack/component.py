@@ -31,6 +31,7 @@ PASSWORD_NAMES = (
     "cake_events",
     "cake_relay",
     "cake_payments",
+    "cake_notifications",
 )
 
 

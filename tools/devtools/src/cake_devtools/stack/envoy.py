@@ -148,6 +148,7 @@ def local_gateway_context(
             auth_port=settings.auth_grpc_port,
             promotions_port=settings.promotions_grpc_port,
             events_port=settings.events_grpc_port,
+            notifications_port=settings.notifications_grpc_port,
         ),
         rate_limit_per_minute=rate_limit,
         auth_rate_limit_per_minute=auth_rate_limit,

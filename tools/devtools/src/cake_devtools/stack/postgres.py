@@ -47,7 +47,13 @@ class DatabaseSpec:
 
 
 RELAY_ROLE = "cake_relay"
-SERVICE_ROLES = ("cake_auth", "cake_promotions", "cake_events", "cake_payments")
+SERVICE_ROLES = (
+    "cake_auth",
+    "cake_promotions",
+    "cake_events",
+    "cake_payments",
+    "cake_notifications",
+)
 ROLES = (*SERVICE_ROLES, RELAY_ROLE)
 DATABASES = (
     DatabaseSpec("cake_auth", "cake_auth", (RELAY_ROLE,)),
@@ -55,6 +61,7 @@ DATABASES = (
     DatabaseSpec("cake_events", "cake_events"),
     # The bank simulator's ledger: its own database, as a real bank's would be.
     DatabaseSpec("cake_payments", "cake_payments"),
+    DatabaseSpec("cake_notifications", "cake_notifications"),
 )
 
 

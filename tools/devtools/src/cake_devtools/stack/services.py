@@ -1,4 +1,4 @@
-"""The three Cake services and the bank simulator, started with
+"""The Cake services and the bank simulator, started with
 ``uv run --frozen cake-<name> serve``.
 
 Their configuration is environment variables only (pydantic-settings, prefix ``CAKE_<NAME>_``);
@@ -23,6 +23,11 @@ from cake.events.v1 import registry
 
 from cake_devtools.stack.component import ProcessComponent, StackContext
 from cake_devtools.stack.errors import StackError
+from cake_devtools.stack.service_tokens import (
+    CONTACTS_SCOPE,
+    NOTIFICATIONS_CLIENT_ID,
+    create_service_account,
+)
 
 
 @dataclass(frozen=True)
@@ -46,7 +51,12 @@ class ServiceSpec:
         return f"{self.name}_grpc_port"
 
 
-SERVICES = (ServiceSpec("auth"), ServiceSpec("promotions"), ServiceSpec("events"))
+SERVICES = (
+    ServiceSpec("auth"),
+    ServiceSpec("promotions"),
+    ServiceSpec("notifications"),
+    ServiceSpec("events"),
+)
 """The services behind the gateway."""
 BANK = ServiceSpec("payments")
 """The bank simulator: a process of the stack that only promotions calls (no gateway route)."""
@@ -85,6 +95,10 @@ class Endpoints:
     metrics_ports: Mapping[str, int]
     #: OTLP/gRPC trace collector for every service; ``None`` leaves tracing off.
     otlp_endpoint: str | None = None
+    #: The SMTP server notifications sends e-mail to (the stack's SMTP sink).
+    smtp_port: int = 1025
+    #: The client secret of notifications' service account (see ``service_tokens``).
+    notifications_secret_file: Path | None = None
     #: The gateway's URL (auth's discovery document names its endpoints under it).
     public_url: str | None = None
 
@@ -143,6 +157,13 @@ def build_service_environment(
                     for source, topics in OUTBOX_SOURCES.items()
                 ]
             )
+        if spec.name == "notifications":
+            env[f"{prefix}SMTP_HOST"] = "127.0.0.1"
+            env[f"{prefix}SMTP_PORT"] = str(endpoints.smtp_port)
+            env[f"{prefix}AUTH_DIRECTORY_TARGET"] = f"127.0.0.1:{endpoints.grpc_ports['auth']}"
+            if endpoints.notifications_secret_file is not None:
+                env[f"{prefix}AUTH_CLIENT_ID"] = NOTIFICATIONS_CLIENT_ID
+                env[f"{prefix}AUTH_CLIENT_SECRET_FILE"] = str(endpoints.notifications_secret_file)
         if spec.name == "promotions" and BANK.name in endpoints.grpc_ports:
             env[f"{prefix}PAYMENTS_TARGET"] = f"127.0.0.1:{endpoints.grpc_ports[BANK.name]}"
         environments[spec.name] = env
@@ -240,6 +261,23 @@ class ServiceComponent(ProcessComponent):
         ensure_dev_keys(
             self.ctx.layout.repo, self.endpoints.jwt_signing_key, self.endpoints.jwks_file
         )
+        if self.spec.name == "notifications" and self.endpoints.notifications_secret_file:
+            # Auth runs by now (it starts first): a real service account, a fresh secret.
+            uv = shutil.which("uv")
+            if uv is None:
+                raise StackError("uv not found on PATH; run tools/bootstrap.sh")
+            create_service_account(
+                [
+                    *(uv, "run", "--frozen", "--directory", str(self.ctx.layout.repo)),
+                    *("cake-auth", "create-service-account", NOTIFICATIONS_CLIENT_ID),
+                    *("--scope", CONTACTS_SCOPE, "--rotate-secret"),
+                ],
+                {
+                    **os.environ,
+                    **build_service_environment(self.endpoints, self.ctx.passwords)["auth"],
+                },
+                self.endpoints.notifications_secret_file,
+            )
         write_env_file(
             self.ctx.layout.env_file(self.spec.name),
             build_service_environment(self.endpoints, self.ctx.passwords)[self.spec.name],

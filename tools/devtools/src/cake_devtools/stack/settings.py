@@ -35,11 +35,15 @@ class StackSettings(BaseSettings):
     events_grpc_port: int = Field(default=17053, ge=1, le=65535)
     #: The bank simulator (``cake-payments``), reached by promotions only.
     payments_grpc_port: int = Field(default=17054, ge=1, le=65535)
+    notifications_grpc_port: int = Field(default=17055, ge=1, le=65535)
+    #: The local SMTP server notifications sends e-mail to (``cake-notifications smtp-sink``).
+    smtp_sink_port: int = Field(default=11025, ge=1, le=65535)
     # Prometheus /metrics of each service (CAKE_<SVC>_METRICS_PORT).
     auth_metrics_port: int = Field(default=19111, ge=1, le=65535)
     promotions_metrics_port: int = Field(default=19112, ge=1, le=65535)
     events_metrics_port: int = Field(default=19113, ge=1, le=65535)
     payments_metrics_port: int = Field(default=19114, ge=1, le=65535)
+    notifications_metrics_port: int = Field(default=19115, ge=1, le=65535)
     otlp_endpoint: str | None = Field(
         default=None,
         description="OTLP/gRPC trace collector given to every service "
@@ -80,10 +84,13 @@ class StackSettingsForTests(StackSettings):
     promotions_grpc_port: int = Field(default=17152, ge=1, le=65535)
     events_grpc_port: int = Field(default=17153, ge=1, le=65535)
     payments_grpc_port: int = Field(default=17154, ge=1, le=65535)
+    notifications_grpc_port: int = Field(default=17155, ge=1, le=65535)
+    smtp_sink_port: int = Field(default=11035, ge=1, le=65535)
     auth_metrics_port: int = Field(default=19121, ge=1, le=65535)
     promotions_metrics_port: int = Field(default=19122, ge=1, le=65535)
     events_metrics_port: int = Field(default=19123, ge=1, le=65535)
     payments_metrics_port: int = Field(default=19124, ge=1, le=65535)
+    notifications_metrics_port: int = Field(default=19125, ge=1, le=65535)
     postgres_fsync: bool = False
 
 

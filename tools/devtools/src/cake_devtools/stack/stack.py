@@ -30,15 +30,18 @@ from cake_devtools.stack.services import (
     build_service_environment,
 )
 from cake_devtools.stack.settings import load_settings
+from cake_devtools.stack.smtp_sink import SmtpSinkComponent
 
 #: Start order; ``down`` goes the other way.
 COMPONENTS = (
     "postgres",
     "redis",
     "kafka",
+    "smtp-sink",
     "auth",
     "payments",
     "promotions",
+    "notifications",
     "events",
     "envoy",
 )
@@ -79,11 +82,21 @@ class Stack:
         return KafkaComponent(self._ctx)
 
     @cached_property
+    def _smtp_sink(self) -> SmtpSinkComponent:
+        return SmtpSinkComponent(self._ctx)
+
+    @property
+    def mail_dir(self) -> Path:
+        """Where the SMTP sink stores the e-mails it received (one ``.eml`` file each)."""
+        return self._smtp_sink.mail_dir
+
+    @cached_property
     def _components(self) -> dict[str, Component]:
         components: dict[str, Component] = {
             "postgres": self._postgres,
             "redis": self._redis,
             "kafka": self._kafka,
+            "smtp-sink": self._smtp_sink,
         }
         endpoints = self._endpoints()
         for spec in (BANK, *SERVICES):
@@ -105,6 +118,7 @@ class Stack:
                 "auth": settings.auth_grpc_port,
                 "promotions": settings.promotions_grpc_port,
                 "events": settings.events_grpc_port,
+                "notifications": settings.notifications_grpc_port,
                 BANK.name: settings.payments_grpc_port,
             },
             jwt_signing_key=self._ctx.layout.jwt_signing_key,
@@ -113,9 +127,12 @@ class Stack:
                 "auth": settings.auth_metrics_port,
                 "promotions": settings.promotions_metrics_port,
                 "events": settings.events_metrics_port,
+                "notifications": settings.notifications_metrics_port,
                 BANK.name: settings.payments_metrics_port,
             },
             otlp_endpoint=settings.otlp_endpoint,
+            smtp_port=settings.smtp_sink_port,
+            notifications_secret_file=self._ctx.layout.keys / "notifications-client-secret",
             public_url=f"http://127.0.0.1:{settings.gateway_port}",
         )
 

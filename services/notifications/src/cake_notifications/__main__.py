@@ -1,0 +1,3 @@
+from cake_notifications.entrypoints.cli import main
+
+main()

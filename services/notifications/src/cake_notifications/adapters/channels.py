@@ -1,0 +1,188 @@
+"""The channels: e-mail over SMTP (aiosmtplib), SMS and push through a recorder.
+
+The SMS and push port has no provider yet: :class:`RecordingSender` keeps each message in
+the ``recorded_messages`` table (one row per delivery, so a repeat is no second message);
+a provider's adapter implements the same ``ChannelSender`` port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from email.message import EmailMessage
+from email.utils import formatdate
+
+import aiosmtplib
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from cake_notifications.adapters.tables import recorded_messages
+from cake_notifications.service.ports import (
+    OutgoingMessage,
+    PermanentSendError,
+    TransientSendError,
+)
+
+MESSAGE_ID_DOMAIN = "notifications.cake"
+
+
+def message_id(message: OutgoingMessage) -> str:
+    """The e-mail's Message-ID: the delivery's id, so a resent e-mail is recognisably the same."""
+    return f"<{message.delivery_id}@{MESSAGE_ID_DOMAIN}>"
+
+
+def email_message(message: OutgoingMessage, sender: str) -> EmailMessage:
+    email = EmailMessage()
+    email["From"] = sender
+    email["To"] = message.recipient
+    email["Subject"] = message.subject
+    email["Message-ID"] = message_id(message)
+    email["Date"] = formatdate(usegmt=True)
+    email.set_content(message.body)
+    return email
+
+
+class SmtpSender:
+    """E-mail over SMTP on a few kept-open connections (a new connection per message costs a
+    handshake each: at a burst's rate that is most of the work). Connection failures,
+    timeouts and 4xx answers are transient (the dispatcher retries with backoff); a 5xx
+    refusal of the recipient or message is permanent.
+
+    The pool is hand-written (aiosmtplib has none): a queue of idle clients, at most
+    ``connections`` of them; a client that failed is closed, never reused.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        sender: str,
+        timeout_seconds: float = 10.0,
+        username: str | None = None,
+        password: str | None = None,
+        start_tls: bool = False,
+        tls_context: ssl.SSLContext | None = None,
+        connections: int = 4,
+    ) -> None:
+        self._host = host
+        self._port = port
+        self._sender = sender
+        self._timeout = timeout_seconds
+        self._username = username
+        self._password = password
+        self._start_tls = start_tls
+        self._tls_context = tls_context
+        self._idle: asyncio.LifoQueue[aiosmtplib.SMTP] = asyncio.LifoQueue()
+        self._slots = asyncio.Semaphore(connections)
+
+    async def send(self, message: OutgoingMessage) -> None:
+        email = email_message(message, self._sender)
+        async with self._slots:
+            client = await self._client()
+            try:
+                await client.send_message(email)
+            except aiosmtplib.SMTPRecipientsRefused as error:
+                self._idle.put_nowait(client)  # the connection itself is fine
+                if all(500 <= refusal.code < 600 for refusal in error.recipients):
+                    raise PermanentSendError(f"recipient refused: {error}") from error
+                raise TransientSendError(f"recipient deferred: {error}") from error
+            except aiosmtplib.SMTPResponseException as error:
+                await self._discard(client)
+                if 500 <= error.code < 600:
+                    raise PermanentSendError(f"SMTP {error.code}: {error.message}") from error
+                raise TransientSendError(f"SMTP {error.code}: {error.message}") from error
+            except (aiosmtplib.SMTPException, OSError, TimeoutError) as error:
+                await self._discard(client)
+                raise TransientSendError(f"SMTP server unreachable: {error!r}") from error
+            self._idle.put_nowait(client)
+
+    async def _client(self) -> aiosmtplib.SMTP:
+        while not self._idle.empty():
+            client = self._idle.get_nowait()
+            if client.is_connected:
+                return client
+        client = aiosmtplib.SMTP(
+            hostname=self._host,
+            port=self._port,
+            timeout=self._timeout,
+            username=self._username,
+            password=self._password,
+            start_tls=self._start_tls,
+            tls_context=self._tls_context,
+        )
+        try:
+            await client.connect()
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as error:
+            raise TransientSendError(f"SMTP server unreachable: {error!r}") from error
+        return client
+
+    @staticmethod
+    async def _discard(client: aiosmtplib.SMTP) -> None:
+        client.close()
+
+    async def close(self) -> None:
+        while not self._idle.empty():
+            client = self._idle.get_nowait()
+            try:
+                await client.quit()
+            except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                client.close()
+
+
+class RecordingSender:
+    """SMS or push, recorded in the database instead of sent (no provider yet).
+
+    Messages sent at the same time are written together (one INSERT, one commit for all
+    that arrived while the previous write ran): one transaction per message was most of the
+    dispatcher's work in a burst. Each caller still returns only once its row is committed.
+    """
+
+    def __init__(self, session_factory: async_sessionmaker[AsyncSession]) -> None:
+        self._session_factory = session_factory
+        self._pending: list[tuple[OutgoingMessage, asyncio.Future[None]]] = []
+        self._writing = asyncio.Lock()
+
+    async def send(self, message: OutgoingMessage) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((message, done))
+        async with self._writing:
+            if not done.done():
+                batch, self._pending = self._pending, []
+                await self._write(batch)
+        await done
+
+    async def _write(self, batch: list[tuple[OutgoingMessage, asyncio.Future[None]]]) -> None:
+        rows = [
+            {
+                "delivery_id": message.delivery_id,
+                "channel": message.channel.value,
+                "recipient": message.recipient,
+                "subject": message.subject,
+                "body": message.body,
+            }
+            for message, _ in batch
+        ]
+        statement = (
+            pg_insert(recorded_messages)
+            .values(rows)
+            .on_conflict_do_nothing(index_elements=[recorded_messages.c.delivery_id])
+        )
+        try:
+            async with self._session_factory() as session:
+                await session.execute(statement)
+                await session.commit()
+        except Exception as error:
+            failure = (
+                TransientSendError(repr(error)[:300])
+                if isinstance(error, OSError | SQLAlchemyError)
+                else error
+            )
+            for _, done in batch:
+                if not done.done():
+                    done.set_exception(failure)
+            return
+        for _, done in batch:
+            if not done.done():
+                done.set_result(None)

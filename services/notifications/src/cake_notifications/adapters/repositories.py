@@ -1,0 +1,237 @@
+"""The repositories over the notifications database (the unit of work: unit_of_work.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+from uuid import UUID, uuid4
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from cake_notifications.adapters.tables import deliveries, notifications, preferences
+from cake_notifications.domain.notifications import (
+    Channel,
+    Delivery,
+    DeliveryStatus,
+    Kind,
+    Language,
+    Notification,
+    PageCursor,
+    Preferences,
+)
+
+
+def _notification(row: Any) -> Notification:
+    return Notification(
+        id=row.id,
+        user_id=row.user_id,
+        event_id=row.event_id,
+        kind=Kind(row.kind),
+        title=row.title,
+        body=row.body,
+        created_at=row.created_at,
+        channels=tuple(Channel(c) for c in row.channels),
+        read_at=row.read_at,
+    )
+
+
+class SqlNotificationRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+
+    async def add(
+        self, notification: Notification, facts: Mapping[str, str], trace_parent: str | None
+    ) -> None:
+        await self._session.execute(
+            notifications.insert().values(
+                id=notification.id,
+                user_id=notification.user_id,
+                event_id=notification.event_id,
+                kind=notification.kind.value,
+                title=notification.title,
+                body=notification.body,
+                facts=dict(facts),
+                channels=[c.value for c in notification.channels],
+                trace_parent=trace_parent,
+                created_at=notification.created_at,
+            )
+        )
+        if notification.channels:
+            await self._session.execute(
+                deliveries.insert().values(
+                    [
+                        {
+                            "id": uuid4(),
+                            "notification_id": notification.id,
+                            "channel": channel.value,
+                            "status": DeliveryStatus.PENDING.value,
+                            "due_at": sa.func.now(),
+                        }
+                        for channel in notification.channels
+                    ]
+                )
+            )
+
+    async def page(
+        self, user_id: int, *, after: PageCursor | None, limit: int, unread_only: bool
+    ) -> list[Notification]:
+        query = sa.select(notifications).where(notifications.c.user_id == user_id)
+        if after is not None:
+            query = query.where(
+                sa.tuple_(notifications.c.created_at, notifications.c.id)
+                < sa.tuple_(sa.literal(after.created_at), sa.literal(after.id))
+            )
+        if unread_only:
+            query = query.where(notifications.c.read_at.is_(None))
+        query = query.order_by(notifications.c.created_at.desc(), notifications.c.id.desc()).limit(
+            limit
+        )
+        return [_notification(row) for row in await self._session.execute(query)]
+
+    async def unread_count(self, user_id: int) -> int:
+        result = await self._session.execute(
+            sa.select(sa.func.count())
+            .select_from(notifications)
+            .where(notifications.c.user_id == user_id, notifications.c.read_at.is_(None))
+        )
+        return int(result.scalar_one())
+
+    async def mark_read(
+        self, user_id: int, notification_id: UUID, at: datetime
+    ) -> Notification | None:
+        result = await self._session.execute(
+            notifications.update()
+            .where(
+                notifications.c.id == notification_id,
+                notifications.c.user_id == user_id,
+            )
+            # Read twice: the first time stays.
+            .values(read_at=sa.func.coalesce(notifications.c.read_at, at))
+            .returning(*notifications.c)
+        )
+        row = result.first()
+        return None if row is None else _notification(row)
+
+
+_CLAIM = sa.text(
+    """
+WITH due AS (
+    SELECT d.id FROM deliveries d
+    WHERE d.status = 'pending' AND d.due_at <= :now
+    ORDER BY d.due_at
+    LIMIT :limit
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE deliveries d
+SET attempts = d.attempts + 1, due_at = :lease_until
+FROM due, notifications n
+WHERE d.id = due.id AND n.id = d.notification_id
+RETURNING d.id, d.notification_id, d.channel, d.attempts, n.user_id, n.kind, n.facts,
+          n.created_at, n.trace_parent
+"""
+)
+
+
+class SqlDeliveryRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+
+    async def claim_due(self, now: datetime, limit: int, lease_seconds: float) -> list[Delivery]:
+        # The lease is the due time pushed forward: a dispatcher that dies mid-send leaves
+        # the delivery pending, due again when the lease runs out.
+        result = await self._session.execute(
+            _CLAIM,
+            {"now": now, "limit": limit, "lease_until": now + timedelta(seconds=lease_seconds)},
+        )
+        return [
+            Delivery(
+                id=row.id,
+                notification_id=row.notification_id,
+                user_id=row.user_id,
+                channel=Channel(row.channel),
+                kind=Kind(row.kind),
+                attempts=row.attempts,
+                facts={str(k): str(v) for k, v in row.facts.items()},
+                occurred_at=row.created_at,
+                trace_parent=row.trace_parent,
+            )
+            for row in result
+        ]
+
+    async def mark_sent(self, delivery_ids: Sequence[UUID], at: datetime) -> None:
+        await self._session.execute(
+            deliveries.update()
+            .where(deliveries.c.id.in_(list(delivery_ids)))
+            .values(status=DeliveryStatus.SENT.value, sent_at=at, last_error=None)
+        )
+
+    async def mark_failed(self, delivery_id: UUID, at: datetime, error: str) -> None:
+        await self._session.execute(
+            deliveries.update()
+            .where(deliveries.c.id == delivery_id)
+            .values(status=DeliveryStatus.FAILED.value, last_error=error)
+        )
+
+    async def retry_later(self, delivery_id: UUID, due: datetime, error: str) -> None:
+        await self._session.execute(
+            deliveries.update()
+            .where(deliveries.c.id == delivery_id)
+            .values(due_at=due, last_error=error)
+        )
+
+    async def next_due(self) -> datetime | None:
+        result = await self._session.execute(
+            sa.select(sa.func.min(deliveries.c.due_at)).where(
+                deliveries.c.status == DeliveryStatus.PENDING.value
+            )
+        )
+        value: datetime | None = result.scalar_one()
+        return value
+
+
+def _preferences(row: Any) -> Preferences:
+    return Preferences(
+        user_id=row.user_id,
+        email=row.email,
+        sms=row.sms,
+        push=row.push,
+        language=Language(row.language) if row.language else None,
+    )
+
+
+class SqlPreferenceRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+
+    async def get(self, user_id: int) -> Preferences | None:
+        result = await self._session.execute(
+            sa.select(preferences).where(preferences.c.user_id == user_id)
+        )
+        row = result.first()
+        return None if row is None else _preferences(row)
+
+    async def get_many(self, user_ids: Sequence[int]) -> dict[int, Preferences]:
+        if not user_ids:
+            return {}
+        result = await self._session.execute(
+            sa.select(preferences).where(preferences.c.user_id.in_(list(user_ids)))
+        )
+        return {row.user_id: _preferences(row) for row in result}
+
+    async def put(self, chosen: Preferences) -> None:
+        values = {
+            "email": chosen.email,
+            "sms": chosen.sms,
+            "push": chosen.push,
+            "language": chosen.language.value if chosen.language else None,
+        }
+        statement = pg_insert(preferences).values(user_id=chosen.user_id, **values)
+        await self._session.execute(
+            statement.on_conflict_do_update(
+                index_elements=[preferences.c.user_id],
+                set_={**values, "updated_at": sa.func.now()},
+            )
+        )

@@ -1,0 +1,257 @@
+"""Deliveries out: claim due deliveries (a lease, no transaction open while sending), render
+each in the user's language, hand it to its channel, record the outcome.
+
+At-least-once towards the channel, exactly-once in effect: a delivery is marked sent only
+after its channel took it; a send that fails transiently (SMTP server down) is tried again
+after the retry policy's backoff, for as long as it takes, and never dropped; a dispatcher
+that dies mid-send loses its lease and another one sends again with the SAME message id
+(the e-mail's Message-ID is the delivery id), so the receiving side can tell a repeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from cake_common.logging import get_logger
+from cake_common.retry import RetryPolicy
+from cake_common.tracing import start_span_from_traceparent
+
+from cake_notifications.domain.notifications import Channel, Delivery, Preferences
+from cake_notifications.service.ports import (
+    ChannelSender,
+    ContactDirectory,
+    Contacts,
+    MessageRenderer,
+    NotificationMetrics,
+    OutgoingMessage,
+    PermanentSendError,
+    TransientSendError,
+    UnitOfWorkFactory,
+)
+
+_log = get_logger(__name__)
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def recipient(channel: Channel, contacts: Contacts) -> str:
+    return contacts.email if channel is Channel.EMAIL else contacts.phone
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        uow_factory: UnitOfWorkFactory,
+        directory: ContactDirectory,
+        renderer: MessageRenderer,
+        senders: Mapping[Channel, ChannelSender],
+        metrics: NotificationMetrics,
+        *,
+        retry: RetryPolicy,
+        batch_size: int = 50,
+        concurrency: int = 10,
+        workers: int = 1,
+        lease_seconds: float = 60.0,
+        idle_poll_seconds: float = 1.0,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        self._uow_factory = uow_factory
+        self._directory = directory
+        self._renderer = renderer
+        self._senders = senders
+        self._metrics = metrics
+        self._retry = retry
+        self._batch_size = batch_size
+        self._workers = workers
+        self._slots = asyncio.Semaphore(concurrency)
+        self._lease_seconds = lease_seconds
+        self._idle_poll_seconds = idle_poll_seconds
+        self._clock = clock
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def wake(self) -> None:
+        """New deliveries were committed: look now instead of at the next poll."""
+        self._wake.set()
+
+    def start(self) -> None:
+        """``workers`` loops, each claiming its own batches (the claims skip each other's
+        rows), so one batch's sends and bookkeeping do not hold up the next."""
+        if not self._tasks:
+            self._tasks = [
+                asyncio.create_task(self._loop(), name=f"cake-notifications-dispatcher-{n}")
+                for n in range(self._workers)
+            ]
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def is_running(self) -> bool:
+        return bool(self._tasks) and not any(task.done() for task in self._tasks)
+
+    async def _loop(self) -> None:
+        failures = 0
+        while not self._stopping.is_set():
+            try:
+                handled = await self.run_once()
+                failures = 0
+            except Exception as error:  # the database is down: keep trying, nothing is lost
+                failures += 1
+                _log.warning("dispatching failed, retrying", error=repr(error))
+                await self._wait(self._retry.delay(failures))
+                continue
+            if handled < self._batch_size:
+                await self._wait(self._idle_poll_seconds)
+
+    async def _wait(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=seconds)
+
+    async def run_once(self) -> int:
+        """Claim the due deliveries and send them; how many were claimed.
+
+        The database work is per batch, not per message: one claim, one read of the
+        users' preferences, one transaction recording every outcome; the sends (and the
+        contact lookups, cached) run concurrently in between, outside any transaction.
+        """
+        self._wake.clear()  # what was committed before this claim, it sees
+        async with self._uow_factory() as uow:
+            claimed = await uow.deliveries.claim_due(
+                self._clock(), self._batch_size, self._lease_seconds
+            )
+            await uow.commit()
+        if not claimed:
+            return 0
+        users = sorted({delivery.user_id for delivery in claimed})
+        async with self._uow_factory() as uow:
+            preferences = await uow.preferences.get_many(users)
+        found = await asyncio.gather(*(self._contacts(user) for user in users))
+        contacts = dict(zip(users, found, strict=True))
+        outcomes = await asyncio.gather(
+            *(
+                self._deliver(
+                    delivery,
+                    contacts[delivery.user_id],
+                    preferences.get(delivery.user_id) or Preferences(delivery.user_id),
+                )
+                for delivery in claimed
+            )
+        )
+        await self._record(list(zip(claimed, outcomes, strict=True)))
+        return len(claimed)
+
+    async def _contacts(self, user_id: int) -> Contacts | TransientSendError | None:
+        try:
+            return await self._directory.contacts(user_id)
+        except TransientSendError as error:
+            return error
+
+    async def _deliver(
+        self,
+        delivery: Delivery,
+        contacts: Contacts | TransientSendError | None,
+        preferences: Preferences,
+    ) -> Outcome:
+        async with self._slots:
+            with start_span_from_traceparent(
+                f"notifications send {delivery.channel.value}",
+                delivery.trace_parent,
+                attributes={"cake.delivery_id": str(delivery.id)},
+            ):
+                return await self._attempt(delivery, contacts, preferences)
+
+    async def _attempt(
+        self,
+        delivery: Delivery,
+        contacts: Contacts | TransientSendError | None,
+        preferences: Preferences,
+    ) -> Outcome:
+        if isinstance(contacts, TransientSendError):
+            return Outcome(retry=str(contacts))
+        message = self._message(delivery, contacts, preferences)
+        if message is None:
+            return Outcome(failed="the user has no contact on this channel")
+        try:
+            await self._senders[delivery.channel].send(message)
+        except TransientSendError as error:
+            return Outcome(retry=str(error))
+        except PermanentSendError as error:
+            return Outcome(failed=str(error))
+        return Outcome()
+
+    def _message(
+        self, delivery: Delivery, contacts: Contacts | None, preferences: Preferences
+    ) -> OutgoingMessage | None:
+        if contacts is None:
+            return None
+        to = recipient(delivery.channel, contacts)
+        if not to:
+            return None
+        language = preferences.language_or(contacts.language)
+        values = {**delivery.facts, "fullname": contacts.fullname}
+        rendered = self._renderer.render(delivery.kind, language, delivery.channel.value, values)
+        return OutgoingMessage(delivery.id, delivery.channel, to, rendered.subject, rendered.body)
+
+    async def _record(self, results: list[tuple[Delivery, Outcome]]) -> None:
+        now = self._clock()
+        async with self._uow_factory() as uow:
+            sent = [delivery.id for delivery, outcome in results if outcome.sent]
+            if sent:
+                await uow.deliveries.mark_sent(sent, now)
+            for delivery, outcome in results:
+                if outcome.retry is not None:
+                    due = now + timedelta(seconds=self._retry.delay(delivery.attempts))
+                    await uow.deliveries.retry_later(delivery.id, due, outcome.retry[:500])
+                elif outcome.failed is not None:
+                    await uow.deliveries.mark_failed(delivery.id, now, outcome.failed[:500])
+            await uow.commit()
+        for delivery, outcome in results:
+            self._report(delivery, outcome, now)
+
+    def _report(self, delivery: Delivery, outcome: Outcome, now: datetime) -> None:
+        if outcome.retry is not None:
+            self._metrics.send_retried(delivery.channel)
+            _log.warning(
+                "delivery not sent, retrying later",
+                delivery_id=str(delivery.id),
+                channel=delivery.channel.value,
+                attempt=delivery.attempts,
+                error=outcome.retry,
+            )
+        elif outcome.failed is not None:
+            self._metrics.send_failed(delivery.channel)
+            _log.error(
+                "delivery failed for good",
+                delivery_id=str(delivery.id),
+                channel=delivery.channel.value,
+                error=outcome.failed,
+            )
+        else:
+            self._metrics.message_sent(
+                delivery.channel,
+                delivery.kind,
+                max((now - delivery.occurred_at).total_seconds(), 0.0),
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of one attempt: sent (neither field), to retry, or failed for good."""
+
+    retry: str | None = None
+    failed: str | None = None
+
+    @property
+    def sent(self) -> bool:
+        return self.retry is None and self.failed is None

@@ -1,0 +1,171 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from uuid import uuid4
+
+import pytest
+from cake_common.errors import InvalidArgument, NotFound
+from cake_common.retry import RetryPolicy
+from cake_notifications.adapters.templates import JinjaRenderer
+from cake_notifications.bootstrap import TEMPLATE_SAMPLES
+from cake_notifications.domain.notifications import Channel, EventFacts, Kind, Language
+from cake_notifications.service.dispatch import Dispatcher
+from cake_notifications.service.inbox import UserNotifications
+from cake_notifications.service.notify import IncomingEvent, NotifyUsers
+from cake_notifications.service.ports import PermanentSendError, TransientSendError
+
+T0 = datetime(2026, 12, 5, 4, 0, tzinfo=UTC)
+
+
+def voucher_event(user_id: int = 7, at: datetime = T0) -> IncomingEvent:
+    return IncomingEvent(
+        EventFacts(uuid4(), user_id, Kind.VOUCHER_ISSUED, at, TEMPLATE_SAMPLES[Kind.VOUCHER_ISSUED])
+    )
+
+
+def notify(fakes) -> tuple[NotifyUsers, list[int]]:  # type: ignore[no-untyped-def]
+    wakes: list[int] = []
+    use_case = NotifyUsers(fakes.uow, JinjaRenderer(), fakes.metrics, lambda: wakes.append(1))
+    return use_case, wakes
+
+
+def dispatcher(fakes, clock=lambda: T0) -> Dispatcher:  # type: ignore[no-untyped-def]
+    return Dispatcher(
+        fakes.uow,
+        fakes.directory,
+        JinjaRenderer(),
+        {Channel.EMAIL: fakes.email, Channel.SMS: fakes.sms, Channel.PUSH: fakes.push},
+        fakes.metrics,
+        retry=RetryPolicy(base_seconds=1, max_seconds=8),
+        clock=clock,
+    )
+
+
+async def test_one_notification_and_one_delivery_per_channel_whatever_the_redeliveries(
+    fakes,
+) -> None:
+    use_case, wakes = notify(fakes)
+    event = voucher_event()
+    assert await use_case.accept([event, event]) == ["notified", "duplicate"]
+    assert await use_case.accept([event]) == ["duplicate"]
+    assert len(fakes.store.notifications) == 1
+    assert sorted(d.channel for d in fakes.store.deliveries.values()) == ["email", "push", "sms"]
+    assert wakes == [1]
+    assert fakes.metrics.created == [Kind.VOUCHER_ISSUED]
+
+
+async def test_opted_out_channels_get_no_delivery(fakes) -> None:
+    await UserNotifications(fakes.uow).update_preferences(
+        7, email=False, sms=None, push=False, language="en"
+    )
+    use_case, _ = notify(fakes)
+    await use_case.accept([voucher_event()])
+    [notification] = fakes.store.notifications.values()
+    assert notification.channels == (Channel.SMS,)
+    assert notification.title == "Your voucher CAKE-SAMPLE01 is ready"  # English, as chosen
+
+
+async def test_each_message_goes_out_once_in_the_users_language(fakes) -> None:
+    use_case, _ = notify(fakes)
+    await use_case.accept([voucher_event()])
+    sending = dispatcher(fakes)
+    assert await sending.run_once() == 3
+    assert await sending.run_once() == 0
+    [email] = fakes.email.sent
+    assert email.recipient == "an@example.com"
+    assert email.subject.startswith("Mã giảm giá Cake")  # Vietnamese by default
+    assert "Xin chào An," in email.body
+    assert [m.recipient for m in fakes.sms.sent] == ["0900000007"]
+    assert len(fakes.push.sent) == 1
+    assert {d.status for d in fakes.store.deliveries.values()} == {"sent"}
+
+
+async def test_a_server_down_is_retried_with_backoff_until_it_is_sent_once(fakes) -> None:
+    now = [T0]
+    use_case, _ = notify(fakes)
+    await use_case.accept([voucher_event()])
+    fakes.email.fail_next = [TransientSendError("connection refused")] * 3
+    sending = dispatcher(fakes, clock=lambda: now[0])
+    await sending.run_once()
+    assert fakes.email.sent == []
+    [email_delivery] = [d for d in fakes.store.deliveries.values() if d.channel == Channel.EMAIL]
+    waits = []
+    for _ in range(3):
+        assert email_delivery.due_at is not None
+        waits.append(email_delivery.due_at - now[0])
+        assert await sending.run_once() == 0  # not due yet
+        now[0] = email_delivery.due_at
+        await sending.run_once()
+    assert [m.channel for m in fakes.email.sent] == [Channel.EMAIL]
+    assert email_delivery.status == "sent"
+    # Equal-jitter exponential backoff: at least half of 1 s, 2 s, 4 s.
+    assert [w >= timedelta(seconds=s) for w, s in zip(waits, (0.5, 1, 2), strict=True)] == [
+        True
+    ] * 3
+    assert fakes.metrics.retried == [Channel.EMAIL] * 3
+
+
+async def test_a_refused_address_fails_for_good_and_no_contact_is_no_message(fakes) -> None:
+    use_case, _ = notify(fakes)
+    await use_case.accept([voucher_event(), voucher_event(user_id=8)])  # 8: unknown to auth
+    fakes.email.fail_next = [PermanentSendError("550 no such user")]
+    await dispatcher(fakes).run_once()
+    statuses = sorted(
+        (d.notification.user_id, d.channel.value, d.status) for d in fakes.store.deliveries.values()
+    )
+    assert statuses == [
+        (7, "email", "failed"),
+        (7, "push", "sent"),
+        (7, "sms", "sent"),
+        (8, "email", "failed"),
+        (8, "push", "failed"),
+        (8, "sms", "failed"),
+    ]
+
+
+async def test_auth_down_delays_messages_without_losing_them(fakes) -> None:
+    now = [T0]
+    use_case, _ = notify(fakes)
+    await use_case.accept([voucher_event()])
+    fakes.directory.down = True
+    sending = dispatcher(fakes, clock=lambda: now[0])
+    await sending.run_once()
+    assert {d.status for d in fakes.store.deliveries.values()} == {"pending"}
+    fakes.directory.down = False
+    now[0] = T0 + timedelta(seconds=5)
+    await sending.run_once()
+    assert {d.status for d in fakes.store.deliveries.values()} == {"sent"}
+
+
+async def test_list_pages_newest_first_with_unread_count_and_mark_read(fakes) -> None:
+    use_case, _ = notify(fakes)
+    await use_case.accept([voucher_event(at=T0 + timedelta(minutes=i)) for i in range(5)])
+    inbox = UserNotifications(fakes.uow, clock=lambda: T0 + timedelta(hours=1))
+    first = await inbox.list(7, requested_size=2, page_token="", unread_only=False)
+    assert [n.created_at.minute for n in first.notifications] == [4, 3]
+    assert first.unread_count == 5
+    second = await inbox.list(
+        7, requested_size=2, page_token=first.next_page_token, unread_only=False
+    )
+    third = await inbox.list(
+        7, requested_size=2, page_token=second.next_page_token, unread_only=False
+    )
+    assert [n.created_at.minute for n in second.notifications + third.notifications] == [2, 1, 0]
+    assert third.next_page_token == ""
+    read = await inbox.mark_read(7, first.notifications[0].id)
+    assert read.read and read.read_at == T0 + timedelta(hours=1)
+    assert (
+        await inbox.list(7, requested_size=0, page_token="", unread_only=True)
+    ).unread_count == 4
+    with pytest.raises(NotFound):
+        await inbox.mark_read(8, first.notifications[1].id)  # someone else's
+    with pytest.raises(InvalidArgument):
+        await inbox.list(7, requested_size=2, page_token="garbage", unread_only=False)
+
+
+async def test_preferences_default_and_update(fakes) -> None:
+    inbox = UserNotifications(fakes.uow)
+    assert (await inbox.preferences(7)).language_or(None) is Language.VI
+    updated = await inbox.update_preferences(7, email=False, sms=None, push=None, language=None)
+    assert (updated.email, updated.sms, updated.push) == (False, True, True)
+    assert await inbox.preferences(7) == updated
