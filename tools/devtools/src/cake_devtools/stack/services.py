@@ -66,6 +66,17 @@ class Endpoints:
     metrics_ports: Mapping[str, int]
     #: OTLP/gRPC trace collector for every service; ``None`` leaves tracing off.
     otlp_endpoint: str | None = None
+    #: auth's worker processes (CAKE_AUTH_WORKERS) and where their sockets live.
+    auth_workers: int = 1
+    socket_dir: Path | None = None
+
+
+def auth_worker_sockets(socket_dir: Path | None, workers: int) -> tuple[Path, ...]:
+    """The sockets auth's workers listen on (``<dir>/auth-<i>.sock``, the naming of
+    ``cake_common.workers.worker_socket_path``); none when auth runs one process."""
+    if workers <= 1 or socket_dir is None:
+        return ()
+    return tuple(socket_dir / f"auth-{index}.sock" for index in range(workers))
 
 
 def database_url(*, user: str, password: str, host: str, port: int, database: str) -> str:
@@ -108,6 +119,9 @@ def build_service_environment(
             env[f"{prefix}OTLP_ENDPOINT"] = endpoints.otlp_endpoint
         if spec.name == "auth":
             env[f"{prefix}JWT_PRIVATE_KEY_FILE"] = str(endpoints.jwt_signing_key)
+            if auth_worker_sockets(endpoints.socket_dir, endpoints.auth_workers):
+                env[f"{prefix}WORKERS"] = str(endpoints.auth_workers)
+                env[f"{prefix}WORKER_SOCKET_DIR"] = str(endpoints.socket_dir)
         if spec.name == "events":
             for source in OUTBOX_SOURCES:
                 source_prefix = f"{prefix}{source.upper()}_"
@@ -221,7 +235,10 @@ class ServiceComponent(ProcessComponent):
         return env
 
     def probe(self) -> bool:
-        return grpc_serving(self.address)
+        # A service of several workers is ready when every one of them serves.
+        sockets = auth_worker_sockets(self.endpoints.socket_dir, self.endpoints.auth_workers)
+        worker_addresses = [f"unix:{s}" for s in sockets] if self.spec.name == "auth" else []
+        return all(grpc_serving(a) for a in (self.address, *worker_addresses))
 
     def wait_ready(self, deadline: float) -> None:
         self.wait_until(self.probe, what="gRPC health SERVING", deadline=deadline, alive=self.alive)
