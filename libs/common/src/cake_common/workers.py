@@ -167,7 +167,8 @@ class _Supervisor:
 
     def _handle_exit(self, index: int) -> None:
         worker = self._workers[index]
-        worker.process.join(timeout=0)
+        # The sentinel closes as the process exits, a moment before it can be reaped.
+        worker.process.join(timeout=5)
         code = worker.process.exitcode
         self._forget(worker)
         if not worker.ready:
