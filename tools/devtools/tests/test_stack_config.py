@@ -13,7 +13,7 @@ import pytest
 from cake_devtools.stack import COMPONENTS, Stack, StackError, credentials, kafka, postgres
 from cake_devtools.stack.layout import RunLayout, repo_root
 from cake_devtools.stack.redis import redis_command
-from cake_devtools.stack.services import Endpoints, build_service_environment
+from cake_devtools.stack.services import Endpoints, auth_worker_sockets, build_service_environment
 from cake_devtools.stack.settings import StackSettings, StackSettingsForTests, load_settings
 
 PORT_FIELDS = [name for name in StackSettings.model_fields if name.endswith("_port")]
@@ -167,6 +167,21 @@ def test_service_environment_points_each_service_at_its_own_database() -> None:
     assert "CAKE_PROMOTIONS_JWT_PRIVATE_KEY_FILE" not in env["promotions"]
     assert env["promotions"]["CAKE_PROMOTIONS_METRICS_PORT"] == "19122"
     assert env["events"]["CAKE_EVENTS_METRICS_PORT"] == "19123"
+
+
+def test_auth_runs_several_workers_with_their_sockets_when_the_stack_says_so() -> None:
+    endpoints = replace(ENDPOINTS, auth_workers=2, socket_dir=Path("/run/sockets"))
+    auth = build_service_environment(endpoints, PASSWORDS)["auth"]
+    assert auth["CAKE_AUTH_WORKERS"] == "2"
+    assert auth["CAKE_AUTH_WORKER_SOCKET_DIR"] == "/run/sockets"
+    assert auth_worker_sockets(Path("/run/sockets"), 2) == (
+        Path("/run/sockets/auth-0.sock"),
+        Path("/run/sockets/auth-1.sock"),
+    )
+    # One worker: the plain single-process server, no sockets (as in Kubernetes).
+    single = replace(ENDPOINTS, auth_workers=1, socket_dir=Path("/run/sockets"))
+    assert "CAKE_AUTH_WORKERS" not in build_service_environment(single, PASSWORDS)["auth"]
+    assert auth_worker_sockets(Path("/run/sockets"), 1) == ()
 
 
 def test_the_bank_simulator_gets_its_own_database_and_promotions_its_address() -> None:
