@@ -161,6 +161,7 @@ async def _run(
         redis_url=redis_url,
         redis_key_prefix=f"cake:auth:bench-{secrets.token_hex(4)}:",
         grpc_port=0,
+        workers=1,
         jwt_private_key_file=keys / SIGNING_KEY_FILENAME,
         jwks_file=keys / JWKS_FILENAME,
         bcrypt_cost=args.bcrypt_cost,

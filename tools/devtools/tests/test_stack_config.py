@@ -158,6 +158,7 @@ def test_service_environment_points_each_service_at_its_own_database() -> None:
         "CAKE_AUTH_JWKS_FILE": "/run/keys/jwks.json",
         "CAKE_AUTH_JWT_PRIVATE_KEY_FILE": "/run/keys/jwt-signing-key.pem",
         "CAKE_AUTH_METRICS_PORT": "19121",
+        "CAKE_AUTH_WORKERS": "1",
     }
     assert env["promotions"]["CAKE_PROMOTIONS_DATABASE_URL"].endswith(
         "cake_promotions:pw-promotions@127.0.0.1:15442/cake_promotions"
@@ -180,7 +181,9 @@ def test_auth_runs_several_workers_with_their_sockets_when_the_stack_says_so() -
     )
     # One worker: the plain single-process server, no sockets (as in Kubernetes).
     single = replace(ENDPOINTS, auth_workers=1, socket_dir=Path("/run/sockets"))
-    assert "CAKE_AUTH_WORKERS" not in build_service_environment(single, PASSWORDS)["auth"]
+    single_auth = build_service_environment(single, PASSWORDS)["auth"]
+    assert single_auth["CAKE_AUTH_WORKERS"] == "1"
+    assert "CAKE_AUTH_WORKER_SOCKET_DIR" not in single_auth
     assert auth_worker_sockets(Path("/run/sockets"), 1) == ()
 
 

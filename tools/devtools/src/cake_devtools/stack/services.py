@@ -119,6 +119,9 @@ def build_service_environment(
             env[f"{prefix}OTLP_ENDPOINT"] = endpoints.otlp_endpoint
         if spec.name == "auth":
             env[f"{prefix}JWT_PRIVATE_KEY_FILE"] = str(endpoints.jwt_signing_key)
+            # Always set: `cake-auth` also reads .run/dev/auth.env, whose value must not
+            # leak into another profile's auth.
+            env[f"{prefix}WORKERS"] = "1"
             if auth_worker_sockets(endpoints.socket_dir, endpoints.auth_workers):
                 env[f"{prefix}WORKERS"] = str(endpoints.auth_workers)
                 env[f"{prefix}WORKER_SOCKET_DIR"] = str(endpoints.socket_dir)
