@@ -186,6 +186,8 @@ def auth_service(
         "CAKE_AUTH_REDIS_URL": infrastructure.redis_url,
         "CAKE_AUTH_REDIS_KEY_PREFIX": f"cake:auth:bench-{secrets.token_hex(4)}:",
         "CAKE_AUTH_GRPC_PORT": str(port),
+        # One process (this benchmark measures one), whatever .run/dev/auth.env says.
+        "CAKE_AUTH_WORKERS": "1",
         "CAKE_AUTH_JWT_PRIVATE_KEY_FILE": str(keys / SIGNING_KEY_FILENAME),
         "CAKE_AUTH_JWKS_FILE": str(keys / JWKS_FILENAME),
         "CAKE_AUTH_BCRYPT_COST": str(args.bcrypt_cost),

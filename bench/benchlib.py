@@ -298,3 +298,58 @@ def latency_over_time(samples_csv: Path, metric_name: str) -> list[dict[str, flo
         }
         for second, values in sorted(buckets.items())
     ]
+
+
+# -- CPU of the server processes ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """CPU time so far of every process of every running component (``/proc/<pid>/stat``:
+    user + system, in clock ticks), and the 1-minute load average, at one moment."""
+
+    load_average: float
+    ticks: dict[str, dict[int, int]]
+
+
+def sample_server_cpu(stack: Stack) -> CpuSample:
+    from cake_devtools.stack.process import cpu_ticks
+
+    ticks: dict[str, dict[int, int]] = {}
+    for component, pids in stack.processes().items():
+        sampled = {pid: cpu_ticks(pid) for pid in pids}
+        ticks[component] = {pid: used for pid, used in sampled.items() if used is not None}
+    return CpuSample(os.getloadavg()[0], ticks)
+
+
+def server_cpu(
+    before: CpuSample, after: CpuSample, requests: float, **figures: float
+) -> dict[str, Any]:
+    """CPU per request of each component between two samples: what a request costs the
+    servers whatever drives them (the load generator's own CPU is not in it). A process
+    started in between counts from zero (all its CPU is in the interval); one that ended in
+    between is missed (the stack's servers live for the whole run; short-lived PostgreSQL
+    backends are the exception). ``figures`` (throughput, p99, ...) are kept alongside."""
+    per_second = os.sysconf("SC_CLK_TCK")
+    components: dict[str, dict[str, float]] = {}
+    for name, now in after.ticks.items():
+        earlier = before.ticks.get(name, {})
+        seconds = sum(used - earlier.get(pid, 0) for pid, used in now.items()) / per_second
+        components[name] = {
+            "cpu_seconds": seconds,
+            "per_request_ms": seconds * 1000 / requests if requests else 0.0,
+            "processes": len(now),
+        }
+    total = sum(c["cpu_seconds"] for c in components.values())
+    return {
+        "requests": requests,
+        "per_request_ms": total * 1000 / requests if requests else 0.0,
+        "load_average": {"start": before.load_average, "end": after.load_average},
+        "components": components,
+        **figures,
+    }
+
+
+def statuses_total(summary: dict[str, Any]) -> int:
+    """Every request a vegeta scenario sent (all operations, all outcomes)."""
+    return sum(sum(codes.values()) for codes in summary["statuses"].values())

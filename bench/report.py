@@ -344,6 +344,7 @@ def write_report(results: dict[str, Any], path: Path) -> Path:
                 f" {'yes' if topup['correct'] else '**NO**'} |",
                 "",
             ]
+    lines += server_cpu_lines(results.get("server_cpu", {}))
     lines += nestjs_lines(results)
     path.write_text("\n".join(lines) + "\n")
     maximum = max((row.ratio for row in ratio_rows), default=1.0)
@@ -363,6 +364,74 @@ def write_report(results: dict[str, Any], path: Path) -> Path:
         svg_bars("latency percentiles (log scale)", latency_bars, 1.0)
     )
     return path
+
+
+SERVER_ORDER = ("envoy", "auth", "promotions", "events", "payments", "postgres", "redis", "kafka")
+CPU_NOTE = (
+    "CPU per request: user + system time of every process of each component (/proc/<pid>/stat"
+    " before and after the scenario) ÷ requests sent; the load generator's CPU is not in it."
+)
+
+
+def _servers(by_scenario: dict[str, Any]) -> list[str]:
+    names = {name for entry in by_scenario.values() for name in entry["components"]}
+    return [name for name in SERVER_ORDER if name in names] + sorted(names - set(SERVER_ORDER))
+
+
+def server_cpu_lines(by_scenario: dict[str, Any]) -> list[str]:
+    """report.md's table: per scenario, CPU ms per request of each component."""
+    if not by_scenario:
+        return []
+    servers = _servers(by_scenario)
+    lines = [
+        "## Server CPU per request",
+        "",
+        CPU_NOTE,
+        "",
+        "| scenario | requests | /s | P99 ms | load start → end | all servers ms | "
+        + " | ".join(f"{name} ms" for name in servers)
+        + " |",
+        "|---|---:|---:|---:|---|---:|" + "---:|" * len(servers),
+    ]
+    for scenario, entry in by_scenario.items():
+        components = entry["components"]
+        load = entry["load_average"]
+        lines.append(
+            f"| {scenario} | {entry['requests']:.0f} | {entry.get('rate', 0):.1f} |"
+            f" {entry.get('p99', 0):.1f} | {load['start']:.2f} → {load['end']:.2f} |"
+            f" {entry['per_request_ms']:.2f} | "
+            + " | ".join(
+                f"{components[name]['per_request_ms']:.2f}" if name in components else "-"
+                for name in servers
+            )
+            + " |"
+        )
+    return [*lines, ""]
+
+
+def print_server_cpu(by_scenario: dict[str, Any], *, title: str = "servers") -> None:
+    """The same table on the terminal, next to each scenario's throughput and P99."""
+    if not by_scenario:
+        return
+    servers = _servers(by_scenario)
+    print(f"\nCPU ms per request of {title} ({CPU_NOTE.split(': ', 1)[1]})")
+    print(
+        f"{'scenario':<30}{'/s':>8}{'p99':>8}{'load':>12}{'all':>7}"
+        + "".join(f"{name[:9]:>10}" for name in servers)
+    )
+    for scenario, entry in by_scenario.items():
+        components = entry["components"]
+        load = entry["load_average"]
+        print(
+            f"{scenario[:29]:<30}{entry.get('rate', 0):>8.1f}{entry.get('p99', 0):>8.1f}"
+            f"{load['start']:>6.2f}→{load['end']:<5.2f}{entry['per_request_ms']:>7.2f}"
+            + "".join(
+                f"{components[name]['per_request_ms']:>10.2f}"
+                if name in components
+                else f"{'-':>10}"
+                for name in servers
+            )
+        )
 
 
 def nestjs_lines(results: dict[str, Any]) -> list[str]:
@@ -440,6 +509,7 @@ def print_summary(results: dict[str, Any]) -> None:
                 f" {topup['vouchers']} vouchers, max {topup['max_topups_per_voucher_db']} per"
                 f" voucher -> {'OK' if topup['correct'] else 'WRONG'}"
             )
+    print_server_cpu(results.get("server_cpu", {}))
     for line in nestjs_lines(results)[4:]:
         if line:
             print("vs NestJS " + line.strip("| ").replace(" | ", "  "))

@@ -43,8 +43,11 @@ from benchlib import (
     latency_over_time,
     metric,
     require_raised_limits,
+    sample_server_cpu,
     say,
+    server_cpu,
     service_database,
+    statuses_total,
     voucher_counts,
     write_users,
 )
@@ -139,30 +142,43 @@ def mix_result(summary: dict[str, Any], op: str) -> dict[str, float]:
 async def raw_grpc_profile_reads(
     stack: Stack, tokens: list[str], seconds: float, concurrency: int
 ) -> LoadResult:
-    port = stack.service_environment()["auth"]["CAKE_AUTH_GRPC_PORT"]
-    say(f"raw gRPC GetProfile to the auth service :{port}, {concurrency} callers, {seconds:.0f}s")
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = auth_pb2_grpc.AuthServiceStub(channel)
+    environment = stack.service_environment()["auth"]
+    targets = [f"127.0.0.1:{environment['CAKE_AUTH_GRPC_PORT']}"]
+    if "CAKE_AUTH_WORKER_SOCKET_DIR" in environment:
+        # Several worker processes: every one of them, as the gateway spreads requests.
+        socket_dir = Path(environment["CAKE_AUTH_WORKER_SOCKET_DIR"])
+        workers = int(environment["CAKE_AUTH_WORKERS"])
+        targets = [f"unix:{socket_dir / f'auth-{index}.sock'}" for index in range(workers)]
+    say(f"raw gRPC GetProfile to the auth service {targets}, {concurrency} callers, {seconds:.0f}s")
+    channels = [grpc.aio.insecure_channel(target) for target in targets]
+    try:
+        stubs = [auth_pb2_grpc.AuthServiceStub(channel) for channel in channels]
         counter = iter(range(10**9))
 
         async def call() -> object:
-            token = tokens[next(counter) % len(tokens)]
-            return await stub.GetProfile(
+            index = next(counter)
+            token = tokens[index % len(tokens)]
+            return await stubs[index % len(stubs)].GetProfile(
                 auth_pb2.GetProfileRequest(), metadata=(("authorization", f"Bearer {token}"),)
             )
 
         return await closed_loop("grpc GetProfile", call, concurrency=concurrency, seconds=seconds)
+    finally:
+        await asyncio.gather(*(channel.close(None) for channel in channels))
 
 
 async def mixed_auth(
-    args: argparse.Namespace, out: Path, gateway_url: str, users: list[Any], rate: float
-) -> tuple[dict[str, Any], list[dict[str, float]]]:
-    """The auth mix at ``rate`` (open model): its figures and its login latency over time."""
+    args: argparse.Namespace, out: Path, stack: Stack, users: list[Any], rate: float
+) -> tuple[dict[str, Any], list[dict[str, float]], dict[str, Any]]:
+    """The auth mix at ``rate`` (open model): its figures, its login latency over time and
+    the servers' CPU per request."""
+    gateway_url = stack.gateway_url
     samples = out / "samples-mixed_auth.csv"
     total, refreshes = mix_counts(rate, args.duration, MIX[0], refresh=True)
     say(f"opening {refreshes} sessions for the mix's refreshes")
     async with Gateway(gateway_url) as gateway:
         refresh_tokens = await sessions_for_refresh(gateway, users, refreshes)
+    before = sample_server_cpu(stack)
     summary = attack(
         "mixed_auth",
         mixed_auth_targets(gateway_url, users, total=total, mix=MIX, refresh_tokens=refresh_tokens),
@@ -172,12 +188,56 @@ async def mixed_auth(
         workers=max(10, round(rate * 2)),
         samples_csv=samples,
     )
+    after = sample_server_cpu(stack)
     over_time = latency_over_time(samples, "op_login_ms")
-    return {
-        "target_rate": rate,
-        "statuses": summary["statuses"],
-        **{op: mix_result(summary, op) for op in ("login", "register", "profile", "refresh")},
-    }, over_time
+    figures = {op: mix_result(summary, op) for op in ("login", "register", "profile", "refresh")}
+    cpu = server_cpu(
+        before,
+        after,
+        statuses_total(summary),
+        rate=sum(figure["rate"] for figure in figures.values()),
+        p99=figures["login"]["p99"],
+    )
+    return {"target_rate": rate, "statuses": summary["statuses"], **figures}, over_time, cpu
+
+
+async def profile_reads(
+    args: argparse.Namespace, out: Path, stack: Stack, users: list[Any], results: dict[str, Any]
+) -> None:
+    """Profile reads, raw gRPC to auth then REST through the gateway, with the servers' CPU."""
+    gateway_url = stack.gateway_url
+    cpu_by_scenario = results["server_cpu"]
+    before = sample_server_cpu(stack)
+    raw = await raw_grpc_profile_reads(
+        stack, [user.token for user in users], args.duration, args.profile_vus
+    )
+    results["scenarios"]["profile_grpc_raw"] = raw.as_dict()
+    cpu_by_scenario["profile_grpc_raw"] = server_cpu(
+        before, sample_server_cpu(stack), raw.count, rate=raw.rate, p99=raw.p99
+    )
+    samples = out / "samples-profile_reads.csv"
+    before = sample_server_cpu(stack)
+    summary = attack(
+        "profile_reads",
+        profile_targets(gateway_url, users),
+        out,
+        duration_s=args.duration,
+        rate=None,
+        workers=args.profile_vus,
+        samples_csv=samples,
+    )
+    results["over_time"]["gateway GET /auth/profile"] = latency_over_time(samples, "op_profile_ms")
+    rest = vegeta_closed_result(
+        "gateway GET /auth/profile", summary, "op_profile_ms", "op_profile_failed"
+    )
+    results["scenarios"]["profile_gateway"] = rest.as_dict()
+    cpu_by_scenario["profile_gateway"] = server_cpu(
+        before,
+        sample_server_cpu(stack),
+        statuses_total(summary),
+        rate=rest.rate,
+        p99=rest.p99,
+    )
 
 
 async def bench(args: argparse.Namespace, out: Path) -> dict[str, Any]:
@@ -194,6 +254,8 @@ async def bench(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         "ceilings": {},
         "scenarios": {},
         "over_time": {},
+        # CPU per request of every server process, per scenario (benchlib.server_cpu).
+        "server_cpu": {},
     }
     require_raised_limits(stack, args.profile)
     gateway_url = stack.gateway_url
@@ -221,41 +283,25 @@ async def bench(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     write_users(users_file, users)
 
     # 3. profile reads: raw gRPC vs gateway
+    cpu_by_scenario = results["server_cpu"]
     if "profile" not in skip:
-        raw = await raw_grpc_profile_reads(
-            stack, [user.token for user in users], args.duration, args.profile_vus
-        )
-        results["scenarios"]["profile_grpc_raw"] = raw.as_dict()
-        samples = out / "samples-profile_reads.csv"
-        summary = attack(
-            "profile_reads",
-            profile_targets(gateway_url, users),
-            out,
-            duration_s=args.duration,
-            rate=None,
-            workers=args.profile_vus,
-            samples_csv=samples,
-        )
-        results["over_time"]["gateway GET /auth/profile"] = latency_over_time(
-            samples, "op_profile_ms"
-        )
-        rest = vegeta_closed_result(
-            "gateway GET /auth/profile", summary, "op_profile_ms", "op_profile_failed"
-        )
-        results["scenarios"]["profile_gateway"] = rest.as_dict()
+        await profile_reads(args, out, stack, users, results)
 
     # 4. the auth mix at a fixed rate, then logins alone above the ceiling
     bcrypt_rate = bcrypt["logins_per_second"]
     if "mix" not in skip:
         rate = args.mix_rate or max(1.0, round(0.7 * bcrypt_rate / 0.9))
-        results["scenarios"]["mixed_auth"], results["over_time"]["mix: login"] = await mixed_auth(
-            args, out, gateway_url, users, rate
-        )
+        (
+            results["scenarios"]["mixed_auth"],
+            results["over_time"]["mix: login"],
+            cpu_by_scenario["mixed_auth"],
+        ) = await mixed_auth(args, out, stack, users, rate)
     if "login" not in skip:
         # Above the ceiling: the most logins/s; at 0.85 x ceiling: the latency at the goal rate.
         for key, factor in (("login_saturation", 1.3), ("login_at_goal", 0.85)):
             rate = round(factor * bcrypt_rate)
             total, _ = mix_counts(rate, args.duration, 100, refresh=False)
+            before = sample_server_cpu(stack)
             summary = attack(
                 key,
                 mixed_auth_targets(gateway_url, users, total=total, mix=(100, 0, 0)),
@@ -269,11 +315,23 @@ async def bench(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                 "statuses": summary["statuses"],
                 **mix_result(summary, "login"),
             }
+            cpu_by_scenario[key] = server_cpu(
+                before,
+                sample_server_cpu(stack),
+                statuses_total(summary),
+                rate=results["scenarios"][key]["rate"],
+                p99=results["scenarios"][key]["p99"],
+            )
 
     # 5. first-login burst, 6. top-up contention on its vouchers
     if "burst" not in skip:
-        results["scenarios"]["first_login_burst"] = await first_login_burst(
+        before = sample_server_cpu(stack)
+        results["scenarios"]["first_login_burst"] = burst = await first_login_burst(
             args, stack, out, gateway_url, run_topup="topup" not in skip
+        )
+        # Per first login; the burst's polls, the seeding and the top-up race are in it too.
+        cpu_by_scenario["first_login_burst (+ top-ups)"] = server_cpu(
+            before, sample_server_cpu(stack), burst["users"], p99=burst["login_p99"]
         )
     results["finished_at"] = datetime.now(UTC).isoformat()
     results["load_average_at_end"] = os.getloadavg()[0]
@@ -398,7 +456,7 @@ def main() -> None:
         stack = Stack(args.profile, echo=None)
         check_stack(stack)
         compared = asyncio.run(
-            side_by_side(args, out, stack.gateway_url, args.peer_url.rstrip("/"))
+            side_by_side(args, out, stack.gateway_url, args.peer_url.rstrip("/"), stack)
         )
         compared["load_average"] = {"start": load_at_start, "end": os.getloadavg()}
         (out / "side-by-side.json").write_text(json.dumps(compared, indent=2))

@@ -13,12 +13,23 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
-from benchlib import Gateway, SeededUser, say
+from benchlib import (
+    CpuSample,
+    Gateway,
+    SeededUser,
+    sample_server_cpu,
+    say,
+    server_cpu,
+    statuses_total,
+)
+from cake_devtools.stack import Stack
 from loadgen import attack
+from report import print_server_cpu
 from scenarios import mix_counts, mixed_auth_targets, profile_targets, sessions_for_refresh
 
 MIX = (70.0, 20.0, 10.0)
@@ -62,8 +73,16 @@ def _figures(summary: dict[str, Any], op: str) -> dict[str, float]:
 
 
 async def _one_side(
-    name: str, base_url: str, args: argparse.Namespace, out: Path, rates: dict[str, float]
+    name: str,
+    base_url: str,
+    args: argparse.Namespace,
+    out: Path,
+    rates: dict[str, float],
+    *,
+    sample: Callable[[], CpuSample] | None = None,
 ) -> dict[str, Any]:
+    """The scenarios against one side; with ``sample`` (Cake's side: its processes are
+    known), each scenario's figures carry the servers' CPU per request too."""
     directory = out / name
     directory.mkdir(parents=True, exist_ok=True)
     say(f"{name}: seeding {args.users} users through {base_url}")
@@ -72,40 +91,62 @@ async def _one_side(
         total, refreshes = mix_counts(rates["mix"], args.duration, MIX[0], refresh=True)
         refresh_tokens = await sessions_for_refresh(gateway, users, refreshes)
     figures: dict[str, Any] = {}
-    profile = attack(
-        f"{name}-profile",
-        profile_targets(base_url, users),
-        directory,
-        duration_s=args.duration,
-        rate=rates["profile"],
-        workers=max(10, math.ceil(rates["profile"] / 10)),
+    cpu: dict[str, Any] = {}
+
+    def with_cpu(scenario: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        before = sample() if sample is not None else None
+        summary = run()
+        if sample is not None and before is not None:
+            cpu[scenario] = server_cpu(before, sample(), statuses_total(summary))
+        return summary
+
+    profile = with_cpu(
+        "profile reads",
+        lambda: attack(
+            f"{name}-profile",
+            profile_targets(base_url, users),
+            directory,
+            duration_s=args.duration,
+            rate=rates["profile"],
+            workers=max(10, math.ceil(rates["profile"] / 10)),
+        ),
     )
     figures["profile reads"] = _figures(profile, "profile")
     logins_total, _ = mix_counts(rates["login"], args.duration, 100, refresh=False)
-    logins = attack(
-        f"{name}-logins",
-        mixed_auth_targets(base_url, users, total=logins_total, mix=(100, 0, 0)),
-        directory,
-        duration_s=args.duration,
-        rate=rates["login"],
-        workers=max(10, math.ceil(rates["login"] * 2)),
+    logins = with_cpu(
+        "logins alone",
+        lambda: attack(
+            f"{name}-logins",
+            mixed_auth_targets(base_url, users, total=logins_total, mix=(100, 0, 0)),
+            directory,
+            duration_s=args.duration,
+            rate=rates["login"],
+            workers=max(10, math.ceil(rates["login"] * 2)),
+        ),
     )
     figures["logins alone"] = _figures(logins, "login")
-    mix = attack(
-        f"{name}-mix",
-        mixed_auth_targets(base_url, users, total=total, mix=MIX, refresh_tokens=refresh_tokens),
-        directory,
-        duration_s=args.duration,
-        rate=rates["mix"],
-        workers=max(10, math.ceil(rates["mix"] * 2)),
+    mix = with_cpu(
+        "mix",
+        lambda: attack(
+            f"{name}-mix",
+            mixed_auth_targets(
+                base_url, users, total=total, mix=MIX, refresh_tokens=refresh_tokens
+            ),
+            directory,
+            duration_s=args.duration,
+            rate=rates["mix"],
+            workers=max(10, math.ceil(rates["mix"] * 2)),
+        ),
     )
     for op in ("login", "register", "profile", "refresh"):
         figures[f"mix: {op}"] = _figures(mix, op)
+    if sample is not None:
+        figures["server_cpu"] = cpu
     return figures
 
 
 async def side_by_side(
-    args: argparse.Namespace, out: Path, cake_url: str, peer_url: str
+    args: argparse.Namespace, out: Path, cake_url: str, peer_url: str, stack: Stack
 ) -> dict[str, Any]:
     rates = {
         "profile": args.peer_profile_rate,
@@ -113,7 +154,9 @@ async def side_by_side(
         "mix": args.peer_mix_rate,
     }
     say(f"side by side at {rates} per second, {args.duration:g}s each")
-    cake = await _one_side("cake", cake_url, args, out, rates)
+    cake = await _one_side(
+        "cake", cake_url, args, out, rates, sample=lambda: sample_server_cpu(stack)
+    )
     peer = await _one_side("peer", peer_url, args, out, rates)
     return {"peer_url": peer_url, "offered_rates": rates, "cake": cake, "peer": peer}
 
@@ -130,6 +173,8 @@ def print_comparison(result: dict[str, Any]) -> None:
         f"{'cake err':>8} {'peer err':>8}"
     )
     for scenario, cake in result["cake"].items():
+        if scenario == "server_cpu":
+            continue
         peer = result["peer"][scenario]
         print(
             f"{scenario:18} {cake['ok_per_second']:9.1f} {peer['ok_per_second']:9.1f} "
@@ -139,3 +184,5 @@ def print_comparison(result: dict[str, Any]) -> None:
             f"{cake['error_rate']:8.1%} {peer['error_rate']:8.1%}"
         )
     print("x: Cake ÷ peer for throughput, peer ÷ Cake for latency (> 1: Cake is better)")
+    if "server_cpu" in result["cake"]:
+        print_server_cpu(result["cake"]["server_cpu"], title="Cake's servers")

@@ -67,6 +67,28 @@ def test_load_scenarios_at_tiny_size_are_correct(full_stack: Stack, tmp_path: Pa
     assert topup["errors"] == 0
     assert (tmp_path / "report.md").exists()
 
+    # CPU per request of every server process, next to each scenario's figures.
+    auth_processes = len(full_stack.processes()["auth"])
+    cpu = results["server_cpu"]
+    assert set(cpu) == {
+        "profile_grpc_raw",
+        "profile_gateway",
+        "mixed_auth",
+        "first_login_burst (+ top-ups)",
+    }
+    for scenario, entry in cpu.items():
+        assert entry["requests"] > 0, scenario
+        assert set(entry["load_average"]) == {"start", "end"}, scenario
+        components = entry["components"]
+        assert {"auth", "envoy", "postgres", "redis", "promotions", "events"} <= set(components)
+        # The supervisor, its workers (and uv's wrapper): every process is counted.
+        assert components["auth"]["processes"] == auth_processes, scenario
+        assert components["auth"]["cpu_seconds"] > 0, scenario
+        assert entry["per_request_ms"] >= components["auth"]["per_request_ms"] > 0, scenario
+    assert cpu["profile_gateway"]["components"]["envoy"]["cpu_seconds"] > 0
+    assert "CPU ms per request of servers" in completed.stdout
+    assert "## Server CPU per request" in (tmp_path / "report.md").read_text()
+
 
 def test_relay_killed_mid_burst_loses_and_doubles_nothing(
     full_stack: Stack, tmp_path: Path
@@ -144,3 +166,10 @@ def test_side_by_side_at_tiny_size_runs_the_scenarios_on_both(
         for scenario in ("profile reads", "logins alone", "mix: login"):
             assert figures[scenario]["error_rate"] == 0, (side, scenario)
     assert "=== Cake vs peer" in completed.stdout
+    # Cake's processes are known: its side carries CPU per request; the peer's does not.
+    cake_cpu = compared["cake"]["server_cpu"]
+    assert set(cake_cpu) == {"profile reads", "logins alone", "mix"}
+    for scenario, entry in cake_cpu.items():
+        assert entry["components"]["auth"]["per_request_ms"] > 0, scenario
+    assert "server_cpu" not in compared["peer"]
+    assert "CPU ms per request of Cake's servers" in completed.stdout

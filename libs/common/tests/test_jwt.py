@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -289,3 +290,48 @@ async def test_issued_at_within_the_leeway_is_accepted(make_token: Any, signing_
     assert principal.user_id == 42
     with pytest.raises(Unauthenticated, match="not yet valid"):
         await verifier.verify(make_token(iat=int(time.time()) + 120))
+
+
+async def test_a_verified_token_is_remembered_until_it_expires(
+    jwks: dict[str, Any], make_token: Any
+) -> None:
+    verifier = JwtVerifier(StaticJwksProvider(jwks), issuer="cake-system", audience="cake-users")
+    token = make_token(ttl=1)
+    first = await verifier.verify(token)
+    assert await verifier.verify(token) is first, "the second check is answered from memory"
+    await asyncio.sleep(1.2)
+    with pytest.raises(Unauthenticated) as caught:
+        await verifier.verify(token)
+    assert caught.value.reason == "TOKEN_EXPIRED"
+
+
+async def test_a_remembered_token_is_refused_once_its_key_is_withdrawn(
+    tmp_path: Path, signing_key: Any, make_token: Any
+) -> None:
+    path = tmp_path / "jwks.json"
+    path.write_text(json.dumps({"keys": [signing_key.jwk]}))
+    verifier = JwtVerifier(FileJwksProvider(path), issuer="cake-system", audience="cake-users")
+    token = make_token()
+    assert (await verifier.verify(token)).user_id == 42
+    other = ec.generate_private_key(ec.SECP256R1())
+    path.write_text(json.dumps({"keys": [jwk_from_public_key(other.public_key(), "new")]}))
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 1_000_000_000))
+    with pytest.raises(Unauthenticated, match="Unknown token signing key"):
+        await verifier.verify(token)
+
+
+async def test_the_memory_of_verified_tokens_is_bounded(
+    jwks: dict[str, Any], make_token: Any
+) -> None:
+    verifier = JwtVerifier(
+        StaticJwksProvider(jwks), issuer="cake-system", audience="cake-users", cache_size=3
+    )
+    tokens = [make_token(sub=str(n)) for n in range(1, 6)]
+    for token in tokens:
+        await verifier.verify(token)
+    assert len(verifier._verified) == 3
+    assert list(verifier._verified) == tokens[2:]
+    # A tampered copy of a remembered token is a different string: verified in full.
+    header, payload, signature = tokens[-1].split(".")
+    with pytest.raises(Unauthenticated):
+        await verifier.verify(f"{header}.{payload}.{signature[:-4]}AAAA")

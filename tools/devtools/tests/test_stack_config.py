@@ -15,7 +15,7 @@ from cake.events.v1 import registry
 from cake_devtools.stack import COMPONENTS, Stack, StackError, credentials, kafka, postgres
 from cake_devtools.stack.layout import RunLayout, repo_root
 from cake_devtools.stack.redis import redis_command
-from cake_devtools.stack.services import Endpoints, build_service_environment
+from cake_devtools.stack.services import Endpoints, auth_worker_sockets, build_service_environment
 from cake_devtools.stack.settings import StackSettings, StackSettingsForTests, load_settings
 from cake_events.settings import EventsSettings
 
@@ -172,6 +172,7 @@ def test_service_environment_points_each_service_at_its_own_database() -> None:
         "CAKE_AUTH_JWKS_FILE": "/run/keys/jwks.json",
         "CAKE_AUTH_JWT_PRIVATE_KEY_FILE": "/run/keys/jwt-signing-key.pem",
         "CAKE_AUTH_METRICS_PORT": "19121",
+        "CAKE_AUTH_WORKERS": "1",
     }
     assert env["promotions"]["CAKE_PROMOTIONS_DATABASE_URL"].endswith(
         "cake_promotions:pw-promotions@127.0.0.1:15442/cake_promotions"
@@ -193,6 +194,23 @@ def test_notifications_gets_the_smtp_sink_auth_and_its_service_token() -> None:
         env["CAKE_NOTIFICATIONS_AUTH_CLIENT_SECRET_FILE"] == "/run/keys/notifications-client-secret"
     )
     assert env["CAKE_NOTIFICATIONS_DATABASE_URL"].endswith("@127.0.0.1:15442/cake_notifications")
+
+
+def test_auth_runs_several_workers_with_their_sockets_when_the_stack_says_so() -> None:
+    endpoints = replace(ENDPOINTS, auth_workers=2, socket_dir=Path("/run/sockets"))
+    auth = build_service_environment(endpoints, PASSWORDS)["auth"]
+    assert auth["CAKE_AUTH_WORKERS"] == "2"
+    assert auth["CAKE_AUTH_WORKER_SOCKET_DIR"] == "/run/sockets"
+    assert auth_worker_sockets(Path("/run/sockets"), 2) == (
+        Path("/run/sockets/auth-0.sock"),
+        Path("/run/sockets/auth-1.sock"),
+    )
+    # One worker: the plain single-process server, no sockets (as in Kubernetes).
+    single = replace(ENDPOINTS, auth_workers=1, socket_dir=Path("/run/sockets"))
+    single_auth = build_service_environment(single, PASSWORDS)["auth"]
+    assert single_auth["CAKE_AUTH_WORKERS"] == "1"
+    assert "CAKE_AUTH_WORKER_SOCKET_DIR" not in single_auth
+    assert auth_worker_sockets(Path("/run/sockets"), 1) == ()
 
 
 def test_the_bank_simulator_gets_its_own_database_and_promotions_its_address() -> None:

@@ -125,6 +125,23 @@ class _ServiceNameAdder:
         return event_dict
 
 
+_process_fields: dict[str, Any] = {}
+
+
+def set_process_fields(**fields: Any) -> None:
+    """Fields every log line of this process carries from now on, e.g. ``worker=1`` in a
+    worker process of a service that runs several (:mod:`cake_common.workers`)."""
+    _process_fields.update(fields)
+
+
+def _add_process_fields(
+    _logger: WrappedLogger, _method_name: str, event_dict: EventDict
+) -> EventDict:
+    for key, field_value in _process_fields.items():
+        event_dict.setdefault(key, field_value)
+    return event_dict
+
+
 class _CakeLogHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Marks the handler this module installs so reconfiguring replaces it."""
 
@@ -140,6 +157,7 @@ def configure_logging(level: str, json: bool, *, service_name: str | None = None
         add_request_id,
         add_trace_context,
         _ServiceNameAdder(service_name),
+        _add_process_fields,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),

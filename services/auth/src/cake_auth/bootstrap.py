@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import secrets
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -18,8 +20,10 @@ from cake_common.revocation import RevocationList
 from cake_common.service_runtime import (
     open_migrated_database,
     serve_until_signal,
+    start_logging,
 )
 from cake_common.token_auth import revocation_list, token_verifier
+from cake_common.workers import Ready, WorkerPool, supervise, worker_socket_path
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from cake_auth.adapters.login_throttle import RedisLoginThrottle
@@ -260,9 +264,13 @@ async def _use_cases(
 
 
 async def start_server(
-    settings: AuthSettings, *, metrics_registry: CollectorRegistry = REGISTRY
+    settings: AuthSettings,
+    *,
+    metrics_registry: CollectorRegistry = REGISTRY,
+    listen_addresses: Sequence[str] | None = None,
 ) -> RunningGrpcServer:
-    """The auth gRPC server, listening on ``grpc_host:grpc_port`` (port 0: any free port).
+    """The auth gRPC server, listening on ``grpc_host:grpc_port`` (port 0: any free port)
+    or on ``listen_addresses`` (a worker process: its socket, worker 0 also the port).
 
     Stop it with ``await running.stop()``; that also closes the database, Redis and the
     hashing workers.
@@ -283,7 +291,13 @@ async def start_server(
         )
         builder = (
             GrpcServerBuilder.from_settings(
-                settings, service_names=[SERVICE_NAME], metrics_registry=metrics_registry
+                settings,
+                service_names=[SERVICE_NAME],
+                metrics_registry=metrics_registry,
+                # The request id rides on the status (no extra batch per call: measurably
+                # cheaper profile reads, bench/login_profile.py); REST clients get it from
+                # Envoy, which echoes the id it set, either way.
+                request_id_echo="trailing_metadata",
             )
             .add_servicer(
                 lambda server: auth_pb2_grpc.add_AuthServiceServicer_to_server(servicer, server)
@@ -295,6 +309,8 @@ async def start_server(
             .with_validation()
             .add_shutdown_hook(infrastructure.exits.aclose)
         )
+        if listen_addresses is not None:
+            builder.listen_on(listen_addresses)
         for check in infrastructure.checks:
             builder.add_dependency_check(check)
         running = await builder.start()
@@ -305,5 +321,58 @@ async def start_server(
     return running
 
 
+def worker_settings(settings: AuthSettings) -> AuthSettings:
+    """One worker process's settings: its share of the hashing threads and of the admission
+    queue (rounded up), so the service admits what the settings say in total."""
+    processes = settings.workers
+    threads = settings.password_hash_workers or available_cpus()
+    waiting = settings.hash_queue_max_waiting
+    if waiting is None:
+        waiting = WAITING_PER_HASH_WORKER * threads
+    return settings.model_copy(
+        update={
+            "password_hash_workers": max(1, -(-threads // processes)),
+            "hash_queue_max_waiting": -(-waiting // processes),
+        }
+    )
+
+
+def worker_addresses(settings: AuthSettings, index: int) -> list[str]:
+    """Worker ``index`` listens on its socket; worker 0 also on ``grpc_host:grpc_port``."""
+    assert settings.worker_socket_dir is not None  # the settings validator requires it
+    socket = worker_socket_path(settings.worker_socket_dir, settings.service_name, index)
+    addresses = [f"unix:{socket}"]
+    if index == 0:
+        addresses.append(f"{settings.grpc_host}:{settings.grpc_port}")
+    return addresses
+
+
+def serve_worker(settings: AuthSettings, index: int, ready: Ready) -> None:
+    """The body of worker process ``index`` (spawned by :func:`serve`)."""
+    addresses = worker_addresses(settings, index)
+
+    async def start(own: AuthSettings) -> RunningGrpcServer:
+        running = await start_server(own, listen_addresses=addresses)
+        ready()
+        return running
+
+    asyncio.run(serve_until_signal(worker_settings(settings), start))
+
+
 async def serve(settings: AuthSettings) -> None:
-    await serve_until_signal(settings, start_server)
+    if settings.workers == 1:
+        await serve_until_signal(settings, start_server)
+        return
+    start_logging(settings)
+    assert settings.worker_socket_dir is not None  # the settings validator requires it
+    settings.worker_socket_dir.mkdir(parents=True, exist_ok=True)
+    await supervise(
+        WorkerPool(
+            name=settings.service_name,
+            count=settings.workers,
+            target=functools.partial(serve_worker, settings),
+            metrics_host=settings.grpc_host,
+            metrics_port=settings.metrics_port,
+            grace_seconds=settings.shutdown_grace_seconds,
+        )
+    )

@@ -26,6 +26,8 @@ class AuthMetrics:
             "cake_auth_hash_in_flight",
             "Logins and registrations admitted to the password-hash queue and not yet done",
             registry=registry,
+            # Several worker processes: the sum over the live ones.
+            multiprocess_mode="livesum",
         )
         self.first_logins = Counter(
             "cake_auth_first_logins",

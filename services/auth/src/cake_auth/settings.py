@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
 from cake_common.settings import ServiceSettings
 from pydantic import Field, model_validator
@@ -34,13 +34,28 @@ class AuthSettings(ServiceSettings):
         "a warning); none = refuse to start",
     )
     password_hash_workers: int | None = Field(
-        default=None, ge=1, description="Hashing threads; default: CPU count"
+        default=None,
+        ge=1,
+        description="Hashing threads of the whole service (shared out over its worker "
+        "processes, at least one each); default: CPU count",
     )
     hash_queue_max_waiting: int | None = Field(
         default=None,
         ge=0,
-        description="Logins/registrations that may wait for a hashing thread; beyond that they "
-        "are refused at once (UNAVAILABLE, retry-after); default: 4 per hashing thread",
+        description="Logins/registrations that may wait for a hashing thread, in total over "
+        "the worker processes (each admits its share, rounded up); beyond that they are "
+        "refused at once (UNAVAILABLE, retry-after); default: 4 per hashing thread",
+    )
+    workers: int = Field(
+        default=1,
+        ge=1,
+        description="Server processes (cake_common.workers): 1 serves from this process; "
+        "more start a supervisor and that many workers, each on its own Unix socket "
+        "<worker_socket_dir>/auth-<i>.sock (the gateway's endpoints), worker 0 also on "
+        "grpc_port. The local stack runs one per CPU; in Kubernetes replicas scale instead",
+    )
+    worker_socket_dir: Path | None = Field(
+        default=None, description="Directory of the workers' sockets; required when workers > 1"
     )
 
     access_token_ttl_seconds: int = Field(
@@ -103,4 +118,10 @@ class AuthSettings(ServiceSettings):
                 "SERVICE_TOKEN_TTL_SECONDS must not exceed ACCESS_TOKEN_TTL_SECONDS (revocation "
                 "marks of service accounts live as long as a user's access token)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _workers_have_sockets(self) -> Self:
+        if self.workers > 1 and self.worker_socket_dir is None:
+            raise ValueError("CAKE_AUTH_WORKER_SOCKET_DIR is required when CAKE_AUTH_WORKERS > 1")
         return self

@@ -68,3 +68,49 @@ def test_defaults_are_cakes() -> None:
 def test_bad_values_are_refused(overrides: dict[str, object]) -> None:
     with pytest.raises(ValidationError):
         AuthSettings(database_url=URL, **overrides)
+
+
+def test_several_workers_need_a_socket_directory() -> None:
+    with pytest.raises(ValidationError, match="CAKE_AUTH_WORKER_SOCKET_DIR"):
+        AuthSettings(database_url=URL, workers=2)
+    assert (
+        AuthSettings(database_url=URL, workers=2, worker_socket_dir=Path("/run/auth")).workers == 2
+    )
+
+
+@pytest.mark.parametrize(
+    ("workers", "threads", "waiting", "per_process"),
+    [
+        # 2 CPUs, 2 processes: one hashing thread and 4 waiting places each = the totals of one.
+        (2, 2, None, (1, 4)),
+        (1, 2, None, (2, 8)),
+        (2, 2, 10, (1, 5)),
+        # Rounded up: every process hashes and admits at least its share.
+        (3, 4, 9, (2, 3)),
+        (4, 2, 0, (1, 0)),
+    ],
+)
+def test_each_worker_gets_its_share_of_the_hashing_threads_and_the_queue(
+    workers: int, threads: int, waiting: int | None, per_process: tuple[int, int]
+) -> None:
+    from cake_auth.bootstrap import worker_settings
+
+    settings = AuthSettings(
+        database_url=URL,
+        workers=workers,
+        worker_socket_dir=Path("/run/auth"),
+        password_hash_workers=threads,
+        hash_queue_max_waiting=waiting,
+    )
+    share = worker_settings(settings)
+    assert (share.password_hash_workers, share.hash_queue_max_waiting) == per_process
+
+
+def test_worker_zero_also_listens_on_the_service_port() -> None:
+    from cake_auth.bootstrap import worker_addresses
+
+    settings = AuthSettings(
+        database_url=URL, workers=2, worker_socket_dir=Path("/run/auth"), grpc_port=7051
+    )
+    assert worker_addresses(settings, 0) == ["unix:/run/auth/auth-0.sock", "127.0.0.1:7051"]
+    assert worker_addresses(settings, 1) == ["unix:/run/auth/auth-1.sock"]

@@ -366,9 +366,15 @@ class Upstream:
     port: int
     #: gRPC paths routed to this upstream, e.g. ``/cake.auth.`` (covers every version).
     grpc_path_prefix: str
+    #: Unix sockets of a service that runs several worker processes (cake_common.workers):
+    #: each is an endpoint of its own, balanced per request and health-checked on its own,
+    #: and they replace ``host:port``.
+    sockets: tuple[str, ...] = ()
 
     @property
     def discovery_type(self) -> Literal["STATIC", "STRICT_DNS"]:
+        if self.sockets:
+            return "STATIC"
         # STATIC only accepts IP literals; DNS names (Kubernetes services) need STRICT_DNS.
         try:
             ipaddress.ip_address(self.host)
@@ -498,10 +504,12 @@ def local_upstreams(
     events_port: int,
     notifications_port: int,
     host: str = "127.0.0.1",
+    auth_sockets: Sequence[Path] = (),
 ) -> tuple[Upstream, ...]:
-    """The services on one host (the local stack)."""
+    """The services on one host (the local stack); auth on its workers' sockets when it
+    runs several worker processes."""
     return (
-        Upstream("auth", host, auth_port, "/cake.auth."),
+        Upstream("auth", host, auth_port, "/cake.auth.", tuple(str(s) for s in auth_sockets)),
         Upstream("promotions", host, promotions_port, "/cake.promotions."),
         Upstream("notifications", host, notifications_port, "/cake.notifications."),
         Upstream("events", host, events_port, "/cake.events."),

@@ -28,6 +28,7 @@ from cake_common.metrics import MetricsServer, start_metrics_server
 from cake_common.settings import ServiceSettings
 from cake_common.tracing import grpc_server_interceptor
 from cake_common.validation import RequestValidator
+from cake_common.workers import multiprocess_metrics
 
 ServicerRegistration = Callable[[grpc.aio.Server], None]
 """Adds one servicer, e.g. ``lambda s: add_AuthServiceServicer_to_server(servicer, s)``."""
@@ -137,6 +138,7 @@ class GrpcServerBuilder:
         self._check_interval = 5.0
         self._shutdown_hooks: list[ShutdownHook] = []
         self._reflection = True
+        self._addresses: tuple[str, ...] | None = None
 
     @classmethod
     def from_settings(
@@ -156,7 +158,10 @@ class GrpcServerBuilder:
             request_id_echo=request_id_echo,
         )
         if settings.metrics_port is not None:
-            builder.with_metrics(metrics_registry, port=settings.metrics_port)
+            # A worker of a multi-process service records only; its supervisor serves the
+            # aggregate of every worker on the metrics port (cake_common.workers).
+            port = None if multiprocess_metrics() else settings.metrics_port
+            builder.with_metrics(metrics_registry, port=port)
         builder.with_reflection(settings.grpc_reflection)
         return builder
 
@@ -164,6 +169,14 @@ class GrpcServerBuilder:
         """Serve gRPC server reflection (tooling such as grpcurl); off in production, where
         it would hand every caller the full API surface."""
         self._reflection = enabled
+        return self
+
+    def listen_on(self, addresses: Sequence[str]) -> Self:
+        """Listen on these gRPC addresses (``host:port``, ``unix:/path``) instead of
+        ``host:port``; a worker of a multi-process service listens on its own socket."""
+        if not addresses:
+            raise ValueError("a gRPC server needs at least one address")
+        self._addresses = tuple(addresses)
         return self
 
     def add_servicer(self, register: ServicerRegistration) -> Self:
@@ -248,10 +261,14 @@ class GrpcServerBuilder:
                 (*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
             )
 
-        address = f"{self._host}:{self._port}"
-        port = server.add_insecure_port(address)
-        if port == 0:
-            raise RuntimeError(f"could not bind gRPC server to {address}")
+        addresses = self._addresses or (f"{self._host}:{self._port}",)
+        port = 0
+        for address in addresses:
+            bound = server.add_insecure_port(address)
+            if bound == 0:
+                raise RuntimeError(f"could not bind gRPC server to {address}")
+            if not address.startswith("unix:") and port == 0:
+                port = bound
         await server.start()
         metrics_server = None
         watcher = None
@@ -274,7 +291,9 @@ class GrpcServerBuilder:
             raise
         await service_health.set_ready(True)
         _log.info(
-            "grpc server started", address=f"{self._host}:{port}", services=self._service_names
+            "grpc server started",
+            address=f"{self._host}:{port}" if self._addresses is None else list(addresses),
+            services=self._service_names,
         )
         return RunningGrpcServer(
             server,

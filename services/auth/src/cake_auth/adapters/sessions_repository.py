@@ -27,6 +27,36 @@ def _session_from_row(row: Any) -> Session:
     )
 
 
+def _add_session_statement() -> sa.Insert:
+    """The session and its first refresh token in one statement (one round trip, built
+    once: see users_repository): ``WITH new AS (INSERT INTO sessions … RETURNING …)
+    INSERT INTO refresh_tokens SELECT …``."""
+    new_session = (
+        sa.insert(sessions)
+        .values(
+            id=sa.bindparam("id"),
+            user_id=sa.bindparam("user_id"),
+            created_at=sa.bindparam("created_at"),
+            expires_at=sa.bindparam("expires_at"),
+            user_agent=sa.bindparam("user_agent"),
+            client_ip=sa.bindparam("client_ip"),
+        )
+        .returning(sessions.c.id, sessions.c.created_at)
+        .cte("new_session")
+    )
+    return sa.insert(refresh_tokens).from_select(
+        ["token_hash", "session_id", "issued_at"],
+        sa.select(
+            sa.bindparam("token_hash", type_=refresh_tokens.c.token_hash.type),
+            new_session.c.id,
+            new_session.c.created_at,
+        ),
+    )
+
+
+_ADD_SESSION = _add_session_statement()
+
+
 class SqlSessionRepository:
     def __init__(self, session: AsyncSession) -> None:
         self._session = session
@@ -35,16 +65,17 @@ class SqlSessionRepository:
         self, new: Session, *, refresh_hash: str, user_agent: str, client_ip: str
     ) -> None:
         await self._session.execute(
-            sa.insert(sessions).values(
-                id=new.id,
-                user_id=new.user_id,
-                created_at=new.created_at,
-                expires_at=new.expires_at,
-                user_agent=user_agent,
-                client_ip=client_ip,
-            )
+            _ADD_SESSION,
+            {
+                "id": new.id,
+                "user_id": new.user_id,
+                "created_at": new.created_at,
+                "expires_at": new.expires_at,
+                "user_agent": user_agent,
+                "client_ip": client_ip,
+                "token_hash": refresh_hash,
+            },
         )
-        await self.add_refresh_token(new.id, refresh_hash, new.created_at)
 
     async def add_refresh_token(self, session_id: str, token_hash: str, at: datetime) -> None:
         await self._session.execute(

@@ -42,7 +42,7 @@ from cake_devtools.stack.component import (
     State,
 )
 from cake_devtools.stack.errors import StackError
-from cake_devtools.stack.services import ensure_dev_keys
+from cake_devtools.stack.services import auth_worker_sockets, ensure_dev_keys
 from cake_devtools.stack.settings import StackSettings
 
 
@@ -133,6 +133,7 @@ def local_gateway_context(
     gateway: GatewaySettings | None = None,
     descriptor_path: Path | None = None,
     openapi_path: Path | None = None,
+    auth_sockets: Sequence[Path] = (),
 ) -> GatewayContext:
     gateway = gateway or GatewaySettings()
     rate_limit, auth_rate_limit = gateway.rate_limits
@@ -149,6 +150,7 @@ def local_gateway_context(
             promotions_port=settings.promotions_grpc_port,
             events_port=settings.events_grpc_port,
             notifications_port=settings.notifications_grpc_port,
+            auth_sockets=auth_sockets,
         ),
         rate_limit_per_minute=rate_limit,
         auth_rate_limit_per_minute=auth_rate_limit,
@@ -336,6 +338,9 @@ class EnvoyComponent(ProcessComponent):
         return local_gateway_context(
             self.ctx.settings,
             gateway=load_gateway_settings(self.ctx.profile),
+            auth_sockets=auth_worker_sockets(
+                self.ctx.layout.sockets, self.ctx.settings.auth_workers
+            ),
         )
 
     def unavailable_reason(self) -> str | None:

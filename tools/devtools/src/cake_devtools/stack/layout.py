@@ -71,6 +71,11 @@ class RunLayout:
         return self.root / "envoy"
 
     @property
+    def sockets(self) -> Path:
+        """Unix sockets of services that run several worker processes (auth)."""
+        return self.root / "sockets"
+
+    @property
     def keys(self) -> Path:
         """Development JWT keys (``cake-auth gen-keys``): signing key and published JWKS."""
         return self.root / "keys"

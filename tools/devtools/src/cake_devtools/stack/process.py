@@ -128,6 +128,52 @@ def group_alive(pgid: int) -> bool:
     return True
 
 
+def group_members(pgid: int) -> list[int]:
+    """The live processes of the group ``pgid`` (a component: its ``uv run`` wrapper, the
+    server, and the worker processes of a service that runs several) and their descendants
+    (PostgreSQL's backends), by pid."""
+    parents: dict[int, int] = {}
+    members = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        fields = _stat_fields(int(entry.name))
+        if fields is None or fields[0] == "Z":
+            continue
+        parents[int(entry.name)] = int(fields[1])
+        if int(fields[2]) == pgid:
+            members.add(int(entry.name))
+    grown = True
+    while grown:
+        children = {pid for pid, parent in parents.items() if parent in members}
+        grown = not children <= members
+        members |= children
+    return sorted(members)
+
+
+def cpu_ticks(pid: int) -> int | None:
+    """User + system CPU time ``pid`` has used, in clock ticks (``os.sysconf("SC_CLK_TCK")``
+    per second), from ``/proc/<pid>/stat``; ``None`` once it is gone."""
+    fields = _stat_fields(pid)
+    if fields is None:
+        return None
+    return int(fields[11]) + int(fields[12])  # utime and stime: fields 14 and 15 overall
+
+
+def process_name(pid: int) -> str:
+    """A short name for ``pid``: its command line's most telling words."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return "?"
+    words = [w for w in raw.decode(errors="replace").split("\0") if w]
+    if any("multiprocessing-fork" in w for w in words):
+        return "worker"
+    if any("resource_tracker" in w for w in words):
+        return "resource-tracker"
+    return " ".join(Path(words[0]).name if i == 0 else w for i, w in enumerate(words[:3]))
+
+
 def signal_group(record: ProcessRecord, sig: int) -> None:
     """Send ``sig`` to the whole process group the record leads."""
     with contextlib.suppress(ProcessLookupError):

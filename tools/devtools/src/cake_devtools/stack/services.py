@@ -101,6 +101,17 @@ class Endpoints:
     notifications_secret_file: Path | None = None
     #: The gateway's URL (auth's discovery document names its endpoints under it).
     public_url: str | None = None
+    #: auth's worker processes (CAKE_AUTH_WORKERS) and where their sockets live.
+    auth_workers: int = 1
+    socket_dir: Path | None = None
+
+
+def auth_worker_sockets(socket_dir: Path | None, workers: int) -> tuple[Path, ...]:
+    """The sockets auth's workers listen on (``<dir>/auth-<i>.sock``, the naming of
+    ``cake_common.workers.worker_socket_path``); none when auth runs one process."""
+    if workers <= 1 or socket_dir is None:
+        return ()
+    return tuple(socket_dir / f"auth-{index}.sock" for index in range(workers))
 
 
 def database_url(*, user: str, password: str, host: str, port: int, database: str) -> str:
@@ -145,6 +156,12 @@ def build_service_environment(
             env[f"{prefix}JWT_PRIVATE_KEY_FILE"] = str(endpoints.jwt_signing_key)
             if endpoints.public_url is not None:
                 env[f"{prefix}PUBLIC_URL"] = endpoints.public_url
+            # Always set: `cake-auth` also reads .run/dev/auth.env, whose value must not
+            # leak into another profile's auth.
+            env[f"{prefix}WORKERS"] = "1"
+            if auth_worker_sockets(endpoints.socket_dir, endpoints.auth_workers):
+                env[f"{prefix}WORKERS"] = str(endpoints.auth_workers)
+                env[f"{prefix}WORKER_SOCKET_DIR"] = str(endpoints.socket_dir)
         if spec.name == "events":
             env[f"{prefix}SOURCES"] = json.dumps(
                 [
@@ -290,7 +307,10 @@ class ServiceComponent(ProcessComponent):
         return env
 
     def probe(self) -> bool:
-        return grpc_serving(self.address)
+        # A service of several workers is ready when every one of them serves.
+        sockets = auth_worker_sockets(self.endpoints.socket_dir, self.endpoints.auth_workers)
+        worker_addresses = [f"unix:{s}" for s in sockets] if self.spec.name == "auth" else []
+        return all(grpc_serving(a) for a in (self.address, *worker_addresses))
 
     def wait_ready(self, deadline: float) -> None:
         self.wait_until(self.probe, what="gRPC health SERVING", deadline=deadline, alive=self.alive)

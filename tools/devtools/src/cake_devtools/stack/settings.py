@@ -10,6 +10,7 @@ servers, and a client's outgoing connection must never grab a port while its ser
 
 from __future__ import annotations
 
+import os
 from typing import Literal, get_args
 
 from pydantic import Field
@@ -44,6 +45,11 @@ class StackSettings(BaseSettings):
     events_metrics_port: int = Field(default=19113, ge=1, le=65535)
     payments_metrics_port: int = Field(default=19114, ge=1, le=65535)
     notifications_metrics_port: int = Field(default=19115, ge=1, le=65535)
+    auth_workers: int = Field(
+        default_factory=lambda: len(os.sched_getaffinity(0)),
+        ge=1,
+        description="auth server processes (CAKE_AUTH_WORKERS); default: one per usable CPU",
+    )
     otlp_endpoint: str | None = Field(
         default=None,
         description="OTLP/gRPC trace collector given to every service "

@@ -21,6 +21,7 @@ from cake_devtools.stack.errors import StackError
 from cake_devtools.stack.kafka import KafkaComponent
 from cake_devtools.stack.layout import RunLayout, repo_root
 from cake_devtools.stack.postgres import PostgresComponent
+from cake_devtools.stack.process import group_members
 from cake_devtools.stack.redis import RedisComponent
 from cake_devtools.stack.services import (
     BANK,
@@ -134,6 +135,8 @@ class Stack:
             smtp_port=settings.smtp_sink_port,
             notifications_secret_file=self._ctx.layout.keys / "notifications-client-secret",
             public_url=f"http://127.0.0.1:{settings.gateway_port}",
+            auth_workers=settings.auth_workers,
+            socket_dir=self._ctx.layout.sockets,
         )
 
     def _select(self, components: Iterable[str] | None) -> list[Component]:
@@ -282,6 +285,15 @@ class Stack:
 
     def stop(self, component: str) -> None:
         self.down([component])
+
+    def processes(self) -> dict[str, list[int]]:
+        """The live processes of every running component this stack started, by component
+        (a service running several workers lists its supervisor and every worker)."""
+        return {
+            name: group_members(status.pid)
+            for name, status in self.status().items()
+            if status.pid is not None
+        }
 
     def kill(self, component: str, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to a component's processes and return (fault tests)."""
