@@ -99,6 +99,9 @@ def auth_server(name: str, *, check: bool, profile: str) -> Iterator[Server]:
         CAKE_AUTH_GRPC_PORT=str(port),
         CAKE_AUTH_METRICS_PORT=str(free_port()),
         CAKE_AUTH_LOG_LEVEL="WARNING",
+        # One process: the patched check must be the serving process's, and /proc's CPU
+        # figure that process's (the stack may run auth as several workers).
+        CAKE_AUTH_WORKERS="1",
     )
     mode = "with" if check else "without"
     process = subprocess.Popen(

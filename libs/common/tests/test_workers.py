@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from cake_common.workers import WorkerPoolError, refuse_sockets_in_use
 
 # The workers' body: spawned processes import it by name, so it is a module on disk (the
 # tests' own modules are imported by path, which a spawned child cannot repeat).
@@ -179,3 +180,16 @@ def test_workers_that_keep_dying_fail_the_unit(unit: StartUnit) -> None:
     looping = unit("crash_loop")
     assert looping.process.wait(60) != 0
     assert "workers died within 30s; giving up" in looping.output()
+
+
+def test_a_socket_another_live_server_accepts_on_is_refused(tmp_path: Path) -> None:
+    live, stale, absent = tmp_path / "a-0.sock", tmp_path / "a-1.sock", tmp_path / "a-2.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as gone:
+        gone.bind(str(stale))  # a dead server's leftover file: nobody accepts on it
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(live))
+        server.listen()
+
+        refuse_sockets_in_use([stale, absent])  # leftovers and free paths are fine
+        with pytest.raises(WorkerPoolError, match=r"a-0\.sock is served by another running"):
+            refuse_sockets_in_use([stale, live, absent])

@@ -30,6 +30,7 @@ import httpx
 import jwt
 import pytest
 from cake.auth.v1 import auth_pb2, auth_pb2_grpc
+from cake.notifications.v1 import notifications_pb2  # noqa: F401  (its services in the pool)
 from cake.promotions.v1 import promotions_pb2, promotions_pb2_grpc
 from cake_devtools.gateway_config import (
     CLIENT_IP_HEADER,
@@ -92,12 +93,14 @@ Behaviour = Callable[[dict[str, Any]], "dict[str, Any] | FakeError"]
 
 
 class FakeServices:
-    """auth, promotions and events on their own ports, answering every transcoded method."""
+    """auth, promotions, events and notifications on their own ports, answering every
+    transcoded method."""
 
     SERVICES = {
         "auth": ("cake.auth.v1.AuthService",),
         "promotions": ("cake.promotions.v1.PromotionsService",),
         "events": (HEALTH_SERVICE, "cake.events.v1.EventAdminService"),
+        "notifications": ("cake.notifications.v1.NotificationsService",),
     }
 
     def __init__(self) -> None:
@@ -261,6 +264,7 @@ def edge_context(fakes: FakeServices, tokens: Tokens, **overrides: Any) -> Gatew
             auth_port=fakes.ports["auth"],
             promotions_port=fakes.ports["promotions"],
             events_port=fakes.ports["events"],
+            notifications_port=fakes.ports["notifications"],
         ),
         "rate_limit_per_minute": UNLIMITED,
         "auth_rate_limit_per_minute": UNLIMITED,
@@ -389,6 +393,9 @@ def test_wrapped_responses_come_back_bare(
         "campaign": {"id": "7", "name": "first login"},
         "voucher": {"id": "7", "code": FAKE_CODE},
         "user": {"id": "7", "username": "bob"},
+        "notification": {"id": "7", "title": "a voucher"},
+        # No id in preferences: a non-default language is what is recognisable.
+        "preferences": {"language": "en", "email": True},
     }
     value = response_fields[method.response_body]
     fakes.behaviours[method.full_name] = lambda _: {method.response_body: value}
@@ -398,7 +405,8 @@ def test_wrapped_responses_come_back_bare(
     if isinstance(value, list):
         assert [item["id"] for item in body] == ["1", "2"]
     else:
-        assert body["id"] == "7"
+        key = "id" if "id" in value else "language"
+        assert body[key] == value[key]
         # Defaults are printed: a Cake client sees every field.
         assert method.response_body not in body
         assert len(body) > len(value)
@@ -531,6 +539,7 @@ def test_health_is_a_json_503_when_events_cannot_be_reached(
             auth_port=fakes.ports["auth"],
             promotions_port=fakes.ports["promotions"],
             events_port=free_port(),  # nothing listens there
+            notifications_port=fakes.ports["notifications"],
         ),
     )
     with run_gateway(context, tmp_path) as url:

@@ -379,13 +379,17 @@ def test_envoy_accepts_a_config_with_dns_upstreams(tmp_path: Path) -> None:
 
 
 def test_a_service_of_several_workers_is_one_health_checked_endpoint_per_socket(
-    jwks: Path, tmp_path: Path
+    tmp_path: Path,
 ) -> None:
     sockets = [tmp_path / "auth-0.sock", tmp_path / "auth-1.sock"]
     upstreams = local_upstreams(
-        auth_port=17151, promotions_port=17152, events_port=17153, auth_sockets=sockets
+        auth_port=17151,
+        promotions_port=17152,
+        events_port=17153,
+        notifications_port=17155,
+        auth_sockets=sockets,
     )
-    config = _render(jwks, upstreams=upstreams)
+    config = _render(upstreams=upstreams)
     clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
 
     endpoints = clusters["auth"]["load_assignment"]["endpoints"][0]["lb_endpoints"]
@@ -398,9 +402,7 @@ def test_a_service_of_several_workers_is_one_health_checked_endpoint_per_socket(
     # The others keep their TCP port.
     (promotions,) = clusters["promotions"]["load_assignment"]["endpoints"][0]["lb_endpoints"]
     assert promotions["endpoint"]["address"]["socket_address"]["port_value"] == 17152
-    validate_config(
-        write_gateway_config(_context(jwks, upstreams=upstreams), tmp_path / "envoy.yaml")
-    )
+    validate_config(write_gateway_config(_context(upstreams=upstreams), tmp_path / "envoy.yaml"))
 
 
 # -- the stack component -----------------------------------------------------------------------

@@ -36,11 +36,12 @@ import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -71,6 +72,28 @@ def worker_socket_path(socket_dir: Path, service: str, index: int) -> Path:
     """Where worker ``index`` of ``service`` listens: ``<socket_dir>/<service>-<index>.sock``
     (the gateway config lists the same paths as the cluster's endpoints)."""
     return socket_dir / f"{service}-{index}.sock"
+
+
+def refuse_sockets_in_use(paths: Iterable[Path]) -> None:
+    """Fail when another live process serves on one of ``paths``.
+
+    gRPC replaces the socket file it binds, so a second server started with the same socket
+    directory would silently take every path from the one already serving there (and delete
+    them when it stops). A file nobody accepts on is a dead server's leftover: replacing it
+    is right."""
+    for path in paths:
+        if not path.exists():
+            continue
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(1.0)
+            try:
+                probe.connect(str(path))
+            except OSError:
+                continue
+        raise WorkerPoolError(
+            f"{path} is served by another running process: stop it, or give this one its "
+            "own socket directory"
+        )
 
 
 def multiprocess_metrics() -> bool:

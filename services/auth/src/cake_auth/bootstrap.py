@@ -23,7 +23,13 @@ from cake_common.service_runtime import (
     start_logging,
 )
 from cake_common.token_auth import revocation_list, token_verifier
-from cake_common.workers import Ready, WorkerPool, supervise, worker_socket_path
+from cake_common.workers import (
+    Ready,
+    WorkerPool,
+    refuse_sockets_in_use,
+    supervise,
+    worker_socket_path,
+)
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from cake_auth.adapters.login_throttle import RedisLoginThrottle
@@ -366,6 +372,10 @@ async def serve(settings: AuthSettings) -> None:
     start_logging(settings)
     assert settings.worker_socket_dir is not None  # the settings validator requires it
     settings.worker_socket_dir.mkdir(parents=True, exist_ok=True)
+    refuse_sockets_in_use(
+        worker_socket_path(settings.worker_socket_dir, settings.service_name, index)
+        for index in range(settings.workers)
+    )
     await supervise(
         WorkerPool(
             name=settings.service_name,
