@@ -20,6 +20,7 @@ from cake.auth.v1 import auth_pb2, auth_pb2_grpc
 from cake_devtools.cluster_client import PASSWORD, Account, CakeClient
 
 VOUCHER_WAIT_SECONDS = 60
+NOTIFICATION_WAIT_SECONDS = 60
 HEALTH_WAIT_SECONDS = 60
 
 
@@ -79,9 +80,45 @@ def test_first_login_voucher_pays_for_a_topup(
 
         after = client.my_vouchers(user)
         assert [(v["code"], v["status"]) for v in after] == [(voucher["code"], "used")]
+
+        # The notifications service (its own pod and database, the SMTP sink's pod): the
+        # voucher, its use and the receipt in the user's list, and the two e-mails (the
+        # voucher's and the receipt's) handed to the SMTP server exactly once each.
+        page = _wait_for_notifications(client, user, 3)
+        assert sorted(n["kind"] for n in page["notifications"]) == [
+            "PAYMENT_PROCESSED",
+            "VOUCHER_ISSUED",
+            "VOUCHER_USED",
+        ], page
+        assert int(page["unreadCount"]) == 3, page
+        deadline = time.monotonic() + NOTIFICATION_WAIT_SECONDS
+        while True:
+            mails = sql(
+                "cake_notifications",
+                "SELECT n.kind, d.status FROM deliveries d JOIN notifications n "
+                f"ON n.id = d.notification_id WHERE n.user_id = {user.user_id} "
+                "AND d.channel = 'email' ORDER BY n.kind",
+            )
+            if all(status == "sent" for _, status in mails) and len(mails) == 2:
+                break
+            assert time.monotonic() < deadline, mails
+            time.sleep(1)
+        assert mails == [("payment_processed", "sent"), ("voucher_issued", "sent")], mails
     finally:
         client.end_campaign(admin, campaign)
     record("end_to_end", {"first_login_to_topup": "ok"})
+
+
+def _wait_for_notifications(client: CakeClient, user: Account, count: int) -> dict[str, Any]:
+    deadline = time.monotonic() + NOTIFICATION_WAIT_SECONDS
+    while True:
+        response = client.http.get("/notifications", headers=user.headers)
+        assert response.status_code == 200, response.text
+        page: dict[str, Any] = response.json()
+        if len(page.get("notifications", [])) >= count:
+            return page
+        assert time.monotonic() < deadline, page
+        time.sleep(0.5)
 
 
 def test_admin_queue_stats_need_the_admin_role(
