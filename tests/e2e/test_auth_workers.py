@@ -86,9 +86,9 @@ def _wait(condition: Callable[[], bool], *, what: str, timeout: float = 90) -> N
 
 def test_the_gateway_spreads_requests_over_every_auth_worker(full_stack: Stack) -> None:
     environment = full_stack.service_environment()["auth"]
-    workers = int(environment.get("CAKE_AUTH_WORKERS", "1"))
-    if workers < 2:
-        pytest.skip("the test stack runs auth in one process (one usable CPU)")
+    workers = int(environment["CAKE_AUTH_WORKERS"])
+    # The test profile runs at least two workers (StackSettingsForTests), whatever the CPUs.
+    assert workers >= 2, f"the test stack runs {workers} auth worker(s)"
     auth_pids = _workers(full_stack.processes()["auth"])
     assert len(set(auth_pids)) == workers, f"auth worker processes: {auth_pids}"
 

@@ -48,7 +48,8 @@ class StackSettings(BaseSettings):
     auth_workers: int = Field(
         default_factory=lambda: len(os.sched_getaffinity(0)),
         ge=1,
-        description="auth server processes (CAKE_AUTH_WORKERS); default: one per usable CPU",
+        description="auth server processes (CAKE_AUTH_WORKERS); default: one per usable CPU "
+        "(the test profile: at least two)",
     )
     otlp_endpoint: str | None = Field(
         default=None,
@@ -97,6 +98,12 @@ class StackSettingsForTests(StackSettings):
     events_metrics_port: int = Field(default=19123, ge=1, le=65535)
     payments_metrics_port: int = Field(default=19124, ge=1, le=65535)
     notifications_metrics_port: int = Field(default=19125, ge=1, le=65535)
+    auth_workers: int = Field(
+        default_factory=lambda: max(2, len(os.sched_getaffinity(0))),
+        ge=1,
+        description="auth server processes; at least two, so the tests always cover the "
+        "supervisor and the gateway's spreading over workers, even on one CPU",
+    )
     postgres_fsync: bool = False
 
 
