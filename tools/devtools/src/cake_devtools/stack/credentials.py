@@ -28,7 +28,7 @@ def load_or_create(path: Path, names: Iterable[str]) -> dict[str, str]:
     if missing:
         # URL-safe alphabet: the passwords go into database URLs unescaped by other tools.
         stored.update({name: secrets.token_urlsafe(24) for name in missing})
-        _write_private(path, json.dumps(stored, indent=2, sort_keys=True) + "\n")
+        write_private(path, json.dumps(stored, indent=2, sort_keys=True) + "\n")
     return stored
 
 
@@ -39,7 +39,8 @@ def redact(text: str, passwords: Iterable[str]) -> str:
     return text
 
 
-def _write_private(path: Path, text: str) -> None:
+def write_private(path: Path, text: str) -> None:
+    """``text`` into ``path``, readable by its owner only, replaced atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     # Created 0600 from the start (not chmod-ed afterwards), so it is never world-readable.

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import time
 import uuid
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import jwt
 
+from cake_devtools.stack.credentials import write_private
 from cake_devtools.stack.errors import StackError
 
 ISSUER = "cake-system"
@@ -56,13 +56,6 @@ def mint_token(
     return jwt.encode(claims, signing_key.read_bytes(), algorithm="ES256", headers={"kid": kid})
 
 
-def write_token(path: Path, token: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w", encoding="utf-8") as token_file:
-        token_file.write(token)
-
-
 NOTIFICATIONS_CLIENT_ID = "notifications"
 CONTACTS_SCOPE = "users:read-contacts"
 
@@ -76,7 +69,7 @@ def ensure_notifications_token(signing_key: Path, jwks_file: Path, path: Path) -
         role="service",
         scopes=[CONTACTS_SCOPE],
     )
-    write_token(path, token)
+    write_private(path, token)
 
 
 def create_service_account(
@@ -97,7 +90,7 @@ def create_service_account(
     )
     if result.returncode != 0 or not secret:
         raise StackError(f"cake-auth create-service-account failed:\n{result.stderr.strip()}")
-    write_token(secret_file, secret)
+    write_private(secret_file, secret)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
