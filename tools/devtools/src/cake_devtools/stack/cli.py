@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cake_devtools.stack.errors import StackError
 from cake_devtools.stack.settings import PROFILES
-from cake_devtools.stack.stack import COMPONENTS, Stack
+from cake_devtools.stack.stack import COMPONENTS, NAME_WIDTH, Stack
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,7 +50,7 @@ def _short(path: Path) -> str:
 def _print_status(stack: Stack) -> bool:
     """Print one line per component; True if everything that runs is healthy."""
     all_ok = True
-    print(f"{'component':<11}{'state':<12}{'health':<10}{'pid':<9}{'address':<22}log")
+    print(f"{'component':<{NAME_WIDTH}}{'state':<12}{'health':<10}{'pid':<9}{'address':<22}log")
     for name, status in stack.status().items():
         if status.state.value in ("running", "external"):
             health = "healthy" if status.healthy else "UNHEALTHY"
@@ -59,9 +59,11 @@ def _print_status(stack: Stack) -> bool:
             health = "-"
         pid = str(status.pid) if status.pid else "-"
         log = _short(status.log_path) if status.log_path else ""
-        print(f"{name:<11}{status.state.value:<12}{health:<10}{pid:<9}{status.address:<22}{log}")
+        print(
+            f"{name:<{NAME_WIDTH}}{status.state.value:<12}{health:<10}{pid:<9}{status.address:<22}{log}"
+        )
         if status.detail:
-            print(f"{'':<11}({status.detail})")
+            print(f"{'':<{NAME_WIDTH}}({status.detail})")
     return all_ok
 
 

@@ -46,6 +46,8 @@ COMPONENTS = (
     "events",
     "envoy",
 )
+NAME_WIDTH = max(map(len, COMPONENTS)) + 1
+"""The column a component's name fills in the stack's output (the longest name and a space)."""
 
 
 def _silent(_: str) -> None:
@@ -331,7 +333,7 @@ class Stack:
     # -- output ----------------------------------------------------------------------------
 
     def _echo(self, name: str, message: str) -> None:
-        self._ctx.echo(f"{name:<11}{message}")
+        self._ctx.echo(f"{name:<{NAME_WIDTH}}{message}")
 
     def _relative(self, path: Path) -> str:
         try:
