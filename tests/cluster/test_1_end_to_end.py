@@ -9,6 +9,8 @@ Everything here runs under the gateway's real rate limits (Cake's 100/min per ad
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import time
 import uuid
 from decimal import Decimal
@@ -16,8 +18,10 @@ from typing import Any
 
 import grpc
 import httpx
+import jwt
 from cake.auth.v1 import auth_pb2, auth_pb2_grpc
 from cake_devtools.cluster_client import PASSWORD, Account, CakeClient
+from cake_devtools.k8s_deploy import Kubectl
 
 VOUCHER_WAIT_SECONDS = 60
 NOTIFICATION_WAIT_SECONDS = 60
@@ -107,6 +111,52 @@ def test_first_login_voucher_pays_for_a_topup(
     finally:
         client.end_campaign(admin, campaign)
     record("end_to_end", {"first_login_to_topup": "ok"})
+
+
+def test_notifications_calls_auth_with_its_service_account(
+    http: httpx.Client, kubectl: Kubectl, sql: Any
+) -> None:
+    """The e-mails above needed the users' contacts from auth, which only a token with scope
+    users:read-contacts gets. Notifications has no token of its own: it holds the client
+    secret of the Secret notifications-auth-client, which the auth-service-accounts Job
+    registered, and requests 5-minute service tokens with it (client credentials)."""
+    encoded = kubectl.run(
+        "get", "secret", "notifications-auth-client", "-o", "jsonpath={.data.client-secret}"
+    ).stdout
+    secret = base64.b64decode(encoded).decode().strip()
+    # The account in auth's database: enabled, its scope, and the Secret's secret.
+    accounts = sql(
+        "cake_auth",
+        "SELECT array_to_string(scopes, ' '), disabled_at IS NULL, secret_hash "
+        "FROM service_accounts WHERE client_id = 'notifications'",
+    )
+    assert accounts == [("users:read-contacts", "t", hashlib.sha256(secret.encode()).hexdigest())]
+    # That secret is what gets notifications a token: a service-role client-credentials
+    # token, short-lived, for that scope only.
+    response = http.post(
+        "/oauth/token",
+        data={"grant_type": "client_credentials", "scope": "users:read-contacts"},
+        auth=("notifications", secret),
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["expires_in"] == 300, body
+    claims = jwt.decode(body["access_token"], options={"verify_signature": False})
+    assert (claims["role"], claims["sub"], claims["scope"]) == (
+        "service",
+        "notifications",
+        "users:read-contacts",
+    )
+    # And nothing else authenticates notifications: no token in its pod's environment or
+    # volumes, only the client id and the secret file.
+    deployment = kubectl.get_json("deployment/notifications")
+    pod = deployment["spec"]["template"]["spec"]
+    (server,) = pod["containers"]
+    names = {variable["name"] for variable in server["env"]}
+    assert "CAKE_NOTIFICATIONS_AUTH_CLIENT_ID" in names
+    assert not [name for name in names if "TOKEN" in name], names
+    secrets = {v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    assert secrets == {"notifications-auth-client"}, secrets
 
 
 def _wait_for_notifications(client: CakeClient, user: Account, count: int) -> dict[str, Any]:

@@ -29,6 +29,8 @@ from cake_devtools.stack import kafka as stack_kafka
 from cake_devtools.stack import postgres as stack_postgres
 from cake_devtools.stack.services import OUTBOX_SOURCES
 from cake_events.settings import EventsSettings
+from cake_notifications.bootstrap import CONTACTS_SCOPE
+from cake_notifications.settings import NotificationsSettings
 from cake_promotions.settings import PromotionsSettings
 from sqlalchemy.engine import make_url
 
@@ -39,6 +41,7 @@ SETTINGS: dict[str, type[ServiceSettings]] = {
     "auth": AuthSettings,
     "promotions": PromotionsSettings,
     "events": EventsSettings,
+    "notifications": NotificationsSettings,
 }
 KUBERNETES_VERSION = "1.37.0"
 STRIMZI_API = "kafka.strimzi.io/v1beta2"
@@ -49,7 +52,7 @@ GRPC_PORT = 50051
 EXTERNAL_OBJECTS = {
     ("Secret", "auth-jwt-signing-key"),
     ("ConfigMap", "jwks"),
-    ("Secret", "notifications-auth-token"),
+    ("Secret", "notifications-auth-client"),
 }
 PROD_EXTERNAL_SECRETS = {
     "auth-secrets",
@@ -457,6 +460,58 @@ def test_service_environment_names_real_settings(overlay: RenderedOverlay) -> No
             assert required <= env.keys(), f"{service}: missing {required - env.keys()}"
 
 
+def secret_file(workload: Manifest, container: Manifest, path: str) -> tuple[str, str]:
+    """(Secret name, key) of the file ``path`` mounted in ``container`` from a Secret."""
+    mount = next(
+        m for m in container.get("volumeMounts", []) if Path(path).parent == Path(m["mountPath"])
+    )
+    volume = next(v for v in pod_spec(workload)["volumes"] if v["name"] == mount["name"])
+    assert "items" not in volume["secret"], "each key is a file of the same name"
+    return volume["secret"]["secretName"], Path(path).name
+
+
+def test_notifications_requests_tokens_with_the_secret_the_job_registers(
+    overlay: RenderedOverlay,
+) -> None:
+    """Notifications proves itself to auth with a service account (client credentials), in
+    dev as in prod: the auth-service-accounts Job registers the client secret of a Secret
+    and notifications reads the same Secret. No long-lived token is mounted anywhere."""
+    deployment = overlay.get("Deployment", "notifications")
+    (server,) = pod_spec(deployment)["containers"]
+    env = env_of(server)
+    assert env["CAKE_NOTIFICATIONS_AUTH_CLIENT_ID"]["value"] == "notifications"
+    assert not [name for name in env if "TOKEN" in name]
+    notifications_secret = secret_file(
+        deployment, server, env["CAKE_NOTIFICATIONS_AUTH_CLIENT_SECRET_FILE"]["value"]
+    )
+
+    job = overlay.get("Job", "auth-service-accounts")
+    (register,) = pod_spec(job)["containers"]
+    args = register["args"]
+    assert args[:2] == ["create-service-account", "notifications"]
+    assert args[args.index("--scope") + 1] == CONTACTS_SCOPE
+    # Idempotent at every deploy; a new secret in the Secret re-keys the account.
+    assert "--rotate-secret" in args
+    job_secret = secret_file(job, register, args[args.index("--secret-file") + 1])
+    assert job_secret == notifications_secret == ("notifications-auth-client", "client-secret")
+    assert (
+        register["image"]
+        == overlay.get("Deployment", "auth")["spec"]["template"]["spec"]["containers"][0]["image"]
+    )
+    (auth,) = pod_spec(overlay.get("Deployment", "auth"))["containers"]
+    for name in ("CAKE_AUTH_DATABASE_URL", "CAKE_AUTH_REDIS_URL"):
+        assert env_of(register)[name] == env_of(auth)[name], name
+
+    # Only auth holds the signing key: no other pod could mint a token.
+    holders = {
+        workload["metadata"]["name"]
+        for workload in overlay.workloads()
+        for volume in pod_spec(workload).get("volumes", [])
+        if volume.get("secret", {}).get("secretName") == "auth-jwt-signing-key"
+    }
+    assert holders == {"auth"}
+
+
 def test_service_ports_paths_and_targets_agree(overlay: RenderedOverlay) -> None:
     services = overlay.of_kind("Service")
     for deployment in grpc_services(overlay):
@@ -583,6 +638,10 @@ DEV_CONNECTIONS = [
     ("events", "kafka", "kafka", True),
     ("auth-migrate", "postgres", "postgres", True),
     ("auth-migrate", "redis", "redis", False),
+    # The Job registering service accounts: auth's database, and Redis (revocations) only.
+    ("auth-service-accounts", "postgres", "postgres", True),
+    ("auth-service-accounts", "redis", "redis", True),
+    ("auth-service-accounts", "kafka", "kafka", False),
     ("kafka-topics", "kafka", "kafka", True),
     ("kafka-topics", "postgres", "postgres", False),
     ("gateway", "postgres", "postgres", False),
@@ -643,10 +702,10 @@ def test_prod_clients_reach_strimzi_and_the_managed_datastores(prod: RenderedOve
             name in {"promotions", "events", "notifications"}
         ), name
         assert labels_match(postgres_clients["podSelector"], pod.labels) == (
-            name in SERVICES or name.endswith("-migrate")
+            name in SERVICES or name.endswith("-migrate") or name == "auth-service-accounts"
         ), name
         assert labels_match(redis_clients["podSelector"], pod.labels) == (
-            name in {"auth", "promotions", "events", "notifications"}
+            name in {"auth", "auth-service-accounts", "promotions", "events", "notifications"}
         ), name
     (kafka,) = prod.of_kind("Kafka")
     peers = kafka["spec"]["kafka"]["listeners"][0]["networkPolicyPeers"]

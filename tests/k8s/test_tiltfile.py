@@ -243,13 +243,17 @@ def test_keys_are_made_locally_and_never_read_from_git(
     assert {(g["kind"], g["metadata"]["name"]) for g in generated} == {
         ("Secret", "auth-jwt-signing-key"),
         ("ConfigMap", "jwks"),
-        ("Secret", "notifications-auth-token"),
+        ("Secret", "notifications-auth-client"),
     }
     for manifest in generated:
         assert manifest["metadata"]["namespace"] == dev.namespace
     secrets = {g["metadata"]["name"]: g for g in generated if g["kind"] == "Secret"}
     assert set(secrets["auth-jwt-signing-key"]["stringData"]) == {"jwt-signing-key.pem"}
-    assert set(secrets["notifications-auth-token"]["stringData"]) == {"token"}
+    assert set(secrets["notifications-auth-client"]["stringData"]) == {"client-secret"}
+    # A client secret is made (once) for notifications' service account; no token is signed.
+    secret_command = next(c for c in tilt.local_commands if "service_tokens" in c)
+    assert secret_command.endswith(f"{k8s_deploy.KEYS_DIR}/notifications-client-secret")
+    assert not any("jwt-signing-key" in c for c in tilt.local_commands)
     assert set(next(g for g in generated if g["kind"] == "ConfigMap")["data"]) == {"jwks.json"}
 
 
@@ -293,6 +297,10 @@ def test_resources_start_in_order(tilt: TiltCalls) -> None:
     # The relay reads the other services' outbox tables: their migrations come first.
     assert {"auth-migrate", "promotions-migrate", "kafka-topics"} <= closure(tilt, "events")
     assert set(SERVICES) <= closure(tilt, "gateway")
+    # Notifications' service account is registered (in auth's migrated database) before it
+    # starts; the Job may have to revoke old tokens, so Redis is up too.
+    assert {"auth-migrate", "postgres", "redis"} <= closure(tilt, "auth-service-accounts")
+    assert {"auth-service-accounts", "notifications-migrate"} <= closure(tilt, "notifications")
     for infra in ("postgres", "redis", "kafka"):
         assert tilt.resources[infra]["labels"] == ["infra"]
         assert not closure(tilt, infra)
@@ -328,16 +336,16 @@ def test_k8s_test_applies_in_the_tiltfile_order(tilt: TiltCalls) -> None:
 
 def test_k8s_test_makes_the_tiltfile_key_objects(tilt: TiltCalls) -> None:
     generated = [yaml.safe_load(blob) for blob in tilt.k8s_yaml[:-1]]
-    pem, jwks, token = (
+    pem, jwks, client_secret = (
         f"stand-in content of .run/k8s-dev/keys/{name}"
         for name in (
             k8s_deploy.SIGNING_KEY_FILE,
             k8s_deploy.JWKS_FILE,
-            k8s_deploy.NOTIFICATIONS_TOKEN_FILE,
+            k8s_deploy.NOTIFICATIONS_CLIENT_SECRET_FILE,
         )
     )
     assert str(k8s_deploy.KEYS_DIR) in next(c for c in tilt.local_commands if "gen-keys" in c)
-    assert k8s_deploy.key_objects(k8s_deploy.NAMESPACE, pem, jwks, token) == generated
+    assert k8s_deploy.key_objects(k8s_deploy.NAMESPACE, pem, jwks, client_secret) == generated
 
 
 def test_k8s_test_forwards_the_gateway_port_tilt_forwards(tilt: TiltCalls) -> None:

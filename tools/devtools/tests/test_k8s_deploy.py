@@ -3,6 +3,7 @@ compared with what the Tiltfile asks Tilt to do."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from cake_devtools.k8s_deploy import (
 )
 from cake_devtools.k8s_gateway import repository_root
 from cake_devtools.k8s_manifests import WORKLOAD_KINDS, ManifestError, RenderedOverlay
+from cake_devtools.stack.service_tokens import ensure_client_secret
 
 
 def workload(kind: str, name: str, *images: str) -> dict[str, Any]:
@@ -62,13 +64,22 @@ def test_images_that_were_not_built_are_reported() -> None:
 
 
 def test_key_objects_are_the_tiltfile_ones() -> None:
-    secret, config_map, token = key_objects("cake-dev", "PEM", '{"keys": []}', "TOKEN")
+    secret, config_map, client = key_objects("cake-dev", "PEM", '{"keys": []}', "S3CRET")
     assert secret["metadata"] == {"name": "auth-jwt-signing-key", "namespace": "cake-dev"}
     assert secret["stringData"] == {"jwt-signing-key.pem": "PEM"}
     assert config_map["metadata"] == {"name": "jwks", "namespace": "cake-dev"}
     assert config_map["data"] == {"jwks.json": '{"keys": []}'}
-    assert token["metadata"] == {"name": "notifications-auth-token", "namespace": "cake-dev"}
-    assert token["stringData"] == {"token": "TOKEN"}
+    assert client["metadata"] == {"name": "notifications-auth-client", "namespace": "cake-dev"}
+    assert client["stringData"] == {"client-secret": "S3CRET"}
+
+
+def test_the_client_secret_is_made_once_private_and_strong(tmp_path: Path) -> None:
+    path = tmp_path / "keys" / "notifications-client-secret"
+    secret = ensure_client_secret(path)
+    assert len(secret) >= 43 and secret.isascii() and " " not in secret
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert ensure_client_secret(path) == secret  # kept: the account already has it
+    assert ensure_client_secret(tmp_path / "other") != secret
 
 
 def test_stages_follow_resource_deps_order() -> None:

@@ -426,3 +426,50 @@ async def test_disable_and_rotation_change_nothing_when_the_tokens_cannot_be_rev
     result = await asyncio.to_thread(_cake_auth, auth, "disable-service-account", client_id)
     assert result.returncode == 0, result.stderr
     await _refused_within(auth, token, user.user.id)
+
+
+async def test_a_secret_from_a_file_is_registered_once_and_a_new_one_rotates(
+    auth: Any, tmp_path: Any
+) -> None:
+    """What a deployment's Job runs at every release (k8s: auth-service-accounts)."""
+    name = _name()
+    secret_file = tmp_path / "client-secret"
+    secret_file.write_text("s" * 43 + "\n")
+    args = ("create-service-account", name, "--scope", CONTACTS, "--rotate-secret")
+    first = await asyncio.to_thread(_cake_auth, auth, *args, "--secret-file", str(secret_file))
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith("created") and "client_secret=" not in first.stdout
+    token = await _token(auth, name, "s" * 43)
+    assert _claims(token)["role"] == "service"
+
+    # Run again with the same file: unchanged, and the token it held still works.
+    again = await asyncio.to_thread(_cake_auth, auth, *args, "--secret-file", str(secret_file))
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith("unchanged:")
+    user = await auth.register()
+    contacts = await auth.stub.GetUserContacts(
+        oauth_pb2.GetUserContactsRequest(user_id=user.user.id), metadata=auth.bearer(token)
+    )
+    assert contacts.user_id == user.user.id
+
+    # A new secret in the file: the old secret is refused, the old token revoked.
+    secret_file.write_text("t" * 43)
+    rotated = await asyncio.to_thread(_cake_auth, auth, *args, "--secret-file", str(secret_file))
+    assert rotated.returncode == 0, rotated.stderr
+    assert rotated.stdout.startswith("rotated the secret of")
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await _token(auth, name, "s" * 43)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    await _token(auth, name, "t" * 43)
+    await _refused_within(auth, token, user.user.id)
+
+    # A weak or missing secret file is an input error, nothing is changed.
+    secret_file.write_text("too-short")
+    weak = await asyncio.to_thread(_cake_auth, auth, *args, "--secret-file", str(secret_file))
+    missing = await asyncio.to_thread(
+        _cake_auth, auth, *args, "--secret-file", str(tmp_path / "absent")
+    )
+    for result in (weak, missing):
+        assert result.returncode == 2, result.stdout
+        assert "create-service-account failed" in result.stderr
+    await _token(auth, name, "t" * 43)

@@ -156,3 +156,120 @@ async def test_refusals(grant: TokenGrant, disabled: bool, reason: str) -> None:
         await use_case.issue(grant)
     assert error.value.reason == reason
     assert tokens.issued == []
+
+
+# -- create with a given secret (a deployment's secret store) --------------------------------
+
+
+class _StoredAccounts:
+    """The repository's create/rotate part, in memory."""
+
+    def __init__(self) -> None:
+        self.account: ServiceAccount | None = None
+        self.writes = 0
+
+    async def get(self, client_id: str, *, for_update: bool = False) -> ServiceAccount | None:
+        return self.account if self.account and self.account.client_id == client_id else None
+
+    async def add(
+        self,
+        *,
+        client_id: str,
+        secret_hash: str,
+        scopes: frozenset[str],
+        generation: str,
+        at: datetime,
+    ) -> ServiceAccount | None:
+        self.writes += 1
+        self.account = ServiceAccount(1, client_id, secret_hash, scopes, generation, at)
+        return self.account
+
+    async def update(
+        self,
+        account_id: int,
+        *,
+        secret_hash: str,
+        scopes: frozenset[str],
+        generation: str,
+        disabled_at: datetime | None,
+        at: datetime,
+    ) -> None:
+        assert self.account is not None
+        self.writes += 1
+        self.account = ServiceAccount(
+            account_id, self.account.client_id, secret_hash, scopes, generation, at, disabled_at
+        )
+
+
+class _AuditLog:
+    def __init__(self) -> None:
+        self.types: list[str] = []
+
+    async def security_audit(self, entry: object) -> None:
+        self.types.append(entry.type)  # type: ignore[attr-defined]
+
+
+class _StoreUnitOfWork(_UnitOfWork):
+    def __init__(self, accounts: _StoredAccounts, audit: _AuditLog) -> None:
+        self.service_accounts = accounts  # type: ignore[assignment]
+        self.events = audit  # type: ignore[assignment]
+
+
+class _RecordedRevocations:
+    def __init__(self) -> None:
+        self.revoked: list[str] = []
+
+    async def revoke_sessions(self, session_ids: Sequence[str]) -> None:
+        self.revoked += session_ids
+
+    async def revoke_token(self, jti: str, expires_at: datetime) -> None:
+        raise AssertionError("accounts are revoked by generation")
+
+
+GIVEN_SECRET = "k" * 43
+CONTACTS = frozenset({"users:read-contacts"})
+
+
+async def test_a_given_secret_is_stored_once_and_a_rerun_changes_nothing() -> None:
+    accounts, audit, revocations = _StoredAccounts(), _AuditLog(), _RecordedRevocations()
+    use_case = ServiceAccounts(
+        unit_of_work=lambda: _StoreUnitOfWork(accounts, audit),  # type: ignore[arg-type,return-value]
+        tokens=_Tokens(),
+        revocations=revocations,
+    )
+    first = await use_case.create("notifications", CONTACTS, rotate=True, secret=GIVEN_SECRET)
+    assert (first.created, first.changed, first.client_secret) == (True, True, GIVEN_SECRET)
+    assert accounts.account is not None
+    assert secret_matches(GIVEN_SECRET, accounts.account.secret_hash)
+    generation = accounts.account.generation
+
+    # The deployment runs it again at every release: nothing is written, nothing revoked.
+    again = await use_case.create("notifications", CONTACTS, rotate=True, secret=GIVEN_SECRET)
+    assert (again.created, again.changed) == (False, False)
+    assert accounts.writes == 1 and revocations.revoked == []
+    assert audit.types == ["SERVICE_ACCOUNT_CREATED"]
+
+    # A new secret in the store (or other scopes) is a rotation: old tokens revoked.
+    new_secret = "n" * 43
+    rotated = await use_case.create("notifications", CONTACTS, rotate=True, secret=new_secret)
+    assert (rotated.created, rotated.changed) == (False, True)
+    assert secret_matches(new_secret, accounts.account.secret_hash)
+    assert revocations.revoked == [generation]
+    widened = await use_case.create(
+        "notifications", CONTACTS | {"x:y"}, rotate=True, secret=new_secret
+    )
+    assert widened.changed and accounts.account.scopes == CONTACTS | {"x:y"}
+    assert audit.types == ["SERVICE_ACCOUNT_CREATED", *2 * ["SERVICE_ACCOUNT_SECRET_ROTATED"]]
+
+
+@pytest.mark.parametrize("secret", ["short", "x" * 31, "a" * 40 + " b", "é" * 40, "x" * 513])
+async def test_a_given_secret_must_be_long_printable_ascii(secret: str) -> None:
+    accounts = _StoredAccounts()
+    use_case = ServiceAccounts(
+        unit_of_work=lambda: _StoreUnitOfWork(accounts, _AuditLog()),  # type: ignore[arg-type,return-value]
+        tokens=_Tokens(),
+        revocations=_RecordedRevocations(),
+    )
+    with pytest.raises(ValueError, match="32 to 512"):
+        await use_case.create("notifications", CONTACTS, secret=secret)
+    assert accounts.writes == 0

@@ -25,7 +25,6 @@ from cake_notifications.adapters.contacts import (
     GrpcContactDirectory,
     TokenSource,
     client_credentials_source,
-    token_file_source,
 )
 from cake_notifications.adapters.metrics import PrometheusNotificationMetrics
 from cake_notifications.adapters.templates import JinjaRenderer
@@ -88,20 +87,19 @@ def unit_of_work_factory(engine: AsyncEngine) -> UnitOfWorkFactory:
 
 def directory_credentials(
     settings: NotificationsSettings,
-) -> tuple[TokenSource, ClientCredentials | None]:
-    """How this service proves itself to auth: its service account's client credentials, or
-    a mounted token file; neither is a configuration error."""
-    if settings.auth_client_id and settings.auth_client_secret_file is not None:
-        secret = settings.auth_client_secret_file.read_text().strip()
-        credentials = ClientCredentials(settings.auth_client_id, secret, scopes=[CONTACTS_SCOPE])
-        return client_credentials_source(credentials), credentials
-    if settings.auth_token_file is not None:
-        return token_file_source(settings.auth_token_file), None
-    raise SystemExit(
-        "set CAKE_NOTIFICATIONS_AUTH_CLIENT_ID and CAKE_NOTIFICATIONS_AUTH_CLIENT_SECRET_FILE "
-        "(a service account with scope users:read-contacts: cake-auth create-service-account),"
-        " or CAKE_NOTIFICATIONS_AUTH_TOKEN_FILE"
-    )
+) -> tuple[TokenSource, ClientCredentials]:
+    """How this service proves itself to auth: its service account's client credentials
+    (short-lived tokens from auth, refused once the account is disabled or re-keyed). There
+    is no long-lived token to mount instead: that would bypass revocation."""
+    if not settings.auth_client_id or settings.auth_client_secret_file is None:
+        raise SystemExit(
+            "set CAKE_NOTIFICATIONS_AUTH_CLIENT_ID and CAKE_NOTIFICATIONS_AUTH_CLIENT_SECRET_FILE "
+            "(a service account with scope users:read-contacts: cake-auth "
+            "create-service-account)"
+        )
+    secret = settings.auth_client_secret_file.read_text().strip()
+    credentials = ClientCredentials(settings.auth_client_id, secret, scopes=[CONTACTS_SCOPE])
+    return client_credentials_source(credentials), credentials
 
 
 def build_verifier(settings: NotificationsSettings) -> JwtVerifier:
@@ -219,7 +217,7 @@ async def start_server(
                 settings.auth_directory_target,
                 token_source,
                 ttl_seconds=settings.contacts_cache_seconds,
-                on_refused=credentials.forget if credentials is not None else None,
+                on_refused=credentials.forget,
             )
             directory = grpc_directory
         wiring = build_wiring(settings, engine, directory, metrics)

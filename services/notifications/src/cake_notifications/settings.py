@@ -43,11 +43,6 @@ class NotificationsSettings(ServiceSettings):
     auth_client_secret_file: Path | None = Field(
         default=None, description="File holding that service account's client secret"
     )
-    auth_token_file: Path | None = Field(
-        default=None,
-        description="Instead of client credentials: a file holding a service token, "
-        "re-read at each lookup (a mounted, externally renewed secret)",
-    )
     contacts_cache_seconds: float = Field(
         default=300.0, ge=0, description="How long a user's contacts from auth are reused"
     )

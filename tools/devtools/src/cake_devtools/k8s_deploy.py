@@ -41,15 +41,16 @@ from cake_devtools.k8s_manifests import (
     kustomize_build,
     venv_tool,
 )
-from cake_devtools.stack.service_tokens import ensure_notifications_token
+from cake_devtools.stack.service_tokens import ensure_client_secret
 
 NAMESPACE = "cake-dev"
 #: Where the Tiltfile keeps the dev cluster's signing key (never committed).
 KEYS_DIR = Path(".run/k8s-dev/keys")
 SIGNING_KEY_FILE = "jwt-signing-key.pem"
 JWKS_FILE = "jwks.json"
-#: The token notifications shows auth's user directory (the Tiltfile signs it with the key).
-NOTIFICATIONS_TOKEN_FILE = "notifications-service.token"  # noqa: S105 - a file name
+#: The client secret of notifications' service account (made once, like the keys): the
+#: auth-service-accounts Job registers it, notifications requests its tokens with it.
+NOTIFICATIONS_CLIENT_SECRET_FILE = "notifications-client-secret"  # noqa: S105 - a file name
 
 #: Stages of the Tiltfile's resource_deps: each workload (kind, name) and the stage it is in.
 #: Everything that is not a workload (Services, ConfigMaps, policies...) goes in stage 0.
@@ -70,6 +71,8 @@ STAGES: tuple[tuple[str, frozenset[str]], ...] = (
     # The dev stand-ins: the bank simulator promotions charges through, the SMTP sink
     # notifications sends e-mail to.
     ("dev stand-ins", frozenset({"payments", "smtp-sink"})),
+    # Registers the services' accounts in auth's database (migrated in the stage before).
+    ("service accounts", frozenset({"auth-service-accounts"})),
     ("services", frozenset({"auth", "promotions", "notifications", "events"})),
     ("gateway", frozenset({"gateway"})),
 )
@@ -85,7 +88,7 @@ class DeployError(RuntimeError):
 
 
 def key_objects(
-    namespace: str, signing_key_pem: str, jwks_json: str, notifications_token: str
+    namespace: str, signing_key_pem: str, jwks_json: str, notifications_client_secret: str
 ) -> list[Manifest]:
     """The Secrets and ConfigMap the Tiltfile makes from the key files (same names, keys)."""
     return [
@@ -105,9 +108,9 @@ def key_objects(
         {
             "apiVersion": "v1",
             "kind": "Secret",
-            "metadata": {"name": "notifications-auth-token", "namespace": namespace},
+            "metadata": {"name": "notifications-auth-client", "namespace": namespace},
             "type": "Opaque",
-            "stringData": {"token": notifications_token},
+            "stringData": {"client-secret": notifications_client_secret},
         },
     ]
 
@@ -247,7 +250,7 @@ def default_kubeconfig() -> str | None:
 
 def ensure_dev_keys(repo: Path) -> tuple[str, str, str]:
     """The Tiltfile's ``cake-auth gen-keys --if-missing --dir .run/k8s-dev/keys``, and the
-    notifications token it signs with them."""
+    notifications client secret made next to them (also once)."""
     keys = repo / KEYS_DIR
     subprocess.run(
         [venv_tool("cake-auth"), "gen-keys", "--if-missing", "--dir", str(keys)],
@@ -255,12 +258,10 @@ def ensure_dev_keys(repo: Path) -> tuple[str, str, str]:
         capture_output=True,
         text=True,
     )
-    token = keys / NOTIFICATIONS_TOKEN_FILE
-    ensure_notifications_token(keys / SIGNING_KEY_FILE, keys / JWKS_FILE, token)
     return (
         (keys / SIGNING_KEY_FILE).read_text(),
         (keys / JWKS_FILE).read_text(),
-        token.read_text(),
+        ensure_client_secret(keys / NOTIFICATIONS_CLIENT_SECRET_FILE),
     )
 
 
@@ -268,8 +269,10 @@ def render(repo: Path, references: Mapping[str, str]) -> list[Manifest]:
     """Everything ``tilt up`` applies: the overlay with built images, plus the key objects."""
     documents = yaml.safe_load_all(kustomize_build(repo / "k8s" / "overlays" / "dev"))
     overlay = [doc for doc in documents if doc]
-    pem, jwks, token = ensure_dev_keys(repo)
-    objects = inject_images([*overlay, *key_objects(NAMESPACE, pem, jwks, token)], references)
+    pem, jwks, client_secret = ensure_dev_keys(repo)
+    objects = inject_images(
+        [*overlay, *key_objects(NAMESPACE, pem, jwks, client_secret)], references
+    )
     missing = unbuilt_images(objects, references)
     if missing:
         raise DeployError(

@@ -81,6 +81,14 @@ def _parser() -> argparse.ArgumentParser:
         help="the account exists: give it a new secret and these scopes, enable it again and "
         "revoke every token it was issued (without this flag an existing name is an error)",
     )
+    account.add_argument(
+        "--secret-file",
+        type=Path,
+        help="give the account the secret in this file instead of generating one (a "
+        "deployment's secret store made it; at least 32 characters); the secret is not "
+        "printed, and an account that already has it, these scopes and is enabled is left "
+        "unchanged (exit status 0), so a deployment can run this at every release",
+    )
     disable = commands.add_parser(
         "disable-service-account",
         help="refuse the account new tokens and revoke the ones it holds on every service",
@@ -138,7 +146,11 @@ def _run(args: argparse.Namespace) -> None:
         sys.exit(
             asyncio.run(
                 run_create_service_account(
-                    settings, args.name, args.scope, rotate=args.rotate_secret
+                    settings,
+                    args.name,
+                    args.scope,
+                    rotate=args.rotate_secret,
+                    secret_file=args.secret_file,
                 )
             )
         )
@@ -201,13 +213,20 @@ async def run_create_admin(settings: AuthSettings, command: CreateAdmin) -> int:
 
 
 async def run_create_service_account(
-    settings: AuthSettings, name: str, scopes: Sequence[str], *, rotate: bool
+    settings: AuthSettings,
+    name: str,
+    scopes: Sequence[str],
+    *,
+    rotate: bool,
+    secret_file: Path | None = None,
 ) -> int:
-    """``create-service-account``: print the client id and secret (shown this once)."""
+    """``create-service-account``: print the client id and secret (shown this once; not at
+    all when it came from ``secret_file``)."""
     try:
         parsed = parse_scopes(scopes)
+        given = _read_secret(secret_file) if secret_file is not None else None
         async with open_service_accounts(settings) as accounts:
-            created = await accounts.create(name, parsed, rotate=rotate)
+            created = await accounts.create(name, parsed, rotate=rotate, secret=given)
     except ValueError as error:
         print(f"create-service-account failed: {error}", file=sys.stderr)
         return 2
@@ -221,12 +240,24 @@ async def run_create_service_account(
     except CakeError as error:
         print(f"create-service-account failed: {error.message}", file=sys.stderr)
         return 1
-    verb = "created" if created.created else "rotated the secret of"
+    if not created.changed:
+        verb = "unchanged:"
+    else:
+        verb = "created" if created.created else "rotated the secret of"
     print(f"{verb} service account {created.client_id!r} (scopes: {' '.join(sorted(parsed))})")
     print(f"client_id={created.client_id}")
-    print(f"client_secret={created.client_secret}")
-    print("The secret is shown only now; store it in the client's secret store.")
+    if secret_file is None:
+        print(f"client_secret={created.client_secret}")
+        print("The secret is shown only now; store it in the client's secret store.")
     return 0
+
+
+def _read_secret(path: Path) -> str:
+    """The secret in ``path`` (one line; surrounding white space, a final newline, ignored)."""
+    try:
+        return path.read_text().strip()
+    except OSError as error:
+        raise ValueError(f"cannot read the secret file {path}: {error.strerror}") from error
 
 
 async def run_disable_service_account(settings: AuthSettings, name: str) -> int:

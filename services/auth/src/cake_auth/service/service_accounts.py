@@ -15,6 +15,7 @@ from cake_common.errors import AlreadyExists, CakeError, NotFound
 
 from cake_auth.domain.service_accounts import (
     CLIENT_CREDENTIALS,
+    MIN_CLIENT_SECRET_LENGTH,
     ClientCredentials,
     ServiceAccount,
     client_from_request,
@@ -25,6 +26,7 @@ from cake_auth.domain.service_accounts import (
     new_generation,
     scope_text,
     secret_matches,
+    strong_client_secret,
     unsupported_grant_type,
     valid_client_id,
 )
@@ -112,6 +114,8 @@ class NewCredentials:
     scopes: frozenset[str]
     created: bool
     """False when an existing account's secret was rotated."""
+    changed: bool = True
+    """False when the account already had this secret and these scopes and was enabled."""
 
 
 class ServiceAccounts:
@@ -131,20 +135,44 @@ class ServiceAccounts:
         self._clock = clock
 
     async def create(
-        self, client_id: str, scopes: frozenset[str], *, rotate: bool = False
+        self,
+        client_id: str,
+        scopes: frozenset[str],
+        *,
+        rotate: bool = False,
+        secret: str | None = None,
     ) -> NewCredentials:
         """A new account and its secret. For an existing name: ``AlreadyExists`` unless
         ``rotate``, which gives it a new secret and these scopes, enables it again and
-        revokes every token issued before."""
+        revokes every token issued before.
+
+        ``secret``: the secret to give it instead of a generated one (a deployment's secret
+        store made it). An account that already has exactly this secret and these scopes
+        and is enabled is left as it is (``changed`` False, its tokens stay valid), so a
+        deployment step can run this on every release."""
         if not valid_client_id(client_id):
             raise ValueError(
                 "a service account name is 3 to 63 lower-case letters, digits or dashes, "
                 "starting with a letter"
             )
-        secret = new_client_secret()
+        if secret is None:
+            secret = new_client_secret()
+        elif not strong_client_secret(secret):
+            raise ValueError(
+                f"a given client secret must be {MIN_CLIENT_SECRET_LENGTH} to 512 printable "
+                "ASCII characters without spaces (e.g. 32 random bytes, base64: "
+                "`openssl rand -base64 32`)"
+            )
         now = self._clock()
         async with self._unit_of_work() as uow:
             existing = await uow.service_accounts.get(client_id, for_update=True)
+            if (
+                existing is not None
+                and existing.enabled
+                and existing.scopes == scopes
+                and secret_matches(secret, existing.secret_hash)
+            ):
+                return NewCredentials(client_id, secret, scopes, created=False, changed=False)
             if existing is None:
                 added = await uow.service_accounts.add(
                     client_id=client_id,
