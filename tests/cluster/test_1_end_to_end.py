@@ -40,8 +40,9 @@ def test_health_reports_every_service_serving(http: httpx.Client) -> None:
     body = response.json()
     assert body["status"] == "healthy", body
     for component in (
-        *("auth", "promotions", "events"),
-        *("auth_database", "promotions_database", "events_database", "redis", "kafka"),
+        *("auth", "promotions", "notifications", "events"),
+        *("auth_database", "promotions_database", "notifications_database", "events_database"),
+        *("redis", "kafka"),
     ):
         assert body["checks"][component] == "healthy", (component, body)
 

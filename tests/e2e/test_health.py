@@ -1,7 +1,8 @@
 """End-to-end: ``GET /health`` through Envoy reflects every component, and recovers.
 
-The stack is real (PostgreSQL, Redis, Kafka, the three services, Envoy); this test stops
-Redis and PostgreSQL for real and starts them again, without restarting anything else.
+The stack is real (PostgreSQL, Redis, Kafka, the services, Envoy); this test stops Redis,
+PostgreSQL and the notifications service for real and starts them again, without restarting
+anything else.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ pytestmark = pytest.mark.e2e
 COMPONENTS = (
     "auth",
     "promotions",
+    "notifications",
     "events",
     "auth_database",
     "promotions_database",
+    "notifications_database",
     "events_database",
     "redis",
     "kafka",
@@ -84,6 +87,28 @@ def test_redis_down_is_degraded_then_healthy_again(full_stack: Stack) -> None:
                 assert body["checks"][component] == "healthy", (component, body)
     finally:
         full_stack.start("redis")
+    wait_for_health(full_stack, is_healthy, timeout=60)
+
+
+def test_notifications_down_is_degraded_then_healthy_again(full_stack: Stack) -> None:
+    """Notifications is reported like the other services, but is not critical: its work is
+    asynchronous (Kafka keeps the events), so the system is degraded, not unhealthy (200)."""
+    wait_for_health(full_stack, is_healthy)
+    full_stack.down(["notifications"])
+    try:
+        _, body = wait_for_health(
+            full_stack,
+            lambda r, b: r.status_code == 200 and b.get("status") == "degraded",
+            timeout=30,
+        )
+        assert body["checks"]["notifications"] == "unhealthy", body
+        assert body["checks"]["notifications_database"] == "unhealthy", body
+        assert "notifications" in body["error"]
+        for component in COMPONENTS:
+            if not component.startswith("notifications"):
+                assert body["checks"][component] == "healthy", (component, body)
+    finally:
+        Stack(profile=full_stack.profile, echo=None).up(["notifications"])
     wait_for_health(full_stack, is_healthy, timeout=60)
 
 

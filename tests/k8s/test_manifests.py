@@ -27,7 +27,7 @@ from cake_devtools.k8s_manifests import (
 )
 from cake_devtools.stack import kafka as stack_kafka
 from cake_devtools.stack import postgres as stack_postgres
-from cake_devtools.stack.services import OUTBOX_SOURCES
+from cake_devtools.stack.services import HEALTH_SERVICES, OUTBOX_SOURCES
 from cake_events.settings import EventsSettings
 from cake_notifications.bootstrap import CONTACTS_SCOPE
 from cake_notifications.settings import NotificationsSettings
@@ -546,9 +546,16 @@ def test_service_ports_paths_and_targets_agree(overlay: RenderedOverlay) -> None
         assert selected, f"Service {service['metadata']['name']} selects no pods"
     events = env_of(pod_spec(overlay.get("Deployment", "events"))["containers"][0])
     sources = json.loads(events["CAKE_EVENTS_SOURCES"]["value"])
-    for source in sources:
+    watched = json.loads(events["CAKE_EVENTS_HEALTH_SERVICES"]["value"])
+    for source in [*sources, *watched]:
         host, port = source["grpc_target"].split(":")
         assert host == source["name"] and int(port) == GRPC_PORT
+    # GET /health reports every gRPC service but events itself (it answers the report) and
+    # the bank simulator (a stand-in, not part of Cake), with the local stack's criticality.
+    reported = {source["name"] for source in [*sources, *watched]}
+    services = {d["metadata"]["name"] for d in grpc_services(overlay)}
+    assert reported == services - {"events", "payments"}
+    assert {w["name"]: w["critical"] for w in watched} == dict(HEALTH_SERVICES)
 
 
 def test_the_relay_reads_the_outboxes_the_local_stack_reads(overlay: RenderedOverlay) -> None:
@@ -616,6 +623,7 @@ APP_CONNECTIONS = [
     ("gateway", "events", "grpc", True),
     ("events", "auth", "grpc", True),
     ("events", "promotions", "grpc", True),
+    ("events", "notifications", "grpc", True),
     ("promotions", "auth", "grpc", False),
     ("auth", "promotions", "grpc", False),
     ("auth", "events", "grpc", False),

@@ -288,6 +288,19 @@ def test_events_reads_the_outboxes_as_the_relay_role(monkeypatch: pytest.MonkeyP
     assert events["CAKE_EVENTS_DATABASE_URL"].endswith("@127.0.0.1:15442/cake_events")
 
 
+def test_events_reports_notifications_health_as_not_critical(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """GET /health lists notifications (and its database) like the outbox sources; its work
+    is asynchronous, so while it is down the report is degraded, not unhealthy."""
+    events = build_service_environment(ENDPOINTS, PASSWORDS)["events"]
+    monkeypatch.setenv("CAKE_EVENTS_HEALTH_SERVICES", events["CAKE_EVENTS_HEALTH_SERVICES"])
+    settings = EventsSettings(database_url="postgresql+psycopg://u:p@h/db")
+    assert [(s.name, s.grpc_target, s.critical) for s in settings.health_services] == [
+        ("notifications", "127.0.0.1:17155", False)
+    ]
+
+
 def test_external_servers_replace_the_local_ones(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(
         "CAKE_TEST_EXTERNAL_POSTGRES_ADMIN_URL", "postgresql://su:x@db.ci:6543/postgres"

@@ -109,6 +109,23 @@ def build_relays(
     return RelayWiring(group=RelayGroup(relays), engines=engines)
 
 
+def _service_probes(
+    name: str, target: str, *, critical: bool, hooks: list[ShutdownHook]
+) -> list[ComponentProbe]:
+    """``name`` (the process: gRPC liveness) and ``name_database`` (its own database, as it
+    reports it: no cross-database reads), over one channel closed at shutdown."""
+    channel = grpc.aio.insecure_channel(target)
+    hooks.append(channel.close)
+    return [
+        ComponentProbe(name, critical=critical, probe=health_probes.service_probe(channel)),
+        ComponentProbe(
+            f"{name}_database",
+            critical=critical,
+            probe=health_probes.grpc_health_probe(channel, "postgres"),
+        ),
+    ]
+
+
 async def start_server(
     settings: EventsSettings, *, metrics_registry: CollectorRegistry | None = None
 ) -> RunningGrpcServer:
@@ -126,21 +143,12 @@ async def start_server(
                 "events_database", critical=True, probe=health_probes.database_probe(engine)
             ),
         ]
-        for source in settings.sources:
-            if source.grpc_target is None:
-                continue
-            channel = grpc.aio.insecure_channel(source.grpc_target)
-            shutdown_hooks.append(channel.close)
-            probes += [
-                ComponentProbe(
-                    source.name, critical=True, probe=health_probes.service_probe(channel)
-                ),
-                ComponentProbe(
-                    f"{source.name}_database",
-                    critical=True,
-                    probe=health_probes.grpc_health_probe(channel, "postgres"),
-                ),
-            ]
+        # The other services, each with its database: the sources (critical), then the
+        # services without an outbox, as critical as configured.
+        watched = [(s.name, s.grpc_target, True) for s in settings.sources if s.grpc_target]
+        watched += [(s.name, s.grpc_target, s.critical) for s in settings.health_services]
+        for name, target, critical in watched:
+            probes += _service_probes(name, target, critical=critical, hooks=shutdown_hooks)
 
         redis_client = create_redis(settings.redis_url)
         shutdown_hooks.append(redis_client.aclose)

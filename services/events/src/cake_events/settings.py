@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from cake.events.v1 import registry
 from cake_common.settings import ServiceSettings
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from cake_events.domain.relay import DEFAULT_TOPIC_ROUTES
@@ -41,6 +41,23 @@ class OutboxSource(BaseModel):
         return topics
 
 
+class HealthService(BaseModel):
+    """A service without an outbox that ``GET /health`` reports all the same (the sources
+    are reported through their ``grpc_target``): its process and its own database."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(
+        pattern=r"^[a-z][a-z0-9_-]{0,39}$",
+        description="The service: its checks are `<name>` and `<name>_database`",
+    )
+    grpc_target: str = Field(description="Its gRPC address (standard gRPC health)")
+    critical: bool = Field(
+        default=True,
+        description="Down: the report is unhealthy (503); else it is only degraded",
+    )
+
+
 class EventsSettings(ServiceSettings):
     model_config = SettingsConfigDict(
         env_prefix="CAKE_EVENTS_", extra="ignore", hide_input_in_errors=True
@@ -57,6 +74,13 @@ class EventsSettings(ServiceSettings):
         ),
     )
 
+    health_services: list[HealthService] = Field(
+        default_factory=list,
+        description=(
+            "Services without an outbox that GET /health reports too, a JSON list"
+            ' (CAKE_EVENTS_HEALTH_SERVICES) of {"name", "grpc_target", "critical"}'
+        ),
+    )
     health_probe_timeout_seconds: float = Field(default=1.0, gt=0)
     health_cache_seconds: float = Field(
         default=1.0, ge=0, description="GET /health answers from a report at most this old"
@@ -138,3 +162,14 @@ class EventsSettings(ServiceSettings):
         if repeated:
             raise ValueError(f"sources names a source twice: {', '.join(repeated)}")
         return sources
+
+    @model_validator(mode="after")
+    def _one_check_per_service(self) -> EventsSettings:
+        names = [source.name for source in self.sources if source.grpc_target is not None]
+        names += [service.name for service in self.health_services]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(
+                f"GET /health would report these services twice: {', '.join(repeated)}"
+            )
+        return self

@@ -82,3 +82,41 @@ def test_cake_queues_add_up_the_sources_by_their_topics() -> None:
 
 def test_cake_queues_are_zero_without_sources() -> None:
     assert cake_queues([]) == (QueueStats(), QueueStats())
+
+
+def test_health_services_come_from_one_json_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(
+        "CAKE_EVENTS_HEALTH_SERVICES",
+        json.dumps(
+            [
+                {"name": "notifications", "grpc_target": "notifications:50051", "critical": False},
+                {"name": "ledger", "grpc_target": "ledger:50051"},
+            ]
+        ),
+    )
+    settings = EventsSettings(database_url=DATABASE)
+    assert [(s.name, s.grpc_target, s.critical) for s in settings.health_services] == [
+        ("notifications", "notifications:50051", False),
+        ("ledger", "ledger:50051", True),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("services", "sources", "complaint"),
+    [
+        (
+            [{"name": "auth", "grpc_target": "x:1"}],
+            [{**source("auth"), "grpc_target": "a:1"}],
+            "report these services twice: auth",
+        ),
+        ([{"name": "n", "grpc_target": "x:1"}] * 2, [], "twice: n"),
+        ([{"name": "notifications"}], [], "grpc_target"),
+        ([{"name": "Bad Name", "grpc_target": "x:1"}], [], "name"),
+        ([{"name": "n", "grpc_target": "x:1", "critcal": False}], [], "critcal"),
+    ],
+)
+def test_a_bad_health_service_is_refused_at_start(
+    services: list[dict[str, object]], sources: list[dict[str, object]], complaint: str
+) -> None:
+    with pytest.raises(ValidationError, match=complaint):
+        EventsSettings(database_url=DATABASE, health_services=services, sources=sources)

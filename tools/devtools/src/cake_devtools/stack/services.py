@@ -77,6 +77,11 @@ OUTBOX_SOURCES: Mapping[str, tuple[str, ...]] = {
 }
 """The services whose outboxes the events relay reads (its ``CAKE_EVENTS_SOURCES``), with
 the registry topics their events go to."""
+#: The services without an outbox that GET /health reports all the same (the events
+#: service's ``CAKE_EVENTS_HEALTH_SERVICES``), each with whether it is critical. Notifications
+#: is not: its work is asynchronous (Kafka keeps the events, e-mails go out once it is back),
+#: so while it is down the system is degraded, not unhealthy.
+HEALTH_SERVICES: Mapping[str, bool] = {"notifications": False}
 RELAY_ROLE = "cake_relay"
 
 
@@ -172,6 +177,17 @@ def build_service_environment(
                         "topics": list(topics),
                     }
                     for source, topics in OUTBOX_SOURCES.items()
+                ]
+            )
+            env[f"{prefix}HEALTH_SERVICES"] = json.dumps(
+                [
+                    {
+                        "name": name,
+                        "grpc_target": f"127.0.0.1:{endpoints.grpc_ports[name]}",
+                        "critical": critical,
+                    }
+                    for name, critical in HEALTH_SERVICES.items()
+                    if name in endpoints.grpc_ports
                 ]
             )
         if spec.name == "notifications":
