@@ -22,6 +22,8 @@ from cake_devtools.k8s_manifests import (
     labels_match,
     pod_spec,
 )
+from cake_notifications.adapters.metrics import PrometheusNotificationMetrics
+from prometheus_client import CollectorRegistry
 
 COMPONENT = Path("k8s/components/prometheus-operator")
 ALERTS = {
@@ -30,6 +32,9 @@ ALERTS = {
     "CakeConsumerLag",
     "CakeGateway5xxRatio",
     "CakeLoginSlow",
+    "CakeNotificationsFailing",
+    "CakeNotificationsNotSending",
+    "CakeNotificationsLate",
 }
 OPERATOR_KINDS = ("ServiceMonitor", "PodMonitor", "PrometheusRule")
 
@@ -104,6 +109,7 @@ def test_service_monitors_reach_a_container_port(monitored: RenderedOverlay) -> 
         "auth": {"/metrics"},
         "promotions": {"/metrics"},
         "events": {"/metrics"},
+        "notifications": {"/metrics"},
         "gateway": {"/stats/prometheus"},
     }
 
@@ -136,7 +142,9 @@ def test_kafka_exporter_is_scraped_where_strimzi_runs_it(repo: Path) -> None:
     (pod_monitor,) = [m for m in monitors if m and m["kind"] == "PodMonitor"]
     selector = pod_monitor["spec"]["selector"]["matchLabels"]
 
-    assert re.fullmatch(kafka["spec"]["kafkaExporter"]["groupRegex"], "promotions")
+    # The consumer groups CakeConsumerLag watches (each service's CONSUMER_GROUP default).
+    for group in ("promotions", "notifications"):
+        assert re.fullmatch(kafka["spec"]["kafkaExporter"]["groupRegex"], group), group
     # Strimzi names the exporter's pods <cluster>-kafka-exporter and labels them so.
     assert selector["strimzi.io/name"] == f"{kafka['metadata']['name']}-kafka-exporter"
     assert selector["strimzi.io/cluster"] == kafka["metadata"]["name"]
@@ -175,3 +183,33 @@ def test_login_alert_watches_the_login_rpc(monitored: RenderedOverlay) -> None:
     (login,) = [r for r in rules(monitored) if r["alert"] == "CakeLoginSlow"]
     assert 'grpc_service="cake.auth.v1.AuthService"' in login["expr"]
     assert 'grpc_method="Login"' in login["expr"]
+
+
+def test_notifications_alerts_watch_what_the_service_exports(monitored: RenderedOverlay) -> None:
+    """Deliveries failing for good, deliveries retried while nothing goes out, messages late,
+    and the consumer's dead letters and lag: each on a series notifications' collectors
+    (PrometheusNotificationMetrics and its shared consumer's) really expose."""
+    registry = CollectorRegistry()
+    PrometheusNotificationMetrics(registry)
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
+    # Family names (a counter's without `_total`) and the series each one exposes.
+    exported = {
+        f"{family.name}{suffix}"
+        for family in registry.collect()
+        for suffix in suffixes.get(family.type, ("",))
+    }
+    by_alert = {r["alert"]: r["expr"] for r in rules(monitored)}
+    expected = {
+        "CakeNotificationsFailing": {"cake_notifications_send_failures_total"},
+        "CakeNotificationsNotSending": {
+            "cake_notifications_send_retries_total",
+            "cake_notifications_messages_sent_total",
+        },
+        "CakeNotificationsLate": {"cake_notifications_event_to_send_seconds_bucket"},
+        "CakeDeadLettersGrowing": {"cake_notifications_dead_letters_total"},
+    }
+    for alert, series in expected.items():
+        named = set(re.findall(r"\bcake_notifications_\w+", by_alert[alert]))
+        assert series <= named, (alert, named)
+        assert named <= exported, (alert, sorted(named - exported))
+    assert 'consumergroup=~"promotions|notifications"' in by_alert["CakeConsumerLag"]
