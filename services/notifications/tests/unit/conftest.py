@@ -82,6 +82,12 @@ class FakeUnitOfWork:
                 due_at=self._store.now,
             )
 
+    async def add_many(
+        self, entries: Sequence[tuple[Notification, Mapping[str, str], str | None]]
+    ) -> None:
+        for notification, facts, trace_parent in entries:
+            await self.add(notification, facts, trace_parent)
+
     async def page(
         self, user_id: int, *, after: PageCursor | None, limit: int, unread_only: bool
     ) -> list[Notification]:

@@ -35,6 +35,9 @@ from cake_notifications.service.ports import (
 
 _log = get_logger(__name__)
 
+BUSY_WAIT_SECONDS = 0.05
+"""The shortest idle sleep (see ``Dispatcher._idle_seconds``)."""
+
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
@@ -58,7 +61,7 @@ class Dispatcher:
         concurrency: int = 10,
         workers: int = 1,
         lease_seconds: float = 60.0,
-        idle_poll_seconds: float = 1.0,
+        idle_poll_seconds: float = 10.0,
         clock: Callable[[], datetime] = utc_now,
     ) -> None:
         self._uow_factory = uow_factory
@@ -105,14 +108,29 @@ class Dispatcher:
         while not self._stopping.is_set():
             try:
                 handled = await self.run_once()
+                # A full batch: more may be due, claim again at once. Otherwise sleep until
+                # woken or until the next pending delivery is due (a retry, a lost lease).
+                pause = 0.0 if handled >= self._batch_size else await self._idle_seconds()
                 failures = 0
             except Exception as error:  # the database is down: keep trying, nothing is lost
                 failures += 1
                 _log.warning("dispatching failed, retrying", error=repr(error))
                 await self._wait(self._retry.delay(failures))
                 continue
-            if handled < self._batch_size:
-                await self._wait(self._idle_poll_seconds)
+            if pause > 0:
+                await self._wait(pause)
+
+    async def _idle_seconds(self) -> float:
+        """How long an idle loop sleeps unless woken: until the earliest pending delivery is
+        due, at least ``BUSY_WAIT_SECONDS`` (due rows another loop holds locked for a moment
+        must not make it spin) and at most the fallback poll (deliveries another replica
+        committed and did not send: it crashed first)."""
+        async with self._uow_factory() as uow:
+            due = await uow.deliveries.next_due()
+        if due is None:
+            return self._idle_poll_seconds
+        seconds = (due - self._clock()).total_seconds()
+        return min(max(seconds, BUSY_WAIT_SECONDS), self._idle_poll_seconds)
 
     async def _wait(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -133,6 +151,8 @@ class Dispatcher:
             await uow.commit()
         if not claimed:
             return 0
+        if len(claimed) >= self._batch_size:
+            self._wake.set()  # more may be due: the idle loops join in
         users = sorted({delivery.user_id for delivery in claimed})
         async with self._uow_factory() as uow:
             preferences = await uow.preferences.get_many(users)

@@ -4,7 +4,7 @@ event changes nothing."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from uuid import uuid4
 
@@ -54,6 +54,7 @@ class NotifyUsers:
     async def accept(self, events: Sequence[IncomingEvent]) -> list[str]:
         """Store the batch's notifications (inbox inside); one outcome per event, in order."""
         created: list[Notification] = []
+        stored: list[tuple[Notification, Mapping[str, str], str | None]] = []
         outcomes: list[str] = []
         async with self._uow_factory() as uow:
             fresh = await uow.inbox.record([event.facts.event_id for event in events])
@@ -78,9 +79,10 @@ class NotifyUsers:
                     created_at=facts.occurred_at,
                     channels=channels_for(facts.kind, chosen),
                 )
-                await uow.notifications.add(notification, facts.values, event.trace_parent)
+                stored.append((notification, facts.values, event.trace_parent))
                 created.append(notification)
                 outcomes.append(CREATED)
+            await uow.notifications.add_many(stored)
             await uow.commit()
         for notification in created:
             self._metrics.notification_created(notification.kind)

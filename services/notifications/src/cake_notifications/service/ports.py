@@ -88,6 +88,12 @@ class NotificationRepository(Protocol):
         """Store it with one pending delivery per channel, due now."""
         ...
 
+    async def add_many(
+        self, entries: Sequence[tuple[Notification, Mapping[str, str], str | None]]
+    ) -> None:
+        """:meth:`add` for each (notification, facts, trace parent), stored together."""
+        ...
+
     async def page(
         self, user_id: int, *, after: PageCursor | None, limit: int, unread_only: bool
     ) -> list[Notification]: ...
