@@ -52,6 +52,14 @@ class NotificationsSettings(ServiceSettings):
         default=300.0, ge=0, description="How long a user's contacts from auth are reused"
     )
 
+    max_event_age_seconds: float = Field(
+        default=86_400.0,
+        gt=0,
+        description="Events older than this (from when they happened) are recorded and "
+        "counted but nobody is notified: a new consumer group replaying a topic's history "
+        "must not e-mail users about months-old vouchers",
+    )
+
     consumer_enabled: bool = Field(
         default=True, description="Whether `serve` consumes the voucher and payment events"
     )

@@ -153,6 +153,10 @@ class FakeUnitOfWork:
         self._store.deliveries[delivery_id].status = "failed"
         self._store.deliveries[delivery_id].last_error = error
 
+    async def mark_skipped(self, delivery_id: UUID, at: datetime, reason: str) -> None:
+        self._store.deliveries[delivery_id].status = "skipped"
+        self._store.deliveries[delivery_id].last_error = reason
+
     async def retry_later(self, delivery_id: UUID, due: datetime, error: str) -> None:
         self._store.deliveries[delivery_id].due_at = due
         self._store.deliveries[delivery_id].last_error = error
@@ -216,6 +220,8 @@ class CountingMetrics:
         self.sent: list[Channel] = []
         self.retried: list[Channel] = []
         self.failed: list[Channel] = []
+        self.skipped: list[tuple[Channel, str]] = []
+        self.too_old: list[Kind] = []
 
     def notification_created(self, kind: Kind) -> None:
         self.created.append(kind)
@@ -228,6 +234,12 @@ class CountingMetrics:
 
     def send_failed(self, channel: Channel) -> None:
         self.failed.append(channel)
+
+    def delivery_skipped(self, channel: Channel, reason: str) -> None:
+        self.skipped.append((channel, reason))
+
+    def event_too_old(self, kind: Kind) -> None:
+        self.too_old.append(kind)
 
 
 @dataclass

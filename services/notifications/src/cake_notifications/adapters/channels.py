@@ -13,6 +13,7 @@ from email import policy
 from email.header import Header
 from email.mime.text import MIMEText
 from email.utils import formataddr, formatdate, parseaddr
+from typing import cast
 
 import aiosmtplib
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -50,7 +51,8 @@ def email_message(message: OutgoingMessage, sender: str) -> bytes:
     email = MIMEText(message.body, "plain", "utf-8")
     email["From"] = sender
     email["To"] = message.recipient
-    email["Subject"] = Header(message.subject, "utf-8")
+    # compat32 takes a Header and folds its encoded words itself (typeshed says str only).
+    email["Subject"] = cast(str, Header(message.subject, "utf-8"))
     email["Message-ID"] = message_id(message)
     email["Date"] = formatdate(usegmt=True)
     return email.as_bytes(policy=_WIRE)

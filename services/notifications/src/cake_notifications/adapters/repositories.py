@@ -186,6 +186,13 @@ class SqlDeliveryRepository:
             .values(status=DeliveryStatus.FAILED.value, last_error=error)
         )
 
+    async def mark_skipped(self, delivery_id: UUID, at: datetime, reason: str) -> None:
+        await self._session.execute(
+            deliveries.update()
+            .where(deliveries.c.id == delivery_id)
+            .values(status=DeliveryStatus.SKIPPED.value, last_error=reason)
+        )
+
     async def retry_later(self, delivery_id: UUID, due: datetime, error: str) -> None:
         await self._session.execute(
             deliveries.update()

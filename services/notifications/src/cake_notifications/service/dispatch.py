@@ -35,6 +35,12 @@ from cake_notifications.service.ports import (
 
 _log = get_logger(__name__)
 
+NO_CONTACT = "no_contact"
+"""Why a delivery is skipped: the user has no address on its channel (no phone, no push
+token)."""
+UNKNOWN_USER = "unknown_user"
+"""Why a delivery is skipped: auth does not know the user (e.g. the account was deleted)."""
+
 BUSY_WAIT_SECONDS = 0.05
 """The shortest idle sleep (see ``Dispatcher._idle_seconds``)."""
 
@@ -199,9 +205,11 @@ class Dispatcher:
     ) -> Outcome:
         if isinstance(contacts, TransientSendError):
             return Outcome(retry=str(contacts))
+        if contacts is None:
+            return Outcome(skipped=UNKNOWN_USER)
         message = self._message(delivery, contacts, preferences)
         if message is None:
-            return Outcome(failed="the user has no contact on this channel")
+            return Outcome(skipped=NO_CONTACT)
         try:
             await self._senders[delivery.channel].send(message)
         except TransientSendError as error:
@@ -211,10 +219,8 @@ class Dispatcher:
         return Outcome()
 
     def _message(
-        self, delivery: Delivery, contacts: Contacts | None, preferences: Preferences
+        self, delivery: Delivery, contacts: Contacts, preferences: Preferences
     ) -> OutgoingMessage | None:
-        if contacts is None:
-            return None
         to = recipient(delivery.channel, contacts)
         if not to:
             return None
@@ -235,6 +241,8 @@ class Dispatcher:
                     await uow.deliveries.retry_later(delivery.id, due, outcome.retry[:500])
                 elif outcome.failed is not None:
                     await uow.deliveries.mark_failed(delivery.id, now, outcome.failed[:500])
+                elif outcome.skipped is not None:
+                    await uow.deliveries.mark_skipped(delivery.id, now, outcome.skipped)
             await uow.commit()
         for delivery, outcome in results:
             self._report(delivery, outcome, now)
@@ -257,6 +265,15 @@ class Dispatcher:
                 channel=delivery.channel.value,
                 error=outcome.failed,
             )
+        elif outcome.skipped is not None:
+            # Normal (no phone, no push token): counted, not an error, never retried.
+            self._metrics.delivery_skipped(delivery.channel, outcome.skipped)
+            _log.debug(
+                "delivery skipped",
+                delivery_id=str(delivery.id),
+                channel=delivery.channel.value,
+                reason=outcome.skipped,
+            )
         else:
             self._metrics.message_sent(
                 delivery.channel,
@@ -267,11 +284,13 @@ class Dispatcher:
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """What became of one attempt: sent (neither field), to retry, or failed for good."""
+    """What became of one attempt: sent (no field set), to retry, failed for good, or
+    skipped (nowhere to send it)."""
 
     retry: str | None = None
     failed: str | None = None
+    skipped: str | None = None
 
     @property
     def sent(self) -> bool:
-        return self.retry is None and self.failed is None
+        return self.retry is None and self.failed is None and self.skipped is None
