@@ -244,7 +244,6 @@ async def start_notifications(
             "shutdown_grace_seconds": 1,
             "send_retry_base_seconds": 0.2,
             "send_retry_max_seconds": 2,
-            "dispatch_poll_seconds": 0.2,
             "log_json": False,
         }
         settings = NotificationsSettings(**(values | overrides))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 from cake.events.v1 import registry
 from cake.notifications.v1 import notifications_pb2_grpc
@@ -152,7 +153,13 @@ def build_wiring(
         lease_seconds=settings.dispatch_lease_seconds,
         idle_poll_seconds=settings.dispatch_poll_seconds,
     )
-    notify = NotifyUsers(uow_factory, renderer, metrics, on_committed=dispatcher.wake)
+    notify = NotifyUsers(
+        uow_factory,
+        renderer,
+        metrics,
+        on_committed=dispatcher.wake,
+        max_event_age=timedelta(seconds=settings.max_event_age_seconds),
+    )
     return Wiring(notify, dispatcher, UserNotifications(uow_factory), smtp)
 
 

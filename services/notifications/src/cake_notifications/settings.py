@@ -47,6 +47,14 @@ class NotificationsSettings(ServiceSettings):
         default=300.0, ge=0, description="How long a user's contacts from auth are reused"
     )
 
+    max_event_age_seconds: float = Field(
+        default=86_400.0,
+        gt=0,
+        description="Events older than this (from when they happened) are recorded and "
+        "counted but nobody is notified: a new consumer group replaying a topic's history "
+        "must not e-mail users about months-old vouchers",
+    )
+
     consumer_enabled: bool = Field(
         default=True, description="Whether `serve` consumes the voucher and payment events"
     )
@@ -71,7 +79,11 @@ class NotificationsSettings(ServiceSettings):
         default=60.0, gt=0, description="A claimed delivery's lease; sent again after it if lost"
     )
     dispatch_poll_seconds: float = Field(
-        default=0.5, gt=0, description="How often an idle dispatch loop looks for due deliveries"
+        default=10.0,
+        gt=0,
+        description="Longest sleep of an idle dispatch loop. It is woken at once when the "
+        "consumer commits deliveries and sleeps until the next retry is due; this fallback "
+        "only finds deliveries another replica committed and did not send",
     )
     send_retry_base_seconds: float = Field(
         default=0.5, gt=0, description="First wait before a failed send is tried again"

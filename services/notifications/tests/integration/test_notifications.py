@@ -44,8 +44,10 @@ def envelope(kind: str, user_id: int, payload: Message, event_id: str | None = N
     ).SerializeToString()
 
 
-def voucher_issued(user_id: int, code: str, event_id: str | None = None) -> bytes:
-    now = datetime.now(UTC)
+def voucher_issued(
+    user_id: int, code: str, event_id: str | None = None, issued_at: datetime | None = None
+) -> bytes:
+    now = issued_at or datetime.now(UTC)
     return envelope(
         registry.VOUCHER_ISSUED.name,
         user_id,
@@ -206,6 +208,50 @@ async def test_opting_out_of_email_is_honoured(
     assert notifications_pb2.CHANNEL_EMAIL not in listed.notifications[0].channels
     await asyncio.sleep(1.0)
     assert smtp_sink.to(user.email) == []
+
+
+async def test_old_events_and_users_without_contacts_are_skipped_not_failed(
+    auth: Any,
+    notifications: Any,
+    smtp_sink: Any,
+    producer: Any,
+    topics: dict[str, str],
+    wait_for: Any,
+) -> None:
+    """A topic's history replayed (a voucher issued 30 days ago) notifies nobody; a user auth
+    does not know has nowhere to be reached: skipped and counted, never failed or retried."""
+    user = await auth.register()
+    old, new = code(), code()
+    topic = topics[registry.VOUCHER_ISSUED.name]
+    long_ago = datetime.now(UTC) - timedelta(days=30)
+    await publish(producer, topic, user.id, voucher_issued(user.id, old, issued_at=long_ago))
+    await publish(producer, topic, user.id, voucher_issued(user.id, new))
+    ghost = 10**12 + uuid.uuid4().int % 10**6  # no such user in auth
+    await publish(producer, topic, ghost, voucher_issued(ghost, code()))
+
+    [email] = await wait_for(lambda: smtp_sink.to(user.email), "the fresh voucher's e-mail")
+    assert new in email["Subject"]
+    skipped = "cake_notifications_deliveries_skipped_total"
+    for channel in ("email", "sms", "push"):
+        await wait_for(
+            lambda channel=channel: (
+                notifications.counter(skipped, channel=channel, reason="unknown_user") >= 1
+            ),
+            f"the unknown user's {channel} delivery skipped",
+        )
+    assert notifications.counter("cake_notifications_events_too_old_total", kind="voucher_issued")
+    assert notifications.counter("cake_notifications_consumed_events_total", result="too_old")
+    for channel in ("email", "sms", "push"):
+        assert not notifications.counter("cake_notifications_send_failures_total", channel=channel)
+        assert not notifications.counter("cake_notifications_send_retries_total", channel=channel)
+    listed = await notifications.stub.ListNotifications(
+        notifications_pb2.ListNotificationsRequest(),
+        metadata=(("authorization", f"Bearer {auth.token(user.id)}"),),
+    )
+    assert [entry.title for entry in listed.notifications if old in entry.title] == []
+    assert len(listed.notifications) == 1
+    await asyncio.sleep(1.0)  # a late e-mail for the old voucher would have landed
+    assert [m["Subject"] for m in smtp_sink.to(user.email)] == [email["Subject"]]
 
 
 async def test_bad_input_is_refused_clearly(auth: Any, notifications: Any) -> None:

@@ -82,6 +82,12 @@ class FakeUnitOfWork:
                 due_at=self._store.now,
             )
 
+    async def add_many(
+        self, entries: Sequence[tuple[Notification, Mapping[str, str], str | None]]
+    ) -> None:
+        for notification, facts, trace_parent in entries:
+            await self.add(notification, facts, trace_parent)
+
     async def page(
         self, user_id: int, *, after: PageCursor | None, limit: int, unread_only: bool
     ) -> list[Notification]:
@@ -147,6 +153,10 @@ class FakeUnitOfWork:
         self._store.deliveries[delivery_id].status = "failed"
         self._store.deliveries[delivery_id].last_error = error
 
+    async def mark_skipped(self, delivery_id: UUID, at: datetime, reason: str) -> None:
+        self._store.deliveries[delivery_id].status = "skipped"
+        self._store.deliveries[delivery_id].last_error = reason
+
     async def retry_later(self, delivery_id: UUID, due: datetime, error: str) -> None:
         self._store.deliveries[delivery_id].due_at = due
         self._store.deliveries[delivery_id].last_error = error
@@ -210,6 +220,8 @@ class CountingMetrics:
         self.sent: list[Channel] = []
         self.retried: list[Channel] = []
         self.failed: list[Channel] = []
+        self.skipped: list[tuple[Channel, str]] = []
+        self.too_old: list[Kind] = []
 
     def notification_created(self, kind: Kind) -> None:
         self.created.append(kind)
@@ -222,6 +234,12 @@ class CountingMetrics:
 
     def send_failed(self, channel: Channel) -> None:
         self.failed.append(channel)
+
+    def delivery_skipped(self, channel: Channel, reason: str) -> None:
+        self.skipped.append((channel, reason))
+
+    def event_too_old(self, kind: Kind) -> None:
+        self.too_old.append(kind)
 
 
 @dataclass

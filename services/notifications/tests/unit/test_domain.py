@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from uuid import uuid4
 
 import pytest
@@ -14,6 +14,7 @@ from cake_notifications.domain.notifications import (
     channels_for,
     page_size,
     parse_language,
+    too_old_to_notify,
 )
 
 
@@ -67,3 +68,13 @@ def test_page_size_defaults_and_caps() -> None:
     assert page_size(0) == 20
     assert page_size(5) == 5
     assert page_size(1000) == 100
+
+
+def test_an_event_is_too_old_to_notify_only_beyond_the_maximum_age() -> None:
+    now = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
+    day = timedelta(hours=24)
+    assert too_old_to_notify(now - timedelta(days=90), now, day)
+    assert too_old_to_notify(now - day - timedelta(seconds=1), now, day)
+    assert not too_old_to_notify(now - day, now, day)
+    assert not too_old_to_notify(now - timedelta(seconds=1), now, day)
+    assert not too_old_to_notify(now + timedelta(minutes=5), now, day)  # clock skew

@@ -12,7 +12,7 @@ from cake_notifications.domain.notifications import Channel, EventFacts, Kind, L
 from cake_notifications.service.dispatch import Dispatcher
 from cake_notifications.service.inbox import UserNotifications
 from cake_notifications.service.notify import IncomingEvent, NotifyUsers
-from cake_notifications.service.ports import PermanentSendError, TransientSendError
+from cake_notifications.service.ports import Contacts, PermanentSendError, TransientSendError
 
 T0 = datetime(2026, 12, 5, 4, 0, tzinfo=UTC)
 
@@ -25,7 +25,14 @@ def voucher_event(user_id: int = 7, at: datetime = T0) -> IncomingEvent:
 
 def notify(fakes) -> tuple[NotifyUsers, list[int]]:  # type: ignore[no-untyped-def]
     wakes: list[int] = []
-    use_case = NotifyUsers(fakes.uow, JinjaRenderer(), fakes.metrics, lambda: wakes.append(1))
+    use_case = NotifyUsers(
+        fakes.uow,
+        JinjaRenderer(),
+        fakes.metrics,
+        lambda: wakes.append(1),
+        max_event_age=timedelta(hours=24),
+        clock=lambda: T0 + timedelta(seconds=1),
+    )
     return use_case, wakes
 
 
@@ -105,7 +112,7 @@ async def test_a_server_down_is_retried_with_backoff_until_it_is_sent_once(fakes
     assert fakes.metrics.retried == [Channel.EMAIL] * 3
 
 
-async def test_a_refused_address_fails_for_good_and_no_contact_is_no_message(fakes) -> None:
+async def test_a_refused_address_fails_for_good_and_no_contact_is_skipped(fakes) -> None:
     use_case, _ = notify(fakes)
     await use_case.accept([voucher_event(), voucher_event(user_id=8)])  # 8: unknown to auth
     fakes.email.fail_next = [PermanentSendError("550 no such user")]
@@ -117,10 +124,76 @@ async def test_a_refused_address_fails_for_good_and_no_contact_is_no_message(fak
         (7, "email", "failed"),
         (7, "push", "sent"),
         (7, "sms", "sent"),
-        (8, "email", "failed"),
-        (8, "push", "failed"),
-        (8, "sms", "failed"),
+        (8, "email", "skipped"),
+        (8, "push", "skipped"),
+        (8, "sms", "skipped"),
     ]
+    assert fakes.metrics.failed == [Channel.EMAIL]
+    assert sorted(fakes.metrics.skipped) == [
+        (Channel.EMAIL, "unknown_user"),
+        (Channel.PUSH, "unknown_user"),
+        (Channel.SMS, "unknown_user"),
+    ]
+
+
+async def test_a_user_without_a_phone_is_skipped_on_sms_and_push_not_failed_nor_retried(
+    fakes,
+) -> None:
+    fakes.directory.contacts_by_user[7] = Contacts(7, "ann@example.com", "", "Ann")
+    use_case, _ = notify(fakes)
+    await use_case.accept([voucher_event()])
+    sending = dispatcher(fakes)
+    await sending.run_once()
+    statuses = sorted((d.channel.value, d.status) for d in fakes.store.deliveries.values())
+    assert statuses == [("email", "sent"), ("push", "skipped"), ("sms", "skipped")]
+    assert sorted(fakes.metrics.skipped) == [
+        (Channel.PUSH, "no_contact"),
+        (Channel.SMS, "no_contact"),
+    ]
+    assert fakes.metrics.failed == [] and fakes.metrics.retried == []
+    assert await sending.run_once() == 0  # nothing left pending: never retried
+
+
+async def test_an_event_older_than_the_maximum_age_is_recorded_but_nobody_is_notified(
+    fakes,
+) -> None:
+    use_case, wakes = notify(fakes)
+    old = voucher_event(at=T0 - timedelta(days=90))
+    just_in_time = voucher_event(user_id=8, at=T0 - timedelta(hours=23))
+    outcomes = await use_case.accept([old, just_in_time])
+    assert outcomes == ["too_old", "notified"]
+    assert [n.user_id for n in fakes.store.notifications.values()] == [8]
+    assert {d.notification.user_id for d in fakes.store.deliveries.values()} == {8}
+    assert fakes.metrics.too_old == [Kind.VOUCHER_ISSUED]
+    assert old.facts.event_id in fakes.store.inbox  # recorded: a replay is a duplicate
+    assert await use_case.accept([old]) == ["duplicate"]
+    assert wakes == [1]
+
+
+async def test_an_idle_dispatcher_sleeps_until_the_next_retry_is_due_within_the_poll(
+    fakes,
+) -> None:
+    now = [T0]
+    sending = Dispatcher(
+        fakes.uow,
+        fakes.directory,
+        JinjaRenderer(),
+        {Channel.EMAIL: fakes.email, Channel.SMS: fakes.sms, Channel.PUSH: fakes.push},
+        fakes.metrics,
+        retry=RetryPolicy(base_seconds=1, max_seconds=8),
+        idle_poll_seconds=30,
+        clock=lambda: now[0],
+    )
+    assert await sending._idle_seconds() == 30  # nothing pending: the fallback poll
+    use_case, _ = notify(fakes)
+    await use_case.accept([voucher_event()])
+    fakes.email.fail_next = [TransientSendError("421 try later")]
+    await sending.run_once()
+    (email,) = [d for d in fakes.store.deliveries.values() if d.channel is Channel.EMAIL]
+    assert email.status == "pending"
+    assert await sending._idle_seconds() == (email.due_at - now[0]).total_seconds()
+    now[0] = email.due_at + timedelta(seconds=1)  # overdue but not claimed (locked elsewhere)
+    assert await sending._idle_seconds() == 0.05
 
 
 async def test_auth_down_delays_messages_without_losing_them(fakes) -> None:

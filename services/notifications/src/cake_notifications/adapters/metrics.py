@@ -36,6 +36,20 @@ class PrometheusNotificationMetrics:
             ["channel"],
             registry=registry,
         )
+        self._skipped = Counter(
+            "cake_notifications_deliveries_skipped_total",
+            "Deliveries with nowhere to go (the user has no contact on the channel, or auth"
+            " does not know them): a normal outcome, by channel and reason",
+            ["channel", "reason"],
+            registry=registry,
+        )
+        self._too_old = Counter(
+            "cake_notifications_events_too_old_total",
+            "Events older than MAX_EVENT_AGE_SECONDS (e.g. a topic's history replayed to a new"
+            " consumer group): recorded in the inbox, nobody notified; by kind",
+            ["kind"],
+            registry=registry,
+        )
         self._latency = Histogram(
             "cake_notifications_event_to_send_seconds",
             "From the event (e.g. the voucher's commit) to its message handed to the channel",
@@ -56,3 +70,9 @@ class PrometheusNotificationMetrics:
 
     def send_failed(self, channel: Channel) -> None:
         self._failed.labels(channel=channel.value).inc()
+
+    def delivery_skipped(self, channel: Channel, reason: str) -> None:
+        self._skipped.labels(channel=channel.value, reason=reason).inc()
+
+    def event_too_old(self, kind: Kind) -> None:
+        self._too_old.labels(kind=kind.value).inc()

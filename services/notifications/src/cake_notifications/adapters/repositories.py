@@ -45,35 +45,46 @@ class SqlNotificationRepository:
     async def add(
         self, notification: Notification, facts: Mapping[str, str], trace_parent: str | None
     ) -> None:
+        await self.add_many([(notification, facts, trace_parent)])
+
+    async def add_many(
+        self, entries: Sequence[tuple[Notification, Mapping[str, str], str | None]]
+    ) -> None:
+        # Two multi-row INSERTs for a whole consumer batch (executemany: one compiled
+        # statement each, rows sent together), not two statements per notification.
+        if not entries:
+            return
         await self._session.execute(
-            notifications.insert().values(
-                id=notification.id,
-                user_id=notification.user_id,
-                event_id=notification.event_id,
-                kind=notification.kind.value,
-                title=notification.title,
-                body=notification.body,
-                facts=dict(facts),
-                channels=[c.value for c in notification.channels],
-                trace_parent=trace_parent,
-                created_at=notification.created_at,
-            )
+            notifications.insert(),
+            [
+                {
+                    "id": notification.id,
+                    "user_id": notification.user_id,
+                    "event_id": notification.event_id,
+                    "kind": notification.kind.value,
+                    "title": notification.title,
+                    "body": notification.body,
+                    "facts": dict(facts),
+                    "channels": [c.value for c in notification.channels],
+                    "trace_parent": trace_parent,
+                    "created_at": notification.created_at,
+                }
+                for notification, facts, trace_parent in entries
+            ],
         )
-        if notification.channels:
-            await self._session.execute(
-                deliveries.insert().values(
-                    [
-                        {
-                            "id": uuid4(),
-                            "notification_id": notification.id,
-                            "channel": channel.value,
-                            "status": DeliveryStatus.PENDING.value,
-                            "due_at": sa.func.now(),
-                        }
-                        for channel in notification.channels
-                    ]
-                )
-            )
+        rows = [
+            {
+                "id": uuid4(),
+                "notification_id": notification.id,
+                "channel": channel.value,
+                "status": DeliveryStatus.PENDING.value,
+            }
+            for notification, _, _ in entries
+            for channel in notification.channels
+        ]
+        if rows:
+            # Due at the transaction's time (the database clock, which the claim compares).
+            await self._session.execute(deliveries.insert().values(due_at=sa.func.now()), rows)
 
     async def page(
         self, user_id: int, *, after: PageCursor | None, limit: int, unread_only: bool
@@ -173,6 +184,13 @@ class SqlDeliveryRepository:
             deliveries.update()
             .where(deliveries.c.id == delivery_id)
             .values(status=DeliveryStatus.FAILED.value, last_error=error)
+        )
+
+    async def mark_skipped(self, delivery_id: UUID, at: datetime, reason: str) -> None:
+        await self._session.execute(
+            deliveries.update()
+            .where(deliveries.c.id == delivery_id)
+            .values(status=DeliveryStatus.SKIPPED.value, last_error=reason)
         )
 
     async def retry_later(self, delivery_id: UUID, due: datetime, error: str) -> None:

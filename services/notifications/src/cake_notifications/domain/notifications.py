@@ -8,7 +8,7 @@ import enum
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from uuid import UUID
 
 from cake_common.errors import FieldViolation, InvalidArgument, NotFound
@@ -107,6 +107,13 @@ def channels_for(kind: Kind, preferences: Preferences) -> tuple[Channel, ...]:
     return tuple(c for c in CHANNELS_BY_KIND[kind] if preferences.allows(c))
 
 
+def too_old_to_notify(occurred_at: datetime, now: datetime, max_age: timedelta) -> bool:
+    """Whether an event is too old to tell the user about (a new consumer group replaying a
+    topic's history must not e-mail anyone about a months-old voucher). An event from the
+    future (clock skew) is not too old."""
+    return now - occurred_at > max_age
+
+
 @dataclass(frozen=True, slots=True)
 class EventFacts:
     """What an event says, as the templates see it (strings, numbers, datetimes)."""
@@ -144,6 +151,9 @@ class DeliveryStatus(enum.StrEnum):
     SENT = "sent"
     FAILED = "failed"
     """Refused for good (an address the server rejects); never retried."""
+    SKIPPED = "skipped"
+    """Nowhere to send it: the user has no contact on this channel (no phone, no push
+    token) or auth does not know them. A normal outcome, not an error; never retried."""
 
 
 @dataclass(frozen=True, slots=True)

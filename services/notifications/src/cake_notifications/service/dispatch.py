@@ -35,6 +35,15 @@ from cake_notifications.service.ports import (
 
 _log = get_logger(__name__)
 
+NO_CONTACT = "no_contact"
+"""Why a delivery is skipped: the user has no address on its channel (no phone, no push
+token)."""
+UNKNOWN_USER = "unknown_user"
+"""Why a delivery is skipped: auth does not know the user (e.g. the account was deleted)."""
+
+BUSY_WAIT_SECONDS = 0.05
+"""The shortest idle sleep (see ``Dispatcher._idle_seconds``)."""
+
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
@@ -58,7 +67,7 @@ class Dispatcher:
         concurrency: int = 10,
         workers: int = 1,
         lease_seconds: float = 60.0,
-        idle_poll_seconds: float = 1.0,
+        idle_poll_seconds: float = 10.0,
         clock: Callable[[], datetime] = utc_now,
     ) -> None:
         self._uow_factory = uow_factory
@@ -105,14 +114,29 @@ class Dispatcher:
         while not self._stopping.is_set():
             try:
                 handled = await self.run_once()
+                # A full batch: more may be due, claim again at once. Otherwise sleep until
+                # woken or until the next pending delivery is due (a retry, a lost lease).
+                pause = 0.0 if handled >= self._batch_size else await self._idle_seconds()
                 failures = 0
             except Exception as error:  # the database is down: keep trying, nothing is lost
                 failures += 1
                 _log.warning("dispatching failed, retrying", error=repr(error))
                 await self._wait(self._retry.delay(failures))
                 continue
-            if handled < self._batch_size:
-                await self._wait(self._idle_poll_seconds)
+            if pause > 0:
+                await self._wait(pause)
+
+    async def _idle_seconds(self) -> float:
+        """How long an idle loop sleeps unless woken: until the earliest pending delivery is
+        due, at least ``BUSY_WAIT_SECONDS`` (due rows another loop holds locked for a moment
+        must not make it spin) and at most the fallback poll (deliveries another replica
+        committed and did not send: it crashed first)."""
+        async with self._uow_factory() as uow:
+            due = await uow.deliveries.next_due()
+        if due is None:
+            return self._idle_poll_seconds
+        seconds = (due - self._clock()).total_seconds()
+        return min(max(seconds, BUSY_WAIT_SECONDS), self._idle_poll_seconds)
 
     async def _wait(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -133,6 +157,8 @@ class Dispatcher:
             await uow.commit()
         if not claimed:
             return 0
+        if len(claimed) >= self._batch_size:
+            self._wake.set()  # more may be due: the idle loops join in
         users = sorted({delivery.user_id for delivery in claimed})
         async with self._uow_factory() as uow:
             preferences = await uow.preferences.get_many(users)
@@ -179,9 +205,11 @@ class Dispatcher:
     ) -> Outcome:
         if isinstance(contacts, TransientSendError):
             return Outcome(retry=str(contacts))
+        if contacts is None:
+            return Outcome(skipped=UNKNOWN_USER)
         message = self._message(delivery, contacts, preferences)
         if message is None:
-            return Outcome(failed="the user has no contact on this channel")
+            return Outcome(skipped=NO_CONTACT)
         try:
             await self._senders[delivery.channel].send(message)
         except TransientSendError as error:
@@ -191,10 +219,8 @@ class Dispatcher:
         return Outcome()
 
     def _message(
-        self, delivery: Delivery, contacts: Contacts | None, preferences: Preferences
+        self, delivery: Delivery, contacts: Contacts, preferences: Preferences
     ) -> OutgoingMessage | None:
-        if contacts is None:
-            return None
         to = recipient(delivery.channel, contacts)
         if not to:
             return None
@@ -215,6 +241,8 @@ class Dispatcher:
                     await uow.deliveries.retry_later(delivery.id, due, outcome.retry[:500])
                 elif outcome.failed is not None:
                     await uow.deliveries.mark_failed(delivery.id, now, outcome.failed[:500])
+                elif outcome.skipped is not None:
+                    await uow.deliveries.mark_skipped(delivery.id, now, outcome.skipped)
             await uow.commit()
         for delivery, outcome in results:
             self._report(delivery, outcome, now)
@@ -237,6 +265,15 @@ class Dispatcher:
                 channel=delivery.channel.value,
                 error=outcome.failed,
             )
+        elif outcome.skipped is not None:
+            # Normal (no phone, no push token): counted, not an error, never retried.
+            self._metrics.delivery_skipped(delivery.channel, outcome.skipped)
+            _log.debug(
+                "delivery skipped",
+                delivery_id=str(delivery.id),
+                channel=delivery.channel.value,
+                reason=outcome.skipped,
+            )
         else:
             self._metrics.message_sent(
                 delivery.channel,
@@ -247,11 +284,13 @@ class Dispatcher:
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """What became of one attempt: sent (neither field), to retry, or failed for good."""
+    """What became of one attempt: sent (no field set), to retry, failed for good, or
+    skipped (nowhere to send it)."""
 
     retry: str | None = None
     failed: str | None = None
+    skipped: str | None = None
 
     @property
     def sent(self) -> bool:
-        return self.retry is None and self.failed is None
+        return self.retry is None and self.failed is None and self.skipped is None

@@ -1,11 +1,13 @@
 """Events in: each voucher or payment event becomes one in-app notification and one pending
 delivery per channel the user allows, in ONE transaction with the inbox, so a redelivered
-event changes nothing."""
+event changes nothing. An event older than the maximum age (a new consumer group replaying
+a topic's history) is recorded in the inbox and counted, but nobody is notified."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from uuid import uuid4
 
 from cake_common.logging import get_logger
@@ -15,6 +17,7 @@ from cake_notifications.domain.notifications import (
     Notification,
     Preferences,
     channels_for,
+    too_old_to_notify,
 )
 from cake_notifications.service.ports import (
     MessageRenderer,
@@ -27,8 +30,14 @@ INBOX_VARIANT = "inbox"
 
 DUPLICATE = "duplicate"
 CREATED = "notified"
+TOO_OLD = "too_old"
+"""Outcome of an event older than the maximum age: in the inbox, not notified."""
 
 _log = get_logger(__name__)
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,17 +53,25 @@ class NotifyUsers:
         renderer: MessageRenderer,
         metrics: NotificationMetrics,
         on_committed: Callable[[], None] = lambda: None,
+        *,
+        max_event_age: timedelta = timedelta(hours=24),
+        clock: Callable[[], datetime] = utc_now,
     ) -> None:
         self._uow_factory = uow_factory
         self._renderer = renderer
         self._metrics = metrics
         self._on_committed = on_committed
         """Called after a commit that created deliveries: wakes the dispatcher."""
+        self._max_event_age = max_event_age
+        self._clock = clock
 
     async def accept(self, events: Sequence[IncomingEvent]) -> list[str]:
         """Store the batch's notifications (inbox inside); one outcome per event, in order."""
         created: list[Notification] = []
+        stored: list[tuple[Notification, Mapping[str, str], str | None]] = []
         outcomes: list[str] = []
+        too_old: list[EventFacts] = []
+        now = self._clock()
         async with self._uow_factory() as uow:
             fresh = await uow.inbox.record([event.facts.event_id for event in events])
             users = sorted({event.facts.user_id for event in events})
@@ -65,6 +82,10 @@ class NotifyUsers:
                     outcomes.append(DUPLICATE)
                     continue
                 fresh.discard(facts.event_id)  # the same id twice in one batch: once
+                if too_old_to_notify(facts.occurred_at, now, self._max_event_age):
+                    too_old.append(facts)
+                    outcomes.append(TOO_OLD)
+                    continue
                 chosen = preferences.get(facts.user_id) or Preferences(facts.user_id)
                 language = chosen.language_or(None)
                 entry = self._renderer.render(facts.kind, language, INBOX_VARIANT, facts.values)
@@ -78,12 +99,22 @@ class NotifyUsers:
                     created_at=facts.occurred_at,
                     channels=channels_for(facts.kind, chosen),
                 )
-                await uow.notifications.add(notification, facts.values, event.trace_parent)
+                stored.append((notification, facts.values, event.trace_parent))
                 created.append(notification)
                 outcomes.append(CREATED)
+            await uow.notifications.add_many(stored)
             await uow.commit()
         for notification in created:
             self._metrics.notification_created(notification.kind)
+        for facts in too_old:
+            self._metrics.event_too_old(facts.kind)
+        if too_old:
+            _log.info(
+                "events too old to notify, recorded and skipped",
+                count=len(too_old),
+                oldest=min(facts.occurred_at for facts in too_old).isoformat(),
+                max_age_seconds=self._max_event_age.total_seconds(),
+            )
         if any(notification.channels for notification in created):
             self._on_committed()
         return outcomes
