@@ -3,8 +3,9 @@ beyond what the hashing threads can take gets some answers and, for the rest, an
 503 with ``Retry-After`` (the rich error's retry-after header, passed on by Envoy), and no
 request runs into the client's timeout.
 
-The stack's auth service runs with its defaults (cost 10, a hashing thread per core, four
-waiting per thread), so a burst of three times that many concurrent logins overflows it.
+The stack's auth service runs with its defaults (cost 10, a hashing thread per core, a queue
+of what the threads are measured to finish in a second), so a burst of three times what it
+admits at once (its ``cake_auth_hash_admission_limit``, summed over the workers) overflows it.
 """
 
 from __future__ import annotations
@@ -15,17 +16,12 @@ import uuid
 
 import httpx
 import pytest
-from cake_auth.adapters.password_hashers import available_cpus
-from cake_auth.bootstrap import WAITING_PER_HASH_WORKER
 from cake_devtools.stack import Stack
+from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.e2e
 
 PASSWORD = "Gateway-overload-1"
-# Three times what the stack's auth service admits at once (its hashing threads, one per core,
-# and four waiting for each), so the burst overflows it on any machine: 30 on two cores.
-ADMITTED_AT_ONCE = available_cpus() * (1 + WAITING_PER_HASH_WORKER)
-BURST = 3 * ADMITTED_AT_ONCE
 # Attempts are counted per account before the check: at most the free failures (5) at once on
 # one account, so that no login of the burst is throttled.
 LOGINS_PER_ACCOUNT = 5
@@ -44,8 +40,17 @@ def registration() -> dict[str, str]:
     }
 
 
-async def login_burst(base_url: str) -> list[httpx.Response]:
-    limits = httpx.Limits(max_connections=BURST, max_keepalive_connections=BURST)
+def admitted_at_once(metrics_port: int) -> int:
+    """What the stack's auth service admits at once now, over all its workers."""
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+    for family in text_string_to_metric_families(text):
+        if family.name == "cake_auth_hash_admission_limit":
+            return int(sum(sample.value for sample in family.samples))
+    raise AssertionError("auth exports no cake_auth_hash_admission_limit")
+
+
+async def login_burst(base_url: str, burst: int) -> list[httpx.Response]:
+    limits = httpx.Limits(max_connections=burst, max_keepalive_connections=burst)
     # A source address of its own on loopback: the login throttle's per-IP count starts at
     # zero, whatever other tests (or an earlier run) did from 127.0.0.1.
     octets = random.SystemRandom().randrange(1, 250), random.SystemRandom().randrange(2, 250)
@@ -56,7 +61,7 @@ async def login_burst(base_url: str) -> list[httpx.Response]:
         base_url=base_url, timeout=CLIENT_TIMEOUT_SECONDS, transport=transport
     ) as client:
         logins: list[dict[str, str]] = []
-        for _ in range(BURST // LOGINS_PER_ACCOUNT):
+        for _ in range(burst // LOGINS_PER_ACCOUNT):
             body = registration()
             registered = await client.post("/auth/register", json=body)
             assert registered.status_code == 201, registered.text
@@ -70,7 +75,11 @@ async def login_burst(base_url: str) -> list[httpx.Response]:
 def test_a_login_burst_beyond_the_hash_queue_gets_503_with_retry_after(
     full_stack: Stack,
 ) -> None:
-    responses = asyncio.run(login_burst(full_stack.gateway_url))
+    metrics_port = int(full_stack.service_environment()["auth"]["CAKE_AUTH_METRICS_PORT"])
+    admitted = admitted_at_once(metrics_port)
+    assert admitted >= 2, admitted  # a thread and at least one waiting, per worker
+    # Three times that, so the burst overflows it on any machine.
+    responses = asyncio.run(login_burst(full_stack.gateway_url, 3 * admitted))
 
     statuses = sorted({response.status_code for response in responses})
     assert set(statuses) <= {200, 503}, statuses

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import secrets
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -165,18 +166,16 @@ async def open_accounts(settings: AuthSettings) -> AsyncIterator[UserAccounts]:
         await infrastructure.exits.aclose()
 
 
-WAITING_PER_HASH_WORKER = 4
-"""Default queue bound per hashing thread: a few checks' worth of wait (≈ 0.1-0.3 s at
-cost 10), enough to keep every thread busy between arrivals, short enough that an admitted
-login is not slow."""
-
-
-def hash_admission(settings: AuthSettings, metrics: AuthMetrics) -> HashAdmission:
-    workers = settings.password_hash_workers or available_cpus()
-    max_waiting = settings.hash_queue_max_waiting
+def hash_admission(
+    settings: AuthSettings, metrics: AuthMetrics, *, initial_hash_seconds: float
+) -> HashAdmission:
+    """The admission in front of the hashing threads; ``initial_hash_seconds`` (one hash
+    timed at start) sizes its queue until the threads' real throughput has been measured."""
     return HashAdmission(
-        workers=workers,
-        max_waiting=WAITING_PER_HASH_WORKER * workers if max_waiting is None else max_waiting,
+        workers=settings.password_hash_workers or available_cpus(),
+        max_waiting=settings.hash_queue_max_waiting,
+        max_wait_seconds=settings.hash_queue_max_wait_seconds,
+        initial_hash_seconds=initial_hash_seconds,
         metrics=metrics,
     )
 
@@ -236,11 +235,18 @@ async def open_service_accounts(settings: AuthSettings) -> AsyncIterator[Service
 async def _use_cases(
     settings: AuthSettings, infrastructure: _Infrastructure, signing_key: SigningKey, jwks: Path
 ) -> AuthUseCases:
+    # Unknown accounts are checked against this, at the cost of a real hash; timed, it
+    # also gives the admission its first idea of the hash cost on this box.
+    started = time.perf_counter()
+    dummy_password_hash = await infrastructure.hasher.hash(secrets.token_urlsafe(16))
+    initial_hash_seconds = max(time.perf_counter() - started, 1e-3)
     return AuthUseCases(
         accounts=infrastructure.accounts,
         unit_of_work=infrastructure.unit_of_work,
         hasher=infrastructure.hasher,
-        admission=hash_admission(settings, infrastructure.metrics),
+        admission=hash_admission(
+            settings, infrastructure.metrics, initial_hash_seconds=initial_hash_seconds
+        ),
         tokens=_token_issuer(settings, signing_key),
         profile_cache=infrastructure.profile_cache,
         login_throttle=RedisLoginThrottle(
@@ -263,8 +269,7 @@ async def _use_cases(
         revocations=_shared_revocations(settings, infrastructure),
         session_lifetime_seconds=settings.session_lifetime_seconds,
         published_keys=JwksFile(jwks, signing_key.kid),
-        # Unknown accounts are checked against this, at the cost of a real hash.
-        dummy_password_hash=await infrastructure.hasher.hash(secrets.token_urlsafe(16)),
+        dummy_password_hash=dummy_password_hash,
         metrics=infrastructure.metrics,
     )
 
@@ -333,12 +338,11 @@ def worker_settings(settings: AuthSettings) -> AuthSettings:
     processes = settings.workers
     threads = settings.password_hash_workers or available_cpus()
     waiting = settings.hash_queue_max_waiting
-    if waiting is None:
-        waiting = WAITING_PER_HASH_WORKER * threads
     return settings.model_copy(
         update={
             "password_hash_workers": max(1, -(-threads // processes)),
-            "hash_queue_max_waiting": -(-waiting // processes),
+            # Measured (None): each worker measures its own threads' throughput.
+            "hash_queue_max_waiting": None if waiting is None else -(-waiting // processes),
         }
     )
 

@@ -29,6 +29,14 @@ class AuthMetrics:
             # Several worker processes: the sum over the live ones.
             multiprocess_mode="livesum",
         )
+        self.hash_admission_limit = Gauge(
+            "cake_auth_hash_admission_limit",
+            "Hash-bound calls admitted at most right now: the hashing threads plus what they "
+            "are measured to finish within the queue's maximum wait (or the fixed bound)",
+            registry=registry,
+            # Several worker processes: each admits its own, the service the sum.
+            multiprocess_mode="livesum",
+        )
         self.first_logins = Counter(
             "cake_auth_first_logins",
             "First logins, each recorded as a first-login outbox event",

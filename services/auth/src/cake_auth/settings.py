@@ -44,7 +44,16 @@ class AuthSettings(ServiceSettings):
         ge=0,
         description="Logins/registrations that may wait for a hashing thread, in total over "
         "the worker processes (each admits its share, rounded up); beyond that they are "
-        "refused at once (UNAVAILABLE, retry-after); default: 4 per hashing thread",
+        "refused at once (UNAVAILABLE, retry-after); default: not fixed, what the hashing "
+        "threads are measured to finish within hash_queue_max_wait_seconds",
+    )
+    hash_queue_max_wait_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        description="Longest a login/registration should wait for a hashing thread: each "
+        "worker admits what its threads are measured to finish in that time (hashes per "
+        "second while all are busy, times this), beyond that it refuses at once (UNAVAILABLE, "
+        "retry-after); unused when hash_queue_max_waiting fixes the count",
     )
     workers: int = Field(
         default=1,

@@ -1,6 +1,9 @@
 """Admission control at the hash queue, with real concurrent calls on a real auth server: the
 calls beyond ``workers + max_waiting`` are refused at once (UNAVAILABLE, ``retry-after``),
-none waits into its deadline, and a refused login does not count against the account."""
+none waits into its deadline, and a refused login does not count against the account; by
+default the bound is measured (what the threads finish within the max wait), and under an
+open-model overload of twice the ceiling the thread stays busy, the admitted wait about the
+max wait and the rest are refused at once."""
 
 from __future__ import annotations
 
@@ -101,3 +104,87 @@ async def test_a_registration_burst_beyond_the_queue_is_refused_at_once(slow_aut
     assert len(refused) == len(errors)
     again = await slow_auth.stub.Register(refused[0], timeout=DEADLINE_SECONDS)
     assert again.user.username == refused[0].username
+
+
+# -- the measured bound, under a real open-model overload ------------------------------------
+
+MAX_WAIT_SECONDS = 1.0
+OVERLOAD_SECONDS = 6.0
+OVERLOAD_FACTOR = 2.0  # offered: twice what the server is measured to serve
+
+
+@pytest.fixture(scope="module")
+async def measured_auth(start_auth_server: Any) -> Any:
+    # One hashing thread at cost 11 (≈ 0.1-0.2 s a check here): a ceiling of a few logins a
+    # second, which this test's client saturates without competing much for the CPU.
+    return await start_auth_server(
+        bcrypt_cost=11,
+        password_hash_workers=1,
+        hash_queue_max_waiting=None,  # measured, as in the service's default
+        hash_queue_max_wait_seconds=MAX_WAIT_SECONDS,
+    )
+
+
+async def timed_login(server: Any, account: str) -> tuple[float, grpc.StatusCode]:
+    request = auth_pb2.LoginRequest(account=account, password=PASSWORD)
+    started = asyncio.get_running_loop().time()
+    try:
+        await server.stub.Login(request, timeout=DEADLINE_SECONDS)
+        code = grpc.StatusCode.OK
+    except grpc.aio.AioRpcError as error:
+        code = error.code()
+    return asyncio.get_running_loop().time() - started, code
+
+
+def p95(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+
+
+async def test_under_twice_the_ceiling_the_bound_follows_what_the_threads_serve(
+    measured_auth: Any,
+) -> None:
+    user = (await measured_auth.register()).user
+    account = user.username
+    loop = asyncio.get_running_loop()
+
+    # The ceiling, closed-loop: two callers always waiting on the one thread for 3 s.
+    ceiling_until = loop.time() + 3.0
+    served = 0
+
+    async def caller() -> None:
+        nonlocal served
+        while loop.time() < ceiling_until:
+            _, code = await timed_login(measured_auth, account)
+            assert code == grpc.StatusCode.OK
+            served += 1
+
+    started = loop.time()
+    await asyncio.gather(caller(), caller())
+    ceiling = served / (loop.time() - started)
+
+    # What the admission measured sizes the queue: its hashes a second times the max wait.
+    limit = measured_auth.counter("cake_auth_hash_admission_limit")
+    assert 0.5 * ceiling * MAX_WAIT_SECONDS - 1 <= limit - 1 <= 2 * ceiling * MAX_WAIT_SECONDS + 1
+
+    # Then an open-model overload: arrivals at twice the ceiling, whatever the answers.
+    rate = OVERLOAD_FACTOR * ceiling
+    calls: list[asyncio.Task[tuple[float, grpc.StatusCode]]] = []
+    started = loop.time()
+    for index in range(int(rate * OVERLOAD_SECONDS)):
+        await asyncio.sleep(max(0.0, started + index / rate - loop.time()))
+        calls.append(asyncio.create_task(timed_login(measured_auth, account)))
+    results = await asyncio.gather(*calls)
+    elapsed = loop.time() - started
+
+    codes = {code for _, code in results}
+    assert codes <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, codes  # no deadline hit
+    accepted = [seconds for seconds, code in results if code == grpc.StatusCode.OK]
+    refused = [seconds for seconds, code in results if code == grpc.StatusCode.UNAVAILABLE]
+    assert refused, "twice the ceiling and nothing refused"
+    # The thread stayed busy: goodput near the ceiling (the margin is for a shared box).
+    assert len(accepted) / elapsed >= 0.75 * ceiling, (len(accepted) / elapsed, ceiling)
+    # The admitted waited about the max wait (plus a few checks' time: the estimate is a
+    # moving average), not into their deadline; the rest learnt at once.
+    assert p95(accepted) < MAX_WAIT_SECONDS + 3 / ceiling, (p95(accepted), ceiling)
+    assert p95(refused) < 0.25, p95(refused)

@@ -1,10 +1,14 @@
-"""The hash queue's admission control: its bound, its counters and its retry-after."""
+"""The hash queue's admission control: its bound (fixed, or measured from the hashing threads'
+throughput), its counters and its retry-after."""
 
 from __future__ import annotations
 
+from collections import deque
+from contextlib import AbstractAsyncContextManager
+
 import pytest
 from cake_auth.metrics import AuthMetrics
-from cake_auth.service.admission import SERVER_BUSY_REASON, HashAdmission
+from cake_auth.service.admission import SERVER_BUSY_REASON, HashAdmission, HashThroughput
 from cake_common.errors import Unavailable
 from prometheus_client import CollectorRegistry
 
@@ -52,31 +56,111 @@ async def test_an_error_in_the_block_frees_its_place() -> None:
         assert admission.in_flight == 1
 
 
-async def test_retry_after_follows_the_recent_time_from_admission_to_the_end_of_the_hash() -> None:
+async def saturate(admission: HashAdmission, clock: Clock, *, hashes: int, seconds: float) -> None:
+    """``hashes`` calls through one thread, each ``seconds`` long, in arrival order, the next
+    one always admitted before the current one ends (the thread never idles)."""
+    in_flight: deque[AbstractAsyncContextManager[None]] = deque()
+
+    async def arrive() -> None:
+        call = admission.admitted("login")
+        await call.__aenter__()
+        in_flight.append(call)
+
+    async def finish() -> None:
+        clock.now += seconds
+        await in_flight.popleft().__aexit__(None, None, None)
+
+    await arrive()
+    for _ in range(hashes - 1):
+        await arrive()
+        await finish()
+    await finish()
+
+
+async def test_the_queue_holds_what_the_threads_are_measured_to_finish_in_the_max_wait() -> None:
+    clock = Clock()
+    registry = CollectorRegistry()
+    admission = HashAdmission(
+        workers=1,
+        max_wait_seconds=1.0,
+        initial_hash_seconds=0.1,
+        metrics=AuthMetrics(registry),
+        clock=clock,
+    )
+    # Before any measurement: the hash timed at start, 10 a second, 10 may wait.
+    assert admission.limit == 11
+    assert registry.get_sample_value("cake_auth_hash_admission_limit") == 11
+
+    # The box turns out five times faster: 50 hashes a second, the queue grows to 50.
+    await saturate(admission, clock, hashes=100, seconds=0.02)
+    assert admission.hashes_per_second == pytest.approx(50, rel=0.05)
+    assert admission.limit == 51
+    assert registry.get_sample_value("cake_auth_hash_admission_limit") == 51
+
+    # Then other load takes most of the CPU: 4 a second, the queue shrinks to 4 (and later
+    # calls are refused well before they could wait beyond the max wait).
+    await saturate(admission, clock, hashes=100, seconds=0.25)
+    assert admission.hashes_per_second == pytest.approx(4, rel=0.05)
+    assert admission.limit == 5
+
+
+def test_idle_time_between_calls_does_not_count_as_slowness() -> None:
+    throughput = HashThroughput(workers=2, initial_hash_seconds=0.1)
+    assert throughput.interval_seconds == pytest.approx(0.05)
+    now = 0.0
+    for _ in range(200):  # one call at a time, 10 s apart: never more than one thread busy
+        throughput.admitted(now, 1)
+        now += 0.1
+        throughput.completed(now, 0)
+        now += 10
+    assert throughput.interval_seconds == pytest.approx(0.05)
+
+
+def test_two_busy_threads_finish_twice_as_often_as_one() -> None:
+    throughput = HashThroughput(workers=2, initial_hash_seconds=1.0)
+    now = 0.0
+    throughput.admitted(now, 1)
+    throughput.admitted(now, 2)
+    for _ in range(300):  # two 0.2 s hashes running side by side, always refilled at once
+        now += 0.1
+        throughput.completed(now, 1)
+        throughput.admitted(now, 2)
+    assert throughput.per_second == pytest.approx(10, rel=0.01)
+    assert throughput.waiting_for(1.5) == 15
+    assert throughput.waiting_for(0.01) == 1  # never less than one waiting
+
+
+async def test_retry_after_is_the_time_the_calls_in_flight_need() -> None:
     clock = Clock()
     admission = HashAdmission(
         workers=1,
-        max_waiting=0,
+        max_waiting=1,
         metrics=AuthMetrics(CollectorRegistry()),
-        initial_hold_seconds=0.05,
+        initial_hash_seconds=0.05,
         clock=clock,
     )
     assert admission.retry_after_seconds() == 1  # never less than a second
-    for _ in range(40):  # a queue that now takes 3.5 s from admission to the hash's end
-        async with admission.admitted("login"):
-            clock.now += 3.5
-    assert admission.retry_after_seconds() == 4
-    async with admission.admitted("login"):
+    await saturate(admission, clock, hashes=60, seconds=3.5)  # hashes now take 3.5 s each
+    async with admission.admitted("login"), admission.admitted("login"):
         with pytest.raises(Unavailable) as refused:
             async with admission.admitted("login"):
                 pass
-    assert refused.value.retry_after_seconds == 4
-    assert refused.value.metadata == {"retry_after_seconds": "4"}
+    # Two calls in flight, 3.5 s each through the one thread.
+    assert refused.value.retry_after_seconds == 7
+    assert refused.value.metadata == {"retry_after_seconds": "7"}
 
 
-@pytest.mark.parametrize(("workers", "max_waiting"), [(0, 1), (1, -1)])
-def test_nonsense_bounds_are_refused(workers: int, max_waiting: int) -> None:
-    with pytest.raises(ValueError, match="workers"):
+@pytest.mark.parametrize(
+    ("workers", "max_waiting", "max_wait_seconds", "message"),
+    [(0, 1, 1.0, "workers"), (1, -1, 1.0, "workers"), (1, None, 0.0, "max_wait_seconds")],
+)
+def test_nonsense_bounds_are_refused(
+    workers: int, max_waiting: int | None, max_wait_seconds: float, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
         HashAdmission(
-            workers=workers, max_waiting=max_waiting, metrics=AuthMetrics(CollectorRegistry())
+            workers=workers,
+            max_waiting=max_waiting,
+            max_wait_seconds=max_wait_seconds,
+            metrics=AuthMetrics(CollectorRegistry()),
         )

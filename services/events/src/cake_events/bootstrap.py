@@ -69,6 +69,7 @@ def build_relays(
     timing = RelayTiming(
         batch_size=settings.relay_batch_size,
         poll_interval_seconds=settings.relay_poll_interval_seconds,
+        idle_poll_max_seconds=settings.relay_idle_poll_max_seconds,
         leader_retry_seconds=settings.relay_leader_retry_seconds,
         metrics_refresh_seconds=settings.relay_metrics_refresh_seconds,
         retention_seconds=settings.published_retention_seconds,

@@ -108,6 +108,12 @@ class EventsSettings(ServiceSettings):
         gt=0,
         description="Fallback poll of the outbox (LISTEN/NOTIFY wakes the relay at once)",
     )
+    relay_idle_poll_max_seconds: float = Field(
+        default=4.0,
+        ge=0,
+        description="Longest fallback poll once idle: each quiet poll doubles the wait up to "
+        "this, a notification or rows in retry bring it back to the poll interval",
+    )
     relay_max_attempts: int = Field(
         default=5, ge=1, description="Failed publications of a row before it is dead-lettered"
     )

@@ -10,6 +10,7 @@ only when the claim transaction commits); the SQL itself has integration tests.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -280,7 +281,7 @@ class Relay:
         return value or 0.0
 
 
-def make_relay(*rows: OutboxEvent, batch_size: int = 10) -> Relay:
+def make_relay(*rows: OutboxEvent, batch_size: int = 10, **timing: float) -> Relay:
     outbox = FakeOutbox(rows)
     kafka = FakeKafka()
     database = EventsDatabase()
@@ -299,13 +300,16 @@ def make_relay(*rows: OutboxEvent, batch_size: int = 10) -> Relay:
         events_uow=lambda: FakeEventsUnitOfWork(database),  # type: ignore[arg-type, return-value]
         routes=TopicRoutes(DEFAULT_TOPIC_ROUTES),
         failure_policy=POLICY,
-        timing=RelayTiming(
-            batch_size=batch_size,
-            poll_interval_seconds=0.01,
-            leader_retry_seconds=0.5,
-            metrics_refresh_seconds=60,
-            retention_seconds=3600,
-            retention_sweep_seconds=60,
+        timing=replace(
+            RelayTiming(
+                batch_size=batch_size,
+                poll_interval_seconds=0.01,
+                leader_retry_seconds=0.5,
+                metrics_refresh_seconds=60,
+                retention_seconds=3600,
+                retention_sweep_seconds=60,
+            ),
+            **timing,
         ),
         metrics=metrics,
         uniform=lambda low, high: (low + high) / 2,
@@ -351,6 +355,66 @@ async def test_batches_are_claimed_in_order_without_claiming_a_batch_twice() -> 
     assert [b.event_ids for b in relay.database.batches] == [
         [relay.outbox.rows[i].event_id for i in ids] for ids in ([1, 2], [3, 4], [5])
     ]
+
+
+# -- the idle fallback poll ------------------------------------------------------------------
+
+
+def recorded_waits(relay: Relay, *, notify_at: int | None = None, calls: int = 9) -> list[float]:
+    """Make the outbox record each fallback wait the relay asks for (and answer the
+    ``notify_at``-th with a notification) until ``calls`` waits were asked."""
+    waits: list[float] = []
+
+    async def wait_for_notification(timeout_seconds: float) -> bool:
+        waits.append(timeout_seconds)
+        if len(waits) >= calls:
+            relay.outbox.idle.set()
+        await asyncio.sleep(0.001)
+        return len(waits) == notify_at
+
+    relay.outbox.wait_for_notification = wait_for_notification  # type: ignore[method-assign]
+    return waits
+
+
+async def test_an_idle_relay_polls_less_and_less_and_a_notification_resets_the_wait() -> None:
+    relay = make_relay(idle_poll_max_seconds=0.08)
+    waits = recorded_waits(relay, notify_at=6)
+    await relay.run_until_idle()
+    assert waits[:9] == [0.01, 0.02, 0.04, 0.08, 0.08, 0.08, 0.01, 0.02, 0.04]
+
+
+async def test_rows_in_retry_keep_the_relay_polling_at_the_base_interval() -> None:
+    relay = make_relay(idle_poll_max_seconds=0.08)
+
+    async def backlog() -> Backlog:
+        return Backlog(waiting=0, oldest_age_seconds=0.0, in_retry=1)
+
+    relay.outbox.backlog = backlog  # type: ignore[method-assign]
+    waits = recorded_waits(relay)
+    await relay.run_until_idle()
+    assert waits[:9] == [0.01] * 9
+
+
+async def test_without_a_maximum_the_fallback_poll_keeps_its_interval() -> None:
+    relay = make_relay()  # idle_poll_max_seconds 0: no back-off
+    waits = recorded_waits(relay)
+    await relay.run_until_idle()
+    assert waits[:9] == [0.01] * 9
+
+
+async def test_a_long_idle_wait_does_not_hold_up_a_stop() -> None:
+    relay = make_relay(poll_interval_seconds=30, idle_poll_max_seconds=60)
+
+    async def wait_for_notification(timeout_seconds: float) -> bool:
+        relay.outbox.idle.set()
+        await asyncio.sleep(timeout_seconds)  # as the real session: no notification comes
+        return False
+
+    relay.outbox.wait_for_notification = wait_for_notification  # type: ignore[method-assign]
+    started = time.monotonic()
+    await relay.run_until_idle()
+    assert time.monotonic() - started < 2
+    assert (relay.outbox.closed, relay.kafka.closed) == (1, 1)
 
 
 # -- retries and dead letters -------------------------------------------------------------------

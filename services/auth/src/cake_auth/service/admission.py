@@ -2,12 +2,19 @@
 
 A bcrypt check costs ~50 ms of CPU, so a burst of logins beyond what the hashing threads
 can serve would only queue up, every caller waiting longer until they all time out. Instead,
-when more checks are in progress than ``workers + max_waiting``, a login or registration is
-refused at once with UNAVAILABLE (HTTP 503 through the gateway) and a ``retry-after`` header:
-the callers who are admitted keep a short wait, the others learn immediately when to come back.
+when the queue is full, a login or registration is refused at once with UNAVAILABLE (HTTP 503
+through the gateway) and a ``retry-after`` header: the callers who are admitted keep a short
+wait, the others learn immediately when to come back.
+
+"Full" is measured, not guessed: by default the queue holds what the hashing threads are
+seen to finish in ``max_wait_seconds`` (:class:`HashThroughput` times the completions while
+every thread is busy), so the bound follows what this box really serves, slow or fast,
+shared with other load or not: a fixed count refuses too early on a fast box (the threads
+idle between bursts) and too late on a slow one (the admitted wait into their deadline).
+An operator can still fix the count (``max_waiting``).
 
 The count is of calls between admission and the end of their hash (the whole service runs on
-one event loop, so a plain integer suffices). A refused login happens *before* the login
+one event loop, so plain numbers suffice). A refused login happens *before* the login
 throttle counts the attempt, so overload never makes an account look attacked.
 """
 
@@ -28,52 +35,118 @@ SERVER_BUSY = "The server is busy, try again in a moment"
 SERVER_BUSY_REASON = "SERVER_BUSY"
 Operation = Literal["login", "register"]
 
-# Weight of the newest hold time in the moving average that sizes retry-after.
-_SMOOTHING = 0.2
+# Weight of the newest completion interval in the moving average of the hash throughput.
+_SMOOTHING = 0.1
 _log = get_logger(__name__)
 
 
+class HashThroughput:
+    """The mean time between two completed hashes while every hashing thread is busy: the
+    inverse of what the threads really serve (pure logic: the caller reports admissions and
+    completions with the in-flight count and the time).
+
+    Hand-written (a moving average over a few lines): the admission libraries on PyPI are
+    rate limiters with a configured rate, and the rate here is what has to be measured.
+    """
+
+    def __init__(self, *, workers: int, initial_hash_seconds: float) -> None:
+        if workers < 1 or initial_hash_seconds <= 0:
+            raise ValueError("workers must be >= 1 and initial_hash_seconds > 0")
+        self.workers = workers
+        self.interval_seconds = initial_hash_seconds / workers
+        # Since when every thread has been busy without a gap (None: some thread is idle).
+        self._busy_since: float | None = None
+
+    def admitted(self, now: float, in_flight: int) -> None:
+        """A call was admitted; ``in_flight`` counts it."""
+        if self._busy_since is None and in_flight >= self.workers:
+            self._busy_since = now
+
+    def completed(self, now: float, in_flight: int) -> None:
+        """A hash-bound call ended; ``in_flight`` no longer counts it."""
+        if self._busy_since is not None:
+            # Every thread was busy from the previous completion (or from the moment the
+            # last one filled) until now: one interval of the saturated pool.
+            interval = max(now - self._busy_since, 0.0)
+            self.interval_seconds += _SMOOTHING * (interval - self.interval_seconds)
+        self._busy_since = now if in_flight >= self.workers else None
+
+    @property
+    def per_second(self) -> float:
+        return 1.0 / max(self.interval_seconds, 1e-6)
+
+    def waiting_for(self, max_wait_seconds: float) -> int:
+        """How many calls can wait for a thread and still start within ``max_wait_seconds``
+        (at least one, so a thread never idles between two arrivals)."""
+        # Rounded: the interval is a moving average, "about 50" must not become 49.
+        return max(1, round(max_wait_seconds / max(self.interval_seconds, 1e-6)))
+
+    def seconds_until_done(self, in_flight: int) -> float:
+        """About how long until the ``in_flight`` calls are all done."""
+        return in_flight * self.interval_seconds
+
+
 class HashAdmission:
-    """Admits at most ``workers + max_waiting`` hash-bound calls at a time."""
+    """Admits the hash-bound calls the threads can finish within ``max_wait_seconds`` of
+    waiting (the default), or at most ``workers + max_waiting`` when that count is fixed."""
 
     def __init__(
         self,
         *,
         workers: int,
-        max_waiting: int,
         metrics: AuthMetrics,
-        initial_hold_seconds: float = 0.1,
+        max_waiting: int | None = None,
+        max_wait_seconds: float = 1.0,
+        initial_hash_seconds: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if workers < 1 or max_waiting < 0:
+        if workers < 1 or (max_waiting is not None and max_waiting < 0):
             raise ValueError("workers must be >= 1 and max_waiting >= 0")
+        if max_wait_seconds <= 0:
+            raise ValueError("max_wait_seconds must be > 0")
         self.workers = workers
-        self.limit = workers + max_waiting
+        self._fixed_waiting = max_waiting
+        self._max_wait = max_wait_seconds
+        self._throughput = HashThroughput(
+            workers=workers, initial_hash_seconds=initial_hash_seconds
+        )
         self._metrics = metrics
         self._clock = clock
         self._in_flight = 0
-        self._mean_hold = initial_hold_seconds
+        self._metrics.hash_admission_limit.set(self.limit)
 
     @property
     def in_flight(self) -> int:
         return self._in_flight
 
+    @property
+    def limit(self) -> int:
+        """Calls admitted at most right now: the threads' and the queue's."""
+        if self._fixed_waiting is not None:
+            return self.workers + self._fixed_waiting
+        return self.workers + self._throughput.waiting_for(self._max_wait)
+
+    @property
+    def hashes_per_second(self) -> float:
+        """The measured throughput of the hashing threads when all are busy."""
+        return self._throughput.per_second
+
     def retry_after_seconds(self) -> int:
-        """Whole seconds until the calls in the queue now have finished (at least 1): the
-        recent mean time from admission to the end of the hash, waiting included."""
-        return max(1, math.ceil(self._mean_hold))
+        """Whole seconds until the calls in flight now are done (at least 1)."""
+        return max(1, math.ceil(self._throughput.seconds_until_done(self._in_flight)))
 
     @asynccontextmanager
     async def admitted(self, operation: Operation) -> AsyncIterator[None]:
         """Run the block as one of the admitted calls, or raise ``Unavailable`` at once."""
-        if self._in_flight >= self.limit:
+        limit = self.limit
+        if self._in_flight >= limit:
             retry_after = self.retry_after_seconds()
             self._metrics.hash_admission.labels(operation, "refused").inc()
             _log.warning(
                 "hash queue full, call refused",
                 operation=operation,
                 in_flight=self._in_flight,
-                limit=self.limit,
+                limit=limit,
                 retry_after_seconds=retry_after,
             )
             raise Unavailable(
@@ -85,11 +158,11 @@ class HashAdmission:
         self._metrics.hash_admission.labels(operation, "admitted").inc()
         self._in_flight += 1
         self._metrics.hash_in_flight.inc()
-        started = self._clock()
+        self._throughput.admitted(self._clock(), self._in_flight)
         try:
             yield
         finally:
             self._in_flight -= 1
             self._metrics.hash_in_flight.dec()
-            held = self._clock() - started
-            self._mean_hold += _SMOOTHING * (held - self._mean_hold)
+            self._throughput.completed(self._clock(), self._in_flight)
+            self._metrics.hash_admission_limit.set(self.limit)

@@ -120,6 +120,26 @@ class RelayTiming:
     metrics_refresh_seconds: float
     retention_seconds: float
     retention_sweep_seconds: float
+    idle_poll_max_seconds: float = 0.0
+    """Longest fallback poll once idle: each quiet poll doubles the wait from
+    ``poll_interval_seconds`` up to this (0 or less than the interval: no back-off)."""
+
+
+def next_idle_wait(
+    current: float, timing: RelayTiming, *, notified: bool, rows_in_retry: int | None
+) -> float:
+    """The fallback poll's next wait, after a wait that ended with or without a notification.
+
+    Every outbox insert notifies (cake_common.outbox), so the poll only catches what a
+    notification cannot announce: rows whose retry falls due. While such rows may exist
+    (or that is not known yet) the relay polls at the base interval; otherwise each quiet
+    poll doubles the wait (an idle relay costs its database a claim every few seconds instead
+    of two a second), and a notification brings it back to the base at once.
+    """
+    base = timing.poll_interval_seconds
+    if notified or rows_in_retry is None or rows_in_retry > 0:
+        return base
+    return max(base, min(current * 2, timing.idle_poll_max_seconds))
 
 
 @dataclass(slots=True)
@@ -266,6 +286,7 @@ class OutboxRelay:
         self._rows_in_retry = None
         previous: _PublishedBatch | None = None
         next_refresh = next_sweep = self._clock()
+        idle_wait = timing.poll_interval_seconds
         while True:
             stopping = stop.is_set()
             if stopping and previous is None:
@@ -297,9 +318,14 @@ class OutboxRelay:
                     await _sleep(stop, timing.poll_interval_seconds)
                     continue
             previous = await self._step(leader, previous, may_claim=may_claim)
-            if previous is None and not stopping:
+            if previous is not None:
+                idle_wait = timing.poll_interval_seconds
+            elif not stopping:
                 # Nothing claimed, nothing pending: wait for new rows.
-                await leader.wait_for_notification(timing.poll_interval_seconds)
+                notified = await _wait_for_rows(leader, stop, idle_wait)
+                idle_wait = next_idle_wait(
+                    idle_wait, timing, notified=notified, rows_in_retry=self._rows_in_retry
+                )
 
     async def _step(
         self, leader: RelayLeader, previous: _PublishedBatch | None, *, may_claim: bool
@@ -633,6 +659,22 @@ class RelayGroup:
 
     def in_flight(self, source: str) -> int:
         return sum(relay.in_flight for relay in self.relays if relay.source == source)
+
+
+async def _wait_for_rows(leader: RelayLeader, stop: asyncio.Event, seconds: float) -> bool:
+    """Wait for an outbox notification (True) for at most ``seconds``, or until ``stop`` is
+    set (False): a long idle wait must not hold up a shutdown."""
+    waiting = asyncio.ensure_future(leader.wait_for_notification(seconds))
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait((waiting, stopping), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        if not waiting.done():
+            waiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiting
+    return waiting.result() if not waiting.cancelled() else False
 
 
 async def _sleep(stop: asyncio.Event, seconds: float) -> None:
