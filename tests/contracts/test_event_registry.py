@@ -194,31 +194,30 @@ _FACT = re.compile(
 )
 
 
-def _documentation(tree: ast.AST) -> set[int]:
-    """ids of the string constants that are statements of their own: docstrings, including
-    the attribute docstrings under assignments (documentation, not values)."""
-    return {
-        id(node.value)
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Expr)
-        and isinstance(node.value, ast.Constant)
-        and isinstance(node.value.value, str)
-    }
+def _string_literals(tree: ast.AST) -> Iterator[ast.Constant]:
+    """The string and bytes constants of ``tree`` that are values, not documentation: a
+    constant that is a statement of its own (a docstring, an attribute docstring under an
+    assignment) is left out. One walk of the tree (the scan reads every module of the
+    services, so a second walk would double its time)."""
+    documentation: set[int] = set()
+    constants: list[ast.Constant] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            if isinstance(node.value.value, str):
+                documentation.add(id(node.value))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str | bytes):
+            constants.append(node)
+    return (node for node in constants if id(node) not in documentation)
 
 
 def literals_outside_the_registry(source: str, filename: str) -> Iterator[str]:
     """``file:line: 'literal' (what)`` for each string literal of ``source`` that spells a
     registry fact or a Cake topic name, in full or inside a longer string."""
-    tree = ast.parse(source, filename)
-    documentation = _documentation(tree)
-    for node in ast.walk(tree):
-        if not isinstance(node, ast.Constant) or id(node) in documentation:
-            continue
+    for node in _string_literals(ast.parse(source, filename)):
         value = node.value
         if isinstance(value, bytes):
             value = value.decode("utf-8", errors="replace")
-        if not isinstance(value, str):
-            continue
+        assert isinstance(value, str)
         found = _FACT.search(value)
         what = FORBIDDEN.get(found.group(0), "") if found else ""
         if found is None and (topic := _TOPIC_LIKE.search(value)) is not None:

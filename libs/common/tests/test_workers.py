@@ -1,6 +1,9 @@
 """The worker supervisor (cake_common.workers) with real processes: a supervisor process runs
 spawned workers; SIGTERM stops them all, a worker that fails to start or keeps dying fails
 the unit loudly, one that dies once is replaced, and their counters add up on one endpoint.
+
+The tests that start a supervisor are ``slow`` (three to five fresh interpreters each, 3 to 7 s
+apiece): ``make test`` runs them, ``make test-unit`` leaves them out.
 """
 
 from __future__ import annotations
@@ -144,6 +147,7 @@ def _samples(port: int, name: str) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(f"{name} "))
 
 
+@pytest.mark.slow  # a supervisor and its spawned workers: fresh interpreters
 def test_sigterm_drains_every_worker_and_their_counters_add_up(unit: StartUnit) -> None:
     running = unit("serve")
     running.wait_for("started", 2)
@@ -159,12 +163,14 @@ def test_sigterm_drains_every_worker_and_their_counters_add_up(unit: StartUnit) 
     assert sorted(line.split()[1] for line in running.lines("stopped")) == ["0", "1"]
 
 
+@pytest.mark.slow  # a supervisor and its spawned workers: fresh interpreters
 def test_a_worker_that_fails_to_start_fails_the_unit(unit: StartUnit) -> None:
     failing = unit("fail_at_start")
     assert failing.process.wait(60) != 0
     assert "exited (code 3) before it served" in failing.output()
 
 
+@pytest.mark.slow  # a supervisor and its spawned workers: fresh interpreters
 def test_a_worker_that_dies_is_replaced(unit: StartUnit) -> None:
     crashing = unit("crash_once")
     started = crashing.wait_for("started", 3)
@@ -176,6 +182,7 @@ def test_a_worker_that_dies_is_replaced(unit: StartUnit) -> None:
     assert sorted(line.split()[1] for line in crashing.lines("stopped")) == ["0", "1"]
 
 
+@pytest.mark.slow  # a supervisor and its spawned workers: fresh interpreters
 def test_workers_that_keep_dying_fail_the_unit(unit: StartUnit) -> None:
     looping = unit("crash_loop")
     assert looping.process.wait(60) != 0

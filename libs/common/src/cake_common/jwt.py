@@ -265,8 +265,12 @@ class JwtVerifier:
         audience: str,
         leeway_seconds: float = 0,
         cache_size: int = VERIFIED_CACHE_SIZE,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """``clock``: the wall clock (seconds since the epoch) the memory of verified tokens
+        checks expiry against; a full verification always uses the real time."""
         self._jwks = jwks_provider
+        self._clock = clock
         self._issuer = issuer
         self._audience = audience
         self._leeway = leeway_seconds
@@ -281,7 +285,7 @@ class JwtVerifier:
         cached = self._verified.get(token)
         if cached is not None:
             if (
-                time.time() < cached.expires_at + self._leeway
+                self._clock() < cached.expires_at + self._leeway
                 and await self._jwks.get_key(cached.kid) is cached.key
             ):
                 return cached.principal
