@@ -199,13 +199,33 @@ class LeaderConnection:
 
         Notifications that arrived while a batch ran are buffered by psycopg and end the
         wait at once; all of them are consumed, since one claim serves them all.
+
+        The wait itself watches the session's socket from the event loop, and only then lets
+        psycopg read what arrived: psycopg's own ``notifies(timeout=...)`` wakes up every
+        0.1 s to check for interrupts (py-spy on an idle stack: most of the events
+        service's idle CPU, ten wake-ups a second per source).
         """
         driver = await self._driver_connection()
-        received = False
-        async with aclosing(driver.notifies(timeout=timeout_seconds, stop_after=1)) as notes:
-            async for _ in notes:
-                received = True
-        return received
+        if await _take_notifications(driver):
+            return True
+        loop = asyncio.get_running_loop()
+        readable: asyncio.Future[None] = loop.create_future()
+
+        def ready() -> None:
+            if not readable.done():
+                readable.set_result(None)
+
+        socket = driver.fileno()
+        loop.add_reader(socket, ready)
+        try:
+            with suppress(TimeoutError):
+                await asyncio.wait_for(readable, timeout_seconds)
+        finally:
+            loop.remove_reader(socket)
+        # Readable: a notification, or anything else the server sent (then this is a
+        # spurious wake-up: the relay claims nothing and waits again), or a closed
+        # connection (psycopg raises, as it did while waiting itself).
+        return await _take_notifications(driver)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[None]:
@@ -408,3 +428,12 @@ class OutboxAdministration:
             if (await connection.execute(exists)).first() is not None:
                 return ReplayStatus.PENDING
         return None
+
+
+async def _take_notifications(driver: psycopg.AsyncConnection[Any]) -> bool:
+    """Consume the notifications psycopg has buffered or can read without waiting."""
+    received = False
+    async with aclosing(driver.notifies(timeout=0)) as notes:
+        async for _ in notes:
+            received = True
+    return received
