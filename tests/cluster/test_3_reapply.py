@@ -2,7 +2,9 @@
 
 Unchanged objects stay as they are (no rollout, no Job re-run); new images for the three
 services re-create their migration Jobs, whose migrations run again on the migrated databases
-(they must be idempotent) and complete, and the services roll; nothing needs deleting by hand.
+(they must be idempotent) and complete, and the services roll; auth's re-creates the Job
+that registers notifications' service account, which leaves the account unchanged; nothing
+needs deleting by hand.
 """
 
 from __future__ import annotations
@@ -35,8 +37,11 @@ def test_reapplying_the_same_overlay_changes_nothing(kubectl: Kubectl, state_dir
 
 
 def test_new_service_images_rerun_the_migrations_and_roll(
-    kubectl: Kubectl, state_dir: Path, http: httpx.Client, record: Any
+    kubectl: Kubectl, state_dir: Path, http: httpx.Client, record: Any, sql: Any
 ) -> None:
+    account = "SELECT generation FROM service_accounts WHERE client_id = 'notifications'"
+    generation = sql("cake_auth", account)
+    assert len(generation) == 1, generation
     references = load_references(state_dir)
     new = retag(references, [f"cake-{s}" for s in SERVICES], f"-again{int(time.time())}")
     references.update(new)
@@ -51,6 +56,15 @@ def test_new_service_images_rerun_the_migrations_and_roll(
         job = kubectl.get_json(f"job/{service}-migrate")
         assert job["status"].get("succeeded") == 1, job["status"]
     assert after["deployment/gateway"] == before["deployment/gateway"]
+    # auth's new image re-creates the Job that registers the service accounts too: it runs
+    # again and, the Secret's client secret being the same, leaves notifications' account as
+    # it was (same generation: the tokens it holds were not revoked).
+    assert after["job/auth-service-accounts"] != before["job/auth-service-accounts"]
+    job = kubectl.get_json("job/auth-service-accounts")
+    assert job["status"].get("succeeded") == 1, job["status"]
+    log = kubectl.run("logs", "job/auth-service-accounts").stdout
+    assert "unchanged: service account 'notifications'" in log, log
+    assert sql("cake_auth", account) == generation
     # The health report's own channels to the new pods may take a moment to connect.
     deadline = time.monotonic() + 30
     health = http.get("/health")
