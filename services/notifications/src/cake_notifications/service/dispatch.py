@@ -82,13 +82,21 @@ class Dispatcher:
         self._lease_seconds = lease_seconds
         self._idle_poll_seconds = idle_poll_seconds
         self._clock = clock
-        self._wake = asyncio.Event()
+        self._idle: list[asyncio.Event] = []
+        """The sleeping loops' wake-up events (the most recently idle last)."""
+        self._missed_wake = False
+        """Woken while no loop slept: the next loop to go idle claims again first."""
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
     def wake(self) -> None:
-        """New deliveries were committed: look now instead of at the next poll."""
-        self._wake.set()
+        """New deliveries were committed: one sleeping loop claims them now (it wakes
+        another if it finds a full batch); if none sleeps, a busy one claims again before
+        sleeping. Waking every loop for each commit made all but one claim nothing."""
+        if self._idle:
+            self._idle.pop().set()
+        else:
+            self._missed_wake = True
 
     def start(self) -> None:
         """``workers`` loops, each claiming its own batches (the claims skip each other's
@@ -101,7 +109,8 @@ class Dispatcher:
 
     async def stop(self) -> None:
         self._stopping.set()
-        self._wake.set()
+        for event in self._idle:
+            event.set()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -139,29 +148,36 @@ class Dispatcher:
         return min(max(seconds, BUSY_WAIT_SECONDS), self._idle_poll_seconds)
 
     async def _wait(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout=seconds)
+        if self._missed_wake or self._stopping.is_set():
+            self._missed_wake = False
+            return
+        event = asyncio.Event()
+        self._idle.append(event)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout=seconds)
+        finally:
+            if event in self._idle:
+                self._idle.remove(event)
 
     async def run_once(self) -> int:
         """Claim the due deliveries and send them; how many were claimed.
 
-        The database work is per batch, not per message: one claim, one read of the
-        users' preferences, one transaction recording every outcome; the sends (and the
-        contact lookups, cached) run concurrently in between, outside any transaction.
+        The database work is per batch, not per message: one transaction claims and reads
+        the users' preferences, one records every outcome; the sends (and the contact
+        lookups, cached) run concurrently in between, outside any transaction.
         """
-        self._wake.clear()  # what was committed before this claim, it sees
         async with self._uow_factory() as uow:
             claimed = await uow.deliveries.claim_due(
                 self._clock(), self._batch_size, self._lease_seconds
             )
+            users = sorted({delivery.user_id for delivery in claimed})
+            preferences = await uow.preferences.get_many(users) if users else {}
             await uow.commit()
         if not claimed:
             return 0
         if len(claimed) >= self._batch_size:
-            self._wake.set()  # more may be due: the idle loops join in
-        users = sorted({delivery.user_id for delivery in claimed})
-        async with self._uow_factory() as uow:
-            preferences = await uow.preferences.get_many(users)
+            self.wake()  # more may be due: a sleeping loop joins in
         found = await asyncio.gather(*(self._contacts(user) for user in users))
         contacts = dict(zip(users, found, strict=True))
         outcomes = await asyncio.gather(
