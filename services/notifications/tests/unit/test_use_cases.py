@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from uuid import uuid4
 
@@ -36,7 +37,7 @@ def notify(fakes) -> tuple[NotifyUsers, list[int]]:  # type: ignore[no-untyped-d
         fakes.uow,
         JinjaRenderer(),
         fakes.metrics,
-        lambda: wakes.append(1),
+        lambda _users: wakes.append(1),
         max_event_age=timedelta(hours=24),
         clock=lambda: T0 + timedelta(seconds=1),
     )
@@ -292,10 +293,10 @@ async def test_wake_ups_alone_drive_the_loops_and_no_commit_is_missed(fakes) -> 
         clock=lambda: T0 + timedelta(seconds=1),
     )
 
-    def wake() -> None:
+    def wake(users: Sequence[int]) -> None:
         nonlocal wakes
         wakes += 1
-        sending.wake()
+        sending.wake(users)
 
     use_case = NotifyUsers(
         fakes.uow, JinjaRenderer(), fakes.metrics, wake, clock=lambda: T0 + timedelta(seconds=1)
@@ -313,3 +314,39 @@ async def test_wake_ups_alone_drive_the_loops_and_no_commit_is_missed(fakes) -> 
     assert wakes == 60
     assert sorted(m.delivery_id for m in sender.sent) == sorted(fakes.store.deliveries)
     assert {d.status for d in fakes.store.deliveries.values()} == {"sent"}
+
+
+async def test_a_commit_looks_its_users_contacts_up_before_any_claim(fakes) -> None:
+    asked: list[int] = []
+    both = asyncio.Event()
+
+    class Directory:
+        async def contacts(self, user_id: int) -> Contacts | None:
+            asked.append(user_id)
+            if len(asked) == 2:
+                both.set()
+            await asyncio.sleep(0)
+            return fakes.directory.contacts_by_user.get(user_id)
+
+    sending = Dispatcher(
+        fakes.uow,
+        Directory(),
+        JinjaRenderer(),
+        {Channel.EMAIL: fakes.email, Channel.SMS: fakes.sms, Channel.PUSH: fakes.push},
+        fakes.metrics,
+        retry=RetryPolicy(base_seconds=1, max_seconds=8),
+        clock=lambda: T0 + timedelta(seconds=1),
+    )
+    use_case = NotifyUsers(
+        fakes.uow,
+        JinjaRenderer(),
+        fakes.metrics,
+        sending.wake,
+        clock=lambda: T0 + timedelta(seconds=1),
+    )
+    await use_case.accept([voucher_event(), voucher_event(user_id=8)])
+    async with asyncio.timeout(2):  # no loop was started: nothing claims, the lookups run
+        await both.wait()
+    await sending.stop()
+    assert sorted(asked) == [7, 8]
+    assert {d.status for d in fakes.store.deliveries.values()} == {"pending"}
