@@ -32,11 +32,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import secrets
 import sys
 import time
 import uuid
 from collections import Counter
+from datetime import timedelta
 from email import message_from_bytes
 from email.policy import default as default_policy
 from pathlib import Path
@@ -128,6 +130,52 @@ async def latencies(notifications: AsyncEngine, user_ids: list[int]) -> dict[str
         }
 
 
+async def stages(
+    promotions: AsyncEngine, notifications: AsyncEngine, user_ids: list[int], lease_seconds: float
+) -> dict[str, list[float]]:
+    """Where the time went, per e-mail (ms): voucher commit → published by the relay
+    (promotions' outbox ``published_at``) → stored by the notifications consumer
+    (``inbox.processed_at``) → claimed by a dispatch loop (the delivery's due time after its
+    last claim, minus the lease) → handed to the SMTP server (``sent_at``)."""
+    async with notifications.connect() as connection:
+        rows = (
+            await connection.execute(
+                sa.text(
+                    "SELECT n.event_id, n.created_at, i.processed_at, d.due_at, d.sent_at"
+                    " FROM notifications n JOIN inbox i ON i.event_id = n.event_id"
+                    " JOIN deliveries d ON d.notification_id = n.id AND d.channel = 'email'"
+                    " WHERE n.user_id = ANY(:ids) AND n.kind = 'voucher_issued'"
+                    " AND d.status = 'sent'"
+                ),
+                {"ids": user_ids},
+            )
+        ).all()
+    async with promotions.connect() as connection:
+        published = dict(
+            (
+                await connection.execute(
+                    sa.text("SELECT event_id, published_at FROM outbox WHERE event_id = ANY(:ids)"),
+                    {"ids": [row[0] for row in rows]},
+                )
+            ).all()
+        )
+    out: dict[str, list[float]] = {"published": [], "stored": [], "claimed": [], "sent": []}
+    lease = timedelta(seconds=lease_seconds)
+    for event_id, created, processed, due, sent in rows:
+        relayed = published.get(event_id)
+        if relayed is None:
+            continue
+        claimed = due - lease
+        for name, start, end in (
+            ("published", created, relayed),
+            ("stored", relayed, processed),
+            ("claimed", processed, claimed),
+            ("sent", claimed, sent),
+        ):
+            out[name].append((end - start).total_seconds() * 1000)
+    return out
+
+
 def sink_counts(mail_dir: Path, addresses: set[str]) -> Counter[str]:
     counts: Counter[str] = Counter()
     for path in mail_dir.glob("*.eml"):
@@ -181,6 +229,10 @@ async def run(
             await end_campaign(promotions, campaign_id)
         await asyncio.sleep(2)  # a duplicate would have landed by now
         measured = await latencies(notifications, ids)
+        lease = float(
+            environment["notifications"].get("CAKE_NOTIFICATIONS_DISPATCH_LEASE_SECONDS", 60)
+        )
+        steps = await stages(promotions, notifications, ids, lease)
         counts = sink_counts(stack.mail_dir, {email for _, email in seeded})
     finally:
         for engine in (auth, promotions, notifications):
@@ -194,6 +246,8 @@ async def run(
         "drained_seconds": round(drained, 2),
         "email_ms": summary(measured["email_ms"]),
         "entry_ms": summary(measured["entry_ms"]),
+        "stages_ms": {name: summary(values) for name, values in steps.items()},
+        "load_average": [f"{value:.2f}" for value in os.getloadavg()],
         "max_attempts": max(measured["attempts"], default=0),
         "emails_in_sink": sum(counts.values()),
         "users_without_email": users - len(counts),
@@ -232,6 +286,16 @@ def main() -> None:
         f" p99 {email['p99']:.0f} ms, max {email['max']:.0f} ms"
     )
     print(f"  voucher commit → in-app entry: p50 {entry['p50']:.0f} ms, p99 {entry['p99']:.0f} ms")
+    labels = {
+        "published": "voucher commit → relayed to Kafka",
+        "stored": "relayed → stored by the consumer",
+        "claimed": "stored → claimed by a dispatch loop",
+        "sent": "claimed → handed to SMTP",
+    }
+    for name, label in labels.items():
+        if step := result["stages_ms"][name]:
+            print(f"    {label}: p50 {step['p50']:.0f} ms, p99 {step['p99']:.0f} ms")
+    print(f"  load average at the end: {' '.join(result['load_average'])} (the box may be shared)")
     print(
         f"  e-mails in the sink: {result['emails_in_sink']} for {result['users']} users;"
         f" missing {result['users_without_email']}, duplicated"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -122,6 +123,7 @@ class FakeUnitOfWork:
 
     # deliveries
     async def claim_due(self, now: datetime, limit: int, lease_seconds: float) -> list[Delivery]:
+        await asyncio.sleep(0)  # a real claim is a round trip: other tasks run meanwhile
         claimed = []
         for stored in self._store.deliveries.values():
             if stored.status != "pending" or (stored.due_at is not None and stored.due_at > now):
@@ -162,6 +164,7 @@ class FakeUnitOfWork:
         self._store.deliveries[delivery_id].last_error = error
 
     async def next_due(self) -> datetime | None:
+        await asyncio.sleep(0)
         due = [
             d.due_at for d in self._store.deliveries.values() if d.status == "pending" and d.due_at
         ]

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import asyncio
+import random
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from uuid import uuid4
 
@@ -12,7 +15,12 @@ from cake_notifications.domain.notifications import Channel, EventFacts, Kind, L
 from cake_notifications.service.dispatch import Dispatcher
 from cake_notifications.service.inbox import UserNotifications
 from cake_notifications.service.notify import IncomingEvent, NotifyUsers
-from cake_notifications.service.ports import Contacts, PermanentSendError, TransientSendError
+from cake_notifications.service.ports import (
+    Contacts,
+    OutgoingMessage,
+    PermanentSendError,
+    TransientSendError,
+)
 
 T0 = datetime(2026, 12, 5, 4, 0, tzinfo=UTC)
 
@@ -29,7 +37,7 @@ def notify(fakes) -> tuple[NotifyUsers, list[int]]:  # type: ignore[no-untyped-d
         fakes.uow,
         JinjaRenderer(),
         fakes.metrics,
-        lambda: wakes.append(1),
+        lambda _users: wakes.append(1),
         max_event_age=timedelta(hours=24),
         clock=lambda: T0 + timedelta(seconds=1),
     )
@@ -242,3 +250,103 @@ async def test_preferences_default_and_update(fakes) -> None:
     updated = await inbox.update_preferences(7, email=False, sms=None, push=None, language=None)
     assert (updated.email, updated.sms, updated.push) == (False, True, True)
     assert await inbox.preferences(7) == updated
+
+
+class SlowSender:
+    """Takes a random moment per message, so the loops interleave for real."""
+
+    def __init__(self) -> None:
+        self.sent: list[OutgoingMessage] = []
+        self.progress = asyncio.Event()
+
+    async def send(self, message: OutgoingMessage) -> None:
+        await asyncio.sleep(random.uniform(0, 0.003))
+        self.sent.append(message)
+        self.progress.set()
+
+    async def until(self, count: int) -> None:
+        while len(self.sent) < count:
+            self.progress.clear()
+            await self.progress.wait()
+
+
+async def test_wake_ups_alone_drive_the_loops_and_no_commit_is_missed(fakes) -> None:
+    """The fallback poll is an hour: only the consumer's wake-ups (and a full claim waking
+    another loop) can get these sent."""
+    for user_id in range(100, 160):
+        fakes.directory.contacts_by_user[user_id] = Contacts(
+            user_id, f"u{user_id}@example.com", "0900000000"
+        )
+    sender = SlowSender()
+    wakes = 0
+    sending = Dispatcher(
+        fakes.uow,
+        fakes.directory,
+        JinjaRenderer(),
+        {Channel.EMAIL: sender, Channel.SMS: sender, Channel.PUSH: sender},
+        fakes.metrics,
+        retry=RetryPolicy(base_seconds=1, max_seconds=8),
+        batch_size=2,  # three deliveries per event: a full claim, then the rest
+        workers=1,  # no other loop asleep to take a wake-up the busy one would miss
+        concurrency=8,
+        idle_poll_seconds=3600,
+        clock=lambda: T0 + timedelta(seconds=1),
+    )
+
+    def wake(users: Sequence[int]) -> None:
+        nonlocal wakes
+        wakes += 1
+        sending.wake(users)
+
+    use_case = NotifyUsers(
+        fakes.uow, JinjaRenderer(), fakes.metrics, wake, clock=lambda: T0 + timedelta(seconds=1)
+    )
+    sending.start()
+    try:
+        for count, user_id in enumerate(range(100, 160), start=1):
+            # Each commit right as the loops finish the last one and head for sleep: a wake
+            # lost in that moment leaves this event unsent for the hour.
+            await use_case.accept([voucher_event(user_id=user_id)])
+            async with asyncio.timeout(2):
+                await sender.until(3 * count)
+    finally:
+        await sending.stop()
+    assert wakes == 60
+    assert sorted(m.delivery_id for m in sender.sent) == sorted(fakes.store.deliveries)
+    assert {d.status for d in fakes.store.deliveries.values()} == {"sent"}
+
+
+async def test_a_commit_looks_its_users_contacts_up_before_any_claim(fakes) -> None:
+    asked: list[int] = []
+    both = asyncio.Event()
+
+    class Directory:
+        async def contacts(self, user_id: int) -> Contacts | None:
+            asked.append(user_id)
+            if len(asked) == 2:
+                both.set()
+            await asyncio.sleep(0)
+            return fakes.directory.contacts_by_user.get(user_id)
+
+    sending = Dispatcher(
+        fakes.uow,
+        Directory(),
+        JinjaRenderer(),
+        {Channel.EMAIL: fakes.email, Channel.SMS: fakes.sms, Channel.PUSH: fakes.push},
+        fakes.metrics,
+        retry=RetryPolicy(base_seconds=1, max_seconds=8),
+        clock=lambda: T0 + timedelta(seconds=1),
+    )
+    use_case = NotifyUsers(
+        fakes.uow,
+        JinjaRenderer(),
+        fakes.metrics,
+        sending.wake,
+        clock=lambda: T0 + timedelta(seconds=1),
+    )
+    await use_case.accept([voucher_event(), voucher_event(user_id=8)])
+    async with asyncio.timeout(2):  # no loop was started: nothing claims, the lookups run
+        await both.wait()
+    await sending.stop()
+    assert sorted(asked) == [7, 8]
+    assert {d.status for d in fakes.store.deliveries.values()} == {"pending"}

@@ -3,7 +3,7 @@
 The call carries a service token (role ``service``, scope ``users:read-contacts``) from a
 :data:`TokenSource`; the composition root picks the source: the service account's client
 credentials (``cake_client.ClientCredentials``, tokens requested from auth and renewed
-before they expire) or a mounted token file. The cache is a small hand-written TTL map: one
+before they expire; tests pass their own). The cache is a small hand-written TTL map: one
 dict and a clock, not worth a dependency.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import grpc
 from cake.auth.v1 import auth_pb2_grpc, oauth_pb2
@@ -34,16 +33,6 @@ _TRANSIENT = frozenset(
         grpc.StatusCode.UNKNOWN,
     }
 )
-
-
-def token_file_source(path: Path) -> TokenSource:
-    """A token read from ``path`` at each call (a mounted secret that may be rotated)."""
-
-    async def token(_auth: auth_pb2_grpc.AuthServiceAsyncStub) -> str:
-        # A few bytes from a local (often tmpfs) file: not worth a thread hop.
-        return path.read_text().strip()  # noqa: ASYNC240
-
-    return token
 
 
 def client_credentials_source(credentials: ClientCredentials) -> TokenSource:

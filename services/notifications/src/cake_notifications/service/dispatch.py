@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -82,13 +82,33 @@ class Dispatcher:
         self._lease_seconds = lease_seconds
         self._idle_poll_seconds = idle_poll_seconds
         self._clock = clock
-        self._wake = asyncio.Event()
+        self._idle: list[asyncio.Event] = []
+        """The sleeping loops' wake-up events (the most recently idle last)."""
+        self._missed_wake = False
+        """Woken while no loop slept: the next loop to go idle claims again first."""
         self._stopping = asyncio.Event()
+        self._warming: set[asyncio.Task[None]] = set()
+        self._warm_slots = asyncio.Semaphore(16)
+        """At most this many lookups ahead of the claims at once."""
         self._tasks: list[asyncio.Task[None]] = []
 
-    def wake(self) -> None:
-        """New deliveries were committed: look now instead of at the next poll."""
-        self._wake.set()
+    def wake(self, user_ids: Collection[int] = ()) -> None:
+        """New deliveries were committed: one sleeping loop claims them now (it wakes
+        another if it finds a full batch); if none sleeps, a busy one claims again before
+        sleeping. Waking every loop for each commit made all but one claim nothing.
+
+        ``user_ids``: whose deliveries they are. Their contacts are looked up now, in the
+        background, so the lookup (a call to auth per new user) runs while the deliveries
+        wait for a loop instead of after the claim: under load the wait for a claim was
+        the longest step, and the lookups made each batch longer."""
+        if user_ids and not self._stopping.is_set():
+            task = asyncio.create_task(self._warm(list(user_ids)))
+            self._warming.add(task)
+            task.add_done_callback(self._warming.discard)
+        if self._idle:
+            self._idle.pop().set()
+        else:
+            self._missed_wake = True
 
     def start(self) -> None:
         """``workers`` loops, each claiming its own batches (the claims skip each other's
@@ -101,8 +121,11 @@ class Dispatcher:
 
     async def stop(self) -> None:
         self._stopping.set()
-        self._wake.set()
-        for task in self._tasks:
+        for event in self._idle:
+            event.set()
+        for task in [*self._warming]:
+            task.cancel()
+        for task in [*self._tasks, *self._warming]:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
@@ -139,29 +162,36 @@ class Dispatcher:
         return min(max(seconds, BUSY_WAIT_SECONDS), self._idle_poll_seconds)
 
     async def _wait(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout=seconds)
+        if self._missed_wake or self._stopping.is_set():
+            self._missed_wake = False
+            return
+        event = asyncio.Event()
+        self._idle.append(event)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout=seconds)
+        finally:
+            if event in self._idle:
+                self._idle.remove(event)
 
     async def run_once(self) -> int:
         """Claim the due deliveries and send them; how many were claimed.
 
-        The database work is per batch, not per message: one claim, one read of the
-        users' preferences, one transaction recording every outcome; the sends (and the
-        contact lookups, cached) run concurrently in between, outside any transaction.
+        The database work is per batch, not per message: one transaction claims and reads
+        the users' preferences, one records every outcome; the sends (and the contact
+        lookups, cached) run concurrently in between, outside any transaction.
         """
-        self._wake.clear()  # what was committed before this claim, it sees
         async with self._uow_factory() as uow:
             claimed = await uow.deliveries.claim_due(
                 self._clock(), self._batch_size, self._lease_seconds
             )
+            users = sorted({delivery.user_id for delivery in claimed})
+            preferences = await uow.preferences.get_many(users) if users else {}
             await uow.commit()
         if not claimed:
             return 0
         if len(claimed) >= self._batch_size:
-            self._wake.set()  # more may be due: the idle loops join in
-        users = sorted({delivery.user_id for delivery in claimed})
-        async with self._uow_factory() as uow:
-            preferences = await uow.preferences.get_many(users)
+            self.wake()  # more may be due: a sleeping loop joins in
         found = await asyncio.gather(*(self._contacts(user) for user in users))
         contacts = dict(zip(users, found, strict=True))
         outcomes = await asyncio.gather(
@@ -176,6 +206,16 @@ class Dispatcher:
         )
         await self._record(list(zip(claimed, outcomes, strict=True)))
         return len(claimed)
+
+    async def _warm(self, user_ids: list[int]) -> None:
+        """Look contacts up ahead of the claim (the directory caches them); a failure
+        here is only a lookup the dispatch will make again."""
+
+        async def one(user_id: int) -> None:
+            async with self._warm_slots:
+                await self._contacts(user_id)
+
+        await asyncio.gather(*(one(user) for user in user_ids), return_exceptions=True)
 
     async def _contacts(self, user_id: int) -> Contacts | TransientSendError | None:
         try:

@@ -52,7 +52,7 @@ class NotifyUsers:
         uow_factory: UnitOfWorkFactory,
         renderer: MessageRenderer,
         metrics: NotificationMetrics,
-        on_committed: Callable[[], None] = lambda: None,
+        on_committed: Callable[[Sequence[int]], None] = lambda _users: None,
         *,
         max_event_age: timedelta = timedelta(hours=24),
         clock: Callable[[], datetime] = utc_now,
@@ -61,7 +61,8 @@ class NotifyUsers:
         self._renderer = renderer
         self._metrics = metrics
         self._on_committed = on_committed
-        """Called after a commit that created deliveries: wakes the dispatcher."""
+        """Called after a commit that created deliveries, with their users: wakes the
+        dispatcher (and warms its contacts cache)."""
         self._max_event_age = max_event_age
         self._clock = clock
 
@@ -115,6 +116,7 @@ class NotifyUsers:
                 oldest=min(facts.occurred_at for facts in too_old).isoformat(),
                 max_age_seconds=self._max_event_age.total_seconds(),
             )
-        if any(notification.channels for notification in created):
-            self._on_committed()
+        users = sorted({n.user_id for n in created if n.channels})
+        if users:
+            self._on_committed(users)
         return outcomes
