@@ -1,8 +1,12 @@
 """The start-up steps every service runs before it serves, in one place.
 
-A service's composition root (``bootstrap.py``) calls :func:`start_logging`,
-:func:`start_tracing` and :func:`open_migrated_database`, then builds its use cases and its
-gRPC server; its ``serve`` command is :func:`serve_until_signal` around that.
+Every composition root (``bootstrap.py``) has one shape (``tests/contracts/test_bootstrap.py``
+checks it): its ``start_server`` takes the settings, then inside ``async with StartUp() as
+start_up:`` opens the resources (:func:`open_migrated_database`, Redis, Kafka clients, gRPC
+channels; each registered with :meth:`StartUp.closes`), builds the adapters, the use cases and
+the entry points (the gRPC server; consumers and workers registered with
+:meth:`StartUp.runs`) and returns :meth:`StartUp.serve`. Its ``serve`` command is
+:func:`serve_until_signal` around that, which turns logging and tracing on first.
 """
 
 from __future__ import annotations
@@ -12,17 +16,26 @@ import asyncio
 import os
 import signal
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
-from typing import Any, Protocol, TypeVar
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar
 
+import redis.asyncio
+from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cake_common.db import create_async_engine_for, wait_for_database
 from cake_common.lifecycle import STOP_SIGNALS, ShutdownHook, run_shutdown_hooks, wait_for_stop
 from cake_common.logging import configure_logging, get_logger
-from cake_common.metrics import MetricsServer
+from cake_common.metrics import MetricsServer, start_metrics_server
 from cake_common.migrations import run_alembic_upgrade
+from cake_common.redis import create_redis
 from cake_common.settings import ServiceSettings
 from cake_common.tracing import TracingHandle, configure_tracing, instrument_engine
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from cake_common.grpc_server import GrpcServerBuilder, RunningGrpcServer
 
 _log = get_logger(__name__)
 
@@ -71,6 +84,8 @@ class Serving(Protocol):
 
     async def serve_until_signal(self) -> None: ...
 
+    def request_stop(self) -> None: ...
+
 
 class RunningWorker:
     """A started background worker without a gRPC server (a relay or consumer replica):
@@ -95,6 +110,123 @@ class RunningWorker:
         await run_shutdown_hooks(self._shutdown_hooks)
         if self._metrics_server is not None:
             await self._metrics_server.stop()
+
+
+class StartUp:
+    """One start of a service process: what it opened and what runs in the background, closed
+    in reverse order of registration, whether the start fails half way or the process stops.
+
+    ``async with StartUp() as start_up:`` around the start: an exception inside the block
+    (a database that never answered, a port that is taken, a worker that fails to start)
+    closes everything registered so far, then propagates. Register a resource's close right
+    after opening it (:meth:`closes`), and background workers (:meth:`runs`) after the
+    resources they use: they are stopped before those close. :meth:`serve` (a gRPC server)
+    or :meth:`work` (a process without one) then starts the workers once the process serves
+    and hands the closing over to the running server or worker.
+    """
+
+    def __init__(self) -> None:
+        self._closes: list[ShutdownHook] = []
+        self._starts: list[Callable[[], None]] = []
+        self._running: Serving | None = None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if exc_type is not None:
+            await self.close()
+
+    def closes(self, close: ShutdownHook) -> None:
+        """Run ``close`` when the process stops (or the start fails), before the closes
+        registered earlier."""
+        self._closes.append(close)
+
+    async def open_database(
+        self, settings: ServiceSettings, *, script_location: str, relay_role: str | None = None
+    ) -> AsyncEngine:
+        """The service's own database, migrated (:func:`open_migrated_database`); disposed of
+        when the process stops."""
+        engine = await open_migrated_database(
+            settings, script_location=script_location, relay_role=relay_role
+        )
+        self.closes(engine.dispose)
+        return engine
+
+    def open_redis(self, url: str | SecretStr) -> redis.asyncio.Redis:
+        """A Redis client (:func:`cake_common.redis.create_redis`), closed when the process
+        stops."""
+        client = create_redis(url)
+        self.closes(client.aclose)
+        return client
+
+    def runs(self, start: Callable[[], None], stop: ShutdownHook) -> None:
+        """A background worker (a consumer, a sweep, a relay): ``start`` once the process
+        serves, ``stop`` before any resource registered earlier closes."""
+        self._starts.append(start)
+        self._closes.append(stop)
+
+    def request_stop(self, _error: BaseException | None = None) -> None:
+        """Stop the process (e.g. a worker's ``on_failure``): the running server or worker
+        shuts down as on SIGTERM."""
+        if self._running is not None:
+            self._running.request_stop()
+
+    async def close(self) -> None:
+        """Everything registered, in reverse order; once (later calls find nothing)."""
+        closes, self._closes = self._closes, []
+        await run_shutdown_hooks(closes)
+
+    async def serve(self, builder: GrpcServerBuilder) -> RunningGrpcServer:
+        """Start the gRPC server ``builder`` describes, then the workers; ``stop()`` on the
+        result stops the server, then closes everything registered here."""
+        builder.add_shutdown_hook(self.close)
+        running = await builder.start()
+        self._running = running
+        await self._start_workers(running.stop)
+        return running
+
+    async def work(
+        self,
+        settings: ServiceSettings,
+        *,
+        metrics_registry: CollectorRegistry | None = None,
+    ) -> RunningWorker:
+        """A process without a gRPC server (a relay or consumer replica): its metrics on
+        ``metrics_port`` if set, then the workers; it runs until SIGTERM/SIGINT or
+        :meth:`request_stop`."""
+        metrics_server = None
+        if settings.metrics_port is not None:
+            if metrics_registry is None:
+                from prometheus_client import REGISTRY
+
+                metrics_registry = REGISTRY
+            metrics_server = start_metrics_server(
+                settings.metrics_port, settings.grpc_host, metrics_registry
+            )
+        worker = RunningWorker([self.close], metrics_server=metrics_server)
+        self._running = worker
+
+        async def stop() -> None:
+            await self.close()
+            if metrics_server is not None:
+                await metrics_server.stop()
+
+        await self._start_workers(stop)
+        return worker
+
+    async def _start_workers(self, stop: Callable[[], Awaitable[None]]) -> None:
+        try:
+            for start in self._starts:
+                start()
+        except BaseException:
+            await stop()
+            raise
 
 
 async def serve_until_signal(

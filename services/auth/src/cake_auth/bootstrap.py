@@ -1,4 +1,9 @@
-"""Composition root of the auth service: the one place that builds and wires everything."""
+"""Composition root of the auth service: the one place that builds and wires everything.
+
+The shape of every service's ``bootstrap.py`` (``tests/contracts/test_bootstrap.py``):
+settings → :func:`open_resources` → :func:`build_adapters` → :func:`build_use_cases` →
+:func:`build_entry_points` → ``start_up.serve`` (run until a signal, close in reverse).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import functools
 import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,10 +21,10 @@ from cake.auth.v1 import auth_pb2_grpc
 from cake_common.db import create_session_factory, database_probe
 from cake_common.grpc_server import DependencyCheck, GrpcServerBuilder, RunningGrpcServer
 from cake_common.outbox import OutboxWriter
-from cake_common.redis import create_redis, redis_probe
+from cake_common.redis import redis_probe
 from cake_common.revocation import RevocationList
 from cake_common.service_runtime import (
-    open_migrated_database,
+    StartUp,
     serve_until_signal,
     start_logging,
 )
@@ -32,6 +37,7 @@ from cake_common.workers import (
     worker_socket_path,
 )
 from prometheus_client import REGISTRY, CollectorRegistry
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cake_auth.adapters.login_throttle import RedisLoginThrottle
 from cake_auth.adapters.password_hashers import available_cpus, open_password_hasher
@@ -82,8 +88,16 @@ def _signing_key(settings: AuthSettings) -> tuple[SigningKey, Path]:
 
 
 @dataclass(frozen=True, slots=True)
-class _Infrastructure:
-    """What both the server and the operator commands need; ``exits`` closes it all."""
+class Resources:
+    engine: AsyncEngine
+    redis: redis.asyncio.Redis
+    hasher: PasswordHasher
+    """The password hashing workers (threads or processes)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Adapters:
+    """What both the server and the operator commands need."""
 
     metrics: AuthMetrics
     unit_of_work: UnitOfWorkFactory
@@ -95,33 +109,28 @@ class _Infrastructure:
     revocations: RevocationList
     accounts: UserAccounts
     checks: list[DependencyCheck]
-    exits: AsyncExitStack
 
 
-async def _open_infrastructure(
-    settings: AuthSettings, metrics_registry: CollectorRegistry
-) -> _Infrastructure:
-    exits = AsyncExitStack()
-    try:
-        metrics = AuthMetrics(metrics_registry)
-        engine = await open_migrated_database(
-            settings, script_location=MIGRATIONS, relay_role=settings.relay_role
-        )
-        exits.push_async_callback(engine.dispose)
-        redis_client = create_redis(settings.redis_url)
-        exits.push_async_callback(redis_client.aclose)
-        hasher = await open_password_hasher(
-            settings.password_hasher,
-            cost=settings.bcrypt_cost,
-            workers=settings.password_hash_workers,
-            fallback=settings.password_hasher_fallback,
-        )
-        exits.push_async_callback(hasher.close)
-    except BaseException:
-        await exits.aclose()
-        raise
+async def open_resources(settings: AuthSettings, start_up: StartUp) -> Resources:
+    engine = await start_up.open_database(
+        settings, script_location=MIGRATIONS, relay_role=settings.relay_role
+    )
+    redis_client = start_up.open_redis(settings.redis_url)
+    hasher = await open_password_hasher(
+        settings.password_hasher,
+        cost=settings.bcrypt_cost,
+        workers=settings.password_hash_workers,
+        fallback=settings.password_hasher_fallback,
+    )
+    start_up.closes(hasher.close)
+    return Resources(engine=engine, redis=redis_client, hasher=hasher)
 
-    session_factory = create_session_factory(engine)
+
+def build_adapters(
+    settings: AuthSettings, resources: Resources, metrics_registry: CollectorRegistry
+) -> Adapters:
+    metrics = AuthMetrics(metrics_registry)
+    session_factory = create_session_factory(resources.engine)
     outbox_writer = OutboxWriter()
 
     def unit_of_work() -> SqlAuthUnitOfWork:
@@ -129,41 +138,54 @@ async def _open_infrastructure(
 
     guard = RedisGuard(metrics)
     profile_cache = RedisProfileCache(
-        redis_client,
+        resources.redis,
         guard,
         metrics,
         ttl_seconds=settings.profile_cache_ttl_seconds,
         key_prefix=settings.redis_key_prefix,
     )
-    return _Infrastructure(
+    return Adapters(
         metrics=metrics,
         unit_of_work=unit_of_work,
         service_accounts_unit_of_work=unit_of_work,
-        hasher=hasher,
-        redis=redis_client,
+        hasher=resources.hasher,
+        redis=resources.redis,
         guard=guard,
         profile_cache=profile_cache,
-        revocations=revocation_list(settings, redis_client),
+        revocations=revocation_list(settings, resources.redis),
         accounts=UserAccounts(
-            unit_of_work=unit_of_work, hasher=hasher, profile_cache=profile_cache, metrics=metrics
+            unit_of_work=unit_of_work,
+            hasher=resources.hasher,
+            profile_cache=profile_cache,
+            metrics=metrics,
         ),
         checks=[
-            DependencyCheck("postgres", database_probe(engine), critical=True),
+            DependencyCheck("postgres", database_probe(resources.engine), critical=True),
             # Redis is optional: its outage degrades the service, it does not stop it.
-            DependencyCheck("redis", redis_probe(redis_client), critical=False),
+            DependencyCheck("redis", redis_probe(resources.redis), critical=False),
         ],
-        exits=exits,
     )
+
+
+@asynccontextmanager
+async def _operator_adapters(settings: AuthSettings) -> AsyncIterator[Adapters]:
+    """The adapters on a migrated database for one operator command, closed after it."""
+    async with StartUp() as start_up:
+        resources = await open_resources(settings, start_up)
+        adapters = build_adapters(settings, resources, CollectorRegistry())
+        # Its stream connection closes before the Redis client (closes run in reverse).
+        start_up.closes(adapters.revocations.aclose)
+        try:
+            yield adapters
+        finally:
+            await start_up.close()
 
 
 @asynccontextmanager
 async def open_accounts(settings: AuthSettings) -> AsyncIterator[UserAccounts]:
     """User administration for operator commands (``create-admin``), on a migrated database."""
-    infrastructure = await _open_infrastructure(settings, CollectorRegistry())
-    try:
-        yield infrastructure.accounts
-    finally:
-        await infrastructure.exits.aclose()
+    async with _operator_adapters(settings) as adapters:
+        yield adapters.accounts
 
 
 def hash_admission(
@@ -190,9 +212,7 @@ def _token_issuer(settings: AuthSettings, signing_key: SigningKey) -> Es256Token
     )
 
 
-def _shared_revocations(
-    settings: AuthSettings, infrastructure: _Infrastructure
-) -> SharedRevocations:
+def _shared_revocations(settings: AuthSettings, infrastructure: Adapters) -> SharedRevocations:
     return SharedRevocations(
         infrastructure.revocations,
         infrastructure.metrics,
@@ -202,7 +222,7 @@ def _shared_revocations(
 
 
 def _service_accounts(
-    settings: AuthSettings, infrastructure: _Infrastructure, signing_key: SigningKey | None
+    settings: AuthSettings, infrastructure: Adapters, signing_key: SigningKey | None
 ) -> ServiceAccounts:
     return ServiceAccounts(
         unit_of_work=infrastructure.service_accounts_unit_of_work,
@@ -224,16 +244,12 @@ class _NoTokens:
 @asynccontextmanager
 async def open_service_accounts(settings: AuthSettings) -> AsyncIterator[ServiceAccounts]:
     """Service-account administration for operator commands, on a migrated database."""
-    infrastructure = await _open_infrastructure(settings, CollectorRegistry())
-    infrastructure.exits.push_async_callback(infrastructure.revocations.aclose)
-    try:
-        yield _service_accounts(settings, infrastructure, None)
-    finally:
-        await infrastructure.exits.aclose()
+    async with _operator_adapters(settings) as adapters:
+        yield _service_accounts(settings, adapters, None)
 
 
-async def _use_cases(
-    settings: AuthSettings, infrastructure: _Infrastructure, signing_key: SigningKey, jwks: Path
+async def build_use_cases(
+    settings: AuthSettings, infrastructure: Adapters, signing_key: SigningKey, jwks: Path
 ) -> AuthUseCases:
     # Unknown accounts are checked against this, at the cost of a real hash; timed, it
     # also gives the admission its first idea of the hash cost on this box.
@@ -274,6 +290,44 @@ async def _use_cases(
     )
 
 
+def build_entry_points(
+    settings: AuthSettings,
+    adapters: Adapters,
+    use_cases: AuthUseCases,
+    start_up: StartUp,
+    *,
+    signing_key: SigningKey,
+    jwks_file: Path,
+    metrics_registry: CollectorRegistry,
+) -> GrpcServerBuilder:
+    """The gRPC server, and beside it the revocation stream's follower."""
+    start_up.runs(adapters.revocations.start, adapters.revocations.aclose)
+    servicer = AuthServicer(
+        use_cases,
+        _service_accounts(settings, adapters, signing_key),
+        OpenIdConfiguration.for_gateway(issuer=settings.jwt_issuer, public_url=settings.public_url),
+    )
+    builder = (
+        GrpcServerBuilder.from_settings(
+            settings,
+            service_names=[SERVICE_NAME],
+            metrics_registry=metrics_registry,
+            # The request id rides on the status (no extra batch per call: measurably
+            # cheaper profile reads, bench/login_profile.py); REST clients get it from
+            # Envoy, which echoes the id it set, either way.
+            request_id_echo="trailing_metadata",
+        )
+        .add_servicer(
+            lambda server: auth_pb2_grpc.add_AuthServiceServicer_to_server(servicer, server)
+        )
+        .with_auth(token_verifier(settings, jwks_file), is_revoked=adapters.revocations.is_revoked)
+        .with_validation()
+    )
+    for check in adapters.checks:
+        builder.add_dependency_check(check)
+    return builder
+
+
 async def start_server(
     settings: AuthSettings,
     *,
@@ -288,48 +342,22 @@ async def start_server(
     """
     # Keys first: a misconfigured key fails in milliseconds, not after a migration.
     signing_key, jwks_file = _signing_key(settings)
-    infrastructure = await _open_infrastructure(settings, metrics_registry)
-    # Exits run in reverse: the follower stops before the Redis client closes.
-    infrastructure.exits.push_async_callback(infrastructure.revocations.aclose)
-    try:
-        use_cases = await _use_cases(settings, infrastructure, signing_key, jwks_file)
-        servicer = AuthServicer(
+    async with StartUp() as start_up:
+        resources = await open_resources(settings, start_up)
+        adapters = build_adapters(settings, resources, metrics_registry)
+        use_cases = await build_use_cases(settings, adapters, signing_key, jwks_file)
+        builder = build_entry_points(
+            settings,
+            adapters,
             use_cases,
-            _service_accounts(settings, infrastructure, signing_key),
-            OpenIdConfiguration.for_gateway(
-                issuer=settings.jwt_issuer, public_url=settings.public_url
-            ),
-        )
-        builder = (
-            GrpcServerBuilder.from_settings(
-                settings,
-                service_names=[SERVICE_NAME],
-                metrics_registry=metrics_registry,
-                # The request id rides on the status (no extra batch per call: measurably
-                # cheaper profile reads, bench/login_profile.py); REST clients get it from
-                # Envoy, which echoes the id it set, either way.
-                request_id_echo="trailing_metadata",
-            )
-            .add_servicer(
-                lambda server: auth_pb2_grpc.add_AuthServiceServicer_to_server(servicer, server)
-            )
-            .with_auth(
-                token_verifier(settings, jwks_file),
-                is_revoked=infrastructure.revocations.is_revoked,
-            )
-            .with_validation()
-            .add_shutdown_hook(infrastructure.exits.aclose)
+            start_up,
+            signing_key=signing_key,
+            jwks_file=jwks_file,
+            metrics_registry=metrics_registry,
         )
         if listen_addresses is not None:
             builder.listen_on(listen_addresses)
-        for check in infrastructure.checks:
-            builder.add_dependency_check(check)
-        running = await builder.start()
-    except BaseException:
-        await infrastructure.exits.aclose()
-        raise
-    infrastructure.revocations.start()
-    return running
+        return await start_up.serve(builder)
 
 
 def worker_settings(settings: AuthSettings) -> AuthSettings:

@@ -1,12 +1,19 @@
-"""Composition root of the notifications service: the one place that builds and wires everything."""
+"""Composition root of the notifications service: the one place that builds and wires everything.
+
+The shape of every service's ``bootstrap.py`` (``tests/contracts/test_bootstrap.py``):
+settings → :func:`open_resources` → :func:`build_adapters` → :func:`build_use_cases` →
+:func:`build_entry_points` → ``start_up.serve`` (run until a signal, close in reverse).
+"""
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
+import redis.asyncio
 from cake.events.v1 import registry
 from cake.notifications.v1 import notifications_pb2_grpc
 from cake_client import ClientCredentials
@@ -14,9 +21,8 @@ from cake_common.consumer import EventConsumer
 from cake_common.db import create_session_factory, database_probe
 from cake_common.grpc_server import DependencyCheck, GrpcServerBuilder, RunningGrpcServer
 from cake_common.jwt import JwtVerifier
-from cake_common.redis import create_redis
 from cake_common.retry import RetryPolicy
-from cake_common.service_runtime import open_migrated_database, serve_until_signal
+from cake_common.service_runtime import StartUp, serve_until_signal
 from cake_common.token_auth import revocation_list, token_verifier
 from prometheus_client import REGISTRY, CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -110,23 +116,58 @@ def build_verifier(settings: NotificationsSettings) -> JwtVerifier:
 
 
 @dataclass(frozen=True, slots=True)
-class Wiring:
-    notify: NotifyUsers
-    dispatcher: Dispatcher
-    user_notifications: UserNotifications
+class Resources:
+    engine: AsyncEngine
+    redis: redis.asyncio.Redis
+    directory: ContactDirectory
+    """auth's contacts (a gRPC channel), or a test's directory."""
+
+
+@dataclass(frozen=True, slots=True)
+class Adapters:
+    unit_of_work: UnitOfWorkFactory
+    directory: ContactDirectory
+    metrics_registry: CollectorRegistry
+    metrics: PrometheusNotificationMetrics
+    renderer: JinjaRenderer
+    recorder: RecordingSender
     smtp: SmtpSender
 
 
-def build_wiring(
+@dataclass(frozen=True, slots=True)
+class UseCases:
+    notify: NotifyUsers
+    dispatcher: Dispatcher
+    user_notifications: UserNotifications
+
+
+async def open_resources(
+    settings: NotificationsSettings, start_up: StartUp, *, directory: ContactDirectory | None
+) -> Resources:
+    engine = await start_up.open_database(settings, script_location=MIGRATIONS)
+    redis_client = start_up.open_redis(settings.redis_url)
+    if directory is None:
+        token_source, credentials = directory_credentials(settings)
+        grpc_directory = GrpcContactDirectory(
+            settings.auth_directory_target,
+            token_source,
+            ttl_seconds=settings.contacts_cache_seconds,
+            on_refused=credentials.forget,
+        )
+        start_up.closes(grpc_directory.close)
+        directory = grpc_directory
+    return Resources(engine=engine, redis=redis_client, directory=directory)
+
+
+def build_adapters(
     settings: NotificationsSettings,
-    engine: AsyncEngine,
-    directory: ContactDirectory,
-    metrics: PrometheusNotificationMetrics,
-) -> Wiring:
-    uow_factory = unit_of_work_factory(engine)
+    resources: Resources,
+    start_up: StartUp,
+    metrics_registry: CollectorRegistry,
+) -> Adapters:
     renderer = JinjaRenderer()
     renderer.check(TEMPLATE_SAMPLES)
-    recorder = RecordingSender(create_session_factory(engine))
+    recorder = RecordingSender(create_session_factory(resources.engine))
     smtp = SmtpSender(
         host=settings.smtp_host,
         port=settings.smtp_port,
@@ -137,6 +178,21 @@ def build_wiring(
         start_tls=settings.smtp_start_tls,
         connections=settings.smtp_connections,
     )
+    start_up.closes(smtp.close)
+    return Adapters(
+        unit_of_work=unit_of_work_factory(resources.engine),
+        directory=resources.directory,
+        metrics_registry=metrics_registry,
+        metrics=PrometheusNotificationMetrics(metrics_registry),
+        renderer=renderer,
+        recorder=recorder,
+        smtp=smtp,
+    )
+
+
+def build_use_cases(settings: NotificationsSettings, adapters: Adapters) -> UseCases:
+    uow_factory, directory, renderer = adapters.unit_of_work, adapters.directory, adapters.renderer
+    smtp, recorder, metrics = adapters.smtp, adapters.recorder, adapters.metrics
     dispatcher = Dispatcher(
         uow_factory,
         directory,
@@ -160,7 +216,7 @@ def build_wiring(
         on_committed=dispatcher.wake,
         max_event_age=timedelta(seconds=settings.max_event_age_seconds),
     )
-    return Wiring(notify, dispatcher, UserNotifications(uow_factory), smtp)
+    return UseCases(notify, dispatcher, UserNotifications(uow_factory))
 
 
 def build_consumer(
@@ -203,6 +259,51 @@ def build_consumer(
     return consumer
 
 
+def build_entry_points(
+    settings: NotificationsSettings,
+    resources: Resources,
+    adapters: Adapters,
+    use_cases: UseCases,
+    start_up: StartUp,
+    *,
+    verifier: JwtVerifier,
+    topics: dict[str, str] | None,
+) -> GrpcServerBuilder:
+    """The gRPC server, and beside it the dispatcher and (unless disabled) the consumer."""
+    revocations = revocation_list(settings, resources.redis)
+    start_up.runs(revocations.start, revocations.aclose)
+    servicer = NotificationsServicer(use_cases.user_notifications)
+    builder = (
+        GrpcServerBuilder.from_settings(
+            settings, service_names=[SERVICE_NAME], metrics_registry=adapters.metrics_registry
+        )
+        .add_servicer(
+            functools.partial(
+                notifications_pb2_grpc.add_NotificationsServiceServicer_to_server, servicer
+            )
+        )
+        .with_auth(verifier, public_methods=PUBLIC_METHODS, is_revoked=revocations.is_revoked)
+        .with_validation()
+        .add_dependency_check(
+            DependencyCheck("postgres", database_probe(resources.engine), critical=True)
+        )
+        .add_dependency_check(
+            DependencyCheck("dispatcher", use_cases.dispatcher.is_running, critical=False)
+        )
+    )
+    # Stopped before the engine is disposed and the SMTP connections close.
+    start_up.runs(use_cases.dispatcher.start, use_cases.dispatcher.stop)
+    if settings.consumer_enabled:
+        consumer = build_consumer(settings, use_cases.notify, adapters.metrics, topics=topics)
+        builder.add_dependency_check(
+            DependencyCheck("kafka_consumer", consumer.is_consuming, critical=False)
+        )
+        start_up.runs(
+            functools.partial(consumer.start, on_failure=start_up.request_stop), consumer.stop
+        )
+    return builder
+
+
 async def start_server(
     settings: NotificationsSettings,
     *,
@@ -213,67 +314,14 @@ async def start_server(
     """The notifications gRPC server, the consumer and the dispatcher (``directory``: a
     test's contact directory instead of auth's; ``topics``: see :func:`build_consumer`)."""
     verifier = build_verifier(settings)
-    engine = await open_migrated_database(settings, script_location=MIGRATIONS)
-    redis_client = create_redis(settings.redis_url)
-    try:
-        metrics = PrometheusNotificationMetrics(metrics_registry)
-        grpc_directory = None
-        if directory is None:
-            token_source, credentials = directory_credentials(settings)
-            grpc_directory = GrpcContactDirectory(
-                settings.auth_directory_target,
-                token_source,
-                ttl_seconds=settings.contacts_cache_seconds,
-                on_refused=credentials.forget,
-            )
-            directory = grpc_directory
-        wiring = build_wiring(settings, engine, directory, metrics)
-        servicer = NotificationsServicer(wiring.user_notifications)
-        revocations = revocation_list(settings, redis_client)
-        builder = (
-            GrpcServerBuilder.from_settings(
-                settings, service_names=[SERVICE_NAME], metrics_registry=metrics_registry
-            )
-            .add_servicer(
-                lambda server: notifications_pb2_grpc.add_NotificationsServiceServicer_to_server(
-                    servicer, server
-                )
-            )
-            .with_auth(verifier, public_methods=PUBLIC_METHODS, is_revoked=revocations.is_revoked)
-            .with_validation()
-            .add_dependency_check(
-                DependencyCheck("postgres", database_probe(engine), critical=True)
-            )
-            .add_dependency_check(
-                DependencyCheck("dispatcher", wiring.dispatcher.is_running, critical=False)
-            )
-            .add_shutdown_hook(engine.dispose)
-            .add_shutdown_hook(redis_client.aclose)
-            .add_shutdown_hook(revocations.aclose)
+    async with StartUp() as start_up:
+        resources = await open_resources(settings, start_up, directory=directory)
+        adapters = build_adapters(settings, resources, start_up, metrics_registry)
+        use_cases = build_use_cases(settings, adapters)
+        builder = build_entry_points(
+            settings, resources, adapters, use_cases, start_up, verifier=verifier, topics=topics
         )
-        if grpc_directory is not None:
-            builder.add_shutdown_hook(grpc_directory.close)
-        builder.add_shutdown_hook(wiring.smtp.close)
-        # Hooks run in reverse: the dispatcher stops before the engine is disposed and the
-        # SMTP connections close.
-        builder.add_shutdown_hook(wiring.dispatcher.stop)
-        consumer = None
-        if settings.consumer_enabled:
-            consumer = build_consumer(settings, wiring.notify, metrics, topics=topics)
-            builder.add_dependency_check(
-                DependencyCheck("kafka_consumer", consumer.is_consuming, critical=False)
-            )
-            builder.add_shutdown_hook(consumer.stop)
-        running = await builder.start()
-    except BaseException:
-        await redis_client.aclose()
-        await engine.dispose()
-        raise
-    revocations.start()
-    wiring.dispatcher.start()
-    if consumer is not None:
-        consumer.start(on_failure=lambda _error: running.request_stop())
-    return running
+        return await start_up.serve(builder)
 
 
 async def serve(settings: NotificationsSettings) -> None:

@@ -1,27 +1,31 @@
-"""Composition root of the promotions service: the one place that builds and wires everything."""
+"""Composition root of the promotions service: the one place that builds and wires everything.
+
+The shape of every service's ``bootstrap.py`` (``tests/contracts/test_bootstrap.py``):
+settings → :func:`open_resources` → :func:`build_adapters` → :func:`build_use_cases` →
+:func:`build_entry_points` → ``start_up.serve`` (run until a signal, close in reverse).
+"""
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
+import redis.asyncio
 from cake.events.v1 import registry
 from cake.promotions.v1 import promotions_pb2_grpc
 from cake_common.consumer import EventConsumer
 from cake_common.db import create_session_factory, database_probe
 from cake_common.grpc_server import DependencyCheck, GrpcServerBuilder, RunningGrpcServer
 from cake_common.jwt import JwtVerifier
-from cake_common.lifecycle import ShutdownHook, run_shutdown_hooks
-from cake_common.metrics import start_metrics_server
 from cake_common.outbox import OutboxWriter
-from cake_common.redis import create_redis
 from cake_common.retry import RetryPolicy
 from cake_common.service_runtime import (
     RunningWorker,
+    StartUp,
     kill_this_process,
-    open_migrated_database,
     serve_until_signal,
 )
 from cake_common.token_auth import revocation_list, token_verifier
@@ -43,6 +47,22 @@ from cake_promotions.service.vouchers import VoucherQueries
 from cake_promotions.settings import PromotionsSettings
 
 MIGRATIONS = "cake_promotions:migrations"
+
+
+@dataclass(frozen=True, slots=True)
+class Resources:
+    engine: AsyncEngine
+    redis: redis.asyncio.Redis
+    payments: PaymentGateway
+    """The bank: a gRPC channel to payments, or the in-process simulation."""
+
+
+@dataclass(frozen=True, slots=True)
+class Adapters:
+    metrics_registry: CollectorRegistry
+    metrics: PromotionsMetrics
+    unit_of_work: UnitOfWorkFactory
+    payments: PaymentGateway
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,60 +89,49 @@ def payment_gateway(settings: PromotionsSettings) -> PaymentGateway:
     )
 
 
-def build_use_cases(
-    engine: AsyncEngine,
-    metrics: PromotionsMetrics,
-    payments: PaymentGateway,
-    settings: PromotionsSettings,
-) -> UseCases:
-    uow_factory = unit_of_work_factory(engine)
+def build_verifier(settings: PromotionsSettings) -> JwtVerifier:
+    if settings.jwks_file is None:
+        # Every non-public call needs a token checked here: refuse to start without keys.
+        raise SystemExit("CAKE_PROMOTIONS_JWKS_FILE must name the auth service's JWKS file")
+    return token_verifier(settings, settings.jwks_file)
+
+
+async def open_resources(settings: PromotionsSettings, start_up: StartUp) -> Resources:
+    engine = await start_up.open_database(
+        settings, script_location=MIGRATIONS, relay_role=settings.relay_role
+    )
+    # Read only for the revocation check: tokens of ended sessions are refused here too.
+    redis_client = start_up.open_redis(settings.redis_url)
+    payments = payment_gateway(settings)
+    start_up.closes(payments.close)
+    return Resources(engine=engine, redis=redis_client, payments=payments)
+
+
+def build_adapters(resources: Resources, metrics_registry: CollectorRegistry) -> Adapters:
+    return Adapters(
+        metrics_registry=metrics_registry,
+        metrics=PromotionsMetrics(metrics_registry),
+        unit_of_work=unit_of_work_factory(resources.engine),
+        payments=resources.payments,
+    )
+
+
+def build_use_cases(settings: PromotionsSettings, adapters: Adapters) -> UseCases:
+    uow_factory = adapters.unit_of_work
     return UseCases(
         campaigns=CampaignAdministration(uow_factory),
-        enrolment=FirstLoginEnrolment(uow_factory, metrics),
+        enrolment=FirstLoginEnrolment(uow_factory, adapters.metrics),
         vouchers=VoucherQueries(uow_factory),
         topups=TopupProcessing(
             uow_factory,
-            payments,
-            metrics,
+            adapters.payments,
+            adapters.metrics,
             pending_timeout=timedelta(seconds=settings.topup_pending_timeout_seconds),
             reconcile_interval=timedelta(seconds=settings.reconcile_interval_seconds),
             charge_deadline=timedelta(seconds=settings.payments_deadline_seconds),
             after_charge=kill_this_process if settings.fault_kill_after_charge else None,
         ),
     )
-
-
-def build_reconciler(
-    settings: PromotionsSettings,
-    engine: AsyncEngine,
-    payments: PaymentGateway,
-    use_cases: UseCases,
-    metrics: PromotionsMetrics,
-) -> TopupReconciler:
-    return TopupReconciler(
-        unit_of_work_factory(engine),
-        payments,
-        use_cases.topups.settlement,
-        metrics,
-        pending_timeout=timedelta(seconds=settings.topup_pending_timeout_seconds),
-        interval=timedelta(seconds=settings.reconcile_interval_seconds),
-    )
-
-
-def build_servicer(use_cases: UseCases) -> PromotionsServicer:
-    return PromotionsServicer(
-        campaigns=use_cases.campaigns,
-        enrolment=use_cases.enrolment,
-        vouchers=use_cases.vouchers,
-        topups=use_cases.topups,
-    )
-
-
-def build_verifier(settings: PromotionsSettings) -> JwtVerifier:
-    if settings.jwks_file is None:
-        # Every non-public call needs a token checked here: refuse to start without keys.
-        raise SystemExit("CAKE_PROMOTIONS_JWKS_FILE must name the auth service's JWKS file")
-    return token_verifier(settings, settings.jwks_file)
 
 
 def first_login_consumer(
@@ -171,85 +180,87 @@ def build_consumer(
     )
 
 
+def build_entry_points(
+    settings: PromotionsSettings,
+    resources: Resources,
+    adapters: Adapters,
+    use_cases: UseCases,
+    start_up: StartUp,
+    *,
+    verifier: JwtVerifier,
+) -> GrpcServerBuilder:
+    """The gRPC server, and beside it the top-up reconciler, the idempotency-key sweep and
+    (unless disabled) the first-login consumer."""
+    revocations = revocation_list(settings, resources.redis)
+    start_up.runs(revocations.start, revocations.aclose)
+    servicer = PromotionsServicer(
+        campaigns=use_cases.campaigns,
+        enrolment=use_cases.enrolment,
+        vouchers=use_cases.vouchers,
+        topups=use_cases.topups,
+    )
+    builder = (
+        GrpcServerBuilder.from_settings(
+            settings, service_names=[SERVICE_NAME], metrics_registry=adapters.metrics_registry
+        )
+        .add_servicer(
+            functools.partial(promotions_pb2_grpc.add_PromotionsServiceServicer_to_server, servicer)
+        )
+        .with_auth(verifier, is_revoked=revocations.is_revoked)
+        .with_validation()
+        .add_dependency_check(
+            DependencyCheck("postgres", database_probe(resources.engine), critical=True)
+        )
+    )
+    if settings.reconcile_enabled:
+        reconciler = TopupReconciler(
+            adapters.unit_of_work,
+            adapters.payments,
+            use_cases.topups.settlement,
+            adapters.metrics,
+            pending_timeout=timedelta(seconds=settings.topup_pending_timeout_seconds),
+            interval=timedelta(seconds=settings.reconcile_interval_seconds),
+        )
+        start_up.runs(reconciler.start, reconciler.stop)
+    expiry = IdempotencyKeyExpiry(
+        adapters.unit_of_work,
+        adapters.metrics,
+        retention_seconds=settings.idempotency_key_retention_seconds,
+        interval_seconds=settings.idempotency_key_sweep_seconds,
+    )
+    start_up.runs(expiry.start, expiry.stop)
+    if settings.consumer_enabled:
+        consumer = build_consumer(settings, use_cases.enrolment, adapters.metrics)
+        # Kafka is not critical: without it gRPC still serves, and enrolments wait.
+        builder.add_dependency_check(
+            DependencyCheck("kafka_consumer", consumer.is_consuming, critical=False)
+        )
+        # Restarted by itself when it fails; the API keeps serving (health: degraded).
+        start_up.runs(
+            functools.partial(consumer.start, on_failure=start_up.request_stop), consumer.stop
+        )
+    return builder
+
+
 async def start_server(
     settings: PromotionsSettings, *, metrics_registry: CollectorRegistry = REGISTRY
 ) -> RunningGrpcServer:
     """The promotions gRPC server (and, unless disabled, the first-login consumer), listening
     on ``grpc_host:grpc_port`` (port 0: any free port), with the idempotency-key sweep.
 
-    ``await running.stop()`` stops the consumer, then closes the database.
+    ``await running.stop()`` stops the consumer and the sweeps, then closes the database.
     """
     # Keys first: a misconfiguration fails in milliseconds, not after a migration.
     verifier = build_verifier(settings)
-    engine = await open_migrated_database(
-        settings, script_location=MIGRATIONS, relay_role=settings.relay_role
-    )
-    # Read only for the revocation check: tokens of ended sessions are refused here too.
-    redis_client = create_redis(settings.redis_url)
-    try:
-        metrics = PromotionsMetrics(metrics_registry)
-        payments = payment_gateway(settings)
-        use_cases = build_use_cases(engine, metrics, payments, settings)
-        servicer = build_servicer(use_cases)
-        revocations = revocation_list(settings, redis_client)
-        builder = (
-            GrpcServerBuilder.from_settings(
-                settings, service_names=[SERVICE_NAME], metrics_registry=metrics_registry
+    async with StartUp() as start_up:
+        resources = await open_resources(settings, start_up)
+        adapters = build_adapters(resources, metrics_registry)
+        use_cases = build_use_cases(settings, adapters)
+        return await start_up.serve(
+            build_entry_points(
+                settings, resources, adapters, use_cases, start_up, verifier=verifier
             )
-            .add_servicer(
-                lambda server: promotions_pb2_grpc.add_PromotionsServiceServicer_to_server(
-                    servicer, server
-                )
-            )
-            .with_auth(
-                verifier,
-                is_revoked=revocations.is_revoked,
-            )
-            .with_validation()
-            .add_dependency_check(
-                DependencyCheck("postgres", database_probe(engine), critical=True)
-            )
-            .add_shutdown_hook(engine.dispose)
-            .add_shutdown_hook(payments.close)
-            .add_shutdown_hook(redis_client.aclose)
-            # Hooks run in reverse: the follower stops before the Redis client closes.
-            .add_shutdown_hook(revocations.aclose)
         )
-        reconciler = None
-        if settings.reconcile_enabled:
-            reconciler = build_reconciler(settings, engine, payments, use_cases, metrics)
-            # Hooks run in reverse: the reconciler stops before the bank's channel closes.
-            builder.add_shutdown_hook(reconciler.stop)
-        expiry = IdempotencyKeyExpiry(
-            unit_of_work_factory(engine),
-            metrics,
-            retention_seconds=settings.idempotency_key_retention_seconds,
-            interval_seconds=settings.idempotency_key_sweep_seconds,
-        )
-        # Hooks run in reverse: the sweep stops before the engine is disposed.
-        builder.add_shutdown_hook(expiry.stop)
-        consumer = None
-        if settings.consumer_enabled:
-            consumer = build_consumer(settings, use_cases.enrolment, metrics)
-            # Kafka is not critical: without it gRPC still serves, and enrolments wait.
-            builder.add_dependency_check(
-                DependencyCheck("kafka_consumer", consumer.is_consuming, critical=False)
-            )
-            # Hooks run in reverse: the consumer stops before its engine is disposed.
-            builder.add_shutdown_hook(consumer.stop)
-        running = await builder.start()
-    except BaseException:
-        await redis_client.aclose()
-        await engine.dispose()
-        raise
-    revocations.start()
-    expiry.start()
-    if reconciler is not None:
-        reconciler.start()
-    if consumer is not None:
-        # Restarted by itself when it fails; the API keeps serving (health: degraded).
-        consumer.start(on_failure=lambda _error: running.request_stop())
-    return running
 
 
 async def serve(settings: PromotionsSettings) -> None:
@@ -257,39 +268,32 @@ async def serve(settings: PromotionsSettings) -> None:
     await serve_until_signal(settings, start_server)
 
 
+async def start_consumer(
+    settings: PromotionsSettings,
+    *,
+    metrics_registry: CollectorRegistry = REGISTRY,
+    failures: list[BaseException] | None = None,
+) -> RunningWorker:
+    """Only the first-login consumer (no gRPC; metrics on ``metrics_port`` if set); a
+    consumer that fails for good is appended to ``failures`` and stops the process."""
+    async with StartUp() as start_up:
+        resources = await open_resources(settings, start_up)
+        adapters = build_adapters(resources, metrics_registry)
+        use_cases = build_use_cases(settings, adapters)
+        consumer = build_consumer(settings, use_cases.enrolment, adapters.metrics)
+
+        def fail(error: BaseException) -> None:
+            if failures is not None:
+                failures.append(error)
+            start_up.request_stop()
+
+        start_up.runs(functools.partial(consumer.start, on_failure=fail), consumer.stop)
+        return await start_up.work(settings, metrics_registry=metrics_registry)
+
+
 async def consume(settings: PromotionsSettings) -> None:
     """Only the first-login consumer, until SIGTERM/SIGINT (e.g. extra consumer replicas)."""
     failures: list[BaseException] = []
-
-    async def start(settings: PromotionsSettings) -> RunningWorker:
-        engine = await open_migrated_database(
-            settings, script_location=MIGRATIONS, relay_role=settings.relay_role
-        )
-        shutdown_hooks: list[ShutdownHook] = [engine.dispose]
-        try:
-            metrics = PromotionsMetrics()
-            payments = payment_gateway(settings)
-            shutdown_hooks.append(payments.close)
-            use_cases = build_use_cases(engine, metrics, payments, settings)
-            consumer = build_consumer(settings, use_cases.enrolment, metrics)
-            shutdown_hooks.append(consumer.stop)
-            metrics_server = (
-                start_metrics_server(settings.metrics_port, settings.grpc_host)
-                if settings.metrics_port is not None
-                else None
-            )
-        except BaseException:
-            await run_shutdown_hooks(shutdown_hooks)
-            raise
-        worker = RunningWorker(shutdown_hooks, metrics_server=metrics_server)
-
-        def fail(error: BaseException) -> None:
-            failures.append(error)
-            worker.request_stop()
-
-        consumer.start(on_failure=fail)
-        return worker
-
-    await serve_until_signal(settings, start)
+    await serve_until_signal(settings, functools.partial(start_consumer, failures=failures))
     if failures:
         raise SystemExit("first-login consumer failed")

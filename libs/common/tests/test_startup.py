@@ -1,0 +1,130 @@
+"""``StartUp``, the clean-up every composition root shares: what a start opened closes in
+reverse order, whether the start fails half way (a real port that is taken, a worker that
+fails to start) or the server stops; workers start once the server serves."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Iterator
+
+import pytest
+from cake_common.grpc_server import GrpcServerBuilder
+from cake_common.service_runtime import StartUp
+from cake_common.settings import ServiceSettings
+
+
+class Journal:
+    def __init__(self) -> None:
+        self.entries: list[str] = []
+
+    def closer(self, name: str) -> object:
+        async def close() -> None:
+            self.entries.append(f"close {name}")
+
+        return close
+
+    def starter(self, name: str) -> object:
+        def start() -> None:
+            self.entries.append(f"start {name}")
+
+        return start
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        yield blocker.getsockname()[1]
+
+
+def builder(port: int = 0) -> GrpcServerBuilder:
+    return GrpcServerBuilder(service_names=["cake.test.v1.Probe"], port=port, grace_seconds=0)
+
+
+async def test_a_start_failing_half_way_closes_what_it_opened_in_reverse() -> None:
+    journal = Journal()
+    with pytest.raises(ConnectionError):
+        async with StartUp() as start_up:
+            start_up.closes(journal.closer("database"))  # type: ignore[arg-type]
+            start_up.closes(journal.closer("redis"))  # type: ignore[arg-type]
+            raise ConnectionError("kafka never answered")
+    assert journal.entries == ["close redis", "close database"]
+
+
+async def test_a_taken_port_closes_everything_and_starts_no_worker(taken_port: int) -> None:
+    journal = Journal()
+    with pytest.raises(RuntimeError, match="bind"):
+        async with StartUp() as start_up:
+            start_up.closes(journal.closer("database"))  # type: ignore[arg-type]
+            start_up.runs(journal.starter("consumer"), journal.closer("consumer"))  # type: ignore[arg-type]
+            await start_up.serve(builder(taken_port))
+    assert journal.entries == ["close consumer", "close database"]
+
+
+async def test_workers_start_once_serving_and_stop_before_the_resources_close() -> None:
+    journal = Journal()
+    async with StartUp() as start_up:
+        start_up.closes(journal.closer("database"))  # type: ignore[arg-type]
+        start_up.runs(journal.starter("sweep"), journal.closer("sweep"))  # type: ignore[arg-type]
+        start_up.runs(journal.starter("consumer"), journal.closer("consumer"))  # type: ignore[arg-type]
+        running = await start_up.serve(builder())
+    assert journal.entries == ["start sweep", "start consumer"]
+    assert running.port > 0
+    await running.stop()
+    assert journal.entries[2:] == ["close consumer", "close sweep", "close database"]
+    await running.stop()  # once only
+    assert len(journal.entries) == 5
+
+
+async def test_a_worker_failing_to_start_stops_the_server_and_closes_everything() -> None:
+    journal = Journal()
+
+    def broken() -> None:
+        raise RuntimeError("no such topic")
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    with pytest.raises(RuntimeError, match="no such topic"):
+        async with StartUp() as start_up:
+            start_up.closes(journal.closer("database"))  # type: ignore[arg-type]
+            start_up.runs(journal.starter("sweep"), journal.closer("sweep"))  # type: ignore[arg-type]
+            start_up.runs(broken, journal.closer("consumer"))  # type: ignore[arg-type]
+            await start_up.serve(builder(port))
+    assert journal.entries == ["start sweep", "close consumer", "close sweep", "close database"]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", port))  # the server let go of its port
+
+
+async def test_a_close_that_fails_does_not_keep_the_others_from_running() -> None:
+    journal = Journal()
+
+    async def failing() -> None:
+        raise OSError("already closed")
+
+    async with StartUp() as start_up:
+        start_up.closes(journal.closer("database"))  # type: ignore[arg-type]
+        start_up.closes(failing)
+        start_up.closes(journal.closer("redis"))  # type: ignore[arg-type]
+    await start_up.close()
+    assert journal.entries == ["close redis", "close database"]
+
+
+async def test_a_worker_process_stops_on_request_and_closes_in_reverse() -> None:
+    journal = Journal()
+    async with StartUp() as start_up:
+        start_up.closes(journal.closer("database"))  # type: ignore[arg-type]
+        start_up.runs(journal.starter("relay"), journal.closer("relay"))  # type: ignore[arg-type]
+        worker = await start_up.work(
+            ServiceSettings(
+                service_name="probe", grpc_port=0, database_url="postgresql+psycopg://x/y"
+            )
+        )
+    serving = asyncio.create_task(worker.serve_until_signal())
+    await asyncio.sleep(0)
+    assert journal.entries == ["start relay"]
+    start_up.request_stop(RuntimeError("the relay failed for good"))
+    await asyncio.wait_for(serving, 5)
+    assert journal.entries == ["start relay", "close relay", "close database"]
