@@ -31,7 +31,13 @@ DOCKERFILES = tuple(dict.fromkeys(image.dockerfile for image in IMAGES))
 DEV_INFRA = Path("k8s/components/dev-infra")
 #: The dev overlay's workloads each image runs.
 WORKLOADS = {
-    **{f"cake-{s}": [("Deployment", s), ("Job", f"{s}-migrate")] for s in SERVICES[:3]},
+    **{f"cake-{s}": [("Deployment", s), ("Job", f"{s}-migrate")] for s in SERVICES[1:3]},
+    # auth's image also registers the cluster's service accounts (notifications').
+    "cake-auth": [
+        ("Deployment", "auth"),
+        ("Job", "auth-migrate"),
+        ("Job", "auth-service-accounts"),
+    ],
     # The bank simulator migrates its ledger when it starts (`serve`): no Job.
     "cake-payments": [("Deployment", "payments")],
     # The notifications image also runs the dev cluster's SMTP sink.
