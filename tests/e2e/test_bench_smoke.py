@@ -160,7 +160,7 @@ GOALS = (
     "relay",
     "first login -> voucher",
 )
-MIX_OPS = ("login", "register", "profile", "refresh")
+MIX_OPS = ("login", "register", "profile")
 
 
 # About 2 minutes on a quiet 2-core box, 3 to 4 on a loaded one; the first e2e test to run
@@ -205,7 +205,7 @@ def test_goal_mode_at_tiny_size_measures_both_sides(full_stack: Stack, tmp_path:
     assert result["peer_url"] == full_stack.gateway_url
     assert len(result["load_average"]["start"]) == len(result["load_average"]["end"]) == 3
 
-    # A row per operation of the mix that both sides sent (a tiny mix may draw no refresh).
+    # A row per operation of the mix that both sides sent (a tiny mix may draw no register).
     mixed = [op for op in MIX_OPS if op in result["cake"]["mix"]["ops"]]
     mixed = [op for op in mixed if op in result["peer"]["mix"]["ops"]]
     assert "login" in mixed
