@@ -618,11 +618,13 @@ def goals(result: dict[str, Any]) -> list[dict[str, Any]]:
         _goal(
             "overload: p95 of accepted logins",
             "ms",
-            over_c["accepted_p95"],
-            over_p["accepted_p95"],
+            over_c["accepted_p95"] if over_c["ok"] else None,
+            over_p["accepted_p95"] if over_p["ok"] else None,
             f"< {OVERLOAD_ACCEPTED_P95_MS:g} ms",
             met=over_c["ok"] > 0 and over_c["accepted_p95"] < OVERLOAD_ACCEPTED_P95_MS,
-            ratio=_ratio(over_p["accepted_p95"], over_c["accepted_p95"]),
+            ratio=_ratio(over_p["accepted_p95"], over_c["accepted_p95"])
+            if over_p["ok"] and over_c["ok"]
+            else None,
         )
     )
     out.append(
