@@ -218,18 +218,22 @@ def test_goal_mode_at_tiny_size_measures_both_sides(full_stack: Stack, tmp_path:
         assert name.startswith(start), (name, start)
     for goal in result["goals"]:
         assert goal["verdict"] in {"PASS", "FAIL", "info"}, goal
-        if goal["cake"] is None:  # a refusals' p95 without refusals only
-            assert goal["goal"].startswith("overload: refusals"), goal
-            assert result["cake"]["overload"]["refused"] == 0
+        if goal["cake"] is None:  # a p95 of no answers of its kind only
+            overload = result["cake"]["overload"]
+            if goal["goal"].startswith("overload: refusals"):
+                assert overload["refused"] == 0
+            else:
+                assert goal["goal"].startswith("overload: p95 of accepted"), goal
+                assert overload["ok"] == 0
         else:
             assert goal["cake"] >= 0, goal
     assert result["all_met"] == all(g["verdict"] != "FAIL" for g in result["goals"])
 
     settings = result["settings"]
     ceiling = result["cake"]["login saturation"]["goodput"]
-    assert settings["overload_rate"] == round(1.5 * ceiling, 1)
-    assert settings["profile_rate"] == round(
-        1.5 * result["peer"]["profile saturation"]["goodput"], 1
+    assert settings["overload_rate"] == (round(1.5 * ceiling, 1) or 1.0)
+    assert settings["profile_rate"] == (
+        round(1.5 * result["peer"]["profile saturation"]["goodput"], 1) or 1.0
     )
     assert result["cake"]["hash_check"]["cpu_ms"] > 0
     for side in ("cake", "peer"):
@@ -241,12 +245,15 @@ def test_goal_mode_at_tiny_size_measures_both_sides(full_stack: Stack, tmp_path:
             assert (
                 run["ok"] + run["refused"] + run["no_answer"] + run["other_errors"] == run["sent"]
             ), (side, phase)
-            assert 0 < run["goodput"] <= 1.5 * run["offered_rate"], (side, phase)
+            assert run["ok"] > 0, (side, phase)
+            # The steady part's goodput: at most the offered rate (it may be 0 at this size
+            # on a loaded box: answers slower than the 2 s window).
+            assert 0 <= run["goodput"] <= 1.5 * run["offered_rate"], (side, phase)
             assert run["cpu"]["cpu_seconds"] > 0, (side, phase)
         cpu = figures["logins at the CPU rate"]["cpu"]
         assert cpu["net_of_idle_per_served_ms"] > 0, side
         assert cpu["per_served_ms"] >= cpu["net_of_idle_per_served_ms"], side
-        assert figures["profile saturation"]["goodput"] > 0, side
+        assert figures["profile saturation"]["ok"] > 0, side
         assert figures["profile saturation"]["cpu"]["net_of_idle_per_served_ms"] > 0, side
         for figures_of_op in figures["mix"]["ops"].values():
             assert figures_of_op["sent"] > 0, side
