@@ -14,8 +14,9 @@ import os
 import secrets
 import subprocess
 import sys
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -310,6 +311,8 @@ class CpuSample:
 
     load_average: float
     ticks: dict[str, dict[int, int]]
+    at: float = field(default_factory=time.monotonic)
+    """When it was taken (``time.monotonic``), to turn CPU time into cores."""
 
 
 def sample_server_cpu(stack: Stack) -> CpuSample:
@@ -344,10 +347,186 @@ def server_cpu(
     return {
         "requests": requests,
         "per_request_ms": total * 1000 / requests if requests else 0.0,
+        "seconds": after.at - before.at,
+        "cpu_seconds": total,
         "load_average": {"start": before.load_average, "end": after.load_average},
         "components": components,
         **figures,
     }
+
+
+def cores_used(before: CpuSample, after: CpuSample) -> float:
+    """CPU the sampled processes used between two samples, in cores (1.0: one core busy)."""
+    if after.at <= before.at:
+        return 0.0
+    seconds: float = server_cpu(before, after, 0)["cpu_seconds"]
+    return seconds / (after.at - before.at)
+
+
+# -- the processes of a server the stack did not start (a peer system) ----------------------
+# Found by the TCP ports they listen on and by pid files, then with every descendant (a
+# PostgreSQL's backends, a supervisor's workers), again at each sample since backends come
+# and go. Hand-written over /proc (as cake_devtools.stack.process does for the stack's own
+# processes) rather than a new dependency (psutil) for these few lines; Linux only, like
+# the rest of the benchmark's CPU accounting.
+
+_TCP_LISTEN = "0A"
+
+
+def _parent_and_state(pid: int) -> tuple[int, str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2 :].split()  # the name (field 2) may hold spaces
+    return int(fields[1]), fields[0]
+
+
+def _live_pids() -> list[int]:
+    return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+
+
+def with_descendants(roots: Iterable[int]) -> list[int]:
+    """``roots`` that are alive and every live process below them."""
+    parents: dict[int, int] = {}
+    for pid in _live_pids():
+        known = _parent_and_state(pid)
+        if known is not None and known[1] != "Z":
+            parents[pid] = known[0]
+    members = {pid for pid in roots if pid in parents}
+    grown = True
+    while grown:
+        children = {pid for pid, parent in parents.items() if parent in members}
+        grown = not children <= members
+        members |= children
+    return sorted(members)
+
+
+def listening_pids(ports: Iterable[int]) -> dict[int, list[int]]:
+    """The processes holding a listening TCP socket on each of ``ports`` (IPv4 or IPv6)."""
+    wanted = set(ports)
+    inodes: dict[str, int] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            port = int(fields[1].rsplit(":", 1)[1], 16)
+            if fields[3] == _TCP_LISTEN and port in wanted:
+                inodes[f"socket:[{fields[9]}]"] = port
+    found: dict[int, set[int]] = {port: set() for port in wanted}
+    for pid in _live_pids():
+        try:
+            descriptors = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue
+        for descriptor in descriptors:
+            try:
+                link = os.readlink(descriptor)
+            except OSError:
+                continue
+            if link in inodes:
+                found[inodes[link]].add(pid)
+    return {port: sorted(pids) for port, pids in found.items()}
+
+
+def process_comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip() or "?"
+    except OSError:
+        return "?"
+
+
+@dataclass(frozen=True)
+class ServerProcesses:
+    """Root processes of a system's servers by component; each sample adds descendants."""
+
+    roots: dict[str, tuple[int, ...]]
+
+    def members(self) -> dict[str, list[int]]:
+        return {name: with_descendants(pids) for name, pids in self.roots.items()}
+
+    def sample(self) -> CpuSample:
+        from cake_devtools.stack.process import cpu_ticks
+
+        ticks: dict[str, dict[int, int]] = {}
+        for component, pids in self.members().items():
+            sampled = {pid: cpu_ticks(pid) for pid in pids}
+            ticks[component] = {pid: used for pid, used in sampled.items() if used is not None}
+        return CpuSample(os.getloadavg()[0], ticks)
+
+    def describe(self) -> str:
+        members = self.members()
+        return ", ".join(
+            f"{name} {'/'.join(map(str, self.roots[name]))} ({len(members[name])} processes)"
+            for name in self.roots
+        )
+
+
+def _pid_file(path: Path) -> int | None:
+    try:
+        first = path.read_text().split()
+    except OSError:
+        return None
+    return int(first[0]) if first and first[0].isdigit() else None
+
+
+def _env_ports(env_file: Path) -> list[int]:
+    """The ports a peer's ``.env`` names (``*_PORT=`` values and ``redis://host:port``)."""
+    ports: list[int] = []
+    try:
+        lines = env_file.read_text().splitlines()
+    except OSError:
+        return ports
+    for line in lines:
+        name, _, value = line.partition("=")
+        value = value.strip()
+        if name.strip().endswith("_PORT") and value.isdigit():
+            ports.append(int(value))
+        elif "://" in value and value.rsplit(":", 1)[-1].split("/")[0].isdigit():
+            ports.append(int(value.rsplit(":", 1)[-1].split("/")[0]))
+    return ports
+
+
+def find_server_processes(
+    ports: Iterable[int], pid_files: Iterable[Path] = (), pids: Iterable[int] = ()
+) -> ServerProcesses:
+    """The processes listening on ``ports``, those named by ``pid_files`` and ``pids``,
+    grouped by their command name (``node``, ``postgres``, ``redis-server``, ...); a root
+    that is a descendant of another root is counted with it, once."""
+    candidates = {pid for listeners in listening_pids(ports).values() for pid in listeners}
+    candidates |= {pid for pid in map(_pid_file, pid_files) if pid is not None}
+    candidates |= set(pids)
+    candidates = {pid for pid in candidates if _parent_and_state(pid) is not None}
+    covered = {child for pid in candidates for child in with_descendants([pid]) if child != pid}
+    roots: dict[str, list[int]] = {}
+    for pid in sorted(candidates - covered):
+        roots.setdefault(process_comm(pid), []).append(pid)
+    return ServerProcesses({name: tuple(pids) for name, pids in roots.items()})
+
+
+def find_peer_processes(
+    peer_url: str,
+    peer_dir: Path | None,
+    extra_ports: Iterable[int] = (),
+    extra_pids: Iterable[int] = (),
+) -> ServerProcesses:
+    """A peer system's server processes: what listens on its URL's port, on ``extra_ports``
+    and on the ports its ``peer_dir`` names (``app/.env``: its PostgreSQL and Redis), the
+    pid files there (``app.pid``, ``redis.pid``, ``pg/data/postmaster.pid``; the layout of
+    the peer script's work folder), and ``extra_pids``."""
+    ports = {httpx.URL(peer_url).port or 80, *extra_ports}
+    pid_files: list[Path] = []
+    if peer_dir is not None:
+        ports |= set(_env_ports(peer_dir / "app" / ".env"))
+        pid_files = [
+            peer_dir / "app.pid",
+            peer_dir / "redis.pid",
+            peer_dir / "pg" / "data" / "postmaster.pid",
+        ]
+    return find_server_processes(sorted(ports), pid_files, extra_pids)
 
 
 def statuses_total(summary: dict[str, Any]) -> int:

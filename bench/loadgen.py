@@ -31,6 +31,8 @@ VEGETA = REPO / ".tools" / "bin" / "vegeta"
 TIMEOUT_SECONDS = 60
 REFUSALS = (429, 503)
 """Answers that refuse a request to protect the service (with Retry-After)."""
+NO_ANSWER = 0
+"""vegeta's code for a request that got no HTTP answer (client timeout, refused connection)."""
 
 
 @dataclass(frozen=True)
@@ -92,11 +94,18 @@ def attack(
     rate: float | None,
     workers: int,
     samples_csv: Path | None = None,
+    timeout_s: float = TIMEOUT_SECONDS,
+    max_workers: int | None = None,
+    window: tuple[float, float] | None = None,
 ) -> dict[str, Any]:
     """Run one vegeta attack over ``targets``; its summary (see the module docstring).
 
     ``rate``: requests per second (open model; vegeta adds workers as needed, up to
-    ``max(workers, 10 x rate)``); ``None``: closed model with ``workers`` connections.
+    ``max_workers``, by default ``max(workers, 10 x rate)``); ``None``: closed model with
+    ``workers`` connections. ``timeout_s``: the client's timeout (a request unanswered by
+    then is a result with code 0). ``window``: (from, to) seconds after the first request;
+    the summary then has each operation's successes completed in that window
+    (``op_<op>_window``: the goodput of the run's steady part).
     """
     if not targets:
         raise ValueError("an attack needs targets")
@@ -112,7 +121,7 @@ def attack(
         "-format=json",
         f"-targets={targets_file}",
         f"-duration={duration_s:g}s",
-        f"-timeout={TIMEOUT_SECONDS}s",
+        f"-timeout={timeout_s:g}s",
         "-keepalive=true",
         f"-output={results_file}",
     ]
@@ -120,9 +129,9 @@ def attack(
         command += ["-rate=0", f"-max-workers={workers}", f"-workers={workers}"]
     else:
         command += [
-            f"-rate={rate:g}/1s",
+            f"-rate={_vegeta_rate(rate)}",
             f"-workers={workers}",
-            f"-max-workers={max(workers, math.ceil(10 * rate))}",
+            f"-max-workers={max_workers or max(workers, math.ceil(10 * rate))}",
         ]
     model = f"{workers} connections, closed" if rate is None else f"{rate:g}/s, open"
     say(f"vegeta {name}: {len(targets)} targets, {model}, {duration_s:g}s")
@@ -139,7 +148,7 @@ def attack(
         text=True,
     )
     results = [json.loads(line) for line in encoded.stdout.splitlines() if line]
-    summary = summarise(results, targets)
+    summary = summarise(results, targets, window=window)
     if samples_csv is not None:
         write_samples(samples_csv, results, targets)
     for op, _ in sorted(summary["ops"].items()):
@@ -157,7 +166,17 @@ def attack(
                 f"    accepted p95={accepted.get('p(95)', 0.0):.1f} ms; "
                 f"{refused['count']:.0f} refused (429/503), p95={refused['p(95)']:.1f} ms"
             )
+        answers = summary["metrics"][f"op_{op}_answers"]["values"]
+        if answers["no_answer"]:
+            say(f"    {answers['no_answer']} without an answer ({answers['timeouts']} timed out)")
     return summary
+
+
+def _vegeta_rate(rate: float) -> str:
+    """vegeta's ``-rate`` takes whole requests per period: 179.2/s is 1792 per 10 s."""
+    if rate == int(rate):
+        return f"{int(rate)}/1s"
+    return f"{round(rate * 100)}/100s"
 
 
 def _target_of(result: Mapping[str, Any], targets: Sequence[Target]) -> Target:
@@ -192,12 +211,31 @@ def trend(values: Sequence[float]) -> dict[str, float]:
     }
 
 
-def summarise(results: Iterable[Mapping[str, Any]], targets: Sequence[Target]) -> dict[str, Any]:
+def _has_retry_after(result: Mapping[str, Any]) -> bool:
+    headers = result.get("headers") or {}
+    return any(name.lower() == "retry-after" and values for name, values in headers.items())
+
+
+def _timed_out(result: Mapping[str, Any]) -> bool:
+    # Go's http client: "... (Client.Timeout exceeded while awaiting headers)" or
+    # "context deadline exceeded"; a refused or reset connection says otherwise.
+    error = str(result.get("error", "")).lower()
+    return "timeout" in error or "deadline exceeded" in error
+
+
+def summarise(
+    results: Iterable[Mapping[str, Any]],
+    targets: Sequence[Target],
+    *,
+    window: tuple[float, float] | None = None,
+) -> dict[str, Any]:
     latencies: dict[str, list[float]] = {}
     ok_latencies: dict[str, list[float]] = {}
     refused_latencies: dict[str, list[float]] = {}
     failures: dict[str, int] = {}
     statuses: dict[str, dict[str, int]] = {}
+    answers: dict[str, dict[str, int]] = {}
+    ok_done_at: dict[str, list[float]] = {}
     stamps: list[float] = []
     ok = 0
     for result in results:
@@ -206,15 +244,24 @@ def summarise(results: Iterable[Mapping[str, Any]], targets: Sequence[Target]) -
         code = int(result["code"])
         by_code = statuses.setdefault(target.op, {})
         by_code[str(code)] = by_code.get(str(code), 0) + 1
-        stamps.append(_timestamp(result) + int(result["latency"]) / 1e9)
-        stamps.append(_timestamp(result))
+        kinds = answers.setdefault(
+            target.op, {"no_answer": 0, "timeouts": 0, "refused_without_retry_after": 0}
+        )
+        sent_at = _timestamp(result)
+        stamps.append(sent_at + int(result["latency"]) / 1e9)
+        stamps.append(sent_at)
         latency_ms = int(result["latency"]) / 1e6
         if code == target.ok_status:
             ok += 1
             ok_latencies.setdefault(target.op, []).append(latency_ms)
+            ok_done_at.setdefault(target.op, []).append(sent_at + latency_ms / 1000)
         else:
             if code in REFUSALS:
                 refused_latencies.setdefault(target.op, []).append(latency_ms)
+                kinds["refused_without_retry_after"] += not _has_retry_after(result)
+            elif code == NO_ANSWER:
+                kinds["no_answer"] += 1
+                kinds["timeouts"] += _timed_out(result)
             failures[target.op] = failures.get(target.op, 0) + 1
     duration_s = (max(stamps) - min(stamps)) if stamps else 0.0
     metrics: dict[str, Any] = {
@@ -227,11 +274,33 @@ def summarise(results: Iterable[Mapping[str, Any]], targets: Sequence[Target]) -
         # (short waits) and the second (refused at once), not their mixture.
         metrics[f"op_{op}_ok_ms"] = {"values": trend(ok_latencies.get(op, []))}
         metrics[f"op_{op}_refused_ms"] = {"values": trend(refused_latencies.get(op, []))}
+        metrics[f"op_{op}_answers"] = {"values": answers[op]}
+        if window is not None:
+            metrics[f"op_{op}_window"] = {
+                "values": _window(ok_done_at.get(op, []), min(stamps), window)
+            }
     return {
         "metrics": metrics,
         "state": {"testRunDurationMs": duration_s * 1000},
         "ops": {op: len(values) for op, values in latencies.items()},
         "statuses": statuses,
+    }
+
+
+def _window(
+    done_at: Sequence[float], first: float, window: tuple[float, float]
+) -> dict[str, float]:
+    """Successes completed between ``window`` seconds after ``first`` (the first request
+    sent), and their rate: the goodput of a run's steady part, without its ramp-up and
+    without the drain after the last request was sent."""
+    start, end = first + window[0], first + window[1]
+    seconds = window[1] - window[0]
+    count = sum(1 for at in done_at if start <= at < end)
+    return {
+        "from_s": window[0],
+        "to_s": window[1],
+        "ok": float(count),
+        "ok_per_second": count / seconds if seconds > 0 else 0.0,
     }
 
 

@@ -39,6 +39,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import psycopg
@@ -324,9 +325,32 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-async def main() -> None:
-    args = parse_args()
-    stack = Stack(profile=args.profile, echo=None)
+@dataclass(frozen=True)
+class RelayMeasurement:
+    """Every round's (raw producer, relay) events/s, and the lag run's lags (ms)."""
+
+    batch_size: int
+    rounds: list[tuple[float, float]]
+    lags: list[float]
+
+    @property
+    def ratio(self) -> float:
+        """The median of the rounds' relay ÷ raw (the result)."""
+        return statistics.median(relay / raw for raw, relay in self.rounds)
+
+
+async def measure(
+    profile: str,
+    *,
+    rows: int,
+    rounds: int,
+    rate: float,
+    lag_seconds: float,
+    batch_size: int | None = None,
+) -> RelayMeasurement:
+    """The throughput rounds and the lag run (the module docstring) on ``profile``'s stack;
+    ``bench/side_by_side.py`` calls it for its relay guard."""
+    stack = Stack(profile=profile, echo=None)
     stack.up(("postgres", "kafka"))
     bootstrap = stack.kafka_bootstrap
     relay_template = next(
@@ -350,7 +374,7 @@ async def main() -> None:
                 .set(drivername="postgresql")
                 .render_as_string(hide_password=False)
             )
-            overrides = {"relay_batch_size": args.batch_size} if args.batch_size else {}
+            overrides = {"relay_batch_size": batch_size} if batch_size else {}
             settings = EventsSettings(
                 database_url=events_url,
                 sources=[
@@ -371,7 +395,7 @@ async def main() -> None:
             registry = CollectorRegistry()
             wiring = build_relays(settings, events_engine, registry)
             wiring.group.start()
-            rounds: list[tuple[float, float]] = []
+            measured: list[tuple[float, float]] = []
             try:
                 while not all(relay.is_active for relay in wiring.group.relays):  # noqa: ASYNC110
                     await asyncio.sleep(0.05)
@@ -380,22 +404,22 @@ async def main() -> None:
                     builder,
                     raw_topic,
                     (owner_libpq, registry, user_topic),
-                    min(args.rows, WARM_UP_ROWS),
+                    min(rows, WARM_UP_ROWS),
                 )
-                for _ in range(args.rounds):
+                for _ in range(rounds):
                     # Fresh rows (event ids are unique in the outbox) and their messages.
-                    events = outbox_events(args.rows)
+                    events = outbox_events(rows)
                     messages = [builder.message_for(e, raw_topic) for e in events]
                     # The harness's own 2 x rows objects would otherwise be scanned by every
                     # garbage collection during both measurements.
                     gc.freeze()
                     raw = await raw_producer_rate(settings, messages)
                     relay = await relay_rate(owner_libpq, events, registry, user_topic)
-                    rounds.append((raw, relay))
+                    measured.append((raw, relay))
                     del events, messages
                     gc.unfreeze()
                 lags = await commit_to_kafka_lag(
-                    owner_url, bootstrap, user_topic, args.rate, args.lag_seconds
+                    owner_url, bootstrap, user_topic, rate, lag_seconds
                 )
             finally:
                 await wiring.group.stop()
@@ -404,8 +428,20 @@ async def main() -> None:
                 await events_engine.dispose()
     finally:
         await delete_topics(bootstrap, topics)
+    return RelayMeasurement(settings.relay_batch_size, measured, lags)
 
-    report(args, settings.relay_batch_size, rounds, lags)
+
+async def main() -> None:
+    args = parse_args()
+    result = await measure(
+        args.profile,
+        rows=args.rows,
+        rounds=args.rounds,
+        rate=args.rate,
+        lag_seconds=args.lag_seconds,
+        batch_size=args.batch_size,
+    )
+    report(args, result.batch_size, result.rounds, result.lags)
 
 
 def report(

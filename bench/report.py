@@ -515,6 +515,73 @@ def print_summary(results: dict[str, Any]) -> None:
             print("vs NestJS " + line.strip("| ").replace(" | ", "  "))
 
 
+# -- the goal mode's table (side_by_side.py) ---------------------------------------------------
+
+_DECIMALS = {"logins/s": 1, "reads/s": 0, "ms": 1, "ratio": 2, "requests": 0}
+
+
+def _figure(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.{_DECIMALS.get(unit, 1)}f}"
+
+
+def _load(values: list[float]) -> str:
+    return " / ".join(f"{value:.2f}" for value in values)
+
+
+def goal_table_lines(result: dict[str, Any]) -> list[str]:
+    """goals.md: the goal mode's table, to paste in docs/performance.md."""
+    load = result["load_average"]
+    lines = [
+        f"Side by side with the peer at {result['peer_url']}: `make bench PEER_URL=...`"
+        f" (`bench/run.py --peer-url`), {result['started_at'][:16].replace('T', ' ')} UTC to"
+        f" {result['finished_at'][11:16]}, {result['cores']} cores; load average (1, 5, 15"
+        f" min) {_load(load['start'])} at the start, {_load(load['end'])} at the end.",
+        "",
+        "| goal | unit | Cake | peer | ratio | target | result |",
+        "|---|---|---:|---:|---:|---|---|",
+    ]
+    for goal in result["goals"]:
+        ratio = f"{goal['ratio']:.2f}" if goal["ratio"] is not None else "-"
+        note = f" ({goal['note']})" if goal["note"] else ""
+        lines.append(
+            f"| {goal['goal']}{note} | {goal['unit']} | {_figure(goal['cake'], goal['unit'])} |"
+            f" {_figure(goal['peer'], goal['unit'])} | {ratio} | {goal['target']} |"
+            f" {goal['verdict']} |"
+        )
+    lines += [
+        "",
+        "Ratio: > 1 means Cake is better (Cake ÷ peer for throughput, peer ÷ Cake for latency"
+        " and cost). Throughputs are goodputs: successes completed per second in a run's"
+        " steady part (after its warm-up, until the last request was sent). CPU per request:"
+        " user + system time of every server process (Cake: every stack component; the peer:"
+        f" {', '.join(result['peer_processes']) or 'none found'}) with their idle CPU over the"
+        " same time taken out, ÷ requests answered 200.",
+    ]
+    return lines
+
+
+def print_goal_table(result: dict[str, Any]) -> None:
+    load = result["load_average"]
+    print(
+        f"\n=== goals: Cake vs peer ({result['peer_url']}), {result['cores']} cores, load"
+        f" {_load(load['start'])} -> {_load(load['end'])} ==="
+    )
+    print(f"{'goal':<62}{'Cake':>10}{'peer':>10}{'ratio':>7}  {'target':<34}result")
+    for goal in result["goals"]:
+        ratio = f"{goal['ratio']:.2f}" if goal["ratio"] is not None else "-"
+        print(
+            f"{goal['goal'][:61]:<62}{_figure(goal['cake'], goal['unit']):>10}"
+            f"{_figure(goal['peer'], goal['unit']):>10}{ratio:>7}  {goal['target'][:33]:<34}"
+            f"{goal['verdict']}"
+        )
+        if goal["note"]:
+            print(f"    {goal['note']}")
+    failed = [goal["goal"] for goal in result["goals"] if goal["verdict"] == "FAIL"]
+    print(f"{len(failed)} goal(s) not met: " + "; ".join(failed) if failed else "every goal met")
+
+
 def main() -> None:
     source = Path(sys.argv[1])
     results = json.loads(source.read_text())

@@ -72,7 +72,7 @@ from scenarios import (
     sessions_for_refresh,
     topup_race,
 )
-from side_by_side import print_comparison, probe_peer, side_by_side
+from side_by_side import NOT_MET_EXIT, goal_mode, probe_peer, write_outputs
 
 MIX = (70.0, 20.0, 10.0)
 """The Cake System's auth mix: login / register / profile shares (%)."""
@@ -94,12 +94,36 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--users", type=int, default=60, help="seeded users for mix/profile")
     parser.add_argument(
         "--peer-url",
-        help="side by side: run the open-model scenarios against Cake and this peer (its "
-        "base URL, the Cake System's REST API) and print ratios",
+        help="goal mode: the same loads against Cake and this peer (its base URL, the Cake "
+        "System's REST API), one table of the goals, exit 4 when one is not met",
     )
-    parser.add_argument("--peer-profile-rate", type=float, default=600, help="side by side")
-    parser.add_argument("--peer-login-rate", type=float, default=28, help="side by side")
-    parser.add_argument("--peer-mix-rate", type=float, default=36, help="side by side")
+    peer = parser.add_argument_group("goal mode (--peer-url; bench/side_by_side.py)")
+    peer.add_argument(
+        "--peer-dir",
+        default="/tmp/cake-peer",  # noqa: S108 - the peer script's work folder, read only
+        help="the peer's work folder: its pid files and app/.env ports name its server "
+        "processes, node_modules/bcrypt times its hash check ('' for none)",
+    )
+    peer.add_argument("--peer-ports", default="", help="more ports the peer's servers listen on")
+    peer.add_argument("--peer-pids", default="", help="more peer server pids (with descendants)")
+    peer.add_argument("--client-timeout", type=float, default=10, help="seconds per request")
+    peer.add_argument("--idle-seconds", type=float, default=5, help="idle CPU baseline")
+    peer.add_argument("--settle-seconds", type=float, default=60, help="most wait for idle")
+    peer.add_argument("--warmup-seconds", type=float, default=5, help="left out of goodputs")
+    peer.add_argument("--cpu-login-rate", type=float, default=20, help="logins/s for CPU/login")
+    peer.add_argument("--cpu-seconds", type=float, default=15)
+    peer.add_argument(
+        "--saturation-rate", type=float, help="logins/s offered (default 1.2 x bcrypt ceiling)"
+    )
+    peer.add_argument("--saturation-seconds", type=float, default=20)
+    peer.add_argument("--overload-seconds", type=float, default=60)
+    peer.add_argument("--profile-connections", type=int, default=64)
+    peer.add_argument("--profile-seconds", type=float, default=15)
+    peer.add_argument("--peer-mix-rate", type=float, default=36, help="mix iterations/s")
+    peer.add_argument("--mix-seconds", type=float, default=60)
+    peer.add_argument("--relay-rows", type=int, default=50_000)
+    peer.add_argument("--relay-rounds", type=int, default=3)
+    peer.add_argument("--enrolment-users", type=int, default=1000, help="first logins at 100/s")
     parser.add_argument("--mix-rate", type=float, help="mix iterations/s (default: 0.7 x ceiling)")
     parser.add_argument("--profile-vus", type=int, default=16)
     parser.add_argument("--burst-users", type=int, default=60)
@@ -110,7 +134,9 @@ def _arguments() -> argparse.Namespace:
         "--poll-timeout", type=float, default=10, help="burst: seconds a client waits for a voucher"
     )
     parser.add_argument(
-        "--skip", default="", help="comma list: ceilings,profile,mix,login,burst,topup"
+        "--skip",
+        default="",
+        help="comma list: ceilings,profile,mix,login,burst,topup; goal mode: relay,enrolment",
     )
     return parser.parse_args()
 
@@ -445,7 +471,6 @@ async def topup_contention(
 
 def main() -> None:
     args = _arguments()
-    load_at_start = os.getloadavg()
     if args.peer_url:
         # Before anything else: a peer that does not answer ends the run at once.
         probe_peer(args.peer_url.rstrip("/"))
@@ -455,13 +480,10 @@ def main() -> None:
     if args.peer_url:
         stack = Stack(args.profile, echo=None)
         check_stack(stack)
-        compared = asyncio.run(
-            side_by_side(args, out, stack.gateway_url, args.peer_url.rstrip("/"), stack)
-        )
-        compared["load_average"] = {"start": load_at_start, "end": os.getloadavg()}
-        (out / "side-by-side.json").write_text(json.dumps(compared, indent=2))
-        print_comparison(compared)
-        say(f"load average {load_at_start} at start, {os.getloadavg()} at end")
+        result = asyncio.run(goal_mode(args, out, stack, args.peer_url.rstrip("/")))
+        write_outputs(result, out)
+        if not result["all_met"]:
+            sys.exit(NOT_MET_EXIT)
         return
     results = asyncio.run(bench(args, out))
     (out / "results.json").write_text(json.dumps(results, indent=2))
