@@ -93,17 +93,21 @@ def test_concurrent_guesses_over_rest_reach_the_password_check_five_times(
     transport = httpx.HTTPTransport(local_address="127.0.0.31")
     with httpx.Client(base_url=full_stack.gateway_url, transport=transport, timeout=30) as http:
 
-        def guess(n: int) -> int:
-            response = http.post(
+        def guess(n: int) -> httpx.Response:
+            return http.post(
                 "/auth/login",
                 json={"account": identifiers[n % 4], "password": f"guess-{n}"},
             )
-            return response.status_code
 
         began = time.monotonic()
         with ThreadPoolExecutor(max_workers=12) as pool:
-            statuses = list(pool.map(guess, range(24)))
+            responses = list(pool.map(guess, range(24)))
         elapsed = time.monotonic() - began
+    statuses = [response.status_code for response in responses]
+    # A throttled or busy answer says when to come back, as a header (not only in the body).
+    for response in responses:
+        if response.status_code in (429, 503):
+            assert int(response.headers["retry-after"]) >= 1, response.headers
     # Counted before bcrypt: 24 concurrent guesses, only the allowance was checked.
     assert FREE_FAILURES <= statuses.count(401) <= allowed_checks(elapsed), statuses
     # The rest throttled (429) or, when more checks waited than the hash queue admits, refused

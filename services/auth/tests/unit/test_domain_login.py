@@ -80,6 +80,8 @@ def test_local_fallback_counts_and_forgets_within_bounds() -> None:
     assert counter.reserve([("a", policy)]).failures == 3
     counter.succeeded("a", None)
     assert counter.reserve([("a", policy)]).failures == 1
+    counter.released(["a"])  # an attempt without a verdict is taken back
+    assert counter.reserve([("a", policy)]).failures == 1
     counter.reserve([("b", policy)])
     counter.reserve([("c", policy)])  # bounded: the least recently used key is forgotten
     assert counter.reserve([("a", policy)]).failures == 1

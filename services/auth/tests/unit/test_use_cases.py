@@ -3,6 +3,7 @@ integration tests; these pin down the orchestration: what is checked, hashed, re
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
@@ -230,12 +231,18 @@ class FakeHasher:
     def __init__(self) -> None:
         self.hashed: list[str] = []
         self.verified: list[tuple[str, str]] = []
+        self.gate: asyncio.Event | None = None
+        """When set, a check waits for it (a busy hash queue)."""
+        self.checking = asyncio.Event()
 
     async def hash(self, password: str) -> str:
         self.hashed.append(password)
         return f"hashed:{password}"
 
     async def verify(self, password: str, password_hash: str) -> bool:
+        self.checking.set()
+        if self.gate is not None:
+            await self.gate.wait()
         self.verified.append((password, password_hash))
         return password_hash == f"hashed:{password}"
 
@@ -291,6 +298,13 @@ class FakeThrottle:
 
     async def succeeded(self, keys: ThrottleKeys) -> None:
         self.failures.pop(keys.account, None)
+
+    async def released(self, keys: ThrottleKeys) -> None:
+        left = self.failures.get(keys.account, 0) - 1
+        if left > 0:
+            self.failures[keys.account] = left
+        else:
+            self.failures.pop(keys.account, None)
 
 
 class FakeRevocations:
@@ -467,7 +481,29 @@ async def test_throttled_account_is_refused_without_a_password_check(world: Worl
         await world.use_cases.login(LogIn("Ada_L", PASSWORD))
     assert caught.value.message == "Too many failed login attempts, try again later"
     assert caught.value.metadata == {"retry_after_seconds": "60"}
+    assert caught.value.retry_after_seconds == 60  # the Retry-After header
     assert len(world.hasher.verified) == checks_before
+
+
+async def test_logins_abandoned_while_their_hash_waits_are_not_counted_as_failures(
+    world: World,
+) -> None:
+    """A caller that goes away (deadline, disconnect) before its check ends got no verdict:
+    under overload such abandoned logins must not lock the account out."""
+    await world.use_cases.register(registration())
+    world.hasher.gate = asyncio.Event()
+    for _ in range(7):  # more than the throttle's 5 free failures
+        world.hasher.checking.clear()
+        attempt = asyncio.create_task(world.use_cases.login(LogIn("ada_l", "wrong-password")))
+        await world.hasher.checking.wait()
+        assert world.throttle.failures == {"user:1": 1}  # counted while it waits
+        attempt.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await attempt
+        assert world.throttle.failures == {}
+    world.hasher.gate = None
+    logged_in = await world.use_cases.login(LogIn("ada_l", PASSWORD))
+    assert logged_in.user.username == "Ada_L"
 
 
 async def test_first_login_records_one_event_with_its_context(world: World) -> None:

@@ -4,7 +4,9 @@ bounded in-process fallback while Redis is down.
 ``reserve`` checks and counts in one Lua script: an attempt is counted as a failure
 *before* its password is checked, so 40 concurrent guesses cannot all slip through
 between a check and a count. A success takes the attempt back (the account's count is
-cleared, the IP's decremented). Keys are hashed so they hold no personal data.
+cleared, the IP's decremented); so does an attempt that reaches no verdict (its caller went
+away while it waited for the hash queue, or the check failed), so that abandoned logins
+under overload do not lock the account out. Keys are hashed so they hold no personal data.
 """
 
 from __future__ import annotations
@@ -61,6 +63,17 @@ return 1
 """
 
 
+# KEYS: counters; takes one attempt back from each (a key at zero goes).
+_RELEASED = """
+for _, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 1 and redis.call('HINCRBY', key, 'n', -1) <= 0 then
+    redis.call('DEL', key)
+  end
+end
+return 1
+"""
+
+
 class LocalFailureCounter:
     """The fallback while Redis is down: the same rules in this process's memory, for at
     most ``max_entries`` keys (least recently used forgotten). Per process: with several
@@ -96,12 +109,17 @@ class LocalFailureCounter:
 
     def succeeded(self, account_key: str, ip_key: str | None) -> None:
         self._entries.pop(account_key, None)
-        if ip_key is not None and ip_key in self._entries:
-            failures, last = self._entries[ip_key]
-            if failures <= 1:
-                del self._entries[ip_key]
-            else:
-                self._entries[ip_key] = (failures - 1, last)
+        if ip_key is not None:
+            self.released([ip_key])
+
+    def released(self, keys: list[str]) -> None:
+        for key in keys:
+            if key in self._entries:
+                failures, last = self._entries[key]
+                if failures <= 1:
+                    del self._entries[key]
+                else:
+                    self._entries[key] = (failures - 1, last)
 
 
 class RedisLoginThrottle:
@@ -125,6 +143,7 @@ class RedisLoginThrottle:
         self._clock = clock
         self._reserve_script = client.register_script(_RESERVE)
         self._succeeded_script = client.register_script(_SUCCEEDED)
+        self._released_script = client.register_script(_RELEASED)
 
     def _key(self, name: str) -> str:
         return self._key_prefix + hashlib.sha256(name.encode()).hexdigest()
@@ -174,3 +193,16 @@ class RedisLoginThrottle:
             await self._guard.run("login_throttle_reset", run)
         except RedisUnavailableError:
             _log.debug("login throttle reset skipped; redis unavailable")
+
+    async def released(self, keys: ThrottleKeys) -> None:
+        """No verdict reached the caller: take the attempt back from every counter."""
+        counter_keys = [key for key, _ in self._counters(keys)]
+        self._fallback.released(counter_keys)
+
+        async def run() -> object:
+            return await self._released_script(keys=counter_keys)
+
+        try:
+            await self._guard.run("login_throttle_release", run)
+        except RedisUnavailableError:
+            _log.debug("login throttle release skipped; redis unavailable")

@@ -64,6 +64,11 @@ class LoginThrottle(Protocol):
         """The password was right: the account's failures are cleared."""
         ...
 
+    async def released(self, keys: ThrottleKeys) -> None:
+        """The attempt reached no verdict (the caller went away, the check failed): it is
+        taken back from every counter, as if it had not been counted."""
+        ...
+
 
 class Revocations(Protocol):
     """The revocation list every service checks; raises ``Unavailable`` if not stored."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import uuid
 from collections.abc import Callable, Sequence
@@ -196,9 +197,16 @@ class AuthUseCases:
                 LOGIN_THROTTLED,
                 reason="LOGIN_THROTTLED",
                 metadata={"retry_after_seconds": str(throttle.retry_after_seconds)},
+                retry_after_seconds=throttle.retry_after_seconds,
             )
 
-        found = await self._check_password(candidate, command.password)
+        try:
+            found = await self._check_password(candidate, command.password)
+        except BaseException:
+            # No verdict reached the caller (its deadline passed or it went away while the
+            # hash queue was busy, or the check itself failed): not a failed password.
+            await asyncio.shield(self._throttle.released(keys))
+            raise
         if found is None:
             self._metrics.logins.labels("invalid_credentials").inc()
             await self._audit(
