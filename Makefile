@@ -5,7 +5,7 @@ export PATH := $(HOME)/.local/bin:$(PATH)
 # checkouts can run their stacks side by side (pytest reads the same file, see conftest.py).
 -include .ports.env
 
-.PHONY: up down status test test-unit gen lint bench bench-enrolment chaos help k8s-test cluster-up cluster-down
+.PHONY: up down status test test-unit gen lint bench bench-enrollment chaos help k8s-test cluster-up cluster-down
 
 help: ## list targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -41,10 +41,10 @@ lint: ## ruff, mypy, buf lint and generated-code freshness only
 bench: ## ceilings + load scenarios (vegeta) + the launch day (5,000 first logins for 1,000 vouchers) against the running stack, reports in bench/results/; PEER_URL=http://host:port: side by side with that peer, ratios
 	@bash tools/bootstrap.sh
 	@uv run --frozen python bench/run.py $(if $(PEER_URL),--peer-url $(PEER_URL))
-	@$(if $(PEER_URL),true,uv run --frozen python bench/enrolment.py --steps ceiling,launch-day)
+	@$(if $(PEER_URL),true,uv run --frozen python bench/enrollment.py --steps ceiling,launch-day)
 
-bench-enrolment: ## first-login pipeline against the running stack: goals, enrolment ceiling, launch day (bench/results/enrolment-*)
-	@uv run --frozen python bench/enrolment.py
+bench-enrollment: ## first-login pipeline against the running stack: goals, enrollment ceiling, launch day (bench/results/enrollment-*)
+	@uv run --frozen python bench/enrollment.py
 
 chaos: ## fault drills: first-login bursts (SIGKILL relay/consumer/Kafka, stop Postgres/Redis) and top-ups (bank hang/down, promotions SIGKILL, Postgres stop)
 	@uv run --frozen python bench/chaos.py

@@ -4,7 +4,7 @@ login's commit until its voucher is committed, through the whole pipeline.
 Each "login" is the transaction the auth service commits on a first login minus the bcrypt
 check (which caps real logins at ~34/s on a 2-core box): a USER_FIRST_LOGIN row in auth's
 outbox, one autocommitted statement per login. From there everything is real: relay (events
-service) → Kafka → promotions consumer → enrolment and voucher. With ``--via kafka`` the
+service) → Kafka → promotions consumer → enrollment and voucher. With ``--via kafka`` the
 envelopes are published straight to the user-events topic instead (consumer alone, no relay).
 
 The writer is ``--writers`` plain psycopg connections taking the logins off one open-loop
@@ -15,12 +15,12 @@ other failure (stack down, …) is one line and exit 2, never a traceback.
 The login statements do not NOTIFY the relay each (auth's ``OutboxWriter.add`` does):
 PostgreSQL serialises the commits of notifying transactions on one cluster-wide lock held
 through the WAL flush, which alone capped this writer at ~450-600 logins/s on this box with
-fsync on (``docs/enrolment.md``). A separate connection notifies every ``--notify-ms``
+fsync on (``docs/enrollment.md``). A separate connection notifies every ``--notify-ms``
 (5 ms) instead, when something was written; ``--notify per-login`` restores auth's way.
 
 Latency of one user = ``vouchers.issued_at - user_promotions.first_login_at`` (the login
 time carried by the event, taken just before the login statement; ``issued_at`` is taken
-once the campaign slots are won, just before the enrolment commits); for users told the
+once the campaign slots are won, just before the enrollment commits); for users told the
 campaign is full, ``first_login_decisions.decided_at - login_at``. Exactly ``min(N, max)``
 vouchers must be issued, with participation orders 1..min(N, max) (gaps are reported).
 
@@ -32,7 +32,7 @@ Run with the stack up (``make up``; or ``--profile test`` against the test stack
 
 The benchmark creates its own campaign (newest, so it takes these logins), uses user ids far
 above real ones, and ends the campaign afterwards. Exit 0 when the counts are right (it does
-not judge latency: ``bench/enrolment.py`` does), 1 when they are wrong.
+not judge latency: ``bench/enrollment.py`` does), 1 when they are wrong.
 """
 
 from __future__ import annotations

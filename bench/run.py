@@ -123,7 +123,7 @@ def _arguments() -> argparse.Namespace:
     peer.add_argument("--mix-seconds", type=float, default=60)
     peer.add_argument("--relay-rows", type=int, default=50_000)
     peer.add_argument("--relay-rounds", type=int, default=3)
-    peer.add_argument("--enrolment-users", type=int, default=1000, help="first logins at 100/s")
+    peer.add_argument("--enrollment-users", type=int, default=1000, help="first logins at 100/s")
     parser.add_argument("--mix-rate", type=float, help="mix iterations/s (default: 0.7 x ceiling)")
     parser.add_argument("--profile-vus", type=int, default=16)
     parser.add_argument("--burst-users", type=int, default=60)
@@ -136,7 +136,7 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument(
         "--skip",
         default="",
-        help="comma list: ceilings,profile,mix,login,burst,topup; goal mode: relay,enrolment",
+        help="comma list: ceilings,profile,mix,login,burst,topup; goal mode: relay,enrollment",
     )
     return parser.parse_args()
 

@@ -26,7 +26,7 @@ CPU, since a peer without admission control is still working off abandoned reque
    ``--mix-seconds`` on both: every operation's P95 and errors;
 7. Cake's guards (no peer figure): the relay against a raw producer
    (``relay_throughput.measure``) and first-login -> voucher at 100 logins/s
-   (``first_login_burst.burst``, judged by ``enrolment.goal_met``).
+   (``first_login_burst.burst``, judged by ``enrollment.goal_met``).
 
 Server CPU: Cake's is every process of every stack component (``Stack.processes``); the
 peer's, the processes listening on its URL's port and on the ports its work folder names
@@ -90,7 +90,7 @@ PROFILE_VS_PEER = 2.0
 PROFILE_LOAD_FACTOR = 1.5
 PROFILE_P99_MS = 50.0
 RELAY_VS_RAW = 0.5
-ENROLMENT_RATE = 100.0
+ENROLLMENT_RATE = 100.0
 VOUCHER_P99_MS = 250.0
 
 SETTLE_MARGIN_CORES = 0.15
@@ -359,14 +359,14 @@ async def relay_guard(profile: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-async def enrolment_guard(profile: str, args: argparse.Namespace) -> dict[str, Any]:
-    from enrolment import Step, goal_met
+async def enrollment_guard(profile: str, args: argparse.Namespace) -> dict[str, Any]:
+    from enrollment import Step, goal_met
     from first_login_burst import burst
 
-    users = args.enrolment_users
-    say(f"guard: {users} first logins at {ENROLMENT_RATE:g}/s -> voucher (outbox, relay, Kafka)")
-    step = Step("rate-100", users, ENROLMENT_RATE, users, "P99 login -> voucher < 250 ms")
-    result = await burst(profile, users=users, rate=ENROLMENT_RATE, max_participants=users)
+    users = args.enrollment_users
+    say(f"guard: {users} first logins at {ENROLLMENT_RATE:g}/s -> voucher (outbox, relay, Kafka)")
+    step = Step("rate-100", users, ENROLLMENT_RATE, users, "P99 login -> voucher < 250 ms")
+    result = await burst(profile, users=users, rate=ENROLLMENT_RATE, max_participants=users)
     return {
         **result.as_dict(),
         "p99_ms": result.voucher_ms.get("p99", 0.0),
@@ -474,9 +474,9 @@ async def goal_mode(
     if "relay" not in skip:
         settle(cake, args.settle_seconds)
         guards["relay"] = await _guard("relay", relay_guard(args.profile, args))
-    if "enrolment" not in skip:
+    if "enrollment" not in skip:
         settle(cake, args.settle_seconds)
-        guards["enrolment"] = await _guard("enrolment", enrolment_guard(args.profile, args))
+        guards["enrollment"] = await _guard("enrollment", enrollment_guard(args.profile, args))
 
     result: dict[str, Any] = {
         "mode": "goals",
@@ -739,20 +739,20 @@ def goals(result: dict[str, Any]) -> list[dict[str, Any]]:
                 note=relay.get("error", f"{relay.get('rows')} rows a round"),
             )
         )
-    enrolment = guards.get("enrolment")
-    if enrolment is not None:
+    enrollment = guards.get("enrollment")
+    if enrollment is not None:
         out.append(
             _goal(
-                f"first login -> voucher p99 at {ENROLMENT_RATE:g} logins/s",
+                f"first login -> voucher p99 at {ENROLLMENT_RATE:g} logins/s",
                 "ms",
-                enrolment.get("p99_ms"),
+                enrollment.get("p99_ms"),
                 None,
                 f"< {VOUCHER_P99_MS:g} ms, exact vouchers",
-                met=bool(enrolment.get("goal_met")),
-                note=enrolment.get(
+                met=bool(enrollment.get("goal_met")),
+                note=enrollment.get(
                     "error",
-                    f"{enrolment.get('vouchers')}/{enrolment.get('expected_vouchers')} vouchers,"
-                    f" writer at {enrolment.get('reached_rate')}/s",
+                    f"{enrollment.get('vouchers')}/{enrollment.get('expected_vouchers')} vouchers,"
+                    f" writer at {enrollment.get('reached_rate')}/s",
                 ),
             )
         )

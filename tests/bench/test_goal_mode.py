@@ -264,7 +264,7 @@ def _met_everywhere() -> dict[str, Any]:
         },
         "guards": {
             "relay": {"ratio": 0.55, "rows": 50000},
-            "enrolment": {"p99_ms": 120.0, "goal_met": True, "vouchers": 1000},
+            "enrollment": {"p99_ms": 120.0, "goal_met": True, "vouchers": 1000},
         },
     }
 
@@ -303,7 +303,7 @@ def test_goals_met_everywhere_pass(bench: dict[str, ModuleType]) -> None:
         (lambda r: r["cake"]["mix"]["ops"]["register"].update(p95=60.1), "register p95"),
         (lambda r: r["cake"]["mix"]["ops"]["login"].update(errors=1), "errors"),
         (lambda r: r["guards"]["relay"].update(ratio=0.49), "relay"),
-        (lambda r: r["guards"]["enrolment"].update(goal_met=False), "first login"),
+        (lambda r: r["guards"]["enrollment"].update(goal_met=False), "first login"),
         (lambda r: r["guards"].update(relay={"error": "OSError: down"}), "relay"),
     ],
 )

@@ -193,7 +193,7 @@ def test_goal_mode_at_tiny_size_measures_both_sides(full_stack: Stack, tmp_path:
         "--mix-seconds", "3",
         "--relay-rows", "2000",
         "--relay-rounds", "1",
-        "--enrolment-users", "20",
+        "--enrollment-users", "20",
         timeout=600,
     )  # fmt: skip
     result = json.loads((tmp_path / "side-by-side.json").read_text())
@@ -273,9 +273,9 @@ def test_goal_mode_at_tiny_size_measures_both_sides(full_stack: Stack, tmp_path:
         / result["peer"]["login saturation"]["goodput"]
     )
     assert result["guards"]["relay"]["ratio"] > 0
-    enrolment = result["guards"]["enrolment"]
-    assert enrolment["vouchers"] == enrolment["expected_vouchers"] == 20
-    assert enrolment["p99_ms"] > 0
+    enrollment = result["guards"]["enrollment"]
+    assert enrollment["vouchers"] == enrollment["expected_vouchers"] == 20
+    assert enrollment["p99_ms"] > 0
 
     table = (tmp_path / "goals.md").read_text().splitlines()
     rows = [line for line in table if line.startswith("| ") and "---" not in line]

@@ -141,7 +141,7 @@ def campaign_body(**overrides: Any) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def campaign(client: httpx.Client, admin: Account) -> Iterator[dict[str, Any]]:
-    """An active first-login campaign, the newest one (so first logins enrol into it)."""
+    """An active first-login campaign, the newest one (so first logins enroll into it)."""
     response = client.post("/promotions/campaigns", json=campaign_body(), headers=admin.auth)
     assert response.status_code == 201, response.text
     created: dict[str, Any] = response.json()
@@ -508,7 +508,7 @@ def test_eligibility_and_track_first_login(client: httpx.Client, campaign: dict[
     again = client.post("/promotions/track-first-login", json={}, headers=account.auth)
 
     # Registered, never logged in, a campaign running with free places: eligible, but the
-    # client's call enrols no one (only auth's first-login event does), twice alike.
+    # client's call enrolls no one (only auth's first-login event does), twice alike.
     assert eligibility.status_code == 200
     assert eligibility.json()["eligible"] is True
     assert eligibility.json()["message"] == "User is eligible for this campaign"

@@ -6,7 +6,7 @@ loader does not work with pytest 9, so each operation runs through its Hypothesi
 here). Bounded so CI stays quick: ``CAKE_SCHEMATHESIS_MAX_EXAMPLES`` examples per operation and
 mode (default 10); the benchmark suite runs it with a larger number. Logout is left out (it
 would revoke the token the other operations use). Campaign writes are admin-only, so this
-user's fuzzing leaves no campaigns behind to enrol other tests' users.
+user's fuzzing leaves no campaigns behind to enroll other tests' users.
 """
 
 from __future__ import annotations

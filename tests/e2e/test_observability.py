@@ -6,12 +6,12 @@
   session, so only the deltas between a scrape before and one after are asserted.
 - Traces: with the services exporting OTLP to a receiver in this process, one first login
   produces the login's server span (auth), the relay's publish span (events), the
-  enrolment span (promotions), the voucher's notification and its e-mail's send span
+  enrollment span (promotions), the voucher's notification and its e-mail's send span
   (notifications) in ONE trace.
 
 The admin token is signed with the stack's development key (as ``cake-auth`` would) rather
 than made by logging in: an admin's login is itself a first login, whose asynchronous
-enrolment could land inside the measured window.
+enrollment could land inside the measured window.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def client(full_stack: Stack) -> Iterator[httpx.Client]:
 
 @pytest.fixture
 def campaign(client: httpx.Client, admin_token: str) -> Iterator[dict[str, Any]]:
-    """A running first-login campaign, the newest one, so this test's login enrols into it
+    """A running first-login campaign, the newest one, so this test's login enrolls into it
     (earlier tests' campaigns may be full). Set inactive afterwards."""
     admin = {"authorization": f"Bearer {admin_token}"}
     now = datetime.now(UTC)
@@ -250,8 +250,8 @@ def test_a_scripted_flow_moves_every_counter_by_what_it_did(
     assert delta("auth", "cake_auth_logins_total", result="success") == 1
     assert delta("auth", "cake_auth_logins_total", result="invalid_credentials") == 0
     assert delta("auth", "cake_auth_first_logins_total") == 1
-    assert delta("promotions", "cake_promotions_enrolments_total", result="enrolled") == 1
-    assert delta("promotions", "cake_promotions_enrolments_total") == 1
+    assert delta("promotions", "cake_promotions_enrollments_total", result="enrolled") == 1
+    assert delta("promotions", "cake_promotions_enrollments_total") == 1
     assert delta("promotions", "cake_promotions_vouchers_issued_total") == 1
     assert delta("promotions", "cake_promotions_vouchers_used_total") == 1
     assert delta("promotions", "cake_promotions_topups_total", result="succeeded") == 1
@@ -363,7 +363,7 @@ def restart(stack: Stack) -> None:
     stack.up(list(TRACED_SERVICES))
 
 
-def test_a_first_login_is_one_trace_from_login_through_the_relay_to_the_enrolment(
+def test_a_first_login_is_one_trace_from_login_through_the_relay_to_the_enrollment(
     client: httpx.Client, campaign: dict[str, Any], traced_services: SpanCollector
 ) -> None:
     user = register(client)
@@ -388,9 +388,9 @@ def test_a_first_login_is_one_trace_from_login_through_the_relay_to_the_enrolmen
         enrolled = {
             span.trace_id
             for span in spans
-            if span.service == "promotions" and span.name == "promotions enrol first login"
+            if span.service == "promotions" and span.name == "promotions enroll first login"
         }
-        # The enrolment's own events (voucher issued) continue the same trace.
+        # The enrollment's own events (voucher issued) continue the same trace.
         voucher_published = {
             span.trace_id
             for span in spans
@@ -413,13 +413,13 @@ def test_a_first_login_is_one_trace_from_login_through_the_relay_to_the_enrolmen
         return min(shared) if shared else None
 
     trace_id = wait_for(
-        one_trace, what="login, relay, enrolment, notification and e-mail spans in one trace"
+        one_trace, what="login, relay, enrollment, notification and e-mail spans in one trace"
     )
 
     in_trace = {(s.service, s.name) for s in traced_services.spans() if s.trace_id == trace_id}
     assert ("auth", f"/{AUTH_SERVICE}/Login") in in_trace
     assert ("events", "cake.auth.user.v1 publish") in in_trace
-    assert ("promotions", "promotions enrol first login") in in_trace
+    assert ("promotions", "promotions enroll first login") in in_trace
     assert ("events", "cake.promotions.voucher.v1 publish") in in_trace
     assert ("notifications", "notifications voucher issued") in in_trace
     assert ("notifications", "notifications send email") in in_trace

@@ -72,7 +72,7 @@ def test_first_login_voucher_pays_for_a_topup(
     try:
         _first_login_voucher_pays_for_a_topup(auth, promotions)
     finally:
-        # Leave no running campaign behind to enrol other tests' users.
+        # Leave no running campaign behind to enroll other tests' users.
         promotions.UpdateCampaignStatus(
             promotions_pb2.UpdateCampaignStatusRequest(id=campaign.id, status="expired"),
             metadata=admin,

@@ -16,7 +16,7 @@ DASHBOARD = Path("k8s/components/observability/grafana-dashboard-cake.json")
 REQUIRED_METRICS = {
     "cake_auth_logins_total",
     "cake_auth_registrations_total",
-    "cake_promotions_enrolments_total",
+    "cake_promotions_enrollments_total",
     "cake_promotions_vouchers_issued_total",
     "cake_promotions_vouchers_used_total",
     "cake_promotions_topups_total",

@@ -240,13 +240,13 @@ def test_consumer_span_continues_the_message_trace(exporter: InMemorySpanExporte
     assert header_value(headers, "missing") is None
     assert header_value(None, "traceparent") is None
     assert trace_context_from_headers([]) == {}
-    with start_span_from_headers("enrol", headers, attributes={"cake.event_type": "T"}):
+    with start_span_from_headers("enroll", headers, attributes={"cake.event_type": "T"}):
         pass
-    (enrol,) = _spans(exporter)
-    assert _hex_ids(enrol)[0] == UPSTREAM_TRACE_ID
-    assert _parent_span_id(enrol) == UPSTREAM_SPAN_ID
-    assert enrol.kind is SpanKind.CONSUMER
-    assert enrol.attributes == {"cake.event_type": "T"}
+    (enroll,) = _spans(exporter)
+    assert _hex_ids(enroll)[0] == UPSTREAM_TRACE_ID
+    assert _parent_span_id(enroll) == UPSTREAM_SPAN_ID
+    assert enroll.kind is SpanKind.CONSUMER
+    assert enroll.attributes == {"cake.event_type": "T"}
 
 
 # --- settings ---------------------------------------------------------------------------------

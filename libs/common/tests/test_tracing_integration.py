@@ -225,7 +225,7 @@ async def test_one_trace_from_request_through_outbox_and_kafka_to_the_consumer(
     # writes (e.g. VOUCHER_ISSUED) carries the same trace on.
     record = await _consume_one(kafka_bootstrap, topic)
     assert [key for key, _ in record.headers].count("traceparent") == 1
-    with start_span_from_headers("enrol first login", record.headers):
+    with start_span_from_headers("enroll first login", record.headers):
         voucher_event = await _add_event(
             engine, event=registry.VOUCHER_ISSUED, payload=payloads_pb2.VoucherIssued(voucher_id=1)
         )
@@ -239,11 +239,11 @@ async def test_one_trace_from_request_through_outbox_and_kafka_to_the_consumer(
     send = _one(spans, f"{topic} send", SpanKind.PRODUCER)
     # The aiokafka instrumentation's per-record span (its per-poll spans are separate traces).
     receive = [s for s in spans if s.name == f"{topic} receive" and _parent_id(s) == _span_id(send)]
-    enrol = _one(spans, "enrol first login", SpanKind.CONSUMER)
+    enroll = _one(spans, "enroll first login", SpanKind.CONSUMER)
 
     assert not [s for s in spans if s.name in {"PING", "SELECT"}], "no background spans"
 
-    chain = [client, server, redis_get, *inserts, publish, send, *receive, enrol]
+    chain = [client, server, redis_get, *inserts, publish, send, *receive, enroll]
     assert len(receive) == 1
     assert len(inserts) == 2, "one statement span per insert (engine instrumented once)"
     assert {_trace_id(span) for span in chain} == {_trace_id(client)}, "ONE trace id"
@@ -254,7 +254,7 @@ async def test_one_trace_from_request_through_outbox_and_kafka_to_the_consumer(
     assert row.trace_parent.split("-")[2] == _span_id(server)
     assert _parent_id(publish) == _span_id(server)
     assert _parent_id(send) == _span_id(publish)
-    assert _parent_id(enrol) == _span_id(send), "the innermost traceparent header won"
-    assert _parent_id(inserts[1]) == _span_id(enrol)
+    assert _parent_id(enroll) == _span_id(send), "the innermost traceparent header won"
+    assert _parent_id(inserts[1]) == _span_id(enroll)
     stored = await _stored_trace_parent(engine, voucher_event)
-    assert stored is not None and stored.split("-")[1:3] == [_trace_id(enrol), _span_id(enrol)]
+    assert stored is not None and stored.split("-")[1:3] == [_trace_id(enroll), _span_id(enroll)]

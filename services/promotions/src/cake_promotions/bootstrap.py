@@ -38,7 +38,7 @@ from cake_promotions.entrypoints.grpc.servicer import SERVICE_NAME, PromotionsSe
 from cake_promotions.entrypoints.kafka import FirstLoginHandler
 from cake_promotions.metrics import PromotionsMetrics
 from cake_promotions.service.campaigns import CampaignAdministration
-from cake_promotions.service.enrolment import FirstLoginEnrolment
+from cake_promotions.service.enrollment import FirstLoginEnrollment
 from cake_promotions.service.housekeeping import IdempotencyKeyExpiry
 from cake_promotions.service.ports import PaymentGateway, UnitOfWorkFactory
 from cake_promotions.service.reconciler import TopupReconciler
@@ -68,7 +68,7 @@ class Adapters:
 @dataclass(frozen=True, slots=True)
 class UseCases:
     campaigns: CampaignAdministration
-    enrolment: FirstLoginEnrolment
+    enrollment: FirstLoginEnrollment
     vouchers: VoucherQueries
     topups: TopupProcessing
 
@@ -120,7 +120,7 @@ def build_use_cases(settings: PromotionsSettings, adapters: Adapters) -> UseCase
     uow_factory = adapters.unit_of_work
     return UseCases(
         campaigns=CampaignAdministration(uow_factory),
-        enrolment=FirstLoginEnrolment(uow_factory, adapters.metrics),
+        enrollment=FirstLoginEnrollment(uow_factory, adapters.metrics),
         vouchers=VoucherQueries(uow_factory),
         topups=TopupProcessing(
             uow_factory,
@@ -135,7 +135,7 @@ def build_use_cases(settings: PromotionsSettings, adapters: Adapters) -> UseCase
 
 
 def first_login_consumer(
-    enrolment: FirstLoginEnrolment,
+    enrollment: FirstLoginEnrollment,
     metrics: PromotionsMetrics,
     *,
     bootstrap_servers: str,
@@ -145,7 +145,7 @@ def first_login_consumer(
     max_batch: int = 500,
     retry_max_seconds: float = 10.0,
 ) -> EventConsumer:
-    """The Kafka consumer with the first-login handler registered (tests and the enrolment
+    """The Kafka consumer with the first-login handler registered (tests and the enrollment
     bench build it here too, on their own topics)."""
     consumer = EventConsumer(
         name="promotions",
@@ -158,18 +158,18 @@ def first_login_consumer(
     )
     consumer.register(
         registry.USER_FIRST_LOGIN,
-        FirstLoginHandler(enrolment),
+        FirstLoginHandler(enrollment),
         topic=topic,
-        span_name="promotions enrol first login",
+        span_name="promotions enroll first login",
     )
     return consumer
 
 
 def build_consumer(
-    settings: PromotionsSettings, enrolment: FirstLoginEnrolment, metrics: PromotionsMetrics
+    settings: PromotionsSettings, enrollment: FirstLoginEnrollment, metrics: PromotionsMetrics
 ) -> EventConsumer:
     return first_login_consumer(
-        enrolment,
+        enrollment,
         metrics,
         bootstrap_servers=settings.kafka_bootstrap_servers,
         topic=settings.user_events_topic,
@@ -195,7 +195,7 @@ def build_entry_points(
     start_up.runs(revocations.start, revocations.aclose)
     servicer = PromotionsServicer(
         campaigns=use_cases.campaigns,
-        enrolment=use_cases.enrolment,
+        enrollment=use_cases.enrollment,
         vouchers=use_cases.vouchers,
         topups=use_cases.topups,
     )
@@ -230,8 +230,8 @@ def build_entry_points(
     )
     start_up.runs(expiry.start, expiry.stop)
     if settings.consumer_enabled:
-        consumer = build_consumer(settings, use_cases.enrolment, adapters.metrics)
-        # Kafka is not critical: without it gRPC still serves, and enrolments wait.
+        consumer = build_consumer(settings, use_cases.enrollment, adapters.metrics)
+        # Kafka is not critical: without it gRPC still serves, and enrollments wait.
         builder.add_dependency_check(
             DependencyCheck("kafka_consumer", consumer.is_consuming, critical=False)
         )
@@ -280,7 +280,7 @@ async def start_consumer(
         resources = await open_resources(settings, start_up)
         adapters = build_adapters(resources, metrics_registry)
         use_cases = build_use_cases(settings, adapters)
-        consumer = build_consumer(settings, use_cases.enrolment, adapters.metrics)
+        consumer = build_consumer(settings, use_cases.enrollment, adapters.metrics)
 
         def fail(error: BaseException) -> None:
             if failures is not None:

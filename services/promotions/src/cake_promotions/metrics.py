@@ -12,9 +12,9 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter
 
 class PromotionsMetrics:
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
-        self.enrolments = Counter(
-            "cake_promotions_enrolments_total",
-            "First-login enrolment attempts by outcome",
+        self.enrollments = Counter(
+            "cake_promotions_enrollments_total",
+            "First-login enrollment attempts by outcome",
             ["result"],
             registry=registry,
         )

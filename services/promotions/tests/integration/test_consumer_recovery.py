@@ -21,7 +21,7 @@ from cake_common.db import create_async_engine_for
 from cake_common.kafka import create_producer, ensure_topics, start_with_retry
 from cake_promotions import bootstrap
 from cake_promotions.metrics import PromotionsMetrics
-from cake_promotions.service.enrolment import FirstLoginEnrolment
+from cake_promotions.service.enrollment import FirstLoginEnrollment
 from google.protobuf.any_pb2 import Any as AnyMessage
 from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import CollectorRegistry
@@ -101,9 +101,9 @@ async def test_database_outage_is_retried_without_committing(
 
     registry = CollectorRegistry()
     metrics = PromotionsMetrics(registry)
-    enrolment = FirstLoginEnrolment(bootstrap.unit_of_work_factory(consumer_engine), metrics)
+    enrollment = FirstLoginEnrollment(bootstrap.unit_of_work_factory(consumer_engine), metrics)
     consumer = bootstrap.first_login_consumer(
-        enrolment,
+        enrollment,
         metrics,
         bootstrap_servers=kafka_bootstrap,
         topic=topic,

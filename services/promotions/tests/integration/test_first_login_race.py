@@ -293,7 +293,7 @@ async def test_two_consumer_processes_issue_exactly_max_vouchers(
     }
 
 
-async def test_fewer_racers_than_places_all_enrol_and_nobody_is_told_full(
+async def test_fewer_racers_than_places_all_enroll_and_nobody_is_told_full(
     engine: AsyncEngine,
     kafka_bootstrap: str,
     topic: str,

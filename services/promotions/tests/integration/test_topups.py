@@ -20,7 +20,7 @@ from cake.payments.v1 import payments_pb2
 from cake.promotions.v1 import promotions_pb2
 from cake_promotions import bootstrap
 from cake_promotions.metrics import PromotionsMetrics
-from cake_promotions.service.enrolment import FirstLoginEnrolment
+from cake_promotions.service.enrollment import FirstLoginEnrollment
 from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -73,12 +73,12 @@ async def campaign(server: Any, signer: Any) -> Any:
 @pytest.fixture
 def voucher_for(engine: AsyncEngine, campaign: Any) -> Callable[[int], Any]:
     """The voucher a user's first login (auth's event) earns."""
-    enrolment = FirstLoginEnrolment(
+    enrollment = FirstLoginEnrollment(
         bootstrap.unit_of_work_factory(engine), PromotionsMetrics(CollectorRegistry())
     )
 
     async def issue(user_id: int) -> str:
-        outcome = await enrolment.enrol_first_login(
+        outcome = await enrollment.enroll_first_login(
             user_id, datetime.now(UTC), event_id=uuid.uuid4()
         )
         assert outcome is not None and outcome.voucher is not None, outcome

@@ -16,10 +16,10 @@ from cake_common.outbox import OutboxEvent, OutboxWriter
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from cake_promotions.domain.enrolment import Participation
+from cake_promotions.domain.enrollment import Participation
 from cake_promotions.domain.topups import TopupRecord, TopupStatus
 from cake_promotions.domain.vouchers import Voucher
-from cake_promotions.service.ports import NewEnrolmentEvents
+from cake_promotions.service.ports import NewEnrollmentEvents
 
 _PAYMENT_STATUS = {
     TopupStatus.PENDING: payloads_pb2.PAYMENT_STATUS_PENDING,
@@ -71,10 +71,10 @@ class PromotionEvents:
     async def security_audit(self, entry: AuditEntry) -> None:
         await record_audit(self._writer, self._session, entry)
 
-    async def enrolled(self, enrolments: Sequence[NewEnrolmentEvents]) -> None:
-        """The events of many enrolments in one statement, each user's two in order."""
+    async def enrolled(self, enrollments: Sequence[NewEnrollmentEvents]) -> None:
+        """The events of many enrollments in one statement, each user's two in order."""
         events = []
-        for item in enrolments:
+        for item in enrollments:
             participation, voucher = item.participation, item.voucher
             events += [
                 OutboxEvent(

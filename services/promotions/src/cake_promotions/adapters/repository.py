@@ -33,9 +33,9 @@ from cake_promotions.domain.campaigns import (
     CampaignTerms,
     NewCampaign,
 )
-from cake_promotions.domain.enrolment import (
+from cake_promotions.domain.enrollment import (
     CampaignHistory,
-    EnrolmentResult,
+    EnrollmentResult,
     FirstLoginDecision,
     Participation,
     ParticipationConflict,
@@ -44,7 +44,7 @@ from cake_promotions.domain.enrolment import (
 )
 from cake_promotions.domain.topups import TopupReceipt, TopupRecord, TopupStatus
 from cake_promotions.domain.vouchers import DISCOUNT_VOUCHER, NewVoucher, Voucher, VoucherStatus
-from cake_promotions.service.ports import Enrolled, NewEnrolment, StoredKey
+from cake_promotions.service.ports import Enrolled, NewEnrollment, StoredKey
 
 
 def _campaign(row: Mapping[Any, Any]) -> Campaign:
@@ -348,13 +348,13 @@ class VoucherRepository:
 _PARTICIPATION_CONSTRAINT = "uq_user_promotions_user_campaign"
 
 # One statement for a whole batch, run while the batch holds its campaigns' row locks:
-# the slot counters move from ``before`` to ``after`` (decided by domain.enrolment.
+# the slot counters move from ``before`` to ``after`` (decided by domain.enrollment.
 # decide_batch from the values read under those locks; the ``before`` check makes a
 # counter that moved anyway update nothing, so nothing is inserted either), then the
 # participations with their orders, then one voucher each on the campaign's terms.
 # clock_timestamp() is read once the locks are held, so issued_at is the moment the slots
 # were won (expires_at mirrors domain.vouchers.voucher_expiry).
-_RESERVE_AND_ENROL = sa.text(
+_RESERVE_AND_ENROLL = sa.text(
     """
 WITH slot AS (
     UPDATE promotion_campaigns AS c
@@ -420,7 +420,7 @@ ON CONFLICT (user_id) DO NOTHING
 )
 
 
-class EnrolmentRepository:
+class EnrollmentRepository:
     def __init__(self, session: AsyncSession) -> None:
         self._session = session
 
@@ -506,7 +506,7 @@ class EnrolmentRepository:
             event_id=row["event_id"],
             login_at=row["login_at"],
             decided_at=row["decided_at"],
-            result=EnrolmentResult(row["result"]),
+            result=EnrollmentResult(row["result"]),
             campaign_id=row["campaign_id"],
             reason=row["reason"],
         )
@@ -516,7 +516,7 @@ class EnrolmentRepository:
     ) -> list[CampaignHistory]:
         """The campaigns of ``campaign_type`` whose window overlaps ``[earliest, latest]``, each
         with its status history (oldest first): everything needed to tell, for any login in
-        that span, which campaign was running (``domain.enrolment.campaign_at_login``). One
+        that span, which campaign was running (``domain.enrollment.campaign_at_login``). One
         round trip."""
         history = campaign_status_changes
         statement = (
@@ -568,32 +568,32 @@ class EnrolmentRepository:
         )
         return [_participation(row) for row in (await self._session.execute(statement)).mappings()]
 
-    async def reserve_and_enrol(
-        self, reservations: Sequence[SlotReservation], enrolments: Sequence[NewEnrolment]
+    async def reserve_and_enroll(
+        self, reservations: Sequence[SlotReservation], enrollments: Sequence[NewEnrollment]
     ) -> list[Enrolled]:
-        """Move each campaign's slot counter as reserved and record every enrolment (its
+        """Move each campaign's slot counter as reserved and record every enrollment (its
         participation in its order, and its voucher) in ONE statement; the result in the
-        order of ``enrolments``.
+        order of ``enrollments``.
 
         The caller holds the campaigns' row locks and decided the orders from what it read
         under them; a counter that is not at ``before`` any more (a bug, never a race) makes
         this raise instead of enrolling anyone. :class:`ParticipationConflict` if a user
         was enrolled concurrently all the same (the whole transaction must be retried).
         """
-        if not enrolments:
+        if not enrollments:
             return []
         try:
             result = await self._session.execute(
-                _RESERVE_AND_ENROL,
+                _RESERVE_AND_ENROLL,
                 {
                     "campaign_ids": [r.campaign_id for r in reservations],
                     "befores": [r.before for r in reservations],
                     "afters": [r.after for r in reservations],
-                    "user_ids": [e.user_id for e in enrolments],
-                    "for_campaigns": [e.campaign_id for e in enrolments],
-                    "orders": [e.participation_order for e in enrolments],
-                    "login_ats": [e.login_at for e in enrolments],
-                    "codes": [e.voucher_code for e in enrolments],
+                    "user_ids": [e.user_id for e in enrollments],
+                    "for_campaigns": [e.campaign_id for e in enrollments],
+                    "orders": [e.participation_order for e in enrollments],
+                    "login_ats": [e.login_at for e in enrollments],
+                    "codes": [e.voucher_code for e in enrollments],
                 },
             )
         except sa.exc.IntegrityError as error:
@@ -602,13 +602,13 @@ class EnrolmentRepository:
                 raise ParticipationConflict from error
             raise
         rows = {(row["p_user_id"], row["id"]): row for row in result.mappings()}
-        if len(rows) != len(enrolments):
+        if len(rows) != len(enrollments):
             raise RuntimeError(
-                f"{len(enrolments)} enrolments reserved but {len(rows)} recorded:"
+                f"{len(enrollments)} enrollments reserved but {len(rows)} recorded:"
                 " a slot counter moved while its row was locked"
             )
         enrolled = []
-        for new in enrolments:
+        for new in enrollments:
             row = rows[(new.user_id, new.campaign_id)]
             won_at: datetime = row["updated_at"]
             campaign = _campaign(row)

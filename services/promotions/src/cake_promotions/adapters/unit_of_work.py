@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from cake_promotions.adapters.events import PromotionEvents
 from cake_promotions.adapters.repository import (
     CampaignRepository,
-    EnrolmentRepository,
+    EnrollmentRepository,
     IdempotencyKeyRepository,
     ParticipationRepository,
     TopupRepository,
@@ -25,7 +25,7 @@ CONSUMER_NAME = "promotions"
 
 class SqlPromotionsUnitOfWork(OutboxUnitOfWork):
     campaigns: CampaignRepository
-    enrolments: EnrolmentRepository
+    enrollments: EnrollmentRepository
     participations: ParticipationRepository
     vouchers: VoucherRepository
     topups: TopupRepository
@@ -34,7 +34,7 @@ class SqlPromotionsUnitOfWork(OutboxUnitOfWork):
 
     def bind_repositories(self, session: AsyncSession) -> None:
         self.campaigns = CampaignRepository(session)
-        self.enrolments = EnrolmentRepository(session)
+        self.enrollments = EnrollmentRepository(session)
         self.participations = ParticipationRepository(session)
         self.vouchers = VoucherRepository(session)
         self.topups = TopupRepository(session)

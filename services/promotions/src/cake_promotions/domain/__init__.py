@@ -1,1 +1,1 @@
-"""Promotion rules with no I/O: campaigns, enrolment, vouchers, money and top-ups."""
+"""Promotion rules with no I/O: campaigns, enrollment, vouchers, money and top-ups."""

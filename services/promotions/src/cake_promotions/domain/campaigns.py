@@ -1,4 +1,4 @@
-"""Campaigns: defaults, the enrolment window, and which status changes are allowed."""
+"""Campaigns: defaults, the enrollment window, and which status changes are allowed."""
 
 from __future__ import annotations
 
@@ -118,7 +118,7 @@ class Campaign:
         return self.end_date <= now
 
     def window_contains(self, instant: datetime) -> bool:
-        """The enrolment window is half-open: ``[start_date, end_date)``."""
+        """The enrollment window is half-open: ``[start_date, end_date)``."""
         return self.start_date <= instant < self.end_date
 
     def status_at(self, now: datetime) -> CampaignStatus:

@@ -1,11 +1,11 @@
-"""The first-login handler: auth's USER_FIRST_LOGIN events become enrolments.
+"""The first-login handler: auth's USER_FIRST_LOGIN events become enrollments.
 
 Registered on the generic Kafka consumer (``cake_common.consumer.EventConsumer``, wired in
 ``bootstrap.first_login_consumer``), which polls, decodes through the event registry, retries,
 dead-letters and restarts. This handler gets each poll batch's first logins (up to
 ``consumer_max_batch``, every partition assigned, one user's events in partition order) and
-enrols them in ONE database transaction (``FirstLoginEnrolment.enrol_batch``,
-docs/enrolment.md): the inbox, the slots, the participations, the vouchers and the outbox
+enrolls them in ONE database transaction (``FirstLoginEnrollment.enroll_batch``,
+docs/enrollment.md): the inbox, the slots, the participations, the vouchers and the outbox
 events of the whole batch. The effect is exactly-once because every event id goes into the
 inbox in that transaction; the consumer commits the offsets only after it commits.
 """
@@ -18,8 +18,8 @@ from datetime import UTC
 from cake.events.v1 import payloads_pb2
 from cake_common.consumer import ConsumedEvent
 
-from cake_promotions.domain.enrolment import FirstLogin
-from cake_promotions.service.enrolment import FirstLoginEnrolment
+from cake_promotions.domain.enrollment import FirstLogin
+from cake_promotions.service.enrollment import FirstLoginEnrollment
 
 FirstLoginEvent = ConsumedEvent[payloads_pb2.UserFirstLogin]
 
@@ -37,12 +37,12 @@ def first_login(event: FirstLoginEvent) -> FirstLogin:
 
 
 class FirstLoginHandler:
-    def __init__(self, enrolment: FirstLoginEnrolment) -> None:
-        self._enrolment = enrolment
+    def __init__(self, enrollment: FirstLoginEnrollment) -> None:
+        self._enrollment = enrollment
 
     async def __call__(self, events: Sequence[FirstLoginEvent]) -> list[str]:
-        """Enrol the batch in one transaction; one outcome label per event, in order."""
-        outcomes = await self._enrolment.enrol_batch(
+        """Enroll the batch in one transaction; one outcome label per event, in order."""
+        outcomes = await self._enrollment.enroll_batch(
             [first_login(event) for event in events],
             trace_parents=[event.trace_parent for event in events],
         )

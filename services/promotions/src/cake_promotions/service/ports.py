@@ -17,7 +17,7 @@ from cake_common.audit import AuditEntry
 from cake_common.db import TransactionPort
 
 from cake_promotions.domain.campaigns import Campaign, CampaignStatus, NewCampaign
-from cake_promotions.domain.enrolment import (
+from cake_promotions.domain.enrollment import (
     CampaignHistory,
     FirstLoginDecision,
     Participation,
@@ -29,7 +29,7 @@ from cake_promotions.domain.vouchers import NewVoucher, Voucher
 
 
 @dataclass(frozen=True, slots=True)
-class NewEnrolment:
+class NewEnrollment:
     """A slot a batch won: the user's participation in that order, and a voucher code."""
 
     user_id: int
@@ -49,8 +49,8 @@ class Enrolled:
 
 
 @dataclass(frozen=True, slots=True)
-class NewEnrolmentEvents:
-    """What one enrolment announces: PROMOTION_ENROLLMENT, then VOUCHER_ISSUED."""
+class NewEnrollmentEvents:
+    """What one enrollment announces: PROMOTION_ENROLLMENT, then VOUCHER_ISSUED."""
 
     participation: Participation
     voucher: Voucher
@@ -130,7 +130,7 @@ class VoucherRepository(Protocol):
         ...
 
 
-class EnrolmentRepository(Protocol):
+class EnrollmentRepository(Protocol):
     async def campaign_for_login(
         self,
         campaign_type: str,
@@ -165,10 +165,10 @@ class EnrolmentRepository(Protocol):
         self, campaign_ids: Sequence[int], user_ids: Sequence[int]
     ) -> list[Participation]: ...
 
-    async def reserve_and_enrol(
-        self, reservations: Sequence[SlotReservation], enrolments: Sequence[NewEnrolment]
+    async def reserve_and_enroll(
+        self, reservations: Sequence[SlotReservation], enrollments: Sequence[NewEnrollment]
     ) -> list[Enrolled]:
-        """Move each campaign's slot counter as reserved and record every enrolment."""
+        """Move each campaign's slot counter as reserved and record every enrollment."""
         ...
 
     async def record_decisions(self, decisions: Sequence[FirstLoginDecision]) -> None:
@@ -216,8 +216,8 @@ class EventRecorder(Protocol):
 
     async def security_audit(self, entry: AuditEntry) -> None: ...
 
-    async def enrolled(self, enrolments: Sequence[NewEnrolmentEvents]) -> None:
-        """The events of many enrolments, each user's two in order."""
+    async def enrolled(self, enrollments: Sequence[NewEnrollmentEvents]) -> None:
+        """The events of many enrollments, each user's two in order."""
         ...
 
     async def voucher_used(
@@ -243,7 +243,7 @@ class PromotionsUnitOfWork(TransactionPort, Protocol):
     def campaigns(self) -> CampaignRepository: ...
 
     @property
-    def enrolments(self) -> EnrolmentRepository: ...
+    def enrollments(self) -> EnrollmentRepository: ...
 
     @property
     def participations(self) -> ParticipationRepository: ...

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from cake_common.errors import NotFound
 
 from cake_promotions.domain.campaigns import Campaign
-from cake_promotions.domain.enrolment import Participation, is_in_first_hundred
+from cake_promotions.domain.enrollment import Participation, is_in_first_hundred
 from cake_promotions.domain.vouchers import VOUCHER_NOT_FOUND, VoucherView, view_voucher
 from cake_promotions.service.clock import Clock, utc_now
 from cake_promotions.service.ports import UnitOfWorkFactory

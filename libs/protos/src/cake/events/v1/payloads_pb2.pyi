@@ -104,12 +104,12 @@ class PromotionEnrollment(_message.Message):
     campaign_id: _builtins.int
     """The campaign joined."""
     participation_order: _builtins.int
-    """1-based enrolment order within the campaign."""
+    """1-based enrollment order within the campaign."""
     voucher_issued: _builtins.bool
-    """True when a voucher was issued with the enrolment."""
+    """True when a voucher was issued with the enrollment."""
     @_builtins.property
     def enrolled_at(self) -> _timestamp_pb2.Timestamp:
-        """When the enrolment was committed."""
+        """When the enrollment was committed."""
 
     def __init__(
         self,

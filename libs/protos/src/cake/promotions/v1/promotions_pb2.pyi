@@ -271,7 +271,7 @@ Global___TrackFirstLoginRequest: _TypeAlias = TrackFirstLoginRequest  # noqa: Y0
 
 @_typing.final
 class TrackFirstLoginResponse(_message.Message):
-    """TrackFirstLoginResponse reports the outcome of the enrolment attempt."""
+    """TrackFirstLoginResponse reports the outcome of the enrollment attempt."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -283,7 +283,7 @@ class TrackFirstLoginResponse(_message.Message):
     PARTICIPATION_ORDER_FIELD_NUMBER: _builtins.int
     VOUCHER_FIELD_NUMBER: _builtins.int
     eligible: _builtins.bool
-    """Always false here: this call enrols nobody (true only in an enrolment's own answer)."""
+    """Always false here: this call enrolls nobody (true only in an enrollment's own answer)."""
     campaign_id: _builtins.int
     """Campaign the user is enrolled in, when there is one."""
     campaign_name: _builtins.str
@@ -293,7 +293,7 @@ class TrackFirstLoginResponse(_message.Message):
     remaining_slots: _builtins.int
     """Voucher slots left in the campaign, when there is one."""
     participation_order: _builtins.int
-    """The user's 1-based enrolment order, when enrolled."""
+    """The user's 1-based enrollment order, when enrolled."""
     @_builtins.property
     def voucher(self) -> _voucher_pb2.Voucher:
         """The voucher issued to the user, when one was."""
@@ -351,7 +351,7 @@ Global___GetEligibilityRequest: _TypeAlias = GetEligibilityRequest  # noqa: Y015
 
 @_typing.final
 class GetEligibilityResponse(_message.Message):
-    """GetEligibilityResponse tells whether a campaign would enrol the user."""
+    """GetEligibilityResponse tells whether a campaign would enroll the user."""
 
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -123,7 +123,7 @@ class PromotionsServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def TrackFirstLogin(self, request, context):
-        """TrackFirstLogin reports the calling user's first-login enrolment and never enrols: only
+        """TrackFirstLogin reports the calling user's first-login enrollment and never enrolls: only
         the auth service's USER_FIRST_LOGIN event (decided by its login time) does. Once enrolled
         it answers `eligible: false` "User already participated in this campaign", as Cake does.
         """
@@ -132,7 +132,7 @@ class PromotionsServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetEligibility(self, request, context):
-        """GetEligibility tells the calling user whether a first-login campaign would enrol them.
+        """GetEligibility tells the calling user whether a first-login campaign would enroll them.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -46,12 +46,12 @@ class PromotionsServiceStub:
     Fails with NOT_FOUND "Campaign not found".
     """
     TrackFirstLogin: _grpc.UnaryUnaryMultiCallable[_promotions_pb2.TrackFirstLoginRequest, _promotions_pb2.TrackFirstLoginResponse]
-    """TrackFirstLogin reports the calling user's first-login enrolment and never enrols: only
+    """TrackFirstLogin reports the calling user's first-login enrollment and never enrolls: only
     the auth service's USER_FIRST_LOGIN event (decided by its login time) does. Once enrolled
     it answers `eligible: false` "User already participated in this campaign", as Cake does.
     """
     GetEligibility: _grpc.UnaryUnaryMultiCallable[_promotions_pb2.GetEligibilityRequest, _promotions_pb2.GetEligibilityResponse]
-    """GetEligibility tells the calling user whether a first-login campaign would enrol them."""
+    """GetEligibility tells the calling user whether a first-login campaign would enroll them."""
     ListMyPromotions: _grpc.UnaryUnaryMultiCallable[_promotions_pb2.ListMyPromotionsRequest, _promotions_pb2.ListMyPromotionsResponse]
     """ListMyPromotions returns the calling user's campaign participations with their vouchers."""
     ListMyVouchers: _grpc.UnaryUnaryMultiCallable[_promotions_pb2.ListMyVouchersRequest, _promotions_pb2.ListMyVouchersResponse]
@@ -88,12 +88,12 @@ class PromotionsServiceAsyncStub(PromotionsServiceStub):
     Fails with NOT_FOUND "Campaign not found".
     """
     TrackFirstLogin: _aio.UnaryUnaryMultiCallable[_promotions_pb2.TrackFirstLoginRequest, _promotions_pb2.TrackFirstLoginResponse]  # type: ignore[assignment]
-    """TrackFirstLogin reports the calling user's first-login enrolment and never enrols: only
+    """TrackFirstLogin reports the calling user's first-login enrollment and never enrolls: only
     the auth service's USER_FIRST_LOGIN event (decided by its login time) does. Once enrolled
     it answers `eligible: false` "User already participated in this campaign", as Cake does.
     """
     GetEligibility: _aio.UnaryUnaryMultiCallable[_promotions_pb2.GetEligibilityRequest, _promotions_pb2.GetEligibilityResponse]  # type: ignore[assignment]
-    """GetEligibility tells the calling user whether a first-login campaign would enrol them."""
+    """GetEligibility tells the calling user whether a first-login campaign would enroll them."""
     ListMyPromotions: _aio.UnaryUnaryMultiCallable[_promotions_pb2.ListMyPromotionsRequest, _promotions_pb2.ListMyPromotionsResponse]  # type: ignore[assignment]
     """ListMyPromotions returns the calling user's campaign participations with their vouchers."""
     ListMyVouchers: _aio.UnaryUnaryMultiCallable[_promotions_pb2.ListMyVouchersRequest, _promotions_pb2.ListMyVouchersResponse]  # type: ignore[assignment]
@@ -157,7 +157,7 @@ class PromotionsServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _promotions_pb2.TrackFirstLoginRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_promotions_pb2.TrackFirstLoginResponse, _abc.Awaitable[_promotions_pb2.TrackFirstLoginResponse]]:
-        """TrackFirstLogin reports the calling user's first-login enrolment and never enrols: only
+        """TrackFirstLogin reports the calling user's first-login enrollment and never enrolls: only
         the auth service's USER_FIRST_LOGIN event (decided by its login time) does. Once enrolled
         it answers `eligible: false` "User already participated in this campaign", as Cake does.
         """
@@ -168,7 +168,7 @@ class PromotionsServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _promotions_pb2.GetEligibilityRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_promotions_pb2.GetEligibilityResponse, _abc.Awaitable[_promotions_pb2.GetEligibilityResponse]]:
-        """GetEligibility tells the calling user whether a first-login campaign would enrol them."""
+        """GetEligibility tells the calling user whether a first-login campaign would enroll them."""
 
     @_abc_1.abstractmethod
     def ListMyPromotions(

@@ -140,7 +140,7 @@ class UserPromotion(_message.Message):
     status: _builtins.str
     """Participation state: `eligible`, `voucher_issued`, `voucher_used` or `expired`."""
     participation_order: _builtins.int
-    """1-based enrolment order within the campaign."""
+    """1-based enrollment order within the campaign."""
     is_in_first_hundred: _builtins.bool
     """True when the participant got one of the campaign's voucher slots (participation_order at
     most max_participants); the name is the Cake System's, kept for compatibility.

@@ -14,7 +14,7 @@ from cake.promotions.v1 import campaign_pb2, promotions_pb2, voucher_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from cake_promotions.domain.campaigns import Campaign
-from cake_promotions.domain.enrolment import Eligibility, EnrolmentOutcome
+from cake_promotions.domain.enrollment import Eligibility, EnrollmentOutcome
 from cake_promotions.domain.vouchers import VoucherView, view_voucher
 from cake_promotions.service.vouchers import PromotionSummary
 
@@ -105,7 +105,7 @@ def promotion_message(summary: PromotionSummary) -> voucher_pb2.UserPromotion:
 
 
 def track_first_login_response(
-    outcome: EnrolmentOutcome, now: datetime
+    outcome: EnrollmentOutcome, now: datetime
 ) -> promotions_pb2.TrackFirstLoginResponse:
     response = promotions_pb2.TrackFirstLoginResponse(
         eligible=outcome.eligible, message=outcome.message

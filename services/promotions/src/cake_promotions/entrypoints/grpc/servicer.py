@@ -21,7 +21,7 @@ from cake_promotions.entrypoints.grpc.mapping import (
 )
 from cake_promotions.service.campaigns import CampaignAdministration
 from cake_promotions.service.clock import Clock, utc_now
-from cake_promotions.service.enrolment import FirstLoginEnrolment
+from cake_promotions.service.enrollment import FirstLoginEnrollment
 from cake_promotions.service.topups import (
     IDEMPOTENCY_KEY_FIELD,
     IDEMPOTENT_REPLAYED_HEADER,
@@ -39,13 +39,13 @@ class PromotionsServicer(promotions_pb2_grpc.PromotionsServiceServicer):
         self,
         *,
         campaigns: CampaignAdministration,
-        enrolment: FirstLoginEnrolment,
+        enrollment: FirstLoginEnrollment,
         vouchers: VoucherQueries,
         topups: TopupProcessing,
         clock: Clock = utc_now,
     ) -> None:
         self._campaigns = campaigns
-        self._enrolment = enrolment
+        self._enrollment = enrollment
         self._vouchers = vouchers
         self._topups = topups
         self._clock = clock
@@ -106,13 +106,13 @@ class PromotionsServicer(promotions_pb2_grpc.PromotionsServiceServicer):
     async def TrackFirstLogin(
         self, request: promotions_pb2.TrackFirstLoginRequest, context: ServicerContext
     ) -> promotions_pb2.TrackFirstLoginResponse:
-        outcome = await self._enrolment.track_first_login(current_principal().user_id)
+        outcome = await self._enrollment.track_first_login(current_principal().user_id)
         return track_first_login_response(outcome, self._clock())
 
     async def GetEligibility(
         self, request: promotions_pb2.GetEligibilityRequest, context: ServicerContext
     ) -> promotions_pb2.GetEligibilityResponse:
-        eligibility = await self._enrolment.eligibility(current_principal().user_id)
+        eligibility = await self._enrollment.eligibility(current_principal().user_id)
         return eligibility_response(eligibility)
 
     async def ListMyPromotions(

@@ -66,7 +66,7 @@ def upgrade() -> None:
         ),
         sa.CheckConstraint("voucher_validity_days > 0", name="ck_campaigns_validity_days"),
     )
-    # Enrolment looks up the newest running campaign of a type on every first login.
+    # Enrollment looks up the newest running campaign of a type on every first login.
     op.create_index(
         "ix_campaigns_type_status_created",
         "promotion_campaigns",

@@ -1,26 +1,26 @@
-"""``make bench-enrolment``: the first-login pipeline's goals, its ceiling and a launch day.
+"""``make bench-enrollment``: the first-login pipeline's goals, its ceiling and a launch day.
 
 Against the running stack (``make up``), through the whole pipeline (auth outbox → relay →
-Kafka → promotions consumer → enrolment and voucher), with ``first_login_burst.burst``:
+Kafka → promotions consumer → enrollment and voucher), with ``first_login_burst.burst``:
 
 1. ``rate-100``: 100 logins/s for 10 s, one place each: goal login → voucher P99 < 250 ms;
 2. ``rate-500``: 500 logins/s for 10 s, one place each: goal P99 < 1 s;
 3. ``sustained-1000``: 1,000 logins/s for 30 s, max 1,000: goal every login decided as it
    comes (the last one within 1 s of being written), exactly 1,000 vouchers, orders 1..1,000;
 4. ``ceiling``: 10,000 logins as fast as the writer goes: decisions/s from first to last
-   (the enrolment ceiling, unless the writer was the slower one, which it says);
+   (the enrollment ceiling, unless the writer was the slower one, which it says);
 5. ``launch-day``: a campaign with max 1,000 and 5,000 first logins at the highest rate the
    box sustained in steps 3-4 (``--launch-rate`` to choose): vouchers issued, order gaps
    and repeats, P50/P99 login → voucher.
 
-Prints one table and writes ``bench/results/enrolment-<UTC>/enrolment.{json,md}``. Exit 1
+Prints one table and writes ``bench/results/enrollment-<UTC>/enrollment.{json,md}``. Exit 1
 when a count is wrong (vouchers, orders, decisions), 2 when the stack cannot be used; with
 ``--strict`` also 4 when a goal is missed. Run it twice before believing a figure: the box
 is shared, and its load average at start and end is in the report.
 
-    uv run python bench/enrolment.py                       # all steps (~2 min)
-    uv run python bench/enrolment.py --steps launch-day    # just the launch day
-    uv run python bench/enrolment.py --profile test --steps launch-day \\
+    uv run python bench/enrollment.py                       # all steps (~2 min)
+    uv run python bench/enrollment.py --steps launch-day    # just the launch day
+    uv run python bench/enrollment.py --profile test --steps launch-day \\
         --launch-users 60 --launch-max 20 --launch-rate 50  # the smoke test's size
 """
 
@@ -153,11 +153,11 @@ def ceiling_note(step: Step, result: BurstResult) -> str | None:
         return None
     if result.applied_after_last_login_seconds <= 0.25:
         return (
-            f"enrolment ceiling at least {result.consumer_rate:g}/s: the consumer kept up with"
+            f"enrollment ceiling at least {result.consumer_rate:g}/s: the consumer kept up with"
             f" the writer ({result.reached_rate:g}/s), which was the limit"
         )
     return (
-        f"enrolment ceiling {result.consumer_rate:g}/s (decisions from first to last; the"
+        f"enrollment ceiling {result.consumer_rate:g}/s (decisions from first to last; the"
         f" writer sent {result.reached_rate:g}/s and the last login was decided"
         f" {result.applied_after_last_login_seconds} s after it was written)"
     )
@@ -165,7 +165,7 @@ def ceiling_note(step: Step, result: BurstResult) -> str | None:
 
 def markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
     lines = [
-        "# First-login enrolment benchmark",
+        "# First-login enrollment benchmark",
         "",
         f"{header['started_at']} · profile {header['profile']} · {header['cores']} cores ·"
         f" load average {header['load_average_at_start']:.2f} at start,"
@@ -206,7 +206,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="results directory")
     parser.add_argument("--strict", action="store_true", help="exit 4 when a goal is missed")
     args = parser.parse_args()
-    out = args.out or RESULTS_DIR / f"enrolment-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
+    out = args.out or RESULTS_DIR / f"enrollment-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
     header: dict[str, Any] = {
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "profile": args.profile,
@@ -217,15 +217,15 @@ def main() -> None:
     header["load_average_at_end"] = os.getloadavg()[0]
     rows = [row(step, result) for step, result in done]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "enrolment.json").write_text(
+    (out / "enrollment.json").write_text(
         json.dumps(
             {**header, "steps": rows, "raw": [result.as_dict() for _, result in done]}, indent=2
         )
     )
     report = markdown(rows, header)
-    (out / "enrolment.md").write_text(report)
+    (out / "enrollment.md").write_text(report)
     print("\n" + report)
-    print(f"wrote {out / 'enrolment.json'} and {out / 'enrolment.md'}")
+    print(f"wrote {out / 'enrollment.json'} and {out / 'enrollment.md'}")
     if not all(r["counts_correct"] for r in rows):
         sys.exit(1)
     if args.strict and not all(r["goal_met"] for r in rows):

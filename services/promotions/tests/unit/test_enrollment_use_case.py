@@ -1,7 +1,7 @@
-"""The first-login enrolment use case against in-memory fakes of its unit of work: what a
+"""The first-login enrollment use case against in-memory fakes of its unit of work: what a
 batch writes (inbox, slot counter, participations, vouchers, outbox events, decisions), what
 it answers, and what a redelivery, a voucher-code collision or a participation conflict do.
-Which login gets which slot is ``decide_batch``'s (test_enrolment_batch.py); the SQL has
+Which login gets which slot is ``decide_batch``'s (test_enrollment_batch.py); the SQL has
 integration tests."""
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from uuid import UUID
 
 import pytest
 from cake_promotions.domain.campaigns import Campaign, CampaignStatus, CampaignTerms
-from cake_promotions.domain.enrolment import (
+from cake_promotions.domain.enrollment import (
     DECISION_REASONS,
     ELIGIBLE_MESSAGE,
     CampaignHistory,
-    EnrolmentResult,
+    EnrollmentResult,
     FirstLogin,
     FirstLoginDecision,
     Participation,
@@ -32,17 +32,17 @@ from cake_promotions.domain.enrolment import (
 )
 from cake_promotions.domain.vouchers import NewVoucher, Voucher, VoucherStatus
 from cake_promotions.metrics import PromotionsMetrics
-from cake_promotions.service.enrolment import FirstLoginEnrolment
-from cake_promotions.service.ports import Enrolled, NewEnrolment, NewEnrolmentEvents
+from cake_promotions.service.enrollment import FirstLoginEnrollment
+from cake_promotions.service.ports import Enrolled, NewEnrollment, NewEnrollmentEvents
 from prometheus_client import CollectorRegistry
 
 T0 = datetime(2026, 12, 1, 12, tzinfo=UTC)
 DECIDED_AT = T0 + timedelta(minutes=5)
 CAMPAIGN_TYPE = "first_login_discount"
-ENROLLED = EnrolmentResult.ENROLLED
-FULL = EnrolmentResult.CAMPAIGN_FULL
-ALREADY = EnrolmentResult.ALREADY_PARTICIPATED
-NO_CAMPAIGN = EnrolmentResult.NO_CAMPAIGN
+ENROLLED = EnrollmentResult.ENROLLED
+FULL = EnrollmentResult.CAMPAIGN_FULL
+ALREADY = EnrollmentResult.ALREADY_PARTICIPATED
+NO_CAMPAIGN = EnrollmentResult.NO_CAMPAIGN
 
 
 def campaign(campaign_id: int = 1, *, slots: int = 2, taken: int = 0) -> Campaign:
@@ -76,7 +76,7 @@ class Store:
     vouchers: list[Voucher] = field(default_factory=list)
     inbox: set[UUID] = field(default_factory=set)
     decisions: dict[int, FirstLoginDecision] = field(default_factory=dict)
-    events: list[NewEnrolmentEvents] = field(default_factory=list)
+    events: list[NewEnrollmentEvents] = field(default_factory=list)
     locked: list[list[int]] = field(default_factory=list)
     commits: int = 0
     conflicts_to_raise: int = 0
@@ -104,7 +104,7 @@ def _voucher(
     )
 
 
-class FakeEnrolments:
+class FakeEnrollments:
     def __init__(self, store: Store) -> None:
         self._s = store
 
@@ -130,8 +130,8 @@ class FakeEnrolments:
             if p.campaign_id in campaign_ids and p.user_id in user_ids
         ]
 
-    async def reserve_and_enrol(
-        self, reservations: Sequence[SlotReservation], enrolments: Sequence[NewEnrolment]
+    async def reserve_and_enroll(
+        self, reservations: Sequence[SlotReservation], enrollments: Sequence[NewEnrollment]
     ) -> list[Enrolled]:
         if self._s.conflicts_to_raise:
             self._s.conflicts_to_raise -= 1
@@ -148,7 +148,7 @@ class FakeEnrolments:
             )
         taken = {v.code for v in self._s.vouchers}
         enrolled = []
-        for new in enrolments:
+        for new in enrollments:
             after = self._s.campaigns[new.campaign_id]
             participation = Participation(
                 id=len(self._s.participations) + 1,
@@ -232,8 +232,8 @@ class FakeEvents:
     def __init__(self, store: Store) -> None:
         self._s = store
 
-    async def enrolled(self, enrolments: Sequence[NewEnrolmentEvents]) -> None:
-        self._s.events += enrolments
+    async def enrolled(self, enrollments: Sequence[NewEnrollmentEvents]) -> None:
+        self._s.events += enrollments
 
 
 class FakeUnitOfWork:
@@ -242,7 +242,7 @@ class FakeUnitOfWork:
 
     async def __aenter__(self) -> Self:
         self._work = copy.deepcopy(self._committed)
-        self.enrolments = FakeEnrolments(self._work)
+        self.enrollments = FakeEnrollments(self._work)
         self.vouchers = FakeVouchers(self._work)
         self.campaigns = FakeCampaigns()
         self.events = FakeEvents(self._work)
@@ -274,10 +274,10 @@ def codes(*drawn: str) -> Iterator[str]:
         yield f"CODE{n:04d}"
 
 
-def make(store: Store, *drawn: str) -> tuple[FirstLoginEnrolment, PromotionsMetrics]:
+def make(store: Store, *drawn: str) -> tuple[FirstLoginEnrollment, PromotionsMetrics]:
     metrics = PromotionsMetrics(CollectorRegistry())
     draw = codes(*drawn)
-    use_case = FirstLoginEnrolment(
+    use_case = FirstLoginEnrollment(
         lambda: FakeUnitOfWork(store),  # type: ignore[arg-type, return-value]
         metrics,
         clock=lambda: DECIDED_AT,
@@ -295,7 +295,7 @@ async def test_a_batch_fills_the_free_slots_in_login_order_and_writes_everything
     # Given out of order: user 30 logged in last.
     logins = [login(30, seconds=3), login(10, seconds=1), login(20, seconds=2)]
 
-    outcomes = await use_case.enrol_batch(logins, trace_parents=["tp-30", "tp-10", "tp-20"])
+    outcomes = await use_case.enroll_batch(logins, trace_parents=["tp-30", "tp-10", "tp-20"])
 
     assert [o.result if o else None for o in outcomes] == [FULL, ENROLLED, ENROLLED]
     assert [o.participation.participation_order for o in outcomes[1:] if o and o.participation] == [
@@ -330,8 +330,8 @@ async def test_a_batch_fills_the_free_slots_in_login_order_and_writes_everything
         20: (ENROLLED, 1, DECISION_REASONS[ENROLLED]),
     }
     assert all(d.decided_at == DECIDED_AT for d in store.decisions.values())
-    assert metrics.enrolments.labels(result="enrolled")._value.get() == 2
-    assert metrics.enrolments.labels(result="campaign_full")._value.get() == 1
+    assert metrics.enrollments.labels(result="enrolled")._value.get() == 2
+    assert metrics.enrollments.labels(result="campaign_full")._value.get() == 1
     assert metrics.vouchers_issued._value.get() == 2
 
 
@@ -339,24 +339,24 @@ async def test_a_redelivered_event_changes_nothing_and_answers_none() -> None:
     store = Store(campaigns={1: campaign(slots=5)})
     use_case, metrics = make(store)
     first = login(10)
-    await use_case.enrol_batch([first])
+    await use_case.enroll_batch([first])
     before = copy.deepcopy(store)
 
-    again = await use_case.enrol_batch([first, replace(first)])
+    again = await use_case.enroll_batch([first, replace(first)])
 
     assert again == [None, None]
     assert store.participations == before.participations
     assert store.campaigns == before.campaigns
     assert store.events == before.events
-    assert metrics.enrolments.labels(result="enrolled")._value.get() == 1
+    assert metrics.enrollments.labels(result="enrolled")._value.get() == 1
 
 
 async def test_an_earlier_participant_is_told_so_with_the_voucher_they_have() -> None:
     store = Store(campaigns={1: campaign(slots=5)})
     use_case, _ = make(store, "FIRST001")
-    await use_case.enrol_batch([login(10)])
+    await use_case.enroll_batch([login(10)])
 
-    (outcome,) = await use_case.enrol_batch([login(10, seconds=9)])
+    (outcome,) = await use_case.enroll_batch([login(10, seconds=9)])
 
     assert outcome is not None
     assert outcome.result is ALREADY
@@ -370,7 +370,7 @@ async def test_a_login_outside_every_campaign_is_recorded_as_no_campaign() -> No
     use_case, _ = make(store)
     late = FirstLogin(10, T0 + timedelta(hours=2), uuid.uuid4())
 
-    (outcome,) = await use_case.enrol_batch([late])
+    (outcome,) = await use_case.enroll_batch([late])
 
     assert outcome is not None and outcome.result is NO_CAMPAIGN and outcome.campaign is None
     assert store.decisions[10].result is NO_CAMPAIGN and store.decisions[10].campaign_id is None
@@ -381,9 +381,9 @@ async def test_a_login_outside_every_campaign_is_recorded_as_no_campaign() -> No
 async def test_a_taken_voucher_code_is_drawn_again() -> None:
     store = Store(campaigns={1: campaign(slots=5)})
     use_case, _ = make(store, "SAMECODE", "SAMECODE", "SAMECODE", "FRESH001")
-    await use_case.enrol_batch([login(10)])
+    await use_case.enroll_batch([login(10)])
 
-    (outcome,) = await use_case.enrol_batch([login(20)])
+    (outcome,) = await use_case.enroll_batch([login(20)])
 
     assert outcome is not None and outcome.voucher is not None
     assert outcome.voucher.code == "FRESH001"
@@ -395,7 +395,7 @@ async def test_a_participation_conflict_retries_the_whole_batch_once() -> None:
     use_case, _ = make(store)
     logins = [login(10), login(20, seconds=1)]
 
-    outcomes = await use_case.enrol_batch(logins)
+    outcomes = await use_case.enroll_batch(logins)
 
     assert [o.result for o in outcomes if o] == [ENROLLED, ENROLLED]
     # The first attempt's inbox entries were rolled back with it, so the retry applied them.
@@ -409,7 +409,7 @@ async def test_two_conflicts_in_a_row_are_raised() -> None:
     use_case, _ = make(store)
 
     with pytest.raises(ParticipationConflict):
-        await use_case.enrol_batch([login(10)])
+        await use_case.enroll_batch([login(10)])
 
     assert store.commits == 0 and store.inbox == set()
 
@@ -418,7 +418,7 @@ async def test_trace_parents_must_match_the_logins() -> None:
     use_case, _ = make(Store())
 
     with pytest.raises(ValueError, match="one trace parent"):
-        await use_case.enrol_batch([login(10)], trace_parents=[])
+        await use_case.enroll_batch([login(10)], trace_parents=[])
 
 
 # -- the questions ---------------------------------------------------------------------------------
@@ -427,7 +427,7 @@ async def test_trace_parents_must_match_the_logins() -> None:
 async def test_track_first_login_reports_without_enrolling() -> None:
     store = Store(campaigns={1: campaign(slots=1)})
     use_case, _ = make(store, "ONLY0001")
-    await use_case.enrol_batch([login(10), login(20, seconds=1)])
+    await use_case.enroll_batch([login(10), login(20, seconds=1)])
 
     enrolled = await use_case.track_first_login(10)
     too_late = await use_case.track_first_login(20)
@@ -436,7 +436,7 @@ async def test_track_first_login_reports_without_enrolling() -> None:
     assert enrolled.result is ALREADY and not enrolled.eligible
     assert enrolled.voucher is not None and enrolled.voucher.code == "ONLY0001"
     assert too_late.result is FULL
-    assert never.result is EnrolmentResult.NOT_ENROLLED
+    assert never.result is EnrollmentResult.NOT_ENROLLED
     assert store.campaigns[1].current_participants == 1
 
 
@@ -446,7 +446,7 @@ async def test_eligibility_is_true_only_with_a_free_slot_and_no_participation() 
 
     # The eligibility question is asked "now" (DECIDED_AT), inside the campaign's window.
     free = await use_case.eligibility(10)
-    await use_case.enrol_batch([login(10)])
+    await use_case.enroll_batch([login(10)])
     participated = await use_case.eligibility(10)
     full = await use_case.eligibility(20)
 

@@ -1,4 +1,4 @@
-"""A tiny run of ``make bench-enrolment``'s launch-day scenario (``bench/enrolment.py``)
+"""A tiny run of ``make bench-enrollment``'s launch-day scenario (``bench/enrollment.py``)
 against the test stack, so the scenario and ``bench/first_login_burst.py`` keep working.
 
 Correctness only, no timing: every login decided, exactly ``min(N, max)`` vouchers with
@@ -26,7 +26,7 @@ def test_launch_day_at_tiny_size_issues_exactly_max_vouchers(
 ) -> None:
     completed = subprocess.run(
         [
-            sys.executable, str(BENCH / "enrolment.py"),
+            sys.executable, str(BENCH / "enrollment.py"),
             "--profile", "test",
             "--steps", "launch-day",
             "--launch-users", "60",
@@ -42,7 +42,7 @@ def test_launch_day_at_tiny_size_issues_exactly_max_vouchers(
     )  # fmt: skip
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     assert "Traceback" not in completed.stderr
-    results = json.loads((tmp_path / "enrolment.json").read_text())
+    results = json.loads((tmp_path / "enrollment.json").read_text())
     (step,) = results["steps"]
     assert step["step"] == "launch-day"
     assert (step["vouchers"], step["expected"]) == (20, 20)
@@ -53,7 +53,7 @@ def test_launch_day_at_tiny_size_issues_exactly_max_vouchers(
     assert raw["told_full"] == 40
     assert raw["participants"] == 20
     assert raw["voucher_ms"]["count"] == 20
-    assert (tmp_path / "enrolment.md").read_text().count("| launch-day |") == 1
+    assert (tmp_path / "enrollment.md").read_text().count("| launch-day |") == 1
 
 
 def test_the_burst_says_plainly_when_the_stack_is_not_there(tmp_path: Path) -> None:

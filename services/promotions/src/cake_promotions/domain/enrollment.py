@@ -1,4 +1,4 @@
-"""First-login enrolment: participations and what a user is told about them."""
+"""First-login enrollment: participations and what a user is told about them."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ class Participation:
 
 class ParticipationConflict(Exception):  # noqa: N818 - a race outcome, settled by retrying
     """A concurrent transaction enrolled the same user in the same campaign first (cannot
-    happen while every enrolment reads participations under the campaign row lock; kept as
+    happen while every enrollment reads participations under the campaign row lock; kept as
     the unique constraint's answer, settled by retrying the whole batch)."""
 
 
@@ -46,7 +46,7 @@ def is_in_first_hundred(participation: Participation, campaign: Campaign) -> boo
     return participation.participation_order <= campaign.max_participants
 
 
-class EnrolmentResult(StrEnum):
+class EnrollmentResult(StrEnum):
     ENROLLED = "enrolled"
     ALREADY_PARTICIPATED = "already_participated"
     CAMPAIGN_FULL = "campaign_full"
@@ -54,32 +54,32 @@ class EnrolmentResult(StrEnum):
     NOT_ENROLLED = "not_enrolled"
 
 
-ENROLMENT_MESSAGES = {
-    EnrolmentResult.ENROLLED: "Congratulations! You have been enrolled and received a voucher",
-    EnrolmentResult.ALREADY_PARTICIPATED: "User already participated in this campaign",
-    EnrolmentResult.CAMPAIGN_FULL: "Campaign is full",
-    EnrolmentResult.NO_CAMPAIGN: "No active campaign available",
-    EnrolmentResult.NOT_ENROLLED: (
+ENROLLMENT_MESSAGES = {
+    EnrollmentResult.ENROLLED: "Congratulations! You have been enrolled and received a voucher",
+    EnrollmentResult.ALREADY_PARTICIPATED: "User already participated in this campaign",
+    EnrollmentResult.CAMPAIGN_FULL: "Campaign is full",
+    EnrollmentResult.NO_CAMPAIGN: "No active campaign available",
+    EnrollmentResult.NOT_ENROLLED: (
         "Not enrolled: only a first login while a campaign is active earns its voucher"
     ),
 }
 
 #: Why a first-login event enrolled nobody, as recorded with the decision.
 DECISION_REASONS = {
-    EnrolmentResult.ENROLLED: "enrolled",
-    EnrolmentResult.ALREADY_PARTICIPATED: "the user was already enrolled in the campaign",
-    EnrolmentResult.CAMPAIGN_FULL: "the campaign running at the login time had no slot left",
-    EnrolmentResult.NO_CAMPAIGN: "no first-login campaign was running at the login time",
+    EnrollmentResult.ENROLLED: "enrolled",
+    EnrollmentResult.ALREADY_PARTICIPATED: "the user was already enrolled in the campaign",
+    EnrollmentResult.CAMPAIGN_FULL: "the campaign running at the login time had no slot left",
+    EnrollmentResult.NO_CAMPAIGN: "no first-login campaign was running at the login time",
 }
 ELIGIBLE_MESSAGE = "User is eligible for this campaign"
 
 
 @dataclass(frozen=True, slots=True)
-class EnrolmentOutcome:
+class EnrollmentOutcome:
     """What a first login did: ``campaign`` is the campaign considered (none when no campaign
     runs); ``participation``/``voucher`` are the user's, new or earlier."""
 
-    result: EnrolmentResult
+    result: EnrollmentResult
     campaign: Campaign | None = None
     participation: Participation | None = None
     voucher: Voucher | None = None
@@ -87,16 +87,16 @@ class EnrolmentOutcome:
     @property
     def eligible(self) -> bool:
         """True when this call enrolled the user (Cake: ``false`` once enrolled)."""
-        return self.result is EnrolmentResult.ENROLLED
+        return self.result is EnrollmentResult.ENROLLED
 
     @property
     def message(self) -> str:
-        return ENROLMENT_MESSAGES[self.result]
+        return ENROLLMENT_MESSAGES[self.result]
 
 
 @dataclass(frozen=True, slots=True)
 class Eligibility:
-    """Whether a first login now would enrol the user (``GET /promotions/eligibility``)."""
+    """Whether a first login now would enroll the user (``GET /promotions/eligibility``)."""
 
     eligible: bool
     message: str
@@ -105,13 +105,13 @@ class Eligibility:
 
 def eligibility_for(campaign: Campaign | None, *, already_participated: bool) -> Eligibility:
     if campaign is None:
-        return Eligibility(False, ENROLMENT_MESSAGES[EnrolmentResult.NO_CAMPAIGN])
+        return Eligibility(False, ENROLLMENT_MESSAGES[EnrollmentResult.NO_CAMPAIGN])
     if already_participated:
         return Eligibility(
-            False, ENROLMENT_MESSAGES[EnrolmentResult.ALREADY_PARTICIPATED], campaign
+            False, ENROLLMENT_MESSAGES[EnrollmentResult.ALREADY_PARTICIPATED], campaign
         )
     if campaign.status is CampaignStatus.FULL or campaign.is_full:
-        return Eligibility(False, ENROLMENT_MESSAGES[EnrolmentResult.CAMPAIGN_FULL], campaign)
+        return Eligibility(False, ENROLLMENT_MESSAGES[EnrollmentResult.CAMPAIGN_FULL], campaign)
     return Eligibility(True, ELIGIBLE_MESSAGE, campaign)
 
 
@@ -123,7 +123,7 @@ class FirstLoginDecision:
     event_id: UUID | None
     login_at: datetime
     decided_at: datetime
-    result: EnrolmentResult
+    result: EnrollmentResult
     campaign_id: int | None
     reason: str
 
@@ -192,9 +192,9 @@ class SlotCount:
 @dataclass(frozen=True, slots=True)
 class LoginDecision:
     """What one first login of a batch gets. ``participation_order`` is set only for a new
-    enrolment."""
+    enrollment."""
 
-    result: EnrolmentResult
+    result: EnrollmentResult
     campaign_id: int | None = None
     participation_order: int | None = None
 
@@ -247,20 +247,20 @@ def decide_batch(
     for index in in_login_order:
         campaign_id = campaign_ids[index]
         if campaign_id is None:
-            decisions[index] = LoginDecision(EnrolmentResult.NO_CAMPAIGN)
+            decisions[index] = LoginDecision(EnrollmentResult.NO_CAMPAIGN)
             continue
         user_id = logins[index].user_id
         if (campaign_id, user_id) in seen:
-            decisions[index] = LoginDecision(EnrolmentResult.ALREADY_PARTICIPATED, campaign_id)
+            decisions[index] = LoginDecision(EnrollmentResult.ALREADY_PARTICIPATED, campaign_id)
             continue
         count = slots[campaign_id]
         if taken[campaign_id] >= count.max_participants:
-            decisions[index] = LoginDecision(EnrolmentResult.CAMPAIGN_FULL, campaign_id)
+            decisions[index] = LoginDecision(EnrollmentResult.CAMPAIGN_FULL, campaign_id)
             continue
         taken[campaign_id] += 1
         seen.add((campaign_id, user_id))
         decisions[index] = LoginDecision(
-            EnrolmentResult.ENROLLED, campaign_id, participation_order=taken[campaign_id]
+            EnrollmentResult.ENROLLED, campaign_id, participation_order=taken[campaign_id]
         )
     reservations = tuple(
         SlotReservation(campaign_id, slots[campaign_id].taken, after)

@@ -1,10 +1,10 @@
-"""Where the time goes per first-login enrolment: database, Kafka, Python.
+"""Where the time goes per first-login enrollment: database, Kafka, Python.
 
 The promotions first-login consumer (``bootstrap.first_login_consumer``: the generic Kafka
 consumer with the first-login handler, the code ``cake-promotions consume`` runs) is started
 in THIS process on a fresh topic holding ``--events`` USER_FIRST_LOGIN events (published
 before it starts, so it drains a backlog as fast as it can), against the stack's promotions
-database and a fresh campaign with room for everyone (every event takes the full enrolment
+database and a fresh campaign with room for everyone (every event takes the full enrollment
 path: slot, participation, voucher, two outbox rows).
 
 While it drains, every database call (cursor executes and commits) and every Kafka call of
@@ -19,8 +19,8 @@ the consumer (``getmany``, ``commit``) is timed in-process:
 
 Run with the stack up (``make up``)::
 
-    uv run python bench/enrolment_profile.py                 # 3,000 events, 6 partitions
-    uv run python bench/enrolment_profile.py --events 1000 --profile test
+    uv run python bench/enrollment_profile.py                 # 3,000 events, 6 partitions
+    uv run python bench/enrollment_profile.py --events 1000 --profile test
 
 It prints one table and exits non-zero if an event was not applied.
 """
@@ -52,7 +52,7 @@ from cake_common.logging import configure_logging
 from cake_devtools.stack import service_environment
 from cake_promotions import bootstrap
 from cake_promotions.metrics import PromotionsMetrics
-from cake_promotions.service.enrolment import FirstLoginEnrolment
+from cake_promotions.service.enrollment import FirstLoginEnrollment
 from google.protobuf.any_pb2 import Any as AnyMessage
 from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import CollectorRegistry
@@ -199,7 +199,7 @@ class Profile:
 
 async def publish(bootstrap_servers: str, topic: str, users: list[int], now: datetime) -> None:
     producer = await start_with_retry(
-        lambda: create_producer(bootstrap_servers, "enrolment-profile", linger_ms=20),
+        lambda: create_producer(bootstrap_servers, "enrollment-profile", linger_ms=20),
         timeout_seconds=30,
     )
     try:
@@ -225,7 +225,7 @@ async def profile(arguments: argparse.Namespace) -> Profile:
     engine = create_async_engine_for(
         environment["CAKE_PROMOTIONS_DATABASE_URL"], pool_size=arguments.partitions + 2
     )
-    topic = f"bench.enrolment-profile.{uuid.uuid4().hex[:10]}"
+    topic = f"bench.enrollment-profile.{uuid.uuid4().hex[:10]}"
     await ensure_topics(
         bootstrap_servers, {topic: arguments.partitions, registry.dead_letter_topic_for(topic): 1}
     )
@@ -234,7 +234,7 @@ async def profile(arguments: argparse.Namespace) -> Profile:
         campaign_id = await connection.scalar(
             sa.text(
                 "INSERT INTO promotion_campaigns (name, description, start_date, end_date,"
-                " max_participants) VALUES ('enrolment profile', 'bench/enrolment_profile.py',"
+                " max_participants) VALUES ('enrollment profile', 'bench/enrollment_profile.py',"
                 " :start, :end, :max) RETURNING id"
             ),
             {"start": now - timedelta(minutes=5), "end": now + timedelta(hours=1), "max": 10**6},
@@ -246,12 +246,12 @@ async def profile(arguments: argparse.Namespace) -> Profile:
     metrics_registry = CollectorRegistry()
     metrics = PromotionsMetrics(metrics_registry)
     consumer = bootstrap.first_login_consumer(
-        FirstLoginEnrolment(bootstrap.unit_of_work_factory(engine), metrics),
+        FirstLoginEnrollment(bootstrap.unit_of_work_factory(engine), metrics),
         metrics,
         bootstrap_servers=bootstrap_servers,
         topic=topic,
-        group_id=f"enrolment-profile-{uuid.uuid4().hex[:8]}",
-        client_id="enrolment-profile",
+        group_id=f"enrollment-profile-{uuid.uuid4().hex[:8]}",
+        client_id="enrollment-profile",
         max_batch=arguments.max_batch,
     )
 
@@ -271,7 +271,7 @@ async def profile(arguments: argparse.Namespace) -> Profile:
         deadline = time.monotonic() + arguments.timeout
         while consumed() == 0 and time.monotonic() < deadline:  # noqa: ASYNC110 - polls a counter
             await asyncio.sleep(0.001)
-        # The clock starts with the first event applied: joining the group is not enrolment.
+        # The clock starts with the first event applied: joining the group is not enrollment.
         clock.reset()
         started, cpu_started, first = time.perf_counter(), time.process_time(), consumed()
         while consumed() < arguments.events and time.monotonic() < deadline:  # noqa: ASYNC110
@@ -295,7 +295,7 @@ async def profile(arguments: argparse.Namespace) -> Profile:
 
     io = clock.any_io.union
     return Profile(
-        code="batch" if hasattr(FirstLoginEnrolment, "enrol_batch") else "per-event",
+        code="batch" if hasattr(FirstLoginEnrollment, "enroll_batch") else "per-event",
         events=arguments.events,
         applied=applied,
         partitions=arguments.partitions,
@@ -320,7 +320,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--json", action="store_true", help="print the result as JSON too")
     arguments = parser.parse_args()
-    # As the service logs (JSON lines at INFO: one per enrolment), into /dev/null.
+    # As the service logs (JSON lines at INFO: one per enrollment), into /dev/null.
     configure_logging("INFO", json=True, service_name="cake-promotions")
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.StreamHandler):
@@ -328,13 +328,15 @@ def main() -> None:
     try:
         result = asyncio.run(profile(arguments))
     except (OSError, KafkaError, sa.exc.OperationalError) as error:
-        raise SystemExit(f"enrolment profile: the stack is not reachable: {error!r:.200}") from None
+        raise SystemExit(
+            f"enrollment profile: the stack is not reachable: {error!r:.200}"
+        ) from None
     print(
-        f"enrolment profile ({result.code} code): {result.applied}/{result.events} events,"
+        f"enrollment profile ({result.code} code): {result.applied}/{result.events} events,"
         f" {result.partitions} partitions, {result.seconds:.2f} s -> {result.per_second:.0f}"
-        " enrolments/s"
+        " enrollments/s"
     )
-    print("per enrolment (µs):  wall  database  kafka  python | db summed  db calls  cpu")
+    print("per enrollment (µs):  wall  database  kafka  python | db summed  db calls  cpu")
     print(
         f"                   {result.wall_us:6.0f}  {result.database_us:8.0f}"
         f"  {result.kafka_us:5.0f}  {result.python_us:6.0f} | {result.database_summed_us:9.0f}"

@@ -1,6 +1,6 @@
-"""First-login enrolment through gRPC (``TrackFirstLogin``) on real PostgreSQL: slots, orders,
+"""First-login enrollment through gRPC (``TrackFirstLogin``) on real PostgreSQL: slots, orders,
 "already participated", "campaign is full", eligibility, my-promotions/my-vouchers, voucher
-validation and expiry, and the outbox events written with each enrolment."""
+validation and expiry, and the outbox events written with each enrollment."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ import sqlalchemy as sa
 from cake.events.v1 import payloads_pb2
 from cake.promotions.v1 import promotions_pb2
 from cake_promotions import bootstrap
-from cake_promotions.domain.enrolment import FirstLogin
+from cake_promotions.domain.enrollment import FirstLogin
 from cake_promotions.entrypoints.grpc.mapping import track_first_login_response
 from cake_promotions.metrics import PromotionsMetrics
-from cake_promotions.service.enrolment import FirstLoginEnrolment
+from cake_promotions.service.enrollment import FirstLoginEnrollment
 from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -61,18 +61,18 @@ async def campaign_with(server: Any, signer: Any, engine: AsyncEngine) -> Callab
 
 
 @pytest.fixture(scope="module")
-def enrolment(engine: AsyncEngine) -> FirstLoginEnrolment:
+def enrollment(engine: AsyncEngine) -> FirstLoginEnrollment:
     """What the consumer runs for auth's USER_FIRST_LOGIN events."""
-    return FirstLoginEnrolment(
+    return FirstLoginEnrollment(
         bootstrap.unit_of_work_factory(engine), PromotionsMetrics(CollectorRegistry())
     )
 
 
-async def first_login(enrolment: FirstLoginEnrolment, user_id: int) -> Any:
+async def first_login(enrollment: FirstLoginEnrollment, user_id: int) -> Any:
     """The user's first login as auth's event reports it, answered in TrackFirstLogin's
     shape (``eligible`` only for the enrolling call, as in Cake)."""
     now = datetime.now(UTC)
-    outcome = await enrolment.enrol_first_login(user_id, now, event_id=uuid.uuid4())
+    outcome = await enrollment.enroll_first_login(user_id, now, event_id=uuid.uuid4())
     assert outcome is not None
     return track_first_login_response(outcome, now)
 
@@ -87,13 +87,13 @@ async def test_without_a_running_campaign_nobody_is_eligible(
     server: Any,
     signer: Any,
     engine: AsyncEngine,
-    enrolment: FirstLoginEnrolment,
+    enrollment: FirstLoginEnrollment,
     unique: Callable[[], int],
 ) -> None:
     async with engine.begin() as connection:
         await connection.execute(sa.text("UPDATE promotion_campaigns SET status = 'inactive'"))
     user = unique()
-    decided = await first_login(enrolment, user)
+    decided = await first_login(enrollment, user)
     assert (decided.eligible, decided.message) == (False, "No active campaign available")
     # The event that found no campaign is kept with its reason, and reported.
     async with engine.connect() as connection:
@@ -122,7 +122,7 @@ async def test_first_logins_fill_the_campaign_in_order(
     signer: Any,
     campaign_with: Any,
     engine: AsyncEngine,
-    enrolment: FirstLoginEnrolment,
+    enrollment: FirstLoginEnrollment,
     unique: Callable[[], int],
 ) -> None:
     campaign = await campaign_with(max_participants=3, discount_percentage=25)
@@ -134,7 +134,7 @@ async def test_first_logins_fill_the_campaign_in_order(
     assert (before.eligible, before.campaign_id, before.remaining_slots) == (True, campaign.id, 3)
     assert before.message == "User is eligible for this campaign"
 
-    enrolled = [await first_login(enrolment, user) for user in users[:3]]
+    enrolled = [await first_login(enrollment, user) for user in users[:3]]
     assert [response.participation_order for response in enrolled] == [1, 2, 3]
     assert [response.remaining_slots for response in enrolled] == [2, 1, 0]
     for response in enrolled:
@@ -148,7 +148,7 @@ async def test_first_logins_fill_the_campaign_in_order(
         validity = response.voucher.expires_at.seconds - response.voucher.issued_at.seconds
         assert validity == 30 * 24 * 3600
 
-    late = await first_login(enrolment, users[3])
+    late = await first_login(enrollment, users[3])
     assert (late.eligible, late.message) == (False, "Campaign is full")
     assert (late.campaign_id, late.remaining_slots) == (campaign.id, 0)
     assert not late.HasField("voucher")
@@ -157,7 +157,7 @@ async def test_first_logins_fill_the_campaign_in_order(
     )
     assert (late_eligibility.eligible, late_eligibility.message) == (False, "Campaign is full")
 
-    # TrackFirstLogin reports and never enrols: Cake's `eligible: false` once enrolled.
+    # TrackFirstLogin reports and never enrolls: Cake's `eligible: false` once enrolled.
     again = await track(server, signer, users[0])
     assert not again.eligible
     assert again.message == "User already participated in this campaign"
@@ -189,9 +189,9 @@ async def test_first_logins_fill_the_campaign_in_order(
         ).all()
     assert [row.event_type for row in events] == ["PROMOTION_ENROLLMENT", "VOUCHER_ISSUED"] * 3
     assert {row.aggregate_type for row in events} == {"user"}
-    enrolment = payloads_pb2.PromotionEnrollment.FromString(events[0].payload)
-    assert (enrolment.user_id, enrolment.campaign_id) == (users[0], campaign.id)
-    assert (enrolment.participation_order, enrolment.voucher_issued) == (1, True)
+    enrollment = payloads_pb2.PromotionEnrollment.FromString(events[0].payload)
+    assert (enrollment.user_id, enrollment.campaign_id) == (users[0], campaign.id)
+    assert (enrollment.participation_order, enrollment.voucher_issued) == (1, True)
     issued = payloads_pb2.VoucherIssued.FromString(events[1].payload)
     assert (issued.code, issued.user_id) == (enrolled[0].voucher.code, users[0])
     assert issued.discount_percentage == "25.00"
@@ -200,13 +200,13 @@ async def test_first_logins_fill_the_campaign_in_order(
 async def test_concurrent_duplicates_of_one_user_take_one_slot(
     campaign_with: Any,
     engine: AsyncEngine,
-    enrolment: FirstLoginEnrolment,
+    enrollment: FirstLoginEnrollment,
     unique: Callable[[], int],
 ) -> None:
     campaign = await campaign_with(max_participants=5)
     user = unique()
 
-    responses = await asyncio.gather(*(first_login(enrolment, user) for _ in range(20)))
+    responses = await asyncio.gather(*(first_login(enrollment, user) for _ in range(20)))
 
     assert sum(response.eligible for response in responses) == 1
     assert {response.voucher.code for response in responses} == {responses[0].voucher.code}
@@ -230,13 +230,13 @@ async def test_concurrent_duplicates_of_one_user_take_one_slot(
 async def test_concurrent_first_logins_never_exceed_the_maximum(
     campaign_with: Any,
     engine: AsyncEngine,
-    enrolment: FirstLoginEnrolment,
+    enrollment: FirstLoginEnrollment,
     unique: Callable[[], int],
 ) -> None:
     campaign = await campaign_with(max_participants=25)
     users = [unique() for _ in range(80)]
 
-    responses = await asyncio.gather(*(first_login(enrolment, user) for user in users))
+    responses = await asyncio.gather(*(first_login(enrollment, user) for user in users))
 
     winners = [response for response in responses if response.eligible]
     assert len(winners) == 25
@@ -257,16 +257,16 @@ async def test_concurrent_first_logins_never_exceed_the_maximum(
     assert tuple(row) == (25, "full", 25)
 
 
-async def test_fifty_racing_first_logins_with_a_hundred_places_all_enrol(
+async def test_fifty_racing_first_logins_with_a_hundred_places_all_enroll(
     campaign_with: Any,
     engine: AsyncEngine,
-    enrolment: FirstLoginEnrolment,
+    enrollment: FirstLoginEnrollment,
     unique: Callable[[], int],
 ) -> None:
     campaign = await campaign_with(max_participants=100)
     users = [unique() for _ in range(50)]
 
-    responses = await asyncio.gather(*(first_login(enrolment, user) for user in users))
+    responses = await asyncio.gather(*(first_login(enrollment, user) for user in users))
 
     assert all(response.eligible for response in responses)
     assert not [r for r in responses if r.message == "Campaign is full"]
@@ -289,7 +289,7 @@ async def test_fifty_racing_first_logins_with_a_hundred_places_all_enrol(
 async def test_a_batch_is_applied_once_however_often_it_is_delivered(
     campaign_with: Any,
     engine: AsyncEngine,
-    enrolment: FirstLoginEnrolment,
+    enrollment: FirstLoginEnrollment,
     unique: Callable[[], int],
 ) -> None:
     """One poll batch: new users, a message delivered twice in it, a user's second "first"
@@ -305,8 +305,8 @@ async def test_a_batch_is_applied_once_however_often_it_is_delivered(
     relogged = FirstLogin(users[0], now + timedelta(seconds=1), uuid.uuid4())
     batch = [*logins, repeated, relogged]
 
-    first = await enrolment.enrol_batch(batch)
-    again = await enrolment.enrol_batch(batch)
+    first = await enrollment.enroll_batch(batch)
+    again = await enrollment.enroll_batch(batch)
 
     assert [outcome.result.value if outcome else None for outcome in first] == [
         "enrolled", "enrolled", "enrolled", "enrolled", "campaign_full", None,
@@ -336,14 +336,14 @@ async def test_my_promotions_my_vouchers_and_validation(
     server: Any,
     signer: Any,
     campaign_with: Any,
-    enrolment: FirstLoginEnrolment,
+    enrollment: FirstLoginEnrollment,
     unique: Callable[[], int],
 ) -> None:
     campaign = await campaign_with(
         name="Welcome", min_topup_amount=50000, max_discount_amount=20000
     )
     user = unique()
-    enrolled = await first_login(enrolment, user)
+    enrolled = await first_login(enrollment, user)
 
     promotions = (
         await server.stub.ListMyPromotions(
@@ -392,12 +392,12 @@ async def test_an_active_voucher_past_expiry_reads_and_is_stored_expired(
     signer: Any,
     campaign_with: Any,
     engine: AsyncEngine,
-    enrolment: FirstLoginEnrolment,
+    enrollment: FirstLoginEnrollment,
     unique: Callable[[], int],
 ) -> None:
     await campaign_with()
     user = unique()
-    code = (await first_login(enrolment, user)).voucher.code
+    code = (await first_login(enrollment, user)).voucher.code
     async with engine.begin() as connection:
         await connection.execute(
             sa.text("UPDATE vouchers SET expires_at = now() - interval '1 second' WHERE code = :c"),
@@ -431,12 +431,12 @@ async def test_an_active_voucher_past_expiry_reads_and_is_stored_expired(
 async def test_a_user_enrolled_concurrently_is_retried_into_already_participated(
     engine: AsyncEngine, campaign_with: Any, unique: Callable[[], int]
 ) -> None:
-    """Five enrolments of one user all pass the "already enrolled?" check, then queue on the
+    """Five enrollments of one user all pass the "already enrolled?" check, then queue on the
     campaign row held by another transaction: when it is released the first takes a slot and
     the other four hit the unique (user, campaign) constraint; they are retried and answer
     "already participated", handing their slots back."""
     campaign = await campaign_with(max_participants=10)
-    enrolment = FirstLoginEnrolment(
+    enrollment = FirstLoginEnrollment(
         bootstrap.unit_of_work_factory(engine), PromotionsMetrics(CollectorRegistry())
     )
     user = unique()
@@ -447,7 +447,7 @@ async def test_a_user_enrolled_concurrently_is_retried_into_already_participated
             sa.text("SELECT 1 FROM promotion_campaigns WHERE id = :id FOR UPDATE"),
             {"id": campaign.id},
         )
-        attempts = [asyncio.create_task(enrolment.enrol_first_login(user, now)) for _ in range(5)]
+        attempts = [asyncio.create_task(enrollment.enroll_first_login(user, now)) for _ in range(5)]
         async with engine.connect() as observer:
             # Waits (up to ~30 s on a busy machine) until all five queue on the lock.
             for _ in range(1500):
@@ -486,12 +486,12 @@ async def test_a_taken_voucher_code_is_drawn_again(
     suffix = f"{unique() % 10**6:06d}"
     first_code, second_code = f"CAKE-AA{suffix}", f"CAKE-BB{suffix}"
     now = datetime.now(UTC)
-    first = await FirstLoginEnrolment(
+    first = await FirstLoginEnrollment(
         uow_factory, metrics, voucher_codes=iter([first_code]).__next__
-    ).enrol_first_login(unique(), now)
-    second = await FirstLoginEnrolment(
+    ).enroll_first_login(unique(), now)
+    second = await FirstLoginEnrollment(
         uow_factory, metrics, voucher_codes=iter([first_code, second_code]).__next__
-    ).enrol_first_login(unique(), now)
+    ).enroll_first_login(unique(), now)
 
     assert first is not None and first.voucher is not None
     assert second is not None and second.voucher is not None
@@ -501,7 +501,7 @@ async def test_a_taken_voucher_code_is_drawn_again(
     assert second.voucher.issued_at == second.participation.voucher_issued_at
 
 
-async def test_track_first_login_never_enrols(
+async def test_track_first_login_never_enrolls(
     server: Any,
     signer: Any,
     campaign_with: Any,
@@ -531,7 +531,7 @@ async def test_a_late_event_is_decided_by_its_login_time(
     signer: Any,
     campaign_with: Any,
     engine: AsyncEngine,
-    enrolment: FirstLoginEnrolment,
+    enrollment: FirstLoginEnrollment,
     unique: Callable[[], int],
 ) -> None:
     campaign = await campaign_with(max_participants=5)
@@ -545,10 +545,10 @@ async def test_a_late_event_is_decided_by_its_login_time(
     assert paused.campaign.status == "inactive"
 
     # Relay or Kafka lag: the event of a login made while it ran arrives after the pause.
-    late = await enrolment.enrol_first_login(during, login_while_active, event_id=uuid.uuid4())
+    late = await enrollment.enroll_first_login(during, login_while_active, event_id=uuid.uuid4())
     assert late is not None and late.result.value == "enrolled"
-    # A login after the pause enrols nobody, and says why.
-    refused = await enrolment.enrol_first_login(after, datetime.now(UTC), event_id=uuid.uuid4())
+    # A login after the pause enrolls nobody, and says why.
+    refused = await enrollment.enroll_first_login(after, datetime.now(UTC), event_id=uuid.uuid4())
     assert refused is not None and refused.result.value == "no_campaign"
     assert (await track(server, signer, during)).message == (
         "User already participated in this campaign"

@@ -1,9 +1,9 @@
-"""First-login enrolment (docs/architecture.md, "An event"; docs/enrolment.md) and the
+"""First-login enrollment (docs/architecture.md, "An event"; docs/enrollment.md) and the
 eligibility question.
 
 One use case serves the Kafka consumer (a whole poll batch of USER_FIRST_LOGIN events in one
 transaction) and ``TrackFirstLogin``. What each login of a batch gets is decided by the pure
-``domain.enrolment.decide_batch`` from what is read under the campaign row lock; this module
+``domain.enrollment.decide_batch`` from what is read under the campaign row lock; this module
 only reads, asks, and writes the answer back in a fixed number of statements per batch.
 """
 
@@ -17,12 +17,12 @@ from uuid import UUID
 from cake_common.logging import get_logger
 
 from cake_promotions.domain.campaigns import FIRST_LOGIN_DISCOUNT, Campaign, CampaignStatus
-from cake_promotions.domain.enrolment import (
+from cake_promotions.domain.enrollment import (
     DECISION_REASONS,
     BatchPlan,
     Eligibility,
-    EnrolmentOutcome,
-    EnrolmentResult,
+    EnrollmentOutcome,
+    EnrollmentResult,
     FirstLogin,
     FirstLoginDecision,
     LoginDecision,
@@ -39,15 +39,15 @@ from cake_promotions.metrics import PromotionsMetrics
 from cake_promotions.service.clock import Clock, utc_now
 from cake_promotions.service.ports import (
     Enrolled,
-    NewEnrolment,
-    NewEnrolmentEvents,
+    NewEnrollment,
+    NewEnrollmentEvents,
     PromotionsUnitOfWork,
     UnitOfWorkFactory,
 )
 
 # 36^8 codes: a collision is already a one-in-billions event; five in a row is a bug.
 _CODE_ATTEMPTS = 5
-# A conflict proves the other enrolment committed, so one retry always settles it.
+# A conflict proves the other enrollment committed, so one retry always settles it.
 _CONFLICT_ATTEMPTS = 2
 # An active campaign wins; a full one is only looked at to tell late users it is full.
 _CAMPAIGN_PREFERENCE = (CampaignStatus.ACTIVE, CampaignStatus.FULL)
@@ -56,7 +56,7 @@ _log = get_logger(__name__)
 
 
 def _as_after(enrolled: Enrolled) -> Campaign:
-    """The campaign as this enrolment left it, as if the batch had come one by one: its
+    """The campaign as this enrollment left it, as if the batch had come one by one: its
     counter at this participant's order (full once the last slot is taken)."""
     order = enrolled.participation.participation_order
     campaign = enrolled.campaign
@@ -66,7 +66,7 @@ def _as_after(enrolled: Enrolled) -> Campaign:
     return replace(campaign, current_participants=order, status=status)
 
 
-class FirstLoginEnrolment:
+class FirstLoginEnrollment:
     def __init__(
         self,
         uow_factory: UnitOfWorkFactory,
@@ -80,20 +80,20 @@ class FirstLoginEnrolment:
         self._clock = clock
         self._voucher_codes = voucher_codes
 
-    async def enrol_first_login(
+    async def enroll_first_login(
         self, user_id: int, login_at: datetime, event_id: UUID | None = None
-    ) -> EnrolmentOutcome | None:
-        """:meth:`enrol_batch` for one login: ``None`` if its event was already applied."""
-        (outcome,) = await self.enrol_batch([FirstLogin(user_id, login_at, event_id)])
+    ) -> EnrollmentOutcome | None:
+        """:meth:`enroll_batch` for one login: ``None`` if its event was already applied."""
+        (outcome,) = await self.enroll_batch([FirstLogin(user_id, login_at, event_id)])
         return outcome
 
-    async def enrol_batch(
+    async def enroll_batch(
         self,
         logins: Sequence[FirstLogin],
         *,
         trace_parents: Sequence[str | None] | None = None,
-    ) -> list[EnrolmentOutcome | None]:
-        """Enrol a batch of first logins in ONE transaction; one outcome per login, in order.
+    ) -> list[EnrollmentOutcome | None]:
+        """Enroll a batch of first logins in ONE transaction; one outcome per login, in order.
 
         Each login is decided as if the batch came one by one in login-time order: into the
         newest first-login campaign running at its login time, taking the next slot and a
@@ -110,7 +110,7 @@ class FirstLoginEnrolment:
         for attempt in range(1, _CONFLICT_ATTEMPTS + 1):
             try:
                 async with self._uow_factory() as uow:
-                    outcomes = await self._enrol(uow, logins, parents)
+                    outcomes = await self._enroll(uow, logins, parents)
                     await uow.commit()
                 break
             except ParticipationConflict:
@@ -122,13 +122,13 @@ class FirstLoginEnrolment:
         self._report(logins, outcomes)
         return outcomes
 
-    async def _enrol(
+    async def _enroll(
         self,
         uow: PromotionsUnitOfWork,
         logins: Sequence[FirstLogin],
         trace_parents: Sequence[str | None],
-    ) -> list[EnrolmentOutcome | None]:
-        outcomes: list[EnrolmentOutcome | None] = [None] * len(logins)
+    ) -> list[EnrollmentOutcome | None]:
+        outcomes: list[EnrollmentOutcome | None] = [None] * len(logins)
         positions = await self._fresh(uow, logins)
         if not positions:
             return outcomes
@@ -136,7 +136,7 @@ class FirstLoginEnrolment:
 
         # Which campaign each login belongs to (no lock: the window and the status history
         # do not depend on the slots).
-        candidates = await uow.enrolments.candidate_campaigns(
+        candidates = await uow.enrollments.candidate_campaigns(
             FIRST_LOGIN_DISCOUNT,
             min(login.login_at for login in batch),
             max(login.login_at for login in batch),
@@ -145,8 +145,8 @@ class FirstLoginEnrolment:
         campaigns = {campaign.id: campaign for campaign in chosen if campaign is not None}
         # The slots: campaigns with room are locked and re-read; a full one stays full.
         open_ids = [campaign.id for campaign in campaigns.values() if not campaign.is_full]
-        campaigns |= await uow.enrolments.lock_campaigns(open_ids)
-        existing = await uow.enrolments.participations_of(
+        campaigns |= await uow.enrollments.lock_campaigns(open_ids)
+        existing = await uow.enrollments.participations_of(
             list(campaigns), [login.user_id for login in batch]
         )
         plan = decide_batch(
@@ -159,45 +159,45 @@ class FirstLoginEnrolment:
             {(p.campaign_id, p.user_id) for p in existing},
         )
 
-        won = await self._enrol_winners(uow, batch, plan)
+        won = await self._enroll_winners(uow, batch, plan)
         await uow.events.enrolled(
             [
-                NewEnrolmentEvents(
-                    enrolment.participation, enrolment.voucher, trace_parents[positions[k]]
+                NewEnrollmentEvents(
+                    enrollment.participation, enrollment.voucher, trace_parents[positions[k]]
                 )
-                for k, enrolment in won.items()
-                if enrolment.voucher is not None
+                for k, enrollment in won.items()
+                if enrollment.voucher is not None
             ]
         )
         participations = {(p.campaign_id, p.user_id): p for p in existing}
         vouchers = await self._vouchers_of_earlier_participations(uow, existing)
-        for enrolment in won.values():
-            participations[(enrolment.campaign.id, enrolment.participation.user_id)] = (
-                enrolment.participation
+        for enrollment in won.values():
+            participations[(enrollment.campaign.id, enrollment.participation.user_id)] = (
+                enrollment.participation
             )
-            campaigns[enrolment.campaign.id] = enrolment.campaign
-            if enrolment.voucher is not None:
-                vouchers[enrolment.participation.id] = enrolment.voucher
+            campaigns[enrollment.campaign.id] = enrollment.campaign
+            if enrollment.voucher is not None:
+                vouchers[enrollment.participation.id] = enrollment.voucher
 
         for k, decision in enumerate(plan.decisions):
             campaign = campaigns.get(decision.campaign_id) if decision.campaign_id else None
             if k in won:
-                enrolment = won[k]
-                outcome = EnrolmentOutcome(
+                enrollment = won[k]
+                outcome = EnrollmentOutcome(
                     decision.result,
-                    _as_after(enrolment),
-                    enrolment.participation,
-                    enrolment.voucher,
+                    _as_after(enrollment),
+                    enrollment.participation,
+                    enrollment.voucher,
                 )
-            elif decision.result is EnrolmentResult.ALREADY_PARTICIPATED and campaign:
+            elif decision.result is EnrollmentResult.ALREADY_PARTICIPATED and campaign:
                 participation = participations[(campaign.id, batch[k].user_id)]
-                outcome = EnrolmentOutcome(
+                outcome = EnrollmentOutcome(
                     decision.result, campaign, participation, vouchers.get(participation.id)
                 )
             else:
-                outcome = EnrolmentOutcome(decision.result, campaign)
+                outcome = EnrollmentOutcome(decision.result, campaign)
             outcomes[positions[k]] = outcome
-        await uow.enrolments.record_decisions(self._decisions(batch, plan.decisions))
+        await uow.enrollments.record_decisions(self._decisions(batch, plan.decisions))
         return outcomes
 
     @staticmethod
@@ -209,19 +209,19 @@ class FirstLoginEnrolment:
         recorded = await uow.record_events_once(event_ids) if event_ids else set()
         return [i for i in kept if logins[i].event_id is None or logins[i].event_id in recorded]
 
-    async def _enrol_winners(
+    async def _enroll_winners(
         self, uow: PromotionsUnitOfWork, batch: Sequence[FirstLogin], plan: BatchPlan
     ) -> dict[int, Enrolled]:
-        """Take the plan's slots and issue its vouchers; batch index -> enrolment."""
+        """Take the plan's slots and issue its vouchers; batch index -> enrollment."""
         winners = [
             (k, decision.campaign_id, decision.participation_order)
             for k, decision in enumerate(plan.decisions)
             if decision.campaign_id is not None and decision.participation_order is not None
         ]
-        enrolled = await uow.enrolments.reserve_and_enrol(
+        enrolled = await uow.enrollments.reserve_and_enroll(
             plan.reservations,
             [
-                NewEnrolment(
+                NewEnrollment(
                     user_id=batch[k].user_id,
                     campaign_id=campaign_id,
                     participation_order=order,
@@ -232,13 +232,13 @@ class FirstLoginEnrolment:
             ],
         )
         won: dict[int, Enrolled] = {}
-        for (k, _, _), enrolment in zip(winners, enrolled, strict=True):
-            if enrolment.voucher is None:  # its code was taken: draw another
+        for (k, _, _), enrollment in zip(winners, enrolled, strict=True):
+            if enrollment.voucher is None:  # its code was taken: draw another
                 voucher = await self._issue_voucher(
-                    uow, enrolment.campaign, enrolment.participation
+                    uow, enrollment.campaign, enrollment.participation
                 )
-                enrolment = replace(enrolment, voucher=voucher)  # noqa: PLW2901
-            won[k] = enrolment
+                enrollment = replace(enrollment, voucher=voucher)  # noqa: PLW2901
+            won[k] = enrollment
         return won
 
     def _decisions(
@@ -276,14 +276,14 @@ class FirstLoginEnrolment:
         return found
 
     def _report(
-        self, logins: Sequence[FirstLogin], outcomes: Sequence[EnrolmentOutcome | None]
+        self, logins: Sequence[FirstLogin], outcomes: Sequence[EnrollmentOutcome | None]
     ) -> None:
-        nobody: dict[EnrolmentResult, list[int]] = {}
+        nobody: dict[EnrollmentResult, list[int]] = {}
         for login, outcome in zip(logins, outcomes, strict=True):
             if outcome is None:
                 continue
-            self._metrics.enrolments.labels(result=outcome.result.value).inc()
-            if outcome.result is EnrolmentResult.ENROLLED:
+            self._metrics.enrollments.labels(result=outcome.result.value).inc()
+            if outcome.result is EnrollmentResult.ENROLLED:
                 self._metrics.vouchers_issued.inc()
                 _log.info(
                     "user enrolled",
@@ -305,24 +305,24 @@ class FirstLoginEnrolment:
                 user_ids=user_ids[:50],
             )
 
-    async def track_first_login(self, user_id: int) -> EnrolmentOutcome:
-        """``TrackFirstLogin``: reports, never enrols. Enrolment is decided only by auth's
+    async def track_first_login(self, user_id: int) -> EnrollmentOutcome:
+        """``TrackFirstLogin``: reports, never enrolls. Enrollment is decided only by auth's
         USER_FIRST_LOGIN event (its login time); a client call cannot earn a voucher. Once
         enrolled the answer is Cake's ``eligible: false`` "already participated"."""
         async with self._uow_factory() as uow:
-            enrolled = await uow.enrolments.latest_participation(
+            enrolled = await uow.enrollments.latest_participation(
                 FIRST_LOGIN_DISCOUNT, user_id=user_id
             )
             if enrolled is not None:
                 campaign, participation = enrolled
                 return await self._already_participated(uow, campaign, participation)
-            decision = await uow.enrolments.decision_for(user_id)
+            decision = await uow.enrollments.decision_for(user_id)
         if decision is not None and decision.result in (
-            EnrolmentResult.CAMPAIGN_FULL,
-            EnrolmentResult.NO_CAMPAIGN,
+            EnrollmentResult.CAMPAIGN_FULL,
+            EnrollmentResult.NO_CAMPAIGN,
         ):
-            return EnrolmentOutcome(decision.result)
-        return EnrolmentOutcome(EnrolmentResult.NOT_ENROLLED)
+            return EnrollmentOutcome(decision.result)
+        return EnrollmentOutcome(EnrollmentResult.NOT_ENROLLED)
 
     async def _issue_voucher(
         self, uow: PromotionsUnitOfWork, campaign: Campaign, participation: Participation
@@ -347,21 +347,21 @@ class FirstLoginEnrolment:
     @staticmethod
     async def _already_participated(
         uow: PromotionsUnitOfWork, campaign: Campaign, participation: Participation
-    ) -> EnrolmentOutcome:
+    ) -> EnrollmentOutcome:
         vouchers = await uow.vouchers.list_for_participations([participation.id])
-        return EnrolmentOutcome(
-            EnrolmentResult.ALREADY_PARTICIPATED,
+        return EnrollmentOutcome(
+            EnrollmentResult.ALREADY_PARTICIPATED,
             campaign,
             participation,
             vouchers[0] if vouchers else None,
         )
 
     async def eligibility(self, user_id: int) -> Eligibility:
-        """Would a first login now enrol the user? (Changes nothing but stale statuses.)"""
+        """Would a first login now enroll the user? (Changes nothing but stale statuses.)"""
         now = self._clock()
         async with self._uow_factory() as uow:
             await uow.campaigns.expire_ended(now)
-            found = await uow.enrolments.campaign_for_login(
+            found = await uow.enrollments.campaign_for_login(
                 FIRST_LOGIN_DISCOUNT, now, _CAMPAIGN_PREFERENCE, user_id=user_id
             )
             await uow.commit()

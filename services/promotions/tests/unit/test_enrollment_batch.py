@@ -1,4 +1,4 @@
-"""Deciding a batch of first logins (``domain.enrolment``), with plain values only: which
+"""Deciding a batch of first logins (``domain.enrollment``), with plain values only: which
 campaign a login belongs to, and who of a batch gets which slot."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from cake_promotions.domain.campaigns import Campaign, CampaignStatus, CampaignTerms
-from cake_promotions.domain.enrolment import (
+from cake_promotions.domain.enrollment import (
     CampaignHistory,
-    EnrolmentResult,
+    EnrollmentResult,
     FirstLogin,
     SlotCount,
     SlotReservation,
@@ -22,10 +22,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 T0 = datetime(2026, 12, 1, 12, tzinfo=UTC)
-ENROLLED = EnrolmentResult.ENROLLED
-FULL = EnrolmentResult.CAMPAIGN_FULL
-ALREADY = EnrolmentResult.ALREADY_PARTICIPATED
-NO_CAMPAIGN = EnrolmentResult.NO_CAMPAIGN
+ENROLLED = EnrollmentResult.ENROLLED
+FULL = EnrollmentResult.CAMPAIGN_FULL
+ALREADY = EnrollmentResult.ALREADY_PARTICIPATED
+NO_CAMPAIGN = EnrollmentResult.NO_CAMPAIGN
 
 
 def login(user_id: int, seconds: float = 0.0) -> FirstLogin:
@@ -56,11 +56,11 @@ def campaign(
     )
 
 
-def results(plan: object) -> list[tuple[EnrolmentResult, int | None]]:
+def results(plan: object) -> list[tuple[EnrollmentResult, int | None]]:
     return [(d.result, d.participation_order) for d in plan.decisions]  # type: ignore[attr-defined]
 
 
-def test_fewer_users_than_places_all_enrol_in_order_and_nobody_is_told_full() -> None:
+def test_fewer_users_than_places_all_enroll_in_order_and_nobody_is_told_full() -> None:
     logins = [login(user, seconds=user) for user in range(50)]
 
     plan = decide_batch(logins, [1] * 50, {1: SlotCount(100, 0)}, set())
