@@ -78,7 +78,7 @@ def test_local_fallback_counts_and_forgets_within_bounds() -> None:
     assert refused.retry_after_seconds == 10
     now[0] += 10
     assert counter.reserve([("a", policy)]).failures == 3
-    counter.succeeded("a", None)
+    counter.succeeded("a")
     assert counter.reserve([("a", policy)]).failures == 1
     counter.released(["a"])  # an attempt without a verdict is taken back
     assert counter.reserve([("a", policy)]).failures == 1

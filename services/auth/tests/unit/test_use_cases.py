@@ -287,6 +287,7 @@ class FakeThrottle:
 
     def __init__(self, max_failures: int = 5) -> None:
         self.failures: dict[str, int] = {}
+        self.ip_failures: dict[str, int] = {}
         self._max = max_failures
 
     async def reserve(self, keys: ThrottleKeys) -> ThrottleStatus:
@@ -298,6 +299,9 @@ class FakeThrottle:
 
     async def succeeded(self, keys: ThrottleKeys) -> None:
         self.failures.pop(keys.account, None)
+
+    async def failed(self, keys: ThrottleKeys) -> None:
+        self.ip_failures[keys.client_ip] = self.ip_failures.get(keys.client_ip, 0) + 1
 
     async def released(self, keys: ThrottleKeys) -> None:
         left = self.failures.get(keys.account, 0) - 1

@@ -1,12 +1,18 @@
 """Failed-login counting in Redis (``cake:auth:login-failures:<sha256>``), atomic, with a
 bounded in-process fallback while Redis is down.
 
-``reserve`` checks and counts in one Lua script: an attempt is counted as a failure
-*before* its password is checked, so 40 concurrent guesses cannot all slip through
-between a check and a count. A success takes the attempt back (the account's count is
-cleared, the IP's decremented); so does an attempt that reaches no verdict (its caller went
-away while it waited for the hash queue, or the check failed), so that abandoned logins
-under overload do not lock the account out. Keys are hashed so they hold no personal data.
+``reserve`` checks both counters and counts in one Lua script: an attempt is counted
+against its account as a failure *before* its password is checked, so 40 concurrent guesses
+at one account cannot all slip through between a check and a count. A success clears the
+account's count; an attempt that reaches no verdict (its caller went away while it waited
+for the hash queue, or the check failed) is taken back, so that abandoned logins under
+overload do not lock the account out. The client IP's counter only counts failures once
+they are known (``failed``): counted up front, every login *in flight* from one busy
+address (a NAT gateway, a proxy, a load generator) would pass for a failure, and correct
+passwords from it would be delayed once more than its allowance were waiting for the hash
+queue. Guesses spread over many accounts from one address can therefore exceed the IP's
+allowance by what is in flight at once, which the hash queue's admission bounds. Keys are
+hashed so they hold no personal data.
 """
 
 from __future__ import annotations
@@ -25,9 +31,9 @@ from cake_auth.domain.login import DelayPolicy, ThrottleKeys, ThrottleStatus
 
 _log = get_logger(__name__)
 
-# KEYS: counters; ARGV[1] = now (ms); then per key: free failures, base delay (ms), max
-# delay (ms), window (s). Refuses (0, wait ms) if any counter must still wait, else counts
-# the attempt on every counter and answers (1, the first counter's failures).
+# KEYS: counters (the account's first); ARGV[1] = now (ms); then per key: free failures,
+# base delay (ms), max delay (ms), window (s). Refuses (0, wait ms) if any counter must still
+# wait, else counts the attempt on the account's counter and answers (1, its failures).
 _RESERVE = """
 local now = tonumber(ARGV[1])
 local wait = 0
@@ -45,20 +51,22 @@ for i, key in ipairs(KEYS) do
   end
 end
 if wait > 0 then return {0, math.ceil(wait)} end
-for i, key in ipairs(KEYS) do
-  local window = tonumber(ARGV[2 + (i - 1) * 4 + 3])
-  redis.call('HINCRBY', key, 'n', 1)
-  redis.call('HSET', key, 't', now)
-  redis.call('EXPIRE', key, window)
-end
+redis.call('HINCRBY', KEYS[1], 'n', 1)
+redis.call('HSET', KEYS[1], 't', now)
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
 return {1, first + 1}
+"""
+
+# KEYS[1]: a counter; ARGV: now (ms), window (s). Counts one known failure.
+_FAILED = """
+redis.call('HINCRBY', KEYS[1], 'n', 1)
+redis.call('HSET', KEYS[1], 't', ARGV[1])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
+return 1
 """
 
 _SUCCEEDED = """
 redis.call('DEL', KEYS[1])
-if KEYS[2] and redis.call('EXISTS', KEYS[2]) == 1 then
-  if redis.call('HINCRBY', KEYS[2], 'n', -1) <= 0 then redis.call('DEL', KEYS[2]) end
-end
 return 1
 """
 
@@ -98,19 +106,20 @@ class LocalFailureCounter:
             wait = max(wait, policy.wait(failures, last, now))
         if wait > 0:
             return ThrottleStatus(failures=first, retry_after_seconds=max(1, math.ceil(wait)))
-        for key, policy in counters:
-            failures, last = self._entries.pop(key, (0, 0.0))
-            if failures and now - last > policy.window_seconds:
-                failures = 0
-            self._entries[key] = (failures + 1, now)
-        while len(self._entries) > self._max:
-            self._entries.popitem(last=False)
+        self.failed(*counters[0])
         return ThrottleStatus(failures=first + 1)
 
-    def succeeded(self, account_key: str, ip_key: str | None) -> None:
+    def failed(self, key: str, policy: DelayPolicy) -> None:
+        now = self._clock()
+        failures, last = self._entries.pop(key, (0, 0.0))
+        if failures and now - last > policy.window_seconds:
+            failures = 0
+        self._entries[key] = (failures + 1, now)
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+
+    def succeeded(self, account_key: str) -> None:
         self._entries.pop(account_key, None)
-        if ip_key is not None:
-            self.released([ip_key])
 
     def released(self, keys: list[str]) -> None:
         for key in keys:
@@ -144,6 +153,7 @@ class RedisLoginThrottle:
         self._reserve_script = client.register_script(_RESERVE)
         self._succeeded_script = client.register_script(_SUCCEEDED)
         self._released_script = client.register_script(_RELEASED)
+        self._failed_script = client.register_script(_FAILED)
 
     def _key(self, name: str) -> str:
         return self._key_prefix + hashlib.sha256(name.encode()).hexdigest()
@@ -179,24 +189,40 @@ class RedisLoginThrottle:
         return ThrottleStatus(retry_after_seconds=max(1, math.ceil(value / 1000)))
 
     async def succeeded(self, keys: ThrottleKeys) -> None:
-        """The password was right: clear the account's failures, take the attempt back
-        from the IP's count."""
-        counters = self._counters(keys)
-        account_key = counters[0][0]
-        ip_key = counters[1][0] if len(counters) > 1 else None
-        self._fallback.succeeded(account_key, ip_key)
+        """The password was right: clear the account's failures."""
+        account_key = self._counters(keys)[0][0]
+        self._fallback.succeeded(account_key)
 
         async def run() -> object:
-            return await self._succeeded_script(keys=[key for key, _ in counters])
+            return await self._succeeded_script(keys=[account_key])
 
         try:
             await self._guard.run("login_throttle_reset", run)
         except RedisUnavailableError:
             _log.debug("login throttle reset skipped; redis unavailable")
 
+    async def failed(self, keys: ThrottleKeys) -> None:
+        """The password was wrong: count the failure against the client's IP too (the
+        account's counter counted it at ``reserve``)."""
+        counters = self._counters(keys)
+        if len(counters) < 2:
+            return
+        ip_key, policy = counters[1]
+        self._fallback.failed(ip_key, policy)
+
+        async def run() -> object:
+            return await self._failed_script(
+                keys=[ip_key], args=[int(self._clock() * 1000), policy.window_seconds]
+            )
+
+        try:
+            await self._guard.run("login_throttle_fail", run)
+        except RedisUnavailableError:
+            _log.debug("login throttle failure count skipped; redis unavailable")
+
     async def released(self, keys: ThrottleKeys) -> None:
-        """No verdict reached the caller: take the attempt back from every counter."""
-        counter_keys = [key for key, _ in self._counters(keys)]
+        """No verdict reached the caller: take the attempt back from the account's count."""
+        counter_keys = [self._counters(keys)[0][0]]
         self._fallback.released(counter_keys)
 
         async def run() -> object:

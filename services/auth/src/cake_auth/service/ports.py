@@ -53,11 +53,17 @@ class ProfileCache(Protocol):
 
 
 class LoginThrottle(Protocol):
-    """Counts login attempts per account and per client IP, atomically and *before* the
-    password is checked; with its store down, a bounded local fallback applies."""
+    """Counts login attempts per account, atomically and *before* the password is checked,
+    and failures per client IP once known; with its store down, a bounded local fallback
+    applies."""
 
     async def reserve(self, keys: ThrottleKeys) -> ThrottleStatus:
-        """Count this attempt as a failure, or refuse it (``retry_after_seconds``)."""
+        """Count this attempt as a failure of its account, or refuse it
+        (``retry_after_seconds``) while the account or the client IP must wait."""
+        ...
+
+    async def failed(self, keys: ThrottleKeys) -> None:
+        """The password was wrong: the client IP's failures grow too."""
         ...
 
     async def succeeded(self, keys: ThrottleKeys) -> None:
@@ -66,7 +72,7 @@ class LoginThrottle(Protocol):
 
     async def released(self, keys: ThrottleKeys) -> None:
         """The attempt reached no verdict (the caller went away, the check failed): it is
-        taken back from every counter, as if it had not been counted."""
+        taken back from the account's count, as if it had not been counted."""
         ...
 
 

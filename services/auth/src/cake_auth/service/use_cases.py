@@ -208,6 +208,7 @@ class AuthUseCases:
             await asyncio.shield(self._throttle.released(keys))
             raise
         if found is None:
+            await self._throttle.failed(keys)
             self._metrics.logins.labels("invalid_credentials").inc()
             await self._audit(
                 AuditEntry(
