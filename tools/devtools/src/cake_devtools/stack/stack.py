@@ -236,9 +236,33 @@ class Stack:
             return
         names = [spec.name for spec in SERVICES] if services is None else list(services)
         began = time.monotonic()
-        envoy.wait_routing(names, began + self._ctx.settings.startup_timeout_seconds)
+        deadline = began + self._ctx.settings.startup_timeout_seconds
+        envoy.wait_routing(names, deadline)
+        if "auth" in names:
+            # Healthy flags are not yet proof for auth: while it was down, the gateway's own
+            # JWKS fetches (through its jwks listener, to auth) failed to connect, and Envoy's
+            # outlier detection can keep its hosts out for a few seconds after the health
+            # checks pass. A public auth route answering through the gateway is.
+            self._wait_routed(f"{self.gateway_url}/.well-known/jwks.json", deadline)
         waited = time.monotonic() - began
         self._echo("envoy", f"routes to {', '.join(names)} ({waited:.1f}s)")
+
+    @staticmethod
+    def _wait_routed(url: str, deadline: float) -> None:
+        import httpx
+
+        answer: object = "no answer"
+        while True:
+            try:
+                response = httpx.get(url, timeout=2)
+                if response.status_code == 200:
+                    return
+                answer = f"{response.status_code} {response.text[:120]}"
+            except httpx.HTTPError as error:
+                answer = repr(error)
+            if time.monotonic() > deadline:
+                raise StackError(f"envoy: GET {url} does not reach its service yet: {answer}")
+            time.sleep(0.1)
 
     def down(self, components: Iterable[str] | None = None) -> None:
         """Stop ``components`` (all when None) in reverse dependency order; data is kept."""
