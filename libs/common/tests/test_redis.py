@@ -50,3 +50,45 @@ async def test_probe_against_real_redis(redis_url: str) -> None:
         assert await client.get("cake-common-test") == b"1"
     finally:
         await client.aclose()
+
+
+@pytest.mark.integration
+async def test_more_commands_in_flight_than_connections_wait_for_one(redis_url: str) -> None:
+    # 200 concurrent commands through a pool of 4: each waits for a free connection instead
+    # of failing with MaxConnectionsError (which made callers skip Redis for their cooldown).
+    # A generous timeout: how long 200 commands take on a busy test machine is not the point.
+    client = create_redis(redis_url, max_connections=4, timeout_seconds=2.0)
+    try:
+        await client.set("cake-common-pool-test", b"1", ex=5)
+        # DEBUG SLEEP would hold the server; a short BLPOP on an empty list holds the
+        # connection for real while the other commands queue behind the pool.
+        replies = await asyncio.gather(
+            *(client.blpop([f"cake-common-pool-empty-{i}"], timeout=0.01) for i in range(8)),
+            *(client.get("cake-common-pool-test") for _ in range(200)),
+        )
+        assert replies[:8] == [None] * 8
+        assert replies[8:] == [b"1"] * 200
+        assert len(client.connection_pool._in_use_connections) == 0  # type: ignore[attr-defined]
+    finally:
+        await client.aclose()
+
+
+async def test_a_pool_held_too_long_fails_within_the_timeout() -> None:
+    # Every connection taken by a command a silent server never answers: the next command
+    # fails once its wait for a connection reaches the client's timeout (a RedisError
+    # callers already handle), not after redis-py's default 20 s.
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        port = server.getsockname()[1]
+        client = create_redis(f"redis://127.0.0.1:{port}/0", max_connections=2)
+        holders = [asyncio.ensure_future(client.get(f"held-{i}")) for i in range(2)]
+        await asyncio.sleep(0.05)  # both connections taken, their replies never coming
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        async with asyncio.timeout(30):
+            with pytest.raises(redis.exceptions.ConnectionError, match="No connection"):
+                await client.get("waiting")
+        assert 0.15 <= loop.time() - started < 1.0
+        await asyncio.gather(*holders, return_exceptions=True)
+        await client.aclose()

@@ -22,16 +22,26 @@ def create_redis(
     redis-py retries three times with backoff by default, which would turn one dead Redis
     into a second of latency per call; one immediate retry still survives a dropped idle
     connection. Callers must catch ``redis.exceptions.RedisError`` and degrade.
+
+    When ``max_connections`` commands are in flight, the next one waits for a connection
+    (up to ``timeout_seconds``, then ``ConnectionError``) instead of failing at once: with
+    redis-py's default pool a burst of reads (a busy worker with more than 50 calls in
+    flight) got ``MaxConnectionsError`` while Redis was fine, and callers that degrade on
+    errors then skipped Redis for their cooldown (auth read profiles from PostgreSQL,
+    which cost far more CPU than the wait, making the burst worse).
     """
     plain_url = url.get_secret_value() if isinstance(url, SecretStr) else url
-    client: redis.asyncio.Redis = redis.asyncio.Redis.from_url(
+    pool = redis.asyncio.BlockingConnectionPool.from_url(
         plain_url,
         socket_timeout=timeout_seconds,
         socket_connect_timeout=timeout_seconds,
         retry=Retry(NoBackoff(), retries=1),
         max_connections=max_connections,
+        timeout=timeout_seconds,
         health_check_interval=30,
     )
+    # from_pool: the client owns the pool (aclose() closes it).
+    client: redis.asyncio.Redis = redis.asyncio.Redis.from_pool(pool)
     return client
 
 
