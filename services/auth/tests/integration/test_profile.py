@@ -164,3 +164,33 @@ async def test_cache_keeps_the_newest_version(auth: Any, redis_client: redis.asy
     v3 = replace(v2, fullname="Renamed again", version=3)
     await cache.put(v3)
     assert await cache.get(v1.id) == v3
+
+
+async def test_a_process_reads_what_another_wrote_after_it_decoded_the_old_copy(
+    auth: Any, redis_client: redis.asyncio.Redis
+) -> None:
+    """Each process keeps decoded copies by the exact cached bytes; an update written by
+    another process (another worker or replica) is read at once, never the copy kept."""
+    registered = await auth.register()
+
+    def process_cache() -> RedisProfileCache:
+        metrics = AuthMetrics(CollectorRegistry())
+        return RedisProfileCache(
+            redis_client,
+            RedisGuard(metrics),
+            metrics,
+            ttl_seconds=60,
+            key_prefix=auth.settings.redis_key_prefix + "processes:",
+        )
+
+    reader, writer = process_cache(), process_cache()
+    v1 = user_from_proto(registered.user, role=Role.USER, version=1)
+    await writer.put(v1)
+    assert await reader.get(v1.id) == v1
+    assert await reader.get(v1.id) == v1  # the kept copy
+    v2 = replace(v1, fullname="Renamed elsewhere", version=2)
+    await writer.put(v2)
+    assert await reader.get(v1.id) == v2
+    promoted = replace(v2, role=Role.ADMIN, version=3)
+    await writer.put(promoted)
+    assert (await reader.get(v1.id)) == promoted

@@ -33,6 +33,13 @@ return 1
 
 _log = get_logger(__name__)
 
+DECODED_ENTRIES = 4096
+"""Cache entries whose decoded ``User`` a process keeps, keyed by the exact bytes Redis
+returned: a read of an unchanged profile then skips the protobuf decoding and the three
+timestamp conversions (≈ 9 µs of the ≈ 0.5 ms a profile read costs auth, measured with
+timeit; py-spy showed protobuf and datetime work at 8 % of a worker's busy time). Nothing
+can be stale: an updated profile is different bytes (and a new version), so a new key."""
+
 
 class RedisProfileCache:
     def __init__(
@@ -50,6 +57,7 @@ class RedisProfileCache:
         self._metrics = metrics
         self._ttl = ttl_seconds
         self._put_script: Any = client.register_script(_PUT_IF_NEWER)
+        self._decoded: dict[tuple[bytes, bytes, bytes], User] = {}
 
     def _key(self, user_id: int) -> str:
         return f"{self._key_prefix}{user_id}"
@@ -70,15 +78,24 @@ class RedisProfileCache:
         ):
             self._metrics.profile_cache.labels("miss").inc()
             return None
-        try:
-            user = user_from_proto(
-                user_pb2.User.FromString(serialized), role=Role(role.decode()), version=int(version)
-            )
-        except (DecodeError, ValueError):
-            # Written by an incompatible version of this service: treat as absent.
-            _log.warning("unreadable profile cache entry ignored", user_id=user_id)
-            self._metrics.profile_cache.labels("miss").inc()
-            return None
+        entry = (version, role, serialized)
+        user = self._decoded.get(entry)
+        if user is None:
+            try:
+                user = user_from_proto(
+                    user_pb2.User.FromString(serialized),
+                    role=Role(role.decode()),
+                    version=int(version),
+                )
+            except (DecodeError, ValueError):
+                # Written by an incompatible version of this service: treat as absent.
+                _log.warning("unreadable profile cache entry ignored", user_id=user_id)
+                self._metrics.profile_cache.labels("miss").inc()
+                return None
+            if len(self._decoded) >= DECODED_ENTRIES:
+                # Oldest first (dicts keep insertion order): bounded, no LRU bookkeeping.
+                del self._decoded[next(iter(self._decoded))]
+            self._decoded[entry] = user
         self._metrics.profile_cache.labels("hit").inc()
         return user
 
