@@ -8,6 +8,12 @@ short slices (so that other load on the machine hits them alike) after a warm-up
 2. native gRPC through Envoy (same listener, same JWT check, no transcoding);
 3. native gRPC straight to the auth service.
 
+A fourth workload, a health check straight to the auth service, is the floor: what any
+unary call costs a grpc.aio server of Cake with its interceptors, before any work of its own.
+For each workload the server CPU per call is printed too, by component (user + system time of
+every process of every stack component, ``/proc/<pid>/stat``, summed over the measured
+slices only; the Python client's own CPU is not in it): where a read's CPU goes.
+
 Ratio goal (issue 6): REST through the gateway ÷ direct gRPC ≥ 0.7. The REST client is a
 minimal keep-alive HTTP/1.1 client on asyncio streams, so the Python client costs about as
 much per call as the gRPC one; client, Envoy and services share the machine's cores, and the
@@ -31,8 +37,11 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 import httpx
+from benchlib import CpuSample, sample_server_cpu
 from cake.auth.v1 import auth_pb2, auth_pb2_grpc
+from cake_devtools.stack import Stack
 from cake_devtools.stack.settings import load_settings
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 WARM_UP_SECONDS = 2.0
 
@@ -43,13 +52,23 @@ Call = Callable[[], Awaitable[None]]
 class Workload:
     """``concurrency`` loops of one kind of call, each loop with its own ``make_call()``."""
 
-    def __init__(self, name: str, make_call: Callable[[], Call], concurrency: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        make_call: Callable[[], Call],
+        concurrency: int,
+        sample_cpu: Callable[[], CpuSample] | None = None,
+    ) -> None:
         self.name = name
         self.calls = [make_call() for _ in range(concurrency)]
         self.done = 0
         self.elapsed = 0.0
+        self._sample_cpu = sample_cpu
+        #: Server CPU seconds by component over the measured slices.
+        self.cpu_seconds: dict[str, float] = {}
 
     async def run_for(self, seconds: float, *, count: bool = True) -> None:
+        before = self._sample_cpu() if count and self._sample_cpu else None
         began = time.monotonic()
         until = began + seconds
         finished = 0
@@ -64,10 +83,31 @@ class Workload:
         if count:
             self.done += finished
             self.elapsed += time.monotonic() - began
+        if before is not None and self._sample_cpu is not None:
+            self._add_cpu(before, self._sample_cpu())
+
+    def _add_cpu(self, before: CpuSample, after: CpuSample) -> None:
+        per_second = os.sysconf("SC_CLK_TCK")
+        for component, now in after.ticks.items():
+            earlier = before.ticks.get(component, {})
+            used = sum(ticks - earlier.get(pid, 0) for pid, ticks in now.items()) / per_second
+            self.cpu_seconds[component] = self.cpu_seconds.get(component, 0.0) + used
 
     @property
     def rate(self) -> float:
         return self.done / self.elapsed
+
+    def cpu_line(self) -> str:
+        """Server CPU per call, in all and by component (largest first, the idle ones left out)."""
+        if not self.cpu_seconds or not self.done:
+            return ""
+        per_call = {name: used * 1000 / self.done for name, used in self.cpu_seconds.items()}
+        parts = ", ".join(
+            f"{name} {ms:.3f}"
+            for name, ms in sorted(per_call.items(), key=lambda item: -item[1])
+            if ms >= 0.005
+        )
+        return f"    server CPU {sum(per_call.values()):.3f} ms/call: {parts}"
 
 
 async def compare(workloads: list[Workload], *, seconds: float, slice_seconds: float) -> None:
@@ -84,6 +124,8 @@ async def compare(workloads: list[Workload], *, seconds: float, slice_seconds: f
             f"({workload.done} in {workload.elapsed:.1f}s)",
             flush=True,
         )
+        if line := workload.cpu_line():
+            print(line, flush=True)
 
 
 class Http11Connection:
@@ -111,6 +153,11 @@ class Http11Connection:
 
 async def run(args: argparse.Namespace) -> None:
     settings = load_settings(args.profile)
+    stack = Stack(args.profile, echo=None)
+
+    def sample_cpu() -> CpuSample:
+        return sample_server_cpu(stack)
+
     gateway = args.gateway or f"127.0.0.1:{settings.gateway_port}"
     auth = args.auth or f"127.0.0.1:{settings.auth_grpc_port}"
     username = f"bench_{uuid.uuid4().hex[:10]}"
@@ -153,19 +200,31 @@ async def run(args: argparse.Namespace) -> None:
 
             return call
 
+        def health_call() -> Call:
+            stub = health_pb2_grpc.HealthStub(direct)
+
+            async def call() -> None:
+                await stub.Check(health_pb2.HealthCheckRequest())
+
+            return call
+
         rest = Workload(
             "REST via gateway",
             lambda: Http11Connection(host, int(port), request).get,
             args.concurrency,
+            sample_cpu,
         )
         grpc_gateway = Workload(
-            "gRPC via gateway", lambda: profile_call(via_gateway), args.concurrency
+            "gRPC via gateway", lambda: profile_call(via_gateway), args.concurrency, sample_cpu
         )
         grpc_direct = Workload(
-            "gRPC direct to auth", lambda: profile_call(direct), args.concurrency
+            "gRPC direct to auth", lambda: profile_call(direct), args.concurrency, sample_cpu
         )
+        floor = Workload("health check to auth", health_call, args.concurrency, sample_cpu)
         await compare(
-            [rest, grpc_gateway, grpc_direct], seconds=args.seconds, slice_seconds=args.slice
+            [rest, grpc_gateway, grpc_direct, floor],
+            seconds=args.seconds,
+            slice_seconds=args.slice,
         )
     print(
         f"  ratio REST via gateway / direct gRPC: {rest.rate / grpc_direct.rate:.2f} (goal >= 0.70)"
