@@ -3,9 +3,11 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+import grpc
 import pytest
 from buf.validate import validate_pb2
 from cake_common.errors import FieldViolation, InvalidArgument
+from cake_common.grpc_server.interceptors import ValidationInterceptor
 from cake_common.validation import RequestValidator
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
@@ -109,3 +111,50 @@ def test_a_field_breaking_several_rules_gets_one_violation() -> None:
     violations = RequestValidator().violations(request)
     assert [v.field for v in violations] == ["fullname"]
     assert ";" in violations[0].description
+
+
+def _empty_message_classes() -> tuple[Any, Any]:
+    """Two messages without fields: one bare, one with a message-level CEL rule."""
+    pool = descriptor_pool.Default()
+    names = ("cake_common_test.v1.Bare", "cake_common_test.v1.NeverValid")
+    try:
+        return tuple(  # type: ignore[return-value]
+            message_factory.GetMessageClass(pool.FindMessageTypeByName(name)) for name in names
+        )
+    except KeyError:
+        pass
+    file = descriptor_pb2.FileDescriptorProto(
+        name="cake_common_test/v1/empty.proto",
+        package="cake_common_test.v1",
+        syntax="proto3",
+        dependency=["buf/validate/validate.proto"],
+    )
+    file.message_type.add(name="Bare")
+    never = file.message_type.add(name="NeverValid")
+    never.options.Extensions[validate_pb2.message].cel.add(
+        id="never", message="never valid", expression="false"
+    )
+    pool.Add(file)
+    return tuple(  # type: ignore[return-value]
+        message_factory.GetMessageClass(pool.FindMessageTypeByName(name)) for name in names
+    )
+
+
+def test_requests_without_fields_or_options_skip_validation_the_others_do_not() -> None:
+    bare, never_valid = _empty_message_classes()
+    interceptor = ValidationInterceptor(RequestValidator())
+
+    async def behaviour(request: Any, context: Any) -> None:
+        return None
+
+    def handler(message_class: Any) -> Any:
+        return grpc.unary_unary_rpc_method_handler(
+            behaviour, request_deserializer=message_class.FromString
+        )
+
+    assert interceptor.scope_for_handler("/t.S/Bare", handler(bare)) is None
+    assert interceptor.scope_for_handler("/t.S/Rules", handler(_registration_message_class()))
+    # No field, but a message-level rule: still checked, and refused.
+    assert interceptor.scope_for_handler("/t.S/Never", handler(never_valid)) is not None
+    with pytest.raises(InvalidArgument):
+        RequestValidator().validate(never_valid())

@@ -213,6 +213,24 @@ class ValidationInterceptor(ScopedServerInterceptor):
     def scope_for(self, method: str) -> CallScope | None:
         return self._scope
 
+    def scope_for_handler(
+        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> CallScope | None:
+        # A request type with no fields and no options (GetProfileRequest, ...) has no rule
+        # to break: its calls skip protovalidate (≈ 2 % of a profile read's CPU in auth,
+        # py-spy). Any field or option, a message-level CEL rule included, keeps the check.
+        owner = getattr(handler.request_deserializer, "__self__", None)
+        descriptor = getattr(owner, "DESCRIPTOR", None)
+        if (
+            not handler.request_streaming
+            and descriptor is not None
+            and not descriptor.fields
+            and not descriptor.oneofs
+            and not descriptor.GetOptions().ListFields()
+        ):
+            return None
+        return self._scope
+
     @asynccontextmanager
     async def _scope(self, request: Any, context: ServicerContext) -> AsyncIterator[None]:
         if request is not None:
