@@ -75,6 +75,13 @@ class NotificationsSettings(ServiceSettings):
     dispatch_concurrency: int = Field(
         default=20, ge=1, le=500, description="Messages being sent at once (all loops)"
     )
+    dispatch_max_in_hand: int = Field(
+        default=500,
+        ge=1,
+        le=100_000,
+        description="Deliveries a consumer commit hands straight to this replica's sender "
+        "(claimed in the commit, sent at once); beyond it they wait for a dispatch loop",
+    )
     dispatch_lease_seconds: float = Field(
         default=60.0, gt=0, description="A claimed delivery's lease; sent again after it if lost"
     )

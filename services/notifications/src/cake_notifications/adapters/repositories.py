@@ -48,12 +48,15 @@ class SqlNotificationRepository:
         await self.add_many([(notification, facts, trace_parent)])
 
     async def add_many(
-        self, entries: Sequence[tuple[Notification, Mapping[str, str], str | None]]
-    ) -> None:
+        self,
+        entries: Sequence[tuple[Notification, Mapping[str, str], str | None]],
+        *,
+        claimed_until: datetime | None = None,
+    ) -> list[Delivery]:
         # Two multi-row INSERTs for a whole consumer batch (executemany: one compiled
         # statement each, rows sent together), not two statements per notification.
         if not entries:
-            return
+            return []
         await self._session.execute(
             notifications.insert(),
             [
@@ -72,19 +75,42 @@ class SqlNotificationRepository:
                 for notification, facts, trace_parent in entries
             ],
         )
-        rows = [
-            {
-                "id": uuid4(),
-                "notification_id": notification.id,
-                "channel": channel.value,
-                "status": DeliveryStatus.PENDING.value,
-            }
-            for notification, _, _ in entries
+        created = [
+            Delivery(
+                id=uuid4(),
+                notification_id=notification.id,
+                user_id=notification.user_id,
+                channel=channel,
+                kind=notification.kind,
+                attempts=0 if claimed_until is None else 1,
+                facts=facts,
+                occurred_at=notification.created_at,
+                trace_parent=trace_parent,
+            )
+            for notification, facts, trace_parent in entries
             for channel in notification.channels
         ]
-        if rows:
+        if not created:
+            return []
+        rows = [
+            {
+                "id": delivery.id,
+                "notification_id": delivery.notification_id,
+                "channel": delivery.channel.value,
+                "status": DeliveryStatus.PENDING.value,
+                "attempts": delivery.attempts,
+            }
+            for delivery in created
+        ]
+        if claimed_until is None:
             # Due at the transaction's time (the database clock, which the claim compares).
             await self._session.execute(deliveries.insert().values(due_at=sa.func.now()), rows)
+        else:
+            # Claimed by the caller: pending, leased like a claim (due again when it ends).
+            await self._session.execute(
+                deliveries.insert(), [{**row, "due_at": claimed_until} for row in rows]
+            )
+        return created
 
     async def page(
         self, user_id: int, *, after: PageCursor | None, limit: int, unread_only: bool
@@ -146,6 +172,16 @@ RETURNING d.id, d.notification_id, d.channel, d.attempts, n.user_id, n.kind, n.f
 )
 
 
+_MARK_SENT = sa.text(
+    """
+UPDATE deliveries d
+SET status = 'sent', sent_at = v.sent_at, last_error = NULL
+FROM unnest(CAST(:ids AS uuid[]), CAST(:ats AS timestamptz[])) AS v(id, sent_at)
+WHERE d.id = v.id
+"""
+)
+
+
 class SqlDeliveryRepository:
     def __init__(self, session: AsyncSession) -> None:
         self._session = session
@@ -172,11 +208,11 @@ class SqlDeliveryRepository:
             for row in result
         ]
 
-    async def mark_sent(self, delivery_ids: Sequence[UUID], at: datetime) -> None:
+    async def mark_sent(self, sent: Sequence[tuple[UUID, datetime]]) -> None:
+        # One statement for the lot, each row with its own time (when its channel took it).
         await self._session.execute(
-            deliveries.update()
-            .where(deliveries.c.id.in_(list(delivery_ids)))
-            .values(status=DeliveryStatus.SENT.value, sent_at=at, last_error=None)
+            _MARK_SENT,
+            {"ids": [delivery_id for delivery_id, _ in sent], "ats": [at for _, at in sent]},
         )
 
     async def mark_failed(self, delivery_id: UUID, at: datetime, error: str) -> None:
