@@ -79,7 +79,7 @@ class SmtpSender:
         password: str | None = None,
         start_tls: bool = False,
         tls_context: ssl.SSLContext | None = None,
-        connections: int = 4,
+        connections: int = 8,
     ) -> None:
         self._host = host
         self._port = port

@@ -90,7 +90,11 @@ class Dispatcher:
         self._retry = retry
         self._batch_size = batch_size
         self._workers = workers
-        self._slots = asyncio.Semaphore(concurrency)
+        self._slots = {channel: asyncio.Semaphore(concurrency) for channel in Channel}
+        """Messages being sent at once, per channel: e-mails waiting for the mail server
+        must not hold up SMS waiting for theirs, nor the other way round (with one shared
+        limit, SMS and push messages queued for the recorder's writes held most of it and
+        e-mails waited seconds for a turn under load: bench/notifications.py)."""
         self._lease_seconds = lease_seconds
         self._idle_poll_seconds = idle_poll_seconds
         self._clock = clock
@@ -315,7 +319,7 @@ class Dispatcher:
         """Its attempt, or None without one when less than half its lease is left by the
         time a sending slot is free: the send (the channel's timeouts) must end within the
         lease, else a loop would claim and send it a second time meanwhile."""
-        async with self._slots:
+        async with self._slots[delivery.channel]:
             left = (lease_until - self._clock()).total_seconds()
             if left < self._lease_seconds / 2:
                 return None
