@@ -517,3 +517,42 @@ async def test_a_handed_delivery_whose_lease_is_half_gone_is_left_for_a_later_cl
         await sending.stop()
     assert len(fakes.email.sent) == 3
     assert {d.status for d in fakes.store.deliveries.values()} == {"sent"}
+
+
+async def test_a_commit_handing_deliveries_over_looks_contacts_up_while_it_commits(
+    fakes,
+) -> None:
+    asked = asyncio.Event()
+
+    class Directory:
+        async def contacts(self, user_id: int) -> Contacts | None:
+            asked.set()
+            return fakes.directory.contacts_by_user.get(user_id)
+
+    def commits_once_asked():  # type: ignore[no-untyped-def]
+        uow = fakes.uow()
+
+        async def commit() -> None:  # a commit that takes until auth has been asked
+            async with asyncio.timeout(2):
+                await asked.wait()
+
+        uow.commit = commit
+        return uow
+
+    sending = handing_dispatcher(fakes, fakes.email, workers=1)
+    sending._directory = Directory()  # type: ignore[assignment]
+    use_case = NotifyUsers(
+        commits_once_asked,
+        JinjaRenderer(),
+        fakes.metrics,
+        hand_off=sending,
+        clock=lambda: T0 + timedelta(seconds=1),
+    )
+    sending.start()
+    try:
+        await use_case.accept([voucher_event()])  # times out if the lookup waits for it
+        async with asyncio.timeout(2):
+            await asyncio.gather(*sending._handed)
+    finally:
+        await sending.stop()
+    assert len(fakes.email.sent) == 3  # e-mail, SMS, push

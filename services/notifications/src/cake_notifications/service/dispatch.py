@@ -125,14 +125,17 @@ class Dispatcher:
         background, so the lookup (a call to auth per new user) runs while the deliveries
         wait for a loop instead of after the claim: under load the wait for a claim was
         the longest step, and the lookups made each batch longer."""
-        if user_ids and not self._stopping.is_set():
-            task = asyncio.create_task(self._warm(list(user_ids)))
-            self._warming.add(task)
-            task.add_done_callback(self._warming.discard)
+        self.look_up_contacts(user_ids)
         if self._idle:
             self._idle.pop().set()
         else:
             self._missed_wake = True
+
+    def prepare(self, user_ids: Collection[int]) -> None:
+        """A commit of these users' deliveries is under way: look their contacts up now,
+        so the calls to auth run while it commits."""
+        if self._tasks:
+            self.look_up_contacts(user_ids)
 
     def lease_for(self, count: int) -> datetime | None:
         """A lease for ``count`` deliveries a commit is about to hand over; None when
@@ -167,6 +170,13 @@ class Dispatcher:
                 delivery_id=str(delivery.id),
                 error=repr(error),
             )
+
+    def look_up_contacts(self, user_ids: Collection[int]) -> None:
+        """Look these users' contacts up in the background (at most 16 at once)."""
+        if user_ids and not self._stopping.is_set():
+            task = asyncio.create_task(self._warm(list(user_ids)))
+            self._warming.add(task)
+            task.add_done_callback(self._warming.discard)
 
     def start(self) -> None:
         """``workers`` loops, each claiming its own batches (the claims skip each other's

@@ -83,6 +83,9 @@ class NotifyUsers:
         handed: list[Delivery] = []
         lease_until: datetime | None = None
         now = self._clock()
+        if self._hand_off is not None:
+            # The contact lookups (a call to auth each) overlap the transaction.
+            self._hand_off.prepare({event.facts.user_id for event in events})
         async with self._uow_factory() as uow:
             fresh = await uow.inbox.record([event.facts.event_id for event in events])
             users = sorted({event.facts.user_id for event in events})

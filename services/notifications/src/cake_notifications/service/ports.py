@@ -3,7 +3,7 @@ tests fake them."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -136,6 +136,11 @@ class DeliveryRepository(Protocol):
 class DeliveryHandOff(Protocol):
     """Where a consumer commit hands its new deliveries straight to be sent (the
     dispatcher), claimed in the commit itself instead of waiting for a claim."""
+
+    def prepare(self, user_ids: Collection[int]) -> None:
+        """Deliveries for these users may follow: their contacts can be looked up now,
+        while the commit runs."""
+        ...
 
     def lease_for(self, count: int) -> datetime | None:
         """The lease end to claim ``count`` new deliveries under, or None when they must be
