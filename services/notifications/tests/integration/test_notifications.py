@@ -14,9 +14,11 @@ from typing import Any
 
 import grpc
 import pytest
+import sqlalchemy as sa
 from aiokafka import AIOKafkaConsumer
 from cake.events.v1 import envelope_pb2, payloads_pb2, registry
 from cake.notifications.v1 import notifications_pb2
+from cake_common.db import create_async_engine_for
 from cake_common.kafka import create_producer, ensure_topics, start_with_retry
 from google.protobuf.any_pb2 import Any as AnyMessage
 from google.protobuf.message import Message
@@ -144,6 +146,30 @@ async def test_a_voucher_becomes_one_email_and_one_entry_whatever_the_redeliveri
     assert listed.unread_count == 1
     await asyncio.sleep(1.5)  # anything repeated would have arrived by now
     assert len(smtp_sink.to(user.email)) == 1
+    # Handed over by the consumer's commit: each channel sent at its first attempt, with
+    # its own time; SMS and push recorded once each.
+    engine = create_async_engine_for(notifications.settings.database_url, pool_size=1)
+    try:
+        async with engine.connect() as connection:
+            sent = (
+                await connection.execute(
+                    sa.text(
+                        "SELECT d.channel, d.status, d.attempts, d.sent_at IS NOT NULL,"
+                        " r.recipient FROM deliveries d JOIN notifications n"
+                        " ON n.id = d.notification_id LEFT JOIN recorded_messages r"
+                        " ON r.delivery_id = d.id WHERE n.event_id = :event_id"
+                        " ORDER BY d.channel"
+                    ),
+                    {"event_id": uuid.UUID(event_id)},
+                )
+            ).all()
+    finally:
+        await engine.dispose()
+    assert [tuple(row) for row in sent] == [
+        ("email", "sent", 1, True, None),
+        ("push", "sent", 1, True, user.phone),
+        ("sms", "sent", 1, True, user.phone),
+    ]
     assert (
         notifications.counter("cake_notifications_consumed_events_total", result="duplicate") >= 2
     )
