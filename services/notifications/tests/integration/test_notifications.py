@@ -20,6 +20,7 @@ from cake.events.v1 import envelope_pb2, payloads_pb2, registry
 from cake.notifications.v1 import notifications_pb2
 from cake_common.db import create_async_engine_for
 from cake_common.kafka import create_producer, ensure_topics, start_with_retry
+from cake_notifications.adapters.contacts import GrpcContactDirectory
 from google.protobuf.any_pb2 import Any as AnyMessage
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -360,3 +361,34 @@ async def test_smtp_down_during_a_burst_every_email_arrives_exactly_once(
         assert codes[user.email] in email["Subject"]
     ids = [m["Message-ID"] for m in smtp_sink.messages()]
     assert len(ids) == len(set(ids))
+
+
+async def test_contacts_asked_for_together_go_to_auth_in_one_call(auth: Any) -> None:
+    users = [await auth.register() for _ in range(3)]
+
+    async def admin_token(_stub: Any) -> str:
+        return str(auth.token(users[0].id, "admin"))
+
+    directory = GrpcContactDirectory(f"127.0.0.1:{auth.running.port}", admin_token)
+    calls: list[str] = []
+    stub = directory._stub
+
+    class CountingStub:
+        def __getattr__(self, name: str) -> Any:
+            calls.append(name)
+            return getattr(stub, name)
+
+    directory._stub = CountingStub()  # type: ignore[assignment]
+    unknown = 9_000_000_000_000
+    try:
+        found = await asyncio.gather(
+            *(directory.contacts(user.id) for user in users),
+            directory.contacts(unknown),
+            directory.contacts(users[0].id),  # asked twice: asked for once
+        )
+        again = await directory.contacts(users[1].id)  # cached: no call
+    finally:
+        await directory.close()
+    assert calls == ["GetUsersContacts"]
+    assert [(c.user_id, c.email) for c in found[:3] if c] == [(u.id, u.email) for u in users]
+    assert found[3] is None and found[4] == found[0] and again == found[1]
