@@ -16,6 +16,7 @@ import grpc
 import pytest
 import sqlalchemy as sa
 from aiokafka import AIOKafkaConsumer
+from cake.auth.v1 import auth_pb2_grpc, oauth_pb2
 from cake.events.v1 import envelope_pb2, payloads_pb2, registry
 from cake.notifications.v1 import notifications_pb2
 from cake_common.db import create_async_engine_for
@@ -392,3 +393,36 @@ async def test_contacts_asked_for_together_go_to_auth_in_one_call(auth: Any) -> 
     assert calls == ["GetUsersContacts"]
     assert [(c.user_id, c.email) for c in found[:3] if c] == [(u.id, u.email) for u in users]
     assert found[3] is None and found[4] == found[0] and again == found[1]
+
+
+async def test_an_auth_without_the_batch_call_is_asked_one_user_at_a_time() -> None:
+    """During a rolling deployment notifications may meet an auth that only has
+    GetUserContacts: a gRPC server answering UNIMPLEMENTED for GetUsersContacts."""
+
+    class OlderAuth(auth_pb2_grpc.AuthServiceServicer):
+        async def GetUserContacts(
+            self, request: oauth_pb2.GetUserContactsRequest, context: Any
+        ) -> oauth_pb2.GetUserContactsResponse:
+            if request.user_id == 404:
+                await context.abort(grpc.StatusCode.NOT_FOUND, "User not found")
+            return oauth_pb2.GetUserContactsResponse(
+                user_id=request.user_id, email=f"u{request.user_id}@example.com"
+            )
+
+    server = grpc.aio.server()
+    auth_pb2_grpc.add_AuthServiceServicer_to_server(OlderAuth(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+
+    async def token(_stub: Any) -> str:
+        return "any"
+
+    directory = GrpcContactDirectory(f"127.0.0.1:{port}", token)
+    try:
+        found = await asyncio.gather(*(directory.contacts(u) for u in (7, 404, 8)))
+        later = await directory.contacts(9)
+    finally:
+        await directory.close()
+        await server.stop(None)
+    assert [c.email if c else None for c in found] == ["u7@example.com", None, "u8@example.com"]
+    assert later is not None and later.email == "u9@example.com"
