@@ -135,8 +135,9 @@ async def stages(
 ) -> dict[str, list[float]]:
     """Where the time went, per e-mail (ms): voucher commit → published by the relay
     (promotions' outbox ``published_at``) → stored by the notifications consumer
-    (``inbox.processed_at``) → claimed by a dispatch loop (the delivery's due time after its
-    last claim, minus the lease) → handed to the SMTP server (``sent_at``)."""
+    (``inbox.processed_at``) → claimed (the delivery's due time after its last claim, minus
+    the lease: in the consumer's own commit when it handed the delivery over, else by a
+    dispatch loop) → handed to the SMTP server (``sent_at``: when the server took it)."""
     async with notifications.connect() as connection:
         rows = (
             await connection.execute(
@@ -289,7 +290,7 @@ def main() -> None:
     labels = {
         "published": "voucher commit → relayed to Kafka",
         "stored": "relayed → stored by the consumer",
-        "claimed": "stored → claimed by a dispatch loop",
+        "claimed": "stored → claimed (at the commit, or by a loop)",
         "sent": "claimed → handed to SMTP",
     }
     for name, label in labels.items():

@@ -244,3 +244,40 @@ async def test_a_batch_redelivered_after_a_crash_takes_effect_once(
 
     assert consumed("duplicate") == applied_before
     assert consumed("applied") == len(user_ids) - applied_before
+
+
+async def test_stopping_right_after_a_batch_still_commits_it_and_commits_land_in_order(
+    engine: AsyncEngine, kafka_bootstrap: str, topic: str
+) -> None:
+    """The offset commit runs in the background while the next batch is applied: a stop
+    right after a handler returned must still commit its batch (else every restart would
+    replay it), and the commits of many small batches in a row must leave the group at
+    the last offset, never behind it."""
+    group = f"test-commit-order-{uuid.uuid4().hex[:8]}"
+    base = 7_300_000_000 + int(time.time()) % 1_000_000
+    users = [base + n for n in range(40)]
+    metrics = CollectorRegistry()
+    last_applied = asyncio.Event()
+
+    class SignallingHandler(EffectHandler):
+        async def __call__(
+            self, events: Sequence[ConsumedEvent[payloads_pb2.UserFirstLogin]]
+        ) -> list[str]:
+            outcomes = await super().__call__(events)
+            if any(e.payload.user_id == users[-1] for e in events):
+                last_applied.set()
+            return outcomes
+
+    handler = SignallingHandler(engine)
+    consumer = consumer_for(kafka_bootstrap, topic, group, handler, metrics)
+    consumer.start()
+    try:
+        for user_id in users:  # one by one: many batches, each committed behind the next
+            await publish(kafka_bootstrap, topic, [first_login(user_id)])
+        async with asyncio.timeout(60):
+            await last_applied.wait()
+    finally:
+        await consumer.stop()  # at once: the last batch's commit is still running
+    assert handler.batches > 1
+    assert await effect_count(engine, users) == len(users)
+    assert await committed(kafka_bootstrap, group, topic) == len(users)

@@ -9,7 +9,9 @@ the inbox of exactly-once effects inside it. This module does everything around 
   assigned) is decoded, split by event type (order kept), each type's events handed to its
   handler; offsets are committed only after every handler returned, i.e. after the effects
   are durable. A crash before the commit means redelivery, never loss; the inbox makes the
-  redelivery a no-op.
+  redelivery a no-op. The commit runs while the next batch is fetched and applied (one
+  commit at a time, in order, awaited before the next one and before the clients close):
+  waiting for it before polling again added a broker round trip to every batch.
 - decoding through the event registry (``cake.events.v1.registry``): envelope, event type,
   typed payload, the ``buf.validate`` rules of both. A record that breaks its contract is a
   :class:`PoisonEvent`: it goes to the registry's dead-letter topic of its topic, with the
@@ -322,6 +324,8 @@ class EventConsumer:
         self._task: asyncio.Task[None] | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
+        self._committing: asyncio.Task[None] | None = None
+        """The previous batch's offset commit, still running."""
 
     def register(
         self,
@@ -452,6 +456,7 @@ class EventConsumer:
             while not self._stopping.is_set():
                 await self._consume_batch(self._consumer)
         finally:
+            await self._committed()
             await self._close_clients()
 
     async def _start_client(self, factory: Callable[[], Any]) -> Any:
@@ -493,16 +498,24 @@ class EventConsumer:
         records = [record for partition in batches for record in batches[partition]]
         if not records or not await self._handle(records):
             return
-        await self._commit(consumer, commit_offsets(batches))
-
-    async def _commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
+        offsets = commit_offsets(batches)
         if not offsets:
             return
+        await self._committed()  # in order: an earlier batch's commit never lands last
+        self._committing = asyncio.create_task(self._commit(consumer, offsets))
+
+    async def _committed(self) -> None:
+        """Until the previous batch's commit is done (its failure is logged, not raised)."""
+        if self._committing is not None:
+            committing, self._committing = self._committing, None
+            await committing
+
+    async def _commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
         try:
             await consumer.commit(offsets)
-        except KafkaError as error:
-            # A rebalance moved the partitions away: their new owner gets the events again
-            # and the inbox makes the repeat a no-op.
+        except Exception as error:
+            # A rebalance moved the partitions away (or the client is closing): their owner
+            # gets the events again and the inbox makes the repeat a no-op.
             _log.warning("offset commit failed, events will be redelivered", error=repr(error))
 
     async def _handle(self, records: Sequence[Record]) -> bool:

@@ -473,3 +473,32 @@ async def test_a_secret_from_a_file_is_registered_once_and_a_new_one_rotates(
         assert result.returncode == 2, result.stdout
         assert "create-service-account failed" in result.stderr
     await _token(auth, name, "t" * 43)
+
+
+async def test_contacts_of_several_users_in_one_call_for_the_scope_only(auth: Any) -> None:
+    first, second = await auth.register(), await auth.register()
+    reader, reader_secret = await _create(auth, CONTACTS)
+    other, other_secret = await _create(auth, "promotions:read")
+    bearer = auth.bearer(await _token(auth, reader, reader_secret))
+    unknown = 9_000_000_000_000
+    found = await auth.stub.GetUsersContacts(
+        oauth_pb2.GetUsersContactsRequest(user_ids=[first.user.id, unknown, second.user.id]),
+        metadata=bearer,
+    )
+    assert sorted((c.user_id, c.email, c.phone, c.fullname) for c in found.contacts) == sorted(
+        (u.user.id, u.user.email, u.user.phone, u.user.fullname) for u in (first, second)
+    )  # the unknown id is left out
+    error = await auth.failure(
+        auth.stub.GetUsersContacts(
+            oauth_pb2.GetUsersContactsRequest(user_ids=[first.user.id]),
+            metadata=auth.bearer(await _token(auth, other, other_secret)),
+        )
+    )
+    assert (error.code, error.reason) == (grpc.StatusCode.PERMISSION_DENIED, "INSUFFICIENT_SCOPE")
+    for bad in ([], [first.user.id, first.user.id], [0], list(range(1, 502))):
+        error = await auth.failure(
+            auth.stub.GetUsersContacts(
+                oauth_pb2.GetUsersContactsRequest(user_ids=bad), metadata=bearer
+            )
+        )
+        assert error.code == grpc.StatusCode.INVALID_ARGUMENT, bad

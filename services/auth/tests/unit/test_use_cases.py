@@ -4,6 +4,7 @@ integration tests; these pin down the orchestration: what is checked, hashed, re
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
@@ -132,6 +133,9 @@ class FakeUsers:
 
     async def get(self, user_id: int) -> User | None:
         return self._store.users.get(user_id)
+
+    async def get_many(self, user_ids: Sequence[int]) -> list[User]:
+        return [self._store.users[u] for u in user_ids if u in self._store.users]
 
     async def get_by_username(self, username: str) -> User | None:
         return self._find(lambda u: u.username.lower() == username.lower())

@@ -208,12 +208,14 @@ def build_use_cases(settings: NotificationsSettings, adapters: Adapters) -> UseC
         workers=settings.dispatch_workers,
         lease_seconds=settings.dispatch_lease_seconds,
         idle_poll_seconds=settings.dispatch_poll_seconds,
+        max_in_hand=settings.dispatch_max_in_hand,
     )
     notify = NotifyUsers(
         uow_factory,
         renderer,
         metrics,
         on_committed=dispatcher.wake,
+        hand_off=dispatcher,
         max_event_age=timedelta(seconds=settings.max_event_age_seconds),
     )
     return UseCases(notify, dispatcher, UserNotifications(uow_factory))

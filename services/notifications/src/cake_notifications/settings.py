@@ -29,7 +29,7 @@ class NotificationsSettings(ServiceSettings):
     smtp_password: SecretStr | None = Field(default=None, description="SMTP AUTH password")
     smtp_start_tls: bool = Field(default=False, description="Upgrade the connection with STARTTLS")
     smtp_connections: int = Field(
-        default=4, ge=1, le=100, description="SMTP connections kept open and reused"
+        default=8, ge=1, le=100, description="SMTP connections kept open and reused"
     )
 
     auth_directory_target: str = Field(
@@ -73,7 +73,14 @@ class NotificationsSettings(ServiceSettings):
         default=4, ge=1, le=64, description="Dispatch loops, each claiming its own batches"
     )
     dispatch_concurrency: int = Field(
-        default=20, ge=1, le=500, description="Messages being sent at once (all loops)"
+        default=20, ge=1, le=500, description="Messages being sent at once per channel"
+    )
+    dispatch_max_in_hand: int = Field(
+        default=500,
+        ge=1,
+        le=100_000,
+        description="Deliveries a consumer commit hands straight to this replica's sender "
+        "(claimed in the commit, sent at once); beyond it they wait for a dispatch loop",
     )
     dispatch_lease_seconds: float = Field(
         default=60.0, gt=0, description="A claimed delivery's lease; sent again after it if lost"

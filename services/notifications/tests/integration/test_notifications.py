@@ -14,10 +14,14 @@ from typing import Any
 
 import grpc
 import pytest
+import sqlalchemy as sa
 from aiokafka import AIOKafkaConsumer
+from cake.auth.v1 import auth_pb2_grpc, oauth_pb2
 from cake.events.v1 import envelope_pb2, payloads_pb2, registry
 from cake.notifications.v1 import notifications_pb2
+from cake_common.db import create_async_engine_for
 from cake_common.kafka import create_producer, ensure_topics, start_with_retry
+from cake_notifications.adapters.contacts import GrpcContactDirectory
 from google.protobuf.any_pb2 import Any as AnyMessage
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -144,6 +148,30 @@ async def test_a_voucher_becomes_one_email_and_one_entry_whatever_the_redeliveri
     assert listed.unread_count == 1
     await asyncio.sleep(1.5)  # anything repeated would have arrived by now
     assert len(smtp_sink.to(user.email)) == 1
+    # Handed over by the consumer's commit: each channel sent at its first attempt, with
+    # its own time; SMS and push recorded once each.
+    engine = create_async_engine_for(notifications.settings.database_url, pool_size=1)
+    try:
+        async with engine.connect() as connection:
+            sent = (
+                await connection.execute(
+                    sa.text(
+                        "SELECT d.channel, d.status, d.attempts, d.sent_at IS NOT NULL,"
+                        " r.recipient FROM deliveries d JOIN notifications n"
+                        " ON n.id = d.notification_id LEFT JOIN recorded_messages r"
+                        " ON r.delivery_id = d.id WHERE n.event_id = :event_id"
+                        " ORDER BY d.channel"
+                    ),
+                    {"event_id": uuid.UUID(event_id)},
+                )
+            ).all()
+    finally:
+        await engine.dispose()
+    assert [tuple(row) for row in sent] == [
+        ("email", "sent", 1, True, None),
+        ("push", "sent", 1, True, user.phone),
+        ("sms", "sent", 1, True, user.phone),
+    ]
     assert (
         notifications.counter("cake_notifications_consumed_events_total", result="duplicate") >= 2
     )
@@ -334,3 +362,67 @@ async def test_smtp_down_during_a_burst_every_email_arrives_exactly_once(
         assert codes[user.email] in email["Subject"]
     ids = [m["Message-ID"] for m in smtp_sink.messages()]
     assert len(ids) == len(set(ids))
+
+
+async def test_contacts_asked_for_together_go_to_auth_in_one_call(auth: Any) -> None:
+    users = [await auth.register() for _ in range(3)]
+
+    async def admin_token(_stub: Any) -> str:
+        return str(auth.token(users[0].id, "admin"))
+
+    directory = GrpcContactDirectory(f"127.0.0.1:{auth.running.port}", admin_token)
+    calls: list[str] = []
+    stub = directory._stub
+
+    class CountingStub:
+        def __getattr__(self, name: str) -> Any:
+            calls.append(name)
+            return getattr(stub, name)
+
+    directory._stub = CountingStub()  # type: ignore[assignment]
+    unknown = 9_000_000_000_000
+    try:
+        found = await asyncio.gather(
+            *(directory.contacts(user.id) for user in users),
+            directory.contacts(unknown),
+            directory.contacts(users[0].id),  # asked twice: asked for once
+        )
+        again = await directory.contacts(users[1].id)  # cached: no call
+    finally:
+        await directory.close()
+    assert calls == ["GetUsersContacts"]
+    assert [(c.user_id, c.email) for c in found[:3] if c] == [(u.id, u.email) for u in users]
+    assert found[3] is None and found[4] == found[0] and again == found[1]
+
+
+async def test_an_auth_without_the_batch_call_is_asked_one_user_at_a_time() -> None:
+    """During a rolling deployment notifications may meet an auth that only has
+    GetUserContacts: a gRPC server answering UNIMPLEMENTED for GetUsersContacts."""
+
+    class OlderAuth(auth_pb2_grpc.AuthServiceServicer):
+        async def GetUserContacts(
+            self, request: oauth_pb2.GetUserContactsRequest, context: Any
+        ) -> oauth_pb2.GetUserContactsResponse:
+            if request.user_id == 404:
+                await context.abort(grpc.StatusCode.NOT_FOUND, "User not found")
+            return oauth_pb2.GetUserContactsResponse(
+                user_id=request.user_id, email=f"u{request.user_id}@example.com"
+            )
+
+    server = grpc.aio.server()
+    auth_pb2_grpc.add_AuthServiceServicer_to_server(OlderAuth(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+
+    async def token(_stub: Any) -> str:
+        return "any"
+
+    directory = GrpcContactDirectory(f"127.0.0.1:{port}", token)
+    try:
+        found = await asyncio.gather(*(directory.contacts(u) for u in (7, 404, 8)))
+        later = await directory.contacts(9)
+    finally:
+        await directory.close()
+        await server.stop(None)
+    assert [c.email if c else None for c in found] == ["u7@example.com", None, "u8@example.com"]
+    assert later is not None and later.email == "u9@example.com"

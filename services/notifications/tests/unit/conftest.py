@@ -44,6 +44,20 @@ class Store:
     now: datetime | None = None
 
 
+def _delivery(stored: StoredDelivery) -> Delivery:
+    return Delivery(
+        stored.id,
+        stored.notification.id,
+        stored.notification.user_id,
+        stored.channel,
+        stored.notification.kind,
+        stored.attempts,
+        stored.facts,
+        stored.notification.created_at,
+        stored.trace_parent,
+    )
+
+
 class FakeUnitOfWork:
     def __init__(self, store: Store) -> None:
         self._store = store
@@ -69,25 +83,38 @@ class FakeUnitOfWork:
 
     # notifications
     async def add(
-        self, notification: Notification, facts: Mapping[str, str], trace_parent: str | None
-    ) -> None:
+        self,
+        notification: Notification,
+        facts: Mapping[str, str],
+        trace_parent: str | None,
+        claimed_until: datetime | None = None,
+    ) -> list[Delivery]:
         self._store.notifications[notification.id] = notification
+        created = []
         for channel in notification.channels:
             delivery_id = uuid4()
-            self._store.deliveries[delivery_id] = StoredDelivery(
+            stored = self._store.deliveries[delivery_id] = StoredDelivery(
                 delivery_id,
                 notification,
                 channel,
                 dict(facts),
                 trace_parent,
-                due_at=self._store.now,
+                attempts=0 if claimed_until is None else 1,
+                due_at=self._store.now if claimed_until is None else claimed_until,
             )
+            created.append(_delivery(stored))
+        return created
 
     async def add_many(
-        self, entries: Sequence[tuple[Notification, Mapping[str, str], str | None]]
-    ) -> None:
+        self,
+        entries: Sequence[tuple[Notification, Mapping[str, str], str | None]],
+        *,
+        claimed_until: datetime | None = None,
+    ) -> list[Delivery]:
+        created = []
         for notification, facts, trace_parent in entries:
-            await self.add(notification, facts, trace_parent)
+            created += await self.add(notification, facts, trace_parent, claimed_until)
+        return created
 
     async def page(
         self, user_id: int, *, after: PageCursor | None, limit: int, unread_only: bool
@@ -130,25 +157,13 @@ class FakeUnitOfWork:
                 continue
             stored.attempts += 1
             stored.due_at = now + timedelta(seconds=lease_seconds)
-            claimed.append(
-                Delivery(
-                    stored.id,
-                    stored.notification.id,
-                    stored.notification.user_id,
-                    stored.channel,
-                    stored.notification.kind,
-                    stored.attempts,
-                    stored.facts,
-                    stored.notification.created_at,
-                    stored.trace_parent,
-                )
-            )
+            claimed.append(_delivery(stored))
             if len(claimed) == limit:
                 break
         return claimed
 
-    async def mark_sent(self, delivery_ids: Sequence[UUID], at: datetime) -> None:
-        for delivery_id in delivery_ids:
+    async def mark_sent(self, sent: Sequence[tuple[UUID, datetime]]) -> None:
+        for delivery_id, _ in sent:
             self._store.deliveries[delivery_id].status = "sent"
 
     async def mark_failed(self, delivery_id: UUID, at: datetime, error: str) -> None:

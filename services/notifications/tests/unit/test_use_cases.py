@@ -350,3 +350,209 @@ async def test_a_commit_looks_its_users_contacts_up_before_any_claim(fakes) -> N
     await sending.stop()
     assert sorted(asked) == [7, 8]
     assert {d.status for d in fakes.store.deliveries.values()} == {"pending"}
+
+
+def handing_dispatcher(fakes, sender, **options) -> Dispatcher:  # type: ignore[no-untyped-def]
+    return Dispatcher(
+        fakes.uow,
+        fakes.directory,
+        JinjaRenderer(),
+        {Channel.EMAIL: sender, Channel.SMS: sender, Channel.PUSH: sender},
+        fakes.metrics,
+        retry=RetryPolicy(base_seconds=0.01, max_seconds=0.05),
+        idle_poll_seconds=3600,
+        clock=lambda: T0 + timedelta(seconds=1),
+        **options,
+    )
+
+
+async def test_a_commit_hands_its_deliveries_over_claimed_and_they_go_out_without_a_claim(
+    fakes,
+) -> None:
+    sender = SlowSender()
+    sending = handing_dispatcher(fakes, sender, workers=1)
+    wakes: list[Sequence[int]] = []
+    use_case = NotifyUsers(
+        fakes.uow,
+        JinjaRenderer(),
+        fakes.metrics,
+        wakes.append,
+        hand_off=sending,
+        clock=lambda: T0 + timedelta(seconds=1),
+    )
+    sending.start()
+    try:
+        await use_case.accept([voucher_event()])
+        # Stored claimed (one attempt, leased): no loop can claim them meanwhile.
+        assert {(d.status, d.attempts) for d in fakes.store.deliveries.values()} == {("pending", 1)}
+        assert await sending.run_once() == 0
+        async with asyncio.timeout(2):
+            await sender.until(3)
+            await asyncio.gather(*sending._handed)  # each recorded once sent
+        assert {d.status for d in fakes.store.deliveries.values()} == {"sent"}
+    finally:
+        await sending.stop()
+    assert wakes == []  # no loop was needed
+    assert sorted(m.delivery_id for m in sender.sent) == sorted(fakes.store.deliveries)
+    assert sorted(fakes.metrics.sent) == sorted([Channel.EMAIL, Channel.SMS, Channel.PUSH])
+
+
+async def test_a_users_deliveries_share_one_contacts_lookup(fakes) -> None:
+    asked: list[int] = []
+
+    class Directory:
+        async def contacts(self, user_id: int) -> Contacts | None:
+            asked.append(user_id)
+            await asyncio.sleep(0.01)
+            return fakes.directory.contacts_by_user.get(user_id)
+
+    use_case, _ = notify(fakes)
+    await use_case.accept([voucher_event()])
+    sending = dispatcher(fakes)
+    sending._directory = Directory()  # type: ignore[assignment]
+    assert await sending.run_once() == 3
+    assert asked == [7]  # three deliveries, one call to auth
+    assert {d.status for d in fakes.store.deliveries.values()} == {"sent"}
+
+
+async def all_sent(fakes) -> None:  # type: ignore[no-untyped-def]
+    while True:
+        if all(d.status == "sent" for d in fakes.store.deliveries.values()):
+            return
+        await asyncio.sleep(0.01)
+
+
+class FlakySender(SlowSender):
+    """Refuses about a third of the messages (the server briefly down)."""
+
+    async def send(self, message: OutgoingMessage) -> None:
+        await asyncio.sleep(random.uniform(0, 0.003))
+        if random.random() < 0.3:
+            raise TransientSendError("421 try later")
+        await super().send(message)
+
+
+async def test_concurrent_commits_handed_over_or_left_pending_each_message_goes_out_once(
+    fakes,
+) -> None:
+    """Eight consumers' worth of commits at once, more deliveries than the dispatcher takes
+    in hand (the rest wait for the loops), a sender refusing a third of the attempts (the
+    retries go through the loops): every delivery is sent exactly once."""
+    users = range(100, 260)
+    for user_id in users:
+        fakes.directory.contacts_by_user[user_id] = Contacts(
+            user_id, f"u{user_id}@example.com", "0900000000"
+        )
+    sender = FlakySender()
+    now = [T0]
+    sending = Dispatcher(
+        fakes.uow,
+        fakes.directory,
+        JinjaRenderer(),
+        {Channel.EMAIL: sender, Channel.SMS: sender, Channel.PUSH: sender},
+        fakes.metrics,
+        retry=RetryPolicy(base_seconds=0.01, max_seconds=0.05),
+        batch_size=5,
+        workers=4,
+        concurrency=8,
+        max_in_hand=30,
+        idle_poll_seconds=0.05,
+        clock=lambda: now[0],
+    )
+    use_case = NotifyUsers(
+        fakes.uow,
+        JinjaRenderer(),
+        fakes.metrics,
+        sending.wake,
+        hand_off=sending,
+        clock=lambda: now[0],
+    )
+
+    async def tick() -> None:  # the retries' backoff passes
+        while True:
+            await asyncio.sleep(0.005)
+            now[0] += timedelta(seconds=0.05)
+
+    async def consumer(mine: list[int]) -> None:
+        for start in range(0, len(mine), 4):
+            await use_case.accept([voucher_event(user_id=u) for u in mine[start : start + 4]])
+            await asyncio.sleep(0)
+
+    clock = asyncio.create_task(tick())
+    sending.start()
+    try:
+        await asyncio.gather(*(consumer(list(users)[n::8]) for n in range(8)))
+        async with asyncio.timeout(20):
+            await all_sent(fakes)
+    finally:
+        await sending.stop()
+        clock.cancel()
+    assert len(fakes.store.deliveries) == 3 * len(users)
+    sent = [m.delivery_id for m in sender.sent]
+    assert sorted(sent) == sorted(fakes.store.deliveries)  # each once, none twice
+    assert fakes.metrics.retried  # the refusals really happened
+    assert max(d.attempts for d in fakes.store.deliveries.values()) > 1
+
+
+async def test_a_handed_delivery_whose_lease_is_half_gone_is_left_for_a_later_claim(
+    fakes,
+) -> None:
+    now = [T0]
+    sending = handing_dispatcher(fakes, fakes.email, workers=1, lease_seconds=60)
+    sending._clock = lambda: now[0]  # type: ignore[method-assign]
+    use_case = NotifyUsers(
+        fakes.uow, JinjaRenderer(), fakes.metrics, hand_off=sending, clock=lambda: now[0]
+    )
+    sending.start()
+    try:
+        await use_case.accept([voucher_event()])
+        now[0] += timedelta(seconds=31)  # its turn comes late: less than half the lease left
+        async with asyncio.timeout(2):
+            await asyncio.gather(*sending._handed)
+        assert fakes.email.sent == []
+        assert {d.status for d in fakes.store.deliveries.values()} == {"pending"}
+        now[0] += timedelta(seconds=30)  # the lease ran out: a claim sends it, once
+        assert await sending.run_once() == 3
+    finally:
+        await sending.stop()
+    assert len(fakes.email.sent) == 3
+    assert {d.status for d in fakes.store.deliveries.values()} == {"sent"}
+
+
+async def test_a_commit_handing_deliveries_over_looks_contacts_up_while_it_commits(
+    fakes,
+) -> None:
+    asked = asyncio.Event()
+
+    class Directory:
+        async def contacts(self, user_id: int) -> Contacts | None:
+            asked.set()
+            return fakes.directory.contacts_by_user.get(user_id)
+
+    def commits_once_asked():  # type: ignore[no-untyped-def]
+        uow = fakes.uow()
+
+        async def commit() -> None:  # a commit that takes until auth has been asked
+            async with asyncio.timeout(2):
+                await asked.wait()
+
+        uow.commit = commit
+        return uow
+
+    sending = handing_dispatcher(fakes, fakes.email, workers=1)
+    sending._directory = Directory()  # type: ignore[assignment]
+    use_case = NotifyUsers(
+        commits_once_asked,
+        JinjaRenderer(),
+        fakes.metrics,
+        hand_off=sending,
+        clock=lambda: T0 + timedelta(seconds=1),
+    )
+    sending.start()
+    try:
+        await use_case.accept([voucher_event()])  # times out if the lookup waits for it
+        async with asyncio.timeout(2):
+            await asyncio.gather(*sending._handed)
+    finally:
+        await sending.stop()
+    assert len(fakes.email.sent) == 3  # e-mail, SMS, push

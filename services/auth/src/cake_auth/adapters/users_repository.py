@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -137,6 +138,12 @@ class SqlUserRepository:
 
     async def get(self, user_id: int) -> User | None:
         return await self._one_user(sa.select(*_USER_COLUMNS).where(users.c.id == user_id))
+
+    async def get_many(self, user_ids: Sequence[int]) -> list[User]:
+        result = await self._session.execute(
+            sa.select(*_USER_COLUMNS).where(users.c.id.in_(list(user_ids)))
+        )
+        return [_user_from_row(row) for row in result]
 
     async def get_by_username(self, username: str) -> User | None:
         return await self._one_user(

@@ -117,6 +117,10 @@ class UserRepository(Protocol):
 
     async def get(self, user_id: int) -> User | None: ...
 
+    async def get_many(self, user_ids: Sequence[int]) -> list[User]:
+        """The users among ``user_ids`` that exist (in no set order)."""
+        ...
+
     async def get_by_username(self, username: str) -> User | None: ...
 
     async def find_for_login(self, account: LoginAccount) -> tuple[User, str] | None:

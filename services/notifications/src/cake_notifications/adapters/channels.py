@@ -16,11 +16,10 @@ from email.utils import formataddr, formatdate, parseaddr
 from typing import cast
 
 import aiosmtplib
-from sqlalchemy.dialects.postgresql import insert as pg_insert
+import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from cake_notifications.adapters.tables import recorded_messages
 from cake_notifications.service.ports import (
     OutgoingMessage,
     PermanentSendError,
@@ -79,7 +78,7 @@ class SmtpSender:
         password: str | None = None,
         start_tls: bool = False,
         tls_context: ssl.SSLContext | None = None,
-        connections: int = 4,
+        connections: int = 8,
     ) -> None:
         self._host = host
         self._port = port
@@ -151,6 +150,20 @@ class SmtpSender:
                 client.close()
 
 
+_RECORD = sa.text(
+    """
+INSERT INTO recorded_messages (delivery_id, channel, recipient, subject, body)
+SELECT * FROM unnest(
+    CAST(:ids AS uuid[]), CAST(:channels AS text[]), CAST(:recipients AS text[]),
+    CAST(:subjects AS text[]), CAST(:bodies AS text[])
+)
+ON CONFLICT (delivery_id) DO NOTHING
+"""
+)
+"""The recorder's write: one statement whatever the number of messages (a multi-row VALUES
+was compiled again for every new count of rows)."""
+
+
 class RecordingSender:
     """SMS or push, recorded in the database instead of sent (no provider yet).
 
@@ -174,24 +187,17 @@ class RecordingSender:
         await done
 
     async def _write(self, batch: list[tuple[OutgoingMessage, asyncio.Future[None]]]) -> None:
-        rows = [
-            {
-                "delivery_id": message.delivery_id,
-                "channel": message.channel.value,
-                "recipient": message.recipient,
-                "subject": message.subject,
-                "body": message.body,
-            }
-            for message, _ in batch
-        ]
-        statement = (
-            pg_insert(recorded_messages)
-            .values(rows)
-            .on_conflict_do_nothing(index_elements=[recorded_messages.c.delivery_id])
-        )
+        messages = [message for message, _ in batch]
+        parameters = {
+            "ids": [m.delivery_id for m in messages],
+            "channels": [m.channel.value for m in messages],
+            "recipients": [m.recipient for m in messages],
+            "subjects": [m.subject for m in messages],
+            "bodies": [m.body for m in messages],
+        }
         try:
             async with self._session_factory() as session:
-                await session.execute(statement)
+                await session.execute(_RECORD, parameters)
                 await session.commit()
         except Exception as error:
             failure = (

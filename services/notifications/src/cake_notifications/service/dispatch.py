@@ -6,13 +6,20 @@ after its channel took it; a send that fails transiently (SMTP server down) is t
 after the retry policy's backoff, for as long as it takes, and never dropped; a dispatcher
 that dies mid-send loses its lease and another one sends again with the SAME message id
 (the e-mail's Message-ID is the delivery id), so the receiving side can tell a repeat.
+
+Two ways in: the consumer's commit hands its new deliveries over already claimed
+(:meth:`Dispatcher.hand_off`, sent at once, no claim to wait for), and the dispatch loops
+claim whatever else is due (retries, a lost lease, deliveries left pending when too many
+were in hand). Each delivery goes its own way (contacts, render, send) and its outcome is
+recorded as soon as it is known, the outcomes that arrive meanwhile written together (one
+transaction); no delivery waits for the rest of a batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -44,6 +51,10 @@ UNKNOWN_USER = "unknown_user"
 BUSY_WAIT_SECONDS = 0.05
 """The shortest idle sleep (see ``Dispatcher._idle_seconds``)."""
 
+RECORD_ATTEMPTS = 3
+"""Tries at writing outcomes (the database down): after that the leases run out and the
+deliveries are sent again (same Message-ID), never lost."""
+
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
@@ -68,6 +79,7 @@ class Dispatcher:
         workers: int = 1,
         lease_seconds: float = 60.0,
         idle_poll_seconds: float = 10.0,
+        max_in_hand: int = 500,
         clock: Callable[[], datetime] = utc_now,
     ) -> None:
         self._uow_factory = uow_factory
@@ -78,7 +90,11 @@ class Dispatcher:
         self._retry = retry
         self._batch_size = batch_size
         self._workers = workers
-        self._slots = asyncio.Semaphore(concurrency)
+        self._slots = {channel: asyncio.Semaphore(concurrency) for channel in Channel}
+        """Messages being sent at once, per channel: e-mails waiting for the mail server
+        must not hold up SMS waiting for theirs, nor the other way round (with one shared
+        limit, SMS and push messages queued for the recorder's writes held most of it and
+        e-mails waited seconds for a turn under load: bench/notifications.py)."""
         self._lease_seconds = lease_seconds
         self._idle_poll_seconds = idle_poll_seconds
         self._clock = clock
@@ -91,6 +107,14 @@ class Dispatcher:
         self._warm_slots = asyncio.Semaphore(16)
         """At most this many lookups ahead of the claims at once."""
         self._tasks: list[asyncio.Task[None]] = []
+        self._max_in_hand = max_in_hand
+        self._handed: set[asyncio.Task[None]] = set()
+        """Deliveries handed over by a commit, each on its way out."""
+        self._lookups: dict[int, asyncio.Future[Contacts | TransientSendError | None]] = {}
+        """Contact lookups in flight, by user: a user's deliveries (one per channel) and
+        the warm-up share one call to auth."""
+        self._unrecorded: list[tuple[Delivery, Outcome, datetime, asyncio.Future[None]]] = []
+        self._recording = asyncio.Lock()
 
     def wake(self, user_ids: Collection[int] = ()) -> None:
         """New deliveries were committed: one sleeping loop claims them now (it wakes
@@ -101,14 +125,58 @@ class Dispatcher:
         background, so the lookup (a call to auth per new user) runs while the deliveries
         wait for a loop instead of after the claim: under load the wait for a claim was
         the longest step, and the lookups made each batch longer."""
-        if user_ids and not self._stopping.is_set():
-            task = asyncio.create_task(self._warm(list(user_ids)))
-            self._warming.add(task)
-            task.add_done_callback(self._warming.discard)
+        self.look_up_contacts(user_ids)
         if self._idle:
             self._idle.pop().set()
         else:
             self._missed_wake = True
+
+    def prepare(self, user_ids: Collection[int]) -> None:
+        """A commit of these users' deliveries is under way: look their contacts up now,
+        so the calls to auth run while it commits."""
+        if self._tasks:
+            self.look_up_contacts(user_ids)
+
+    def lease_for(self, count: int) -> datetime | None:
+        """A lease for ``count`` deliveries a commit is about to hand over; None when
+        stopping, not started, or with too many in hand already (they stay pending and the
+        loops claim them: a backlog held in memory would outlive its leases)."""
+        if self._stopping.is_set() or not self._tasks:
+            return None
+        if self._handed and len(self._handed) + count > self._max_in_hand:
+            return None
+        return self._clock() + timedelta(seconds=self._lease_seconds)
+
+    def hand_off(
+        self, deliveries: Sequence[tuple[Delivery, Preferences]], lease_until: datetime
+    ) -> None:
+        """Send these deliveries, committed already claimed until ``lease_until``, now.
+        While stopping they are left to their leases (sent once those run out)."""
+        if self._stopping.is_set():
+            return
+        for delivery, preferences in deliveries:
+            task = asyncio.create_task(self._handed_delivery(delivery, preferences, lease_until))
+            self._handed.add(task)
+            task.add_done_callback(self._handed.discard)
+
+    async def _handed_delivery(
+        self, delivery: Delivery, preferences: Preferences, lease_until: datetime
+    ) -> None:
+        try:
+            await self._send_and_record(delivery, preferences, lease_until)
+        except Exception as error:  # its lease runs out and a loop sends it: nothing lost
+            _log.warning(
+                "delivery not dispatched, left to its lease",
+                delivery_id=str(delivery.id),
+                error=repr(error),
+            )
+
+    def look_up_contacts(self, user_ids: Collection[int]) -> None:
+        """Look these users' contacts up in the background (at most 16 at once)."""
+        if user_ids and not self._stopping.is_set():
+            task = asyncio.create_task(self._warm(list(user_ids)))
+            self._warming.add(task)
+            task.add_done_callback(self._warming.discard)
 
     def start(self) -> None:
         """``workers`` loops, each claiming its own batches (the claims skip each other's
@@ -125,7 +193,8 @@ class Dispatcher:
             event.set()
         for task in [*self._warming]:
             task.cancel()
-        for task in [*self._tasks, *self._warming]:
+        # Deliveries on their way out finish (within the channel's timeout) and are recorded.
+        for task in [*self._tasks, *self._warming, *self._handed]:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
@@ -177,14 +246,13 @@ class Dispatcher:
     async def run_once(self) -> int:
         """Claim the due deliveries and send them; how many were claimed.
 
-        The database work is per batch, not per message: one transaction claims and reads
-        the users' preferences, one records every outcome; the sends (and the contact
-        lookups, cached) run concurrently in between, outside any transaction.
+        One transaction claims and reads the users' preferences; then each delivery goes
+        its own way (contacts, send) and is recorded as soon as it is done, together with
+        whatever else finished meanwhile (:meth:`_record_soon`); returns when all are.
         """
+        now = self._clock()
         async with self._uow_factory() as uow:
-            claimed = await uow.deliveries.claim_due(
-                self._clock(), self._batch_size, self._lease_seconds
-            )
+            claimed = await uow.deliveries.claim_due(now, self._batch_size, self._lease_seconds)
             users = sorted({delivery.user_id for delivery in claimed})
             preferences = await uow.preferences.get_many(users) if users else {}
             await uow.commit()
@@ -192,20 +260,31 @@ class Dispatcher:
             return 0
         if len(claimed) >= self._batch_size:
             self.wake()  # more may be due: a sleeping loop joins in
-        found = await asyncio.gather(*(self._contacts(user) for user in users))
-        contacts = dict(zip(users, found, strict=True))
-        outcomes = await asyncio.gather(
+        lease_until = now + timedelta(seconds=self._lease_seconds)
+        await asyncio.gather(
             *(
-                self._deliver(
+                self._send_and_record(
                     delivery,
-                    contacts[delivery.user_id],
                     preferences.get(delivery.user_id) or Preferences(delivery.user_id),
+                    lease_until,
                 )
                 for delivery in claimed
             )
         )
-        await self._record(list(zip(claimed, outcomes, strict=True)))
         return len(claimed)
+
+    async def _send_and_record(
+        self, delivery: Delivery, preferences: Preferences, lease_until: datetime
+    ) -> None:
+        contacts = await self._contacts(delivery.user_id)
+        outcome = await self._deliver(delivery, contacts, preferences, lease_until)
+        if outcome is None:
+            _log.warning(
+                "delivery's lease nearly over before its turn, left for a later claim",
+                delivery_id=str(delivery.id),
+            )
+            return
+        await self._record_soon(delivery, outcome, self._clock())
 
     async def _warm(self, user_ids: list[int]) -> None:
         """Look contacts up ahead of the claim (the directory caches them); a failure
@@ -218,6 +297,23 @@ class Dispatcher:
         await asyncio.gather(*(one(user) for user in user_ids), return_exceptions=True)
 
     async def _contacts(self, user_id: int) -> Contacts | TransientSendError | None:
+        """The user's contacts, one lookup at a time per user (asyncio futures shared by
+        the callers; hand-written: a dict and a callback, not worth a dependency)."""
+        lookup = self._lookups.get(user_id)
+        if lookup is None:
+            lookup = asyncio.ensure_future(self._lookup(user_id))
+            self._lookups[user_id] = lookup
+
+            def forget(done: asyncio.Future[Contacts | TransientSendError | None]) -> None:
+                if self._lookups.get(user_id) is done:
+                    del self._lookups[user_id]
+                if not done.cancelled():
+                    done.exception()  # retrieved: every waiter may have gone
+
+            lookup.add_done_callback(forget)
+        return await asyncio.shield(lookup)
+
+    async def _lookup(self, user_id: int) -> Contacts | TransientSendError | None:
         try:
             return await self._directory.contacts(user_id)
         except TransientSendError as error:
@@ -228,8 +324,15 @@ class Dispatcher:
         delivery: Delivery,
         contacts: Contacts | TransientSendError | None,
         preferences: Preferences,
-    ) -> Outcome:
-        async with self._slots:
+        lease_until: datetime,
+    ) -> Outcome | None:
+        """Its attempt, or None without one when less than half its lease is left by the
+        time a sending slot is free: the send (the channel's timeouts) must end within the
+        lease, else a loop would claim and send it a second time meanwhile."""
+        async with self._slots[delivery.channel]:
+            left = (lease_until - self._clock()).total_seconds()
+            if left < self._lease_seconds / 2:
+                return None
             with start_span_from_traceparent(
                 f"notifications send {delivery.channel.value}",
                 delivery.trace_parent,
@@ -269,23 +372,60 @@ class Dispatcher:
         rendered = self._renderer.render(delivery.kind, language, delivery.channel.value, values)
         return OutgoingMessage(delivery.id, delivery.channel, to, rendered.subject, rendered.body)
 
-    async def _record(self, results: list[tuple[Delivery, Outcome]]) -> None:
-        now = self._clock()
+    async def _record_soon(self, delivery: Delivery, outcome: Outcome, at: datetime) -> None:
+        """Record the outcome (``at``: when it was known), in one transaction with every
+        other outcome that arrived while the previous write ran (a group commit); returns
+        once it is committed. A transaction per delivery was most of the dispatcher's
+        database work in a burst, and one per claimed batch made each delivery wait for the
+        slowest of its batch."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._unrecorded.append((delivery, outcome, at, done))
+        async with self._recording:
+            if not done.done():
+                batch, self._unrecorded = self._unrecorded, []
+                try:
+                    await self._record(batch)
+                except Exception as error:
+                    for *_, waiting in batch:
+                        if not waiting.done():
+                            waiting.set_exception(error)
+                else:
+                    for *_, waiting in batch:
+                        if not waiting.done():
+                            waiting.set_result(None)
+        await done
+
+    async def _record(
+        self, results: list[tuple[Delivery, Outcome, datetime, asyncio.Future[None]]]
+    ) -> None:
+        for attempt in range(1, RECORD_ATTEMPTS + 1):
+            try:
+                await self._write_outcomes(results)
+                break
+            except Exception as error:
+                if attempt == RECORD_ATTEMPTS or self._stopping.is_set():
+                    raise
+                _log.warning("recording outcomes failed, retrying", error=repr(error))
+                await asyncio.sleep(self._retry.delay(attempt))
+        for delivery, outcome, at, _ in results:
+            self._report(delivery, outcome, at)
+
+    async def _write_outcomes(
+        self, results: list[tuple[Delivery, Outcome, datetime, asyncio.Future[None]]]
+    ) -> None:
         async with self._uow_factory() as uow:
-            sent = [delivery.id for delivery, outcome in results if outcome.sent]
+            sent = [(delivery.id, at) for delivery, outcome, at, _ in results if outcome.sent]
             if sent:
-                await uow.deliveries.mark_sent(sent, now)
-            for delivery, outcome in results:
+                await uow.deliveries.mark_sent(sent)
+            for delivery, outcome, at, _ in results:
                 if outcome.retry is not None:
-                    due = now + timedelta(seconds=self._retry.delay(delivery.attempts))
+                    due = at + timedelta(seconds=self._retry.delay(delivery.attempts))
                     await uow.deliveries.retry_later(delivery.id, due, outcome.retry[:500])
                 elif outcome.failed is not None:
-                    await uow.deliveries.mark_failed(delivery.id, now, outcome.failed[:500])
+                    await uow.deliveries.mark_failed(delivery.id, at, outcome.failed[:500])
                 elif outcome.skipped is not None:
-                    await uow.deliveries.mark_skipped(delivery.id, now, outcome.skipped)
+                    await uow.deliveries.mark_skipped(delivery.id, at, outcome.skipped)
             await uow.commit()
-        for delivery, outcome in results:
-            self._report(delivery, outcome, now)
 
     def _report(self, delivery: Delivery, outcome: Outcome, now: datetime) -> None:
         if outcome.retry is not None:

@@ -13,6 +13,7 @@ from uuid import uuid4
 from cake_common.logging import get_logger
 
 from cake_notifications.domain.notifications import (
+    Delivery,
     EventFacts,
     Notification,
     Preferences,
@@ -20,6 +21,7 @@ from cake_notifications.domain.notifications import (
     too_old_to_notify,
 )
 from cake_notifications.service.ports import (
+    DeliveryHandOff,
     MessageRenderer,
     NotificationMetrics,
     UnitOfWorkFactory,
@@ -54,6 +56,7 @@ class NotifyUsers:
         metrics: NotificationMetrics,
         on_committed: Callable[[Sequence[int]], None] = lambda _users: None,
         *,
+        hand_off: DeliveryHandOff | None = None,
         max_event_age: timedelta = timedelta(hours=24),
         clock: Callable[[], datetime] = utc_now,
     ) -> None:
@@ -61,8 +64,12 @@ class NotifyUsers:
         self._renderer = renderer
         self._metrics = metrics
         self._on_committed = on_committed
-        """Called after a commit that created deliveries, with their users: wakes the
-        dispatcher (and warms its contacts cache)."""
+        """Called after a commit that created deliveries left pending, with their users:
+        wakes the dispatcher (and warms its contacts cache)."""
+        self._hand_off = hand_off
+        """Takes the new deliveries claimed in the commit and sends them at once: waiting
+        for a dispatch loop's claim was the longest step from event to e-mail under load
+        (bench/notifications.py). When it has no room they are left pending instead."""
         self._max_event_age = max_event_age
         self._clock = clock
 
@@ -72,7 +79,13 @@ class NotifyUsers:
         stored: list[tuple[Notification, Mapping[str, str], str | None]] = []
         outcomes: list[str] = []
         too_old: list[EventFacts] = []
+        chosen_by_user: dict[int, Preferences] = {}
+        handed: list[Delivery] = []
+        lease_until: datetime | None = None
         now = self._clock()
+        if self._hand_off is not None:
+            # The contact lookups (a call to auth each) overlap the transaction.
+            self._hand_off.prepare({event.facts.user_id for event in events})
         async with self._uow_factory() as uow:
             fresh = await uow.inbox.record([event.facts.event_id for event in events])
             users = sorted({event.facts.user_id for event in events})
@@ -88,6 +101,7 @@ class NotifyUsers:
                     outcomes.append(TOO_OLD)
                     continue
                 chosen = preferences.get(facts.user_id) or Preferences(facts.user_id)
+                chosen_by_user[facts.user_id] = chosen
                 language = chosen.language_or(None)
                 entry = self._renderer.render(facts.kind, language, INBOX_VARIANT, facts.values)
                 notification = Notification(
@@ -103,7 +117,10 @@ class NotifyUsers:
                 stored.append((notification, facts.values, event.trace_parent))
                 created.append(notification)
                 outcomes.append(CREATED)
-            await uow.notifications.add_many(stored)
+            channels = sum(len(notification.channels) for notification in created)
+            if self._hand_off is not None and channels:
+                lease_until = self._hand_off.lease_for(channels)
+            handed = await uow.notifications.add_many(stored, claimed_until=lease_until)
             await uow.commit()
         for notification in created:
             self._metrics.notification_created(notification.kind)
@@ -116,6 +133,13 @@ class NotifyUsers:
                 oldest=min(facts.occurred_at for facts in too_old).isoformat(),
                 max_age_seconds=self._max_event_age.total_seconds(),
             )
+        if lease_until is not None and self._hand_off is not None:
+            if handed:
+                self._hand_off.hand_off(
+                    [(delivery, chosen_by_user[delivery.user_id]) for delivery in handed],
+                    lease_until,
+                )
+            return outcomes
         users = sorted({n.user_id for n in created if n.channels})
         if users:
             self._on_committed(users)

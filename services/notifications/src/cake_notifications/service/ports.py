@@ -3,7 +3,7 @@ tests fake them."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -89,9 +89,14 @@ class NotificationRepository(Protocol):
         ...
 
     async def add_many(
-        self, entries: Sequence[tuple[Notification, Mapping[str, str], str | None]]
-    ) -> None:
-        """:meth:`add` for each (notification, facts, trace parent), stored together."""
+        self,
+        entries: Sequence[tuple[Notification, Mapping[str, str], str | None]],
+        *,
+        claimed_until: datetime | None = None,
+    ) -> list[Delivery]:
+        """:meth:`add` for each (notification, facts, trace parent), stored together; the
+        deliveries created. With ``claimed_until`` they are stored already claimed (one
+        attempt, leased until then) for the caller to send, not due now."""
         ...
 
     async def page(
@@ -111,7 +116,9 @@ class DeliveryRepository(Protocol):
         ``lease_seconds`` (a crashed dispatcher's lease runs out and another takes over)."""
         ...
 
-    async def mark_sent(self, delivery_ids: Sequence[UUID], at: datetime) -> None: ...
+    async def mark_sent(self, sent: Sequence[tuple[UUID, datetime]]) -> None:
+        """Each (delivery id, when its channel took it) is sent."""
+        ...
 
     async def mark_failed(self, delivery_id: UUID, at: datetime, error: str) -> None: ...
 
@@ -123,6 +130,27 @@ class DeliveryRepository(Protocol):
 
     async def next_due(self) -> datetime | None:
         """When the next pending delivery is due (leases included); None if none is."""
+        ...
+
+
+class DeliveryHandOff(Protocol):
+    """Where a consumer commit hands its new deliveries straight to be sent (the
+    dispatcher), claimed in the commit itself instead of waiting for a claim."""
+
+    def prepare(self, user_ids: Collection[int]) -> None:
+        """Deliveries for these users may follow: their contacts can be looked up now,
+        while the commit runs."""
+        ...
+
+    def lease_for(self, count: int) -> datetime | None:
+        """The lease end to claim ``count`` new deliveries under, or None when they must be
+        left pending for the claims instead (stopping, or too many in hand already)."""
+        ...
+
+    def hand_off(
+        self, deliveries: Sequence[tuple[Delivery, Preferences]], lease_until: datetime
+    ) -> None:
+        """Send these committed deliveries (claimed until ``lease_until``) now."""
         ...
 
 

@@ -97,6 +97,11 @@ class AuthServiceStub:
                 request_serializer=cake_dot_auth_dot_v1_dot_oauth__pb2.GetUserContactsRequest.SerializeToString,
                 response_deserializer=cake_dot_auth_dot_v1_dot_oauth__pb2.GetUserContactsResponse.FromString,
                 _registered_method=True)
+        self.GetUsersContacts = channel.unary_unary(
+                '/cake.auth.v1.AuthService/GetUsersContacts',
+                request_serializer=cake_dot_auth_dot_v1_dot_oauth__pb2.GetUsersContactsRequest.SerializeToString,
+                response_deserializer=cake_dot_auth_dot_v1_dot_oauth__pb2.GetUsersContactsResponse.FromString,
+                _registered_method=True)
 
 
 class AuthServiceServicer:
@@ -208,6 +213,16 @@ class AuthServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUsersContacts(self, request, context):
+        """GetUsersContacts returns the contacts of several users at once (GetUserContacts for
+        each, one call), for services that notify many users at a time (scope
+        `users:read-contacts`) and admins. Unknown users are left out of the answer. Internal:
+        not served through the gateway.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuthServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -270,6 +285,11 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     servicer.GetUserContacts,
                     request_deserializer=cake_dot_auth_dot_v1_dot_oauth__pb2.GetUserContactsRequest.FromString,
                     response_serializer=cake_dot_auth_dot_v1_dot_oauth__pb2.GetUserContactsResponse.SerializeToString,
+            ),
+            'GetUsersContacts': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsersContacts,
+                    request_deserializer=cake_dot_auth_dot_v1_dot_oauth__pb2.GetUsersContactsRequest.FromString,
+                    response_serializer=cake_dot_auth_dot_v1_dot_oauth__pb2.GetUsersContactsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -598,6 +618,33 @@ class AuthService:
             '/cake.auth.v1.AuthService/GetUserContacts',
             cake_dot_auth_dot_v1_dot_oauth__pb2.GetUserContactsRequest.SerializeToString,
             cake_dot_auth_dot_v1_dot_oauth__pb2.GetUserContactsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsersContacts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cake.auth.v1.AuthService/GetUsersContacts',
+            cake_dot_auth_dot_v1_dot_oauth__pb2.GetUsersContactsRequest.SerializeToString,
+            cake_dot_auth_dot_v1_dot_oauth__pb2.GetUsersContactsResponse.FromString,
             options,
             channel_credentials,
             insecure,

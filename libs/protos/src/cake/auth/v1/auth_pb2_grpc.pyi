@@ -89,6 +89,12 @@ class AuthServiceStub:
     that notify users (scope `users:read-contacts`) and admins. Fails with NOT_FOUND for an
     unknown user.
     """
+    GetUsersContacts: _grpc.UnaryUnaryMultiCallable[_oauth_pb2.GetUsersContactsRequest, _oauth_pb2.GetUsersContactsResponse]
+    """GetUsersContacts returns the contacts of several users at once (GetUserContacts for
+    each, one call), for services that notify many users at a time (scope
+    `users:read-contacts`) and admins. Unknown users are left out of the answer. Internal:
+    not served through the gateway.
+    """
 
 @_typing.type_check_only
 class AuthServiceAsyncStub(AuthServiceStub):
@@ -149,6 +155,12 @@ class AuthServiceAsyncStub(AuthServiceStub):
     """GetUserContacts returns where a user can be reached (name, e-mail, phone), for services
     that notify users (scope `users:read-contacts`) and admins. Fails with NOT_FOUND for an
     unknown user.
+    """
+    GetUsersContacts: _aio.UnaryUnaryMultiCallable[_oauth_pb2.GetUsersContactsRequest, _oauth_pb2.GetUsersContactsResponse]  # type: ignore[assignment]
+    """GetUsersContacts returns the contacts of several users at once (GetUserContacts for
+    each, one call), for services that notify many users at a time (scope
+    `users:read-contacts`) and admins. Unknown users are left out of the answer. Internal:
+    not served through the gateway.
     """
 
 class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -279,6 +291,18 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         """GetUserContacts returns where a user can be reached (name, e-mail, phone), for services
         that notify users (scope `users:read-contacts`) and admins. Fails with NOT_FOUND for an
         unknown user.
+        """
+
+    @_abc_1.abstractmethod
+    def GetUsersContacts(
+        self,
+        request: _oauth_pb2.GetUsersContactsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_oauth_pb2.GetUsersContactsResponse, _abc.Awaitable[_oauth_pb2.GetUsersContactsResponse]]:
+        """GetUsersContacts returns the contacts of several users at once (GetUserContacts for
+        each, one call), for services that notify many users at a time (scope
+        `users:read-contacts`) and admins. Unknown users are left out of the answer. Internal:
+        not served through the gateway.
         """
 
 def add_AuthServiceServicer_to_server(servicer: AuthServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -26,7 +26,7 @@ from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63\x61ke/auth/v1/oauth.proto\x12\x0c\x63\x61ke.auth.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x19google/api/httpbody.proto\"\xa6\x01\n\x0cTokenRequest\x12\x1b\n\ngrant_type\x18\x01 \x01(\tB\x07\xbaH\x04r\x02\x18@\x12\x1b\n\tclient_id\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x01\x12\x1f\n\rclient_secret\x18\x03 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x02\x12\x17\n\x05scope\x18\x04 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x08\x12\"\n\x04\x66orm\x18\x05 \x01(\x0b\x32\x14.google.api.HttpBody\"\x82\x01\n\rTokenResponse\x12\"\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\tR\x0c\x61\x63\x63\x65ss_token\x12\x1e\n\ntoken_type\x18\x02 \x01(\tR\ntoken_type\x12\x1e\n\nexpires_in\x18\x03 \x01(\x05R\nexpires_in\x12\r\n\x05scope\x18\x04 \x01(\t\"2\n\x16GetUserContactsRequest\x12\x18\n\x07user_id\x18\x01 \x01(\x03\x42\x07\xbaH\x04\"\x02 \x00\"Z\n\x17GetUserContactsResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x10\n\x08\x66ullname\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12\r\n\x05phone\x18\x04 \x01(\t\"\x1f\n\x1dGetOpenIdConfigurationRequest\"\xa4\x04\n\x1eGetOpenIdConfigurationResponse\x12\x0e\n\x06issuer\x18\x01 \x01(\t\x12\x1a\n\x08jwks_uri\x18\x02 \x01(\tR\x08jwks_uri\x12&\n\x0etoken_endpoint\x18\x03 \x01(\tR\x0etoken_endpoint\x12\x34\n\x15grant_types_supported\x18\x04 \x03(\tR\x15grant_types_supported\x12T\n%token_endpoint_auth_methods_supported\x18\x05 \x03(\tR%token_endpoint_auth_methods_supported\x12:\n\x18response_types_supported\x18\x06 \x03(\tR\x18response_types_supported\x12\x38\n\x17subject_types_supported\x18\x07 \x03(\tR\x17subject_types_supported\x12T\n%id_token_signing_alg_values_supported\x18\x08 \x03(\tR%id_token_signing_alg_values_supported\x12*\n\x10scopes_supported\x18\t \x03(\tR\x10scopes_supported\x12*\n\x10\x63laims_supported\x18\n \x03(\tR\x10\x63laims_supportedb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63\x61ke/auth/v1/oauth.proto\x12\x0c\x63\x61ke.auth.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x19google/api/httpbody.proto\"\xa6\x01\n\x0cTokenRequest\x12\x1b\n\ngrant_type\x18\x01 \x01(\tB\x07\xbaH\x04r\x02\x18@\x12\x1b\n\tclient_id\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x01\x12\x1f\n\rclient_secret\x18\x03 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x02\x12\x17\n\x05scope\x18\x04 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x08\x12\"\n\x04\x66orm\x18\x05 \x01(\x0b\x32\x14.google.api.HttpBody\"\x82\x01\n\rTokenResponse\x12\"\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\tR\x0c\x61\x63\x63\x65ss_token\x12\x1e\n\ntoken_type\x18\x02 \x01(\tR\ntoken_type\x12\x1e\n\nexpires_in\x18\x03 \x01(\x05R\nexpires_in\x12\r\n\x05scope\x18\x04 \x01(\t\"2\n\x16GetUserContactsRequest\x12\x18\n\x07user_id\x18\x01 \x01(\x03\x42\x07\xbaH\x04\"\x02 \x00\"Z\n\x17GetUserContactsResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x10\n\x08\x66ullname\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12\r\n\x05phone\x18\x04 \x01(\t\"@\n\x17GetUsersContactsRequest\x12%\n\x08user_ids\x18\x01 \x03(\x03\x42\x13\xbaH\x10\x92\x01\r\x08\x01\x10\xf4\x03\x18\x01\"\x04\"\x02 \x00\"S\n\x18GetUsersContactsResponse\x12\x37\n\x08\x63ontacts\x18\x01 \x03(\x0b\x32%.cake.auth.v1.GetUserContactsResponse\"\x1f\n\x1dGetOpenIdConfigurationRequest\"\xa4\x04\n\x1eGetOpenIdConfigurationResponse\x12\x0e\n\x06issuer\x18\x01 \x01(\t\x12\x1a\n\x08jwks_uri\x18\x02 \x01(\tR\x08jwks_uri\x12&\n\x0etoken_endpoint\x18\x03 \x01(\tR\x0etoken_endpoint\x12\x34\n\x15grant_types_supported\x18\x04 \x03(\tR\x15grant_types_supported\x12T\n%token_endpoint_auth_methods_supported\x18\x05 \x03(\tR%token_endpoint_auth_methods_supported\x12:\n\x18response_types_supported\x18\x06 \x03(\tR\x18response_types_supported\x12\x38\n\x17subject_types_supported\x18\x07 \x03(\tR\x17subject_types_supported\x12T\n%id_token_signing_alg_values_supported\x18\x08 \x03(\tR%id_token_signing_alg_values_supported\x12*\n\x10scopes_supported\x18\t \x03(\tR\x10scopes_supported\x12*\n\x10\x63laims_supported\x18\n \x03(\tR\x10\x63laims_supportedb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,6 +43,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENREQUEST'].fields_by_name['scope']._serialized_options = b'\272H\005r\003\030\200\010'
   _globals['_GETUSERCONTACTSREQUEST'].fields_by_name['user_id']._loaded_options = None
   _globals['_GETUSERCONTACTSREQUEST'].fields_by_name['user_id']._serialized_options = b'\272H\004\"\002 \000'
+  _globals['_GETUSERSCONTACTSREQUEST'].fields_by_name['user_ids']._loaded_options = None
+  _globals['_GETUSERSCONTACTSREQUEST'].fields_by_name['user_ids']._serialized_options = b'\272H\020\222\001\r\010\001\020\364\003\030\001\"\004\"\002 \000'
   _globals['_TOKENREQUEST']._serialized_start=99
   _globals['_TOKENREQUEST']._serialized_end=265
   _globals['_TOKENRESPONSE']._serialized_start=268
@@ -51,8 +53,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETUSERCONTACTSREQUEST']._serialized_end=450
   _globals['_GETUSERCONTACTSRESPONSE']._serialized_start=452
   _globals['_GETUSERCONTACTSRESPONSE']._serialized_end=542
-  _globals['_GETOPENIDCONFIGURATIONREQUEST']._serialized_start=544
-  _globals['_GETOPENIDCONFIGURATIONREQUEST']._serialized_end=575
-  _globals['_GETOPENIDCONFIGURATIONRESPONSE']._serialized_start=578
-  _globals['_GETOPENIDCONFIGURATIONRESPONSE']._serialized_end=1126
+  _globals['_GETUSERSCONTACTSREQUEST']._serialized_start=544
+  _globals['_GETUSERSCONTACTSREQUEST']._serialized_end=608
+  _globals['_GETUSERSCONTACTSRESPONSE']._serialized_start=610
+  _globals['_GETUSERSCONTACTSRESPONSE']._serialized_end=693
+  _globals['_GETOPENIDCONFIGURATIONREQUEST']._serialized_start=695
+  _globals['_GETOPENIDCONFIGURATIONREQUEST']._serialized_end=726
+  _globals['_GETOPENIDCONFIGURATIONRESPONSE']._serialized_start=729
+  _globals['_GETOPENIDCONFIGURATIONRESPONSE']._serialized_end=1277
 # @@protoc_insertion_point(module_scope)

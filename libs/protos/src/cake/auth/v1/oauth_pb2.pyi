@@ -155,6 +155,54 @@ class GetUserContactsResponse(_message.Message):
 Global___GetUserContactsResponse: _TypeAlias = GetUserContactsResponse  # noqa: Y015
 
 @_typing.final
+class GetUsersContactsRequest(_message.Message):
+    """GetUsersContactsRequest names the users whose contact details a service needs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def user_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The users' ids: 1 to 500 distinct positive ids."""
+
+    def __init__(
+        self,
+        *,
+        user_ids: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["user_ids", b"user_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUsersContactsRequest: _TypeAlias = GetUsersContactsRequest  # noqa: Y015
+
+@_typing.final
+class GetUsersContactsResponse(_message.Message):
+    """GetUsersContactsResponse holds the contacts of the users auth knows, in no set order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONTACTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def contacts(self) -> _containers.RepeatedCompositeFieldContainer[Global___GetUserContactsResponse]:
+        """One per known user asked for; an unknown user has none."""
+
+    def __init__(
+        self,
+        *,
+        contacts: _abc.Iterable[Global___GetUserContactsResponse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["contacts", b"contacts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUsersContactsResponse: _TypeAlias = GetUsersContactsResponse  # noqa: Y015
+
+@_typing.final
 class GetOpenIdConfigurationRequest(_message.Message):
     """GetOpenIdConfigurationRequest is empty."""
 

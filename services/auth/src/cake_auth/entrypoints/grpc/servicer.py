@@ -259,6 +259,19 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
             user_id=user.id, fullname=user.fullname, email=user.email, phone=user.phone
         )
 
+    async def GetUsersContacts(
+        self, request: oauth_pb2.GetUsersContactsRequest, context: Context
+    ) -> oauth_pb2.GetUsersContactsResponse:
+        users = await self._use_cases.users_contacts(list(request.user_ids))
+        return oauth_pb2.GetUsersContactsResponse(
+            contacts=[
+                oauth_pb2.GetUserContactsResponse(
+                    user_id=user.id, fullname=user.fullname, email=user.email, phone=user.phone
+                )
+                for user in users
+            ]
+        )
+
     async def GetOpenIdConfiguration(
         self, request: oauth_pb2.GetOpenIdConfigurationRequest, context: Context
     ) -> oauth_pb2.GetOpenIdConfigurationResponse:
