@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -133,14 +133,6 @@ class FakeOutbox:
         claimed = self._claimable(exclude_ids)[:batch_size]
         self.claims.append([row.id for row in claimed])
         return claimed
-
-    async def claim_in_chunks(
-        self, batch_size: int, *, exclude_ids: Sequence[int], guard_retries: bool
-    ) -> AsyncGenerator[list[OutboxEvent], None]:
-        """The claim in chunks of two rows, as PostgreSQL streams it in (bigger) chunks."""
-        claimed = await self.claim(batch_size, exclude_ids=exclude_ids, guard_retries=guard_retries)
-        for start in range(0, len(claimed), 2):
-            yield claimed[start : start + 2]
 
     async def record_outcome(
         self,

@@ -7,7 +7,7 @@ within that (advisory locks, LISTEN and NOTIFY need no privileges).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing, asynccontextmanager, suppress
 from typing import Any, LiteralString, cast
 from uuid import UUID
@@ -245,24 +245,11 @@ class LeaderConnection:
     ) -> list[OutboxEvent]:
         """Inside :meth:`transaction`: lock and return the next due rows (see
         :func:`_claim_statement`)."""
-        claimed: list[OutboxEvent] = []
-        async with aclosing(
-            self.claim_in_chunks(batch_size, exclude_ids=exclude_ids, guard_retries=guard_retries)
-        ) as chunks:
-            async for chunk in chunks:
-                claimed += chunk
-        return claimed
-
-    async def claim_in_chunks(
-        self, batch_size: int, *, exclude_ids: Sequence[int], guard_retries: bool
-    ) -> AsyncGenerator[list[OutboxEvent], None]:
-        """:meth:`claim`, yielding the rows chunk by chunk as PostgreSQL sends them: the
-        caller publishes the first rows while the database still locks the next ones. The
-        session is busy until the generator is exhausted or closed."""
         # Run on the driver's cursor, inside the transaction SQLAlchemy began: rows come back
         # in binary (no hex decoding of payloads, no parsing of timestamps) and straight
         # into OutboxEvent, which halves the relay's cost per claimed row compared with
-        # SQLAlchemy's result rows; and they stream in chunks (measured with
+        # SQLAlchemy's result rows; and they stream in chunks, so this process decodes the
+        # first rows while PostgreSQL still locks and sends the rest (measured with
         # bench/relay_throughput.py).
         statement, params = _claim_query(batch_size, exclude_ids, guard_retries=guard_retries)
         driver = await self._driver_connection()
@@ -270,18 +257,10 @@ class LeaderConnection:
         async with driver.cursor(binary=True, row_factory=args_row(OutboxEvent)) as cursor:
             if not _CHUNKED_ROWS:
                 await cursor.execute(statement, params)
-                yield await cursor.fetchall()
-                return
-            chunk: list[OutboxEvent] = []
-            # The stream hands out a chunk's rows one by one, then waits for the next chunk:
-            # yielding every CLAIM_CHUNK_ROWS rows yields each chunk as it arrived.
-            async for event in cursor.stream(statement, params, size=CLAIM_CHUNK_ROWS):
-                chunk.append(event)
-                if len(chunk) == CLAIM_CHUNK_ROWS:
-                    yield chunk
-                    chunk = []
-            if chunk:
-                yield chunk
+                return await cursor.fetchall()
+            return [
+                event async for event in cursor.stream(statement, params, size=CLAIM_CHUNK_ROWS)
+            ]
 
     async def claim_plan(
         self, batch_size: int, *, exclude_ids: Sequence[int], guard_retries: bool

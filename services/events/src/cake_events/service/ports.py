@@ -8,7 +8,7 @@ unit tests pass in-memory fakes."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
@@ -39,13 +39,6 @@ class RelayLeader(Protocol):
     async def claim(
         self, batch_size: int, *, exclude_ids: Sequence[int], guard_retries: bool
     ) -> list[OutboxEvent]: ...
-
-    def claim_in_chunks(
-        self, batch_size: int, *, exclude_ids: Sequence[int], guard_retries: bool
-    ) -> AsyncGenerator[list[OutboxEvent], None]:
-        """:meth:`claim`, chunk by chunk as the database sends the rows (in id order); the
-        session is busy until the generator is exhausted or closed."""
-        ...
 
     async def record_outcome(
         self,

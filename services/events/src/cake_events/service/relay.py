@@ -40,11 +40,7 @@ aggregates that failed in batch *k-1* (not yet recorded) are held back in batch 
 order guarantees above are unchanged. A crash loses nothing: unrecorded rows are simply
 published again. The recording is started first and the hand-over to the producer yields
 to the event loop every few dozen events, so the databases write, and the producer ships,
-while the batch is still being handed over. The claim itself streams: its rows are handed
-to the producer chunk by chunk as PostgreSQL locks and sends them (still in id order), and
-the outbox part of the recording waits for the claim to be done with the leader session.
-The producer does not linger: a claim's last messages go out at once, and the flush that
-ends the batch does not wait for a linger timer.
+while the batch is still being handed over.
 
 Security audit entries (``SECURITY_AUDIT`` rows) are relayed into the events database, not
 to Kafka: the transaction that marks them published adds them to the append-only
@@ -64,8 +60,7 @@ import dataclasses
 import operator
 import random as _random
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import aclosing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -337,24 +332,27 @@ class OutboxRelay:
     ) -> _PublishedBatch | None:
         """One transaction: claim the next batch and publish it while recording the
         previous one. Returns the batch just published (None if nothing was claimed)."""
+        current: _PublishedBatch | None = None
         async with leader.transaction():
-            # Set once the claim has all its rows: the session is free for the recording.
-            claimed = asyncio.Event()
+            events: list[OutboxEvent] = []
+            if may_claim:
+                events = await leader.claim(
+                    self._timing.batch_size,
+                    exclude_ids=previous.ids if previous else (),
+                    guard_retries=self._rows_in_retry is None or self._rows_in_retry > 0,
+                )
+            self.in_flight = len(events)
             try:
                 async with asyncio.TaskGroup() as tasks:
-                    # Recording first: its events-database part sends its statements and
-                    # waits, so that database writes while this process builds and hands
-                    # over the next batch; its outbox part runs on the leader session once
-                    # the claim is done with it.
+                    # Recording first: it sends its statements and waits, so the databases
+                    # write while this process builds and hands over the next batch (the
+                    # other way round, the databases only start once the batch is handed
+                    # over, and then compete with Kafka while this process idles).
                     if previous is not None:
-                        tasks.create_task(self._record(leader, previous, claimed))
+                        tasks.create_task(self._record(leader, previous))
                     publishing = (
-                        tasks.create_task(self._claim_and_publish(leader, previous, claimed))
-                        if may_claim
-                        else None
+                        tasks.create_task(self._publish_batch(events, previous)) if events else None
                     )
-                    if publishing is None:
-                        claimed.set()
                 current = publishing.result() if publishing is not None else None
             finally:
                 self.in_flight = 0
@@ -362,53 +360,34 @@ class OutboxRelay:
             await self._recorded(previous)
         return current
 
-    async def _claim_and_publish(
-        self, leader: RelayLeader, previous: _PublishedBatch | None, claimed: asyncio.Event
-    ) -> _PublishedBatch | None:
-        """Claim the next batch and publish it as its rows arrive: the first chunk goes to
-        Kafka while PostgreSQL still locks and sends the next ones (claiming first and
-        publishing after left this process waiting for the whole claim, and Kafka idle)."""
-        events: list[OutboxEvent] = []
-        try:
-            async with aclosing(
-                leader.claim_in_chunks(
-                    self._timing.batch_size,
-                    exclude_ids=previous.ids if previous else (),
-                    guard_retries=self._rows_in_retry is None or self._rows_in_retry > 0,
-                )
-            ) as chunks:
-                held_back = previous.failed_aggregates if previous is not None else frozenset()
-                result = await self._publish(chunks, events, held_back, claimed)
-        finally:
-            claimed.set()
-        if not events:
-            return None
+    async def _publish_batch(
+        self, events: list[OutboxEvent], previous: _PublishedBatch | None
+    ) -> _PublishedBatch:
+        held_back = previous.failed_aggregates if previous is not None else frozenset()
+        result = await self._publish(events, held_back)
         retries, parked, letters = self._settle_failures(result.failed)
         if letters:
             await self._copy_to_dead_letter_topics(letters, result)
         self._track_rows_in_retry(result, retries)
         return _PublishedBatch(events, result, retries, parked, letters)
 
-    async def _record(
-        self, leader: RelayLeader, batch: _PublishedBatch, claimed: asyncio.Event
-    ) -> None:
+    async def _record(self, leader: RelayLeader, batch: _PublishedBatch) -> None:
         """Write a published batch's outcome: audit log and dead letters (events database,
         committed here, first) and the outbox rows (committed with the caller's
-        transaction, on the leader session once ``claimed`` is set), both at once."""
+        transaction), both at once."""
         result = batch.result
-
-        async def outbox() -> None:
-            await claimed.wait()
-            await leader.record_outcome(
-                published_ids=[event.id for event in (*result.acknowledged.events, *result.kept)],
-                retries=batch.retries,
-                parked=batch.parked,
-            )
-
         async with self._events_uow() as uow:
             async with asyncio.TaskGroup() as both:
                 both.create_task(self._write_events_database(uow, batch))
-                both.create_task(outbox())
+                both.create_task(
+                    leader.record_outcome(
+                        published_ids=[
+                            event.id for event in (*result.acknowledged.events, *result.kept)
+                        ],
+                        retries=batch.retries,
+                        parked=batch.parked,
+                    )
+                )
             await uow.commit()
 
     async def _write_events_database(self, uow: EventsUnitOfWork, batch: _PublishedBatch) -> None:
@@ -462,56 +441,43 @@ class OutboxRelay:
         )
 
     async def _publish(
-        self,
-        chunks: AsyncIterator[list[OutboxEvent]],
-        events: list[OutboxEvent],
-        held_back: frozenset[str],
-        claimed: asyncio.Event,
+        self, events: Sequence[OutboxEvent], held_back: frozenset[str]
     ) -> _BatchResult:
-        """Send the claimed rows in id order as their chunks arrive (each appended to
-        ``events``; ``claimed`` set after the last) and wait for Kafka's acknowledgements;
-        rows of the ``held_back`` aggregates are left untouched."""
+        """Send the batch in id order and wait for Kafka's acknowledgements; rows of the
+        ``held_back`` aggregates are left untouched."""
         result = _BatchResult()
         order = AggregateOrder(held_back=set(held_back))
         sent: list[tuple[OutboxEvent, str, asyncio.Future[Any]]] = []
         # With tracing off there is no span to start: the message already carries the
         # row's own traceparent, which is what the span would have passed on.
         traced = tracing_enabled()
-        async for chunk in chunks:
-            events += chunk
-            self.in_flight = len(events)
-            for event in chunk:
-                if result.kafka_unavailable or not order.may_publish(event):
-                    continue
-                if event.event_type == SECURITY_AUDIT:
-                    result.kept.append(event)
-                    continue
-                topic: str | None = None
-                try:
-                    topic = self._routes.topic_for(event.event_type)
-                    message = self._envelopes.message_for(event, topic)
-                    future = await (
-                        self._send_traced(event, message)
-                        if traced
-                        else self._publisher.send(message)
-                    )
-                except PoisonEvent as error:
-                    result.failed.append(_Failed(event, topic, str(error)))
+        for event in events:
+            if result.kafka_unavailable or not order.may_publish(event):
+                continue
+            if event.event_type == SECURITY_AUDIT:
+                result.kept.append(event)
+                continue
+            topic: str | None = None
+            try:
+                topic = self._routes.topic_for(event.event_type)
+                message = self._envelopes.message_for(event, topic)
+                future = await (
+                    self._send_traced(event, message) if traced else self._publisher.send(message)
+                )
+            except PoisonEvent as error:
+                result.failed.append(_Failed(event, topic, str(error)))
+                order.stop_after(event)
+                continue
+            except self._publisher.send_errors as error:
+                if self._publisher.unavailable(error):
+                    result.kafka_unavailable = True
+                else:  # rejected before sending, e.g. too large
+                    result.failed.append(_Failed(event, topic, error_text(error)))
                     order.stop_after(event)
-                    continue
-                except self._publisher.send_errors as error:
-                    if self._publisher.unavailable(error):
-                        result.kafka_unavailable = True
-                    else:  # rejected before sending, e.g. too large
-                        result.failed.append(_Failed(event, topic, error_text(error)))
-                        order.stop_after(event)
-                    continue
-                sent.append((event, topic, future))
-                if len(sent) % _YIELD_EVERY == 0:
-                    await asyncio.sleep(0)
-        claimed.set()
-        if not events:
-            return result
+                continue
+            sent.append((event, topic, future))
+            if len(sent) % _YIELD_EVERY == 0:
+                await asyncio.sleep(0)
 
         if not await self._publisher.flush():
             result.kafka_unavailable = True
