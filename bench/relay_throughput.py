@@ -182,6 +182,7 @@ async def raw_producer_rate(settings: EventsSettings, messages: list[KafkaMessag
         "cake-bench-raw",
         request_timeout_ms=int(settings.relay_kafka_timeout_seconds * 1000),
         max_batch_size=settings.relay_kafka_max_batch_bytes,
+        linger_ms=settings.relay_kafka_linger_ms,
     )
     await producer.start()
     try:

@@ -75,6 +75,7 @@ def build_relays(
         metrics_refresh_seconds=settings.relay_metrics_refresh_seconds,
         retention_seconds=settings.published_retention_seconds,
         retention_sweep_seconds=settings.retention_sweep_interval_seconds,
+        idle_poll_max_seconds=settings.relay_idle_poll_max_seconds,
     )
     envelopes = EnvelopeBuilder()
     relays: list[OutboxRelay] = []
@@ -99,6 +100,7 @@ def build_relays(
                     client_id=client_name,
                     timeout_seconds=settings.relay_kafka_timeout_seconds,
                     max_batch_bytes=settings.relay_kafka_max_batch_bytes,
+                    linger_ms=settings.relay_kafka_linger_ms,
                 ),
                 events_uow=lambda: SqlEventsUnitOfWork(session_factory),
                 routes=routes,

@@ -136,6 +136,13 @@ class EventsSettings(ServiceSettings):
     relay_kafka_max_batch_bytes: int = Field(
         default=262_144, ge=16_384, description="Producer batch size per partition (bytes)"
     )
+    relay_kafka_linger_ms: int = Field(
+        default=0,
+        ge=0,
+        description="How long the relay's producer holds a partial batch back for more "
+        "messages; 0: the relay hands Kafka a whole claim and then waits for it, so lingering "
+        "only delayed each claim's last messages",
+    )
     relay_metrics_refresh_seconds: float = Field(
         default=5, gt=0, description="How often the backlog and lag gauges are recomputed"
     )

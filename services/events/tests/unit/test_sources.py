@@ -6,10 +6,13 @@ import json
 
 import pytest
 from cake.events.v1 import registry
+from cake_events.bootstrap import build_relays
 from cake_events.domain.delivery import QueueStats, SourceQueueStats
 from cake_events.entrypoints.grpc.admin import cake_queues
 from cake_events.settings import EventsSettings
+from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
+from sqlalchemy.ext.asyncio import create_async_engine
 
 DATABASE = "postgresql+psycopg://u:p@h/db"
 USER_TOPIC = registry.USER_FIRST_LOGIN.topic
@@ -120,3 +123,27 @@ def test_a_bad_health_service_is_refused_at_start(
 ) -> None:
     with pytest.raises(ValidationError, match=complaint):
         EventsSettings(database_url=DATABASE, health_services=services, sources=sources)
+
+
+async def test_relay_settings_reach_the_relays_and_their_producers() -> None:
+    """The composition root hands every relay setting on: the idle back-off was once left
+    out (the relay polled at the base interval forever) and the producer's linger is the
+    relay's own (0 by default: the relay flushes each claim, lingering only delays it)."""
+    settings = EventsSettings(
+        database_url=DATABASE,
+        sources=[source("auth")],
+        relay_idle_poll_max_seconds=7.0,
+        relay_kafka_linger_ms=3,
+    )
+    events_engine = create_async_engine(DATABASE)
+    wiring = build_relays(settings, events_engine, CollectorRegistry())
+    try:
+        (relay,) = wiring.group.relays
+        assert relay._timing.idle_poll_max_seconds == 7.0
+        producer = relay._publisher._new_producer()  # type: ignore[attr-defined]
+        assert producer._message_accumulator._linger_time == 0.003
+        default = EventsSettings(database_url=DATABASE).relay_kafka_linger_ms
+        assert default == 0
+    finally:
+        for engine in (*wiring.engines, events_engine):
+            await engine.dispose()

@@ -50,6 +50,7 @@ class KafkaPublisher:
         client_id: str,
         timeout_seconds: float,
         max_batch_bytes: int,
+        linger_ms: int = 0,
         reconnect_max_seconds: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -57,6 +58,7 @@ class KafkaPublisher:
         self._client_id = client_id
         self._timeout_seconds = timeout_seconds
         self._max_batch_bytes = max_batch_bytes
+        self._linger_ms = linger_ms
         self._clock = clock
         self._producer: AIOKafkaProducer | None = None
         self._backoff = RetryPolicy(base_seconds=0.2, max_seconds=reconnect_max_seconds)
@@ -77,6 +79,9 @@ class KafkaPublisher:
             self._client_id,
             request_timeout_ms=int(self._timeout_seconds * 1000),
             max_batch_size=self._max_batch_bytes,
+            # The relay hands over a whole claim and then flushes it: no later message can
+            # join a lingering batch, so lingering only adds to each claim's last ones.
+            linger_ms=self._linger_ms,
         )
 
     async def start(self) -> bool:

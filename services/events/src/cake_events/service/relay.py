@@ -40,7 +40,8 @@ aggregates that failed in batch *k-1* (not yet recorded) are held back in batch 
 order guarantees above are unchanged. A crash loses nothing: unrecorded rows are simply
 published again. The recording is started first and the hand-over to the producer yields
 to the event loop every few dozen events, so the databases write, and the producer ships,
-while the batch is still being handed over.
+while the batch is still being handed over. The producer does not linger: the flush that
+ends each batch would otherwise wait for a linger timer on the batch's last messages.
 
 Security audit entries (``SECURITY_AUDIT`` rows) are relayed into the events database, not
 to Kafka: the transaction that marks them published adds them to the append-only
