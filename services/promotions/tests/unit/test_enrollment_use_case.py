@@ -12,7 +12,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from types import TracebackType
 from typing import Self
 from uuid import UUID
 
@@ -248,12 +247,7 @@ class FakeUnitOfWork:
         self.events = FakeEvents(self._work)
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         # Uncommitted work is dropped, but a conflict counter consumed here stays consumed.
         self._committed.conflicts_to_raise = self._work.conflicts_to_raise
 

@@ -12,7 +12,6 @@ import copy
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from types import TracebackType
 from typing import Any, Self
 
 import pytest
@@ -187,12 +186,7 @@ class FakeUnitOfWork:
         self.events = FakeEvents(self._work)
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.rollback()
 
     async def commit(self) -> None:
