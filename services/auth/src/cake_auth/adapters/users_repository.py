@@ -32,7 +32,7 @@ _FIELD_OF_UNIQUE_INDEX = {
     PHONE_UNIQUE_INDEX: "phone",
 }
 
-_USER_COLUMNS = [column for column in users.c if column.name != "password_hash"]
+USER_COLUMNS = [column for column in users.c if column.name != "password_hash"]
 
 _lower_username = sa.func.lower(users.c.username)
 _lower_email = sa.func.lower(users.c.email)
@@ -49,7 +49,7 @@ def _find_for_login_statement() -> sa.Select[Any]:
     # as it is the more specific name (e-mails contain '@', usernames cannot).
     preference = sa.case((by_username, 0), (by_email, 1), else_=2)
     return (
-        sa.select(*_USER_COLUMNS, users.c.password_hash)
+        sa.select(*USER_COLUMNS, users.c.password_hash)
         .where(sa.or_(by_username, by_email, by_phone))
         .order_by(preference)
         .limit(1)
@@ -65,16 +65,16 @@ def _record_login_statement(*, first: bool) -> sa.Update:
         sa.update(users)
         .where(condition)
         .values(latest_login=at, updated_at=at, version=users.c.version + 1)
-        .returning(*_USER_COLUMNS)
+        .returning(*USER_COLUMNS)
     )
 
 
-_FIND_FOR_LOGIN = _find_for_login_statement()
+FIND_FOR_LOGIN = _find_for_login_statement()
 _RECORD_FIRST_LOGIN = _record_login_statement(first=True)
 _RECORD_LOGIN = _record_login_statement(first=False)
 
 
-def _user_from_row(row: Any) -> User:
+def user_from_row(row: Any) -> User:
     return User(
         id=row.id,
         fullname=row.fullname,
@@ -115,7 +115,7 @@ class SqlUserRepository:
                 raise
             # Another request took the value between our check and this write.
             raise field_taken(field) from None
-        return None if row is None else _user_from_row(row)
+        return None if row is None else user_from_row(row)
 
     async def add(self, user: NewUser, password_hash: str) -> User:
         statement = (
@@ -129,24 +129,24 @@ class SqlUserRepository:
                 role=user.role.value,
                 password_hash=password_hash,
             )
-            .returning(*_USER_COLUMNS)
+            .returning(*USER_COLUMNS)
         )
         created = await self._one_user(statement)
         assert created is not None  # INSERT … RETURNING always yields the row
         return created
 
     async def get(self, user_id: int) -> User | None:
-        return await self._one_user(sa.select(*_USER_COLUMNS).where(users.c.id == user_id))
+        return await self._one_user(sa.select(*USER_COLUMNS).where(users.c.id == user_id))
 
     async def get_by_username(self, username: str) -> User | None:
         return await self._one_user(
-            sa.select(*_USER_COLUMNS).where(_lower_username == username_key(username))
+            sa.select(*USER_COLUMNS).where(_lower_username == username_key(username))
         )
 
     async def find_for_login(self, account: LoginAccount) -> tuple[User, str] | None:
         parameters = {"lowered": account.lowered, "phone": account.phone}
-        row = (await self._session.execute(_FIND_FOR_LOGIN, parameters)).one_or_none()
-        return None if row is None else (_user_from_row(row), row.password_hash)
+        row = (await self._session.execute(FIND_FOR_LOGIN, parameters)).one_or_none()
+        return None if row is None else (user_from_row(row), row.password_hash)
 
     async def first_taken_field(
         self, *, username: str | None, email: str | None, phone: str | None, exclude_id: int | None
@@ -200,7 +200,7 @@ class SqlUserRepository:
         }
         values.update(updated_at=at, version=users.c.version + 1)
         return await self._one_user(
-            sa.update(users).where(users.c.id == user_id).values(values).returning(*_USER_COLUMNS)
+            sa.update(users).where(users.c.id == user_id).values(values).returning(*USER_COLUMNS)
         )
 
     async def set_role(self, user_id: int, role: Role, at: datetime) -> User | None:
@@ -208,5 +208,5 @@ class SqlUserRepository:
             sa.update(users)
             .where(users.c.id == user_id)
             .values(role=role.value, updated_at=at, version=users.c.version + 1)
-            .returning(*_USER_COLUMNS)
+            .returning(*USER_COLUMNS)
         )
