@@ -162,6 +162,26 @@ def _print_profile(profile: cProfile.Profile, logins: int) -> None:
     stats.sort_stats("tottime").print_stats(30)
 
 
+def _print_figures(
+    args: argparse.Namespace,
+    check_cpu: float,
+    logins: tuple[float, float, float],
+    reads: tuple[float, float, float],
+) -> None:
+    login_cpu, login_loop_cpu, login_wall = logins
+    read_cpu, _, read_wall = reads
+    per_login = login_cpu / args.logins
+    print(f"\nlogins: {args.logins} by {args.concurrency} concurrent clients")
+    print(f"  server CPU per login     {per_login * 1000:7.2f} ms")
+    print(f"  of which the hash check  {check_cpu * 1000:7.2f} ms (cost {args.bcrypt_cost})")
+    print(f"  the rest                 {(per_login - check_cpu) * 1000:7.2f} ms")
+    print(f"  of which the event loop  {login_loop_cpu / args.logins * 1000:7.2f} ms")
+    print(f"  throughput               {args.logins / login_wall:7.1f} /s (wall)")
+    print(f"profile reads: {args.reads} by {args.read_concurrency} concurrent clients")
+    print(f"  server CPU per read      {read_cpu / args.reads * 1000:7.2f} ms")
+    print(f"  throughput               {args.reads / read_wall:7.1f} /s (wall)")
+
+
 async def _run(
     args: argparse.Namespace, database_url: str, redis_url: str, log_sink: TextIO
 ) -> None:
@@ -220,18 +240,9 @@ async def _run(
         await _measured(load("login", 40))
         await _measured(load("profile", 200))
         _, check_cpu = bcrypt_check_seconds(args.bcrypt_cost, hasher=settings.password_hasher)
-        login_cpu, login_loop_cpu, login_wall = await _measured(load("login", args.logins))
-        read_cpu, _, read_wall = await _measured(load("profile", args.reads))
-        per_login = login_cpu / args.logins
-        print(f"\nlogins: {args.logins} by {args.concurrency} concurrent clients")
-        print(f"  server CPU per login     {per_login * 1000:7.2f} ms")
-        print(f"  of which the hash check  {check_cpu * 1000:7.2f} ms (cost {args.bcrypt_cost})")
-        print(f"  the rest                 {(per_login - check_cpu) * 1000:7.2f} ms")
-        print(f"  of which the event loop  {login_loop_cpu / args.logins * 1000:7.2f} ms")
-        print(f"  throughput               {args.logins / login_wall:7.1f} /s (wall)")
-        print(f"profile reads: {args.reads} by {args.read_concurrency} concurrent clients")
-        print(f"  server CPU per read      {read_cpu / args.reads * 1000:7.2f} ms")
-        print(f"  throughput               {args.reads / read_wall:7.1f} /s (wall)")
+        logins = await _measured(load("login", args.logins))
+        reads = await _measured(load("profile", args.reads))
+        _print_figures(args, check_cpu, logins, reads)
 
         if args.cprofile:
             profile = cProfile.Profile(time.thread_time)
