@@ -16,7 +16,6 @@ from cake_auth.adapters.tables import (
     USERNAME_UNIQUE_INDEX,
     users,
 )
-from cake_auth.domain.login import LoginAccount
 from cake_auth.domain.users import (
     NewUser,
     ProfileChanges,
@@ -40,7 +39,8 @@ _lower_email = sa.func.lower(users.c.email)
 
 # The login path's statements, built once with bound parameters: building a Core statement
 # costs ≈ 0.2 ms of CPU per call (and a fresh object has to compute its compiled-cache key
-# again), a prebuilt one only binds values (measured with bench/login_profile.py).
+# again), a prebuilt one only binds values (measured with bench/login_profile.py). The
+# account read is run by login_records.py, outside a transaction.
 def _find_for_login_statement() -> sa.Select[Any]:
     by_username = _lower_username == sa.bindparam("lowered", type_=sa.Text)
     by_email = _lower_email == sa.bindparam("lowered", type_=sa.Text)
@@ -142,11 +142,6 @@ class SqlUserRepository:
         return await self._one_user(
             sa.select(*USER_COLUMNS).where(_lower_username == username_key(username))
         )
-
-    async def find_for_login(self, account: LoginAccount) -> tuple[User, str] | None:
-        parameters = {"lowered": account.lowered, "phone": account.phone}
-        row = (await self._session.execute(FIND_FOR_LOGIN, parameters)).one_or_none()
-        return None if row is None else (user_from_row(row), row.password_hash)
 
     async def first_taken_field(
         self, *, username: str | None, email: str | None, phone: str | None, exclude_id: int | None

@@ -119,10 +119,6 @@ class UserRepository(Protocol):
 
     async def get_by_username(self, username: str) -> User | None: ...
 
-    async def find_for_login(self, account: LoginAccount) -> tuple[User, str] | None:
-        """The user an account names and its password hash."""
-        ...
-
     async def first_taken_field(
         self, *, username: str | None, email: str | None, phone: str | None, exclude_id: int | None
     ) -> str | None:
