@@ -1,6 +1,7 @@
 """Where the auth service's CPU goes, per login and per profile read, measured in-process.
 
     uv run --frozen python bench/login_profile.py [--logins 400] [--reads 2000] [--cprofile]
+    uv run --frozen python bench/login_profile.py --stack dev [--rate 20] [--seconds 40]
 
 The auth server runs in THIS process (one worker, as each worker of ``cake-auth serve``
 runs), on a scratch database of the test-profile stack's PostgreSQL and its Redis (started
@@ -14,6 +15,15 @@ the logins under cProfile (event-loop thread only: the hash runs in other thread
 prints that thread's time by library and its top functions. cProfile slows Python code down
 by a factor, so read its shares, not its absolute figures. Other load on the box skews
 wall-clock figures and, less, CPU figures: the load average is printed at start and end.
+
+With ``--stack PROFILE`` it measures a running stack instead (``cake-stack up``, the gateway
+with raised limits: ``CAKE_GATEWAY_PROFILE=bench``): it seeds ``--users`` users through the
+gateway (each logged in once, so the measured logins are repeat logins), measures every
+stack process's CPU (``/proc/<pid>/stat``) with nothing offered for ``--idle-seconds``, then
+while vegeta offers logins at ``--rate`` per second for ``--seconds``, and prints the CPU per
+login of each process group (auth's supervisor and workers, Envoy, PostgreSQL's backends by
+role and database, Redis, Kafka, the relay, promotions' consumer...) with the idle CPU of the
+same seconds taken out: where a login's non-hash CPU goes, process by process.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ import argparse
 import asyncio
 import cProfile
 import logging
+import math
 import multiprocessing
 import os
 import pstats
@@ -32,7 +43,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import grpc
 from auth_grpc import PASSWORD, bcrypt_check_seconds, test_stack_infrastructure
@@ -90,14 +101,14 @@ def _client(load: Load) -> float:
     return asyncio.run(_calls(load))
 
 
-async def _measured(load: Load) -> tuple[float, float]:
-    """(server CPU seconds, wall seconds) of ``load``, sent from a spawned process while
-    the server keeps serving on this event loop."""
+async def _measured(load: Load) -> tuple[float, float, float]:
+    """(server CPU seconds, the event-loop thread's CPU seconds, wall seconds) of ``load``,
+    sent from a spawned process while the server keeps serving on this event loop."""
     context = multiprocessing.get_context("spawn")
-    cpu_before = time.process_time()
+    cpu_before, loop_before = time.process_time(), time.thread_time()
     with context.Pool(1) as pool:
         wall = float(await asyncio.to_thread(pool.apply, _client, (load,)))
-    return time.process_time() - cpu_before, wall
+    return time.process_time() - cpu_before, time.thread_time() - loop_before, wall
 
 
 _LIBRARIES = (
@@ -148,7 +159,27 @@ def _print_profile(profile: cProfile.Profile, logins: int) -> None:
     for cumulative, where in sorted(steps, reverse=True)[:22]:
         print(f"  {cumulative / logins * 1000:7.3f}  {where}")
     print("\ntop functions by own time:")
-    stats.sort_stats("tottime").print_stats(12)
+    stats.sort_stats("tottime").print_stats(30)
+
+
+def _print_figures(
+    args: argparse.Namespace,
+    check_cpu: float,
+    logins: tuple[float, float, float],
+    reads: tuple[float, float, float],
+) -> None:
+    login_cpu, login_loop_cpu, login_wall = logins
+    read_cpu, _, read_wall = reads
+    per_login = login_cpu / args.logins
+    print(f"\nlogins: {args.logins} by {args.concurrency} concurrent clients")
+    print(f"  server CPU per login     {per_login * 1000:7.2f} ms")
+    print(f"  of which the hash check  {check_cpu * 1000:7.2f} ms (cost {args.bcrypt_cost})")
+    print(f"  the rest                 {(per_login - check_cpu) * 1000:7.2f} ms")
+    print(f"  of which the event loop  {login_loop_cpu / args.logins * 1000:7.2f} ms")
+    print(f"  throughput               {args.logins / login_wall:7.1f} /s (wall)")
+    print(f"profile reads: {args.reads} by {args.read_concurrency} concurrent clients")
+    print(f"  server CPU per read      {read_cpu / args.reads * 1000:7.2f} ms")
+    print(f"  throughput               {args.reads / read_wall:7.1f} /s (wall)")
 
 
 async def _run(
@@ -209,17 +240,9 @@ async def _run(
         await _measured(load("login", 40))
         await _measured(load("profile", 200))
         _, check_cpu = bcrypt_check_seconds(args.bcrypt_cost, hasher=settings.password_hasher)
-        login_cpu, login_wall = await _measured(load("login", args.logins))
-        read_cpu, read_wall = await _measured(load("profile", args.reads))
-        per_login = login_cpu / args.logins
-        print(f"\nlogins: {args.logins} by {args.concurrency} concurrent clients")
-        print(f"  server CPU per login     {per_login * 1000:7.2f} ms")
-        print(f"  of which the hash check  {check_cpu * 1000:7.2f} ms (cost {args.bcrypt_cost})")
-        print(f"  the rest                 {(per_login - check_cpu) * 1000:7.2f} ms")
-        print(f"  throughput               {args.logins / login_wall:7.1f} /s (wall)")
-        print(f"profile reads: {args.reads} by {args.read_concurrency} concurrent clients")
-        print(f"  server CPU per read      {read_cpu / args.reads * 1000:7.2f} ms")
-        print(f"  throughput               {args.reads / read_wall:7.1f} /s (wall)")
+        logins = await _measured(load("login", args.logins))
+        reads = await _measured(load("profile", args.reads))
+        _print_figures(args, check_cpu, logins, reads)
 
         if args.cprofile:
             profile = cProfile.Profile(time.thread_time)
@@ -237,6 +260,145 @@ async def _run(
         await running.stop()
 
 
+# -- a running stack, process by process (--stack) -------------------------------------------
+
+
+def _process_label(component: str, pid: int) -> str:
+    """A name for one stack process that stays the same across samples: PostgreSQL's
+    backends by role and database (its own processes by their title), auth's workers."""
+    try:
+        words = [
+            word
+            for word in Path(f"/proc/{pid}/cmdline")
+            .read_bytes()
+            .decode(errors="replace")
+            .split("\0")
+            if word
+        ]
+    except OSError:
+        return f"{component} (gone)"
+    title = " ".join(words)
+    if component == "postgres" and title.startswith("postgres: "):
+        parts = title.removeprefix("postgres: ").split()
+        if len(parts) >= 3 and "(" in parts[2]:
+            return f"postgres backend {parts[0]}@{parts[1]}"
+        return "postgres " + " ".join(part for part in parts if part.isalpha())
+    if any("multiprocessing-fork" in word for word in words):
+        return f"{component} worker"
+    if words and Path(words[0]).name == "uv":
+        return f"{component} (uv wrapper)"
+    return component
+
+
+@dataclass(frozen=True)
+class _Ticks:
+    at: float
+    ticks: dict[int, tuple[str, int]]
+
+
+def _stack_ticks(stack: Any) -> _Ticks:
+    from cake_devtools.stack.process import cpu_ticks
+
+    ticks: dict[int, tuple[str, int]] = {}
+    for component, pids in stack.processes().items():
+        for pid in pids:
+            used = cpu_ticks(pid)
+            if used is not None:
+                ticks[pid] = (_process_label(component, pid), used)
+    return _Ticks(time.monotonic(), ticks)
+
+
+def _seconds_by_label(before: _Ticks, after: _Ticks) -> dict[str, float]:
+    per_second = os.sysconf("SC_CLK_TCK")
+    seconds: dict[str, float] = defaultdict(float)
+    for pid, (label, used) in after.ticks.items():
+        earlier = before.ticks.get(pid, (label, 0))[1]
+        seconds[label] += (used - earlier) / per_second
+    return seconds
+
+
+def _stack_mode(args: argparse.Namespace) -> None:
+    from benchlib import Gateway, require_raised_limits
+    from cake_devtools.stack import Stack
+    from loadgen import attack
+    from scenarios import mixed_auth_targets
+
+    stack = Stack(args.stack, echo=None)
+    require_raised_limits(stack, args.stack)
+    directory = Path(tempfile.mkdtemp(prefix="bench-login-stack-"))
+
+    async def seed() -> list[Any]:
+        async with Gateway(stack.gateway_url) as gateway:
+            return await gateway.register_many(args.users, "lp", login_once=True)
+
+    users = asyncio.run(seed())
+    time.sleep(args.idle_seconds / 2)  # the seeding's first-login events travel on
+    idle_before = _stack_ticks(stack)
+    time.sleep(args.idle_seconds)
+    idle_after = _stack_ticks(stack)
+    idle = _seconds_by_label(idle_before, idle_after)
+    idle_span = idle_after.at - idle_before.at
+    workers = max(10, math.ceil(args.rate / 5))
+    # Warm-up, not measured: the pools grow to what the rate needs (a new PostgreSQL
+    # backend costs milliseconds of CPU).
+    warm_up = round(args.rate * 5)
+    attack(
+        "login-warm-up",
+        mixed_auth_targets(stack.gateway_url, users, total=warm_up, mix=(100, 0, 0)),
+        directory,
+        duration_s=5,
+        rate=args.rate,
+        workers=workers,
+    )
+    total = round(args.rate * args.seconds)
+    targets = mixed_auth_targets(stack.gateway_url, users, total=total, mix=(100, 0, 0))
+    load_start = _load()
+    before = _stack_ticks(stack)
+    summary = attack(
+        "login-cpu",
+        targets,
+        directory,
+        duration_s=args.seconds,
+        rate=args.rate,
+        workers=workers,
+    )
+    after = _stack_ticks(stack)
+    span = after.at - before.at
+    busy = _seconds_by_label(before, after)
+    ok = int(summary.get("metrics", {}).get("op_login_ok_ms", {}).get("values", {}).get("count", 0))
+    sent = int(summary.get("metrics", {}).get("op_login_ms", {}).get("values", {}).get("count", 0))
+    print(
+        f"\nlogins at {args.rate:g}/s for {args.seconds:g} s through {stack.gateway_url}: "
+        f"{ok} answered 200 of {sent}; load average {load_start} at start, {_load()} at end"
+    )
+    if not ok:
+        raise SystemExit("no login succeeded: nothing to divide by")
+    print(f"{'process group':44} {'ms/login':>9} {'idle out':>9} {'idle cores':>11}")
+    rows = []
+    for label in sorted(set(busy) | set(idle)):
+        used = busy.get(label, 0.0)
+        idle_cores = idle.get(label, 0.0) / idle_span if idle_span else 0.0
+        net = max(0.0, used - idle_cores * span)
+        rows.append((net, label, used, idle_cores))
+    for net, label, used, idle_cores in sorted(rows, reverse=True):
+        if used * 1000 / ok >= 0.005:
+            print(f"{label:44} {used * 1000 / ok:9.2f} {net * 1000 / ok:9.2f} {idle_cores:11.3f}")
+    all_used = sum(row[2] for row in rows)
+    all_net = sum(row[0] for row in rows)
+    print(f"{'all':44} {all_used * 1000 / ok:9.2f} {all_net * 1000 / ok:9.2f}")
+    auth = stack.service_environment()["auth"]
+    cost = int(auth.get("CAKE_AUTH_BCRYPT_COST", "10"))
+    hasher = auth.get(
+        "CAKE_AUTH_PASSWORD_HASHER", AuthSettings.model_fields["password_hasher"].default
+    )
+    _, check = bcrypt_check_seconds(cost, hasher=hasher)
+    print(
+        f"one {hasher} check at cost {cost}: {check * 1000:.2f} ms of CPU; besides it, per login:"
+        f" {(all_net - check * ok) * 1000 / ok:.2f} ms (idle out)"
+        f" (refusals and failures are not divided out: keep --rate under the hash ceiling)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--logins", type=int, default=400)
@@ -246,7 +408,15 @@ def main() -> None:
     parser.add_argument("--read-concurrency", type=int, default=16)
     parser.add_argument("--bcrypt-cost", type=int, default=10)
     parser.add_argument("--cprofile", action="store_true")
+    parser.add_argument("--stack", help="measure this running stack's processes (dev, test)")
+    parser.add_argument("--rate", type=float, default=20.0, help="--stack: logins/s")
+    parser.add_argument("--seconds", type=float, default=40.0, help="--stack: seconds of load")
+    parser.add_argument("--idle-seconds", type=float, default=10.0, help="--stack: idle baseline")
     args = parser.parse_args()
+    if args.stack:
+        print(f"load average at start: {_load()}")
+        _stack_mode(args)
+        return
     print(f"load average at start: {_load()} (the box may be shared: compare runs made together)")
     started = time.monotonic()
     with test_stack_infrastructure() as infrastructure, open(os.devnull, "w") as log_sink:

@@ -39,6 +39,7 @@ from cake_common.workers import (
 from prometheus_client import REGISTRY, CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from cake_auth.adapters.login_records import SqlLoginRecords
 from cake_auth.adapters.login_throttle import RedisLoginThrottle
 from cake_auth.adapters.password_hashers import available_cpus, open_password_hasher
 from cake_auth.adapters.profile_cache import RedisProfileCache
@@ -101,6 +102,7 @@ class Adapters:
 
     metrics: AuthMetrics
     unit_of_work: UnitOfWorkFactory
+    login_records: SqlLoginRecords
     service_accounts_unit_of_work: ServiceAccountUnitOfWorkFactory
     hasher: PasswordHasher
     redis: redis.asyncio.Redis
@@ -147,6 +149,7 @@ def build_adapters(
     return Adapters(
         metrics=metrics,
         unit_of_work=unit_of_work,
+        login_records=SqlLoginRecords(resources.engine),
         service_accounts_unit_of_work=unit_of_work,
         hasher=resources.hasher,
         redis=resources.redis,
@@ -259,6 +262,7 @@ async def build_use_cases(
     return AuthUseCases(
         accounts=infrastructure.accounts,
         unit_of_work=infrastructure.unit_of_work,
+        login_records=infrastructure.login_records,
         hasher=infrastructure.hasher,
         admission=hash_admission(
             settings, infrastructure.metrics, initial_hash_seconds=initial_hash_seconds

@@ -231,6 +231,31 @@ class FakeUnitOfWork:
         self._store.commits += 1
 
 
+class FakeLoginRecords:
+    """The login path's single statements on the same store (each applies at once)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._users = FakeUsers(store)
+        self._sessions = FakeSessions(store)
+        self.lookups = 0
+
+    async def find_for_login(self, account: LoginAccount) -> tuple[User, str] | None:
+        self.lookups += 1
+        return await self._users.find_for_login(account)
+
+    async def record_repeat_login(
+        self, new: Session, *, refresh_hash: str, user_agent: str, client_ip: str
+    ) -> User | None:
+        recorded = await self._users.record_login(new.user_id, new.created_at, maybe_first=False)
+        if recorded is None:
+            return None
+        await self._sessions.add(
+            new, refresh_hash=refresh_hash, user_agent=user_agent, client_ip=client_ip
+        )
+        return recorded[0]
+
+
 class FakeHasher:
     def __init__(self) -> None:
         self.hashed: list[str] = []
@@ -342,6 +367,7 @@ class World:
     use_cases: AuthUseCases
     accounts: UserAccounts
     admission: HashAdmission
+    login_records: FakeLoginRecords
 
 
 @pytest.fixture
@@ -362,9 +388,11 @@ def world() -> World:
         metrics=metrics,
         clock=lambda: NOW,
     )
+    login_records = FakeLoginRecords(store)
     use_cases = AuthUseCases(
         accounts=accounts,
         unit_of_work=unit_of_work,
+        login_records=login_records,
         hasher=hasher,
         admission=admission,
         tokens=FakeTokens(),
@@ -376,7 +404,9 @@ def world() -> World:
         metrics=metrics,
         clock=lambda: NOW,
     )
-    return World(store, hasher, cache, throttle, revocations, use_cases, accounts, admission)
+    return World(
+        store, hasher, cache, throttle, revocations, use_cases, accounts, admission, login_records
+    )
 
 
 def registration(**overrides: str) -> RegisterUser:
@@ -712,9 +742,11 @@ async def test_a_full_hash_queue_refuses_logins_before_the_throttle_counts_them(
             assert refused.value.metadata == {
                 "retry_after_seconds": str(refused.value.retry_after_seconds)
             }
-    # Nothing was hashed or counted: the account is not throttled by the refusals.
+    # Nothing was hashed or counted (the account is not throttled by the refusals), and
+    # not even looked up: a refusal costs no database round trip.
     assert world.hasher.verified == []
     assert world.throttle.failures == {}
+    assert world.login_records.lookups == 0
     assert world.admission.in_flight == 0
     logged_in = await world.use_cases.login(LogIn("ada_l", PASSWORD))
     assert logged_in.user.username == "Ada_L"

@@ -17,7 +17,6 @@ from cake_auth.adapters.tables import (
     USERNAME_UNIQUE_INDEX,
     users,
 )
-from cake_auth.domain.login import LoginAccount
 from cake_auth.domain.users import (
     NewUser,
     ProfileChanges,
@@ -33,7 +32,7 @@ _FIELD_OF_UNIQUE_INDEX = {
     PHONE_UNIQUE_INDEX: "phone",
 }
 
-_USER_COLUMNS = [column for column in users.c if column.name != "password_hash"]
+USER_COLUMNS = [column for column in users.c if column.name != "password_hash"]
 
 _lower_username = sa.func.lower(users.c.username)
 _lower_email = sa.func.lower(users.c.email)
@@ -41,7 +40,8 @@ _lower_email = sa.func.lower(users.c.email)
 
 # The login path's statements, built once with bound parameters: building a Core statement
 # costs ≈ 0.2 ms of CPU per call (and a fresh object has to compute its compiled-cache key
-# again), a prebuilt one only binds values (measured with bench/login_profile.py).
+# again), a prebuilt one only binds values (measured with bench/login_profile.py). The
+# account read is run by login_records.py, outside a transaction.
 def _find_for_login_statement() -> sa.Select[Any]:
     by_username = _lower_username == sa.bindparam("lowered", type_=sa.Text)
     by_email = _lower_email == sa.bindparam("lowered", type_=sa.Text)
@@ -50,7 +50,7 @@ def _find_for_login_statement() -> sa.Select[Any]:
     # as it is the more specific name (e-mails contain '@', usernames cannot).
     preference = sa.case((by_username, 0), (by_email, 1), else_=2)
     return (
-        sa.select(*_USER_COLUMNS, users.c.password_hash)
+        sa.select(*USER_COLUMNS, users.c.password_hash)
         .where(sa.or_(by_username, by_email, by_phone))
         .order_by(preference)
         .limit(1)
@@ -66,16 +66,16 @@ def _record_login_statement(*, first: bool) -> sa.Update:
         sa.update(users)
         .where(condition)
         .values(latest_login=at, updated_at=at, version=users.c.version + 1)
-        .returning(*_USER_COLUMNS)
+        .returning(*USER_COLUMNS)
     )
 
 
-_FIND_FOR_LOGIN = _find_for_login_statement()
+FIND_FOR_LOGIN = _find_for_login_statement()
 _RECORD_FIRST_LOGIN = _record_login_statement(first=True)
 _RECORD_LOGIN = _record_login_statement(first=False)
 
 
-def _user_from_row(row: Any) -> User:
+def user_from_row(row: Any) -> User:
     return User(
         id=row.id,
         fullname=row.fullname,
@@ -116,7 +116,7 @@ class SqlUserRepository:
                 raise
             # Another request took the value between our check and this write.
             raise field_taken(field) from None
-        return None if row is None else _user_from_row(row)
+        return None if row is None else user_from_row(row)
 
     async def add(self, user: NewUser, password_hash: str) -> User:
         statement = (
@@ -130,14 +130,14 @@ class SqlUserRepository:
                 role=user.role.value,
                 password_hash=password_hash,
             )
-            .returning(*_USER_COLUMNS)
+            .returning(*USER_COLUMNS)
         )
         created = await self._one_user(statement)
         assert created is not None  # INSERT … RETURNING always yields the row
         return created
 
     async def get(self, user_id: int) -> User | None:
-        return await self._one_user(sa.select(*_USER_COLUMNS).where(users.c.id == user_id))
+        return await self._one_user(sa.select(*USER_COLUMNS).where(users.c.id == user_id))
 
     async def get_many(self, user_ids: Sequence[int]) -> list[User]:
         result = await self._session.execute(
@@ -147,13 +147,8 @@ class SqlUserRepository:
 
     async def get_by_username(self, username: str) -> User | None:
         return await self._one_user(
-            sa.select(*_USER_COLUMNS).where(_lower_username == username_key(username))
+            sa.select(*USER_COLUMNS).where(_lower_username == username_key(username))
         )
-
-    async def find_for_login(self, account: LoginAccount) -> tuple[User, str] | None:
-        parameters = {"lowered": account.lowered, "phone": account.phone}
-        row = (await self._session.execute(_FIND_FOR_LOGIN, parameters)).one_or_none()
-        return None if row is None else (_user_from_row(row), row.password_hash)
 
     async def first_taken_field(
         self, *, username: str | None, email: str | None, phone: str | None, exclude_id: int | None
@@ -207,7 +202,7 @@ class SqlUserRepository:
         }
         values.update(updated_at=at, version=users.c.version + 1)
         return await self._one_user(
-            sa.update(users).where(users.c.id == user_id).values(values).returning(*_USER_COLUMNS)
+            sa.update(users).where(users.c.id == user_id).values(values).returning(*USER_COLUMNS)
         )
 
     async def set_role(self, user_id: int, role: Role, at: datetime) -> User | None:
@@ -215,5 +210,5 @@ class SqlUserRepository:
             sa.update(users)
             .where(users.c.id == user_id)
             .values(role=role.value, updated_at=at, version=users.c.version + 1)
-            .returning(*_USER_COLUMNS)
+            .returning(*USER_COLUMNS)
         )

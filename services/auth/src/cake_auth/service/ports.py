@@ -123,10 +123,6 @@ class UserRepository(Protocol):
 
     async def get_by_username(self, username: str) -> User | None: ...
 
-    async def find_for_login(self, account: LoginAccount) -> tuple[User, str] | None:
-        """The user an account names and its password hash."""
-        ...
-
     async def first_taken_field(
         self, *, username: str | None, email: str | None, phone: str | None, exclude_id: int | None
     ) -> str | None:
@@ -148,6 +144,23 @@ class UserRepository(Protocol):
     ) -> User | None: ...
 
     async def set_role(self, user_id: int, role: Role, at: datetime) -> User | None: ...
+
+
+class LoginRecords(Protocol):
+    """The login path's reads and writes that are one statement each, run without a
+    transaction around them (one round trip each; the database makes each atomic)."""
+
+    async def find_for_login(self, account: LoginAccount) -> tuple[User, str] | None:
+        """The user an account names and its password hash."""
+        ...
+
+    async def record_repeat_login(
+        self, new: Session, *, refresh_hash: str, user_agent: str, client_ip: str
+    ) -> User | None:
+        """For a user whose ``latest_login`` is already set: set it to the session's
+        ``created_at`` and open ``new`` with its first refresh token, all or nothing;
+        ``None`` (nothing written) if the user is gone."""
+        ...
 
 
 class EventRecorder(Protocol):

@@ -43,6 +43,7 @@ from cake_auth.service.accounts import UserAccounts, utc_now
 from cake_auth.service.admission import HashAdmission
 from cake_auth.service.ports import (
     AuthUnitOfWork,
+    LoginRecords,
     LoginThrottle,
     PasswordHasher,
     ProfileCache,
@@ -109,6 +110,7 @@ class AuthUseCases:
         *,
         accounts: UserAccounts,
         unit_of_work: UnitOfWorkFactory,
+        login_records: LoginRecords,
         hasher: PasswordHasher,
         admission: HashAdmission,
         tokens: TokenIssuer,
@@ -123,6 +125,7 @@ class AuthUseCases:
     ) -> None:
         self._accounts = accounts
         self._unit_of_work = unit_of_work
+        self._login_records = login_records
         self._hasher = hasher
         self._admission = admission
         self._tokens = tokens
@@ -159,9 +162,10 @@ class AuthUseCases:
 
     async def login(self, command: LogIn) -> AuthenticatedUser:
         account = login_account(command.account)
-        candidate = await self._find_for_login(account)
-        # Refused at once when the hash queue is full, before the throttle counts anything.
+        # Refused at once when the hash queue is full, before the throttle counts anything
+        # and before the account is looked up (a refusal costs no database round trip).
         async with self._admission.admitted("login"):
+            candidate = await self._find_for_login(account)
             found, keys = await self._admitted_login(account, candidate, command)
         await self._throttle.succeeded(keys)
         user, session, refresh_token = await self._record_login(found, command.context)
@@ -237,8 +241,7 @@ class AuthUseCases:
     async def _find_for_login(self, account: LoginAccount) -> tuple[User, str] | None:
         if not account.can_exist:
             return None
-        async with self._unit_of_work() as uow:
-            return await uow.users.find_for_login(account)
+        return await self._login_records.find_for_login(account)
 
     async def _check_password(
         self, candidate: tuple[User, str] | None, password: str
@@ -253,6 +256,9 @@ class AuthUseCases:
         return None
 
     async def _record_login(self, found: User, context: LoginContext) -> tuple[User, Session, str]:
+        if found.latest_login is not None:
+            # latest_login never goes back to NULL: not a first login, no event to write.
+            return await self._record_repeat_login(found, context)
         now = self._clock()
         async with self._unit_of_work() as uow:
             recorded = await uow.users.record_login(
@@ -279,19 +285,37 @@ class AuthUseCases:
         await self._profile_cache.put(user)
         return user, session, refresh_token
 
+    async def _record_repeat_login(
+        self, found: User, context: LoginContext
+    ) -> tuple[User, Session, str]:
+        session, refresh_token = self._new_session(found.id)
+        user = await self._login_records.record_repeat_login(
+            session,
+            refresh_hash=refresh_token_hash(refresh_token),
+            user_agent=context.user_agent,
+            client_ip=context.client_ip,
+        )
+        if user is None:  # deleted since the password check
+            raise Unauthenticated(INVALID_CREDENTIALS, reason="INVALID_CREDENTIALS")
+        await self._profile_cache.put(user)
+        return user, session, refresh_token
+
     # -- sessions and tokens ---------------------------------------------------------------
+
+    def _new_session(self, user_id: int) -> tuple[Session, str]:
+        now = self._clock()
+        session = Session(
+            id=uuid.uuid4().hex,
+            user_id=user_id,
+            created_at=now,
+            expires_at=session_expiry(now, self._session_lifetime),
+        )
+        return session, secrets.token_urlsafe(_REFRESH_TOKEN_BYTES)
 
     async def _open_session(
         self, uow: AuthUnitOfWork, user: User, context: LoginContext
     ) -> tuple[Session, str]:
-        now = self._clock()
-        session = Session(
-            id=uuid.uuid4().hex,
-            user_id=user.id,
-            created_at=now,
-            expires_at=session_expiry(now, self._session_lifetime),
-        )
-        refresh_token = secrets.token_urlsafe(_REFRESH_TOKEN_BYTES)
+        session, refresh_token = self._new_session(user.id)
         await uow.sessions.add(
             session,
             refresh_hash=refresh_token_hash(refresh_token),
