@@ -33,7 +33,7 @@ class NotificationsSettings(ServiceSettings):
     )
 
     auth_directory_target: str = Field(
-        default="127.0.0.1:50051", description="auth's gRPC address (GetUserContacts)"
+        default="127.0.0.1:50051", description="auth's gRPC address (GetUsersContacts)"
     )
     auth_client_id: str | None = Field(
         default=None,

@@ -141,9 +141,9 @@ class SqlUserRepository:
 
     async def get_many(self, user_ids: Sequence[int]) -> list[User]:
         result = await self._session.execute(
-            sa.select(*_USER_COLUMNS).where(users.c.id.in_(list(user_ids)))
+            sa.select(*USER_COLUMNS).where(users.c.id.in_(list(user_ids)))
         )
-        return [_user_from_row(row) for row in result]
+        return [user_from_row(row) for row in result]
 
     async def get_by_username(self, username: str) -> User | None:
         return await self._one_user(
