@@ -15,7 +15,12 @@ from cake.events.v1 import registry
 from cake_devtools.stack import COMPONENTS, Stack, StackError, credentials, kafka, postgres
 from cake_devtools.stack.layout import RunLayout, repo_root
 from cake_devtools.stack.redis import redis_command
-from cake_devtools.stack.services import Endpoints, auth_worker_sockets, build_service_environment
+from cake_devtools.stack.services import (
+    SERVICES,
+    Endpoints,
+    auth_worker_sockets,
+    build_service_environment,
+)
 from cake_devtools.stack.settings import StackSettings, StackSettingsForTests, load_settings
 from cake_events.settings import EventsSettings
 
@@ -482,3 +487,15 @@ def test_cli_accepts_options_between_command_and_components() -> None:
     args = cli._parser().parse_intermixed_args(["up", "--profile", "test", "postgres", "redis"])
     assert (args.command, args.profile, args.components) == ("up", "test", ["postgres", "redis"])
     assert cli._parser().parse_intermixed_args(["status"]).profile == "dev"
+
+
+def test_every_gateway_probe_is_a_public_get_route_of_the_contracts() -> None:
+    """A service's ``gateway_probe`` must answer 200 without a token through the gateway:
+    a GET path of the generated OpenAPI document with no security requirement."""
+    paths = json.loads((repo_root() / "gateway" / "generated" / "openapi.json").read_text())[
+        "paths"
+    ]
+    probes = {spec.name: spec.gateway_probe for spec in SERVICES if spec.gateway_probe}
+    assert probes == {"auth": "/.well-known/jwks.json"}
+    for probe in probes.values():
+        assert paths[probe]["get"].get("security") == [], probe

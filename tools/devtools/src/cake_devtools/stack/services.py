@@ -33,6 +33,13 @@ from cake_devtools.stack.service_tokens import (
 @dataclass(frozen=True)
 class ServiceSpec:
     name: str
+    gateway_probe: str | None = None
+    """A public GET path of this service that answers 200 through the gateway, if it has
+    one: the stack waits for it after the gateway's health checks pass, because healthy
+    flags alone were seen not to be proof (right after a restart of auth the gateway
+    answered "no healthy upstream" for up to about a second while both hosts showed
+    healthy; likely Envoy's outlier detection after its own JWKS fetches failed while auth
+    was down, not proven)."""
 
     @property
     def package(self) -> str:
@@ -52,7 +59,7 @@ class ServiceSpec:
 
 
 SERVICES = (
-    ServiceSpec("auth"),
+    ServiceSpec("auth", gateway_probe="/.well-known/jwks.json"),
     ServiceSpec("promotions"),
     ServiceSpec("notifications"),
     ServiceSpec("events"),

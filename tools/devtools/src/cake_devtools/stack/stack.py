@@ -238,13 +238,9 @@ class Stack:
         began = time.monotonic()
         deadline = began + self._ctx.settings.startup_timeout_seconds
         envoy.wait_routing(names, deadline)
-        if "auth" in names:
-            # Healthy flags are not yet proof for auth: right after a restart the gateway
-            # answered "no healthy upstream" for up to about a second while both of auth's
-            # hosts showed healthy (seen in tests/e2e/test_health.py; likely Envoy's outlier
-            # detection, after the gateway's own JWKS fetches to auth failed to connect while
-            # it was down; not proven). A public auth route answering through the gateway is.
-            self._wait_routed(f"{self.gateway_url}/.well-known/jwks.json", deadline)
+        for spec in SERVICES:
+            if spec.name in names and spec.gateway_probe is not None:
+                self._wait_routed(f"{self.gateway_url}{spec.gateway_probe}", deadline)
         waited = time.monotonic() - began
         self._echo("envoy", f"routes to {', '.join(names)} ({waited:.1f}s)")
 
