@@ -5,13 +5,26 @@ fails to start) or the server stops; workers start once the server serves."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from collections.abc import Iterator
 
+import grpc
 import pytest
 from cake_common.grpc_server import GrpcServerBuilder
-from cake_common.service_runtime import StartUp
+from cake_common.service_runtime import StartUp, process_client_id
 from cake_common.settings import ServiceSettings
+from cake_common.token_auth import required_token_verifier
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pydantic_settings import SettingsConfigDict
+
+URL = "postgresql+psycopg://cake:secret@127.0.0.1:5432/cake"
+
+
+class Example(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="CAKE_EXAMPLE_")
+    service_name: str = "example"
+    grpc_port: int = 0
 
 
 class Journal:
@@ -128,3 +141,68 @@ async def test_a_worker_process_stops_on_request_and_closes_in_reverse() -> None
     start_up.request_stop(RuntimeError("the relay failed for good"))
     await asyncio.wait_for(serving, 5)
     assert journal.entries == ["start relay", "close relay", "close database"]
+
+
+class FakeConsumer:
+    """Records what the start-up does with a consumer (the real one needs Kafka)."""
+
+    def __init__(self, *, consuming: bool) -> None:
+        self.consuming = consuming
+        self.on_failure: object = None
+        self.stopped = False
+
+    def start(self, on_failure: object = None) -> None:
+        self.on_failure = on_failure
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+    async def is_consuming(self) -> bool:
+        return self.consuming
+
+
+async def test_a_consumer_is_a_non_critical_dependency_and_its_failure_stops_the_process() -> None:
+    consumer = FakeConsumer(consuming=False)
+    async with StartUp() as start_up:
+        server = builder().with_check_interval(0.01)
+        start_up.runs_consumer(consumer, health=server)
+        running = await start_up.serve(server)
+    stub = health_pb2_grpc.HealthStub(
+        channel := grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+    )
+    async with channel:
+        for _ in range(200):  # the first probe runs in the background
+            answer = await stub.Check(health_pb2.HealthCheckRequest(service="kafka_consumer"))
+            if answer.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                break
+            await asyncio.sleep(0.01)
+        assert answer.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        overall = await stub.Check(health_pb2.HealthCheckRequest(service=""))
+        assert overall.status == health_pb2.HealthCheckResponse.SERVING  # not critical
+    assert callable(consumer.on_failure)
+    consumer.on_failure(RuntimeError("consumer failed for good"))
+    await asyncio.wait_for(running.serve_until_signal(), timeout=10)
+    assert consumer.stopped
+
+
+async def test_a_consumer_without_a_server_reports_its_failure_to_the_caller() -> None:
+    failures: list[BaseException] = []
+    consumer = FakeConsumer(consuming=True)
+    async with StartUp() as start_up:
+        start_up.runs_consumer(consumer, on_failure=failures.append)
+        worker = await start_up.work(Example(database_url=URL))  # type: ignore[arg-type]
+    assert consumer.on_failure == failures.append
+    worker.request_stop()
+    await asyncio.wait_for(worker.serve_until_signal(), timeout=10)
+    assert consumer.stopped
+
+
+def test_client_ids_tell_processes_apart() -> None:
+    assert process_client_id("promotions") == (
+        f"cake-promotions-{socket.gethostname()}-{os.getpid()}"
+    )
+
+
+def test_a_service_without_a_jwks_file_refuses_to_start_naming_its_variable() -> None:
+    with pytest.raises(SystemExit, match="CAKE_EXAMPLE_JWKS_FILE must name"):
+        required_token_verifier(Example(database_url=URL))  # type: ignore[arg-type]

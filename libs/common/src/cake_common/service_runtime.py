@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import signal
+import socket
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar
@@ -77,6 +79,22 @@ async def open_migrated_database(
     # Alembic is synchronous: run it in a worker thread so the event loop stays free.
     await asyncio.to_thread(run_alembic_upgrade, settings.database_url, script_location, relay_role)
     return engine
+
+
+def process_client_id(name: str) -> str:
+    """A Kafka client id naming the service and this very process (host and pid), so the
+    broker's view of a consumer group tells the replicas apart."""
+    return f"cake-{name}-{socket.gethostname()}-{os.getpid()}"
+
+
+class BackgroundConsumer(Protocol):
+    """A Kafka consumer run beside the server (``cake_common.consumer.EventConsumer``)."""
+
+    def start(self, on_failure: Callable[[BaseException], None] | None = None) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def is_consuming(self) -> bool: ...
 
 
 class Serving(Protocol):
@@ -170,6 +188,29 @@ class StartUp:
         serves, ``stop`` before any resource registered earlier closes."""
         self._starts.append(start)
         self._closes.append(stop)
+
+    def runs_consumer(
+        self,
+        consumer: BackgroundConsumer,
+        *,
+        health: GrpcServerBuilder | None = None,
+        on_failure: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        """A Kafka consumer as a background worker (:meth:`runs`). With ``health`` (the
+        gRPC server's builder) it is reported as the non-critical ``kafka_consumer``
+        dependency: without Kafka the API still serves (health degraded) and the events
+        wait. It restarts itself after transient failures; one that fails for good calls
+        ``on_failure`` (default :meth:`request_stop`: the process stops)."""
+        if health is not None:
+            from cake_common.grpc_server import DependencyCheck
+
+            health.add_dependency_check(
+                DependencyCheck("kafka_consumer", consumer.is_consuming, critical=False)
+            )
+        self.runs(
+            functools.partial(consumer.start, on_failure=on_failure or self.request_stop),
+            consumer.stop,
+        )
 
     def request_stop(self, _error: BaseException | None = None) -> None:
         """Stop the process (e.g. a worker's ``on_failure``): the running server or worker

@@ -4,12 +4,8 @@ Each service's composition root calls these so that the verifier (issuer, audien
 clock-skew leeway) and the revocation list (Redis namespace) are configured identically
 everywhere::
 
-    revocations = revocation_list(settings, redis_client)
-    revocations.start()  # follow the revocation stream; stop it with `await aclose()`
-    builder.with_auth(
-        token_verifier(settings, settings.jwks_file),
-        is_revoked=revocations.is_revoked,
-    )
+    revocations = followed_revocation_list(settings, redis_client, start_up)
+    builder.with_auth(required_token_verifier(settings), is_revoked=revocations.is_revoked)
 
 Which methods need no token, and which roles or scopes each one admits, comes from the
 contracts (``option (cake.access.v1.access)``), not from the service.
@@ -18,6 +14,7 @@ contracts (``option (cake.access.v1.access)``), not from the service.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import redis.asyncio
 
@@ -25,6 +22,9 @@ from cake_common.jwt import FileJwksProvider, JwtVerifier
 from cake_common.redis import create_redis
 from cake_common.revocation import STREAM_TIMEOUT_SECONDS, RevocationList
 from cake_common.settings import ServiceSettings
+
+if TYPE_CHECKING:
+    from cake_common.service_runtime import StartUp
 
 
 def token_verifier(settings: ServiceSettings, jwks_file: Path) -> JwtVerifier:
@@ -47,3 +47,22 @@ def revocation_list(settings: ServiceSettings, client: redis.asyncio.Redis) -> R
         ),
         key_prefix=settings.revocation_key_prefix,
     )
+
+
+def required_token_verifier(settings: ServiceSettings) -> JwtVerifier:
+    """:func:`token_verifier` on the service's ``jwks_file``; without one the service refuses
+    to start (every non-public call needs a token checked there), naming its variable."""
+    if settings.jwks_file is None:
+        variable = f"{settings.model_config.get('env_prefix', '')}JWKS_FILE"
+        raise SystemExit(f"{variable} must name the auth service's JWKS file")
+    return token_verifier(settings, settings.jwks_file)
+
+
+def followed_revocation_list(
+    settings: ServiceSettings, client: redis.asyncio.Redis, start_up: StartUp
+) -> RevocationList:
+    """:func:`revocation_list`, following the revocation stream once the process serves and
+    closed before the Redis client it reads (registered with ``start_up.runs``)."""
+    revocations = revocation_list(settings, client)
+    start_up.runs(revocations.start, revocations.aclose)
+    return revocations

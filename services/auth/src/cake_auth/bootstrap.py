@@ -1,8 +1,5 @@
 """Composition root of the auth service: the one place that builds and wires everything.
-
-The shape of every service's ``bootstrap.py`` (``tests/contracts/test_bootstrap.py``):
-settings → :func:`open_resources` → :func:`build_adapters` → :func:`build_use_cases` →
-:func:`build_entry_points` → ``start_up.serve`` (run until a signal, close in reverse).
+Its shape, the same in every service, is described in ``cake_common.service_runtime``.
 """
 
 from __future__ import annotations

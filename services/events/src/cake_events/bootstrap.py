@@ -1,8 +1,5 @@
 """Composition root of the events service: the one place that builds and wires everything.
-
-The shape of every service's ``bootstrap.py`` (``tests/contracts/test_bootstrap.py``):
-settings → :func:`open_resources` → :func:`build_adapters` → :func:`build_use_cases` →
-:func:`build_entry_points` → ``start_up.serve`` (run until a signal, close in reverse).
+Its shape, the same in every service, is described in ``cake_common.service_runtime``.
 """
 
 from __future__ import annotations
@@ -21,7 +18,7 @@ from cake_common.service_runtime import (
     StartUp,
     serve_until_signal,
 )
-from cake_common.token_auth import revocation_list, token_verifier
+from cake_common.token_auth import followed_revocation_list, token_verifier
 from prometheus_client import REGISTRY, CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -283,8 +280,7 @@ def build_entry_points(
     )
     # Without a JWKS no token can be verified: every admin call is then UNAUTHENTICATED.
     if settings.jwks_file is not None:
-        revocations = revocation_list(settings, resources.redis)
-        start_up.runs(revocations.start, revocations.aclose)
+        revocations = followed_revocation_list(settings, resources.redis, start_up)
         builder.with_auth(
             token_verifier(settings, settings.jwks_file), is_revoked=revocations.is_revoked
         )

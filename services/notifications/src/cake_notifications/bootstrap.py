@@ -1,15 +1,10 @@
 """Composition root of the notifications service: the one place that builds and wires everything.
-
-The shape of every service's ``bootstrap.py`` (``tests/contracts/test_bootstrap.py``):
-settings → :func:`open_resources` → :func:`build_adapters` → :func:`build_use_cases` →
-:func:`build_entry_points` → ``start_up.serve`` (run until a signal, close in reverse).
+Its shape, the same in every service, is described in ``cake_common.service_runtime``.
 """
 
 from __future__ import annotations
 
 import functools
-import os
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -22,8 +17,8 @@ from cake_common.db import create_session_factory, database_probe
 from cake_common.grpc_server import DependencyCheck, GrpcServerBuilder, RunningGrpcServer
 from cake_common.jwt import JwtVerifier
 from cake_common.retry import RetryPolicy
-from cake_common.service_runtime import StartUp, serve_until_signal
-from cake_common.token_auth import revocation_list, token_verifier
+from cake_common.service_runtime import StartUp, process_client_id, serve_until_signal
+from cake_common.token_auth import followed_revocation_list, required_token_verifier
 from prometheus_client import REGISTRY, CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -107,12 +102,6 @@ def directory_credentials(
     secret = settings.auth_client_secret_file.read_text().strip()
     credentials = ClientCredentials(settings.auth_client_id, secret, scopes=[CONTACTS_SCOPE])
     return client_credentials_source(credentials), credentials
-
-
-def build_verifier(settings: NotificationsSettings) -> JwtVerifier:
-    if settings.jwks_file is None:
-        raise SystemExit("CAKE_NOTIFICATIONS_JWKS_FILE must name the auth service's JWKS file")
-    return token_verifier(settings, settings.jwks_file)
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,7 +225,7 @@ def build_consumer(
         metrics=metrics.consumer,
         bootstrap_servers=settings.kafka_bootstrap_servers,
         group_id=settings.consumer_group,
-        client_id=f"cake-notifications-{socket.gethostname()}-{os.getpid()}",
+        client_id=process_client_id("notifications"),
         max_batch=settings.consumer_max_batch,
         retry=RetryPolicy(max_seconds=settings.consumer_retry_max_seconds),
     )
@@ -272,8 +261,7 @@ def build_entry_points(
     topics: dict[str, str] | None,
 ) -> GrpcServerBuilder:
     """The gRPC server, and beside it the dispatcher and (unless disabled) the consumer."""
-    revocations = revocation_list(settings, resources.redis)
-    start_up.runs(revocations.start, revocations.aclose)
+    revocations = followed_revocation_list(settings, resources.redis, start_up)
     servicer = NotificationsServicer(use_cases.user_notifications)
     builder = (
         GrpcServerBuilder.from_settings(
@@ -297,12 +285,7 @@ def build_entry_points(
     start_up.runs(use_cases.dispatcher.start, use_cases.dispatcher.stop)
     if settings.consumer_enabled:
         consumer = build_consumer(settings, use_cases.notify, adapters.metrics, topics=topics)
-        builder.add_dependency_check(
-            DependencyCheck("kafka_consumer", consumer.is_consuming, critical=False)
-        )
-        start_up.runs(
-            functools.partial(consumer.start, on_failure=start_up.request_stop), consumer.stop
-        )
+        start_up.runs_consumer(consumer, health=builder)
     return builder
 
 
@@ -315,7 +298,7 @@ async def start_server(
 ) -> RunningGrpcServer:
     """The notifications gRPC server, the consumer and the dispatcher (``directory``: a
     test's contact directory instead of auth's; ``topics``: see :func:`build_consumer`)."""
-    verifier = build_verifier(settings)
+    verifier = required_token_verifier(settings)
     async with StartUp() as start_up:
         resources = await open_resources(settings, start_up, directory=directory)
         adapters = build_adapters(settings, resources, start_up, metrics_registry)

@@ -1,15 +1,10 @@
 """Composition root of the promotions service: the one place that builds and wires everything.
-
-The shape of every service's ``bootstrap.py`` (``tests/contracts/test_bootstrap.py``):
-settings → :func:`open_resources` → :func:`build_adapters` → :func:`build_use_cases` →
-:func:`build_entry_points` → ``start_up.serve`` (run until a signal, close in reverse).
+Its shape, the same in every service, is described in ``cake_common.service_runtime``.
 """
 
 from __future__ import annotations
 
 import functools
-import os
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -26,9 +21,10 @@ from cake_common.service_runtime import (
     RunningWorker,
     StartUp,
     kill_this_process,
+    process_client_id,
     serve_until_signal,
 )
-from cake_common.token_auth import revocation_list, token_verifier
+from cake_common.token_auth import followed_revocation_list, required_token_verifier
 from prometheus_client import REGISTRY, CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -87,13 +83,6 @@ def payment_gateway(settings: PromotionsSettings) -> PaymentGateway:
     return SimulatedBankTransfer(
         decline_all=settings.payment_fail, decline_amount=settings.payment_fail_amount
     )
-
-
-def build_verifier(settings: PromotionsSettings) -> JwtVerifier:
-    if settings.jwks_file is None:
-        # Every non-public call needs a token checked here: refuse to start without keys.
-        raise SystemExit("CAKE_PROMOTIONS_JWKS_FILE must name the auth service's JWKS file")
-    return token_verifier(settings, settings.jwks_file)
 
 
 async def open_resources(settings: PromotionsSettings, start_up: StartUp) -> Resources:
@@ -174,7 +163,7 @@ def build_consumer(
         bootstrap_servers=settings.kafka_bootstrap_servers,
         topic=settings.user_events_topic,
         group_id=settings.consumer_group,
-        client_id=f"cake-promotions-{socket.gethostname()}-{os.getpid()}",
+        client_id=process_client_id("promotions"),
         max_batch=settings.consumer_max_batch,
         retry_max_seconds=settings.consumer_retry_max_seconds,
     )
@@ -191,8 +180,7 @@ def build_entry_points(
 ) -> GrpcServerBuilder:
     """The gRPC server, and beside it the top-up reconciler, the idempotency-key sweep and
     (unless disabled) the first-login consumer."""
-    revocations = revocation_list(settings, resources.redis)
-    start_up.runs(revocations.start, revocations.aclose)
+    revocations = followed_revocation_list(settings, resources.redis, start_up)
     servicer = PromotionsServicer(
         campaigns=use_cases.campaigns,
         enrollment=use_cases.enrollment,
@@ -232,13 +220,7 @@ def build_entry_points(
     if settings.consumer_enabled:
         consumer = build_consumer(settings, use_cases.enrollment, adapters.metrics)
         # Kafka is not critical: without it gRPC still serves, and enrollments wait.
-        builder.add_dependency_check(
-            DependencyCheck("kafka_consumer", consumer.is_consuming, critical=False)
-        )
-        # Restarted by itself when it fails; the API keeps serving (health: degraded).
-        start_up.runs(
-            functools.partial(consumer.start, on_failure=start_up.request_stop), consumer.stop
-        )
+        start_up.runs_consumer(consumer, health=builder)
     return builder
 
 
@@ -251,7 +233,7 @@ async def start_server(
     ``await running.stop()`` stops the consumer and the sweeps, then closes the database.
     """
     # Keys first: a misconfiguration fails in milliseconds, not after a migration.
-    verifier = build_verifier(settings)
+    verifier = required_token_verifier(settings)
     async with StartUp() as start_up:
         resources = await open_resources(settings, start_up)
         adapters = build_adapters(resources, metrics_registry)
@@ -287,7 +269,7 @@ async def start_consumer(
                 failures.append(error)
             start_up.request_stop()
 
-        start_up.runs(functools.partial(consumer.start, on_failure=fail), consumer.stop)
+        start_up.runs_consumer(consumer, on_failure=fail)
         return await start_up.work(settings, metrics_registry=metrics_registry)
 
 

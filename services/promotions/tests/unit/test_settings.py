@@ -7,7 +7,8 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from cake_promotions.bootstrap import build_verifier, payment_gateway
+from cake_common.token_auth import required_token_verifier
+from cake_promotions.bootstrap import payment_gateway
 from cake_promotions.domain.payments import PaymentRequest
 from cake_promotions.domain.topups import PaymentOutcome
 from cake_promotions.settings import PromotionsSettings
@@ -46,10 +47,10 @@ async def test_payment_failure_switch_reaches_the_gateway() -> None:
 
 def test_serving_without_a_jwks_file_is_refused() -> None:
     with pytest.raises(SystemExit, match="CAKE_PROMOTIONS_JWKS_FILE"):
-        build_verifier(settings())
+        required_token_verifier(settings())
 
 
 def test_a_jwks_file_gives_a_verifier(tmp_path: Path) -> None:
     jwks = tmp_path / "jwks.json"
     jwks.write_text('{"keys": []}')
-    assert build_verifier(settings(jwks_file=jwks)) is not None
+    assert required_token_verifier(settings(jwks_file=jwks)) is not None
