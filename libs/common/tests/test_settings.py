@@ -3,7 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from cake_common.settings import ServiceSettings
+from cake_common.settings import ConsumerSettings, OutboxSettings, ServiceSettings
 from pydantic import ValidationError
 from pydantic_settings import SettingsConfigDict
 
@@ -94,3 +94,44 @@ def test_port_range_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CAKE_EXAMPLE_GRPC_PORT", "70000")
     with pytest.raises(ValidationError):
         ExampleSettings()
+
+
+class ProducerConsumerSettings(ServiceSettings, OutboxSettings, ConsumerSettings):
+    model_config = SettingsConfigDict(env_prefix="CAKE_EXAMPLE_")
+
+    service_name: str = "example"
+    grpc_port: int = 50099
+    consumer_group: str = "example"
+
+
+def test_field_groups_read_the_service_prefix_and_keep_its_configuration(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CAKE_EXAMPLE_DATABASE_URL", DB_URL)
+    monkeypatch.setenv("CAKE_EXAMPLE_RELAY_ROLE", "other_relay")
+    monkeypatch.setenv("CAKE_EXAMPLE_CONSUMER_ENABLED", "false")
+    monkeypatch.setenv("CAKE_EXAMPLE_CONSUMER_MAX_BATCH", "20")
+    monkeypatch.setenv("CAKE_EXAMPLE_CONSUMER_RETRY_MAX_SECONDS", "2.5")
+    monkeypatch.setenv("CAKE_EXAMPLE_NOT_A_SETTING", "x")  # ignored, as by ServiceSettings
+    monkeypatch.setenv("CAKE_RELAY_ROLE", "unprefixed")  # not the service's variable
+
+    settings = ProducerConsumerSettings()
+
+    assert settings.relay_role == "other_relay"
+    assert settings.consumer_enabled is False
+    assert settings.consumer_max_batch == 20
+    assert settings.consumer_retry_max_seconds == 2.5
+    assert settings.consumer_group == "example"
+    assert ProducerConsumerSettings.model_config["hide_input_in_errors"] is True
+    monkeypatch.setenv("CAKE_EXAMPLE_CONSUMER_MAX_BATCH", "0")
+    with pytest.raises(ValidationError, match="consumer_max_batch"):
+        ProducerConsumerSettings()
+
+
+def test_field_group_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CAKE_EXAMPLE_DATABASE_URL", DB_URL)
+    settings = ProducerConsumerSettings()
+    assert settings.relay_role == "cake_relay"
+    assert settings.consumer_enabled is True
+    assert settings.consumer_max_batch == 500
+    assert settings.consumer_retry_max_seconds == 10.0

@@ -7,6 +7,13 @@ Each service subclasses :class:`ServiceSettings` once and sets its own prefix::
         service_name: str = "auth"
         grpc_port: int = 50051
 
+A service that writes an outbox the events relay reads adds :class:`OutboxSettings`, one
+that consumes Kafka events :class:`ConsumerSettings`, so those fields are declared (and
+described) once (plain models: the service's settings class keeps ``ServiceSettings``'
+configuration); the variables keep the service's prefix (``CAKE_PROMOTIONS_RELAY_ROLE``)::
+
+    class PromotionsSettings(ServiceSettings, OutboxSettings, ConsumerSettings): ...
+
 URLs that may embed credentials (``database_url``, ``redis_url``) are ``SecretStr``: their
 ``repr``/``str`` is masked, so logging a settings object never leaks a password. Call
 ``.get_secret_value()`` only where the URL is handed to a client, or use
@@ -18,7 +25,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -149,3 +156,33 @@ class ServiceSettings(BaseSettings):
     def database_url_for_display(self) -> str:
         """The database URL with its password masked, safe to log."""
         return make_url(self.database_url.get_secret_value()).render_as_string(hide_password=True)
+
+
+class OutboxSettings(BaseModel):
+    """The fields of a service with an outbox (``cake_common.outbox``) the events relay reads."""
+
+    relay_role: str | None = Field(
+        default="cake_relay",
+        description="Database role of the events relay; migrations grant it access to "
+        "`outbox` only",
+    )
+
+
+class ConsumerSettings(BaseModel):
+    """The fields of a service that consumes Kafka events (``cake_common.consumer``); its
+    ``consumer_group`` is its own (a default per service)."""
+
+    consumer_enabled: bool = Field(
+        default=True, description="Whether `serve` also runs the Kafka consumer"
+    )
+    consumer_max_batch: int = Field(
+        default=500,
+        ge=1,
+        description="Events taken from Kafka per poll; one poll batch is handled in one "
+        "transaction",
+    )
+    consumer_retry_max_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="Longest wait between attempts at a batch while a dependency is down",
+    )

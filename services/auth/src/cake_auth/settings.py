@@ -5,20 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Self
 
-from cake_common.settings import ServiceSettings
+from cake_common.settings import OutboxSettings, ServiceSettings
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 
-class AuthSettings(ServiceSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="CAKE_AUTH_", extra="ignore", hide_input_in_errors=True
-    )
+class AuthSettings(ServiceSettings, OutboxSettings):
+    model_config = SettingsConfigDict(env_prefix="CAKE_AUTH_")
 
     service_name: str = "auth"
     grpc_port: int = 17051
-    relay_role: str | None = "cake_relay"
-    """Database role of the events relay; migrations grant it access to ``outbox`` only."""
 
     # Cost 10 is Cake's (and the floor for production); tests and benchmarks of the plumbing
     # may lower it, bcrypt itself accepts 4..31.

@@ -59,9 +59,7 @@ class HealthService(BaseModel):
 
 
 class EventsSettings(ServiceSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="CAKE_EVENTS_", extra="ignore", hide_input_in_errors=True
-    )
+    model_config = SettingsConfigDict(env_prefix="CAKE_EVENTS_")
 
     service_name: str = "events"
     grpc_port: int = 17053

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cake_common.settings import ServiceSettings
-from pydantic import Field, SecretStr
+from cake_common.settings import ConsumerSettings, ServiceSettings
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
 
-class NotificationsSettings(ServiceSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="CAKE_NOTIFICATIONS_", extra="ignore", hide_input_in_errors=True
-    )
+class NotificationsSettings(ServiceSettings, ConsumerSettings):
+    model_config = SettingsConfigDict(env_prefix="CAKE_NOTIFICATIONS_")
 
     service_name: str = "notifications"
     grpc_port: int = 17055
@@ -55,16 +53,7 @@ class NotificationsSettings(ServiceSettings):
         "must not e-mail users about months-old vouchers",
     )
 
-    consumer_enabled: bool = Field(
-        default=True, description="Whether `serve` consumes the voucher and payment events"
-    )
     consumer_group: str = Field(default="notifications", description="Kafka consumer group")
-    consumer_max_batch: int = Field(
-        default=500, ge=1, le=10_000, description="Events stored per poll batch (one transaction)"
-    )
-    consumer_retry_max_seconds: float = Field(
-        default=10.0, gt=0, description="Longest wait between retries of a failing batch"
-    )
 
     dispatch_batch_size: int = Field(
         default=25, ge=1, le=1000, description="Deliveries one dispatch loop claims at once"
@@ -98,3 +87,11 @@ class NotificationsSettings(ServiceSettings):
     send_retry_max_seconds: float = Field(
         default=30.0, gt=0, description="Longest wait between send attempts (no attempt limit)"
     )
+
+    @field_validator("consumer_max_batch")
+    @classmethod
+    def _batch_bounded(cls, value: int) -> int:
+        # Its own bound on top of ConsumerSettings' (one batch's deliveries in one transaction).
+        if value > 10_000:
+            raise ValueError("consumer_max_batch must be at most 10000")
+        return value

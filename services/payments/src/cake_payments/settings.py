@@ -12,9 +12,7 @@ from cake_payments.domain.ledger import Fault, FaultRule
 
 
 class PaymentsSettings(ServiceSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="CAKE_PAYMENTS_", extra="ignore", hide_input_in_errors=True
-    )
+    model_config = SettingsConfigDict(env_prefix="CAKE_PAYMENTS_")
 
     service_name: str = "payments"
     grpc_port: int = 17054

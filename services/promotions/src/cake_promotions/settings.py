@@ -5,31 +5,22 @@ from __future__ import annotations
 from decimal import Decimal
 
 from cake.events.v1 import registry
-from cake_common.settings import ServiceSettings
+from cake_common.settings import ConsumerSettings, OutboxSettings, ServiceSettings
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 
-class PromotionsSettings(ServiceSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="CAKE_PROMOTIONS_", extra="ignore", hide_input_in_errors=True
-    )
+class PromotionsSettings(ServiceSettings, OutboxSettings, ConsumerSettings):
+    model_config = SettingsConfigDict(env_prefix="CAKE_PROMOTIONS_")
 
     service_name: str = "promotions"
     grpc_port: int = 17052
-    relay_role: str | None = "cake_relay"
-    """Database role of the events relay; migrations grant it access to ``outbox`` only."""
 
     user_events_topic: str = registry.USER_FIRST_LOGIN.topic
     """Topic of the auth service's user events (USER_FIRST_LOGIN; default from the event
     registry); its dead-letter topic (the registry's rule) takes the events that can never be
     processed."""
     consumer_group: str = "promotions"
-    consumer_enabled: bool = True
-    """Whether ``serve`` also runs the first-login consumer (``consume`` runs only it)."""
-    consumer_max_batch: int = Field(default=500, ge=1)
-    consumer_retry_max_seconds: float = Field(default=10.0, gt=0)
-    """Upper bound of the backoff between attempts at an event while a dependency is down."""
 
     idempotency_key_retention_seconds: float = Field(default=86_400, gt=0)
     """How long a top-up ``Idempotency-Key`` is remembered (a retry within it replays the

@@ -29,6 +29,19 @@ def test_defaults_follow_the_agreements() -> None:
     assert not configured.payment_fail
 
 
+def test_shared_field_groups_keep_the_promotions_variables(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert (settings().relay_role, settings().consumer_max_batch) == ("cake_relay", 500)
+    monkeypatch.setenv("CAKE_PROMOTIONS_RELAY_ROLE", "relay_two")
+    monkeypatch.setenv("CAKE_PROMOTIONS_CONSUMER_MAX_BATCH", "20000")  # no upper bound here
+    monkeypatch.setenv("CAKE_PROMOTIONS_CONSUMER_RETRY_MAX_SECONDS", "4")
+    configured = settings()
+    assert configured.relay_role == "relay_two"
+    assert configured.consumer_max_batch == 20_000
+    assert configured.consumer_retry_max_seconds == 4.0
+
+
 def test_environment_configures_the_simulated_bank(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CAKE_PROMOTIONS_PAYMENT_FAIL_AMOUNT", "13.13")
     configured = settings()

@@ -56,8 +56,6 @@ _MEANINGS: dict[str, str] = {
     "ServiceSettings.metrics_port": "Port of the Prometheus `/metrics` endpoint (unset: none)",
     "ServiceSettings.grpc_port": "gRPC port",
     "PromotionsSettings.consumer_group": "Kafka consumer group of the first-login consumer",
-    "PromotionsSettings.consumer_max_batch": "Events the consumer takes from Kafka per poll "
-    "(one poll batch is enrolled in one transaction)",
     "EventsSettings.auth_grpc_target": "auth's gRPC address, probed for GET /health",
     "EventsSettings.promotions_grpc_target": "promotions' gRPC address, probed for GET /health",
     "EventsSettings.health_probe_timeout_seconds": "Timeout of each component probe of GET /health",
