@@ -67,3 +67,16 @@ async def record_audit(
         payload=entry.payload(),
         occurred_at=entry.occurred_at,
     )
+
+
+class AuditingOutboxRecorder:
+    """The base of a service's event recorder (``uow.events``): the outbox events of one unit
+    of work, written in its session's transaction with its writer; every producer's records
+    the security audit (:meth:`security_audit`), the subclass adds its own events."""
+
+    def __init__(self, session: AsyncSession, writer: OutboxWriter) -> None:
+        self._session = session
+        self._writer = writer
+
+    async def security_audit(self, entry: AuditEntry) -> None:
+        await record_audit(self._writer, self._session, entry)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from cake.events.v1 import payloads_pb2, registry
-from cake_common.audit import AuditEntry, record_audit
-from cake_common.outbox import OutboxUnitOfWork, OutboxWriter
+from cake_common.audit import AuditingOutboxRecorder
+from cake_common.outbox import OutboxUnitOfWork
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -14,15 +14,8 @@ from cake_auth.adapters.users_repository import SqlUserRepository
 from cake_auth.domain.login import FirstLogin
 
 
-class OutboxEventRecorder:
+class OutboxEventRecorder(AuditingOutboxRecorder):
     """Writes domain events as outbox rows in the unit of work's transaction."""
-
-    def __init__(self, session: AsyncSession, writer: OutboxWriter) -> None:
-        self._session = session
-        self._writer = writer
-
-    async def security_audit(self, entry: AuditEntry) -> None:
-        await record_audit(self._writer, self._session, entry)
 
     async def first_login(self, event: FirstLogin) -> None:
         login_at = Timestamp()

@@ -11,10 +11,9 @@ from datetime import datetime
 from decimal import Decimal
 
 from cake.events.v1 import payloads_pb2, registry
-from cake_common.audit import AuditEntry, record_audit
-from cake_common.outbox import OutboxEvent, OutboxWriter
+from cake_common.audit import AuditingOutboxRecorder
+from cake_common.outbox import OutboxEvent
 from google.protobuf.timestamp_pb2 import Timestamp
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from cake_promotions.domain.enrollment import Participation
 from cake_promotions.domain.topups import TopupRecord, TopupStatus
@@ -63,14 +62,7 @@ def _voucher_issued(voucher: Voucher, campaign_id: int) -> payloads_pb2.VoucherI
     )
 
 
-class PromotionEvents:
-    def __init__(self, session: AsyncSession, writer: OutboxWriter) -> None:
-        self._session = session
-        self._writer = writer
-
-    async def security_audit(self, entry: AuditEntry) -> None:
-        await record_audit(self._writer, self._session, entry)
-
+class PromotionEvents(AuditingOutboxRecorder):
     async def enrolled(self, enrollments: Sequence[NewEnrollmentEvents]) -> None:
         """The events of many enrollments in one statement, each user's two in order."""
         events = []
