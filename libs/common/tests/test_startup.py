@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from cake_common.grpc_server import GrpcServerBuilder
-from cake_common.service_runtime import StartUp, process_client_id
+from cake_common.grpc_server import DATABASE_CHECK, GrpcServerBuilder
+from cake_common.service_runtime import StartUp, database_check, process_client_id
 from cake_common.settings import ServiceSettings
 from cake_common.token_auth import required_token_verifier
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -206,3 +206,11 @@ def test_client_ids_tell_processes_apart() -> None:
 def test_a_service_without_a_jwks_file_refuses_to_start_naming_its_variable() -> None:
     with pytest.raises(SystemExit, match="CAKE_EXAMPLE_JWKS_FILE must name"):
         required_token_verifier(Example(database_url=URL))  # type: ignore[arg-type]
+
+
+def test_every_service_reports_its_database_under_one_critical_check() -> None:
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    check = database_check(create_async_engine(URL))
+    assert (check.name, check.critical) == ("postgres", True)
+    assert check.name == DATABASE_CHECK

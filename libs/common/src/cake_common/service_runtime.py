@@ -25,7 +25,7 @@ import redis.asyncio
 from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from cake_common.db import create_async_engine_for, wait_for_database
+from cake_common.db import create_async_engine_for, database_probe, wait_for_database
 from cake_common.lifecycle import STOP_SIGNALS, ShutdownHook, run_shutdown_hooks, wait_for_stop
 from cake_common.logging import configure_logging, get_logger
 from cake_common.metrics import MetricsServer, start_metrics_server
@@ -37,7 +37,7 @@ from cake_common.tracing import TracingHandle, configure_tracing, instrument_eng
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-    from cake_common.grpc_server import GrpcServerBuilder, RunningGrpcServer
+    from cake_common.grpc_server import DependencyCheck, GrpcServerBuilder, RunningGrpcServer
 
 _log = get_logger(__name__)
 
@@ -85,6 +85,14 @@ def process_client_id(name: str) -> str:
     """A Kafka client id naming the service and this very process (host and pid), so the
     broker's view of a consumer group tells the replicas apart."""
     return f"cake-{name}-{socket.gethostname()}-{os.getpid()}"
+
+
+def database_check(engine: AsyncEngine) -> DependencyCheck:
+    """The service's own database as its critical dependency check (gRPC health), under the
+    name every service reports it by (:data:`~cake_common.grpc_server.DATABASE_CHECK`)."""
+    from cake_common.grpc_server import DATABASE_CHECK, DependencyCheck
+
+    return DependencyCheck(DATABASE_CHECK, database_probe(engine), critical=True)
 
 
 class BackgroundConsumer(Protocol):

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import redis.asyncio
 from cake.auth.v1 import auth_pb2_grpc
-from cake_common.db import create_session_factory, database_probe
+from cake_common.db import create_session_factory
 from cake_common.grpc_server import DependencyCheck, GrpcServerBuilder, RunningGrpcServer
 from cake_common.outbox import OutboxWriter
 from cake_common.redis import redis_probe
 from cake_common.revocation import RevocationList
 from cake_common.service_runtime import (
     StartUp,
+    database_check,
     serve_until_signal,
     start_logging,
 )
@@ -160,7 +161,7 @@ def build_adapters(
             metrics=metrics,
         ),
         checks=[
-            DependencyCheck("postgres", database_probe(resources.engine), critical=True),
+            database_check(resources.engine),
             # Redis is optional: its outage degrades the service, it does not stop it.
             DependencyCheck("redis", redis_probe(resources.redis), critical=False),
         ],

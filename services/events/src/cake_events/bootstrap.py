@@ -10,12 +10,13 @@ from dataclasses import dataclass
 import grpc
 import redis.asyncio
 from cake.events.v1 import admin_pb2, admin_pb2_grpc, health_pb2, health_pb2_grpc
-from cake_common.db import create_async_engine_for, create_session_factory, database_probe
-from cake_common.grpc_server import DependencyCheck, GrpcServerBuilder, RunningGrpcServer
+from cake_common.db import create_async_engine_for, create_session_factory
+from cake_common.grpc_server import DATABASE_CHECK, GrpcServerBuilder, RunningGrpcServer
 from cake_common.retry import RetryPolicy
 from cake_common.service_runtime import (
     RunningWorker,
     StartUp,
+    database_check,
     serve_until_signal,
 )
 from cake_common.token_auth import followed_revocation_list, token_verifier
@@ -182,7 +183,7 @@ def build_adapters(settings: EventsSettings, resources: Resources, start_up: Sta
             ComponentProbe(
                 f"{name}_database",
                 critical=critical,
-                probe=health_probes.grpc_health_probe(channel, "postgres"),
+                probe=health_probes.grpc_health_probe(channel, DATABASE_CHECK),
             ),
         ]
     kafka_probe = KafkaProbe(
@@ -274,9 +275,7 @@ def build_entry_points(
             )
         )
         .with_validation()
-        .add_dependency_check(
-            DependencyCheck("postgres", database_probe(resources.engine), critical=True)
-        )
+        .add_dependency_check(database_check(resources.engine))
     )
     # Without a JWKS no token can be verified: every admin call is then UNAUTHENTICATED.
     if settings.jwks_file is not None:

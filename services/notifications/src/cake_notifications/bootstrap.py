@@ -13,11 +13,16 @@ from cake.events.v1 import registry
 from cake.notifications.v1 import notifications_pb2_grpc
 from cake_client import ClientCredentials
 from cake_common.consumer import EventConsumer
-from cake_common.db import create_session_factory, database_probe
+from cake_common.db import create_session_factory
 from cake_common.grpc_server import DependencyCheck, GrpcServerBuilder, RunningGrpcServer
 from cake_common.jwt import JwtVerifier
 from cake_common.retry import RetryPolicy
-from cake_common.service_runtime import StartUp, process_client_id, serve_until_signal
+from cake_common.service_runtime import (
+    StartUp,
+    database_check,
+    process_client_id,
+    serve_until_signal,
+)
 from cake_common.token_auth import followed_revocation_list, required_token_verifier
 from prometheus_client import REGISTRY, CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -274,9 +279,7 @@ def build_entry_points(
         )
         .with_auth(verifier, public_methods=PUBLIC_METHODS, is_revoked=revocations.is_revoked)
         .with_validation()
-        .add_dependency_check(
-            DependencyCheck("postgres", database_probe(resources.engine), critical=True)
-        )
+        .add_dependency_check(database_check(resources.engine))
         .add_dependency_check(
             DependencyCheck("dispatcher", use_cases.dispatcher.is_running, critical=False)
         )

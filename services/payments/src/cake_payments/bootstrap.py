@@ -7,10 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cake.payments.v1 import payments_pb2_grpc
-from cake_common.db import create_session_factory, database_probe
-from cake_common.grpc_server import DependencyCheck, GrpcServerBuilder, RunningGrpcServer
+from cake_common.db import create_session_factory
+from cake_common.grpc_server import GrpcServerBuilder, RunningGrpcServer
 from cake_common.service_runtime import (
     StartUp,
+    database_check,
     kill_this_process,
     serve_until_signal,
 )
@@ -74,9 +75,7 @@ def build_entry_points(
             lambda server: payments_pb2_grpc.add_PaymentsServiceServicer_to_server(servicer, server)
         )
         .with_validation()
-        .add_dependency_check(
-            DependencyCheck("postgres", database_probe(resources.engine), critical=True)
-        )
+        .add_dependency_check(database_check(resources.engine))
     )
 
 

@@ -12,14 +12,15 @@ import redis.asyncio
 from cake.events.v1 import registry
 from cake.promotions.v1 import promotions_pb2_grpc
 from cake_common.consumer import EventConsumer
-from cake_common.db import create_session_factory, database_probe
-from cake_common.grpc_server import DependencyCheck, GrpcServerBuilder, RunningGrpcServer
+from cake_common.db import create_session_factory
+from cake_common.grpc_server import GrpcServerBuilder, RunningGrpcServer
 from cake_common.jwt import JwtVerifier
 from cake_common.outbox import OutboxWriter
 from cake_common.retry import RetryPolicy
 from cake_common.service_runtime import (
     RunningWorker,
     StartUp,
+    database_check,
     kill_this_process,
     process_client_id,
     serve_until_signal,
@@ -196,9 +197,7 @@ def build_entry_points(
         )
         .with_auth(verifier, is_revoked=revocations.is_revoked)
         .with_validation()
-        .add_dependency_check(
-            DependencyCheck("postgres", database_probe(resources.engine), critical=True)
-        )
+        .add_dependency_check(database_check(resources.engine))
     )
     if settings.reconcile_enabled:
         reconciler = TopupReconciler(

@@ -22,6 +22,7 @@ from cake_common.grpc_server.call_scope import (
     ServicerContext,
 )
 from cake_common.grpc_server.health import (
+    DATABASE_CHECK,
     LIVENESS_HEALTH,
     OVERALL_HEALTH,
     ComponentStatus,
@@ -55,6 +56,7 @@ from cake_common.lifecycle import ShutdownHook
 
 __all__ = [
     "ALWAYS_PUBLIC_SERVICES",
+    "DATABASE_CHECK",
     "DEFAULT_UNAVAILABLE_ERRORS",
     "LIVENESS_HEALTH",
     "OVERALL_HEALTH",

@@ -99,6 +99,10 @@ class ServiceHealth:
             await self.servicer.set(name, status)
 
 
+DATABASE_CHECK = "postgres"
+"""The dependency check every service reports its own database under (the events service's
+``GET /health`` asks each service for it by this name)."""
+
 DependencyProbe = Callable[[], Awaitable[object]]
 """Async check of one dependency: healthy unless it raises or returns ``False``."""
 
