@@ -25,8 +25,10 @@ as fast as they are answered (``--rate 0``, saturation) or at a constant arrival
 the tokens of ``--users`` seeded users in turn. It prints reads/s, P50/P95/P99, the server CPU
 per read of every component *and of every auth process* (a worker that does most of the work
 shows here), vegeta's own CPU per read (the load generator shares the cores), how Envoy spread
-the reads over auth's workers (its admin ``/clusters``: answered requests per endpoint) and the
-cores everything used together: what keeps a saturation run from using every core.
+the reads over auth's workers (its admin ``/clusters``: answered requests per endpoint), how
+its worker threads shared the connections and whether requests waited for an upstream
+connection or stream (admin ``/stats``), and the cores everything used together: what keeps
+a saturation run from using every core.
 
 Run against a running stack whose gateway does not throttle (the test profile does not; for
 the dev profile start it with ``CAKE_GATEWAY_PROFILE=bench``)::
@@ -262,6 +264,24 @@ def upstream_answers(admin_url: str, cluster: str = "auth") -> dict[str, int]:
     return answers
 
 
+def envoy_counters(admin_url: str) -> dict[str, int]:
+    """Envoy's counters that say whether it serialized the reads: downstream connections
+    per worker thread (``listener.<address>.worker_<n>.downstream_cx_total``) and the auth
+    cluster's upstream connections and requests that waited for one (``upstream_rq_pending_
+    total``: no connection or stream free)."""
+    wanted = ("downstream_cx_total", "upstream_cx_total", "upstream_rq_pending_total")
+    counters: dict[str, int] = {}
+    for line in httpx.get(f"{admin_url}/stats", timeout=5).text.splitlines():
+        name, _, value = line.partition(": ")
+        if not name.endswith(wanted) or not value.strip().isdigit():
+            continue
+        if (name.startswith("listener.") and ".worker_" in name) or name.startswith(
+            "cluster.auth."
+        ):
+            counters[name] = int(value)
+    return counters
+
+
 def process_ticks(stack: Stack) -> dict[str, int]:
     """CPU ticks so far of every stack process, as ``component[pid]``."""
     ticks: dict[str, int] = {}
@@ -293,6 +313,7 @@ async def vegeta_run(args: argparse.Namespace) -> None:
             attack, "warm-up", targets, Path(directory), duration_s=3, rate=None, workers=8
         )
         answered_before, ticks_before = upstream_answers(admin_url), process_ticks(stack)
+        envoy_before = envoy_counters(admin_url)
         vegeta_before, began = children_cpu_seconds(), time.monotonic()
         load_before = os.getloadavg()[0]
         summary = await asyncio.to_thread(
@@ -309,6 +330,7 @@ async def vegeta_run(args: argparse.Namespace) -> None:
         # Both samples bracket vegeta's run only; encoding and summing up come after.
         elapsed = time.monotonic() - began
     ticks_after, answered_after = process_ticks(stack), upstream_answers(admin_url)
+    envoy_after = envoy_counters(admin_url)
     vegeta_seconds = children_cpu_seconds() - vegeta_before
     latency = summary["metrics"]["op_profile_ms"]["values"]
     ok = int(summary["metrics"]["op_profile_ok_ms"]["values"]["count"])
@@ -362,6 +384,22 @@ async def vegeta_run(args: argparse.Namespace) -> None:
     print(
         "  auth endpoints (Envoy's share of the requests): "
         + ", ".join(f"{endpoint} {count / total:.0%}" for endpoint, count in spread.items())
+    )
+    grown = {
+        name: count - envoy_before.get(name, 0)
+        for name, count in envoy_after.items()
+        if count != envoy_before.get(name, 0)
+    }
+    threads = {
+        name.split(".worker_")[1].split(".")[0]: count
+        for name, count in grown.items()
+        if ".worker_" in name
+    }
+    print(
+        "  Envoy: connections accepted per worker thread "
+        + (", ".join(f"{thread}: {count}" for thread, count in sorted(threads.items())) or "none")
+        + f"; auth upstream connections opened {grown.get('cluster.auth.upstream_cx_total', 0)}"
+        f", requests that waited for one {grown.get('cluster.auth.upstream_rq_pending_total', 0)}"
     )
 
 
