@@ -19,29 +19,49 @@ minimal keep-alive HTTP/1.1 client on asyncio streams, so the Python client cost
 much per call as the gRPC one; client, Envoy and services share the machine's cores, and the
 load average at the start is printed because other work on the box skews everything.
 
+``--vegeta`` measures the gateway the way ``make bench`` does instead: vegeta (the benchmarks'
+Go load generator) sends ``GET /auth/profile`` over ``--concurrency`` keep-alive connections,
+as fast as they are answered (``--rate 0``, saturation) or at a constant arrival rate, with
+the tokens of ``--users`` seeded users in turn. It prints reads/s, P50/P95/P99, the server CPU
+per read of every component *and of every auth process* (a worker that does most of the work
+shows here), vegeta's own CPU per read (the load generator shares the cores), how Envoy spread
+the reads over auth's workers (its admin ``/clusters``: answered requests per endpoint), how
+its worker threads shared the connections and whether requests waited for an upstream
+connection or stream (admin ``/stats``), and the cores everything used together: what keeps
+a saturation run from using every core.
+
 Run against a running stack whose gateway does not throttle (the test profile does not; for
 the dev profile start it with ``CAKE_GATEWAY_PROFILE=bench``)::
 
     uv run python bench/profile_reads.py                  # test stack
     uv run python bench/profile_reads.py --profile dev --seconds 15 --concurrency 64
+    uv run python bench/profile_reads.py --profile dev --vegeta --seconds 20 --concurrency 64
+    uv run python bench/profile_reads.py --profile dev --vegeta --seconds 20 --rate 1500
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
+import resource
+import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import grpc
 import httpx
-from benchlib import CpuSample, sample_server_cpu
+from benchlib import CpuSample, Gateway, sample_server_cpu
 from cake.auth.v1 import auth_pb2, auth_pb2_grpc
 from cake_devtools.stack import Stack
+from cake_devtools.stack.process import cpu_ticks
 from cake_devtools.stack.settings import load_settings
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from loadgen import attack
+from scenarios import profile_targets
 
 WARM_UP_SECONDS = 2.0
 
@@ -232,6 +252,157 @@ async def run(args: argparse.Namespace) -> None:
     print(f"  ratio gRPC via gateway / direct gRPC: {grpc_gateway.rate / grpc_direct.rate:.2f}")
 
 
+def upstream_answers(admin_url: str, cluster: str = "auth") -> dict[str, int]:
+    """Requests answered so far by each endpoint of ``cluster`` (Envoy admin ``/clusters``:
+    lines ``<cluster>::<endpoint>::rq_total::<count>``)."""
+    answers: dict[str, int] = {}
+    for line in httpx.get(f"{admin_url}/clusters", timeout=5).text.splitlines():
+        where, marker, value = [*line.rsplit("::", 2), "", ""][:3]
+        name, _, endpoint = where.partition("::")
+        if name == cluster and marker == "rq_total":
+            answers[Path(endpoint).name or endpoint] = int(value)
+    return answers
+
+
+def envoy_counters(admin_url: str) -> dict[str, int]:
+    """Envoy's counters that say whether it serialized the reads: downstream connections
+    per worker thread (``listener.<address>.worker_<n>.downstream_cx_total``) and the auth
+    cluster's upstream connections and requests that waited for one (``upstream_rq_pending_
+    total``: no connection or stream free)."""
+    wanted = ("downstream_cx_total", "upstream_cx_total", "upstream_rq_pending_total")
+    counters: dict[str, int] = {}
+    for line in httpx.get(f"{admin_url}/stats", timeout=5).text.splitlines():
+        name, _, value = line.partition(": ")
+        if not name.endswith(wanted) or not value.strip().isdigit():
+            continue
+        if (name.startswith("listener.") and ".worker_" in name) or name.startswith(
+            "cluster.auth."
+        ):
+            counters[name] = int(value)
+    return counters
+
+
+def process_ticks(stack: Stack) -> dict[str, int]:
+    """CPU ticks so far of every stack process, as ``component[pid]``."""
+    ticks: dict[str, int] = {}
+    for component, pids in stack.processes().items():
+        for pid in pids:
+            used = cpu_ticks(pid)
+            if used is not None:
+                ticks[f"{component}[{pid}]"] = used
+    return ticks
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def vegeta_run(args: argparse.Namespace) -> None:
+    settings = load_settings(args.profile)
+    stack = Stack(args.profile, echo=None)
+    gateway = args.gateway or f"127.0.0.1:{settings.gateway_port}"
+    admin_url = f"http://127.0.0.1:{settings.envoy_admin_port}"
+    async with Gateway(f"http://{gateway}") as client:
+        users = await client.register_many(args.users, "reads", login_once=False)
+    targets = profile_targets(f"http://{gateway}", users)
+    per_second = os.sysconf("SC_CLK_TCK")
+    with tempfile.TemporaryDirectory(prefix="profile-reads-") as directory:
+        # A short warm-up: connections opened, caches filled, workers' code paths warm.
+        await asyncio.to_thread(
+            attack, "warm-up", targets, Path(directory), duration_s=3, rate=None, workers=8
+        )
+        answered_before, ticks_before = upstream_answers(admin_url), process_ticks(stack)
+        envoy_before = envoy_counters(admin_url)
+        vegeta_before, began = children_cpu_seconds(), time.monotonic()
+        load_before = os.getloadavg()[0]
+        summary = await asyncio.to_thread(
+            attack,
+            "reads",
+            targets,
+            Path(directory),
+            duration_s=args.seconds,
+            rate=args.rate or None,
+            workers=args.concurrency,
+            max_workers=max(args.concurrency, math.ceil(args.rate * 2)) if args.rate else None,
+            window=(min(2.0, args.seconds / 4), args.seconds),
+        )
+        # Both samples bracket vegeta's run only; encoding and summing up come after.
+        elapsed = time.monotonic() - began
+    ticks_after, answered_after = process_ticks(stack), upstream_answers(admin_url)
+    envoy_after = envoy_counters(admin_url)
+    vegeta_seconds = children_cpu_seconds() - vegeta_before
+    latency = summary["metrics"]["op_profile_ms"]["values"]
+    ok = int(summary["metrics"]["op_profile_ok_ms"]["values"]["count"])
+    statuses = summary["statuses"]["profile"]
+    model = f"{args.rate:g}/s offered" if args.rate else f"{args.concurrency} connections, closed"
+    print(
+        f"profile reads via vegeta ({model}, {args.seconds:g}s, {len(users)} users; load "
+        f"average {load_before:.2f} at the start, {os.getloadavg()[0]:.2f} at the end, "
+        f"{os.cpu_count()} cores)"
+    )
+    print(
+        f"  {ok / elapsed:8.0f} reads/s answered 200 ({ok} of {sum(statuses.values())}, "
+        f"statuses {statuses}); p50 {latency['med']:.1f} p95 {latency['p(95)']:.1f} "
+        f"p99 {latency['p(99)']:.1f} ms"
+    )
+    used = {
+        name: (ticks - ticks_before.get(name, 0)) / per_second
+        for name, ticks in ticks_after.items()
+    }
+    by_component: dict[str, float] = {}
+    for name, seconds in used.items():
+        component = name.partition("[")[0]
+        by_component[component] = by_component.get(component, 0.0) + seconds
+    servers = sum(by_component.values())
+    print(
+        f"  server CPU {servers * 1000 / ok:.3f} ms/read ({servers / elapsed:.2f} cores): "
+        + ", ".join(
+            f"{name} {seconds * 1000 / ok:.3f}"
+            for name, seconds in sorted(by_component.items(), key=lambda item: -item[1])
+            if seconds * 1000 / ok >= 0.005
+        )
+    )
+    print(
+        "  by process (cores): "
+        + ", ".join(
+            f"{name} {seconds / elapsed:.2f}"
+            for name, seconds in sorted(used.items(), key=lambda item: -item[1])
+            if seconds / elapsed >= 0.02
+        )
+    )
+    print(
+        f"  vegeta {vegeta_seconds * 1000 / ok:.3f} ms/read ({vegeta_seconds / elapsed:.2f} "
+        f"cores); servers + vegeta {(servers + vegeta_seconds) / elapsed:.2f} of "
+        f"{os.cpu_count()} cores"
+    )
+    spread = {
+        endpoint: count - answered_before.get(endpoint, 0)
+        for endpoint, count in answered_after.items()
+    }
+    total = sum(spread.values()) or 1
+    print(
+        "  auth endpoints (Envoy's share of the requests): "
+        + ", ".join(f"{endpoint} {count / total:.0%}" for endpoint, count in spread.items())
+    )
+    grown = {
+        name: count - envoy_before.get(name, 0)
+        for name, count in envoy_after.items()
+        if count != envoy_before.get(name, 0)
+    }
+    threads = {
+        name.split(".worker_")[1].split(".")[0]: count
+        for name, count in grown.items()
+        if ".worker_" in name
+    }
+    print(
+        "  Envoy: connections accepted per worker thread "
+        + (", ".join(f"{thread}: {count}" for thread, count in sorted(threads.items())) or "none")
+        + f"; auth upstream connections opened {grown.get('cluster.auth.upstream_cx_total', 0)}"
+        f", requests that waited for one {grown.get('cluster.auth.upstream_rq_pending_total', 0)}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="test", choices=["dev", "test"])
@@ -240,7 +411,15 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--gateway", help="host:port of the gateway (default: the profile's)")
     parser.add_argument("--auth", help="host:port of the auth service (default: the profile's)")
-    asyncio.run(run(parser.parse_args()))
+    parser.add_argument(
+        "--vegeta", action="store_true", help="REST via the gateway with vegeta (see above)"
+    )
+    parser.add_argument(
+        "--rate", type=float, default=0, help="--vegeta: reads/s offered (0: closed model)"
+    )
+    parser.add_argument("--users", type=int, default=50, help="--vegeta: users whose tokens read")
+    args = parser.parse_args()
+    asyncio.run(vegeta_run(args) if args.vegeta else run(args))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ The behaviour of a running gateway is tested in ``test_gateway_edge.py`` (fake s
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from cake_devtools.gateway_config import (
     DOCS_REST_PATH,
     HEALTH_SERVICE,
     OPENAPI_REST_PATH,
+    PATH_WITHOUT_TRAILING_SLASH_REGEX,
     TRANSCODED_SERVICES,
     GatewayConfigError,
     GatewayContext,
@@ -44,6 +46,8 @@ from cake_devtools.stack.envoy import (
 from cake_devtools.stack.errors import StackError
 from cake_devtools.stack.layout import RunLayout
 from cake_devtools.stack.settings import StackSettings, StackSettingsForTests
+from hypothesis import given
+from hypothesis import strategies as st
 
 #: Starts a real Envoy: `make test` runs it, the quick `make test-unit` does not.
 pytestmark = pytest.mark.slow
@@ -105,6 +109,36 @@ def test_filters_run_in_the_documented_order() -> None:
         "envoy.filters.http.jwt_authn",
         "envoy.filters.http.router",
     ]
+
+
+def _normalised(path: str) -> str:
+    """What the normaliser's Lua makes of ``path`` (the same steps, in Python)."""
+    bare, query = re.fullmatch(r"([^?#]*)(.*)", path, re.DOTALL).groups()  # type: ignore[union-attr]
+    return (bare.rstrip("/") or "/") + query
+
+
+@given(st.text(alphabet="/a?#.", min_size=1, max_size=12).map(lambda tail: "/" + tail))
+def test_the_normaliser_is_skipped_exactly_for_paths_it_leaves_alone(path: str) -> None:
+    # The matcher runs the Lua only where it changes the path, and every such path runs it.
+    skipped = re.fullmatch(PATH_WITHOUT_TRAILING_SLASH_REGEX, path, re.DOTALL) is not None
+    assert skipped == (_normalised(path) == path)
+
+
+def test_the_normaliser_runs_behind_a_matcher_that_skips_paths_without_a_trailing_slash() -> None:
+    wrapper = _filters(_render())["cake.path_normaliser"]
+
+    assert wrapper["@type"].endswith("matching.v3.ExtensionWithMatcher")
+    (matcher,) = wrapper["xds_matcher"]["matcher_list"]["matchers"]
+    predicate = matcher["predicate"]["single_predicate"]
+    assert predicate["input"]["typed_config"]["header_name"] == ":path"
+    assert predicate["value_match"]["safe_regex"]["regex"] == PATH_WITHOUT_TRAILING_SLASH_REGEX
+    assert matcher["on_match"]["action"]["typed_config"]["@type"].endswith(
+        "matcher.action.v3.SkipFilter"
+    )
+    assert "on_no_match" not in wrapper["xds_matcher"]
+    lua = wrapper["extension_config"]["typed_config"]
+    assert lua["@type"].endswith("filters.http.lua.v3.Lua")
+    assert "clearRouteCache" in lua["default_source_code"]["inline_string"]
 
 
 def test_transcoder_serves_every_contract_service_strictly() -> None:

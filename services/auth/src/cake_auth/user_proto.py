@@ -32,6 +32,32 @@ def user_to_proto(user: User) -> user_pb2.User:
     return message
 
 
+MESSAGES_KEPT = 4096
+"""Users whose API message :func:`user_message` keeps, most recently made last."""
+
+_messages: dict[User, user_pb2.User] = {}
+
+
+def user_message(user: User) -> user_pb2.User:
+    """:func:`user_to_proto`, kept for the users answered lately and shared between calls.
+
+    A profile read answers the same cached ``User`` again and again (the profile cache hands
+    out one decoded object per entry); building its message each time was ≈ 13 µs of the
+    read (``timeit``: message and ``GetProfileResponse`` 14.3 µs, from here 1.2 µs). The key
+    is the whole (frozen) ``User``, so a changed user is a new key and nothing is stale.
+    The message is shared: use it only where it is copied (a field of another message set
+    from it is a copy) and never change it.
+    """
+    message = _messages.get(user)
+    if message is None:
+        message = user_to_proto(user)
+        if len(_messages) >= MESSAGES_KEPT:
+            # Oldest first (dicts keep insertion order): bounded, no LRU bookkeeping.
+            del _messages[next(iter(_messages))]
+        _messages[user] = message
+    return message
+
+
 def user_from_proto(message: user_pb2.User, *, role: Role, version: int) -> User:
     """The inverse of :func:`user_to_proto`; ``role`` and ``version`` are not in the API shape."""
     return User(

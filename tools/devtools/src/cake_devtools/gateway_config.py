@@ -119,6 +119,11 @@ LOCAL_REPLY_MESSAGES: dict[int, str] = {
 
 MEBIBYTE = 1024 * 1024
 
+#: Paths the trailing-slash normaliser has nothing to do for (RE2, the whole ``:path``): the
+#: part before ``?`` or ``#`` ends in a character other than a slash, or is ``/`` itself.
+#: The gateway skips its Lua script for them (see the template).
+PATH_WITHOUT_TRAILING_SLASH_REGEX = r"^(/|[^?#]*[^/?#])([?#].*)?$"
+
 
 class GatewayConfigError(RuntimeError):
     """The gateway config cannot be rendered (missing descriptor set, unknown RPC, ...)."""
@@ -620,6 +625,7 @@ def render_gateway_config(ctx: GatewayContext, *, template_dir: Path | None = No
         docs_content_security_policy=DOCS_CONTENT_SECURITY_POLICY,
         local_reply_messages=LOCAL_REPLY_MESSAGES,
         gateway_header_prefix=GATEWAY_HEADER_PREFIX,
+        path_without_trailing_slash_regex=PATH_WITHOUT_TRAILING_SLASH_REGEX,
         client_ip_header=CLIENT_IP_HEADER,
         jwt_payload_header=JWT_PAYLOAD_HEADER,
         user_id_header=USER_ID_HEADER,

@@ -25,7 +25,7 @@ from cake_auth.service.use_cases import (
     RegisterUser,
     UpdateProfile,
 )
-from cake_auth.user_proto import user_to_proto
+from cake_auth.user_proto import user_message, user_to_proto
 
 AUTH_SERVICE = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
 # Who may call each RPC is declared in the contract (option cake.access.v1.access).
@@ -156,7 +156,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         self, request: auth_pb2.GetProfileRequest, context: Context
     ) -> auth_pb2.GetProfileResponse:
         user = await self._use_cases.get_profile(current_principal())
-        return auth_pb2.GetProfileResponse(user=user_to_proto(user))
+        return auth_pb2.GetProfileResponse(user=user_message(user))
 
     async def UpdateProfile(
         self, request: auth_pb2.UpdateProfileRequest, context: Context
