@@ -184,3 +184,71 @@ async def test_an_exhausted_pool_fails_fast(postgres_url: str) -> None:
             assert time.monotonic() - began < 1.5
     finally:
         await engine.dispose()
+
+
+async def _checked_out_pid_and_last_query(engine: AsyncEngine, admin_url: str) -> tuple[int, str]:
+    """Check a connection out without running anything on it, and read from another
+    session the last statement its backend ran."""
+    import psycopg
+
+    async with engine.connect() as connection:
+        raw = await connection.get_raw_connection()
+        pid: int = raw.driver_connection.info.backend_pid  # type: ignore[union-attr]
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            row = admin.execute("SELECT query FROM pg_stat_activity WHERE pid = %s", (pid,))
+            (query,) = row.fetchone() or ("",)
+    return pid, query
+
+
+async def test_a_checkout_costs_no_round_trip(postgres_url: str) -> None:
+    # pool_pre_ping would run a SELECT 1 on every checkout: the backend's last statement
+    # would be the ping, not the ROLLBACK that ended the previous use of the connection.
+    from cake_common.db import libpq_url
+
+    engine = create_async_engine_for(postgres_url, pool_size=1, max_overflow=0)
+    try:
+        async with engine.connect() as connection:
+            await connection.execute(sa.text("SELECT 'marker of the previous use'"))
+        pid, query = await _checked_out_pid_and_last_query(engine, libpq_url(postgres_url))
+        assert query == "ROLLBACK", query
+        # The same connection came back (nothing was dropped or reopened).
+        pid_again, _ = await _checked_out_pid_and_last_query(engine, libpq_url(postgres_url))
+        assert pid_again == pid
+    finally:
+        await engine.dispose()
+
+
+async def test_connections_ended_by_the_server_while_idle_are_replaced_at_checkout(
+    postgres_url: str,
+) -> None:
+    # A real fault: the server ends every idle connection of the pool (as a restart does);
+    # the next requests, all at once, get fresh connections and no error.
+    import psycopg
+    from cake_common.db import libpq_url
+
+    name = f"cake-idle-death-{time.monotonic_ns()}"
+    engine = create_async_engine_for(
+        postgres_url, pool_size=4, max_overflow=0, application_name=name
+    )
+
+    async def backend_pid() -> int:
+        async with engine.connect() as connection:
+            pid = await connection.scalar(sa.text("SELECT pg_backend_pid()"))
+            await asyncio.sleep(0.05)  # hold it: the four calls use four connections
+            return int(pid)
+
+    try:
+        before = set(await asyncio.gather(*(backend_pid() for _ in range(4))))
+        assert len(before) == 4
+        with psycopg.connect(libpq_url(postgres_url), autocommit=True) as admin:
+            ended = admin.execute(
+                "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = %s) AS t",
+                (name,),
+            ).fetchone()
+        assert ended == (4,)
+        await asyncio.sleep(0.2)  # the FATAL and the close reach the client's sockets
+        after = set(await asyncio.gather(*(backend_pid() for _ in range(8))))
+        assert after.isdisjoint(before)
+    finally:
+        await engine.dispose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -10,7 +11,7 @@ from typing import Any, Protocol, Self
 import psycopg
 import sqlalchemy.exc
 from pydantic import SecretStr
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -81,8 +82,11 @@ def create_async_engine_for(
 ) -> AsyncEngine:
     """An async engine on ``postgresql+psycopg://…`` tuned to fail fast when Postgres is down.
 
-    ``pool_pre_ping`` drops connections that died while idle (e.g. a Postgres restart)
-    instead of failing the next request; short pool/connect timeouts turn an outage (or an
+    A connection that died while idle in the pool (a Postgres restart, a terminated backend,
+    a server-side idle timeout) is replaced at checkout instead of failing the next request,
+    without a round trip (:func:`_drop_if_server_spoke`, not ``pool_pre_ping``); one that
+    breaks in use fails that request with a connection error, and SQLAlchemy then recycles
+    every connection of the pool opened before it; short pool/connect timeouts turn an outage (or an
     exhausted pool) into a quick UNAVAILABLE rather than requests piling up;
     ``session_timeouts`` bound what one session may hold; ``hide_parameters`` keeps bound
     values (emails, hashes) out of error messages and therefore out of logs.
@@ -93,16 +97,46 @@ def create_async_engine_for(
     if session_timeouts is not None:
         connect_args["options"] = session_timeouts.options()
     connect_args.update(engine_kwargs.pop("connect_args", {}))
-    return create_async_engine(
+    engine = create_async_engine(
         _plain(url),
         pool_size=pool_size,
         max_overflow=max_overflow,
         pool_timeout=pool_timeout_seconds,
-        pool_pre_ping=True,
         hide_parameters=True,
         connect_args=connect_args,
         **engine_kwargs,
     )
+    event.listen(engine.sync_engine, "checkout", _drop_if_server_spoke)
+    return engine
+
+
+def _server_spoke(connection: Any) -> bool:
+    """Whether the server sent anything (or closed) while the connection sat idle in the
+    pool: an idle PostgreSQL session receives nothing unless it is being ended (the FATAL
+    of a shutdown or ``pg_terminate_backend``, a timeout) or its socket was closed (EOF),
+    so a readable socket means it is dead (or, rarely, has an asynchronous notice: replacing
+    it then costs one reconnect). ``connection`` is psycopg's, its socket a plain fd."""
+    if connection.closed:
+        return True
+    poller = select.poll()
+    poller.register(connection.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
+    return bool(poller.poll(0))
+
+
+def _drop_if_server_spoke(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+    """Pool ``checkout`` event: refuse a connection the server has ended while it was idle.
+
+    Hand-written instead of ``pool_pre_ping``: the ping is a round trip (``SELECT 1``) on
+    every checkout, paid by every request of every service; a non-blocking ``poll`` of the
+    socket is a system call. Raising ``DisconnectionError`` here is SQLAlchemy's documented
+    way to make the pool discard the connection and hand out a fresh one (it retries the
+    checkout). A peer that vanished without closing (a cut network) is not seen here; its
+    first statement fails with a connection error instead, as it would after a ping.
+    """
+    driver_connection = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+    if _server_spoke(driver_connection):
+        _log.info("pooled database connection was closed by the server; reconnecting")
+        raise sqlalchemy.exc.DisconnectionError("connection closed by the server while idle")
 
 
 def libpq_url(url: str | SecretStr) -> str:

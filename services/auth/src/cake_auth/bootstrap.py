@@ -257,14 +257,23 @@ async def build_use_cases(
     started = time.perf_counter()
     dummy_password_hash = await infrastructure.hasher.hash(secrets.token_urlsafe(16))
     initial_hash_seconds = max(time.perf_counter() - started, 1e-3)
+    admission = hash_admission(
+        settings, infrastructure.metrics, initial_hash_seconds=initial_hash_seconds
+    )
+    # The RPCs' hashes go through the admission's meter (registrations' too): it measures
+    # what the threads serve. Operator commands keep the plain hasher (no admission).
+    hasher = admission.metered(infrastructure.hasher)
     return AuthUseCases(
-        accounts=infrastructure.accounts,
+        accounts=UserAccounts(
+            unit_of_work=infrastructure.unit_of_work,
+            hasher=hasher,
+            profile_cache=infrastructure.profile_cache,
+            metrics=infrastructure.metrics,
+        ),
         unit_of_work=infrastructure.unit_of_work,
         login_records=infrastructure.login_records,
-        hasher=infrastructure.hasher,
-        admission=hash_admission(
-            settings, infrastructure.metrics, initial_hash_seconds=initial_hash_seconds
-        ),
+        hasher=hasher,
+        admission=admission,
         tokens=_token_issuer(settings, signing_key),
         profile_cache=infrastructure.profile_cache,
         login_throttle=RedisLoginThrottle(

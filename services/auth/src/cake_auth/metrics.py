@@ -37,6 +37,12 @@ class AuthMetrics:
             # Several worker processes: each admits its own, the service the sum.
             multiprocess_mode="livesum",
         )
+        self.hash_saturated_seconds = Counter(
+            "cake_auth_hash_saturated_seconds",
+            "Seconds during which every hashing thread had a hash to run (the threads' busy "
+            "time when saturated: under overload it should grow as fast as the clock)",
+            registry=registry,
+        )
         self.first_logins = Counter(
             "cake_auth_first_logins",
             "First logins, each recorded as a first-login outbox event",

@@ -44,12 +44,13 @@ class AuthSettings(ServiceSettings, OutboxSettings):
         "threads are measured to finish within hash_queue_max_wait_seconds",
     )
     hash_queue_max_wait_seconds: float = Field(
-        default=1.0,
+        default=1.5,
         gt=0,
         description="Longest a login/registration should wait for a hashing thread: each "
-        "worker admits what its threads are measured to finish in that time (hashes per "
-        "second while all are busy, times this), beyond that it refuses at once (UNAVAILABLE, "
-        "retry-after); unused when hash_queue_max_waiting fixes the count",
+        "worker admits a call while the calls ahead of it take its threads at most that long "
+        "(measured: hashes per second while all are busy), so a near-ceiling burst queues; "
+        "beyond that it refuses at once (UNAVAILABLE, retry-after); unused when "
+        "hash_queue_max_waiting fixes the count",
     )
     workers: int = Field(
         default=1,

@@ -2,8 +2,9 @@
 calls beyond ``workers + max_waiting`` are refused at once (UNAVAILABLE, ``retry-after``),
 none waits into its deadline, and a refused login does not count against the account; by
 default the bound is measured (what the threads finish within the max wait), and under an
-open-model overload of twice the ceiling the thread stays busy, the admitted wait about the
-max wait and the rest are refused at once."""
+open-model overload of twice the ceiling the thread stays busy (its busy seconds, counted by
+the server, against the wall clock), the admitted wait about the max wait and the rest are
+refused at once."""
 
 from __future__ import annotations
 
@@ -170,20 +171,26 @@ async def test_under_twice_the_ceiling_the_bound_follows_what_the_threads_serve(
     # Then an open-model overload: arrivals at twice the ceiling, whatever the answers.
     rate = OVERLOAD_FACTOR * ceiling
     calls: list[asyncio.Task[tuple[float, grpc.StatusCode]]] = []
+    saturated_before = measured_auth.counter("cake_auth_hash_saturated_seconds_total")
     started = loop.time()
     for index in range(int(rate * OVERLOAD_SECONDS)):
         await asyncio.sleep(max(0.0, started + index / rate - loop.time()))
         calls.append(asyncio.create_task(timed_login(measured_auth, account)))
     results = await asyncio.gather(*calls)
     elapsed = loop.time() - started
+    saturated = measured_auth.counter("cake_auth_hash_saturated_seconds_total") - saturated_before
 
     codes = {code for _, code in results}
     assert codes <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, codes  # no deadline hit
     accepted = [seconds for seconds, code in results if code == grpc.StatusCode.OK]
     refused = [seconds for seconds, code in results if code == grpc.StatusCode.UNAVAILABLE]
     assert refused, "twice the ceiling and nothing refused"
-    # The thread stayed busy: goodput near the ceiling (the margin is for a shared box).
-    assert len(accepted) / elapsed >= 0.75 * ceiling, (len(accepted) / elapsed, ceiling)
+    # The thread stayed busy: the refusals left it no idle gap, so goodput is the ceiling of
+    # these very seconds. Judged by the server's own busy time, not by the accepted count
+    # against the ceiling of the seconds before (on a shared box the two differ: the other
+    # load changes, this test's client shares the server's event loop). From the first
+    # arrival to the last answer: the first hash starts at once, the queue drains at the end.
+    assert saturated >= 0.85 * elapsed, (saturated, elapsed, len(accepted))
     # The admitted waited about the max wait (plus a few checks' time: the estimate is a
     # moving average), not into their deadline; the rest learnt at once.
     assert p95(accepted) < MAX_WAIT_SECONDS + 3 / ceiling, (p95(accepted), ceiling)

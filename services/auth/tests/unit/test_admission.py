@@ -62,7 +62,7 @@ async def saturate(admission: HashAdmission, clock: Clock, *, hashes: int, secon
     in_flight: deque[AbstractAsyncContextManager[None]] = deque()
 
     async def arrive() -> None:
-        call = admission.admitted("login")
+        call = admission.hashing()
         await call.__aenter__()
         in_flight.append(call)
 
@@ -109,7 +109,7 @@ def test_idle_time_between_calls_does_not_count_as_slowness() -> None:
     assert throughput.interval_seconds == pytest.approx(0.05)
     now = 0.0
     for _ in range(200):  # one call at a time, 10 s apart: never more than one thread busy
-        throughput.admitted(now, 1)
+        throughput.started(now, 1)
         now += 0.1
         throughput.completed(now, 0)
         now += 10
@@ -119,12 +119,12 @@ def test_idle_time_between_calls_does_not_count_as_slowness() -> None:
 def test_two_busy_threads_finish_twice_as_often_as_one() -> None:
     throughput = HashThroughput(workers=2, initial_hash_seconds=1.0)
     now = 0.0
-    throughput.admitted(now, 1)
-    throughput.admitted(now, 2)
+    throughput.started(now, 1)
+    throughput.started(now, 2)
     for _ in range(300):  # two 0.2 s hashes running side by side, always refilled at once
         now += 0.1
         throughput.completed(now, 1)
-        throughput.admitted(now, 2)
+        throughput.started(now, 2)
     assert throughput.per_second == pytest.approx(10, rel=0.01)
     assert throughput.waiting_for(1.5) == 15
     assert throughput.waiting_for(0.01) == 1  # never less than one waiting
@@ -164,3 +164,51 @@ def test_nonsense_bounds_are_refused(
             max_wait_seconds=max_wait_seconds,
             metrics=AuthMetrics(CollectorRegistry()),
         )
+
+
+async def test_the_time_an_admitted_call_spends_before_its_hash_is_not_the_threads() -> None:
+    # Admitted logins read the account and count the attempt before their hash: with one
+    # thread, a call admitted while another is hashed is not a busy thread yet. Only the
+    # hashes' own time measures the threads (0.1 s each here, 1 s of lookups around them).
+    clock = Clock()
+    registry = CollectorRegistry()
+    admission = HashAdmission(
+        workers=1, initial_hash_seconds=0.5, metrics=AuthMetrics(registry), clock=clock
+    )
+    for _ in range(100):
+        async with admission.admitted("login"), admission.admitted("login"):
+            clock.now += 1.0  # both look their accounts up, no hash handed over yet
+            async with admission.hashing():
+                clock.now += 0.1
+            async with admission.hashing():
+                clock.now += 0.1
+    assert admission.hashes_per_second == pytest.approx(10, rel=0.05)
+    # The threads were busy 0.2 s of every 1.2 s: that is what the counter says.
+    assert registry.get_sample_value("cake_auth_hash_saturated_seconds_total") == pytest.approx(
+        20.0
+    )
+
+
+async def test_the_metered_hasher_hashes_through_the_admissions_meter() -> None:
+    clock = Clock()
+    registry = CollectorRegistry()
+    admission = HashAdmission(workers=1, metrics=AuthMetrics(registry), clock=clock)
+
+    class SlowHasher:
+        async def hash(self, password: str) -> str:
+            clock.now += 0.25
+            return f"hashed:{password}"
+
+        async def verify(self, password: str, password_hash: str) -> bool:
+            clock.now += 0.25
+            return password_hash == f"hashed:{password}"
+
+        async def close(self) -> None:
+            pass
+
+    hasher = admission.metered(SlowHasher())
+    assert await hasher.verify("pw", await hasher.hash("pw"))
+    assert not await hasher.verify("other", "hashed:pw")
+    assert registry.get_sample_value("cake_auth_hash_saturated_seconds_total") == pytest.approx(
+        0.75
+    )

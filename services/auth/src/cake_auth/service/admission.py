@@ -6,12 +6,18 @@ when the queue is full, a login or registration is refused at once with UNAVAILA
 through the gateway) and a ``retry-after`` header: the callers who are admitted keep a short
 wait, the others learn immediately when to come back.
 
-"Full" is measured, not guessed: by default the queue holds what the hashing threads are
-seen to finish in ``max_wait_seconds`` (:class:`HashThroughput` times the completions while
-every thread is busy), so the bound follows what this box really serves, slow or fast,
-shared with other load or not: a fixed count refuses too early on a fast box (the threads
-idle between bursts) and too late on a slow one (the admitted wait into their deadline).
-An operator can still fix the count (``max_waiting``).
+"Full" is measured, not guessed: by default a call is admitted while its expected wait for a
+thread (the calls ahead of it times the measured time between two completed hashes while
+every thread is busy, :class:`HashThroughput`) is within ``max_wait_seconds``: a near-ceiling
+burst queues briefly, only a lasting excess is refused. The bound follows what this box
+really serves, slow or fast, shared with other load or not: a fixed count refuses too early
+on a fast box (the threads idle between bursts) and too late on a slow one (the admitted wait
+into their deadline). An operator can still fix the count (``max_waiting``).
+
+The throughput is measured on the hashes themselves (:meth:`HashAdmission.metered` wraps the
+hasher), not on the whole admitted call: an admitted login also reads the account and counts
+the attempt in Redis before its hash, and that time is not the threads' (counted as busy, it
+made a saturated pool look slower than it is, and the queue shorter than it should be).
 
 The count is of calls between admission and the end of their hash (the whole service runs on
 one event loop, so plain numbers suffice). A refused login happens *before* the login
@@ -30,6 +36,7 @@ from cake_common.errors import Unavailable
 from cake_common.logging import get_logger
 
 from cake_auth.metrics import AuthMetrics
+from cake_auth.service.ports import PasswordHasher
 
 SERVER_BUSY = "The server is busy, try again in a moment"
 SERVER_BUSY_REASON = "SERVER_BUSY"
@@ -42,8 +49,8 @@ _log = get_logger(__name__)
 
 class HashThroughput:
     """The mean time between two completed hashes while every hashing thread is busy: the
-    inverse of what the threads really serve (pure logic: the caller reports admissions and
-    completions with the in-flight count and the time).
+    inverse of what the threads really serve (pure logic: the caller reports the start and
+    the end of each hash with the count of hashes submitted and not done, and the time).
 
     Hand-written (a moving average over a few lines): the admission libraries on PyPI are
     rate limiters with a configured rate, and the rate here is what has to be measured.
@@ -57,13 +64,13 @@ class HashThroughput:
         # Since when every thread has been busy without a gap (None: some thread is idle).
         self._busy_since: float | None = None
 
-    def admitted(self, now: float, in_flight: int) -> None:
-        """A call was admitted; ``in_flight`` counts it."""
+    def started(self, now: float, in_flight: int) -> None:
+        """A hash was handed to the threads; ``in_flight`` counts it."""
         if self._busy_since is None and in_flight >= self.workers:
             self._busy_since = now
 
     def completed(self, now: float, in_flight: int) -> None:
-        """A hash-bound call ended; ``in_flight`` no longer counts it."""
+        """A hash ended; ``in_flight`` no longer counts it."""
         if self._busy_since is not None:
             # Every thread was busy from the previous completion (or from the moment the
             # last one filled) until now: one interval of the saturated pool.
@@ -96,7 +103,7 @@ class HashAdmission:
         workers: int,
         metrics: AuthMetrics,
         max_waiting: int | None = None,
-        max_wait_seconds: float = 1.0,
+        max_wait_seconds: float = 1.5,
         initial_hash_seconds: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -113,6 +120,9 @@ class HashAdmission:
         self._metrics = metrics
         self._clock = clock
         self._in_flight = 0
+        self._hashing = 0
+        # Since when every thread has had a hash to run (None: some thread is idle).
+        self._saturated_since: float | None = None
         self._metrics.hash_admission_limit.set(self.limit)
 
     @property
@@ -158,11 +168,51 @@ class HashAdmission:
         self._metrics.hash_admission.labels(operation, "admitted").inc()
         self._in_flight += 1
         self._metrics.hash_in_flight.inc()
-        self._throughput.admitted(self._clock(), self._in_flight)
         try:
             yield
         finally:
             self._in_flight -= 1
             self._metrics.hash_in_flight.dec()
-            self._throughput.completed(self._clock(), self._in_flight)
+
+    @asynccontextmanager
+    async def hashing(self) -> AsyncIterator[None]:
+        """Run the block as one hash handed to the threads: what measures their throughput
+        (and the seconds during which all of them were busy)."""
+        self._hashing += 1
+        now = self._clock()
+        self._throughput.started(now, self._hashing)
+        if self._saturated_since is None and self._hashing >= self.workers:
+            self._saturated_since = now
+        try:
+            yield
+        finally:
+            self._hashing -= 1
+            now = self._clock()
+            self._throughput.completed(now, self._hashing)
+            if self._saturated_since is not None and self._hashing < self.workers:
+                self._metrics.hash_saturated_seconds.inc(max(now - self._saturated_since, 0.0))
+                self._saturated_since = None
             self._metrics.hash_admission_limit.set(self.limit)
+
+    def metered(self, hasher: PasswordHasher) -> PasswordHasher:
+        """``hasher`` with every hash and check measured by :meth:`hashing`."""
+        return _MeteredHasher(hasher, self)
+
+
+class _MeteredHasher:
+    """A :class:`PasswordHasher` whose calls the admission measures."""
+
+    def __init__(self, hasher: PasswordHasher, admission: HashAdmission) -> None:
+        self._hasher = hasher
+        self._admission = admission
+
+    async def hash(self, password: str) -> str:
+        async with self._admission.hashing():
+            return await self._hasher.hash(password)
+
+    async def verify(self, password: str, password_hash: str) -> bool:
+        async with self._admission.hashing():
+            return await self._hasher.verify(password, password_hash)
+
+    async def close(self) -> None:
+        await self._hasher.close()
