@@ -35,6 +35,11 @@ _PRODUCER_STATE_ERRORS = frozenset(
 _MAX_REQUEST_BYTES = 1_048_576
 """The producer's ``max_request_size`` (aiokafka's default, set explicitly): a message
 larger than this on its own is refused before sending, as ``send`` does."""
+_SHIP_SHARE = 4
+"""A batch is handed over once it holds this share of ``max_batch_bytes``: a claim fills
+its partitions' batches only partly (4,000 events of ≈ 250 bytes over 6 partitions: ≈ 170
+KiB each), and a batch handed over only when the claim is complete would leave Kafka idle
+while the claim is handed over, then the relay idle while Kafka takes it all."""
 _KEY_HASHES_KEPT = 65_536
 """Aggregate keys whose murmur2 hash is remembered (the cache is emptied when full)."""
 
@@ -147,7 +152,9 @@ class KafkaPublisher:
         """Empty per-partition batches for one claim's messages."""
         if self._producer is None:
             raise ProducerClosed()
-        return PartitionBatches(self._producer, self._key_hashes)
+        return PartitionBatches(
+            self._producer, self._key_hashes, ship_bytes=self._max_batch_bytes // _SHIP_SHARE
+        )
 
     async def flush(self) -> bool:
         """Wait until every message handed over so far is acknowledged or failed (their
@@ -207,8 +214,9 @@ class PartitionBatch:
 
 class PartitionBatches:
     """One claim's messages, appended to one open batch per topic partition. A batch that
-    is full is handed to the producer at once (``send_batch``: one future per batch instead
-    of one per message, the relay's main cost with ``send``); the rest by :meth:`send_all`.
+    is full, or holds ``ship_bytes`` already, is handed to the producer at once
+    (``send_batch``: one future per batch instead of one per message, the relay's main cost
+    with ``send``); the rest by :meth:`send_all`.
 
     Each message goes to the partition any Kafka producer picks for its key (murmur2 of the
     key over the topic's partitions, aiokafka's ``DefaultPartitioner``), so one aggregate's
@@ -223,9 +231,12 @@ class PartitionBatches:
     ``send`` fails for it.
     """
 
-    def __init__(self, producer: AIOKafkaProducer, key_hashes: dict[bytes, int]) -> None:
+    def __init__(
+        self, producer: AIOKafkaProducer, key_hashes: dict[bytes, int], *, ship_bytes: int
+    ) -> None:
         self._producer = producer
         self._key_hashes = key_hashes
+        self._ship_bytes = ship_bytes
         self._partitions: dict[str, list[int]] = {}
         self._open: dict[tuple[str, int], PartitionBatch] = {}
         self._full: PartitionBatch | None = None
@@ -264,6 +275,9 @@ class PartitionBatches:
             )
         builder = batch.builder
         index = builder.record_count()
+        if index and builder.size() >= self._ship_bytes:
+            self._full = batch  # to be handed over now, so Kafka works meanwhile
+            return None
         if builder.append(timestamp=None, key=key, value=message.value, headers=message.headers):
             return batch, index
         self._full = batch  # the builder closed itself

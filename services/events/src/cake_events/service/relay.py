@@ -34,8 +34,9 @@ Kafka batches
 A claim is handed to Kafka as whole per-partition batches (``EventPublisher.batches``): each
 message is appended, in id order, to the open batch of the partition its key (the aggregate
 id) hashes to, the partition any Kafka producer picks for that key, so one aggregate's
-events share a partition. A full batch is handed over at once, the rest when the claim is
-handed over; the batches of one partition reach Kafka in the order they were filled (the
+events share a partition. A batch is handed over as soon as it holds a quarter of the
+producer's batch size (so Kafka works while the claim is handed over), the rest when the
+claim is handed over; the batches of one partition reach Kafka in the order they were filled (the
 producer queues them per partition and has one produce request per partition in flight).
 Kafka takes or fails a batch whole: a row's outcome is its batch's, its offset the batch's
 base offset plus its index in the batch. A failed batch fails all its rows (each counts an
