@@ -13,7 +13,13 @@ scratch databases and throw-away topics, and prints numbers (it asserts nothing)
    marks them published. Throughput = rows / time from the commit until the relay's
    ``published`` counter says every row is marked (read in-process, so the measurement
    puts no load on the database; the outbox is checked once at the end).
-   Ratio = relay / raw (goal >= 0.5).
+   Ratio = relay / raw (goal >= 0.5). For information only, the same messages are also
+   sent by the raw producer as whole per-partition batches (``create_batch``/``send_batch``,
+   partition of each key as aiokafka's default partitioner picks it), the way the relay
+   hands them over: the ceiling of that API, not the ratio's baseline. Each round also
+   prints this process's CPU time per event during the raw, relay and batched runs
+   (``time.process_time``; the relay's includes its claims and recordings, not PostgreSQL's
+   side of them).
 3. Lag: single-row outbox transactions (``OutboxWriter``, NOTIFY included) at a steady rate;
    lag = broker append time (topics use ``LogAppendTime``) - client-side commit time.
    Goal: P99 < 100 ms at 200 events/s.
@@ -39,13 +45,15 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import psycopg
 import sqlalchemy as sa
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.partitioner import DefaultPartitioner
 from cake.events.v1 import envelope_pb2, payloads_pb2
 from cake.events.v1 import registry as event_registry
 from cake_common.db import create_async_engine_for
@@ -176,7 +184,10 @@ async def delete_topics(bootstrap: str, names: list[str]) -> None:
         await admin.close()
 
 
-async def raw_producer_rate(settings: EventsSettings, messages: list[KafkaMessage]) -> float:
+async def raw_producer_rate(
+    settings: EventsSettings, messages: list[KafkaMessage]
+) -> tuple[float, float]:
+    """Events/s, and this process's CPU µs per event meanwhile."""
     producer = create_producer(
         settings.kafka_bootstrap_servers,
         "cake-bench-raw",
@@ -186,12 +197,53 @@ async def raw_producer_rate(settings: EventsSettings, messages: list[KafkaMessag
     )
     await producer.start()
     try:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         futures = [
             await producer.send(m.topic, m.value, key=m.key, headers=m.headers) for m in messages
         ]
         await asyncio.gather(*futures)
-        return len(messages) / (time.perf_counter() - started)
+        return (
+            len(messages) / (time.perf_counter() - started),
+            (time.process_time() - cpu) / len(messages) * 1e6,
+        )
+    finally:
+        await producer.stop()
+
+
+async def raw_batched_rate(
+    settings: EventsSettings, messages: list[KafkaMessage]
+) -> tuple[float, float]:
+    """The raw producer again, handing over whole per-partition batches (info only)."""
+    producer = create_producer(
+        settings.kafka_bootstrap_servers,
+        "cake-bench-raw-batched",
+        request_timeout_ms=int(settings.relay_kafka_timeout_seconds * 1000),
+        max_batch_size=settings.relay_kafka_max_batch_bytes,
+        linger_ms=settings.relay_kafka_linger_ms,
+    )
+    await producer.start()
+    try:
+        partitioner = DefaultPartitioner()
+        started, cpu = time.perf_counter(), time.process_time()
+        partitions = sorted(await producer.partitions_for(messages[0].topic))
+        batches: dict[int, Any] = {}
+        futures = []
+        for m in messages:
+            partition = partitioner(m.key, partitions, partitions)
+            batch = batches.get(partition)
+            if batch is None:
+                batch = batches[partition] = producer.create_batch()
+            if batch.append(key=m.key, value=m.value, timestamp=None, headers=m.headers) is None:
+                futures.append(await producer.send_batch(batch, m.topic, partition=partition))
+                batch = batches[partition] = producer.create_batch()
+                batch.append(key=m.key, value=m.value, timestamp=None, headers=m.headers)
+        for partition, batch in batches.items():
+            futures.append(await producer.send_batch(batch, messages[0].topic, partition=partition))
+        await asyncio.gather(*futures)
+        return (
+            len(messages) / (time.perf_counter() - started),
+            (time.process_time() - cpu) / len(messages) * 1e6,
+        )
     finally:
         await producer.stop()
 
@@ -253,16 +305,17 @@ async def relay_rate(
     before = published()
     # The rows become visible to the relay at this commit (one transaction).
     await copy_rows(libpq_url, events)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     while published() - before < len(events):  # noqa: ASYNC110 (a counter, no event to wait on)
         await asyncio.sleep(0.005)
     elapsed = time.perf_counter() - started
+    cpu_per_event = (time.process_time() - cpu) / len(events) * 1e6
     async with await psycopg.AsyncConnection.connect(libpq_url, autocommit=True) as conn:
         cursor = await conn.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL")
         row = await cursor.fetchone()
     if row is None or row[0] != 0:
         raise SystemExit(f"the relay counted every event but {row} rows are still unpublished")
-    return len(events) / elapsed
+    return len(events) / elapsed, cpu_per_event
 
 
 async def commit_to_kafka_lag(
@@ -333,6 +386,10 @@ class RelayMeasurement:
     batch_size: int
     rounds: list[tuple[float, float]]
     lags: list[float]
+    raw_batched: list[float] = field(default_factory=list)
+    """Each round's raw producer sending per-partition batches (info, not the baseline)."""
+    cpu: list[tuple[float, float, float]] = field(default_factory=list)
+    """Each round's CPU µs per event of this process: raw, relay, raw with batches (info)."""
 
     @property
     def ratio(self) -> float:
@@ -397,6 +454,8 @@ async def measure(
             wiring = build_relays(settings, events_engine, registry)
             wiring.group.start()
             measured: list[tuple[float, float]] = []
+            raw_batched: list[float] = []
+            cpu: list[tuple[float, float, float]] = []
             try:
                 while not all(relay.is_active for relay in wiring.group.relays):  # noqa: ASYNC110
                     await asyncio.sleep(0.05)
@@ -414,9 +473,12 @@ async def measure(
                     # The harness's own 2 x rows objects would otherwise be scanned by every
                     # garbage collection during both measurements.
                     gc.freeze()
-                    raw = await raw_producer_rate(settings, messages)
-                    relay = await relay_rate(owner_libpq, events, registry, user_topic)
+                    raw, raw_cpu = await raw_producer_rate(settings, messages)
+                    relay, relay_cpu = await relay_rate(owner_libpq, events, registry, user_topic)
                     measured.append((raw, relay))
+                    batched, batched_cpu = await raw_batched_rate(settings, messages)
+                    raw_batched.append(batched)
+                    cpu.append((raw_cpu, relay_cpu, batched_cpu))
                     del events, messages
                     gc.unfreeze()
                 lags = await commit_to_kafka_lag(
@@ -429,7 +491,7 @@ async def measure(
                 await events_engine.dispose()
     finally:
         await delete_topics(bootstrap, topics)
-    return RelayMeasurement(settings.relay_batch_size, measured, lags)
+    return RelayMeasurement(settings.relay_batch_size, measured, lags, raw_batched, cpu)
 
 
 async def main() -> None:
@@ -442,15 +504,12 @@ async def main() -> None:
         lag_seconds=args.lag_seconds,
         batch_size=args.batch_size,
     )
-    report(args, result.batch_size, result.rounds, result.lags)
+    report(args, result)
 
 
-def report(
-    args: argparse.Namespace,
-    batch_size: int,
-    rounds: list[tuple[float, float]],
-    lags: list[float],
-) -> None:
+def report(args: argparse.Namespace, result: RelayMeasurement) -> None:
+    batch_size, rounds, lags = result.batch_size, result.rounds, result.lags
+    raw_batched, cpu = result.raw_batched, result.cpu
     load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
     print(
         f"rows: {args.rows} per round, {args.rounds} rounds, "
@@ -465,6 +524,19 @@ def report(
     print(f"outbox relay          : {statistics.median(r for _, r in rounds):10,.0f} events/s")
     ratio = statistics.median(relay / raw for raw, relay in rounds)
     print(f"relay / raw           : {ratio:10.2f}   (median of the rounds' ratios; goal >= 0.5)")
+    if raw_batched:
+        print(
+            f"info: raw producer with per-partition batches (send_batch): "
+            f"{statistics.median(raw_batched):,.0f} events/s (median; rounds: "
+            + ", ".join(f"{rate:,.0f}" for rate in raw_batched)
+            + ")"
+        )
+    for number, (raw_cpu, relay_cpu, batched_cpu) in enumerate(cpu, 1):
+        print(
+            f"info: round {number} CPU of this process per event: raw {raw_cpu:.1f} µs, "
+            f"relay {relay_cpu:.1f} µs (PostgreSQL's not included), "
+            f"raw with batches {batched_cpu:.1f} µs"
+        )
     print(
         f"commit-to-Kafka lag at {args.rate:g} events/s over {len(lags)} events: "
         f"P50 {statistics.median(lags):.1f} ms, P99 {percentile(lags, 0.99):.1f} ms, "

@@ -206,3 +206,57 @@ async def test_published_rows_past_retention_are_deleted_but_stay_audited(
 
         await kit.wait_until(swept, what="published rows to be deleted")
     assert len(await audit_rows(events_engine, [row.event_id for row in rows])) == len(rows)
+
+
+async def test_audit_offsets_are_kafkas_and_order_holds_across_batch_boundaries(
+    kit: Any,
+    make_source_db: Any,
+    relay_settings: Any,
+    running_relays: Any,
+    topic_routes: dict[str, str],
+    kafka_bootstrap: str,
+    events_engine: AsyncEngine,
+) -> None:
+    """Many events of few aggregates, in small producer batches (16 KiB, the smallest the
+    settings allow) and several claims: each partition gets many batches, every event's
+    offset in the audit log is the one a consumer reads it at (the batch's base offset plus
+    its index), and each aggregate's events stay in outbox order across the batches."""
+    promotions = make_source_db()
+    rows = [kit.event_row("VOUCHER_ISSUED", user_id=1 + i % 6, sequence=i) for i in range(3_000)]
+    await kit.write_rows(promotions, rows)
+    topic = topic_routes["VOUCHER_ISSUED"]
+    settings = relay_settings(
+        promotions=promotions, relay_kafka_max_batch_bytes=16_384, relay_batch_size=700
+    )
+
+    async with running_relays(settings):
+        await kit.wait_until(
+            lambda: kit.all_published(promotions, len(rows)), what="3,000 rows published"
+        )
+
+    delivered = await kit.read_topics(kafka_bootstrap, [topic])
+    assert sorted(delivered.event_ids()) == sorted(row.event_id for row in rows)
+    bytes_per_partition: dict[int, int] = {}
+    for record in delivered.records:
+        bytes_per_partition[record.partition] = bytes_per_partition.get(record.partition, 0) + len(
+            record.value
+        )
+    # Several 16 KiB batches per partition: the boundaries are crossed many times.
+    assert min(bytes_per_partition.values()) > 4 * 16_384
+    assert delivered.by_aggregate() == kit.ordered_by_aggregate(rows)
+
+    audit = await audit_rows(events_engine, [row.event_id for row in rows])
+    assert len(audit) == len(rows)
+    read_at = {
+        uuid.UUID(envelope_pb2.EventEnvelope.FromString(record.value).event_id): (
+            record.topic,
+            record.partition,
+            record.offset,
+        )
+        for record in delivered.records
+    }
+    recorded_at = {
+        event_id: (line["topic"], line["partition"], line["kafka_offset"])
+        for event_id, line in audit.items()
+    }
+    assert recorded_at == read_at

@@ -10,6 +10,7 @@ only when the claim transaction commits); the SQL itself has integration tests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -19,7 +20,12 @@ from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any, Self
 
-from aiokafka.errors import KafkaConnectionError, KafkaError, MessageSizeTooLargeError
+from aiokafka.errors import (
+    CorruptRecordException,
+    KafkaConnectionError,
+    KafkaError,
+    MessageSizeTooLargeError,
+)
 from cake.events.v1 import envelope_pb2, payloads_pb2, registry
 from cake_common.retry import RetryPolicy
 from cake_events.adapters.kafka_publisher import broker_unavailable
@@ -154,9 +160,88 @@ class FakeOutbox:
         self.closed += 1
 
 
+class FakeBatch:
+    """Messages of one topic partition, answered together."""
+
+    def __init__(self, topic: str, partition: int) -> None:
+        self.topic = topic
+        self.partition = partition
+        self.messages: list[KafkaMessage] = []
+        self.answer: asyncio.Future[Any] | None = None
+        self.error: BaseException | None = None
+
+    def result(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        if self.answer is None:
+            raise asyncio.InvalidStateError()
+        return self.answer.result()
+
+
+class FakeBatches:
+    """One claim's per-partition batches, as the real adapter shapes them: a message's
+    partition follows its key, a batch holds ``kafka.batch_capacity`` messages, a full one
+    is handed to the fake Kafka at once, and a message too large is refused on its own."""
+
+    def __init__(self, kafka: FakeKafka) -> None:
+        self._kafka = kafka
+        self._known_topics: set[str] = set()
+        self._open: dict[tuple[str, int], FakeBatch] = {}
+        self._full: FakeBatch | None = None
+        self._broken: BaseException | None = None
+
+    def add(self, message: KafkaMessage) -> tuple[FakeBatch, int] | None:
+        if message.topic not in self._known_topics:
+            return None  # the real one first asks the producer for the topic's partitions
+        if self._kafka.refuses(message):
+            raise MessageSizeTooLargeError()
+        partition = sum(message.key) % self._kafka.partitions
+        batch = self._open.setdefault(
+            (message.topic, partition), FakeBatch(message.topic, partition)
+        )
+        if len(batch.messages) >= self._kafka.batch_capacity:
+            self._full = batch
+            return None
+        batch.messages.append(message)
+        return batch, len(batch.messages) - 1
+
+    async def add_waiting(self, message: KafkaMessage) -> tuple[FakeBatch, int]:
+        if self._broken is not None:
+            raise self._broken
+        self._known_topics.add(message.topic)
+        placed = self.add(message)
+        if placed is None:
+            full, self._full = self._full, None
+            assert full is not None
+            await self._send(full)
+            placed = self.add(message)
+        assert placed is not None
+        return placed
+
+    async def send_all(self) -> None:
+        for batch in list(self._open.values()):
+            if self._broken is not None:
+                batch.error = self._broken
+                del self._open[batch.topic, batch.partition]
+                continue
+            with contextlib.suppress(KafkaError):
+                await self._send(batch)
+
+    async def _send(self, batch: FakeBatch) -> None:
+        del self._open[batch.topic, batch.partition]
+        if self._kafka.lost_on_hand_over:
+            self._kafka.lost_on_hand_over -= 1
+            batch.error = self._broken = KafkaConnectionError("broker gone")
+            raise batch.error
+        self._kafka.handed_over.append(batch)
+        batch.answer = self._kafka.answer(batch.topic, batch.partition, batch.messages)
+
+
 class FakeKafka:
-    """A producer whose answers the test decides, per event type or per row. It sorts
-    Kafka's errors as the real publisher does (``broker_unavailable``)."""
+    """A producer whose answers the test decides, per event type or per row. It takes a
+    claim's messages as per-partition batches (:class:`FakeBatches`) and answers each batch
+    as a whole; dead-letter copies go one by one (``send``). It sorts Kafka's errors as the
+    real publisher does (``broker_unavailable``)."""
 
     send_errors = (KafkaError, OSError)
     unavailable = staticmethod(broker_unavailable)
@@ -168,10 +253,20 @@ class FakeKafka:
         self.resets = 0
         self.closed = 0
         self.acknowledged: list[KafkaMessage] = []
+        self.logs: dict[tuple[str, int], list[KafkaMessage]] = {}
+        """Each topic partition's messages: a message's offset is its index."""
+        self.handed_over: list[FakeBatch] = []
+        """The batches handed over, in order."""
+        self.partitions = 1
+        self.batch_capacity = 100
         self.rejected_types: set[str] = set()
         """Event types Kafka refuses for themselves (too large): retried, then dead letters."""
         self.connection_lost_once: set[str] = set()
-        """Event ids whose first send finds the broker gone."""
+        """Event ids whose first batch finds the broker gone (the whole batch fails)."""
+        self.failed_once: set[str] = set()
+        """Event ids whose first batch Kafka fails for itself (the whole batch fails)."""
+        self.lost_on_hand_over = 0
+        """Batches whose hand-over finds the producer failed (Kafka away)."""
 
     async def start(self) -> bool:
         self.starts += 1
@@ -179,22 +274,37 @@ class FakeKafka:
             self.refused_thrice.set()
         return self.up
 
-    async def send(self, message: KafkaMessage) -> asyncio.Future[Any]:
-        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        headers = dict(message.headers)
-        event_type = headers[registry.EVENT_TYPE_HEADER].decode()
-        event_id = headers[registry.EVENT_ID_HEADER].decode()
-        if event_id in self.connection_lost_once:
-            self.connection_lost_once.discard(event_id)
-            answer.set_exception(KafkaConnectionError("broker gone"))
-        elif event_type in self.rejected_types and not message.topic.endswith(
+    def batches(self) -> FakeBatches:
+        return FakeBatches(self)
+
+    def refuses(self, message: KafkaMessage) -> bool:
+        event_type = dict(message.headers)[registry.EVENT_TYPE_HEADER].decode()
+        return event_type in self.rejected_types and not message.topic.endswith(
             registry.DEAD_LETTER_TOPIC_SUFFIX
-        ):
-            answer.set_exception(MessageSizeTooLargeError())
+        )
+
+    def answer(
+        self, topic: str, partition: int, messages: Sequence[KafkaMessage]
+    ) -> asyncio.Future[Any]:
+        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        ids = {dict(m.headers)[registry.EVENT_ID_HEADER].decode() for m in messages}
+        if ids & self.connection_lost_once:
+            self.connection_lost_once -= ids
+            answer.set_exception(KafkaConnectionError("broker gone"))
+        elif ids & self.failed_once:
+            self.failed_once -= ids
+            answer.set_exception(CorruptRecordException("batch refused"))
         else:
-            self.acknowledged.append(message)
-            answer.set_result(SimpleNamespace(partition=0, offset=len(self.acknowledged) - 1))
+            log = self.logs.setdefault((topic, partition), [])
+            answer.set_result(SimpleNamespace(partition=partition, offset=len(log)))
+            log.extend(messages)
+            self.acknowledged.extend(messages)
         return answer
+
+    async def send(self, message: KafkaMessage) -> asyncio.Future[Any]:
+        if self.refuses(message):
+            raise MessageSizeTooLargeError()
+        return self.answer(message.topic, 0, [message])
 
     async def flush(self) -> bool:
         return True
@@ -321,9 +431,12 @@ async def test_each_row_goes_to_its_registry_topic_keyed_by_aggregate_and_is_mar
 
     await relay.run_until_idle()
 
-    assert relay.kafka.topics() == [USER_TOPIC, PAYMENT_TOPIC, USER_TOPIC]
-    assert [m.key for m in relay.kafka.acknowledged] == [b"7", b"TXN-9", b"8"]
-    first = envelope_pb2.EventEnvelope.FromString(relay.kafka.acknowledged[0].value)
+    # One batch per topic partition: the order holds within each topic.
+    assert relay.kafka.event_ids(USER_TOPIC) == [rows[0].event_id, rows[2].event_id]
+    assert relay.kafka.event_ids(PAYMENT_TOPIC) == [rows[1].event_id]
+    assert [m.key for m in relay.kafka.logs[USER_TOPIC, 0]] == [b"7", b"8"]
+    assert [m.key for m in relay.kafka.logs[PAYMENT_TOPIC, 0]] == [b"TXN-9"]
+    first = envelope_pb2.EventEnvelope.FromString(relay.kafka.logs[USER_TOPIC, 0][0].value)
     assert (first.event_id, first.type) == (rows[0].event_id, rows[0].event_type)
     assert sorted(relay.outbox.published) == [1, 2, 3]
     assert relay.outbox.retries == [] and relay.outbox.parked == {}
@@ -332,7 +445,8 @@ async def test_each_row_goes_to_its_registry_topic_keyed_by_aggregate_and_is_mar
     assert batch.source == SOURCE
     assert batch.event_ids == [row.event_id for row in rows]
     assert batch.topics == [USER_TOPIC, PAYMENT_TOPIC, USER_TOPIC]
-    assert batch.offsets == [0, 1, 2]
+    # Offsets are per topic partition (one partition each here).
+    assert batch.offsets == [0, 0, 1]
     assert relay.sample("cake_events_relay_published_total", topic=USER_TOPIC) == 2
     assert relay.sample("cake_events_relay_published_total", topic=PAYMENT_TOPIC) == 1
     # Stopping gives the session and the producer back.
@@ -529,3 +643,98 @@ async def test_a_standby_stopped_before_leading_publishes_nothing_and_closes_its
     assert relay.outbox.claims == []
     assert relay.kafka.closed == 1
     assert not relay.relay.is_active
+
+
+# -- per-partition batches -------------------------------------------------------------------
+
+
+async def test_offsets_are_the_batch_base_offset_plus_the_index_across_batch_boundaries() -> None:
+    rows = [user_login(i, user_id=7 if i % 2 else 8) for i in range(1, 8)]
+    relay = make_relay(*rows)
+    relay.kafka.partitions = 2
+    relay.kafka.batch_capacity = 2
+
+    await relay.run_until_idle()
+
+    [batch] = relay.database.batches
+    assert batch.event_ids == [row.event_id for row in rows]
+    # Users 7 and 8 land on their own partitions, each filled by batches of two.
+    partition_of = {b"7": sum(b"7") % 2, b"8": sum(b"8") % 2}
+    assert sorted(set(partition_of.values())) == [0, 1]
+    assert [len(b.messages) for b in relay.kafka.handed_over] == [2, 2, 2, 1]
+    for event_id, partition, offset in zip(
+        batch.event_ids, batch.partitions, batch.offsets, strict=True
+    ):
+        message = relay.kafka.logs[USER_TOPIC, partition][offset]
+        assert dict(message.headers)[registry.EVENT_ID_HEADER].decode() == event_id
+    for user, partition in partition_of.items():
+        log = relay.kafka.logs[USER_TOPIC, partition]
+        expected = [r.event_id for r in rows if r.aggregate_id.encode() == user]
+        assert [dict(m.headers)[registry.EVENT_ID_HEADER].decode() for m in log] == expected
+
+
+async def test_a_batch_kafka_fails_fails_all_its_rows_which_are_retried_in_order() -> None:
+    rows = [user_login(1, user_id=1), user_login(2, user_id=2), user_login(3, user_id=1)]
+    relay = make_relay(*rows)
+    relay.kafka.failed_once.add(rows[1].event_id)
+
+    await relay.run_until_idle()
+
+    # The one batch failed: each of its rows counts an attempt and is retried.
+    assert sorted((r.row_id, r.attempts) for r in relay.outbox.retries) == [
+        (1, 1),
+        (2, 1),
+        (3, 1),
+    ]
+    assert "CorruptRecordException" in relay.outbox.retries[0].error
+    assert sorted(relay.outbox.published) == [1, 2, 3]
+    assert relay.kafka.event_ids(USER_TOPIC) == [row.event_id for row in rows]
+    assert relay.kafka.resets == 0
+    assert relay.sample("cake_events_relay_failed_attempts_total", topic=USER_TOPIC) == 3
+    assert relay.sample("cake_events_relay_order_broken_total") == 0
+
+
+async def test_kafka_failing_a_batch_and_taking_the_next_of_its_partition_is_counted() -> None:
+    rows = [user_login(i, user_id=1) for i in range(1, 5)]
+    relay = make_relay(*rows)
+    relay.kafka.batch_capacity = 2
+    relay.kafka.failed_once.add(rows[0].event_id)
+
+    await relay.run_until_idle()
+
+    # Rows 3 and 4 (second batch) were acknowledged after rows 1 and 2 failed: the one
+    # overtaking the relay cannot prevent, reported for the aggregate.
+    assert relay.sample("cake_events_relay_order_broken_total") == 1
+    assert sorted(relay.outbox.published) == [1, 2, 3, 4]
+    assert [r.row_id for r in relay.outbox.retries] == [1, 2]
+
+
+async def test_kafka_lost_while_a_full_batch_is_handed_over_leaves_every_row_waiting() -> None:
+    rows = [user_login(i, user_id=i) for i in range(1, 6)]
+    relay = make_relay(*rows)
+    relay.kafka.batch_capacity = 2
+    relay.kafka.lost_on_hand_over = 1
+
+    await relay.run_until_idle()
+
+    # The first full batch could not be handed over: nothing more was, the producer was
+    # reset, and every row went out later without an attempt counted.
+    assert relay.kafka.resets == 1
+    assert relay.sample("cake_events_relay_kafka_unavailable_total") == 1
+    assert relay.outbox.retries == [] and relay.database.dead_letters == []
+    assert sorted(relay.outbox.published) == [1, 2, 3, 4, 5]
+    assert relay.kafka.event_ids(USER_TOPIC) == [row.event_id for row in rows]
+
+
+async def test_a_message_too_large_on_its_own_does_not_hold_back_its_batch() -> None:
+    rows = [user_login(1, user_id=1), payment(2, "TXN-1"), user_login(3, user_id=2)]
+    relay = make_relay(*rows)
+    relay.kafka.rejected_types.add(registry.PAYMENT_PROCESSED.name)
+
+    await relay.run_until_idle()
+
+    # Refused before anything was sent: only that row is retried (then dead-lettered).
+    assert {r.row_id for r in relay.outbox.retries} == {2}
+    assert set(relay.outbox.parked) == {2}
+    assert relay.outbox.published == [1, 3]
+    assert relay.kafka.event_ids(USER_TOPIC) == [rows[0].event_id, rows[2].event_id]

@@ -64,6 +64,37 @@ class Leadership(Protocol):
     ) -> Awaitable[RelayLeader | None]: ...
 
 
+class OutgoingBatch(Protocol):
+    """Messages of one topic partition that Kafka takes or fails together."""
+
+    def result(self) -> Any:
+        """Kafka's record metadata of the batch: ``partition`` and the base ``offset`` (the
+        message at index *i* of the batch is at base offset + *i*). Raises Kafka's error
+        (or the one that kept the batch from being handed over), ``asyncio.InvalidStateError``
+        while Kafka has not answered, ``asyncio.CancelledError`` if the producer dropped it."""
+        ...
+
+
+class MessageBatches(Protocol):
+    """One claim's messages, gathered into one batch per topic partition (the partition
+    of the message's key); full batches are handed over at once, in order per partition."""
+
+    def add(self, message: KafkaMessage) -> tuple[OutgoingBatch, int] | None:
+        """Append ``message`` to its batch: that batch and the message's index in it. None
+        if that needs the producer first (then :meth:`add_waiting`); raises one of the
+        publisher's ``send_errors`` for a message refused on its own (too large)."""
+        ...
+
+    async def add_waiting(self, message: KafkaMessage) -> tuple[OutgoingBatch, int]:
+        """:meth:`add`, waiting for the producer (topic metadata, room for a full batch);
+        raises ``send_errors`` as :meth:`add` does, or when Kafka is away."""
+        ...
+
+    async def send_all(self) -> None:
+        """Hand over the batches not handed over yet."""
+        ...
+
+
 class EventPublisher(Protocol):
     """A Kafka producer that can be dropped after an outage and started again."""
 
@@ -83,6 +114,10 @@ class EventPublisher(Protocol):
         """True if ``error`` (raised by :meth:`send` or set on its future) says Kafka could
         not take any message right now, False if it refused this one (too large, invalid):
         only the latter counts as a failed attempt of the row."""
+        ...
+
+    def batches(self) -> MessageBatches:
+        """Empty batches for one claim (raises ``send_errors`` if no producer is started)."""
         ...
 
     async def flush(self) -> bool:

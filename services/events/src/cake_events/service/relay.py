@@ -25,9 +25,27 @@ must not block a user's events forever); a retried or replayed event therefore a
 after newer events of its aggregate. (``id`` order is commit order for the events that
 matter: an event caused by another is written by a transaction that started after the
 first one committed, so it draws a larger id.) The one overtaking it cannot prevent: Kafka
-failing a message after accepting a later one of the same aggregate from the same batch (a
+failing a message after accepting a later one of the same aggregate from the same claim (a
 non-retriable broker error on one produce request); it is logged and counted
 (``cake_events_relay_order_broken_total``).
+
+Kafka batches
+-------------
+A claim is handed to Kafka as whole per-partition batches (``EventPublisher.batches``): each
+message is appended, in id order, to the open batch of the partition its key (the aggregate
+id) hashes to, the partition any Kafka producer picks for that key, so one aggregate's
+events share a partition. A batch is handed over as soon as it holds a quarter of the
+producer's batch size (so Kafka works while the claim is handed over), the rest when the
+claim is handed over; the batches of one partition reach Kafka in the order they were filled (the
+producer queues them per partition and has one produce request per partition in flight).
+Kafka takes or fails a batch whole: a row's outcome is its batch's, its offset the batch's
+base offset plus its index in the batch. A failed batch fails all its rows (each counts an
+attempt, as when the broker refused a produce request of single sends), so an aggregate can
+only be overtaken across two batches of its partition, Kafka failing one and taking the
+next: that is what the order-broken counter counts. A message too large on its own is
+refused before anything is sent, and only its row fails (a poison row: retried, then a dead
+letter). If a batch cannot be handed over because Kafka is away, nothing more of the claim
+is, and its rows wait as for any outage. Dead-letter copies are few and still sent one by one.
 
 Pipeline
 --------
@@ -39,9 +57,9 @@ once batch *k-1* is fully acknowledged, the claim skips batch *k-1*'s rows, and 
 aggregates that failed in batch *k-1* (not yet recorded) are held back in batch *k*: the
 order guarantees above are unchanged. A crash loses nothing: unrecorded rows are simply
 published again. The recording is started first and the hand-over to the producer yields
-to the event loop every few dozen events, so the databases write, and the producer ships,
-while the batch is still being handed over. The producer does not linger: the flush that
-ends each batch would otherwise wait for a linger timer on the batch's last messages.
+to the event loop every few dozen events, so the databases write, and the producer ships
+the batches already full, while the claim is still being handed over. The producer does not
+linger: the flush that ends each claim would otherwise wait for a linger timer.
 
 Security audit entries (``SECURITY_AUDIT`` rows) are relayed into the events database, not
 to Kafka: the transaction that marks them published adds them to the append-only
@@ -92,6 +110,8 @@ from cake_events.service.ports import (
     EventPublisher,
     EventsUnitOfWork,
     Leadership,
+    MessageBatches,
+    OutgoingBatch,
     RelayLeader,
     UnitOfWorkFactory,
 )
@@ -100,11 +120,25 @@ _RESTART_BACKOFF = RetryPolicy(base_seconds=0.4, max_seconds=5.0)
 """How long the relay waits before it tries again after losing its database or failing
 (0.4 s doubling up to 5 s, jittered): Cake's one retry policy."""
 _YIELD_EVERY = 50
-"""Events handed to the producer between two yields to the event loop. aiokafka's send
-does not suspend, so without yields a batch would be handed over in one go: the producer
-could not ship anything, the recording of the previous batch could not send its
+"""Events handed to the producer between two yields to the event loop. Appending to a
+batch does not suspend, so without yields a claim would be handed over in one go: the
+producer could not ship anything, the recording of the previous batch could not send its
 statements, and admin RPCs served by this process would wait, until the whole batch was
 handed over."""
+
+_NO_ANSWER = asyncio.InvalidStateError("no answer from kafka in time")
+
+
+def _answer(batch: OutgoingBatch) -> Any:
+    """The batch's record metadata, or the exception that stands for its outcome
+    (``_NO_ANSWER`` when Kafka has not answered)."""
+    try:
+        return batch.result()
+    except asyncio.InvalidStateError:
+        return _NO_ANSWER
+    except BaseException as error:  # the batch's exception: Kafka's answer, or cancelled
+        return error
+
 
 _EVENT_ID = operator.attrgetter("event_id")
 _EVENT_TYPE = operator.attrgetter("event_type")
@@ -444,11 +478,16 @@ class OutboxRelay:
     async def _publish(
         self, events: Sequence[OutboxEvent], held_back: frozenset[str]
     ) -> _BatchResult:
-        """Send the batch in id order and wait for Kafka's acknowledgements; rows of the
-        ``held_back`` aggregates are left untouched."""
+        """Hand the claim to Kafka in id order, as per-partition batches, and wait for
+        Kafka's acknowledgements; rows of the ``held_back`` aggregates are left untouched."""
         result = _BatchResult()
         order = AggregateOrder(held_back=set(held_back))
-        sent: list[tuple[OutboxEvent, str, asyncio.Future[Any]]] = []
+        sent: list[tuple[OutboxEvent, str, OutgoingBatch, int]] = []
+        try:
+            batches = self._publisher.batches()
+        except self._publisher.send_errors:
+            result.kafka_unavailable = True  # the producer is gone: every row waits
+            return result
         # With tracing off there is no span to start: the message already carries the
         # row's own traceparent, which is what the span would have passed on.
         traced = tracing_enabled()
@@ -462,9 +501,10 @@ class OutboxRelay:
             try:
                 topic = self._routes.topic_for(event.event_type)
                 message = self._envelopes.message_for(event, topic)
-                future = await (
-                    self._send_traced(event, message) if traced else self._publisher.send(message)
-                )
+                if traced:
+                    batch, index = await self._add_traced(batches, event, message)
+                else:
+                    batch, index = batches.add(message) or await batches.add_waiting(message)
             except PoisonEvent as error:
                 result.failed.append(_Failed(event, topic, str(error)))
                 order.stop_after(event)
@@ -476,13 +516,20 @@ class OutboxRelay:
                     result.failed.append(_Failed(event, topic, error_text(error)))
                     order.stop_after(event)
                 continue
-            sent.append((event, topic, future))
+            sent.append((event, topic, batch, index))
             if len(sent) % _YIELD_EVERY == 0:
                 await asyncio.sleep(0)
 
+        await batches.send_all()
         if not await self._publisher.flush():
             result.kafka_unavailable = True
-        failed_in_kafka = self._collect_outcomes(sent, result)
+        self._report_overtaken(self._collect_outcomes(sent, result), result)
+        return result
+
+    def _report_overtaken(self, failed_in_kafka: list[OutboxEvent], result: _BatchResult) -> None:
+        """Count the aggregates Kafka let overtake. A batch is taken or failed whole, so
+        that only happens across two batches of one partition: Kafka failed one and
+        accepted the next."""
         overtaken = overtaken_aggregates(failed_in_kafka, result.acknowledged.events)
         if overtaken:
             self._metrics.order_broken.labels(self.source).inc(len(overtaken))
@@ -491,11 +538,13 @@ class OutboxRelay:
                 source=self.source,
                 aggregates=sorted(overtaken)[:20],
             )
-        return result
 
-    async def _send_traced(self, event: OutboxEvent, message: KafkaMessage) -> asyncio.Future[Any]:
-        """Send inside one PRODUCER span per event, continuing the trace of the request that
-        wrote the row; the span's context travels on in the message's traceparent header."""
+    async def _add_traced(
+        self, batches: MessageBatches, event: OutboxEvent, message: KafkaMessage
+    ) -> tuple[OutgoingBatch, int]:
+        """Hand over inside one PRODUCER span per event, continuing the trace of the request
+        that wrote the row; the span's context travels on in the message's traceparent
+        header. (Slower than the untraced path: a span and a header list per event.)"""
         with start_span_from_traceparent(
             f"{message.topic} publish",
             event.trace_parent,
@@ -505,42 +554,38 @@ class OutboxRelay:
                 "cake.event_id": event.event_id,
             },
         ):
-            return await self._publisher.send(
-                dataclasses.replace(message, headers=with_current_trace(message.headers))
-            )
+            traced = dataclasses.replace(message, headers=with_current_trace(message.headers))
+            return batches.add(traced) or await batches.add_waiting(traced)
 
     def _collect_outcomes(
-        self, sent: Sequence[tuple[OutboxEvent, str, asyncio.Future[Any]]], result: _BatchResult
+        self, sent: Sequence[tuple[OutboxEvent, str, OutgoingBatch, int]], result: _BatchResult
     ) -> list[OutboxEvent]:
-        """Sort Kafka's answers into ``result``; the events Kafka did not acknowledge."""
+        """Sort Kafka's answers into ``result``; the events Kafka did not acknowledge. An
+        event's outcome is its batch's; its offset is the batch's base offset plus its
+        index in the batch."""
         failed_in_kafka: list[OutboxEvent] = []
         acknowledged = result.acknowledged
-        for event, topic, future in sent:
-            try:
-                metadata = future.result()
-            except asyncio.InvalidStateError:
-                # No answer in time (the broker went away with the batch in flight): never
-                # guess an outcome; the row stays unpublished and is sent again later.
-                failed_in_kafka.append(event)
-                continue
-            except asyncio.CancelledError:
-                # The producer was closed with the message in it: Kafka is away for now.
-                failed_in_kafka.append(event)
-                result.kafka_unavailable = True
-                continue
-            except BaseException as error:  # the future's exception: Kafka's answer
-                outcome = error
-            else:
+        answers: dict[OutgoingBatch, Any] = {}
+        for event, topic, batch, index in sent:
+            answer = answers.get(batch)
+            if answer is None:
+                answer = answers[batch] = _answer(batch)
+            if not isinstance(answer, BaseException):
                 acknowledged.events.append(event)
                 acknowledged.topics.append(topic)
-                acknowledged.partitions.append(metadata.partition)
-                acknowledged.offsets.append(metadata.offset)
+                acknowledged.partitions.append(answer.partition)
+                acknowledged.offsets.append(answer.offset + index)
                 continue
             failed_in_kafka.append(event)
-            if self._publisher.unavailable(outcome):
+            if answer is _NO_ANSWER:
+                # No answer in time (the broker went away with the batch in flight): never
+                # guess an outcome; the row stays unpublished and is sent again later.
+                continue
+            if isinstance(answer, asyncio.CancelledError) or self._publisher.unavailable(answer):
+                # Kafka is away for now (a cancelled batch: the producer was closed with it).
                 result.kafka_unavailable = True
             else:
-                result.failed.append(_Failed(event, topic, error_text(outcome)))
+                result.failed.append(_Failed(event, topic, error_text(answer)))
         return failed_in_kafka
 
     def _settle_failures(
