@@ -192,6 +192,14 @@ async def test_under_twice_the_ceiling_the_bound_follows_what_the_threads_serve(
     # arrival to the last answer: the first hash starts at once, the queue drains at the end.
     assert saturated >= 0.85 * elapsed, (saturated, elapsed, len(accepted))
     # The admitted waited about the max wait (plus a few checks' time: the estimate is a
-    # moving average), not into their deadline; the rest learnt at once.
-    assert p95(accepted) < MAX_WAIT_SECONDS + 3 / ceiling, (p95(accepted), ceiling)
+    # moving average), not into their deadline; the rest learnt at once. A check's time is
+    # the slower of the ceiling's and what the thread took per admitted call during the
+    # overload itself (its busy seconds ÷ the calls it served): other load on a shared box
+    # slows the hashes between the two phases, and the admission follows what it measures.
+    check_seconds = max(1 / ceiling, saturated / len(accepted))
+    assert p95(accepted) < MAX_WAIT_SECONDS + 3 * check_seconds, (
+        p95(accepted),
+        ceiling,
+        check_seconds,
+    )
     assert p95(refused) < 0.25, p95(refused)
