@@ -195,9 +195,12 @@ async def test_under_twice_the_ceiling_the_bound_follows_what_the_threads_serve(
     # moving average), not into their deadline; the rest learnt at once. A check's time is
     # the slower of the ceiling's and what the thread took per admitted call during the
     # overload itself (its busy seconds ÷ the calls it served): other load on a shared box
-    # slows the hashes between the two phases, and the admission follows what it measures.
+    # slows the hashes after the admission measured them, and a queue sized for the faster
+    # checks then takes longer by the same factor. Admitting everything would still be
+    # caught: the queue would grow for the whole overload (several seconds of wait).
     check_seconds = max(1 / ceiling, saturated / len(accepted))
-    assert p95(accepted) < MAX_WAIT_SECONDS + 3 * check_seconds, (
+    slowdown = check_seconds * ceiling
+    assert p95(accepted) < MAX_WAIT_SECONDS * slowdown + 3 * check_seconds, (
         p95(accepted),
         ceiling,
         check_seconds,
