@@ -92,3 +92,41 @@ async def test_a_pool_held_too_long_fails_within_the_timeout() -> None:
         assert 0.15 <= loop.time() - started < 1.0
         await asyncio.gather(*holders, return_exceptions=True)
         await client.aclose()
+
+
+@pytest.mark.integration
+async def test_cancelled_and_timed_out_waiters_give_every_connection_back(redis_url: str) -> None:
+    # Commands cancelled while holding or waiting for a connection must each give their slot
+    # back: afterwards the pool still runs max_connections commands at once (a leaked slot
+    # would make them queue, and then time out). (Waits that time out: the test below.)
+    client = create_redis(redis_url, max_connections=3, timeout_seconds=0.5)
+    try:
+        holders = [
+            asyncio.ensure_future(client.blpop([f"cake-common-slot-{i}"], timeout=0.2))
+            for i in range(3)
+        ]
+        waiters = [asyncio.ensure_future(client.get("cake-common-slot")) for _ in range(20)]
+        await asyncio.sleep(0.05)
+        for waiter in waiters[:10]:
+            waiter.cancel()
+        holders[0].cancel()
+        results = await asyncio.gather(*holders, *waiters, return_exceptions=True)
+        assert [type(r).__name__ for r in results] == [
+            "CancelledError",
+            "NoneType",
+            "NoneType",
+            *(["CancelledError"] * 10),
+            *(["NoneType"] * 10),
+        ]
+        pool = client.connection_pool
+        assert len(pool._in_use_connections) == 0  # type: ignore[attr-defined]
+        # All three connections at once again: three blocking pops of 0.2 s end together.
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        replies = await asyncio.gather(
+            *(client.blpop([f"cake-common-slot-again-{i}"], timeout=0.2) for i in range(3))
+        )
+        assert replies == [None] * 3
+        assert loop.time() - started < 0.2 + 0.15
+    finally:
+        await client.aclose()
