@@ -130,3 +130,23 @@ async def test_cancelled_and_timed_out_waiters_give_every_connection_back(redis_
         assert loop.time() - started < 0.2 + 0.15
     finally:
         await client.aclose()
+
+
+@pytest.mark.integration
+async def test_connections_closed_by_the_server_are_replaced(redis_url: str) -> None:
+    # The pool skips redis-py's reconnect wrapper for connections that are up; after the
+    # server closed every connection, hammered by concurrent commands, the client still
+    # answers all of them (each dead connection replaced, or retried once on a new one).
+    client = create_redis(redis_url, max_connections=8)
+    killer = create_redis(redis_url)
+    try:
+        for round_ in range(3):
+            await asyncio.gather(*(client.echo(f"warm-{i}") for i in range(32)))
+            await killer.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+            await asyncio.sleep(0.05)
+            replies = await asyncio.gather(*(client.echo(f"{round_}-{i}") for i in range(32)))
+            assert replies == [f"{round_}-{i}".encode() for i in range(32)]
+        assert len(client.connection_pool._in_use_connections) == 0  # type: ignore[attr-defined]
+    finally:
+        await killer.aclose()
+        await client.aclose()
