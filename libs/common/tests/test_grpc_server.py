@@ -809,3 +809,29 @@ async def test_handler_added_headers_in_trailing_mode_still_sent_as_headers() ->
 def test_add_response_header_outside_a_call() -> None:
     with pytest.raises(RuntimeError, match="outside"):
         add_response_header("x-a", "b")
+
+
+async def test_metadata_received_in_another_task_is_not_used() -> None:
+    # The chain hands the metadata grpc.aio converted for the interceptors to the call's
+    # scope only within the same task, and only once; otherwise the scope reads the call's
+    # own context.
+    from cake_common.grpc_server import call_scope
+
+    class Context:
+        def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+            return (("x-call", "own"),)
+
+    context: Any = Context()
+
+    async def seen_in_scope() -> str | None:
+        async with call_scope._CallMetadataScope(None, context):
+            return metadata_value(context, "x-call")
+
+    async def stash_then_read() -> tuple[str | None, str | None]:
+        call_scope._received_metadata_var.set((asyncio.current_task(), (("x-call", "stashed"),)))
+        return await seen_in_scope(), await seen_in_scope()
+
+    assert await stash_then_read() == ("stashed", "own")  # used once
+    other_task: Any = object()
+    call_scope._received_metadata_var.set((other_task, (("x-call", "stale"),)))
+    assert await seen_in_scope() == "own"

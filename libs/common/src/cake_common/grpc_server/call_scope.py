@@ -9,6 +9,7 @@ variables set there are visible to the servicer, and exceptions from it pass thr
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -53,6 +54,16 @@ def metadata_value(context: ServicerContext, key: str) -> str | None:
     return None
 
 
+_received_metadata_var: ContextVar[tuple[asyncio.Task[Any] | None, tuple[Any, ...]] | None] = (
+    ContextVar("cake_received_metadata", default=None)
+)
+"""The metadata grpc.aio already converted for the interceptors (``HandlerCallDetails``), with
+the task that received it: ``context.invocation_metadata()`` converts it all again from
+gRPC's core (≈ 10 µs for Envoy's 16 headers, measured in a handler). grpc.aio runs the
+interceptors in the call's own task today; if it did not, the task check sends the call
+back to ``context.invocation_metadata()``."""
+
+
 class _CallMetadataScope:
     """Binds the call's metadata, read once into a dict, for :func:`metadata_value`.
 
@@ -66,8 +77,15 @@ class _CallMetadataScope:
         self._token: Token[tuple[ServicerContext, dict[str, str | bytes]] | None] | None = None
 
     async def __aenter__(self) -> None:
+        pending = _received_metadata_var.get()
+        if pending is not None and pending[0] is asyncio.current_task():
+            # Used once: the next call, even in this task, brings its own.
+            _received_metadata_var.set(None)
+            received = pending[1]
+        else:
+            received = tuple(self._context.invocation_metadata() or ())
         # reversed: a later duplicate must not hide the first value of a key.
-        metadata = dict(reversed(tuple(self._context.invocation_metadata() or ())))
+        metadata = dict(reversed(received))
         self._token = _call_metadata_var.set((self._context, metadata))
 
     async def __aexit__(
@@ -161,6 +179,9 @@ class ScopedInterceptorChain(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
+        received = handler_call_details.invocation_metadata
+        if isinstance(received, tuple):
+            _received_metadata_var.set((asyncio.current_task(), received))
         cached = self._wrapped.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
