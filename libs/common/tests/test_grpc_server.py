@@ -20,6 +20,7 @@ from cake_common.grpc_server import (
     add_response_header,
 )
 from cake_common.grpc_server import interceptors as interceptors_module
+from cake_common.grpc_server.call_scope import metadata_value
 from cake_common.jwt import JwtVerifier, Principal
 from cake_common.logging import request_id_var
 from google.protobuf import wrappers_pb2
@@ -36,6 +37,7 @@ FAIL = f"/{SERVICE}/Fail"
 STREAM = f"/{SERVICE}/Stream"
 SLOW = f"/{SERVICE}/Slow"
 WITH_HEADER = f"/{SERVICE}/WithHeader"
+METADATA = f"/{SERVICE}/Metadata"
 
 StringValue = wrappers_pb2.StringValue
 
@@ -77,6 +79,16 @@ async def _stream(request: StringValue, context: Any) -> AsyncIterator[StringVal
         yield StringValue(value=f"{index}|{_describe_caller()}")
 
 
+async def _metadata(request: StringValue, context: Any) -> StringValue:
+    # The keys named in the request, as the handler's metadata_value sees them; a yield to
+    # the event loop in between, so concurrent calls interleave.
+    seen = []
+    for key in request.value.split(","):
+        await asyncio.sleep(0)
+        seen.append(f"{key}={metadata_value(context, key)}")
+    return StringValue(value=";".join(seen))
+
+
 async def _with_header(request: StringValue, context: Any) -> StringValue:
     add_response_header("Idempotent-Replayed", "true")
     return StringValue(value="ok")
@@ -114,6 +126,7 @@ def _register(server: grpc.aio.Server) -> None:
             "Fail": _unary(_fail),
             "Slow": _unary(_slow),
             "WithHeader": _unary(_with_header),
+            "Metadata": _unary(_metadata),
             "Stream": grpc.unary_stream_rpc_method_handler(
                 _stream,
                 request_deserializer=StringValue.FromString,
@@ -175,7 +188,9 @@ async def running(
         GrpcServerBuilder(service_names=[SERVICE], grace_seconds=1)
         .add_servicer(_register)
         .with_auth(
-            verifier, public_methods=[PUBLIC, WITH_HEADER], is_revoked=revocations.is_revoked
+            verifier,
+            public_methods=[PUBLIC, WITH_HEADER, METADATA],
+            is_revoked=revocations.is_revoked,
         )
         .start()
     )
@@ -210,6 +225,32 @@ async def test_request_id_generated_when_missing_or_unsafe(client: Client) -> No
     for unsafe in ("bad id with spaces", "x" * 200, 'quote"injection'):
         _, initial = await client.call(PUBLIC, metadata=(("x-request-id", unsafe),))
         assert initial["x-request-id"] != unsafe
+
+
+async def test_handlers_read_their_own_calls_metadata(client: Client) -> None:
+    # The chain reads each call's metadata once into a dict: a duplicated key still answers
+    # its first value, a binary (-bin) or absent key None, and 200 calls in flight at once
+    # each see their own values, never another call's.
+    async def one(index: int) -> None:
+        call = client.channel.unary_unary(
+            METADATA,
+            request_serializer=StringValue.SerializeToString,
+            response_deserializer=StringValue.FromString,
+        )
+        response = await call(
+            StringValue(value="x-call,x-dup,x-blob-bin,x-absent"),
+            metadata=(
+                ("x-call", str(index)),
+                ("x-dup", f"first-{index}"),
+                ("x-dup", "second"),
+                ("x-blob-bin", b"\x00\x01"),
+            ),
+        )
+        assert response.value == (
+            f"x-call={index};x-dup=first-{index};x-blob-bin=None;x-absent=None"
+        )
+
+    await asyncio.gather(*(one(index) for index in range(200)))
 
 
 # --- authentication ---------------------------------------------------------------------
@@ -768,3 +809,29 @@ async def test_handler_added_headers_in_trailing_mode_still_sent_as_headers() ->
 def test_add_response_header_outside_a_call() -> None:
     with pytest.raises(RuntimeError, match="outside"):
         add_response_header("x-a", "b")
+
+
+async def test_metadata_received_in_another_task_is_not_used() -> None:
+    # The chain hands the metadata grpc.aio converted for the interceptors to the call's
+    # scope only within the same task, and only once; otherwise the scope reads the call's
+    # own context.
+    from cake_common.grpc_server import call_scope
+
+    class Context:
+        def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+            return (("x-call", "own"),)
+
+    context: Any = Context()
+
+    async def seen_in_scope() -> str | None:
+        async with call_scope._CallMetadataScope(None, context):
+            return metadata_value(context, "x-call")
+
+    async def stash_then_read() -> tuple[str | None, str | None]:
+        call_scope._received_metadata_var.set((asyncio.current_task(), (("x-call", "stashed"),)))
+        return await seen_in_scope(), await seen_in_scope()
+
+    assert await stash_then_read() == ("stashed", "own")  # used once
+    other_task: Any = object()
+    call_scope._received_metadata_var.set((other_task, (("x-call", "stale"),)))
+    assert await seen_in_scope() == "own"

@@ -92,3 +92,61 @@ async def test_a_pool_held_too_long_fails_within_the_timeout() -> None:
         assert 0.15 <= loop.time() - started < 1.0
         await asyncio.gather(*holders, return_exceptions=True)
         await client.aclose()
+
+
+@pytest.mark.integration
+async def test_cancelled_and_timed_out_waiters_give_every_connection_back(redis_url: str) -> None:
+    # Commands cancelled while holding or waiting for a connection must each give their slot
+    # back: afterwards the pool still runs max_connections commands at once (a leaked slot
+    # would make them queue, and then time out). (Waits that time out: the test below.)
+    client = create_redis(redis_url, max_connections=3, timeout_seconds=0.5)
+    try:
+        holders = [
+            asyncio.ensure_future(client.blpop([f"cake-common-slot-{i}"], timeout=0.2))
+            for i in range(3)
+        ]
+        waiters = [asyncio.ensure_future(client.get("cake-common-slot")) for _ in range(20)]
+        await asyncio.sleep(0.05)
+        for waiter in waiters[:10]:
+            waiter.cancel()
+        holders[0].cancel()
+        results = await asyncio.gather(*holders, *waiters, return_exceptions=True)
+        assert [type(r).__name__ for r in results] == [
+            "CancelledError",
+            "NoneType",
+            "NoneType",
+            *(["CancelledError"] * 10),
+            *(["NoneType"] * 10),
+        ]
+        pool = client.connection_pool
+        assert len(pool._in_use_connections) == 0  # type: ignore[attr-defined]
+        # All three connections at once again: three blocking pops of 0.2 s end together.
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        replies = await asyncio.gather(
+            *(client.blpop([f"cake-common-slot-again-{i}"], timeout=0.2) for i in range(3))
+        )
+        assert replies == [None] * 3
+        assert loop.time() - started < 0.2 + 0.15
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.integration
+async def test_connections_closed_by_the_server_are_replaced(redis_url: str) -> None:
+    # The pool skips redis-py's reconnect wrapper for connections that are up; after the
+    # server closed every connection, hammered by concurrent commands, the client still
+    # answers all of them (each dead connection replaced, or retried once on a new one).
+    client = create_redis(redis_url, max_connections=8)
+    killer = create_redis(redis_url)
+    try:
+        for round_ in range(3):
+            await asyncio.gather(*(client.echo(f"warm-{i}") for i in range(32)))
+            await killer.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+            await asyncio.sleep(0.05)
+            replies = await asyncio.gather(*(client.echo(f"{round_}-{i}") for i in range(32)))
+            assert replies == [f"{round_}-{i}".encode() for i in range(32)]
+        assert len(client.connection_pool._in_use_connections) == 0  # type: ignore[attr-defined]
+    finally:
+        await killer.aclose()
+        await client.aclose()

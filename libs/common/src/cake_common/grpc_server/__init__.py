@@ -18,6 +18,7 @@ from cake_common.auth_context import current_principal, principal_var, require_a
 from cake_common.grpc_server.auth import ALWAYS_PUBLIC_SERVICES, AuthInterceptor, RevocationCheck
 from cake_common.grpc_server.call_scope import (
     CallScope,
+    ScopedInterceptorChain,
     ScopedServerInterceptor,
     ServicerContext,
 )
@@ -75,6 +76,7 @@ __all__ = [
     "RequestIdInterceptor",
     "RevocationCheck",
     "RunningGrpcServer",
+    "ScopedInterceptorChain",
     "ScopedServerInterceptor",
     "ServiceHealth",
     "ServicerContext",

@@ -7,10 +7,11 @@ every service verifies again here and binds the caller to
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Iterable
+from contextvars import Token
 from dataclasses import dataclass
 from functools import cache, partial
+from types import TracebackType
 from typing import Any
 
 from cake.access.v1 import access_pb2
@@ -150,30 +151,15 @@ class AuthInterceptor(ScopedServerInterceptor):
             return self._optional_scope
         return partial(self._scope, access=access)
 
-    @asynccontextmanager
-    async def _optional_scope(self, request: Any, context: ServicerContext) -> AsyncIterator[None]:
-        if metadata_value(context, AUTHORIZATION_METADATA_KEY) is None:
-            yield
-            return
-        # A token-optional method does its own checks on what the token may do.
-        async with self._scope(request, context, access=None):
-            yield
+    def _optional_scope(self, request: Any, context: ServicerContext) -> _AuthScope:
+        # Without the header, no check; a token-optional method does its own checks on what
+        # the token may do.
+        return _AuthScope(self, None, context, required=False)
 
-    @asynccontextmanager
-    async def _scope(
+    def _scope(
         self, _request: Any, context: ServicerContext, *, access: MethodAccess | None
-    ) -> AsyncIterator[None]:
-        try:
-            principal = await self.authenticate(metadata_value(context, AUTHORIZATION_METADATA_KEY))
-            if access is not None and not access.allows(principal):
-                raise access.refusal(principal)
-        except CakeError as error:
-            await abort_with_error(context, error)
-        token = principal_var.set(principal)
-        try:
-            yield
-        finally:
-            principal_var.reset(token)
+    ) -> _AuthScope:
+        return _AuthScope(self, access, context, required=True)
 
     async def authenticate(self, authorization: str | None) -> Principal:
         """The principal for an ``authorization`` header value; raises ``Unauthenticated``."""
@@ -202,3 +188,47 @@ class AuthInterceptor(ScopedServerInterceptor):
                 ) from error
             _log.debug("token revocation check failed; accepting user token", error=repr(error))
             return False
+
+
+class _AuthScope:
+    """One call's :class:`AuthInterceptor` scope. A class rather than an
+    ``asynccontextmanager``: it runs on every call, and a generator-based context manager
+    costs several times more per call (``timeit``: four nested, 7 µs against 2 µs)."""
+
+    __slots__ = ("_access", "_context", "_interceptor", "_required", "_token")
+
+    def __init__(
+        self,
+        interceptor: AuthInterceptor,
+        access: MethodAccess | None,
+        context: ServicerContext,
+        *,
+        required: bool,
+    ) -> None:
+        self._interceptor = interceptor
+        self._access = access
+        self._context = context
+        self._required = required
+        self._token: Token[Principal | None] | None = None
+
+    async def __aenter__(self) -> None:
+        authorization = metadata_value(self._context, AUTHORIZATION_METADATA_KEY)
+        if authorization is None and not self._required:
+            return
+        access = self._access
+        try:
+            principal = await self._interceptor.authenticate(authorization)
+            if access is not None and not access.allows(principal):
+                raise access.refusal(principal)
+        except CakeError as error:
+            await abort_with_error(self._context, error)
+        self._token = principal_var.set(principal)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._token is not None:
+            principal_var.reset(self._token)

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
+from functools import partial
+from types import TracebackType
 from typing import Any, Literal
 
 import grpc
@@ -89,32 +90,56 @@ class RequestIdInterceptor(ScopedServerInterceptor):
         self._echo = echo
 
     def scope_for(self, method: str) -> CallScope | None:
-        return self._scope
+        return partial(_RequestIdScope, self._echo == "trailing_metadata")
 
-    @asynccontextmanager
-    async def _scope(self, _request: Any, context: ServicerContext) -> AsyncIterator[None]:
-        incoming = metadata_value(context, REQUEST_ID_METADATA_KEY)
+
+class _RequestIdScope:
+    """One call's :class:`RequestIdInterceptor` scope. A class rather than an
+    ``asynccontextmanager``, as the other built-in scopes: they run on every call, and a
+    generator-based context manager costs several times more per call (``timeit``: four
+    nested, 7 µs against 2 µs)."""
+
+    __slots__ = ("_context", "_headers", "_headers_token", "_token", "_trailing")
+
+    def __init__(self, trailing: bool, _request: Any, context: ServicerContext) -> None:
+        self._trailing = trailing
+        self._context = context
+
+    async def __aenter__(self) -> None:
+        incoming = metadata_value(self._context, REQUEST_ID_METADATA_KEY)
         if incoming is not None and _ACCEPTABLE_REQUEST_ID.fullmatch(incoming):
             request_id = incoming
         else:
             request_id = str(uuid.uuid4())
-        token = request_id_var.set(request_id)
-        headers: list[tuple[str, str]] = [(REQUEST_ID_METADATA_KEY, request_id)]
-        headers_token = _response_headers_var.set(headers)
+        self._token = request_id_var.set(request_id)
+        self._headers: list[tuple[str, str]] = [(REQUEST_ID_METADATA_KEY, request_id)]
+        self._headers_token = _response_headers_var.set(self._headers)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
         try:
-            yield
-            if self._echo == "trailing_metadata" and len(headers) == 1:
-                existing = tuple(context.trailing_metadata() or ())
-                context.set_trailing_metadata((*existing, *headers))
-            else:
-                try:
-                    await context.send_initial_metadata(tuple(headers))
-                except grpc.aio.UsageError:
-                    # A streaming response already sent its metadata with the first message.
-                    _log.debug("response metadata already sent", headers=headers)
+            if exc_type is None:
+                await self._echo()
         finally:
-            _response_headers_var.reset(headers_token)
-            request_id_var.reset(token)
+            _response_headers_var.reset(self._headers_token)
+            request_id_var.reset(self._token)
+
+    async def _echo(self) -> None:
+        context = self._context
+        headers = self._headers
+        if self._trailing and len(headers) == 1:
+            existing = tuple(context.trailing_metadata() or ())
+            context.set_trailing_metadata((*existing, *headers))
+        else:
+            try:
+                await context.send_initial_metadata(tuple(headers))
+            except grpc.aio.UsageError:
+                # A streaming response already sent its metadata with the first message.
+                _log.debug("response metadata already sent", headers=headers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,34 +195,59 @@ class ErrorMappingInterceptor(ScopedServerInterceptor):
         return tolerant_deserializer(handler.request_deserializer)
 
     def scope_for(self, method: str) -> CallScope | None:
-        @asynccontextmanager
-        async def scope(request: Any, context: ServicerContext) -> AsyncIterator[None]:
-            if isinstance(request, UndecodableRequest):
-                await abort_with_error(
-                    context,
-                    InvalidArgument(
-                        f"request body is not a valid {request.message_type} message",
-                        reason="UNDECODABLE_REQUEST",
-                    ),
-                )
-            try:
-                yield
-            except grpc.aio.AbortError:
-                # The handler (or an inner interceptor) already chose the status.
-                raise
-            except CakeError as error:
-                await abort_with_error(context, error)
-            except self._unavailable_errors as error:
-                _log.warning("dependency unavailable", method=method, error=repr(error))
-                await abort_with_error(
-                    context,
-                    Unavailable(DEPENDENCY_UNAVAILABLE_MESSAGE, reason="DEPENDENCY_UNAVAILABLE"),
-                )
-            except Exception:
-                _log.exception("unhandled error in handler", method=method)
-                await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_ERROR_MESSAGE)
+        return partial(_ErrorMappingScope, method, self._unavailable_errors)
 
-        return scope
+
+class _ErrorMappingScope:
+    """One call's :class:`ErrorMappingInterceptor` scope (a class: see :class:`_RequestIdScope`)."""
+
+    __slots__ = ("_context", "_method", "_request", "_unavailable_errors")
+
+    def __init__(
+        self,
+        method: str,
+        unavailable_errors: tuple[type[BaseException], ...],
+        request: Any,
+        context: ServicerContext,
+    ) -> None:
+        self._method = method
+        self._unavailable_errors = unavailable_errors
+        self._request = request
+        self._context = context
+
+    async def __aenter__(self) -> None:
+        request = self._request
+        if isinstance(request, UndecodableRequest):
+            await abort_with_error(
+                self._context,
+                InvalidArgument(
+                    f"request body is not a valid {request.message_type} message",
+                    reason="UNDECODABLE_REQUEST",
+                ),
+            )
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if exc is None or not isinstance(exc, Exception) or isinstance(exc, grpc.aio.AbortError):
+            # Success, a cancellation, or the handler (or an inner interceptor) already
+            # chose the status: unchanged.
+            return
+        context = self._context
+        if isinstance(exc, CakeError):
+            await abort_with_error(context, exc)
+        elif isinstance(exc, self._unavailable_errors):
+            _log.warning("dependency unavailable", method=self._method, error=repr(exc))
+            await abort_with_error(
+                context,
+                Unavailable(DEPENDENCY_UNAVAILABLE_MESSAGE, reason="DEPENDENCY_UNAVAILABLE"),
+            )
+        else:
+            _log.exception("unhandled error in handler", method=self._method, exc_info=exc)
+            await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_ERROR_MESSAGE)
 
 
 class ValidationInterceptor(ScopedServerInterceptor):
@@ -231,11 +281,31 @@ class ValidationInterceptor(ScopedServerInterceptor):
             return None
         return self._scope
 
-    @asynccontextmanager
-    async def _scope(self, request: Any, context: ServicerContext) -> AsyncIterator[None]:
-        if request is not None:
+    def _scope(self, request: Any, context: ServicerContext) -> _ValidationScope:
+        return _ValidationScope(self._validator, request, context)
+
+
+class _ValidationScope:
+    """One call's :class:`ValidationInterceptor` scope (a class: see :class:`_RequestIdScope`)."""
+
+    __slots__ = ("_context", "_request", "_validator")
+
+    def __init__(self, validator: RequestValidator, request: Any, context: ServicerContext) -> None:
+        self._validator = validator
+        self._request = request
+        self._context = context
+
+    async def __aenter__(self) -> None:
+        if self._request is not None:
             try:
-                self._validator.validate(request)
+                self._validator.validate(self._request)
             except InvalidArgument as error:
-                await abort_with_error(context, error)
-        yield
+                await abort_with_error(self._context, error)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        return None

@@ -14,8 +14,8 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from functools import partial
+from types import TracebackType
 from typing import Any
 
 import grpc
@@ -103,26 +103,46 @@ class MetricsInterceptor(ScopedServerInterceptor):
         calls = self._metrics.started.labels(kind, service, name)
         latency = self._metrics.handling_seconds.labels(kind, service, name)
         by_code = {code: handled.labels(kind, service, name, code.name) for code in grpc.StatusCode}
+        return partial(_MetricsScope, calls, latency, by_code)
 
-        @asynccontextmanager
-        async def scope(_request: Any, context: ServicerContext) -> AsyncIterator[None]:
-            calls.inc()
-            started = time.perf_counter()
+
+class _MetricsScope:
+    """One call's :class:`MetricsInterceptor` scope. A class rather than an
+    ``asynccontextmanager``: it runs on every call, and a generator-based context manager
+    costs several times more per call (``timeit``: four nested, 7 µs against 2 µs)."""
+
+    __slots__ = ("_by_code", "_calls", "_context", "_latency", "_started")
+
+    def __init__(
+        self,
+        calls: Counter,
+        latency: Histogram,
+        by_code: dict[grpc.StatusCode, Counter],
+        _request: Any,
+        context: ServicerContext,
+    ) -> None:
+        self._calls = calls
+        self._latency = latency
+        self._by_code = by_code
+        self._context = context
+
+    async def __aenter__(self) -> None:
+        self._calls.inc()
+        self._started = time.perf_counter()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            code = self._context.code() or grpc.StatusCode.OK
+        elif issubclass(exc_type, grpc.aio.AbortError):
+            code = self._context.code() or grpc.StatusCode.UNKNOWN
+        elif issubclass(exc_type, (asyncio.CancelledError, GeneratorExit)):
+            code = grpc.StatusCode.CANCELLED
+        else:
             code = grpc.StatusCode.UNKNOWN
-            try:
-                yield
-                code = context.code() or grpc.StatusCode.OK
-            except grpc.aio.AbortError:
-                code = context.code() or grpc.StatusCode.UNKNOWN
-                raise
-            except (asyncio.CancelledError, GeneratorExit):
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except BaseException:
-                code = grpc.StatusCode.UNKNOWN
-                raise
-            finally:
-                by_code[code].inc()
-                latency.observe(time.perf_counter() - started)
-
-        return scope
+        self._by_code[code].inc()
+        self._latency.observe(time.perf_counter() - self._started)

@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from cake_common.grpc_server.auth import AuthInterceptor, RevocationCheck
+from cake_common.grpc_server.call_scope import ScopedInterceptorChain, ScopedServerInterceptor
 from cake_common.grpc_server.health import DependencyCheck, DependencyWatcher, ServiceHealth
 from cake_common.grpc_server.interceptors import (
     ErrorMappingInterceptor,
@@ -107,7 +108,8 @@ class RunningGrpcServer:
 class GrpcServerBuilder:
     """Collects servicers, interceptors, checks and hooks, then starts the server.
 
-    Interceptors always run in this order: tracing (if
+    Interceptors always run in this order (all but tracing and the added ones that are not
+    :class:`ScopedServerInterceptor` as one :class:`ScopedInterceptorChain`): tracing (if
     :func:`~cake_common.tracing.configure_tracing` turned it on before :meth:`start`) →
     request id → metrics (if :meth:`with_metrics`) → error mapping → auth (if
     :meth:`with_auth`) → validation (if :meth:`with_validation`) → :meth:`add_interceptor`
@@ -234,15 +236,22 @@ class GrpcServerBuilder:
         if tracing is not None:
             # Outermost: the SERVER span covers the whole call, errors and auth included.
             chain.append(tracing)
-        chain.append(RequestIdInterceptor(echo=self._request_id_echo))
+        scoped: list[ScopedServerInterceptor] = [RequestIdInterceptor(echo=self._request_id_echo)]
         if self._metrics_registry is not None:
-            chain.append(MetricsInterceptor(self._metrics_registry))
-        chain.append(ErrorMappingInterceptor())
+            scoped.append(MetricsInterceptor(self._metrics_registry))
+        scoped.append(ErrorMappingInterceptor())
         if self._auth is not None:
-            chain.append(self._auth)
+            scoped.append(self._auth)
         if self._validation is not None:
-            chain.append(self._validation)
-        return chain + self._extra_interceptors
+            scoped.append(self._validation)
+        extras = list(self._extra_interceptors)
+        while extras and isinstance(first := extras[0], ScopedServerInterceptor):
+            scoped.append(first)
+            extras.pop(0)
+        # One grpc.aio interceptor for all of them (same scopes, same order): see
+        # ScopedInterceptorChain for what that saves per call.
+        chain.append(ScopedInterceptorChain(scoped))
+        return chain + extras
 
     async def start(self) -> RunningGrpcServer:
         """Bind, register everything and start serving; returns once listening.

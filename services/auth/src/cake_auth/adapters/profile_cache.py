@@ -54,7 +54,10 @@ class RedisProfileCache:
         self._key_prefix = f"{key_prefix}profile:"
         self._redis = client
         self._guard = guard
-        self._metrics = metrics
+        # Bound once: labels() takes a lock and builds a key on every call.
+        self._hits = metrics.profile_cache.labels("hit")
+        self._misses = metrics.profile_cache.labels("miss")
+        self._bypassed = metrics.profile_cache.labels("bypassed")
         self._ttl = ttl_seconds
         self._put_script: Any = client.register_script(_PUT_IF_NEWER)
         self._decoded: dict[tuple[bytes, bytes, bytes], User] = {}
@@ -71,12 +74,12 @@ class RedisProfileCache:
                 "profile_cache_get", lambda: self._redis.hmget(key, ["version", "role", "user"])
             )
         except RedisUnavailableError:
-            self._metrics.profile_cache.labels("bypassed").inc()
+            self._bypassed.inc()
             return None
         if not (
             isinstance(version, bytes) and isinstance(role, bytes) and isinstance(serialized, bytes)
         ):
-            self._metrics.profile_cache.labels("miss").inc()
+            self._misses.inc()
             return None
         entry = (version, role, serialized)
         user = self._decoded.get(entry)
@@ -90,13 +93,13 @@ class RedisProfileCache:
             except (DecodeError, ValueError):
                 # Written by an incompatible version of this service: treat as absent.
                 _log.warning("unreadable profile cache entry ignored", user_id=user_id)
-                self._metrics.profile_cache.labels("miss").inc()
+                self._misses.inc()
                 return None
             if len(self._decoded) >= DECODED_ENTRIES:
                 # Oldest first (dicts keep insertion order): bounded, no LRU bookkeeping.
                 del self._decoded[next(iter(self._decoded))]
             self._decoded[entry] = user
-        self._metrics.profile_cache.labels("hit").inc()
+        self._hits.inc()
         return user
 
     async def put(self, user: User) -> None:
