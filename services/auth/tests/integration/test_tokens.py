@@ -10,6 +10,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from cake_auth.adapters.signing_keys import (
     generate_key_pair,
     read_jwks,
 )
+from cake_auth.domain.tokens import access_token_claims
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -38,17 +40,17 @@ def _b64(data: bytes) -> str:
 
 
 def _claims(user_id: int, **overrides: Any) -> dict[str, Any]:
-    now = int(time.time())
-    claims: dict[str, Any] = {
-        "sub": str(user_id),
-        "role": "user",
-        "iss": "cake-system",
-        "aud": "cake-users",
-        "iat": now,
-        "exp": now + 600,
-        "jti": str(uuid.uuid4()),
-        "sid": uuid.uuid4().hex,
-    }
+    """A valid user token's claims, as auth's domain builds them, then ``overrides``."""
+    claims = access_token_claims(
+        user_id=user_id,
+        role="user",
+        issuer="cake-system",
+        audience="cake-users",
+        issued_at=datetime.now(UTC).replace(microsecond=0),
+        ttl_seconds=600,
+        jti=str(uuid.uuid4()),
+        session_id=uuid.uuid4().hex,
+    )
     claims.update(overrides)
     return claims
 
