@@ -191,9 +191,7 @@ class AuthInterceptor(ScopedServerInterceptor):
 
 
 class _AuthScope:
-    """One call's :class:`AuthInterceptor` scope. A class rather than an
-    ``asynccontextmanager``: it runs on every call, and a generator-based context manager
-    costs several times more per call (``timeit``: four nested, 7 µs against 2 µs)."""
+    """One call's :class:`AuthInterceptor` scope (a class: see ``call_scope``'s docstring)."""
 
     __slots__ = ("_access", "_context", "_interceptor", "_required", "_token")
 

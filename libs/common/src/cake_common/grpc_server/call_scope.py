@@ -5,6 +5,11 @@ contextvars are not guaranteed to reach the handler, and cannot observe its outc
 instead of acting in ``intercept_service``, each interceptor here returns a copy of the
 method handler whose behaviour runs inside a per-call ``async with`` scope: context
 variables set there are visible to the servicer, and exceptions from it pass through.
+
+The built-in scopes (request id, metrics, error mapping, auth, the call's metadata) are
+small classes with ``__aenter__``/``__aexit__`` rather than ``asynccontextmanager``
+functions: they run on every call of every method, and a generator-based context manager
+costs several times more per call (``timeit``: four nested, 7 µs against 2 µs).
 """
 
 from __future__ import annotations
@@ -67,8 +72,7 @@ back to ``context.invocation_metadata()``."""
 class _CallMetadataScope:
     """Binds the call's metadata, read once into a dict, for :func:`metadata_value`.
 
-    A class rather than an ``asynccontextmanager``: it runs on every call of every method,
-    and a generator-based context manager costs several times more per call."""
+    A class, as every built-in scope (see the module's docstring)."""
 
     __slots__ = ("_context", "_token")
 

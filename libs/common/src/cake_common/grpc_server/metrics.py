@@ -107,9 +107,8 @@ class MetricsInterceptor(ScopedServerInterceptor):
 
 
 class _MetricsScope:
-    """One call's :class:`MetricsInterceptor` scope. A class rather than an
-    ``asynccontextmanager``: it runs on every call, and a generator-based context manager
-    costs several times more per call (``timeit``: four nested, 7 µs against 2 µs)."""
+    """One call's :class:`MetricsInterceptor` scope (a class: see ``call_scope``'s
+    docstring)."""
 
     __slots__ = ("_by_code", "_calls", "_context", "_latency", "_started")
 
