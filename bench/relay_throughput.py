@@ -43,15 +43,15 @@ import secrets
 import statistics
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
 import sqlalchemy as sa
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.partitioner import DefaultPartitioner
 from cake.events.v1 import envelope_pb2, payloads_pb2
@@ -184,68 +184,79 @@ async def delete_topics(bootstrap: str, names: list[str]) -> None:
         await admin.close()
 
 
-async def raw_producer_rate(
-    settings: EventsSettings, messages: list[KafkaMessage]
-) -> tuple[float, float]:
-    """Events/s, and this process's CPU µs per event meanwhile."""
+@asynccontextmanager
+async def raw_producer(settings: EventsSettings, client_id: str) -> AsyncIterator[AIOKafkaProducer]:
+    """A started producer configured as the relay's (batch size, linger, timeout)."""
     producer = create_producer(
         settings.kafka_bootstrap_servers,
-        "cake-bench-raw",
+        client_id,
         request_timeout_ms=int(settings.relay_kafka_timeout_seconds * 1000),
         max_batch_size=settings.relay_kafka_max_batch_bytes,
         linger_ms=settings.relay_kafka_linger_ms,
     )
     await producer.start()
     try:
-        started, cpu = time.perf_counter(), time.process_time()
-        futures = [
-            await producer.send(m.topic, m.value, key=m.key, headers=m.headers) for m in messages
-        ]
-        await asyncio.gather(*futures)
-        return (
-            len(messages) / (time.perf_counter() - started),
-            (time.process_time() - cpu) / len(messages) * 1e6,
-        )
+        yield producer
     finally:
         await producer.stop()
+
+
+async def timed_sends(
+    count: int, hand_over: Callable[[], Awaitable[list[asyncio.Future[Any]]]]
+) -> tuple[float, float]:
+    """Run ``hand_over`` and wait for every future it returns: events/s for ``count``
+    events, and this process's CPU µs per event meanwhile."""
+    started, cpu = time.perf_counter(), time.process_time()
+    await asyncio.gather(*await hand_over())
+    return (
+        count / (time.perf_counter() - started),
+        (time.process_time() - cpu) / count * 1e6,
+    )
+
+
+async def raw_producer_rate(
+    settings: EventsSettings, messages: list[KafkaMessage]
+) -> tuple[float, float]:
+    """Events/s, and this process's CPU µs per event meanwhile."""
+    async with raw_producer(settings, "cake-bench-raw") as producer:
+
+        async def hand_over() -> list[asyncio.Future[Any]]:
+            return [
+                await producer.send(m.topic, m.value, key=m.key, headers=m.headers)
+                for m in messages
+            ]
+
+        return await timed_sends(len(messages), hand_over)
 
 
 async def raw_batched_rate(
     settings: EventsSettings, messages: list[KafkaMessage]
 ) -> tuple[float, float]:
     """The raw producer again, handing over whole per-partition batches (info only)."""
-    producer = create_producer(
-        settings.kafka_bootstrap_servers,
-        "cake-bench-raw-batched",
-        request_timeout_ms=int(settings.relay_kafka_timeout_seconds * 1000),
-        max_batch_size=settings.relay_kafka_max_batch_bytes,
-        linger_ms=settings.relay_kafka_linger_ms,
-    )
-    await producer.start()
-    try:
+    async with raw_producer(settings, "cake-bench-raw-batched") as producer:
         partitioner = DefaultPartitioner()
-        started, cpu = time.perf_counter(), time.process_time()
-        partitions = sorted(await producer.partitions_for(messages[0].topic))
-        batches: dict[int, Any] = {}
-        futures = []
-        for m in messages:
-            partition = partitioner(m.key, partitions, partitions)
-            batch = batches.get(partition)
-            if batch is None:
-                batch = batches[partition] = producer.create_batch()
-            if batch.append(key=m.key, value=m.value, timestamp=None, headers=m.headers) is None:
-                futures.append(await producer.send_batch(batch, m.topic, partition=partition))
-                batch = batches[partition] = producer.create_batch()
-                batch.append(key=m.key, value=m.value, timestamp=None, headers=m.headers)
-        for partition, batch in batches.items():
-            futures.append(await producer.send_batch(batch, messages[0].topic, partition=partition))
-        await asyncio.gather(*futures)
-        return (
-            len(messages) / (time.perf_counter() - started),
-            (time.process_time() - cpu) / len(messages) * 1e6,
-        )
-    finally:
-        await producer.stop()
+
+        async def hand_over() -> list[asyncio.Future[Any]]:
+            partitions = sorted(await producer.partitions_for(messages[0].topic))
+            batches: dict[int, Any] = {}
+            futures = []
+            for m in messages:
+                partition = partitioner(m.key, partitions, partitions)
+                batch = batches.get(partition)
+                if batch is None:
+                    batch = batches[partition] = producer.create_batch()
+                appended = batch.append(key=m.key, value=m.value, timestamp=None, headers=m.headers)
+                if appended is None:
+                    futures.append(await producer.send_batch(batch, m.topic, partition=partition))
+                    batch = batches[partition] = producer.create_batch()
+                    batch.append(key=m.key, value=m.value, timestamp=None, headers=m.headers)
+            for partition, batch in batches.items():
+                futures.append(
+                    await producer.send_batch(batch, messages[0].topic, partition=partition)
+                )
+            return futures
+
+        return await timed_sends(len(messages), hand_over)
 
 
 async def warm_up(
