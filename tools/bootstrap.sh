@@ -31,6 +31,11 @@ if ! compgen -G '/usr/lib/postgresql/*/bin/pg_ctl' >/dev/null && ! command -v pg
     missing+=(postgresql)
 fi
 command -v redis-server >/dev/null || missing+=(redis-server)
+# A C compiler and the C library's headers: cake-bcrypt (the auth service's hasher) is a C
+# extension that uv builds when it syncs the environment (Python's own headers come with the
+# interpreter uv uses).
+command -v cc >/dev/null || missing+=(gcc)
+[[ -e /usr/include/stdint.h ]] || missing+=(libc6-dev)
 if $for_tests && ! command -v chromium >/dev/null; then
     missing+=(chromium)
 fi
@@ -53,7 +58,7 @@ if ((${#missing[@]})); then
     if $created_policy; then as_root rm -f "$policy"; fi
     ((status == 0)) || die "apt-get install ${missing[*]} failed"
 else
-    say "postgresql and redis-server$($for_tests && echo ' and chromium') present"
+    say "postgresql, redis-server, a C compiler$($for_tests && echo ' and chromium') present"
 fi
 
 # --- Java and Maven (Kafka runs from its Maven Central jars) ---------------------------------

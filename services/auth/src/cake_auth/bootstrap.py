@@ -120,6 +120,7 @@ async def open_resources(settings: AuthSettings, start_up: StartUp) -> Resources
         settings.password_hasher,
         cost=settings.bcrypt_cost,
         workers=settings.password_hash_workers,
+        lanes=settings.password_hash_lanes,
         fallback=settings.password_hasher_fallback,
     )
     start_up.closes(hasher.close)
@@ -190,12 +191,17 @@ async def open_accounts(settings: AuthSettings) -> AsyncIterator[UserAccounts]:
 
 
 def hash_admission(
-    settings: AuthSettings, metrics: AuthMetrics, *, initial_hash_seconds: float
+    settings: AuthSettings,
+    metrics: AuthMetrics,
+    *,
+    concurrency: int,
+    initial_hash_seconds: float,
 ) -> HashAdmission:
-    """The admission in front of the hashing threads; ``initial_hash_seconds`` (one hash
-    timed at start) sizes its queue until the threads' real throughput has been measured."""
+    """The admission in front of a hasher computing ``concurrency`` hashes at once;
+    ``initial_hash_seconds`` (one hash timed at start) sizes its queue until the hasher's
+    real throughput has been measured."""
     return HashAdmission(
-        workers=settings.password_hash_workers or available_cpus(),
+        workers=concurrency,
         max_waiting=settings.hash_queue_max_waiting,
         max_wait_seconds=settings.hash_queue_max_wait_seconds,
         initial_hash_seconds=initial_hash_seconds,
@@ -258,7 +264,10 @@ async def build_use_cases(
     dummy_password_hash = await infrastructure.hasher.hash(secrets.token_urlsafe(16))
     initial_hash_seconds = max(time.perf_counter() - started, 1e-3)
     admission = hash_admission(
-        settings, infrastructure.metrics, initial_hash_seconds=initial_hash_seconds
+        settings,
+        infrastructure.metrics,
+        concurrency=infrastructure.hasher.concurrency,
+        initial_hash_seconds=initial_hash_seconds,
     )
     # The RPCs' hashes go through the admission's meter (registrations' too): it measures
     # what the threads serve. Operator commands keep the plain hasher (no admission).

@@ -1,5 +1,6 @@
 """Admission control at the hash queue, with real concurrent calls on a real auth server: the
-calls beyond ``workers + max_waiting`` are refused at once (UNAVAILABLE, ``retry-after``),
+calls beyond ``workers x lanes + max_waiting`` (what the hasher computes at once and what may
+wait) are refused at once (UNAVAILABLE, ``retry-after``),
 none waits into its deadline, and a refused login does not count against the account; by
 default the bound is measured (what the threads finish within the max wait), and under an
 open-model overload of twice the ceiling the thread stays busy (its busy seconds, counted by
@@ -19,6 +20,7 @@ pytestmark = pytest.mark.integration
 
 PASSWORD = "correct horse battery"
 WORKERS = 1
+LANES = 2  # the lanes hasher (the default): each thread computes LANES hashes at once
 MAX_WAITING = 2
 BURST = 20
 DEADLINE_SECONDS = 60  # far beyond any wait: a refusal must not come from the deadline
@@ -30,8 +32,9 @@ async def slow_auth(start_auth_server: Any) -> Any:
     return await start_auth_server(
         bcrypt_cost=12,
         password_hash_workers=WORKERS,
+        password_hash_lanes=LANES,
         hash_queue_max_waiting=MAX_WAITING,
-        login_max_failures=MAX_WAITING + WORKERS + 3,
+        login_max_failures=MAX_WAITING + WORKERS * LANES + 3,
     )
 
 
@@ -70,7 +73,7 @@ async def test_a_login_burst_beyond_the_queue_is_refused_at_once_and_not_counted
     refused = [e for e in errors if e.code() == grpc.StatusCode.UNAVAILABLE]
     checked = [e for e in errors if e.code() == grpc.StatusCode.UNAUTHENTICATED]
     assert len(refused) + len(checked) == BURST, [e.code() for e in errors]
-    assert len(checked) >= WORKERS + MAX_WAITING
+    assert len(checked) >= WORKERS * LANES + MAX_WAITING
     assert len(refused) >= 1
     assert_refused_as_busy(slow_auth, refused)
     assert slow_auth.counter(
@@ -96,7 +99,7 @@ async def test_a_registration_burst_beyond_the_queue_is_refused_at_once(slow_aut
     answers, errors = await burst(
         [slow_auth.stub.Register(request, timeout=DEADLINE_SECONDS) for request in registrations]
     )
-    assert len(answers) >= WORKERS + MAX_WAITING
+    assert len(answers) >= WORKERS * LANES + MAX_WAITING
     assert len(errors) >= 1
     assert_refused_as_busy(slow_auth, errors)
     # A refused registration created nothing: it can simply be sent again.
@@ -109,6 +112,7 @@ async def test_a_registration_burst_beyond_the_queue_is_refused_at_once(slow_aut
 
 # -- the measured bound, under a real open-model overload ------------------------------------
 
+MEASURED_LANES = 2
 MAX_WAIT_SECONDS = 1.0
 OVERLOAD_SECONDS = 6.0
 OVERLOAD_FACTOR = 2.0  # offered: twice what the server is measured to serve
@@ -116,13 +120,18 @@ OVERLOAD_FACTOR = 2.0  # offered: twice what the server is measured to serve
 
 @pytest.fixture(scope="module")
 async def measured_auth(start_auth_server: Any) -> Any:
-    # One hashing thread at cost 11 (≈ 0.1-0.2 s a check here): a ceiling of a few logins a
-    # second, which this test's client saturates without competing much for the CPU.
+    # One hashing thread of two lanes at cost 11 (≈ 0.1-0.2 s a check here): a ceiling of a
+    # few logins a second, which this test's client saturates without competing much for
+    # the CPU.
     return await start_auth_server(
         bcrypt_cost=11,
         password_hash_workers=1,
+        password_hash_lanes=MEASURED_LANES,
         hash_queue_max_waiting=None,  # measured, as in the service's default
         hash_queue_max_wait_seconds=MAX_WAIT_SECONDS,
+        # Every login of the overload names one account: the throttle, which holds a place
+        # for each attempt in flight, must not be what refuses them.
+        login_max_failures=1000,
     )
 
 
@@ -149,7 +158,7 @@ async def test_under_twice_the_ceiling_the_bound_follows_what_the_threads_serve(
     account = user.username
     loop = asyncio.get_running_loop()
 
-    # The ceiling, closed-loop: two callers always waiting on the one thread for 3 s.
+    # The ceiling, closed-loop: two callers per lane always waiting on the thread for 3 s.
     ceiling_until = loop.time() + 3.0
     served = 0
 
@@ -161,7 +170,7 @@ async def test_under_twice_the_ceiling_the_bound_follows_what_the_threads_serve(
             served += 1
 
     started = loop.time()
-    await asyncio.gather(caller(), caller())
+    await asyncio.gather(*(caller() for _ in range(2 * MEASURED_LANES)))
     ceiling = served / (loop.time() - started)
 
     # What the admission measured sizes the queue: its hashes a second times the max wait.

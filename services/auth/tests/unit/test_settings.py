@@ -46,7 +46,8 @@ def test_auth_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
 def test_defaults_are_cakes() -> None:
     settings = AuthSettings(database_url=URL)
     assert settings.bcrypt_cost == 10
-    assert (settings.password_hasher, settings.password_hasher_fallback) == ("libxcrypt", "bcrypt")
+    assert (settings.password_hasher, settings.password_hasher_fallback) == ("lanes", "bcrypt")
+    assert settings.password_hash_lanes == 4
     assert settings.access_token_ttl_seconds == 900  # 15 min; sessions refresh
     assert settings.session_lifetime_seconds == 604800  # Cake's 7 days, now per session
     assert (settings.login_max_failures, settings.login_failure_window_seconds) == (5, 900)
@@ -62,6 +63,8 @@ def test_defaults_are_cakes() -> None:
         {"bcrypt_cost": 32},
         {"password_hasher": "md5"},
         {"password_hasher_fallback": "md5"},
+        {"password_hash_lanes": 0},
+        {"password_hash_lanes": 9},
         {"redis_key_prefix": "a b"},
     ],
 )

@@ -206,6 +206,10 @@ class _MeteredHasher:
         self._hasher = hasher
         self._admission = admission
 
+    @property
+    def concurrency(self) -> int:
+        return self._hasher.concurrency
+
     async def hash(self, password: str) -> str:
         async with self._admission.hashing():
             return await self._hasher.hash(password)

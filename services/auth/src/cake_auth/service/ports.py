@@ -18,6 +18,11 @@ from cake_auth.domain.users import NewUser, ProfileChanges, Role, User
 class PasswordHasher(Protocol):
     """bcrypt (``$2b$``) hashing that never blocks the event loop."""
 
+    @property
+    def concurrency(self) -> int:
+        """How many hashes it computes at once (more wait for their turn)."""
+        ...
+
     async def hash(self, password: str) -> str: ...
 
     async def verify(self, password: str, password_hash: str) -> bool:
