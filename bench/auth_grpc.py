@@ -3,9 +3,11 @@ profile reads per second with the cache warm. Prints numbers; asserts nothing.
 
 In one run, on one machine:
 
-1. bcrypt ceiling = usable cores ÷ the time of one check at the configured cost (measured
-   here, single-threaded, with the service's hasher), next to what ``cores`` threads of pyca
-   bcrypt really reach right now (if that is well below the ceiling, the box is busy);
+1. bcrypt ceiling = usable cores ÷ the time of one check alone at the configured cost
+   (measured here with the service's hasher), next to what the service's hasher really
+   reaches flat out on ``cores`` threads right now (above the ceiling for the lanes hasher,
+   which computes several checks per thread at once; below it for the others when the box is
+   busy);
 2. login throughput: a real ``cake-auth serve`` subprocess, logged into by enough concurrent
    gRPC clients to keep every hashing worker busy; ratio = throughput ÷ ceiling (goal ≥ 0.85);
 3. profile reads/s: ``GetProfile`` with a bearer token, the Redis cache warmed first.
@@ -23,7 +25,7 @@ How to run (from the repo root)::
     uv run python bench/auth_grpc.py --database-url postgresql+psycopg://u:p@host/db \\
         --redis-url redis://host:6379/0
 
-    # options: --bcrypt-cost 10 --hasher bcrypt|libxcrypt --login-seconds 15
+    # options: --bcrypt-cost 10 --hasher lanes|bcrypt|libxcrypt --login-seconds 15
     #          --login-concurrency 8 --profile-seconds 10 --profile-concurrency 64
 """
 
@@ -47,12 +49,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import cycle
 from pathlib import Path
+from typing import cast
 
 import bcrypt
 import grpc
 from cake.auth.v1 import auth_pb2, auth_pb2_grpc
-from cake_auth.adapters.password_hashers import Libxcrypt, available_cpus
+from cake_auth.adapters.password_hashers import (
+    HasherKind,
+    Libxcrypt,
+    available_cpus,
+    open_password_hasher,
+)
 from cake_auth.adapters.signing_keys import JWKS_FILENAME, SIGNING_KEY_FILENAME, generate_key_pair
+from cake_bcrypt import BcryptEngine, bcrypt_key, parse_hash
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 PASSWORD = "bench-password-123"  # noqa: S105  # the benchmark users' password
@@ -65,40 +74,80 @@ def percentile(sorted_values: Sequence[float], fraction: float) -> float:
     return sorted_values[index]
 
 
-def parallel_bcrypt_rate(cost: int, threads: int, seconds: float = 3.0) -> float:
-    """Checks per second with ``threads`` threads hashing flat out (what the box gives now)."""
-    hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=cost))
-    stop_at = time.monotonic() + seconds
-    counts = [0] * threads
+def parallel_bcrypt_rate(
+    cost: int, threads: int, seconds: float = 3.0, *, hasher: str = "lanes"
+) -> float:
+    """Checks per second the auth service's ``hasher`` gives flat out with ``threads``
+    hashing threads (every lane of every thread busy for the lanes hasher): what the box
+    gives now. Runs its own event loop on a thread of its own (callers may be in one)."""
+    hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=cost)).decode()
 
-    def hash_until_stopped(index: int) -> None:
-        while time.monotonic() < stop_at:
-            bcrypt.checkpw(PASSWORD.encode(), hashed)
-            counts[index] += 1
+    async def flat_out() -> float:
+        service_hasher = await open_password_hasher(
+            cast(HasherKind, hasher), cost=cost, workers=threads
+        )
+        stop_at = time.monotonic() + seconds
+        done = 0
 
-    started = time.monotonic()
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        list(pool.map(hash_until_stopped, range(threads)))
-    return sum(counts) / (time.monotonic() - started)
+        async def caller() -> None:
+            nonlocal done
+            while time.monotonic() < stop_at:
+                if not await service_hasher.verify(PASSWORD, hashed):
+                    raise SystemExit("a benchmark check did not match: the hasher is broken")
+                done += 1
+
+        started = time.monotonic()
+        try:
+            await asyncio.gather(*(caller() for _ in range(service_hasher.concurrency)))
+        finally:
+            await service_hasher.close()
+        return done / (time.monotonic() - started)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, flat_out()).result()
 
 
 def bcrypt_check_seconds(
-    cost: int, samples: int = 15, *, hasher: str = "libxcrypt"
+    cost: int, samples: int = 15, *, hasher: str = "lanes"
 ) -> tuple[float, float]:
-    """Median wall time and CPU time of one bcrypt check at ``cost`` on one core by the
-    auth service's ``hasher`` (libxcrypt's crypt_rn or pyca bcrypt; the CPU time hardly
-    moves when other work shares the box; the wall time does)."""
+    """Median wall time and CPU time of one bcrypt check alone at ``cost`` by the auth
+    service's ``hasher`` (cake_bcrypt's lanes with nothing beside it, libxcrypt's crypt_rn or
+    pyca bcrypt; the CPU time hardly moves when other work shares the box; the wall time
+    does)."""
     hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=cost))
-    library = Libxcrypt() if hasher == "libxcrypt" else None
+    check: Callable[[], object]
+    cpu_clock = time.thread_time
+    engine: BcryptEngine | None = None
+    if hasher == "lanes":
+        engine = BcryptEngine(lanes=1)
+        setting = parse_hash(hashed.decode())
+        key = bcrypt_key(PASSWORD.encode())
+        running = engine
+
+        def check() -> object:
+            return running.submit(key, setting.salt, setting.cost).result()
+
+        cpu_clock = time.process_time  # the work is on the engine's thread
+    elif hasher == "libxcrypt":
+        library = Libxcrypt()
+
+        def check() -> object:
+            return library.verify(PASSWORD, hashed.decode())
+    else:
+
+        def check() -> object:
+            return bcrypt.checkpw(PASSWORD.encode(), hashed)
+
     wall, cpu = [], []
-    for _ in range(samples):
-        started, started_cpu = time.perf_counter(), time.thread_time()
-        if library is not None:
-            library.verify(PASSWORD, hashed.decode())
-        else:
-            bcrypt.checkpw(PASSWORD.encode(), hashed)
-        wall.append(time.perf_counter() - started)
-        cpu.append(time.thread_time() - started_cpu)
+    try:
+        for _ in range(samples):
+            started, started_cpu = time.perf_counter(), cpu_clock()
+            check()
+            wall.append(time.perf_counter() - started)
+            cpu.append(cpu_clock() - started_cpu)
+    finally:
+        if engine is not None:
+            engine.close()
     return statistics.median(wall), statistics.median(cpu)
 
 
@@ -379,7 +428,7 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--database-url", help="postgresql+psycopg URL (default: test stack)")
     parser.add_argument("--redis-url", help="Redis URL (default: test stack)")
     parser.add_argument("--bcrypt-cost", type=int, default=10)
-    parser.add_argument("--hasher", choices=("bcrypt", "libxcrypt"), default="libxcrypt")
+    parser.add_argument("--hasher", choices=("lanes", "bcrypt", "libxcrypt"), default="lanes")
     parser.add_argument("--users", type=int, default=40)
     parser.add_argument("--channels", type=int, default=4)
     parser.add_argument("--login-seconds", type=float, default=15)
@@ -404,7 +453,7 @@ def main() -> None:
         f"({cores} cores ÷ {check * 1000:.1f} ms per check at cost {args.bcrypt_cost}, "
         f"{check_cpu * 1000:.1f} ms of CPU; service hasher: {args.hasher})"
     )
-    parallel = parallel_bcrypt_rate(args.bcrypt_cost, cores)
+    parallel = parallel_bcrypt_rate(args.bcrypt_cost, cores, hasher=args.hasher)
     print(
         f"bcrypt, {cores} threads: {parallel:8.1f}/s  (measured flat out; "
         f"÷ ceiling {parallel / ceiling:.2f} shows how much other load takes)"
