@@ -405,8 +405,9 @@ def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
     An auth process spends most of a profile read in its event loop and in gRPC's wake-ups
     of it (py-spy of a worker: asyncio's Python frames and the loop's socket I/O ≈ 15 % of
     its busy time); on uvloop, ``bench/profile_reads.py --profile dev --vegeta`` at
-    saturation measured auth's CPU per read 8-10 % lower, back to back with asyncio's loop
-    (0.522 / 0.485 ms against 0.570 / 0.538 ms). Only the auth processes run on it so far.
+    saturation measured auth's CPU per read 5-10 % lower in three pairs of runs back to back
+    with asyncio's loop (0.522 / 0.485 / 0.532 ms against 0.570 / 0.538 / 0.562 ms, a shared
+    box at load average 2.7-11.7). Only the auth processes run on it so far.
     """
     return uvloop.run(main)
 
