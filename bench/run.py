@@ -72,7 +72,13 @@ from scenarios import (
     sessions_for_refresh,
     topup_race,
 )
-from side_by_side import NOT_MET_EXIT, goal_mode, probe_peer, write_outputs
+from side_by_side import (
+    NOT_MET_EXIT,
+    goal_mode,
+    probe_peer,
+    profile_phase_alone,
+    write_outputs,
+)
 
 MIX = (70.0, 20.0, 10.0)
 """The Cake System's auth mix: login / register / profile shares (%)."""
@@ -119,6 +125,13 @@ def _arguments() -> argparse.Namespace:
     peer.add_argument("--overload-seconds", type=float, default=60)
     peer.add_argument("--profile-connections", type=int, default=64)
     peer.add_argument("--profile-seconds", type=float, default=15)
+    parser.add_argument(
+        "--profile-phase-alone",
+        type=float,
+        metavar="PEER_READS",
+        help="only the goal mode's profile-read phase, on Cake alone (no peer): saturation, "
+        "then 1.5 x PEER_READS (a peer's saturation from a goal run) for the P99",
+    )
     peer.add_argument("--peer-mix-rate", type=float, default=36, help="mix iterations/s")
     peer.add_argument("--mix-seconds", type=float, default=60)
     peer.add_argument("--relay-rows", type=int, default=50_000)
@@ -477,6 +490,11 @@ def main() -> None:
     out = args.out or RESULTS_DIR / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     out.mkdir(parents=True, exist_ok=True)
     say(f"results in {out}")
+    if args.profile_phase_alone:
+        stack = Stack(args.profile, echo=None)
+        check_stack(stack)
+        asyncio.run(profile_phase_alone(args, out, stack, args.profile_phase_alone))
+        return
     if args.peer_url:
         stack = Stack(args.profile, echo=None)
         check_stack(stack)

@@ -388,11 +388,27 @@ async def _guard(name: str, run: Any) -> dict[str, Any]:
 # -- the run ------------------------------------------------------------------------------------
 
 
-def _both(
-    sides: list[Side], args: argparse.Namespace, phase: str, run: Callable[[Side], Any]
-) -> None:
+def settle_all(sides: list[Side], max_seconds: float) -> None:
+    """:func:`settle` every side: they share the box, so one side's phase must not start
+    while the other still works off the previous load. (A peer without admission control
+    keeps hashing the logins its clients gave up on: in the 13:54 goal run the peer's
+    overload backlog, ≈ 15 s of both cores, overlapped Cake's profile saturation, which
+    settled only Cake and measured 1,355 reads/s against 1,723/s standalone.)"""
     for side in sides:
-        settle(side, args.settle_seconds)
+        settle(side, max_seconds)
+
+
+def _both(
+    sides: list[Side],
+    args: argparse.Namespace,
+    phase: str,
+    run: Callable[[Side], Any],
+    *,
+    only: list[Side] | None = None,
+) -> None:
+    """``run`` the phase on every side (or ``only`` these), each after all sides settled."""
+    for side in only if only is not None else sides:
+        settle_all(sides, args.settle_seconds)
         say(f"== {side.name}: {phase}")
         side.figures[phase] = run(side)
 
@@ -441,7 +457,7 @@ async def goal_mode(
         async with Gateway(side.url) as gateway:
             side.users = await gateway.register_many(args.users, side.name, login_once=True)
     for side in sides:
-        settle(side, args.settle_seconds)
+        settle_all(sides, args.settle_seconds)
         measure_idle(side, args.idle_seconds)
         if side.idle_cores > 0.5:
             say(
@@ -476,20 +492,21 @@ async def goal_mode(
     peer_reads = peer.figures["profile saturation"]["goodput"]
     read_rate = round(PROFILE_LOAD_FACTOR * peer_reads, 1) or 1.0
     _both(
-        [cake],
+        sides,
         args,
         "profile reads at 1.5 x the peer's",
         lambda side: profile_at_rate(side, read_rate, args),
+        only=[cake],
     )
     _both(sides, args, "mix", lambda side: mix_run(side, args))
 
     guards: dict[str, Any] = {}
     skip = set(filter(None, args.skip.split(",")))
     if "relay" not in skip:
-        settle(cake, args.settle_seconds)
+        settle_all(sides, args.settle_seconds)
         guards["relay"] = await _guard("relay", relay_guard(args.profile, args))
     if "enrollment" not in skip:
-        settle(cake, args.settle_seconds)
+        settle_all(sides, args.settle_seconds)
         guards["enrollment"] = await _guard("enrollment", enrollment_guard(args.profile, args))
 
     result: dict[str, Any] = {
@@ -526,6 +543,55 @@ async def goal_mode(
     }
     result["goals"] = goals(result)
     result["all_met"] = all(goal["verdict"] != "FAIL" for goal in result["goals"])
+    return result
+
+
+async def profile_phase_alone(
+    args: argparse.Namespace, out: Path, stack: Stack, peer_reads: float
+) -> dict[str, Any]:
+    """Only the goal mode's profile-read phase, on Cake alone (no peer): seeded users as in
+    the goal mode, idle CPU, saturation with ``--profile-connections`` (closed model), then
+    1.5 x ``peer_reads`` (the peer's saturation of a goal run, given) for the P99, each
+    measured as :func:`goal_mode` does. For working on the reads between goal runs."""
+    require_raised_limits(stack, args.profile)
+    load_start = os.getloadavg()
+    cake = Side("cake", stack.gateway_url, lambda: sample_server_cpu(stack), out / "cake")
+    cake.directory.mkdir(parents=True, exist_ok=True)
+    say(f"cake: seeding {args.users} users through {cake.url}")
+    async with Gateway(cake.url) as gateway:
+        cake.users = await gateway.register_many(args.users, cake.name, login_once=True)
+    settle(cake, args.settle_seconds)
+    measure_idle(cake, args.idle_seconds)
+    read_rate = round(PROFILE_LOAD_FACTOR * peer_reads, 1)
+    _both([cake], args, "profile saturation", lambda side: profile_saturation(side, args))
+    _both(
+        [cake],
+        args,
+        "profile reads at 1.5 x the peer's",
+        lambda side: profile_at_rate(side, read_rate, args),
+    )
+    saturation = cake.figures["profile saturation"]
+    at_rate = cake.figures["profile reads at 1.5 x the peer's"]
+    load_end = os.getloadavg()
+    say(
+        f"profile saturation ({args.profile_connections} connections): "
+        f"{saturation['goodput']:,.0f} reads/s (goal >= {PROFILE_VS_PEER * peer_reads:,.0f}),"
+        f" p99 {saturation['p99']:.1f} ms, server CPU per read (idle out)"
+        f" {saturation['cpu']['net_of_idle_per_served_ms']:.3f} ms"
+    )
+    say(
+        f"at {read_rate:g}/s: p50 {at_rate['p50']:.1f} p99 {at_rate['p99']:.1f} ms"
+        f" (goal < {PROFILE_P99_MS:g}), {at_rate['errors']} errors of {at_rate['sent']},"
+        f" server CPU per read (idle out) {at_rate['cpu']['net_of_idle_per_served_ms']:.3f} ms"
+    )
+    say(f"load average (1 min) {load_start[0]:.2f} at the start, {load_end[0]:.2f} at the end")
+    result = {
+        "mode": "profile phase alone",
+        "peer_reads_given": peer_reads,
+        "load_average": {"start": list(load_start), "end": list(load_end)},
+        "cake": cake.figures,
+    }
+    (out / "profile-phase.json").write_text(json.dumps(result, indent=2))
     return result
 
 

@@ -335,3 +335,49 @@ def test_the_markdown_table_has_a_row_per_goal(bench: dict[str, ModuleType]) -> 
     assert "load average (1, 5, 15 min) 0.50 / 0.40 / 0.30 at the start" in lines[0]
     assert rows[1].startswith("| login saturation") and rows[1].endswith("| PASS |")
     assert "node, postgres, redis-server" in lines[-1]
+
+
+def test_a_phase_waits_until_the_other_side_has_settled_too(
+    bench: dict[str, ModuleType], tmp_path: Path
+) -> None:
+    """The sides share the cores: Cake's phase must not start while the peer still works off
+    the previous load (a peer without admission control keeps hashing the logins its clients
+    gave up on). Here the "peer" is a real process that burns a core for 2.5 s, then idles;
+    the phase run on the quiet side only starts once that burning stopped."""
+    benchlib, side_by_side = bench["benchlib"], bench["side_by_side"]
+    from cake_devtools.stack.process import cpu_ticks
+
+    burner = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time\nend = time.monotonic() + 2.5\nwhile time.monotonic() < end: pass\n"
+            "time.sleep(60)",
+        ]
+    )
+    idler = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+    def sample_of(pid: int) -> Any:
+        return lambda: benchlib.CpuSample(0.0, {"server": {pid: cpu_ticks(pid) or 0}})
+
+    try:
+        started = time.monotonic()
+        busy = side_by_side.Side("peer", "", sample_of(burner.pid), tmp_path)
+        quiet = side_by_side.Side("cake", "", sample_of(idler.pid), tmp_path)
+        ran_at: list[float] = []
+        args = type("Args", (), {"settle_seconds": 20.0})()
+        side_by_side._both(
+            [quiet, busy],
+            args,
+            "reads",
+            lambda side: ran_at.append(time.monotonic() - started),
+            only=[quiet],
+        )
+        assert quiet.figures == {"reads": None} and "reads" not in busy.figures
+        # Settling the quiet side alone would have run it at once.
+        (at,) = ran_at
+        assert at >= 2.0, f"the phase ran {at:.1f}s in, while the other side was busy"
+    finally:
+        for process in (burner, idler):
+            process.kill()
+            process.wait()

@@ -26,7 +26,13 @@ from cake_auth.adapters.signing_keys import (
     generate_key_pair,
     load_signing_key,
 )
-from cake_auth.bootstrap import MIGRATIONS, open_accounts, open_service_accounts, serve
+from cake_auth.bootstrap import (
+    MIGRATIONS,
+    open_accounts,
+    open_service_accounts,
+    run_event_loop,
+    serve,
+)
 from cake_auth.domain.service_accounts import parse_scopes
 from cake_auth.service.accounts import CreateAdmin
 from cake_auth.settings import AuthSettings
@@ -125,7 +131,7 @@ def _run(args: argparse.Namespace) -> None:
 
     settings = _settings()
     if args.command == "serve":
-        asyncio.run(serve(settings))
+        run_event_loop(serve(settings))
     elif args.command == "migrate":
         start_logging(settings)
         run_alembic_upgrade(settings.database_url, MIGRATIONS, settings.relay_role)
