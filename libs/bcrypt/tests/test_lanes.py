@@ -271,3 +271,35 @@ def test_blowfish_table_is_pi_and_fresh() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_a_failing_engine_fails_its_callers_instead_of_leaving_them_waiting() -> None:
+    """If the lanes ever raise (a bug), every caller, running or waiting, gets an error and
+    the engine refuses new work, rather than futures that never complete."""
+
+    class BrokenLanes:
+        capacity = 1
+        running = 0
+
+        def start(self, slot: int, key: bytes, salt: bytes, cost: int) -> None:
+            pass
+
+        def run(self, max_rounds: int) -> list[int]:
+            raise RuntimeError("broken on purpose")
+
+        def take(self, slot: int) -> bytes:
+            raise AssertionError("never reached")
+
+    engine = BcryptEngine(lanes=1, rounds_per_step=1)
+    engine.close()  # the real thread is done; run the loop again on a broken set of lanes
+    engine._lanes = BrokenLanes()  # type: ignore[assignment]
+    engine._closed = False
+    first = engine.submit(b"a\x00", bytes(16), 4)
+    waiting = engine.submit(b"b\x00", bytes(16), 4)
+    with pytest.raises(RuntimeError, match="broken on purpose"):  # the thread's end
+        engine._work()
+    for future in (first, waiting):
+        with pytest.raises(EngineClosedError, match="broken on purpose"):
+            future.result(timeout=0)
+    with pytest.raises(EngineClosedError):
+        engine.submit(b"c\x00", bytes(16), 4)

@@ -176,8 +176,8 @@ class BcryptEngine:
                 if not future.set_running_or_notify_cancel():
                     continue  # cancelled while it waited
                 slot = free.pop()
+                running[slot] = future  # first: a failing start fails this caller too
                 self._lanes.start(slot, key, salt, cost)
-                running[slot] = future
             if not running:
                 if closing:
                     return

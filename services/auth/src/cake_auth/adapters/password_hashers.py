@@ -290,8 +290,8 @@ async def open_password_hasher(
     fallback: FallbackKind = "bcrypt",
     libcrypt_soname: str = LIBCRYPT_SONAME,
 ) -> ThreadPoolHasher | LanesHasher:
-    """A hasher of ``kind`` with ``workers`` threads (default: CPU count), each of ``lanes``
-    lanes for ``lanes``.
+    """A hasher of ``kind`` with ``workers`` threads (default: CPU count); each thread of the
+    lanes hasher computes up to ``lanes`` hashes at once.
 
     When ``kind`` is libxcrypt and ``libcrypt_soname`` cannot be loaded, ``fallback``
     decides: ``bcrypt`` opens pyca bcrypt and logs a warning saying so; ``none`` raises
