@@ -1,7 +1,7 @@
 """cake_bcrypt computes standard bcrypt, lane by lane, whatever else runs beside it.
 
 The references are pyca bcrypt (OpenBSD's code) and libxcrypt (Debian's libcrypt.so.1,
-through ctypes): thousands of random passwords and salts, every prefix, every length up to
+through ctypes): about a thousand random passwords and salts, every prefix, every length up to
 72 bytes, 8-bit bytes; lanes that start, run and finish at different times with different
 costs; and the engine under concurrent submitters.
 """

@@ -9,7 +9,8 @@
  * ("lanes") fills those idle units: on the 2-core Xeon Cake is measured on, four lanes cost
  * about 1.3x the time of one (bench/hash_check.py), so a core checks about three times as many
  * passwords per second. Each lane is an ordinary bcrypt: the same $2b$ result as any other
- * implementation (tests/test_lanes.py compares thousands against pyca bcrypt and libxcrypt).
+ * implementation (tests/test_lanes.py compares about a thousand against pyca bcrypt and
+ * libxcrypt).
  *
  * A lane runs its own computation at its own pace: lanes join (start) and leave (take) between
  * two calls of run(), each with its own cost, so a password arriving while others are being
