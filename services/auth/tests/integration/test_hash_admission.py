@@ -112,7 +112,11 @@ async def test_a_registration_burst_beyond_the_queue_is_refused_at_once(slow_aut
 
 # -- the measured bound, under a real open-model overload ------------------------------------
 
-MEASURED_LANES = 2
+# One lane: the measured bound as the service computes it, on the default hasher, with one
+# hash at a time (the bursts above run two lanes). With several lanes an admitted call's own
+# hash takes that many completion intervals and lanes finish in bunches, so the p95 bound
+# below would need a wider margin than the one it checks.
+MEASURED_LANES = 1
 MAX_WAIT_SECONDS = 1.0
 OVERLOAD_SECONDS = 6.0
 OVERLOAD_FACTOR = 2.0  # offered: twice what the server is measured to serve
@@ -200,16 +204,17 @@ async def test_under_twice_the_ceiling_the_bound_follows_what_the_threads_serve(
     # load changes, this test's client shares the server's event loop). From the first
     # arrival to the last answer: the first hash starts at once, the queue drains at the end.
     assert saturated >= 0.85 * elapsed, (saturated, elapsed, len(accepted))
-    # The admitted waited about the max wait (plus a few checks' time: the estimate is a
-    # moving average), not into their deadline; the rest learnt at once. A check's time is
-    # the slower of the ceiling's and what the thread took per admitted call during the
-    # overload itself (its busy seconds ÷ the calls it served): other load on a shared box
-    # slows the hashes after the admission measured them, and a queue sized for the faster
-    # checks then takes longer by the same factor. Admitting everything would still be
-    # caught: the queue would grow for the whole overload (several seconds of wait).
+    # The admitted waited about the max wait (plus their own check and a few more: the
+    # estimate is a moving average), not into their deadline; the rest learnt at once. A
+    # check's time is the slower of the ceiling's and what the thread took per admitted call
+    # during the overload itself (its busy seconds ÷ the calls it served): other load on a
+    # shared box slows the hashes after the admission measured them, and a queue sized for
+    # the faster checks then takes longer by the same factor. Admitting everything would
+    # still be caught: the queue would grow for the whole overload (several seconds of wait).
     check_seconds = max(1 / ceiling, saturated / len(accepted))
     slowdown = check_seconds * ceiling
-    assert p95(accepted) < MAX_WAIT_SECONDS * slowdown + 3 * check_seconds, (
+    own_check = MEASURED_LANES * check_seconds  # a lane's hash spans that many intervals
+    assert p95(accepted) < MAX_WAIT_SECONDS * slowdown + own_check + 2 * check_seconds, (
         p95(accepted),
         ceiling,
         check_seconds,
