@@ -152,23 +152,15 @@ def main() -> None:
     workers = max(10, round(args.rate / 5))
     runs = [
         _run(
-            f"logins-{args.rate:g}/s",
-            logins,
+            f"{kind}-{args.rate:g}/s",
+            targets,
             pid=pid,
             admin_url=admin_url,
             rate=args.rate,
             workers=workers,
             seconds=args.seconds,
-        ),
-        _run(
-            f"reads-{args.rate:g}/s",
-            reads,
-            pid=pid,
-            admin_url=admin_url,
-            rate=args.rate,
-            workers=workers,
-            seconds=args.seconds,
-        ),
+        )
+        for kind, targets in (("logins", logins), ("reads", reads))
     ]
     if args.saturation_connections:
         runs.append(
