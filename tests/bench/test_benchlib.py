@@ -53,3 +53,15 @@ def test_raised_limits_let_it_run(benchlib: ModuleType, tmp_path: Path) -> None:
 def test_both_scripts_check_before_any_load() -> None:
     for script in ("run.py", "chaos.py"):
         assert "require_raised_limits(stack, args.profile)" in (BENCH / script).read_text()
+
+
+def test_a_runs_registrations_never_share_a_phone_number(benchlib: ModuleType) -> None:
+    """A goal run registers a few thousand users; a phone number drawn twice is a 409 that
+    the mix counts as an error. Within a process every identity has its own number, in the
+    Cake System's format."""
+    identities = [benchlib.new_identity("t") for _ in range(20_000)]
+    phones = [identity["phone"] for identity in identities]
+    assert len(set(phones)) == len(phones)
+    assert all(phone.startswith("+8491") and len(phone) == 12 for phone in phones)
+    assert all(phone[5:].isdigit() for phone in phones)
+    assert len({identity["username"] for identity in identities}) == len(identities)
