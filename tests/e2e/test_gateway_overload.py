@@ -49,27 +49,49 @@ def admitted_at_once(metrics_port: int) -> int:
     raise AssertionError("auth exports no cake_auth_hash_admission_limit")
 
 
-async def login_burst(base_url: str, burst: int) -> list[httpx.Response]:
-    limits = httpx.Limits(max_connections=burst, max_keepalive_connections=burst)
-    # A source address of its own on loopback: the login throttle's per-IP count starts at
-    # zero, whatever other tests (or an earlier run) did from 127.0.0.1.
+def _source_address() -> str:
+    """A loopback address of its own: the login throttle's per-IP count starts at zero there,
+    whatever other tests (or an earlier run) did from 127.0.0.1."""
     octets = random.SystemRandom().randrange(1, 250), random.SystemRandom().randrange(2, 250)
-    transport = httpx.AsyncHTTPTransport(
-        local_address=f"127.{octets[0]}.{octets[1]}.7", limits=limits
-    )
-    async with httpx.AsyncClient(
-        base_url=base_url, timeout=CLIENT_TIMEOUT_SECONDS, transport=transport
-    ) as client:
-        logins: list[dict[str, str]] = []
-        for _ in range(burst // LOGINS_PER_ACCOUNT):
+    return f"127.{octets[0]}.{octets[1]}.7"
+
+
+async def login_burst(base_url: str, burst: int) -> list[httpx.Response]:
+    # One source address per account: a burst from one address would also meet the per-IP
+    # login throttle (it holds a place for every attempt in flight), and this test is about
+    # the hash queue's admission.
+    accounts = burst // LOGINS_PER_ACCOUNT
+    clients = [
+        httpx.AsyncClient(
+            base_url=base_url,
+            timeout=CLIENT_TIMEOUT_SECONDS,
+            transport=httpx.AsyncHTTPTransport(
+                local_address=_source_address(),
+                limits=httpx.Limits(
+                    max_connections=LOGINS_PER_ACCOUNT,
+                    max_keepalive_connections=LOGINS_PER_ACCOUNT,
+                ),
+            ),
+        )
+        for _ in range(accounts)
+    ]
+    try:
+        logins: list[tuple[httpx.AsyncClient, dict[str, str]]] = []
+        for client in clients:
             body = registration()
             registered = await client.post("/auth/register", json=body)
             assert registered.status_code == 201, registered.text
-            logins += [{"account": body["username"], "password": PASSWORD}] * LOGINS_PER_ACCOUNT
+            login = {"account": body["username"], "password": PASSWORD}
+            logins += [(client, login)] * LOGINS_PER_ACCOUNT
         # Every request raises if it times out, which fails the test.
         return list(
-            await asyncio.gather(*(client.post("/auth/login", json=login) for login in logins))
+            await asyncio.gather(
+                *(client.post("/auth/login", json=login) for client, login in logins)
+            )
         )
+    finally:
+        for client in clients:
+            await client.aclose()
 
 
 def test_a_login_burst_beyond_the_hash_queue_gets_503_with_retry_after(
