@@ -31,11 +31,18 @@ async def test_valid_token_gives_principal(verifier: JwtVerifier, make_token: An
     token = make_token(sub="7", role="admin", ttl=60, jti="abc", sid="session-1")
     principal = await verifier.verify(token)
     assert principal == Principal(
-        user_id=7, role="admin", jti="abc", expires_at=principal.expires_at, session_id="session-1"
+        user_id=7,
+        role="admin",
+        jti="abc",
+        expires_at=principal.expires_at,
+        session_id="session-1",
+        issued_at=principal.issued_at,
     )
     assert principal.is_admin
     assert principal.expires_at.tzinfo is UTC
     assert abs(principal.expires_at.timestamp() - (time.time() + 60)) < 5
+    assert principal.issued_at is not None and principal.issued_at.tzinfo is UTC
+    assert abs(principal.issued_at.timestamp() - time.time()) < 5
 
 
 @pytest.mark.parametrize(

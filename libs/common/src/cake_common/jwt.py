@@ -61,6 +61,8 @@ class Principal:
     ``user_id`` is then set (a service token's ``user_id`` is 0, which no user has)."""
     scopes: frozenset[str] = frozenset()
     """The token's OAuth scopes (claim ``scope``); only service tokens carry any."""
+    issued_at: datetime | None = None
+    """When the token was issued (claim ``iat``, whole seconds)."""
 
     @property
     def is_admin(self) -> bool:
@@ -359,6 +361,7 @@ def _service_principal(claims: Mapping[str, Any], session_id: str) -> Principal:
         session_id=session_id,
         client_id=subject,
         scopes=scopes,
+        issued_at=datetime.fromtimestamp(int(claims["iat"]), tz=UTC),
     )
 
 
@@ -389,4 +392,5 @@ def _principal_from_claims(claims: Mapping[str, Any]) -> Principal:
         jti=jti,
         expires_at=datetime.fromtimestamp(int(claims["exp"]), tz=UTC),
         session_id=session_id,
+        issued_at=datetime.fromtimestamp(int(claims["iat"]), tz=UTC),
     )

@@ -29,35 +29,32 @@ then is the caller's policy (the gRPC auth interceptor: admins fail closed, user
 open). After a failure Redis is skipped for ``cooldown_seconds``, so a dead server costs one
 timeout per cooldown rather than one per call.
 
-Hand-written because no library follows a Redis stream into an expiring in-memory set with a
-freshness bound (redis-py's client-side caching covers the synchronous client only and gives
-no staleness guarantee when the invalidation connection drops).
+The stream is followed by ``cake_common.redis_stream.StreamFollower`` (why hand-written: there).
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable, Iterable
-from typing import cast
 
 import redis.asyncio
 from redis.exceptions import RedisError
 
 from cake_common.jwt import Principal
 from cake_common.logging import get_logger
-from cake_common.retry import RetryPolicy
+from cake_common.redis_stream import STREAM_TIMEOUT_SECONDS, StreamFollower
+
+__all__ = [
+    "DEFAULT_KEY_PREFIX",
+    "STREAM_TIMEOUT_SECONDS",
+    "RevocationList",
+    "RevocationUnavailable",
+    "RevokedKeys",
+]
 
 DEFAULT_KEY_PREFIX = "cake:revoked:"
-#: Entries read per XREAD; a full batch means there may be more, so freshness is not claimed.
-_READ_BATCH = 500
-#: Command timeout of the follower's own connection: a blocked XREAD plus a full batch's
-#: transfer must fit (the services' shared client gives up after 0.2 s).
-STREAM_TIMEOUT_SECONDS = 2.0
 
 _log = get_logger(__name__)
-_FOLLOW_RETRY = RetryPolicy(base_seconds=0.1, max_seconds=2.0)
-"""Waits between reads of the stream while Redis is away: 0.1 s doubling to 2 s, jittered."""
 
 
 class RevocationUnavailable(Exception):  # noqa: N818 - a state, like the gRPC status names
@@ -90,11 +87,6 @@ class RevokedKeys:
         return len(self._expiry)
 
 
-def _cancel_requested() -> bool:
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
-
-
 class RevocationList:
     def __init__(
         self,
@@ -115,15 +107,20 @@ class RevocationList:
         self._prefix = key_prefix
         self._stream = f"{key_prefix}stream"
         self._cooldown = cooldown_seconds
-        self._max_staleness = max_staleness_seconds
-        self._block_ms = max(1, int(block_seconds * 1000))
         self._clock = clock
         self._wall = wall_clock
         self._skip_until = float("-inf")
         self._known = RevokedKeys()
-        #: When the follower last knew every mark written before it (clock()).
-        self._current_at = float("-inf")
-        self._follower: asyncio.Task[None] | None = None
+        self._follower = StreamFollower(
+            stream_client or client,
+            self._stream,
+            self._apply,
+            name="revocation-stream",
+            max_staleness_seconds=max_staleness_seconds,
+            block_seconds=block_seconds,
+            after_read=lambda: self._known.prune(self._wall()),
+            clock=clock,
+        )
 
     def session_key(self, session_id: str) -> str:
         return f"{self._prefix}sid:{session_id}"
@@ -135,74 +132,18 @@ class RevocationList:
 
     def start(self) -> None:
         """Follow the stream in the background (call from the running event loop)."""
-        if self._follower is None:
-            self._follower = asyncio.get_running_loop().create_task(
-                self._follow(), name="revocation-stream"
-            )
+        self._follower.start()
 
     async def aclose(self) -> None:
         """Stop following and close the follower's connection; checks then ask Redis."""
-        follower, self._follower = self._follower, None
-        self._current_at = float("-inf")
-        if follower is not None:
-            follower.cancel()
-            try:
-                await follower
-            except asyncio.CancelledError:
-                if _cancel_requested():
-                    raise  # this caller was cancelled too: not ours to swallow
-            finally:
-                # Again once it has stopped: a read that was answered while the cancellation
-                # was on its way may have marked the follower fresh after the line above.
-                self._current_at = float("-inf")
+        await self._follower.stop()
         if self._stream_redis is not None:
             await self._stream_redis.aclose()
 
     @property
     def following(self) -> bool:
         """Whether checks are answered from memory (the follower is fresh enough)."""
-        return self._clock() - self._current_at <= self._max_staleness
-
-    async def _follow(self) -> None:
-        last_id = "0-0"  # everything still on the stream first
-        failures = 0
-        while True:
-            if _cancel_requested():
-                # The client swallowed this task's cancellation mid-read (it retries a read cut
-                # short, and may answer normally): stop as asked instead of following forever.
-                raise asyncio.CancelledError
-            asked_at = self._clock()
-            try:
-                reply = cast(
-                    "list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None",
-                    await (self._stream_redis or self._redis).xread(
-                        {self._stream: last_id}, count=_READ_BATCH, block=self._block_ms
-                    ),
-                )
-            except (RedisError, OSError) as error:
-                if _cancel_requested():
-                    # The client turned this task's cancellation into a connection error
-                    # (it can, mid-read): stop as asked instead of retrying forever.
-                    raise asyncio.CancelledError from error
-                failures += 1
-                if failures == 1:
-                    _log.warning("revocation stream unavailable", error=repr(error))
-                # Cake's one retry policy; checks fall back to Redis meanwhile.
-                await asyncio.sleep(_FOLLOW_RETRY.delay(failures))
-                continue
-            if failures:
-                _log.info("revocation stream followed again", failed_reads=failures)
-                failures = 0
-            read = 0
-            for _stream, entries in reply or ():
-                for entry_id, fields in entries:
-                    self._apply(fields)
-                    last_id = entry_id.decode()
-                    read += 1
-            if read < _READ_BATCH:
-                # Nothing more to read: every mark written before the request is known.
-                self._current_at = asked_at
-            self._known.prune(self._wall())
+        return self._follower.following
 
     def _apply(self, fields: dict[bytes, bytes]) -> None:
         try:

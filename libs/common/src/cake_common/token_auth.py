@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import redis.asyncio
+from pydantic import SecretStr
 
 from cake_common.jwt import FileJwksProvider, JwtVerifier
 from cake_common.redis import create_redis
@@ -37,14 +38,17 @@ def token_verifier(settings: ServiceSettings, jwks_file: Path) -> JwtVerifier:
     )
 
 
+def stream_redis(url: str | SecretStr) -> redis.asyncio.Redis:
+    """A Redis connection for one stream follower (``XREAD BLOCK`` holds it)."""
+    return create_redis(url, timeout_seconds=STREAM_TIMEOUT_SECONDS, max_connections=2)
+
+
 def revocation_list(settings: ServiceSettings, client: redis.asyncio.Redis) -> RevocationList:
     """The shared revocation list (sessions and tokens ended by the auth service), with a
     connection of its own for following the revocation stream."""
     return RevocationList(
         client,
-        stream_client=create_redis(
-            settings.redis_url, timeout_seconds=STREAM_TIMEOUT_SECONDS, max_connections=2
-        ),
+        stream_client=stream_redis(settings.redis_url),
         key_prefix=settings.revocation_key_prefix,
     )
 
