@@ -27,7 +27,7 @@ from cake_common.service_runtime import (
     serve_until_signal,
     start_logging,
 )
-from cake_common.token_auth import revocation_list, token_verifier
+from cake_common.token_auth import revocation_list, stream_redis, token_verifier
 from cake_common.workers import (
     Ready,
     WorkerPool,
@@ -147,6 +147,8 @@ def build_adapters(
         metrics,
         ttl_seconds=settings.profile_cache_ttl_seconds,
         key_prefix=settings.redis_key_prefix,
+        stream_client=stream_redis(settings.redis_url),
+        memory_seconds=settings.profile_memory_seconds,
     )
     return Adapters(
         metrics=metrics,
@@ -178,8 +180,9 @@ async def _operator_adapters(settings: AuthSettings) -> AsyncIterator[Adapters]:
     async with StartUp() as start_up:
         resources = await open_resources(settings, start_up)
         adapters = build_adapters(settings, resources, CollectorRegistry())
-        # Its stream connection closes before the Redis client (closes run in reverse).
+        # Their stream connections close before the Redis client (closes run in reverse).
         start_up.closes(adapters.revocations.aclose)
+        start_up.closes(adapters.profile_cache.aclose)
         try:
             yield adapters
         finally:
@@ -323,8 +326,9 @@ def build_entry_points(
     jwks_file: Path,
     metrics_registry: CollectorRegistry,
 ) -> GrpcServerBuilder:
-    """The gRPC server, and beside it the revocation stream's follower."""
+    """The gRPC server, and beside it the followers of the revocation and profile streams."""
     start_up.runs(adapters.revocations.start, adapters.revocations.aclose)
+    start_up.runs(adapters.profile_cache.start, adapters.profile_cache.aclose)
     servicer = AuthServicer(
         use_cases,
         _service_accounts(settings, adapters, signing_key),

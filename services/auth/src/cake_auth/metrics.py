@@ -56,7 +56,8 @@ class AuthMetrics:
         )
         self.profile_cache = Counter(
             "cake_auth_profile_cache_lookups",
-            "Profile cache lookups by result (hit, miss, bypassed)",
+            "Profile cache lookups by result (memory: the process's own copy; hit, miss,"
+            " bypassed: Redis)",
             ["result"],
             registry=registry,
         )

@@ -125,6 +125,15 @@ class AuthSettings(ServiceSettings, OutboxSettings):
     profile_cache_ttl_seconds: int = Field(
         default=300, ge=0, description="Profile cache lifetime in Redis; 0 disables the cache"
     )
+    profile_memory_seconds: float = Field(
+        default=30,
+        ge=0,
+        le=3600,
+        description=(
+            "How long a process answers a profile from its own memory before reading Redis"
+            " again (a change drops the copy in every process at once); 0: always Redis"
+        ),
+    )
 
     @model_validator(mode="after")
     def _service_tokens_outlived_by_revocations(self) -> AuthSettings:

@@ -26,12 +26,18 @@ async def test_profile_is_the_callers_and_comes_from_the_cache_the_second_time(
 ) -> None:
     registered = await auth.register()
     caller = auth.bearer(registered.access_token)
-    hits = auth.counter("cake_auth_profile_cache_lookups_total", result="hit")
 
+    def cached() -> float:  # answered by Redis or, later than a second after iat, memory
+        return sum(
+            auth.counter("cake_auth_profile_cache_lookups_total", result=result)
+            for result in ("hit", "memory")
+        )
+
+    hits = cached()
     first = await auth.stub.GetProfile(GET, metadata=caller)
     second = await auth.stub.GetProfile(GET, metadata=caller)
     assert first.user == second.user == registered.user
-    assert auth.counter("cake_auth_profile_cache_lookups_total", result="hit") == hits + 1
+    assert cached() == hits + 1
 
     key = f"{auth.settings.redis_key_prefix}profile:{registered.user.id}"
     entry = await redis_client.hgetall(key)

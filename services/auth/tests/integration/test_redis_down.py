@@ -193,7 +193,12 @@ async def test_redis_outage_and_recovery_without_restart(
     caller = server.bearer(registered.access_token)
     await server.stub.GetProfile(GET, metadata=caller)
     await server.stub.GetProfile(GET, metadata=caller)
-    assert server.counter("cake_auth_profile_cache_lookups_total", result="hit") == 1
+    # The second from Redis or (over a second after the token's iat) from memory.
+    assert (
+        server.counter("cake_auth_profile_cache_lookups_total", result="hit")
+        + server.counter("cake_auth_profile_cache_lookups_total", result="memory")
+        == 1
+    )
 
     private_redis.kill()
     assert (await server.stub.GetProfile(GET, metadata=caller)).user.id == registered.user.id

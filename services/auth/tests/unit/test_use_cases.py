@@ -295,8 +295,10 @@ class FakeTokens:
 class FakeCache:
     def __init__(self) -> None:
         self.entries: dict[int, User] = {}
+        self.fresh_after: list[datetime | None] = []
 
-    async def get(self, user_id: int) -> User | None:
+    async def get(self, user_id: int, *, fresh_after: datetime | None = None) -> User | None:
+        self.fresh_after.append(fresh_after)
         return self.entries.get(user_id)
 
     async def put(self, user: User) -> None:
@@ -556,6 +558,16 @@ async def test_profile_is_read_through_the_cache(world: World) -> None:
     assert 1 not in world.cache.entries
     user = await world.use_cases.get_profile(principal(1))
     assert world.cache.entries[1] == user
+
+
+async def test_a_profile_read_asks_for_a_copy_newer_than_the_tokens_login(world: World) -> None:
+    await world.use_cases.register(registration())
+    issued = replace(principal(1), issued_at=NOW.replace(microsecond=0))
+    await world.use_cases.get_profile(issued)
+    await world.use_cases.get_profile(principal(1))
+    # iat is whole seconds and the login wrote the profile before issuing the token: a copy
+    # read a second after iat holds it. A principal without iat asks for any copy.
+    assert world.cache.fresh_after == [NOW.replace(microsecond=0) + timedelta(seconds=1), None]
 
 
 async def test_profile_update_replaces_the_cached_copy(world: World) -> None:

@@ -49,7 +49,10 @@ class TokenIssuer(Protocol):
 class ProfileCache(Protocol):
     """Optional cache of profiles: failures degrade to misses, never to errors."""
 
-    async def get(self, user_id: int) -> User | None: ...
+    async def get(self, user_id: int, *, fresh_after: datetime | None = None) -> User | None:
+        """The cached profile; with ``fresh_after``, one that holds every change written
+        before that time (a copy kept from earlier is read again)."""
+        ...
 
     async def put(self, user: User) -> None:
         """Cache ``user`` unless a newer version of it is already cached; after a change,

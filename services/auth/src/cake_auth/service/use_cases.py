@@ -7,7 +7,7 @@ import secrets
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from cake_common import audit
@@ -58,6 +58,7 @@ SESSION_ENDED = "Session has ended, please log in again"
 INVALID_REFRESH_TOKEN = "Invalid refresh token"  # noqa: S105 - a message
 REFRESH_TOKEN_REUSED = "Refresh token was already used; the session has been ended"  # noqa: S105
 _REFRESH_TOKEN_BYTES = 32
+_IAT_RESOLUTION = timedelta(seconds=1)  # a token's iat is in whole seconds
 LOGIN_THROTTLED = "Too many failed login attempts, try again later"
 _TIMING_PROBE_PASSWORD = "timing-probe"  # noqa: S105  # checked against the dummy hash
 
@@ -503,7 +504,10 @@ class AuthUseCases:
             return await uow.users.get_many(user_ids)
 
     async def get_profile(self, principal: Principal) -> User:
-        cached = await self._profile_cache.get(principal.user_id)
+        # Whatever the token's login changed shows: iat is in whole seconds, and the login
+        # wrote the profile before the token was issued.
+        fresh_after = None if principal.issued_at is None else principal.issued_at + _IAT_RESOLUTION
+        cached = await self._profile_cache.get(principal.user_id, fresh_after=fresh_after)
         if cached is not None:
             return cached
         async with self._unit_of_work() as uow:

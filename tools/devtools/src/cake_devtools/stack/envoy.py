@@ -96,6 +96,13 @@ class GatewaySettings(BaseSettings):
         description="how long Envoy uses a fetched JWKS before fetching it again (the longest "
         "a newly published signing key can be refused at the edge)",
     )
+    concurrency: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Envoy's worker threads (`--concurrency`); one serves this stack's rates "
+        "and leaves the other cores to the services (docs/performance.md)",
+    )
 
     @property
     def rate_limits(self) -> tuple[int, int]:
@@ -360,6 +367,7 @@ class EnvoyComponent(ProcessComponent):
         config text, and Envoy reads them only when it starts)."""
         context = self.gateway_context()
         digest = hashlib.sha256(render_gateway_config(context).encode())
+        digest.update(f"--concurrency {self._concurrency()}".encode())
         # Not the JWKS: Envoy fetches it from auth while running, so a rotation needs no restart.
         loaded_files = [context.descriptor_path, context.openapi_path]
         loaded_files += [docs_file.filename for docs_file in context.docs_files]
@@ -388,6 +396,9 @@ class EnvoyComponent(ProcessComponent):
         except GatewayConfigError as exc:
             raise StackError(f"envoy: {exc}") from exc
 
+    def _concurrency(self) -> int:
+        return load_gateway_settings(self.ctx.profile).concurrency
+
     def command(self) -> Sequence[str]:
         return [
             envoy_binary(),
@@ -402,6 +413,8 @@ class EnvoyComponent(ProcessComponent):
             # Warnings and errors only: the access log (stdout, JSON) is what one reads.
             "--log-level",
             "warning",
+            "--concurrency",
+            str(self._concurrency()),
         ]
 
     def status(self) -> ComponentStatus:
