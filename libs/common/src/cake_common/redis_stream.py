@@ -43,7 +43,7 @@ _FOLLOW_RETRY = RetryPolicy(base_seconds=0.1, max_seconds=2.0)
 StreamEntries = list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]
 
 
-def cancel_requested() -> bool:
+def _cancel_requested() -> bool:
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
 
@@ -98,7 +98,7 @@ class StreamFollower:
         try:
             await task
         except asyncio.CancelledError:
-            if cancel_requested():
+            if _cancel_requested():
                 raise  # this caller was cancelled too: not ours to swallow
         finally:
             # Again once it has stopped: a read that was answered while the cancellation was
@@ -109,7 +109,7 @@ class StreamFollower:
         last_id = "0-0"  # everything still on the stream first
         failures = 0
         while True:
-            if cancel_requested():
+            if _cancel_requested():
                 # The client swallowed this task's cancellation mid-read (it retries a read cut
                 # short, and may answer normally): stop as asked instead of following forever.
                 raise asyncio.CancelledError
@@ -122,7 +122,7 @@ class StreamFollower:
                     ),
                 )
             except (RedisError, OSError) as error:
-                if cancel_requested():
+                if _cancel_requested():
                     # The client turned this task's cancellation into a connection error
                     # (it can, mid-read): stop as asked instead of retrying forever.
                     raise asyncio.CancelledError from error

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.asyncio
 from cake.auth.v1 import user_pb2
@@ -62,6 +62,18 @@ returned: a read of an unchanged profile then skips the protobuf decoding and th
 timestamp conversions (≈ 9 µs of the ≈ 0.5 ms a profile read costs auth, measured with
 timeit; py-spy showed protobuf and datetime work at 8 % of a worker's busy time). Nothing
 can be stale: an updated profile is different bytes (and a new version), so a new key."""
+
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+def _store_bounded(entries: dict[_K, _V], key: _K, value: _V, limit: int) -> None:
+    """``entries[key] = value``; a new key past ``limit`` first drops the oldest entry (dicts
+    keep insertion order: bounded, no LRU bookkeeping)."""
+    if key not in entries and len(entries) >= limit:
+        del entries[next(iter(entries))]
+    entries[key] = value
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,9 +157,7 @@ class RedisProfileCache:
             _log.warning("profile change entry ignored", fields=repr(fields)[:200])
             return
         if version > self._announced.get(user_id, 0):
-            if user_id not in self._announced and len(self._announced) >= MEMORY_ENTRIES:
-                del self._announced[next(iter(self._announced))]
-            self._announced[user_id] = version
+            _store_bounded(self._announced, user_id, version, MEMORY_ENTRIES)
         kept = self._memory.get(user_id)
         if kept is not None and kept.user.version < version:
             del self._memory[user_id]
@@ -176,10 +186,9 @@ class RedisProfileCache:
         kept = self._memory.get(user.id)
         if kept is not None and kept.user.version > user.version:
             return
-        if kept is None and len(self._memory) >= MEMORY_ENTRIES:
-            # Oldest first (dicts keep insertion order): bounded, no LRU bookkeeping.
-            del self._memory[next(iter(self._memory))]
-        self._memory[user.id] = _InMemory(user, read_at, self._clock())
+        _store_bounded(
+            self._memory, user.id, _InMemory(user, read_at, self._clock()), MEMORY_ENTRIES
+        )
 
     # -- reads and writes --------------------------------------------------------------------
 
@@ -218,10 +227,7 @@ class RedisProfileCache:
                 _log.warning("unreadable profile cache entry ignored", user_id=user_id)
                 self._misses.inc()
                 return None
-            if len(self._decoded) >= DECODED_ENTRIES:
-                # Oldest first (dicts keep insertion order): bounded, no LRU bookkeeping.
-                del self._decoded[next(iter(self._decoded))]
-            self._decoded[entry] = user
+            _store_bounded(self._decoded, entry, user, DECODED_ENTRIES)
         self._hits.inc()
         self._keep(user, read_at, resyncs)
         return user
