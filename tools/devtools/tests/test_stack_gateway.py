@@ -48,6 +48,7 @@ from cake_devtools.stack.layout import RunLayout
 from cake_devtools.stack.settings import StackSettings, StackSettingsForTests
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 #: Starts a real Envoy: `make test` runs it, the quick `make test-unit` does not.
 pytestmark = pytest.mark.slow
@@ -457,6 +458,31 @@ def test_stack_does_not_restart_envoy_when_the_keys_rotate(tmp_path: Path) -> No
     before = envoy.fingerprint()
     layout.jwks_file.write_text('{"keys": [{"kid": "k2"}, {"kid": "k"}]}')
     assert envoy.fingerprint() == before
+
+
+def test_envoy_runs_the_configured_worker_threads_and_restarts_when_they_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layout = RunLayout(tmp_path, "test")
+    layout.keys.mkdir(parents=True)
+    layout.jwks_file.write_text('{"keys": [{"kid": "k"}]}')
+    context = StackContext(
+        profile="test", settings=StackSettingsForTests(), layout=layout, echo=lambda _: None
+    )
+    envoy = EnvoyComponent(context, events_running=lambda: False)
+    argv = list(envoy.command())
+    assert argv[argv.index("--concurrency") + 1] == "1"  # the default
+    one_thread = envoy.fingerprint()
+
+    monkeypatch.setenv("CAKE_TEST_GATEWAY_CONCURRENCY", "2")
+    argv = list(envoy.command())
+    assert argv[argv.index("--concurrency") + 1] == "2"
+    assert envoy.fingerprint() != one_thread  # `up` restarts a running Envoy
+
+    for refused in ("0", "65", "many"):
+        monkeypatch.setenv("CAKE_TEST_GATEWAY_CONCURRENCY", refused)
+        with pytest.raises(ValidationError):
+            envoy.command()
 
 
 CLUSTERS_PAGE = """\

@@ -248,3 +248,21 @@ async def test_concurrent_writes_and_reads_in_three_processes_never_go_back(
         )
         got = await cache.get(user_id)
         assert got is not None and got.version == last
+
+
+async def test_malformed_change_entries_are_ignored_and_valid_ones_still_apply(
+    caches: Caches, redis_client: redis.asyncio.Redis
+) -> None:
+    """What a broken or hostile writer could put on the stream: skipped with a warning, the
+    follower keeps going and the next valid entry still drops the older copy."""
+    (reader, _), (writer, _) = await caches(), await caches()
+    v1 = _user(107)
+    await writer.put(v1)
+    assert await reader.get(v1.id) == v1
+    for fields in ({"user": "107"}, {"version": "9"}, {"user": "x", "version": "2"}, {"a": "b"}):
+        await redis_client.xadd(writer._changes_key, fields)
+    v2 = replace(v1, fullname="After the garbage", version=2)
+    await writer.put(v2)
+    await _until(lambda: v1.id not in reader._memory)
+    assert reader._changes.following
+    assert await reader.get(v1.id) == v2

@@ -53,6 +53,7 @@ def test_defaults_are_cakes() -> None:
     assert (settings.login_max_failures, settings.login_failure_window_seconds) == (5, 900)
     assert (settings.login_delay_base_seconds, settings.login_delay_max_seconds) == (1, 300)
     assert settings.profile_cache_ttl_seconds == 300
+    assert settings.profile_memory_seconds == 30
     assert settings.redis_key_prefix == "cake:auth:"
 
 
@@ -66,6 +67,8 @@ def test_defaults_are_cakes() -> None:
         {"password_hash_lanes": 0},
         {"password_hash_lanes": 9},
         {"redis_key_prefix": "a b"},
+        {"profile_memory_seconds": -1},
+        {"profile_memory_seconds": 3601},
     ],
 )
 def test_bad_values_are_refused(overrides: dict[str, object]) -> None:
