@@ -40,10 +40,16 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cake_auth.adapters.login_records import SqlLoginRecords
 from cake_auth.adapters.login_throttle import RedisLoginThrottle
-from cake_auth.adapters.password_hashers import available_cpus, open_password_hasher
+from cake_auth.adapters.password_hashers import (
+    LanesHasher,
+    available_cpus,
+    odd_2a_verifier,
+    open_password_hasher,
+)
 from cake_auth.adapters.profile_cache import RedisProfileCache
 from cake_auth.adapters.redis_guard import RedisGuard
 from cake_auth.adapters.revocations import SharedRevocations
+from cake_auth.adapters.shared_hasher import HashServer, RemoteLanesHasher, hasher_socket_path
 from cake_auth.adapters.signing_keys import (
     Es256TokenIssuer,
     JwksFile,
@@ -114,19 +120,37 @@ class Adapters:
     checks: list[DependencyCheck]
 
 
-async def open_resources(settings: AuthSettings, start_up: StartUp) -> Resources:
+async def open_resources(
+    settings: AuthSettings, start_up: StartUp, *, shared_hasher: Path | None = None
+) -> Resources:
+    """The database, Redis and the hasher: the supervisor's engines at ``shared_hasher`` (a
+    worker of a unit that shares them), else engines of this process's own."""
     engine = await start_up.open_database(
         settings, script_location=MIGRATIONS, relay_role=settings.relay_role
     )
     redis_client = start_up.open_redis(settings.redis_url)
-    hasher = await open_password_hasher(
-        settings.password_hasher,
-        cost=settings.bcrypt_cost,
-        workers=settings.password_hash_workers,
-        lanes=settings.password_hash_lanes,
-        fallback=settings.password_hasher_fallback,
-    )
-    start_up.closes(hasher.close)
+    hasher: PasswordHasher
+    if shared_hasher is not None:
+        remote = RemoteLanesHasher(
+            shared_hasher,
+            settings.bcrypt_cost,
+            # This worker's share of the lanes: what its admission control counts on.
+            concurrency=(settings.password_hash_workers or 1) * settings.password_hash_lanes,
+            odd_2a_verify=odd_2a_verifier(),
+        )
+        start_up.closes(remote.close)
+        await remote.connect()
+        hasher = remote
+    else:
+        hasher = await open_password_hasher(
+            settings.password_hasher,
+            cost=settings.bcrypt_cost,
+            workers=settings.password_hash_workers,
+            lanes=settings.password_hash_lanes,
+            fallback=settings.password_hasher_fallback,
+            partner_wait_seconds=settings.password_hash_partner_wait_ms / 1000,
+        )
+        start_up.closes(hasher.close)
     return Resources(engine=engine, redis=redis_client, hasher=hasher)
 
 
@@ -360,9 +384,11 @@ async def start_server(
     *,
     metrics_registry: CollectorRegistry = REGISTRY,
     listen_addresses: Sequence[str] | None = None,
+    shared_hasher: Path | None = None,
 ) -> RunningGrpcServer:
     """The auth gRPC server, listening on ``grpc_host:grpc_port`` (port 0: any free port)
-    or on ``listen_addresses`` (a worker process: its socket, worker 0 also the port).
+    or on ``listen_addresses`` (a worker process: its socket, worker 0 also the port);
+    hashing on the supervisor's engines at ``shared_hasher`` when given.
 
     Stop it with ``await running.stop()``; that also closes the database, Redis and the
     hashing workers.
@@ -370,7 +396,7 @@ async def start_server(
     # Keys first: a misconfigured key fails in milliseconds, not after a migration.
     signing_key, jwks_file = _signing_key(settings)
     async with StartUp() as start_up:
-        resources = await open_resources(settings, start_up)
+        resources = await open_resources(settings, start_up, shared_hasher=shared_hasher)
         adapters = build_adapters(settings, resources, metrics_registry)
         use_cases = await build_use_cases(settings, adapters, signing_key, jwks_file)
         builder = build_entry_points(
@@ -425,16 +451,48 @@ def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(main)
 
 
+def shared_hasher_path(settings: AuthSettings) -> Path | None:
+    """Where the supervisor serves the hashing engines to its workers, or None when each
+    process runs its own (one process, another hasher, or ``password_hash_shared`` off)."""
+    if (
+        settings.workers == 1
+        or settings.password_hasher != "lanes"  # noqa: S105 (the hasher's name)
+        or not settings.password_hash_shared
+    ):
+        return None
+    assert settings.worker_socket_dir is not None  # the settings validator requires it
+    return hasher_socket_path(settings.worker_socket_dir, settings.service_name)
+
+
 def serve_worker(settings: AuthSettings, index: int, ready: Ready) -> None:
     """The body of worker process ``index`` (spawned by :func:`serve`)."""
     addresses = worker_addresses(settings, index)
+    shared_hasher = shared_hasher_path(settings)
 
     async def start(own: AuthSettings) -> RunningGrpcServer:
-        running = await start_server(own, listen_addresses=addresses)
+        running = await start_server(own, listen_addresses=addresses, shared_hasher=shared_hasher)
         ready()
         return running
 
     run_event_loop(serve_until_signal(worker_settings(settings), start))
+
+
+async def _serve_shared_hasher(settings: AuthSettings, path: Path) -> HashServer:
+    """The supervisor's hashing engines (every hashing thread of the unit) on ``path``."""
+    hasher = LanesHasher(
+        settings.bcrypt_cost,
+        settings.password_hash_workers or available_cpus(),
+        settings.password_hash_lanes,
+        odd_2a_verify=odd_2a_verifier(),
+        partner_wait_seconds=settings.password_hash_partner_wait_ms / 1000,
+    )
+    server = HashServer(hasher, path)
+    try:
+        await server.start()
+    except BaseException:
+        await hasher.close()
+        raise
+    return server
 
 
 async def serve(settings: AuthSettings) -> None:
@@ -448,13 +506,21 @@ async def serve(settings: AuthSettings) -> None:
         worker_socket_path(settings.worker_socket_dir, settings.service_name, index)
         for index in range(settings.workers)
     )
-    await supervise(
-        WorkerPool(
-            name=settings.service_name,
-            count=settings.workers,
-            target=functools.partial(serve_worker, settings),
-            metrics_host=settings.grpc_host,
-            metrics_port=settings.metrics_port,
-            grace_seconds=settings.shutdown_grace_seconds,
+    shared = shared_hasher_path(settings)
+    if shared is not None:
+        refuse_sockets_in_use([shared])
+    hash_server = None if shared is None else await _serve_shared_hasher(settings, shared)
+    try:
+        await supervise(
+            WorkerPool(
+                name=settings.service_name,
+                count=settings.workers,
+                target=functools.partial(serve_worker, settings),
+                metrics_host=settings.grpc_host,
+                metrics_port=settings.metrics_port,
+                grace_seconds=settings.shutdown_grace_seconds,
+            )
         )
-    )
+    finally:
+        if hash_server is not None:
+            await hash_server.close()

@@ -44,6 +44,20 @@ class AuthSettings(ServiceSettings, OutboxSettings):
         description="Hashing threads of the whole service (shared out over its worker "
         "processes, at least one each); default: CPU count",
     )
+    password_hash_partner_wait_ms: float = Field(
+        default=60,
+        ge=0,
+        le=1000,
+        description="Longest a password check that would run alone on an idle hashing "
+        "thread waits for a second one to share it with (a pair costs about 1.15x one), "
+        "only while recent arrivals say the next is due within that time; 0: never waits",
+    )
+    password_hash_shared: bool = Field(
+        default=True,
+        description="With workers > 1 and the lanes hasher: the supervisor runs the hashing "
+        "threads for every worker (Unix socket <worker_socket_dir>/auth-hasher.sock), so "
+        "checks arriving at different workers share lanes; false: each worker runs its share",
+    )
     hash_queue_max_waiting: int | None = Field(
         default=None,
         ge=0,

@@ -54,6 +54,7 @@ def test_defaults_are_cakes() -> None:
     assert (settings.login_delay_base_seconds, settings.login_delay_max_seconds) == (1, 300)
     assert settings.profile_cache_ttl_seconds == 300
     assert settings.profile_memory_seconds == 30
+    assert (settings.password_hash_partner_wait_ms, settings.password_hash_shared) == (60, True)
     assert settings.redis_key_prefix == "cake:auth:"
 
 
@@ -69,6 +70,9 @@ def test_defaults_are_cakes() -> None:
         {"redis_key_prefix": "a b"},
         {"profile_memory_seconds": -1},
         {"profile_memory_seconds": 3601},
+        {"password_hash_partner_wait_ms": -1},
+        {"password_hash_partner_wait_ms": 1001},
+        {"password_hash_shared": "sometimes"},
     ],
 )
 def test_bad_values_are_refused(overrides: dict[str, object]) -> None:
@@ -121,3 +125,19 @@ def test_worker_zero_also_listens_on_the_service_port() -> None:
     )
     assert worker_addresses(settings, 0) == ["unix:/run/auth/auth-0.sock", "127.0.0.1:7051"]
     assert worker_addresses(settings, 1) == ["unix:/run/auth/auth-1.sock"]
+
+
+def test_the_supervisor_shares_the_engines_only_with_several_lanes_workers() -> None:
+    from cake_auth.bootstrap import shared_hasher_path
+
+    run = Path("/run/auth")
+    shared = AuthSettings(database_url=URL, workers=2, worker_socket_dir=run)
+    assert shared_hasher_path(shared) == run / "auth-hasher.sock"
+    for settings in (
+        AuthSettings(database_url=URL),
+        AuthSettings(
+            database_url=URL, workers=2, worker_socket_dir=run, password_hash_shared=False
+        ),
+        AuthSettings(database_url=URL, workers=2, worker_socket_dir=run, password_hasher="bcrypt"),
+    ):
+        assert shared_hasher_path(settings) is None

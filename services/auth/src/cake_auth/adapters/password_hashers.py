@@ -30,13 +30,17 @@ import ctypes
 import hmac
 import os
 import threading
+import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Literal
 
 import bcrypt
 from cake_bcrypt import BcryptEngine, Setting, bcrypt_key, encode_hash, parse_hash
 from cake_common.logging import get_logger
+
+from cake_auth.adapters.hash_pairing import PairingPolicy
 
 HasherKind = Literal["lanes", "bcrypt", "libxcrypt"]
 FallbackKind = Literal["bcrypt", "none"]
@@ -64,7 +68,7 @@ def _bcrypt_hash(password: str, cost: int) -> str:
     return bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=cost)).decode()
 
 
-def _bcrypt_verify(password: str, password_hash: str) -> bool:
+def bcrypt_verify(password: str, password_hash: str) -> bool:
     try:
         return bcrypt.checkpw(password.encode(), password_hash.encode())
     except ValueError:
@@ -201,50 +205,28 @@ class BcryptThreadPoolHasher(ThreadPoolHasher):
         return _bcrypt_hash(password, cost)
 
     def _verify(self, password: str, password_hash: str) -> bool:
-        return _bcrypt_verify(password, password_hash)
+        return bcrypt_verify(password, password_hash)
 
 
-class LanesHasher:
-    """bcrypt on ``workers`` :class:`cake_bcrypt.BcryptEngine` threads of ``lanes`` lanes each.
-
-    A hash goes to the engine with the fewest hashes in flight (counted on the event loop),
-    so one login alone runs alone on an idle engine and concurrent ones share lanes only once
-    every engine has one.
-    """
+class DigestHasher(abc.ABC):
+    """A :class:`~cake_auth.service.ports.PasswordHasher` over a source of raw bcrypt digests
+    (:meth:`digest`): the hash strings, the checks and what pyca bcrypt refuses are here."""
 
     kind: HasherKind = "lanes"
+    concurrency: int
 
     def __init__(
-        self,
-        cost: int,
-        workers: int,
-        lanes: int,
-        *,
-        odd_2a_verify: Callable[[str, str], bool] = _bcrypt_verify,
-        rounds_per_step: int = 64,
+        self, cost: int, *, odd_2a_verify: Callable[[str, str], bool] = bcrypt_verify
     ) -> None:
-        self._engines = [
-            BcryptEngine(lanes=lanes, rounds_per_step=rounds_per_step, name=f"bcrypt-{index}")
-            for index in range(workers)
-        ]
-        self._in_flight = [0] * workers
         self._cost = cost
         self._odd_2a_verify = odd_2a_verify
-        self.workers = workers
-        self.lanes = lanes
-        # Hashes computed at once: every lane of every engine.
-        self.concurrency = workers * lanes
+
+    @abc.abstractmethod
+    async def digest(self, key: bytes, salt: bytes, cost: int) -> bytes:
+        """bcrypt(cost, salt, key): 23 bytes (``key`` from :func:`cake_bcrypt.bcrypt_key`)."""
 
     async def _digest(self, password: str, setting: Setting) -> bytes:
-        index = min(range(len(self._engines)), key=self._in_flight.__getitem__)
-        future = self._engines[index].submit(
-            bcrypt_key(password.encode()), setting.salt, setting.cost
-        )
-        self._in_flight[index] += 1
-        try:
-            return await asyncio.wrap_future(future)
-        finally:
-            self._in_flight[index] -= 1
+        return await self.digest(bcrypt_key(password.encode()), setting.salt, setting.cost)
 
     async def hash(self, password: str) -> str:
         if not _fits_bcrypt(password):
@@ -265,6 +247,116 @@ class LanesHasher:
         computed = encode_hash(setting, await self._digest(password, setting))
         return hmac.compare_digest(computed.encode(), password_hash.encode())
 
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+
+@dataclass(slots=True)
+class _Held:
+    """A hash waiting for a partner: its job, and the future of (engine, its digest)."""
+
+    key: bytes
+    salt: bytes
+    cost: int
+    ready: asyncio.Future[tuple[int, Future[bytes]]]
+    timer: asyncio.TimerHandle | None = None
+
+
+class LanesHasher(DigestHasher):
+    """bcrypt on ``workers`` :class:`cake_bcrypt.BcryptEngine` threads of ``lanes`` lanes each.
+
+    Which engine a hash goes to, and whether a lone one first waits up to
+    ``partner_wait_seconds`` for a partner, is :class:`~cake_auth.adapters.hash_pairing.
+    PairingPolicy`'s choice (counted on the event loop): a hash joins an engine running exactly
+    one, else the least loaded; one that would run alone on an idle engine waits for the next
+    while arrivals say it is due within the wait (0: never waits).
+    """
+
+    def __init__(
+        self,
+        cost: int,
+        workers: int,
+        lanes: int,
+        *,
+        odd_2a_verify: Callable[[str, str], bool] = bcrypt_verify,
+        rounds_per_step: int = 64,
+        partner_wait_seconds: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(cost, odd_2a_verify=odd_2a_verify)
+        self._engines = [
+            BcryptEngine(lanes=lanes, rounds_per_step=rounds_per_step, name=f"bcrypt-{index}")
+            for index in range(workers)
+        ]
+        self._policy = PairingPolicy(workers, lanes, max_wait_seconds=partner_wait_seconds)
+        self._clock = clock
+        self._held: _Held | None = None
+        self.workers = workers
+        self.lanes = lanes
+        # Hashes computed at once: every lane of every engine.
+        self.concurrency = workers * lanes
+        #: Hashes that waited for a partner: found one / went alone after the wait.
+        self.partner_waits = {"paired": 0, "alone": 0}
+
+    def in_flight(self, engine: int) -> int:
+        """Hashes submitted to ``engine`` and not finished."""
+        return self._policy.in_flight(engine)
+
+    async def digest(self, key: bytes, salt: bytes, cost: int) -> bytes:
+        self._policy.arrived(self._clock())
+        held, self._held = self._held, None
+        if held is not None and not held.ready.done():
+            # A lone hash is waiting: both start now, on one engine.
+            if held.timer is not None:
+                held.timer.cancel()
+            engine = self._policy.least_loaded()
+            held.ready.set_result((engine, self._submit(engine, held.key, held.salt, held.cost)))
+            self.partner_waits["paired"] += 1
+        else:
+            placed = self._policy.place().engine
+            if placed is None:
+                return await self._wait_for_partner(key, salt, cost)
+            engine = placed
+        return await self._finish(engine, self._submit(engine, key, salt, cost))
+
+    def _submit(self, engine: int, key: bytes, salt: bytes, cost: int) -> Future[bytes]:
+        future = self._engines[engine].submit(key, salt, cost)
+        self._policy.submitted(engine)
+        return future
+
+    async def _finish(self, engine: int, future: Future[bytes]) -> bytes:
+        try:
+            return await asyncio.wrap_future(future)
+        finally:
+            self._policy.finished(engine)
+
+    async def _wait_for_partner(self, key: bytes, salt: bytes, cost: int) -> bytes:
+        loop = asyncio.get_running_loop()
+        held = _Held(key, salt, cost, loop.create_future())
+
+        def alone() -> None:
+            if self._held is held and not held.ready.done():
+                self._held = None
+                engine = self._policy.least_loaded()
+                held.ready.set_result((engine, self._submit(engine, key, salt, cost)))
+                self.partner_waits["alone"] += 1
+
+        held.timer = loop.call_later(self._policy.max_wait_seconds, alone)
+        self._held = held
+        try:
+            engine, future = await held.ready
+        except asyncio.CancelledError:
+            # The caller went away: a hash not yet started is dropped.
+            held.timer.cancel()
+            if self._held is held:
+                self._held = None
+            if held.ready.done() and not held.ready.cancelled():
+                engine, future = held.ready.result()
+                future.cancel()
+                self._policy.finished(engine)
+            raise
+        return await self._finish(engine, future)
+
     async def close(self) -> None:
         def close_all() -> None:
             for engine in self._engines:
@@ -281,6 +373,14 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def odd_2a_verifier(libcrypt_soname: str = LIBCRYPT_SONAME) -> Callable[[str, str], bool]:
+    """Who checks a ``$2a$`` hash with a non-ASCII password: libxcrypt, else pyca bcrypt."""
+    try:
+        return Libxcrypt(libcrypt_soname).verify
+    except LibcryptUnavailableError:
+        return bcrypt_verify
+
+
 async def open_password_hasher(
     kind: HasherKind,
     *,
@@ -289,9 +389,11 @@ async def open_password_hasher(
     lanes: int = 4,
     fallback: FallbackKind = "bcrypt",
     libcrypt_soname: str = LIBCRYPT_SONAME,
+    partner_wait_seconds: float = 0.0,
 ) -> ThreadPoolHasher | LanesHasher:
     """A hasher of ``kind`` with ``workers`` threads (default: CPU count); each thread of the
-    lanes hasher computes up to ``lanes`` hashes at once.
+    lanes hasher computes up to ``lanes`` hashes at once, and a lone hash waits up to
+    ``partner_wait_seconds`` for a partner when one is due (:class:`LanesHasher`).
 
     When ``kind`` is libxcrypt and ``libcrypt_soname`` cannot be loaded, ``fallback``
     decides: ``bcrypt`` opens pyca bcrypt and logs a warning saying so; ``none`` raises
@@ -300,11 +402,13 @@ async def open_password_hasher(
     count = workers or available_cpus()
     hasher: ThreadPoolHasher | LanesHasher
     if kind == "lanes":
-        try:
-            odd_2a_verify = Libxcrypt(libcrypt_soname).verify
-        except LibcryptUnavailableError:
-            odd_2a_verify = _bcrypt_verify
-        hasher = LanesHasher(cost, count, lanes, odd_2a_verify=odd_2a_verify)
+        hasher = LanesHasher(
+            cost,
+            count,
+            lanes,
+            odd_2a_verify=odd_2a_verifier(libcrypt_soname),
+            partner_wait_seconds=partner_wait_seconds,
+        )
     elif kind == "libxcrypt":
         try:
             hasher = LibxcryptThreadPoolHasher(cost, count, Libxcrypt(libcrypt_soname))
@@ -330,5 +434,6 @@ async def open_password_hasher(
         workers=count,
         concurrency=hasher.concurrency,
         cost=cost,
+        partner_wait_ms=round(partner_wait_seconds * 1000) if kind == "lanes" else None,
     )
     return hasher
