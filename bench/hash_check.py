@@ -6,8 +6,10 @@ For each implementation (cake_bcrypt's lanes, the default; libxcrypt's ``crypt_r
 ctypes; pyca ``bcrypt``) it prints the wall-clock and CPU time of one check alone (median of
 ``--checks``, one after the other) and the checks per second that ``--threads`` threads reach
 flat out through the service's own hasher (``--lanes`` lanes per thread for cake_bcrypt; for
-the others this shows whether the GIL is released), with the CPU per check that costs. Other
-load on the machine skews the figures: the load average is printed at start and end.
+the others this shows whether the GIL is released), with the CPU per check that costs. Then,
+for cake_bcrypt, the CPU per check of 1, 2, ... ``--lanes`` checks started together on one
+thread (what the auth service's wait for a partner buys: docs/decisions/0011). Other load on
+the machine skews the figures: the load average is printed at start and end.
 """
 
 from __future__ import annotations
@@ -113,6 +115,19 @@ def main() -> None:
             f"{name:30} alone {wall * 1000:6.1f} ms per check ({cpu * 1000:.1f} ms CPU); "
             f"{args.threads} threads flat out: {rate:6.1f} checks/s "
             f"({cpu_each * 1000:.1f} ms CPU per check)"
+        )
+    setting = parse_hash(stored)
+    key = bcrypt_key(PASSWORD.encode())
+    for together in range(1, args.lanes + 1):
+        started = time.process_time()
+        for _ in range(args.checks):
+            futures = [engine.submit(key, setting.salt, setting.cost) for _ in range(together)]
+            for future in futures:
+                future.result()
+        cpu_each = (time.process_time() - started) / (args.checks * together)
+        print(
+            f"cake_bcrypt, {together} started together on one thread:"
+            f" {cpu_each * 1000:.1f} ms CPU per check"
         )
     engine.close()
     print(f"load average {_load()} at end")
