@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 import bcrypt
 import pytest
 from cake_auth.adapters.password_hashers import LanesHasher
+from cake_bcrypt import EngineClosedError
 
 COST = 4
 
@@ -129,3 +130,14 @@ async def test_many_concurrent_checks_with_waits_all_get_their_own_answer(
             assert value[0] is value[1]
     assert [hasher.in_flight(engine) for engine in (0, 1)] == [0, 0]
     assert hasher.partner_waits["paired"] > 0
+
+
+async def test_a_check_waiting_when_the_engines_close_fails_instead_of_hanging(
+    hasher: LanesHasher, clock: _Clock
+) -> None:
+    stored = await _known_rate(hasher, clock)
+    waiting = asyncio.ensure_future(hasher.verify("warm-up", stored))
+    await asyncio.sleep(0.01)
+    await hasher.close()
+    with pytest.raises(EngineClosedError):
+        await asyncio.wait_for(waiting, 2)

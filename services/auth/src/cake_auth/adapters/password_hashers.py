@@ -37,7 +37,14 @@ from dataclasses import dataclass
 from typing import Literal
 
 import bcrypt
-from cake_bcrypt import BcryptEngine, Setting, bcrypt_key, encode_hash, parse_hash
+from cake_bcrypt import (
+    BcryptEngine,
+    EngineClosedError,
+    Setting,
+    bcrypt_key,
+    encode_hash,
+    parse_hash,
+)
 from cake_common.logging import get_logger
 
 from cake_auth.adapters.hash_pairing import PairingPolicy
@@ -310,7 +317,7 @@ class LanesHasher(DigestHasher):
             if held.timer is not None:
                 held.timer.cancel()
             engine = self._policy.least_loaded()
-            held.ready.set_result((engine, self._submit(engine, held.key, held.salt, held.cost)))
+            self._start_held(held, engine)
             self.partner_waits["paired"] += 1
         else:
             placed = self._policy.place().engine
@@ -318,6 +325,14 @@ class LanesHasher(DigestHasher):
                 return await self._wait_for_partner(key, salt, cost)
             engine = placed
         return await self._finish(engine, self._submit(engine, key, salt, cost))
+
+    def _start_held(self, held: _Held, engine: int) -> None:
+        """Submit the waiting hash to ``engine``; its waiter gets the future, or the error
+        (a closed engine) instead of waiting forever."""
+        try:
+            held.ready.set_result((engine, self._submit(engine, held.key, held.salt, held.cost)))
+        except EngineClosedError as error:
+            held.ready.set_exception(error)
 
     def _submit(self, engine: int, key: bytes, salt: bytes, cost: int) -> Future[bytes]:
         future = self._engines[engine].submit(key, salt, cost)
@@ -337,8 +352,7 @@ class LanesHasher(DigestHasher):
         def alone() -> None:
             if self._held is held and not held.ready.done():
                 self._held = None
-                engine = self._policy.least_loaded()
-                held.ready.set_result((engine, self._submit(engine, key, salt, cost)))
+                self._start_held(held, self._policy.least_loaded())
                 self.partner_waits["alone"] += 1
 
         held.timer = loop.call_later(self._policy.max_wait_seconds, alone)
