@@ -477,8 +477,10 @@ def serve_worker(settings: AuthSettings, index: int, ready: Ready) -> None:
     run_event_loop(serve_until_signal(worker_settings(settings), start))
 
 
-async def _serve_shared_hasher(settings: AuthSettings, path: Path) -> HashServer:
-    """The supervisor's hashing engines (every hashing thread of the unit) on ``path``."""
+async def _serve_shared_hasher(
+    settings: AuthSettings, path: Path
+) -> tuple[HashServer, LanesHasher]:
+    """The supervisor's hashing engines (every hashing thread of the unit), served on ``path``."""
     hasher = LanesHasher(
         settings.bcrypt_cost,
         settings.password_hash_workers or available_cpus(),
@@ -492,7 +494,7 @@ async def _serve_shared_hasher(settings: AuthSettings, path: Path) -> HashServer
     except BaseException:
         await hasher.close()
         raise
-    return server
+    return server, hasher
 
 
 async def serve(settings: AuthSettings) -> None:
@@ -509,7 +511,7 @@ async def serve(settings: AuthSettings) -> None:
     shared = shared_hasher_path(settings)
     if shared is not None:
         refuse_sockets_in_use([shared])
-    hash_server = None if shared is None else await _serve_shared_hasher(settings, shared)
+    engines = None if shared is None else await _serve_shared_hasher(settings, shared)
     try:
         await supervise(
             WorkerPool(
@@ -522,5 +524,7 @@ async def serve(settings: AuthSettings) -> None:
             )
         )
     finally:
-        if hash_server is not None:
-            await hash_server.close()
+        if engines is not None:
+            server, hasher = engines
+            await server.close()  # after the workers: nothing asks any more
+            await hasher.close()

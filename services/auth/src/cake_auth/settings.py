@@ -41,8 +41,9 @@ class AuthSettings(ServiceSettings, OutboxSettings):
     password_hash_workers: int | None = Field(
         default=None,
         ge=1,
-        description="Hashing threads of the whole service (shared out over its worker "
-        "processes, at least one each); default: CPU count",
+        description="Hashing threads of the whole service (run by the supervisor for all "
+        "its worker processes, or shared out over them, at least one each, when "
+        "password_hash_shared is off); default: CPU count",
     )
     password_hash_partner_wait_ms: float = Field(
         default=60,
