@@ -163,6 +163,9 @@ class RemoteLanesHasher(DigestHasher):
         await self._connection()
 
     async def _connection(self) -> asyncio.StreamWriter:
+        writer = self._writer
+        if writer is not None and not writer.is_closing():
+            return writer  # every check but the first: no lock on the hot path
         async with self._connecting:
             if self._writer is None or self._writer.is_closing():
                 try:
