@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from uuid import uuid4
 
 from cake.events.v1 import envelope_pb2, payloads_pb2
@@ -21,6 +21,9 @@ def ts(value: datetime) -> Timestamp:
     return stamp
 
 
+PROCESSED = datetime(2026, 12, 5, tzinfo=UTC)
+
+
 def payment(status: int) -> ConsumedEvent[payloads_pb2.PaymentProcessed]:
     payload = payloads_pb2.PaymentProcessed(
         transaction_id="TXN-1-abcdef",
@@ -31,7 +34,7 @@ def payment(status: int) -> ConsumedEvent[payloads_pb2.PaymentProcessed]:
         final_amount="70.00",
         voucher_code="CAKE-ABCDEFGH",
         success=status == payloads_pb2.PAYMENT_STATUS_SUCCEEDED,
-        processed_at=ts(datetime(2026, 12, 5, tzinfo=UTC)),
+        processed_at=ts(PROCESSED),
         status=status,  # type: ignore[arg-type]
     )
     return ConsumedEvent(uuid4(), payload, envelope_pb2.EventEnvelope())
@@ -61,7 +64,12 @@ def test_pending_payments_are_not_notified_resolved_ones_are() -> None:
 
 
 async def test_handler_outcomes_keep_the_batch_order(fakes) -> None:
-    handler = NotifyHandler(NotifyUsers(fakes.uow, JinjaRenderer(), fakes.metrics), payment_facts)
+    # The clock is pinned a minute after the payment: with the wall clock, the event would
+    # turn "too old" a day after PROCESSED.
+    notify = NotifyUsers(
+        fakes.uow, JinjaRenderer(), fakes.metrics, clock=lambda: PROCESSED + timedelta(minutes=1)
+    )
+    handler = NotifyHandler(notify, payment_facts)
     done = payment(payloads_pb2.PAYMENT_STATUS_SUCCEEDED)
     outcomes = await handler([payment(payloads_pb2.PAYMENT_STATUS_PENDING), done, done])
     assert outcomes == ["pending_skipped", "notified", "duplicate"]
