@@ -5,14 +5,21 @@ fails to start) or the server stops; workers start once the server serves."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import socket
+import weakref
 from collections.abc import Iterator
 
 import grpc
 import pytest
 from cake_common.grpc_server import DATABASE_CHECK, GrpcServerBuilder
-from cake_common.service_runtime import StartUp, database_check, process_client_id
+from cake_common.service_runtime import (
+    StartUp,
+    database_check,
+    process_client_id,
+    serve_until_signal,
+)
 from cake_common.settings import ServiceSettings
 from cake_common.token_auth import required_token_verifier
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -214,3 +221,44 @@ def test_every_service_reports_its_database_under_one_critical_check() -> None:
     check = database_check(create_async_engine(URL))
     assert (check.name, check.critical) == ("postgres", True)
     assert check.name == DATABASE_CHECK
+
+
+class _Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+async def test_what_the_start_up_leaves_alive_is_left_out_of_later_collections() -> None:
+    """``serve_until_signal`` freezes the heap once the process is started: the start-up's
+    live objects leave the collector's generations, its garbage cycles are collected first."""
+    kept: list[object] = []
+    garbage = _Cycle()
+    garbage_ref = weakref.ref(garbage)
+    seen: dict[str, object] = {}
+
+    class Served:
+        async def serve_until_signal(self) -> None:
+            tracked = gc.get_objects()
+            seen["kept tracked"] = any(obj is kept for obj in tracked)
+            seen["garbage alive"] = garbage_ref() is not None
+            seen["frozen"] = gc.get_freeze_count()
+
+        def request_stop(self) -> None:
+            raise AssertionError("not asked to stop")
+
+    async def start(_settings: Example) -> Served:
+        assert any(obj is kept for obj in gc.get_objects())  # tracked until the freeze
+        return Served()
+
+    del garbage
+    was_enabled = gc.isenabled()
+    gc.disable()  # only the freeze's own collection may collect the cycle
+    try:
+        await serve_until_signal(Example(database_url=URL), start)  # type: ignore[arg-type]
+    finally:
+        gc.unfreeze()
+        if was_enabled:
+            gc.enable()
+    assert seen["kept tracked"] is False
+    assert seen["garbage alive"] is False
+    assert isinstance(seen["frozen"], int) and seen["frozen"] > 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import gc
 import os
 import signal
 import socket
@@ -287,9 +288,26 @@ async def serve_until_signal(
     tracing = start_tracing(settings)
     try:
         running = await start(settings)
+        freeze_start_up_objects()
         await running.serve_until_signal()
     finally:
         await tracing.aclose()
+
+
+def freeze_start_up_objects() -> None:
+    """Collect the start-up's garbage, then leave every object alive at this point (modules,
+    settings, clients, servicers: nearly all of a process's heap) out of later collections.
+
+    A full (generation 2) collection walks every tracked object, most of them made by the
+    imports and the start-up; in an auth worker serving profile reads each one stopped the
+    worker for 70-120 ms (measured with a ``gc.callbacks`` probe at 1,759 reads/s,
+    docs/performance.md): the slowest reads of a run. Frozen, the objects stay alive as they
+    would have (the start-up's are never garbage), and a full collection walks only what was
+    made since (3-15 ms under the same load). What CPython's documentation of
+    ``gc.freeze()`` describes for pre-forked servers, done once the process is ready.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def kill_this_process() -> None:
