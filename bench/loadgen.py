@@ -236,6 +236,7 @@ def summarise(
     statuses: dict[str, dict[str, int]] = {}
     answers: dict[str, dict[str, int]] = {}
     ok_done_at: dict[str, list[float]] = {}
+    sent: dict[str, list[tuple[float, float]]] = {}
     stamps: list[float] = []
     ok = 0
     for result in results:
@@ -251,6 +252,7 @@ def summarise(
         stamps.append(sent_at + int(result["latency"]) / 1e9)
         stamps.append(sent_at)
         latency_ms = int(result["latency"]) / 1e6
+        sent.setdefault(target.op, []).append((sent_at, latency_ms))
         if code == target.ok_status:
             ok += 1
             ok_latencies.setdefault(target.op, []).append(latency_ms)
@@ -278,6 +280,13 @@ def summarise(
         if window is not None:
             metrics[f"op_{op}_window"] = {
                 "values": _window(ok_done_at.get(op, []), min(stamps), window)
+            }
+            # Every answer (errors too) to the requests sent in the window: the latency of
+            # the steady part, without the first requests' connection set-up (vegeta opens
+            # a connection per worker at once when a run starts).
+            start, end = min(stamps) + window[0], min(stamps) + window[1]
+            metrics[f"op_{op}_window_ms"] = {
+                "values": trend([ms for at, ms in sent[op] if start <= at < end])
             }
     return {
         "metrics": metrics,

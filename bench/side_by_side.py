@@ -187,6 +187,7 @@ def _answers(summary: dict[str, Any], op: str) -> dict[str, Any]:
     refused = metric(summary, f"op_{op}_refused_ms")
     kinds = metric(summary, f"op_{op}_answers")
     window = metric(summary, f"op_{op}_window")
+    steady = metric(summary, f"op_{op}_window_ms")
     statuses = summary["statuses"].get(op, {})
     sent = int(latency.get("count", 0))
     ok = int(accepted.get("count", 0))
@@ -208,6 +209,10 @@ def _answers(summary: dict[str, Any], op: str) -> dict[str, Any]:
         "p50": latency.get("med", 0.0),
         "p95": latency.get("p(95)", 0.0),
         "p99": latency.get("p(99)", 0.0),
+        # Requests sent in the steady part (from the warm-up's end; the whole run without
+        # a window): what a latency goal at a rate is about.
+        "steady_p99": steady.get("p(99)", latency.get("p(99)", 0.0)),
+        "steady_count": int(steady.get("count", sent)),
         "accepted_p50": accepted.get("med", 0.0),
         "accepted_p95": accepted.get("p(95)", 0.0),
         "accepted_p99": accepted.get("p(99)", 0.0),
@@ -604,8 +609,9 @@ async def profile_phase_alone(
         f" {saturation['cpu']['net_of_idle_per_served_ms']:.3f} ms"
     )
     say(
-        f"at {read_rate:g}/s: p50 {at_rate['p50']:.1f} p99 {at_rate['p99']:.1f} ms"
-        f" (goal < {PROFILE_P99_MS:g}), {at_rate['errors']} errors of {at_rate['sent']},"
+        f"at {read_rate:g}/s: p99 {at_rate['steady_p99']:.1f} ms after the warm-up"
+        f" (goal < {PROFILE_P99_MS:g}; the whole run: p50 {at_rate['p50']:.1f},"
+        f" p99 {at_rate['p99']:.1f} ms), {at_rate['errors']} errors of {at_rate['sent']},"
         f" server CPU per read (idle out) {at_rate['cpu']['net_of_idle_per_served_ms']:.3f} ms"
     )
     say(f"load average (1 min) {load_start[0]:.2f} at the start, {load_end[0]:.2f} at the end")
@@ -809,11 +815,15 @@ def goals(result: dict[str, Any]) -> list[dict[str, Any]]:
         _goal(
             f"profile reads p99 at 1.5 x peer's ({settings['profile_rate']:g}/s)",
             "ms",
-            at_rate["p99"],
+            at_rate["steady_p99"],
             None,
             f"< {PROFILE_P99_MS:g} ms, 0 errors",
-            met=at_rate["errors"] == 0 and at_rate["p99"] < PROFILE_P99_MS,
-            note=f"{at_rate['ok']} of {at_rate['sent']} answered 200",
+            met=at_rate["errors"] == 0 and at_rate["steady_p99"] < PROFILE_P99_MS,
+            note=(
+                f"{at_rate['ok']} of {at_rate['sent']} answered 200; p99 of the"
+                f" {at_rate['steady_count']} sent from {at_rate['window_s'][0]:g} s on;"
+                f" of all, with the warm-up: {at_rate['p99']:.1f} ms"
+            ),
         )
     )
 
