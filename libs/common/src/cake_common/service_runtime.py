@@ -283,7 +283,8 @@ async def serve_until_signal(
     settings: SettingsT, start: Callable[[SettingsT], Awaitable[Serving]]
 ) -> None:
     """A service's ``serve`` command (or a worker's): logging and tracing on, the server or
-    worker ``start`` builds running until SIGTERM/SIGINT, then the remaining spans flushed."""
+    worker ``start`` builds running until SIGTERM/SIGINT with its start-up heap frozen
+    (:func:`freeze_start_up_objects`), then the remaining spans flushed."""
     start_logging(settings)
     tracing = start_tracing(settings)
     try:
@@ -303,7 +304,7 @@ def freeze_start_up_objects() -> None:
     worker for 70-120 ms (measured with a ``gc.callbacks`` probe at 1,759 reads/s,
     docs/performance.md): the slowest reads of a run. Frozen, the objects stay alive as they
     would have (the start-up's are never garbage), and a full collection walks only what was
-    made since (3-15 ms under the same load). What CPython's documentation of
+    made since (3-16 ms under the same load). What CPython's documentation of
     ``gc.freeze()`` describes for pre-forked servers, done once the process is ready.
     """
     gc.collect()
